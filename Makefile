@@ -1,0 +1,36 @@
+# Two commands on a fresh machine: `make quickstart` and `make test`. Targets are idempotent:
+# the install step is skipped while .venv/.stamp-install is newer than pyproject.toml.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.stamp-install
+PYTEST_ARGS ?=
+
+.PHONY: install quickstart test test-all lint bench clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+quickstart: install
+	$(PY) -m pretrainx train --gin_file=gin_configs/quickstart.gin --run_dir=runs/quickstart --restart
+
+lint: install
+	$(VENV)/bin/lint-imports
+
+# The default suite (slow end-to-end tests excluded); `make test-all` runs everything.
+test: lint
+	$(PY) -m pytest -n 2 -m "not slow" $(PYTEST_ARGS)
+
+test-all: lint
+	$(PY) -m pytest -n 2 $(PYTEST_ARGS)
+
+bench: install
+	$(PY) bench/train_throughput.py
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

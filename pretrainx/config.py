@@ -1,0 +1,211 @@
+"""Run configuration: RunConfig, the Experiment bundle, gin parsing and the run directory layout.
+
+An Experiment is five frozen dataclasses (model, optimizer, mesh, data, run) that notebooks build
+directly. gin, imported only here and lazily, fills them from gin files; `experiment_to_gin`
+writes any Experiment back as a gin file, which is the operative config saved with every run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import re
+from typing import Any
+
+from pretrainx.data.pipeline import DataConfig
+from pretrainx.data.vocab import ByteVocabulary
+from pretrainx.model.config import ModelConfig
+from pretrainx.optim import OptimizerConfig
+from pretrainx.sharding import MeshConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+  """What one training run does.
+
+  Attributes:
+    run_dir: where config.gin, metrics.jsonl, tensorboard/, loss.png and checkpoints/ go.
+    seed: parameter-initialisation seed (the data order has its own DataConfig.seed).
+    steps: optimizer updates in total.
+    global_batch_size / seq_len: rows per step across all hosts, tokens per row.
+    microbatches: gradient accumulation; each update averages this many microbatches.
+    z_loss: weight of the log(Z)^2 auxiliary loss (0 disables it).
+    log_every: steps between metric reads (the only host syncs of the hot loop).
+    eval_every: steps between validation passes (0: only at the end); eval_batches per pass
+      (None: the whole validation split).
+    checkpoint_every: steps between checkpoints (0: only the final one).
+    peak_tflops: the MFU denominator for the whole job; None measures this machine's matmul peak.
+    sample_prompt / sample_tokens: what the final sample continues and its length (0: no sample).
+    progress_bar: show a tqdm bar on stderr.
+  """
+
+  run_dir: str = "runs/default"
+  seed: int = 0
+  steps: int = 100
+  global_batch_size: int = 16
+  seq_len: int = 128
+  microbatches: int = 1
+  z_loss: float = 1e-4
+  log_every: int = 10
+  eval_every: int = 0
+  eval_batches: int | None = 16
+  checkpoint_every: int = 0
+  peak_tflops: float | None = None
+  sample_prompt: str = "def "
+  sample_tokens: int = 160
+  sample_temperature: float = 0.7
+  sample_top_k: int = 40
+  progress_bar: bool = True
+
+
+@dataclasses.dataclass(frozen=True)
+class Experiment:
+  model: ModelConfig = ModelConfig()
+  optimizer: OptimizerConfig = OptimizerConfig()
+  mesh: MeshConfig = MeshConfig()
+  data: DataConfig = DataConfig()
+  run: RunConfig = RunConfig()
+
+  def replace(self, **sections: dict[str, Any]) -> "Experiment":
+    """exp.replace(run={'steps': 10}) -> a copy with those fields of those sections changed."""
+    return dataclasses.replace(self, **{
+        name: dataclasses.replace(getattr(self, name), **fields) for name, fields in sections.items()})
+
+
+CONFIGURABLES = (ModelConfig, OptimizerConfig, MeshConfig, DataConfig, RunConfig, ByteVocabulary)
+
+
+def validate(exp: Experiment) -> None:
+  """Cross-section checks that no single dataclass can make on its own."""
+  run, model = exp.run, exp.model
+  if run.seq_len > model.max_seq_len:
+    raise ValueError(
+        f"RunConfig.seq_len={run.seq_len} exceeds ModelConfig.max_seq_len={model.max_seq_len}; "
+        "lower seq_len or raise max_seq_len.")
+  vocab_size = exp.data.vocabulary.vocab_size
+  if vocab_size > model.vocab_size:
+    raise ValueError(
+        f"the vocabulary has {vocab_size} ids but ModelConfig.vocab_size={model.vocab_size}; "
+        f"set ModelConfig.vocab_size >= {vocab_size}.")
+  if run.steps < 1 or run.global_batch_size < 1 or run.microbatches < 1:
+    raise ValueError("RunConfig.steps, global_batch_size and microbatches must be positive.")
+
+
+# ----------------------------------------------------------------------------------------------
+# gin: registration, parsing with helpful errors, and writing an Experiment back out.
+
+
+def _gin():
+  import gin  # pylint: disable=import-outside-toplevel
+
+  registered = gin.config._REGISTRY  # pylint: disable=protected-access
+  for cls in CONFIGURABLES:
+    if cls.__name__ not in registered:
+      gin.external_configurable(cls, name=cls.__name__, module="pretrainx")
+  return gin
+
+
+def _known_bindings() -> list[str]:
+  return [f"{cls.__name__}.{f.name}" for cls in CONFIGURABLES for f in dataclasses.fields(cls)]
+
+
+def _explain_gin_error(err: Exception) -> str:
+  text = str(err)
+  hint = ""
+  m = re.search(r"Configurable '(\w+)' doesn't have a parameter named '(\w+)'", text)
+  if m:
+    close = difflib.get_close_matches(f"{m.group(1)}.{m.group(2)}", _known_bindings(), n=3)
+    hint = f" Did you mean {', '.join(close)}?" if close else ""
+  m = re.search(r"No configurable matching '([\w.]+)'", text)
+  if m:
+    names = [c.__name__ for c in CONFIGURABLES]
+    close = difflib.get_close_matches(m.group(1).split(".")[-1], names, n=3)
+    hint = f" Configurables are {', '.join(names)}." + (
+        f" Did you mean {', '.join(close)}?" if close else "")
+  return f"bad gin configuration: {text.splitlines()[0]}{hint}\n{text}"
+
+
+def parse_gin(gin_files: list[str] | tuple[str, ...] = (), gin_params: list[str] | tuple[str, ...] = (),
+              search_paths: tuple[str, ...] = ()) -> Experiment:
+  """Reads gin files then `--gin_param` overrides into a validated Experiment."""
+  gin = _gin()
+  gin.clear_config()
+  for path in (os.getcwd(), *search_paths):
+    gin.add_config_file_search_path(path)
+  for f in gin_files:
+    if not os.path.exists(f) and not any(os.path.exists(os.path.join(p, f)) for p in search_paths):
+      raise FileNotFoundError(f"gin file {f} not found (looked relative to {os.getcwd()}).")
+  try:
+    gin.parse_config_files_and_bindings(list(gin_files), list(gin_params))
+    exp = Experiment(model=ModelConfig(), optimizer=OptimizerConfig(), mesh=MeshConfig(),
+                     data=DataConfig(), run=RunConfig())
+  except (ValueError, TypeError, SyntaxError) as err:
+    raise ValueError(_explain_gin_error(err)) from err
+  finally:
+    gin.clear_config()
+  validate(exp)
+  return exp
+
+
+def _gin_value(value: Any) -> str:
+  if dataclasses.is_dataclass(value) and not isinstance(value, type):
+    return f"@{type(value).__name__}()"
+  return repr(value)
+
+
+def experiment_to_gin(exp: Experiment) -> str:
+  """Every field of every section as a gin binding; parse_gin of the text gives `exp` back."""
+  lines = ["# Operative configuration written by pretrainx; load with --gin_file."]
+  nested = []
+  for section in dataclasses.fields(exp):
+    obj = getattr(exp, section.name)
+    lines.append(f"\n# {section.name}")
+    for f in dataclasses.fields(obj):
+      value = getattr(obj, f.name)
+      lines.append(f"{type(obj).__name__}.{f.name} = {_gin_value(value)}")
+      if dataclasses.is_dataclass(value):
+        nested.append(value)
+  for obj in nested:
+    for f in dataclasses.fields(obj):
+      lines.append(f"{type(obj).__name__}.{f.name} = {_gin_value(getattr(obj, f.name))}")
+  return "\n".join(lines) + "\n"
+
+
+# ----------------------------------------------------------------------------------------------
+# Run directory layout.
+
+
+@dataclasses.dataclass(frozen=True)
+class RunPaths:
+  root: str
+
+  @property
+  def config(self) -> str:
+    return os.path.join(self.root, "config.gin")
+
+  @property
+  def metrics(self) -> str:
+    return os.path.join(self.root, "metrics.jsonl")
+
+  @property
+  def tensorboard(self) -> str:
+    return os.path.join(self.root, "tensorboard")
+
+  @property
+  def loss_plot(self) -> str:
+    return os.path.join(self.root, "loss.png")
+
+  @property
+  def checkpoints(self) -> str:
+    return os.path.join(self.root, "checkpoints")
+
+
+def load_run_experiment(run_dir: str, gin_params: tuple[str, ...] = ()) -> Experiment:
+  """The Experiment a run directory was trained with (its config.gin), with optional overrides."""
+  paths = RunPaths(os.path.abspath(run_dir))
+  if not os.path.exists(paths.config):
+    raise FileNotFoundError(
+        f"{paths.config} does not exist: {run_dir} is not a pretrainx run directory "
+        "(train first, or pass --gin_file to describe the model).")
+  return parse_gin([paths.config], gin_params)

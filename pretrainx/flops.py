@@ -1,0 +1,54 @@
+"""FLOPs per token, this machine's measured matmul peak, and model FLOPs utilisation (MFU).
+
+FLOPs/token = 6 * N + 6 * L * seq * heads * head_dim, where N counts the non-embedding params plus
+the output projection (a tied head is still a matmul every token pays for) and the attention term
+is the QK^T and AV matmuls, forward and backward, with causal attention counted as half.
+"""
+
+from __future__ import annotations
+
+import time
+
+import jax
+import jax.numpy as jnp
+
+from pretrainx.model.config import ModelConfig, count_params
+
+
+def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
+  """Training FLOPs (forward + backward) per token."""
+  n = count_params(cfg)["non_embedding"]
+  if cfg.tie_embeddings:
+    n += cfg.vocab_size * cfg.embed_dim
+  attention = 6 * cfg.num_layers * seq_len * cfg.num_heads * cfg.resolved_head_dim
+  return 6.0 * n + attention
+
+
+def measure_peak_flops(size: int = 2048, dtype=jnp.float32, iters: int = 10,
+                       device: jax.Device | None = None) -> float:
+  """FLOP/s of a jitted [size, size] @ [size, size] matmul chain on one device (best of 3)."""
+  device = device or jax.devices()[0]
+  a = jax.device_put(jnp.ones((size, size), dtype) / size, device)
+
+  @jax.jit
+  def chain(x):
+    return jax.lax.fori_loop(0, iters, lambda _, y: y @ a, x)
+
+  chain(a).block_until_ready()
+  best = float("inf")
+  for _ in range(3):
+    start = time.perf_counter()
+    chain(a).block_until_ready()
+    best = min(best, time.perf_counter() - start)
+  return 2.0 * size**3 * iters / best
+
+
+def machine_peak_flops(per_device: float) -> float:
+  """Whole-job peak. Fake CPU devices share the host's cores, so on CPU the host peak is the total."""
+  if jax.default_backend() == "cpu":
+    return per_device * jax.process_count()
+  return per_device * jax.device_count()
+
+
+def mfu(tokens_per_second: float, flops_token: float, peak_flops: float) -> float:
+  return tokens_per_second * flops_token / peak_flops if peak_flops > 0 else float("nan")

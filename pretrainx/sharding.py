@@ -1,0 +1,106 @@
+"""Meshes and logical-axis rules: the only place that maps model axis names to devices.
+
+A mesh has axes ('data', 'fsdp', 'tensor'). Parameters and activations carry logical names
+('embed', 'mlp', 'heads', ..., 'activation_batch', ...); MeshConfig.rules maps each to mesh axes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import flax.linen as nn
+import jax
+import numpy as np
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
+
+MESH_AXES = ("data", "fsdp", "tensor")
+BATCH_AXES = ("data", "fsdp")
+
+# logical name -> mesh axis (or axes, or None for replicated). Parameters shard over fsdp (ZeRO-3
+# style) and tensor (Megatron style); activations shard their batch over data x fsdp.
+DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
+    ("embed", "fsdp"),
+    ("vocab", "tensor"),
+    ("mlp", "tensor"),
+    ("heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("activation_batch", ("data", "fsdp")),
+    ("activation_mlp", "tensor"),
+    ("activation_heads", "tensor"),
+    ("activation_kv_heads", "tensor"),
+    ("activation_vocab", "tensor"),
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+  """Device mesh shape and the logical-axis rules.
+
+  Attributes:
+    data, fsdp, tensor: sizes of the mesh axes; one of them may be -1 to take all remaining
+      devices. Their product must equal the number of devices.
+    rules: (logical_name, mesh_axes) pairs; names not listed are replicated.
+  """
+
+  data: int = -1
+  fsdp: int = 1
+  tensor: int = 1
+  rules: tuple[tuple[str, Any], ...] = DEFAULT_RULES
+
+  def resolved_shape(self, num_devices: int) -> tuple[int, int, int]:
+    shape = [self.data, self.fsdp, self.tensor]
+    if shape.count(-1) > 1:
+      raise ValueError(f"at most one mesh axis may be -1; got data, fsdp, tensor = {tuple(shape)}.")
+    if -1 in shape:
+      known = math.prod(s for s in shape if s != -1)
+      if num_devices % known:
+        raise ValueError(
+            f"mesh axes {dict(zip(MESH_AXES, shape))} cannot fill {num_devices} devices: "
+            f"{num_devices} is not divisible by {known}.")
+      shape[shape.index(-1)] = num_devices // known
+    if math.prod(shape) != num_devices:
+      raise ValueError(
+          f"mesh axes data={shape[0]} x fsdp={shape[1]} x tensor={shape[2]} = {math.prod(shape)} "
+          f"devices, but {num_devices} devices are available; make the product equal "
+          f"{num_devices} (or set one axis to -1 to fill the rest).")
+    return tuple(shape)  # type: ignore[return-value]
+
+
+def make_mesh(cfg: MeshConfig, devices: list | None = None) -> Mesh:
+  """A ('data', 'fsdp', 'tensor') mesh with Auto axis types (what Linen's logical rules need)."""
+  axis_types = (AxisType.Auto,) * len(MESH_AXES)
+  if devices is None:
+    return jax.make_mesh(cfg.resolved_shape(jax.device_count()), MESH_AXES, axis_types=axis_types)
+  shape = cfg.resolved_shape(len(devices))
+  return Mesh(np.asarray(devices).reshape(shape), MESH_AXES, axis_types=axis_types)
+
+
+def data_parallel_size(mesh: Mesh) -> int:
+  return math.prod(mesh.shape[a] for a in BATCH_AXES)
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+  """[batch, seq] arrays: batch split over data x fsdp, seq replicated."""
+  return NamedSharding(mesh, PartitionSpec(BATCH_AXES, None))
+
+
+def check_batch_divisible(global_batch_size: int, mesh: Mesh, microbatches: int = 1) -> None:
+  """The global batch (and each microbatch) must split evenly over the data-parallel devices."""
+  dp = data_parallel_size(mesh)
+  if global_batch_size % microbatches:
+    raise ValueError(f"global_batch_size={global_batch_size} is not divisible by "
+                     f"microbatches={microbatches}.")
+  micro = global_batch_size // microbatches
+  if micro % dp:
+    raise ValueError(
+        f"global batch {global_batch_size} (microbatch {micro}) is not divisible by the "
+        f"data-parallel size {dp} (mesh data={mesh.shape['data']} x fsdp={mesh.shape['fsdp']}); "
+        f"use a batch that is a multiple of {dp * microbatches} or change the mesh.")
+
+
+def logical_to_shardings(abstract_tree: Any, mesh: Mesh, rules) -> Any:
+  """NamedShardings for a tree of (boxed) abstract values with logical axis metadata."""
+  specs = nn.get_partition_spec(abstract_tree)
+  return nn.logical_to_mesh_sharding(specs, mesh, list(rules))

@@ -1,0 +1,65 @@
+"""TrainState, the pytree a step maps to the next, and its sharded creation.
+
+Sharded init follows eval_shape -> logical partition specs -> NamedShardings -> jitted init with
+out_shardings, so no parameter is ever materialised unsharded.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import flax.struct
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from pretrainx.sharding import logical_to_shardings
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array  # int32 scalar: updates applied so far
+  params: Any
+  opt_state: Any
+
+
+def _boxed_params(model: nn.Module, rng: jax.Array, seq_len: int) -> Any:
+  tokens = jnp.zeros((1, seq_len), jnp.int32)
+  return model.init(rng, tokens)["params"]
+
+
+def state_shardings(model: nn.Module, optimizer: optax.GradientTransformation, mesh: Mesh,
+                    rules, seq_len: int) -> tuple[TrainState, TrainState]:
+  """(abstract state, shardings), both TrainState-shaped, from shapes alone (nothing allocated)."""
+  boxed = jax.eval_shape(lambda rng: _boxed_params(model, rng, seq_len), jax.random.key(0))
+  param_shardings = logical_to_shardings(boxed, mesh, rules)
+  abstract_params = jax.tree.map(lambda x: x.value if isinstance(x, nn.Partitioned) else x, boxed,
+                                 is_leaf=lambda x: isinstance(x, nn.Partitioned))
+  abstract_opt = jax.eval_shape(optimizer.init, abstract_params)
+  replicated = NamedSharding(mesh, PartitionSpec())
+  opt_shardings = optax.tree_utils.tree_map_params(
+      optimizer, lambda _, sharding: sharding, abstract_opt, param_shardings,
+      transform_non_params=lambda _: replicated)
+  abstract = TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=abstract_params,
+                        opt_state=abstract_opt)
+  shardings = TrainState(step=replicated, params=param_shardings, opt_state=opt_shardings)
+  abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                          abstract, shardings)
+  return abstract, shardings
+
+
+def create_train_state(model: nn.Module, optimizer: optax.GradientTransformation, mesh: Mesh,
+                       rules, seed: int, seq_len: int) -> tuple[TrainState, TrainState]:
+  """Initialises parameters and optimizer state directly into their shardings."""
+  _, shardings = state_shardings(model, optimizer, mesh, rules, seq_len)
+
+  def init(rng):
+    params = nn.unbox(_boxed_params(model, rng, seq_len))
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                      opt_state=optimizer.init(params))
+
+  with jax.set_mesh(mesh), nn.logical_axis_rules(list(rules)):
+    state = jax.jit(init, out_shardings=shardings)(jax.random.key(seed))
+  return state, shardings

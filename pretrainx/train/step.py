@@ -1,0 +1,97 @@
+"""The pure train step: (state, batch) -> (state, metrics). No I/O, no host sync, no logging.
+
+Loss is token-weighted cross-entropy over `loss_mask` plus an optional z-loss; gradients may be
+accumulated over microbatches with lax.scan (sums, then one division, so the result equals the
+full batch); the update is the optax chain from pretrainx.optim.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+
+from pretrainx.train.state import TrainState
+
+Batch = dict[str, jax.Array]  # int32 [batch, seq] arrays
+
+
+def cross_entropy_sums(logits: jax.Array, targets: jax.Array, loss_mask: jax.Array,
+                       z_loss: float = 0.0) -> dict[str, jax.Array]:
+  """Sums over masked tokens: {'ce', 'z', 'tokens'}; logits [b, s, vocab] fp32, targets [b, s]."""
+  log_z = jax.nn.logsumexp(logits, axis=-1)  # [b, s]
+  target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+  mask = loss_mask.astype(jnp.float32)
+  return {"ce": jnp.sum((log_z - target_logit) * mask),
+          "z": z_loss * jnp.sum(jnp.square(log_z) * mask),
+          "tokens": jnp.sum(mask)}
+
+
+def batch_loss_sums(model: nn.Module, params: Any, batch: Batch, z_loss: float
+                    ) -> dict[str, jax.Array]:
+  logits = model.apply({"params": params}, batch["inputs"], batch["positions"],
+                       batch["segment_ids"])
+  return cross_entropy_sums(logits, batch["targets"], batch["loss_mask"], z_loss)
+
+
+def _split_microbatches(batch: Batch, microbatches: int) -> Batch:
+  """[B, S] -> [M, B/M, S], microbatch m taking rows m, m+M, ...: every data-parallel shard
+  contributes equally to every microbatch, so no rows move between devices."""
+  def split(x):
+    b = x.shape[0]
+    x = x.reshape(b // microbatches, microbatches, *x.shape[1:]).swapaxes(0, 1)
+    return nn.with_logical_constraint(x, (None, "activation_batch", None))
+  return jax.tree.map(split, batch)
+
+
+def loss_and_grads(model: nn.Module, params: Any, batch: Batch, *, z_loss: float = 0.0,
+                   microbatches: int = 1) -> tuple[dict[str, jax.Array], Any]:
+  """(sums, grads of the mean loss) for the whole batch, accumulated over microbatches."""
+
+  def objective(p, mb):
+    sums = batch_loss_sums(model, p, mb, z_loss)
+    return sums["ce"] + sums["z"], sums
+
+  grad_fn = jax.grad(objective, has_aux=True)
+  if microbatches == 1:
+    grads, sums = grad_fn(params, batch)
+  else:
+    def body(carry, mb):
+      g_acc, s_acc = carry
+      g, s = grad_fn(params, mb)
+      return (jax.tree.map(jnp.add, g_acc, g), jax.tree.map(jnp.add, s_acc, s)), None
+
+    zeros_g = jax.tree.map(jnp.zeros_like, params)
+    zeros_s = {k: jnp.zeros((), jnp.float32) for k in ("ce", "z", "tokens")}
+    (grads, sums), _ = jax.lax.scan(body, (zeros_g, zeros_s),
+                                    _split_microbatches(batch, microbatches))
+  denom = jnp.maximum(sums["tokens"], 1.0)
+  return sums, jax.tree.map(lambda g: g / denom, grads)
+
+
+def make_train_step(model: nn.Module, optimizer: optax.GradientTransformation,
+                    schedule: optax.Schedule, *, z_loss: float = 0.0, microbatches: int = 1
+                    ) -> Callable[[TrainState, Batch], tuple[TrainState, dict[str, jax.Array]]]:
+  """Returns the pure step function; the loop jits it with shardings and donates the state."""
+
+  def train_step(state: TrainState, batch: Batch):
+    sums, grads = loss_and_grads(model, state.params, batch, z_loss=z_loss,
+                                 microbatches=microbatches)
+    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    denom = jnp.maximum(sums["tokens"], 1.0)
+    metrics = {
+        "loss": sums["ce"] / denom,
+        "z_loss": sums["z"] / denom,
+        "grad_norm": optax.global_norm(grads),
+        "update_norm": optax.global_norm(updates),
+        "param_norm": optax.global_norm(params),
+        "learning_rate": schedule(state.step),
+        "loss_tokens": sums["tokens"],
+    }
+    return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+  return train_step

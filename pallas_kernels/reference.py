@@ -95,9 +95,8 @@ def reference_attention(
   scale = head_dim**-0.5 if scale is None else scale
 
   # q_grouped: [batch, q_len, kv_heads, groups, head_dim]; K/V are never repeated.
-  q_grouped = q.reshape(batch, q_len, num_kv_heads, groups, head_dim)
-  scores = jnp.einsum("bqhgd,bkhd->bhgqk", q_grouped, k,
-                      preferred_element_type=jnp.float32) * scale
+  q_grouped = (q * jnp.asarray(scale, q.dtype)).reshape(batch, q_len, num_kv_heads, groups, head_dim)
+  scores = jnp.einsum("bqhgd,bkhd->bhgqk", q_grouped, k, preferred_element_type=jnp.float32)
   if logit_softcap is not None:
     scores = logit_softcap * jnp.tanh(scores / logit_softcap)
   mask = attention_mask(q_len, kv_len, causal=causal, q_segment_ids=q_segment_ids,
@@ -105,7 +104,7 @@ def reference_attention(
   scores = jnp.where(mask[:, None, None], scores, MASK_VALUE)  # [batch, kv_heads, groups, q, k]
   probs = jax.nn.softmax(scores, axis=-1)
   # Rows with no visible key (possible only with padding) get zero output, not a uniform average.
-  probs = jnp.where(mask[:, None, None], probs, 0.0)
+  probs = probs * jnp.any(mask, axis=-1, keepdims=True)[:, None, None]
   out = jnp.einsum("bhgqk,bkhd->bqhgd", probs.astype(v.dtype), v,
                    preferred_element_type=jnp.float32)
   return out.reshape(batch, q_len, num_heads, head_dim).astype(q.dtype)

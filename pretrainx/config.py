@@ -73,6 +73,8 @@ class Experiment:
         name: dataclasses.replace(getattr(self, name), **fields) for name, fields in sections.items()})
 
 
+# Gin files include others by repo-relative path ('gin_configs/models/tiny.gin').
+_REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGURABLES = (ModelConfig, OptimizerConfig, MeshConfig, DataConfig, RunConfig, ByteVocabulary)
 
 
@@ -96,13 +98,16 @@ def validate(exp: Experiment) -> None:
 # gin: registration, parsing with helpful errors, and writing an Experiment back out.
 
 
+_GIN_CLASSES: dict[str, Any] = {}  # name -> gin-wrapped class (calling it applies the bindings)
+
+
 def _gin():
   import gin  # pylint: disable=import-outside-toplevel
 
-  registered = gin.config._REGISTRY  # pylint: disable=protected-access
   for cls in CONFIGURABLES:
-    if cls.__name__ not in registered:
-      gin.external_configurable(cls, name=cls.__name__, module="pretrainx")
+    if cls.__name__ not in _GIN_CLASSES:
+      _GIN_CLASSES[cls.__name__] = gin.external_configurable(cls, name=cls.__name__,
+                                                             module="pretrainx")
   return gin
 
 
@@ -131,15 +136,17 @@ def parse_gin(gin_files: list[str] | tuple[str, ...] = (), gin_params: list[str]
   """Reads gin files then `--gin_param` overrides into a validated Experiment."""
   gin = _gin()
   gin.clear_config()
-  for path in (os.getcwd(), *search_paths):
+  search_paths = (os.getcwd(), _REPO_ROOT, *search_paths)
+  for path in search_paths:
     gin.add_config_file_search_path(path)
   for f in gin_files:
     if not os.path.exists(f) and not any(os.path.exists(os.path.join(p, f)) for p in search_paths):
       raise FileNotFoundError(f"gin file {f} not found (looked relative to {os.getcwd()}).")
   try:
     gin.parse_config_files_and_bindings(list(gin_files), list(gin_params))
-    exp = Experiment(model=ModelConfig(), optimizer=OptimizerConfig(), mesh=MeshConfig(),
-                     data=DataConfig(), run=RunConfig())
+    built = {name: cls() for name, cls in _GIN_CLASSES.items() if name != "ByteVocabulary"}
+    exp = Experiment(model=built["ModelConfig"], optimizer=built["OptimizerConfig"],
+                     mesh=built["MeshConfig"], data=built["DataConfig"], run=built["RunConfig"])
   except (ValueError, TypeError, SyntaxError) as err:
     raise ValueError(_explain_gin_error(err)) from err
   finally:

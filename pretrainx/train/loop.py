@@ -7,7 +7,6 @@ dispatched), so the host never waits on the accelerator between log points.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 import shutil
@@ -182,7 +181,9 @@ def train(exp: Experiment, restart: bool = False) -> TrainResult:
     writer.write(run.steps, {"eval/loss": eval_loss, "eval/unigram_entropy": baseline})
     if start < run.steps or checkpoint.latest_step(paths.checkpoints) != run.steps:
       _save(paths, run.steps, state, exp, {"eval/loss": eval_loss, **summary["last"]})
-    sample = _sample(rt, state.params) if run.sample_tokens else ""
+    sample = sample_text(rt, state.params, run.sample_prompt, run.sample_tokens, seed=run.seed,
+                         temperature=run.sample_temperature,
+                         top_k=run.sample_top_k) if run.sample_tokens else ""
   writer.close()
   if is_main:
     plot_losses(paths.metrics, paths.loss_plot, baseline)
@@ -250,14 +251,6 @@ def _save(paths: RunPaths, step: int, state: TrainState, exp: Experiment, metric
   logging.info("saved checkpoint %s", os.path.join(paths.checkpoints, str(step)))
 
 
-def _sample(rt: Runtime, params) -> str:
-  run, vocab = rt.exp.run, rt.exp.data.vocabulary
-  prompt = vocab.encode(run.sample_prompt)
-  ids = generate(rt.model, params, prompt, run.sample_tokens, rng=jax.random.key(run.seed),
-                 temperature=run.sample_temperature, top_k=run.sample_top_k, eos_id=vocab.eos_id)
-  return run.sample_prompt + vocab.decode(ids)
-
-
 def result_summary(result: TrainResult) -> str:
   """The human-readable closing lines of a run."""
   p = result.paths
@@ -270,5 +263,37 @@ def result_summary(result: TrainResult) -> str:
       f"config:      {p.config}", f"checkpoint:  {os.path.join(p.checkpoints, str(result.steps))}",
   ]
   if result.sample:
-    lines += ["sample:", json.dumps(result.sample)[1:-1].replace("\\n", "\n")]
+    lines += ["sample:", result.sample]
   return "\n".join(lines)
+
+
+def load_trained(exp: Experiment, checkpoint_dir: str | None = None, step: int | None = None
+                 ) -> tuple[Runtime, TrainState, int]:
+  """Runtime and restored state of a finished (or running) experiment, for eval and generate."""
+  rt = build_runtime(exp)
+  directory = checkpoint_dir or RunPaths(os.path.abspath(exp.run.run_dir)).checkpoints
+  with rt.scope():
+    state, _, step = checkpoint.restore(directory, rt.abstract_state, step)
+  return rt, state, step
+
+
+def evaluate_checkpoint(rt: Runtime, state: TrainState, num_batches: int | None
+                        ) -> dict[str, float]:
+  """Validation loss and the unigram baseline of the same batches."""
+  exp = rt.exp
+  host = eval_batches(exp.data, exp.run.seq_len, exp.run.global_batch_size, num_batches,
+                      jax.process_index(), jax.process_count())
+  with rt.scope():
+    result = evaluate(rt.eval_step, state.params, [rt.put_batch(b) for b in host])
+  result["unigram_entropy"] = unigram_entropy(host, exp.data.vocabulary.vocab_size)
+  return result
+
+
+def sample_text(rt: Runtime, params, prompt: str, max_new_tokens: int, *, seed: int = 0,
+                temperature: float = 0.7, top_k: int | None = 40) -> str:
+  vocab = rt.exp.data.vocabulary
+  with rt.scope():
+    ids = generate(rt.model, params, vocab.encode(prompt), max_new_tokens,
+                   rng=jax.random.key(seed), temperature=temperature, top_k=top_k,
+                   eos_id=vocab.eos_id)
+  return prompt + vocab.decode(ids)

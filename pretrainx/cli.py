@@ -1,0 +1,129 @@
+"""Command line: `python -m pretrainx {train,eval,generate,peak} ...`.
+
+Every subcommand takes gin files and `--gin_param` overrides (eval and generate default to the
+config.gin a run wrote). Bad input ends with one clear message on stderr and exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from absl import logging
+
+
+def _add_gin_flags(p: argparse.ArgumentParser, run_dir_help: str) -> None:
+  p.add_argument("--gin_file", action="append", default=[],
+                 help="gin config file; repeat to layer files (later ones win)")
+  p.add_argument("--gin_param", action="append", default=[],
+                 help="one gin binding, e.g. --gin_param='RunConfig.steps=50'; applied last")
+  p.add_argument("--run_dir", default=None, help=run_dir_help)
+
+
+def build_parser() -> argparse.ArgumentParser:
+  parser = argparse.ArgumentParser(prog="pretrainx", description=__doc__.splitlines()[0])
+  sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+  p = sub.add_parser("train", help="train (or resume) a model from gin configs")
+  _add_gin_flags(p, "run directory (overrides RunConfig.run_dir)")
+  p.add_argument("--restart", action="store_true",
+                 help="discard the run directory's checkpoints and metrics instead of resuming")
+  p.add_argument("--peak_tflops", type=float, default=None,
+                 help="MFU denominator for the whole job, e.g. 989 for one H100 (bf16 dense); "
+                      "default: measure this machine")
+
+  p = sub.add_parser("eval", help="validation loss of a checkpoint")
+  _add_gin_flags(p, "run directory whose config.gin and checkpoints to use")
+  p.add_argument("--checkpoint_dir", default=None, help="default: RUN_DIR/checkpoints")
+  p.add_argument("--step", type=int, default=None, help="default: the latest checkpoint")
+  p.add_argument("--eval_batches", type=int, default=None, help="default: the whole split")
+
+  p = sub.add_parser("generate", help="sample text from a checkpoint")
+  _add_gin_flags(p, "run directory whose config.gin and checkpoints to use")
+  p.add_argument("--checkpoint_dir", default=None, help="default: RUN_DIR/checkpoints")
+  p.add_argument("--step", type=int, default=None, help="default: the latest checkpoint")
+  p.add_argument("--prompt", default="def ")
+  p.add_argument("--max_new_tokens", type=int, default=200)
+  p.add_argument("--temperature", type=float, default=0.7, help="0 for greedy decoding")
+  p.add_argument("--top_k", type=int, default=40, help="0 disables top-k filtering")
+  p.add_argument("--seed", type=int, default=0)
+
+  p = sub.add_parser("peak", help="measure this machine's jitted matmul FLOP/s (MFU denominator)")
+  p.add_argument("--size", type=int, default=2048)
+  p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+  return parser
+
+
+def _experiment(args, for_training: bool):
+  from pretrainx import config  # pylint: disable=import-outside-toplevel
+
+  params = list(args.gin_param)
+  if args.run_dir is not None and (for_training or args.gin_file):
+    params.append(f"RunConfig.run_dir = {args.run_dir!r}")
+  if for_training or args.gin_file:
+    return config.parse_gin(args.gin_file, params)
+  if args.run_dir is None:
+    raise ValueError("pass --run_dir of a trained run (or --gin_file describing the model).")
+  return config.load_run_experiment(args.run_dir, tuple(params))
+
+
+def _out(text: str) -> None:
+  sys.stdout.write(text.rstrip("\n") + "\n")
+  sys.stdout.flush()
+
+
+def cmd_train(args) -> None:
+  from pretrainx.train import loop  # pylint: disable=import-outside-toplevel
+
+  exp = _experiment(args, for_training=True)
+  if args.peak_tflops is not None:
+    exp = exp.replace(run={"peak_tflops": args.peak_tflops})
+  result = loop.train(exp, restart=args.restart)
+  _out(loop.result_summary(result))
+
+
+def cmd_eval(args) -> None:
+  from pretrainx.train import loop  # pylint: disable=import-outside-toplevel
+
+  exp = _experiment(args, for_training=False)
+  rt, state, step = loop.load_trained(exp, args.checkpoint_dir, args.step)
+  r = loop.evaluate_checkpoint(rt, state, args.eval_batches)
+  _out(f"step {step}: validation loss {r['loss']:.4f} nats/token over {r['tokens']:.0f} tokens "
+       f"(unigram-entropy baseline {r['unigram_entropy']:.4f})")
+
+
+def cmd_generate(args) -> None:
+  from pretrainx.train import loop  # pylint: disable=import-outside-toplevel
+
+  exp = _experiment(args, for_training=False)
+  rt, state, _ = loop.load_trained(exp, args.checkpoint_dir, args.step)
+  _out(loop.sample_text(rt, state.params, args.prompt, args.max_new_tokens, seed=args.seed,
+                        temperature=args.temperature, top_k=args.top_k or None))
+
+
+def cmd_peak(args) -> None:
+  import jax  # pylint: disable=import-outside-toplevel
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+
+  from pretrainx.flops import measure_peak_flops  # pylint: disable=import-outside-toplevel
+
+  flops = measure_peak_flops(args.size, getattr(jnp, args.dtype))
+  _out(f"{jax.devices()[0].device_kind} ({jax.default_backend()}): {flops / 1e9:.1f} GFLOP/s "
+       f"per device ({args.size}x{args.size} {args.dtype} matmul); pass "
+       f"--peak_tflops={flops * jax.device_count() / 1e12:.4g} to train for the whole job.")
+
+
+COMMANDS = {"train": cmd_train, "eval": cmd_eval, "generate": cmd_generate, "peak": cmd_peak}
+
+
+def main(argv: list[str] | None = None) -> int:
+  args = build_parser().parse_args(argv)
+  logging.set_verbosity(logging.INFO if os.environ.get("PRETRAINX_VERBOSE") else logging.WARNING)
+  logging.use_absl_handler()
+  try:
+    COMMANDS[args.command](args)
+  except (ValueError, FileNotFoundError, FloatingPointError) as err:
+    sys.stderr.write(f"pretrainx {args.command}: error: {err}\n")
+    return 2
+  return 0

@@ -214,17 +214,16 @@ def _run_steps(rt: Runtime, state: TrainState, start: int, data: TrainBatches, e
     if done % run.log_every == 0 or done == run.steps:
       pending = (done, metrics)
     bar.update(1)
-    paused = False
-    if run.eval_every and done % run.eval_every == 0 and done < run.steps:
-      writer.write(done, {"eval/loss": evaluate(rt.eval_step, state.params, eval_device)["loss"]})
-      paused = True
-    if run.checkpoint_every and done % run.checkpoint_every == 0 and done < run.steps:
-      _save(paths, done, state, rt.exp, last)
-      paused = True
-    if paused:
-      if pending is not None:
+    eval_due = run.eval_every and done % run.eval_every == 0 and done < run.steps
+    save_due = run.checkpoint_every and done % run.checkpoint_every == 0 and done < run.steps
+    if eval_due or save_due:
+      if pending is not None:  # read before pausing, so the pause is not counted as training
         last = _log(pending, meter, writer, bar, paths)
         pending = None
+      if eval_due:
+        writer.write(done, {"eval/loss": evaluate(rt.eval_step, state.params, eval_device)["loss"]})
+      if save_due:
+        _save(paths, done, state, rt.exp, last)
       meter.restart_clock(done)
   if pending is not None:
     last = _log(pending, meter, writer, bar, paths)

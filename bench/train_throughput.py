@@ -1,0 +1,116 @@
+"""Training throughput of pretrainx on this machine, optionally against PyTorch/transformers.
+
+For the tiny and quickstart configs: tokens/s, MFU against the measured matmul peak, step time and
+compile time. Where torch and transformers are installed, LlamaForCausalLM of the same config is
+trained on the same batches for the same steps, and the tokens/s ratio is printed.
+Run: .venv/bin/python bench/train_throughput.py [--steps 10]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+
+import jax
+import numpy as np
+
+from pretrainx.config import Experiment, parse_gin
+from pretrainx.data.pipeline import TrainBatches
+from pretrainx.flops import flops_per_token, machine_peak_flops, measure_peak_flops
+from pretrainx.train.loop import build_runtime
+from pretrainx.train.state import create_train_state
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def bench_pretrainx(exp: Experiment, batches: list[dict], peak: float) -> dict:
+  rt = build_runtime(exp)
+  with rt.scope():
+    state, _ = create_train_state(rt.model, rt.optimizer, rt.mesh, exp.mesh.rules, 0,
+                                  exp.run.seq_len)
+    device_batches = [rt.put_batch(b) for b in batches]
+    t0 = time.perf_counter()
+    state, m = rt.train_step(state, device_batches[0])
+    jax.block_until_ready(m)
+    compile_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    for b in device_batches[1:]:
+      state, m = rt.train_step(state, b)
+    jax.block_until_ready(m)
+    step_s = (time.perf_counter() - t0) / (len(batches) - 1)
+  tps = exp.run.global_batch_size * exp.run.seq_len / step_s
+  return {"tokens/s": tps, "mfu": tps * flops_per_token(exp.model, exp.run.seq_len) / peak,
+          "step_s": step_s, "compile_s": compile_s, "loss": float(m["loss"])}
+
+
+def bench_torch(exp: Experiment, batches: list[dict]) -> dict | None:
+  try:
+    import torch  # pylint: disable=import-outside-toplevel
+    import transformers  # pylint: disable=import-outside-toplevel
+  except ImportError:
+    return None
+  m = exp.model
+  cfg = transformers.LlamaConfig(
+      vocab_size=m.padded_vocab_size, hidden_size=m.embed_dim, intermediate_size=m.mlp_dim,
+      num_hidden_layers=m.num_layers, num_attention_heads=m.num_heads,
+      num_key_value_heads=m.num_kv_heads, head_dim=m.resolved_head_dim,
+      max_position_embeddings=m.max_seq_len, rope_theta=m.rope_theta, rms_norm_eps=m.norm_eps,
+      tie_word_embeddings=m.tie_embeddings, attn_implementation="sdpa")
+  torch.manual_seed(0)
+  model = transformers.LlamaForCausalLM(cfg)
+  opt = torch.optim.AdamW(model.parameters(), lr=exp.optimizer.learning_rate,
+                          weight_decay=exp.optimizer.weight_decay, betas=(0.9, 0.95))
+
+  def step(b):
+    inputs = torch.from_numpy(b["inputs"].astype(np.int64))
+    labels = torch.from_numpy(np.where(b["loss_mask"] > 0, b["targets"], -100).astype(np.int64))
+    logits = model(input_ids=inputs, position_ids=torch.from_numpy(
+        b["positions"].astype(np.int64))).logits
+    loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten(),
+                                             ignore_index=-100)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return loss
+
+  step(batches[0])
+  t0 = time.perf_counter()
+  for b in batches[1:]:
+    loss = step(b)
+  step_s = (time.perf_counter() - t0) / (len(batches) - 1)
+  return {"tokens/s": exp.run.global_batch_size * exp.run.seq_len / step_s, "step_s": step_s,
+          "loss": float(loss), "threads": torch.get_num_threads()}
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--steps", type=int, default=10)
+  parser.add_argument("--configs", default="tiny,quickstart")
+  args = parser.parse_args()
+  peak = machine_peak_flops(measure_peak_flops())
+  rows = []
+  for name in args.configs.split(","):
+    exp = parse_gin([os.path.join(REPO, f"gin_configs/{name}.gin")],
+                    ["MeshConfig.data = 1", "RunConfig.progress_bar = False"])
+    data = TrainBatches(exp.data, exp.run.seq_len, exp.run.global_batch_size)
+    batches = [data.batch_at(k) for k in range(args.steps + 1)]
+    ours = bench_pretrainx(exp, batches, peak)
+    theirs = bench_torch(exp, batches)
+    rows.append((name, exp, ours, theirs))
+  print(f"\nmeasured matmul peak: {peak / 1e9:.1f} GFLOP/s on {jax.devices()[0].device_kind} "
+        f"({jax.default_backend()}); {args.steps} timed steps after one compile step\n")
+  print("| config | tokens/step | pretrainx tok/s | MFU | step (s) | compile (s) "
+        "| PyTorch tok/s | pretrainx / PyTorch |")
+  print("|---|---|---|---|---|---|---|---|")
+  for name, exp, ours, theirs in rows:
+    t_tps = f"{theirs['tokens/s']:,.0f}" if theirs else "n/a"
+    ratio = f"{ours['tokens/s'] / theirs['tokens/s']:.2f}x" if theirs else "n/a"
+    print(f"| {name} | {exp.run.global_batch_size * exp.run.seq_len} | {ours['tokens/s']:,.0f} "
+          f"| {100 * ours['mfu']:.1f}% | {ours['step_s']:.3f} | {ours['compile_s']:.1f} "
+          f"| {t_tps} | {ratio} |")
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,47 @@
+"""The Llama presets build abstractly (no memory) with the published parameter counts and shard."""
+
+import os
+
+import jax
+import numpy as np
+import pytest
+
+from pretrainx.config import parse_gin
+from pretrainx.model import Transformer, count_params
+from pretrainx.optim import make_optimizer
+from pretrainx.sharding import MeshConfig, make_mesh
+from pretrainx.train.state import state_shardings
+
+from conftest import REPO
+
+
+def _model_cfg(name):
+  return parse_gin([os.path.join(REPO, f"gin_configs/models/{name}.gin")]).model
+
+
+@pytest.mark.parametrize("name,expected", [("llama_7b", 6.74e9), ("llama_70b", 68.98e9)])
+def test_llama_parameter_counts(name, expected):
+  cfg = _model_cfg(name)
+  model = Transformer(cfg)
+  shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), jax.numpy.zeros((1, 8), "int32")))
+  n = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(shapes))
+  assert n == pytest.approx(expected, rel=0.01)
+  assert count_params(cfg)["total"] == n  # 32000 is already a multiple of 128: no padding
+
+
+@pytest.mark.parametrize("name", ["llama_125m", "llama_1b", "llama_7b", "llama_70b"])
+def test_presets_shard_on_a_2x2x2_mesh(name):
+  cfg = _model_cfg(name)
+  mesh = make_mesh(MeshConfig(data=2, fsdp=2, tensor=2))
+  optimizer, _ = make_optimizer(parse_gin([]).optimizer, 100)
+  abstract, shardings = state_shardings(Transformer(cfg), optimizer, mesh,
+                                        MeshConfig().rules, seq_len=8)
+  q = abstract.params["layers"]["attention"]["q_proj"]
+  assert q.sharding.spec == (None, "fsdp", "tensor", None)  # layers, embed, heads, head_dim
+  mu = abstract.opt_state[1][0].mu["layers"]["mlp"]["up_proj"]  # Adam moments follow params
+  assert mu.sharding.spec == (None, "fsdp", "tensor")
+  # every large parameter is split 4 ways (fsdp x tensor) or more
+  for leaf in jax.tree.leaves(abstract.params):
+    if np.prod(leaf.shape) > 1e6:
+      shard = leaf.sharding.shard_shape(leaf.shape)
+      assert np.prod(shard) * 4 <= np.prod(leaf.shape), leaf

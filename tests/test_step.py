@@ -1,0 +1,84 @@
+"""The pure train step: loss masking, z-loss, gradient accumulation, optimizer schedules and masks."""
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from pretrainx.data.pipeline import TrainBatches
+from pretrainx.model import Transformer
+from pretrainx.optim import OptimizerConfig, decay_mask, make_optimizer, make_schedule
+from pretrainx.sharding import MeshConfig, make_mesh
+from pretrainx.train.state import create_train_state
+from pretrainx.train.step import cross_entropy_sums, loss_and_grads, make_train_step
+
+
+def test_cross_entropy_sums_respect_mask_and_z_loss():
+  logits = jnp.log(jnp.array([[[0.5, 0.25, 0.25], [0.1, 0.8, 0.1]]]))
+  targets = jnp.array([[0, 1]])
+  s = cross_entropy_sums(logits, targets, jnp.array([[1, 0]]), z_loss=0.0)
+  assert float(s["ce"]) == pytest.approx(-np.log(0.5), rel=1e-6)
+  assert float(s["tokens"]) == 1.0
+  s = cross_entropy_sums(logits + 1.0, targets, jnp.array([[1, 1]]), z_loss=0.5)
+  assert float(s["z"]) == pytest.approx(0.5 * 2 * 1.0, rel=1e-5)  # log Z = 1 for both tokens
+
+
+def _setup(exp):
+  mesh = make_mesh(MeshConfig(data=1, fsdp=1, tensor=1), jax.devices()[:1])
+  model = Transformer(exp.model)
+  state, _ = create_train_state(model, optax.sgd(0.1), mesh, MeshConfig().rules, 0,
+                                exp.run.seq_len)
+  batch = TrainBatches(exp.data, exp.run.seq_len, 16).batch_at(3)
+  batch["loss_mask"][:, :5] = 0  # unequal token counts per row make the weighting matter
+  return model, state.params, batch
+
+
+def test_gradient_accumulation_equals_one_big_batch(tiny_exp):
+  model, params, batch = _setup(tiny_exp())
+  sums1, g1 = jax.jit(lambda p, b: loss_and_grads(model, p, b, z_loss=1e-4))(params, batch)
+  sums4, g4 = jax.jit(lambda p, b: loss_and_grads(model, p, b, z_loss=1e-4, microbatches=4)
+                      )(params, batch)
+  assert float(sums4["tokens"]) == float(sums1["tokens"])
+  assert float(sums4["ce"]) == pytest.approx(float(sums1["ce"]), rel=1e-5)
+  chex.assert_trees_all_close(g4, g1, atol=1e-6, rtol=1e-4)
+
+
+def test_train_step_updates_and_reports(tiny_exp):
+  exp = tiny_exp()
+  model, params, batch = _setup(exp)
+  opt, schedule = make_optimizer(exp.optimizer, 100)
+  from pretrainx.train.state import TrainState
+  state = TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=opt.init(params))
+  step = jax.jit(make_train_step(model, opt, schedule, z_loss=1e-4))
+  new, metrics = step(state, batch)
+  assert int(new.step) == 1
+  assert set(metrics) >= {"loss", "z_loss", "grad_norm", "learning_rate", "loss_tokens"}
+  assert float(metrics["learning_rate"]) == pytest.approx(float(schedule(0)))
+  assert float(metrics["loss_tokens"]) == float(batch["loss_mask"].sum())
+  _, m2 = step(new, batch)
+  assert float(m2["loss"]) < float(metrics["loss"])  # same batch again: loss went down
+
+
+def test_schedules():
+  cos = make_schedule(OptimizerConfig(learning_rate=1.0, warmup_steps=10, end_lr_ratio=0.1), 100)
+  assert float(cos(0)) == 0.0 and float(cos(10)) == pytest.approx(1.0)
+  assert float(cos(100)) == pytest.approx(0.1, abs=1e-6)
+  assert float(cos(50)) < float(cos(30))
+  wsd = make_schedule(OptimizerConfig(learning_rate=1.0, warmup_steps=10, schedule="wsd",
+                                      decay_fraction=0.2, end_lr_ratio=0.0), 100)
+  assert [float(wsd(s)) for s in (10, 50, 80)] == pytest.approx([1.0, 1.0, 1.0])
+  assert float(wsd(90)) == pytest.approx(0.5, abs=1e-6) and float(wsd(100)) == pytest.approx(0.0)
+  with pytest.raises(ValueError, match="schedule='step'"):
+    OptimizerConfig(schedule="step")
+
+
+def test_weight_decay_mask_skips_norms_and_embeddings(tiny_exp):
+  model, params, _ = _setup(tiny_exp())
+  mask = decay_mask(params, OptimizerConfig())
+  assert mask["layers"]["attention"]["q_proj"] and mask["layers"]["mlp"]["down_proj"]
+  assert not mask["embed"]["embedding"]
+  assert not mask["layers"]["input_norm"]["scale"] and not mask["final_norm"]["scale"]
+  everything = decay_mask(params, OptimizerConfig(no_decay_patterns=(), decay_vectors=True))
+  assert all(jax.tree.leaves(everything))

@@ -48,7 +48,7 @@ def test_gradient_accumulation_equals_one_big_batch(tiny_exp):
 def test_train_step_updates_and_reports(tiny_exp):
   exp = tiny_exp()
   model, params, batch = _setup(exp)
-  opt, schedule = make_optimizer(exp.optimizer, 100)
+  opt, schedule = make_optimizer(OptimizerConfig(warmup_steps=0), 100)
   from pretrainx.train.state import TrainState
   state = TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=opt.init(params))
   step = jax.jit(make_train_step(model, opt, schedule, z_loss=1e-4))

@@ -14,7 +14,7 @@ from pretrainx.train import loop
 
 
 def test_tiny_model_learns_in_100_steps(tiny_exp):
-  exp = tiny_exp(run={"steps": 100, "log_every": 10, "eval_every": 50, "sample_tokens": 16})
+  exp = tiny_exp(run={"steps": 100, "log_every": 1, "eval_every": 50, "sample_tokens": 16})
   result = loop.train(exp)
   rows = read_metrics(result.paths.metrics)
   losses = [r["train/loss"] for r in rows if "train/loss" in r]

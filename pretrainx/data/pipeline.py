@@ -122,19 +122,23 @@ class TrainBatches:
 
 def eval_batches(cfg: DataConfig, seq_len: int, batch_size: int, num_batches: int | None,
                  process_index: int = 0, process_count: int = 1) -> list[dict[str, np.ndarray]]:
-  """The validation split, in order, as this host's parts of `num_batches` batches (None: all).
+  """The validation split as this host's parts of `num_batches` batches (None: all of it).
 
-  A last partial batch is filled with pad rows whose loss_mask is 0, so every batch has one shape.
+  A subset takes rows evenly spaced over the whole split, so that every domain and document is
+  represented; a last partial batch is filled with pad rows whose loss_mask is 0.
   """
   rows = packed_rows(cfg, "validation", seq_len)
   available = math.ceil(len(rows) / batch_size)
   num_batches = available if num_batches is None else min(num_batches, available)
+  wanted = min(num_batches * batch_size, len(rows))
+  order = np.linspace(0, len(rows) - 1, wanted).round().astype(int) if wanted < len(rows) \
+      else np.arange(len(rows))
   local = host_slice(batch_size, process_index, process_count)
   pad_row = {k: np.zeros(seq_len, np.int32) for k in BATCH_KEYS}
   batches = []
   for b in range(num_batches):
     idx = range(b * batch_size + local.start, b * batch_size + local.stop)
-    batches.append(_stack([rows[i] if i < len(rows) else pad_row for i in idx]))
+    batches.append(_stack([rows[order[i]] if i < len(order) else pad_row for i in idx]))
   return batches
 
 

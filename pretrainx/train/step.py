@@ -86,9 +86,9 @@ def make_train_step(model: nn.Module, optimizer: optax.GradientTransformation,
     metrics = {
         "loss": sums["ce"] / denom,
         "z_loss": sums["z"] / denom,
-        "grad_norm": optax.global_norm(grads),
-        "update_norm": optax.global_norm(updates),
-        "param_norm": optax.global_norm(params),
+        "grad_norm": optax.tree.norm(grads),
+        "update_norm": optax.tree.norm(updates),
+        "param_norm": optax.tree.norm(params),
         "learning_rate": schedule(state.step),
         "loss_tokens": sums["tokens"],
     }

@@ -98,6 +98,7 @@ def validate(exp: Experiment) -> None:
 # gin: registration, parsing with helpful errors, and writing an Experiment back out.
 
 
+_GIN_SEARCH_PATHS: set[str] = set()
 _GIN_CLASSES: dict[str, Any] = {}  # name -> gin-wrapped class (calling it applies the bindings)
 
 
@@ -138,7 +139,9 @@ def parse_gin(gin_files: list[str] | tuple[str, ...] = (), gin_params: list[str]
   gin.clear_config()
   search_paths = (os.getcwd(), _REPO_ROOT, *search_paths)
   for path in search_paths:
-    gin.add_config_file_search_path(path)
+    if path not in _GIN_SEARCH_PATHS:
+      gin.add_config_file_search_path(path)
+      _GIN_SEARCH_PATHS.add(path)
   for f in gin_files:
     if not os.path.exists(f) and not any(os.path.exists(os.path.join(p, f)) for p in search_paths):
       raise FileNotFoundError(f"gin file {f} not found (looked relative to {os.getcwd()}).")

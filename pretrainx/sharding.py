@@ -6,6 +6,7 @@ A mesh has axes ('data', 'fsdp', 'tensor'). Parameters and activations carry log
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 from typing import Any
@@ -104,3 +105,10 @@ def logical_to_shardings(abstract_tree: Any, mesh: Mesh, rules) -> Any:
   """NamedShardings for a tree of (boxed) abstract values with logical axis metadata."""
   specs = nn.get_partition_spec(abstract_tree)
   return nn.logical_to_mesh_sharding(specs, mesh, list(rules))
+
+
+@contextlib.contextmanager
+def mesh_scope(mesh: Mesh, rules):
+  """Inside it, jit uses `mesh` and Linen's logical constraints resolve through `rules`."""
+  with jax.set_mesh(mesh), nn.logical_axis_rules(list(rules)):
+    yield

@@ -3,12 +3,14 @@
 import chex
 import jax
 import numpy as np
+import optax
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec
 
 from pretrainx.data.pipeline import TrainBatches
 from pretrainx.model import Transformer
-from pretrainx.sharding import MeshConfig, batch_sharding, check_batch_divisible, make_mesh
+from pretrainx.sharding import (MeshConfig, batch_sharding, check_batch_divisible, make_mesh,
+                                mesh_scope)
 from pretrainx.train.state import create_train_state
 from pretrainx.train.step import loss_and_grads
 
@@ -16,13 +18,11 @@ from pretrainx.train.step import loss_and_grads
 def _loss_and_grads(exp, mesh_cfg, devices=None):
   mesh = make_mesh(mesh_cfg, devices)
   model = Transformer(exp.model)
-  import optax
   state, shardings = create_train_state(model, optax.sgd(0.1), mesh, mesh_cfg.rules, seed=0,
                                         seq_len=exp.run.seq_len)
   batch = TrainBatches(exp.data, exp.run.seq_len, exp.run.global_batch_size).batch_at(0)
   bs = batch_sharding(mesh)
-  from pretrainx.train.loop import _Scope
-  with _Scope(mesh, mesh_cfg.rules):
+  with mesh_scope(mesh, mesh_cfg.rules):
     fn = jax.jit(lambda p, b: loss_and_grads(model, p, b), in_shardings=(shardings.params, bs))
     sums, grads = fn(state.params, {k: jax.device_put(v, bs) for k, v in batch.items()})
   return float(sums["ce"] / sums["tokens"]), grads, state.params
@@ -40,7 +40,7 @@ def test_sharded_equals_unsharded(tiny_exp, shape):
   if shape[2] > 1:  # parameters really are split, not replicated
     q = params8["layers"]["attention"]["q_proj"]
     assert isinstance(q.sharding, NamedSharding)
-    assert q.sharding.spec == PartitionSpec(None, "fsdp" if shape[1] > 1 else "fsdp", "tensor", None)
+    assert q.sharding.spec == PartitionSpec(None, "fsdp", "tensor", None)
     assert q.addressable_shards[0].data.shape[2] == q.shape[2] // shape[2]
 
 

@@ -13,7 +13,6 @@ import shutil
 import time
 from typing import Any
 
-import flax.linen as nn
 import jax
 import numpy as np
 from absl import logging
@@ -27,7 +26,7 @@ from pretrainx.generate import generate
 from pretrainx.metrics import MetricWriter, plot_losses
 from pretrainx.model.transformer import Transformer
 from pretrainx.optim import make_optimizer
-from pretrainx.sharding import batch_sharding, check_batch_divisible, make_mesh
+from pretrainx.sharding import batch_sharding, check_batch_divisible, make_mesh, mesh_scope
 from pretrainx.train.eval import evaluate, make_eval_step
 from pretrainx.train.state import TrainState, create_train_state, state_shardings
 from pretrainx.train.step import make_train_step
@@ -48,25 +47,12 @@ class Runtime:
 
   def scope(self):
     """Context in which the model's logical constraints resolve against this mesh."""
-    return _Scope(self.mesh, self.exp.mesh.rules)
+    return mesh_scope(self.mesh, self.exp.mesh.rules)
 
   def put_batch(self, local_batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
     """Host-local rows -> global arrays sharded over the data-parallel axes."""
     sharding = batch_sharding(self.mesh)
     return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in local_batch.items()}
-
-
-class _Scope:
-  def __init__(self, mesh, rules):
-    self._mesh_ctx, self._rules_ctx = jax.set_mesh(mesh), nn.logical_axis_rules(list(rules))
-
-  def __enter__(self):
-    self._mesh_ctx.__enter__()
-    self._rules_ctx.__enter__()
-
-  def __exit__(self, *exc):
-    self._rules_ctx.__exit__(*exc)
-    return self._mesh_ctx.__exit__(*exc)
 
 
 def build_runtime(exp: Experiment) -> Runtime:

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from pretrainx.sharding import logical_to_shardings
+from pretrainx.sharding import logical_to_shardings, mesh_scope
 
 
 @flax.struct.dataclass
@@ -60,6 +60,6 @@ def create_train_state(model: nn.Module, optimizer: optax.GradientTransformation
     return TrainState(step=jnp.zeros((), jnp.int32), params=params,
                       opt_state=optimizer.init(params))
 
-  with jax.set_mesh(mesh), nn.logical_axis_rules(list(rules)):
+  with mesh_scope(mesh, rules):
     state = jax.jit(init, out_shardings=shardings)(jax.random.key(seed))
   return state, shardings

@@ -10,10 +10,17 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 import time
 
-import jax
-import numpy as np
+from pretrainx.cli import configure_cpu_devices
+
+# As the CLI does: on a CPU host, one XLA device per core (set before jax is imported).
+configure_cpu_devices(next((a.split("=", 1)[1] for a in sys.argv if a.startswith("--cpu_devices=")),
+                           "auto"))
+
+import jax  # noqa: E402  pylint: disable=wrong-import-position
+import numpy as np  # noqa: E402  pylint: disable=wrong-import-position
 
 from pretrainx.config import Experiment, parse_gin
 from pretrainx.data.pipeline import TrainBatches
@@ -81,26 +88,36 @@ def bench_torch(exp: Experiment, batches: list[dict]) -> dict | None:
     loss = step(b)
   step_s = (time.perf_counter() - t0) / (len(batches) - 1)
   return {"tokens/s": exp.run.global_batch_size * exp.run.seq_len / step_s, "step_s": step_s,
-          "loss": float(loss), "threads": torch.get_num_threads()}
+          "loss": float(loss)}
+
+
+def _torch_threads() -> str:
+  try:
+    import torch  # pylint: disable=import-outside-toplevel
+  except ImportError:
+    return "n/a"
+  return str(torch.get_num_threads())
 
 
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--steps", type=int, default=10)
   parser.add_argument("--configs", default="tiny,quickstart")
+  parser.add_argument("--cpu_devices", default="auto", help="as in `python -m pretrainx`")
   args = parser.parse_args()
   peak = machine_peak_flops(measure_peak_flops())
   rows = []
   for name in args.configs.split(","):
     exp = parse_gin([os.path.join(REPO, f"gin_configs/{name}.gin")],
-                    ["MeshConfig.data = 1", "RunConfig.progress_bar = False"])
+                    ["RunConfig.progress_bar = False"])
     data = TrainBatches(exp.data, exp.run.seq_len, exp.run.global_batch_size)
     batches = [data.batch_at(k) for k in range(args.steps + 1)]
     ours = bench_pretrainx(exp, batches, peak)
     theirs = bench_torch(exp, batches)
     rows.append((name, exp, ours, theirs))
   print(f"\nmeasured matmul peak: {peak / 1e9:.1f} GFLOP/s on {jax.devices()[0].device_kind} "
-        f"({jax.default_backend()}); {args.steps} timed steps after one compile step\n")
+        f"({jax.default_backend()}, {jax.device_count()} devices, data-parallel); {args.steps} "
+        f"timed steps after one compile step; PyTorch with {_torch_threads()} threads\n")
   print("| config | tokens/step | pretrainx tok/s | MFU | step (s) | compile (s) "
         "| PyTorch tok/s | pretrainx / PyTorch |")
   print("|---|---|---|---|---|---|---|---|")

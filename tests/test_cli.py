@@ -10,8 +10,10 @@ from conftest import REPO
 
 
 def run_cli(*args, timeout=300):
+  """Runs the CLI as a user would, on a CPU host split into 2 devices (--cpu_devices=2)."""
   env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-  return subprocess.run([sys.executable, "-m", "pretrainx", *args], cwd=REPO, env=env,
+  return subprocess.run([sys.executable, "-m", "pretrainx", "--cpu_devices=2", *args], cwd=REPO,
+                        env=env,
                         capture_output=True, text=True, timeout=timeout)
 
 
@@ -49,7 +51,7 @@ def test_train_eval_generate(tmp_path):
     (["train", "--gin_file=gin_configs/tiny.gin", "--gin_param=ModelConfig.num_layer=3"],
      "Did you mean ModelConfig.num_layers"),
     (["train", "--gin_file=gin_configs/tiny.gin", "--gin_param=MeshConfig.data=3"],
-     "= 3 devices, but 1 devices are available"),
+     "= 3 devices, but 2 devices are available"),
     (["train", "--gin_file=gin_configs/tiny.gin", "--gin_param=RunConfig.global_batch_size=6",
       "--gin_param=MeshConfig.data=1", "--gin_param=RunConfig.microbatches=4"],
      "global_batch_size=6 is not divisible by microbatches=4"),

@@ -12,10 +12,6 @@ from typing import Any
 import orbax.checkpoint as ocp
 
 
-def checkpoint_dir(run_dir: str) -> str:
-  return os.path.join(os.path.abspath(run_dir), "checkpoints")
-
-
 def _manager(directory: str, create: bool) -> ocp.CheckpointManager:
   options = ocp.CheckpointManagerOptions(create=create, enable_async_checkpointing=False)
   return ocp.CheckpointManager(directory, options=options, item_names=("state", "meta"))

@@ -188,32 +188,26 @@ def experiment_to_gin(exp: Experiment) -> str:
 
 @dataclasses.dataclass(frozen=True)
 class RunPaths:
+  """Where a run directory keeps each output."""
+
   root: str
+  config: str  # the operative gin config
+  metrics: str  # metrics.jsonl
+  tensorboard: str  # event files
+  loss_plot: str  # loss.png
+  checkpoints: str  # Orbax step directories
 
-  @property
-  def config(self) -> str:
-    return os.path.join(self.root, "config.gin")
-
-  @property
-  def metrics(self) -> str:
-    return os.path.join(self.root, "metrics.jsonl")
-
-  @property
-  def tensorboard(self) -> str:
-    return os.path.join(self.root, "tensorboard")
-
-  @property
-  def loss_plot(self) -> str:
-    return os.path.join(self.root, "loss.png")
-
-  @property
-  def checkpoints(self) -> str:
-    return os.path.join(self.root, "checkpoints")
+  @classmethod
+  def under(cls, run_dir: str) -> "RunPaths":
+    root = os.path.abspath(run_dir)
+    join = lambda name: os.path.join(root, name)
+    return cls(root, join("config.gin"), join("metrics.jsonl"), join("tensorboard"),
+               join("loss.png"), join("checkpoints"))
 
 
 def load_run_experiment(run_dir: str, gin_params: tuple[str, ...] = ()) -> Experiment:
   """The Experiment a run directory was trained with (its config.gin), with optional overrides."""
-  paths = RunPaths(os.path.abspath(run_dir))
+  paths = RunPaths.under(run_dir)
   if not os.path.exists(paths.config):
     raise FileNotFoundError(
         f"{paths.config} does not exist: {run_dir} is not a pretrainx run directory "

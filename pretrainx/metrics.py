@@ -7,22 +7,19 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from typing import Any
 
 
 class MetricWriter:
   """Appends {'step': k, name: value, ...} to metrics.jsonl and to TensorBoard scalars."""
 
-  def __init__(self, run_dir: str, enabled: bool = True):
+  def __init__(self, jsonl_path: str, tensorboard_dir: str, enabled: bool = True):
     from tensorboardX import SummaryWriter  # pylint: disable=import-outside-toplevel
 
     self.enabled = enabled
-    self.jsonl_path = os.path.join(run_dir, "metrics.jsonl")
-    self.tensorboard_dir = os.path.join(run_dir, "tensorboard")
     if enabled:
-      self._jsonl = open(self.jsonl_path, "a", encoding="utf-8")
-      self._tb = SummaryWriter(self.tensorboard_dir)
+      self._jsonl = open(jsonl_path, "a", encoding="utf-8")
+      self._tb = SummaryWriter(tensorboard_dir)
 
   def write(self, step: int, values: dict[str, Any]) -> None:
     if not self.enabled:

@@ -86,7 +86,7 @@ def init_or_restore(rt: Runtime, paths: RunPaths) -> tuple[TrainState, int]:
 
 def prepare_run_dir(exp: Experiment, restart: bool) -> RunPaths:
   """Creates the run directory (wiping a previous run's outputs if restart) and writes config.gin."""
-  paths = RunPaths(os.path.abspath(exp.run.run_dir))
+  paths = RunPaths.under(exp.run.run_dir)
   if jax.process_index() == 0:
     if restart:
       for p in (paths.checkpoints, paths.tensorboard):
@@ -158,7 +158,7 @@ def train(exp: Experiment, restart: bool = False) -> TrainResult:
   peak = run.peak_tflops * 1e12 if run.peak_tflops else machine_peak_flops(measure_peak_flops())
   meter = _Throughput(run.global_batch_size * run.seq_len, flops_per_token(exp.model, run.seq_len),
                       peak)
-  writer = MetricWriter(paths.root, enabled=is_main)
+  writer = MetricWriter(paths.metrics, paths.tensorboard, enabled=is_main)
   with rt.scope():
     state, start = init_or_restore(rt, paths)
     eval_device = [rt.put_batch(b) for b in host_eval]
@@ -256,7 +256,7 @@ def load_trained(exp: Experiment, checkpoint_dir: str | None = None, step: int |
                  ) -> tuple[Runtime, TrainState, int]:
   """Runtime and restored state of a finished (or running) experiment, for eval and generate."""
   rt = build_runtime(exp)
-  directory = checkpoint_dir or RunPaths(os.path.abspath(exp.run.run_dir)).checkpoints
+  directory = checkpoint_dir or RunPaths.under(exp.run.run_dir).checkpoints
   with rt.scope():
     state, _, step = checkpoint.restore(directory, rt.abstract_state, step)
   return rt, state, step

@@ -62,11 +62,15 @@ def test_train_eval_generate(tmp_path):
     (["eval", "--gin_file=gin_configs/tiny.gin", "--checkpoint_dir=/nonexistent/ckpt"],
      "checkpoint directory /nonexistent/ckpt does not exist"),
 ])
-def test_bad_input_gets_a_clear_message(args, message):
+def test_bad_input_gets_a_clear_message(args, message, tmp_path):
+  run_dir = tmp_path / "run"
+  if args[0] == "train":
+    args = [*args, f"--run_dir={run_dir}"]
   out = run_cli(*args)
   assert out.returncode == 2
   assert message in out.stderr
   assert "Traceback" not in out.stderr
+  assert not run_dir.exists()  # refused before anything was written
 
 
 def test_peak_reports_flops():

@@ -148,8 +148,8 @@ def _check_finite(step: int, values: dict[str, float], paths: RunPaths) -> None:
 def train(exp: Experiment, restart: bool = False) -> TrainResult:
   """Runs (or resumes) the experiment to `exp.run.steps`; returns what the run reached."""
   run, is_main = exp.run, jax.process_index() == 0
+  rt = build_runtime(exp)  # validates everything before the run directory is touched
   paths = prepare_run_dir(exp, restart)
-  rt = build_runtime(exp)
   data = TrainBatches(exp.data, run.seq_len, run.global_batch_size, jax.process_index(),
                       jax.process_count())
   host_eval = eval_batches(exp.data, run.seq_len, run.global_batch_size, run.eval_batches,

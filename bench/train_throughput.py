@@ -25,7 +25,7 @@ import numpy as np  # noqa: E402  pylint: disable=wrong-import-position
 from pretrainx.config import Experiment, parse_gin
 from pretrainx.data.pipeline import TrainBatches
 from pretrainx.flops import flops_per_token, machine_peak_flops, measure_peak_flops
-from pretrainx.train.loop import build_runtime
+from pretrainx.train.runtime import build_runtime
 from pretrainx.train.state import create_train_state
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

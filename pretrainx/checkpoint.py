@@ -1,65 +1,231 @@
-"""Orbax checkpoints of the train state, with the run's gin config and last metrics beside it.
+"""Orbax checkpoints of a run: async saves by a step/time policy, retention, validated restore.
 
-Layout: RUN_DIR/checkpoints/<step>/{state, meta}. `save` writes one step; `restore` reads the
-latest (or a given) step into a sharded abstract state, so a restore lands directly in place.
+Layout: RUN_DIR/checkpoints/<step>/{state, meta}; `meta` is JSON (config, data position, metrics).
+A restore takes the newest finalised checkpoint that reads back; a newer one that is unfinalised
+or unreadable is moved aside as `corrupt-<step>-<time>` with a warning naming it, never deleted.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
+import time
 from typing import Any
 
+import jax
 import orbax.checkpoint as ocp
+from absl import logging
+
+COMMIT_MARKER = "commit_success.txt"
 
 
-def _manager(directory: str, create: bool) -> ocp.CheckpointManager:
-  options = ocp.CheckpointManagerOptions(create=create, enable_async_checkpointing=False)
-  return ocp.CheckpointManager(directory, options=options, item_names=("state", "meta"))
+@dataclasses.dataclass(frozen=True)
+class CheckpointConfig:
+  """When to save and what to keep.
+
+  Attributes:
+    every_steps: save every this many steps (0: not by steps).
+    every_minutes: save when this many minutes passed since the last save (0: not by time).
+    keep_last: newest checkpoints kept; older ones are deleted only after a newer one finalised.
+    keep_every: steps that are multiples of this are kept forever (None: none).
+    async_save: write in a background thread; training continues while the files are written.
+  """
+
+  every_steps: int = 0
+  every_minutes: float = 0.0
+  keep_last: int = 3
+  keep_every: int | None = None
+  async_save: bool = True
+
+  def __post_init__(self):
+    if self.keep_last < 1:
+      raise ValueError(f"CheckpointConfig.keep_last={self.keep_last} must be at least 1.")
 
 
-def latest_step(directory: str) -> int | None:
-  """Newest finalised step in `directory`, or None when there is none."""
-  if not os.path.isdir(directory):
-    return None
-  with _manager(directory, create=False) as mngr:
-    return mngr.latest_step()
+class CheckpointError(ValueError):
+  """A checkpoint that exists but cannot be used as asked (shapes differ, not a checkpoint)."""
 
 
-def save(directory: str, step: int, state: Any, meta: dict[str, Any]) -> str:
-  """Writes `state` (any pytree of arrays, sharded or not) and JSON `meta` as `step`; blocks."""
-  with _manager(directory, create=True) as mngr:
-    mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                            meta=ocp.args.JsonSave(meta)), force=True)
-    mngr.wait_until_finished()
-  return os.path.join(directory, str(step))
+def _path_str(path) -> str:
+  return "/".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
 
 
-def restore(directory: str, abstract_state: Any, step: int | None = None
-            ) -> tuple[Any, dict[str, Any], int]:
-  """-> (state placed by abstract_state's shardings, meta, step). Clear errors when missing."""
-  if not os.path.isdir(directory):
-    raise FileNotFoundError(
-        f"checkpoint directory {directory} does not exist; train first "
-        "(python -m pretrainx train ...) or pass the --run_dir of a run that saved a checkpoint.")
-  with _manager(directory, create=False) as mngr:
-    steps = mngr.all_steps()
+def _shape_mismatches(saved: Any, abstract: Any) -> list[str]:
+  """'path: saved shape -> expected shape' for every leaf that differs or exists on one side only."""
+  saved_leaves = {_path_str(p): tuple(getattr(v, "shape", ()))
+                  for p, v in jax.tree_util.tree_flatten_with_path(saved)[0]}
+  want_leaves = {_path_str(p): tuple(v.shape)
+                 for p, v in jax.tree_util.tree_flatten_with_path(abstract)[0]}
+  out = []
+  for key in sorted(set(saved_leaves) | set(want_leaves)):
+    a, b = saved_leaves.get(key), want_leaves.get(key)
+    if a != b:
+      out.append(f"{key}: checkpoint {a if a is not None else 'missing'} -> "
+                 f"model {b if b is not None else 'missing'}")
+  return out
+
+
+class Checkpointer:
+  """Saves and restores the checkpoints of one directory by a CheckpointConfig policy."""
+
+  def __init__(self, directory: str, cfg: CheckpointConfig = CheckpointConfig(),
+               create: bool = True):
+    self.directory, self.cfg = os.path.abspath(directory), cfg
+    if not create and not os.path.isdir(self.directory):
+      raise FileNotFoundError(
+          f"checkpoint directory {self.directory} does not exist; train first "
+          "(python -m pretrainx train ...) or pass the --run_dir of a run that saved a checkpoint.")
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=cfg.keep_last, keep_period=cfg.keep_every, create=create,
+        enable_async_checkpointing=cfg.async_save, cleanup_tmp_directories=create)
+    self._mngr = ocp.CheckpointManager(
+        self.directory, options=options,
+        item_handlers={"state": ocp.StandardCheckpointHandler(),
+                       "meta": ocp.JsonCheckpointHandler()})
+    self._last_save = time.monotonic()
+
+  # -- saving ----------------------------------------------------------------------------------
+
+  def due(self, step: int) -> bool:
+    """Whether the policy asks for a checkpoint after `step`."""
+    cfg = self.cfg
+    by_steps = cfg.every_steps > 0 and step % cfg.every_steps == 0
+    by_time = cfg.every_minutes > 0 and time.monotonic() - self._last_save >= 60 * cfg.every_minutes
+    return by_steps or by_time
+
+  def save(self, step: int, state: Any, meta: dict[str, Any], block: bool = False) -> str:
+    """Starts writing `state` and JSON `meta` as `step` (all processes call it); returns its path.
+
+    With async_save the call returns once the arrays are copied off the devices; `block` waits
+    for the files to be finalised (preemption, end of training)."""
+    if step in self._mngr.all_steps():
+      self.wait()
+      return self.step_path(step)
+    self._mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                                  meta=ocp.args.JsonSave(meta)))
+    self._last_save = time.monotonic()
+    if block:
+      self.wait()
+    return self.step_path(step)
+
+  def wait(self) -> None:
+    self._mngr.wait_until_finished()
+
+  def close(self) -> None:
+    self._mngr.wait_until_finished()
+    self._mngr.close()
+
+  def step_path(self, step: int) -> str:
+    return os.path.join(self.directory, str(step))
+
+  # -- reading ---------------------------------------------------------------------------------
+
+  def finalised_steps(self) -> list[int]:
+    """Steps whose directory carries Orbax's commit marker, oldest first."""
+    self._mngr.reload()
+    return sorted(s for s in self._mngr.all_steps()
+                  if os.path.exists(os.path.join(self.step_path(s), COMMIT_MARKER)))
+
+  def latest_step(self) -> int | None:
+    steps = self.finalised_steps()
+    return steps[-1] if steps else None
+
+  def read_meta(self, step: int | None = None) -> dict[str, Any]:
+    step = self.latest_step() if step is None else step
+    if step is None:
+      raise FileNotFoundError(f"{self.directory} holds no finished checkpoint.")
+    restored = self._mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+    return dict(restored["meta"])
+
+  def restore(self, abstract_state: Any, step: int | None = None
+              ) -> tuple[Any, dict[str, Any], int]:
+    """-> (state placed by abstract_state's shardings, meta, step).
+
+    Without `step`, the newest checkpoint that reads back; unreadable newer ones are moved aside.
+    A checkpoint whose shapes differ from `abstract_state` raises CheckpointError listing them.
+    """
+    self._move_aside_unfinalised()
+    steps = self.finalised_steps()
+    if step is not None:
+      if step not in steps:
+        raise FileNotFoundError(f"no finished checkpoint for step {step} in {self.directory}; "
+                                f"it has {steps}.")
+      return (*self._restore_step(step, abstract_state), step)
     if not steps:
       raise FileNotFoundError(
-          f"{directory} holds no finished checkpoint; train first or pass another --run_dir.")
-    step = max(steps) if step is None else step
-    if step not in steps:
-      raise FileNotFoundError(f"no checkpoint for step {step} in {directory}; it has {sorted(steps)}.")
-    restored = mngr.restore(step, args=ocp.args.Composite(
+          f"{self.directory} holds no finished checkpoint; train first or pass another --run_dir.")
+    for candidate in reversed(steps):
+      try:
+        return (*self._restore_step(candidate, abstract_state), candidate)
+      except CheckpointError:
+        raise
+      except Exception as err:  # pylint: disable=broad-except
+        moved = self._move_aside(candidate)
+        logging.warning("checkpoint step %d in %s is unreadable (%s: %s); moved it to %s and "
+                        "trying an older one", candidate, self.directory, type(err).__name__,
+                        str(err).splitlines()[0][:200] if str(err) else "", moved)
+    raise FileNotFoundError(f"no readable checkpoint in {self.directory}: every step was corrupt "
+                            "(moved aside as corrupt-*); restart with --restart.")
+
+  def _restore_step(self, step: int, abstract_state: Any) -> tuple[Any, dict[str, Any]]:
+    saved = self._mngr.item_metadata(step)
+    saved_state = saved["state"] if saved is not None else None
+    if saved_state is None:
+      raise OSError(f"step {step} has no readable state metadata")
+    mismatches = _shape_mismatches(saved_state, abstract_state)
+    if mismatches:
+      listing = "\n  ".join(mismatches[:20]) + ("\n  ..." if len(mismatches) > 20 else "")
+      raise CheckpointError(
+          f"checkpoint {self.step_path(step)} does not fit this model ({len(mismatches)} "
+          f"parameter(s) differ):\n  {listing}\nUse the config it was trained with (its "
+          "config.gin), or start a new run with --restart or another --run_dir.")
+    restored = self._mngr.restore(step, args=ocp.args.Composite(
         state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
-  return restored["state"], dict(restored["meta"]), step
+    _check_finite_arrays(restored["state"], step)
+    return restored["state"], dict(restored["meta"])
+
+  def _move_aside_unfinalised(self) -> None:
+    if jax.process_index() != 0 or not os.path.isdir(self.directory):
+      return
+    for name in os.listdir(self.directory):
+      path = os.path.join(self.directory, name)
+      if name.isdigit() and os.path.isdir(path) and not os.path.exists(
+          os.path.join(path, COMMIT_MARKER)):
+        moved = self._move_aside(int(name))
+        logging.warning("checkpoint step %s in %s was never finalised; moved it to %s",
+                        name, self.directory, moved)
+
+  def _move_aside(self, step: int) -> str:
+    target = os.path.join(self.directory, f"corrupt-{step}-{int(time.time())}")
+    if jax.process_index() == 0:
+      os.rename(self.step_path(step), target)
+    self._mngr.reload()
+    return target
 
 
-def read_meta(directory: str, step: int | None = None) -> dict[str, Any]:
-  """The JSON metadata of a checkpoint, without reading any array."""
-  if not os.path.isdir(directory):
-    raise FileNotFoundError(f"checkpoint directory {directory} does not exist.")
-  with _manager(directory, create=False) as mngr:
-    step = mngr.latest_step() if step is None else step
-    if step is None:
-      raise FileNotFoundError(f"{directory} holds no finished checkpoint.")
-    return dict(mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"])
+def _check_finite_arrays(state: Any, step: int) -> None:
+  """Garbled bytes can decode to NaN/inf rather than fail; a saved state is always finite."""
+  for leaf in jax.tree.leaves(state):
+    if jax.numpy.issubdtype(leaf.dtype, jax.numpy.floating):
+      if not bool(jax.numpy.isfinite(leaf).all()):
+        raise OSError(f"step {step} holds non-finite values")
+
+
+def save_params(directory: str, params: Any, meta: dict[str, Any]) -> str:
+  """Writes params only (no optimizer state), for inference and conversion."""
+  path = os.path.abspath(directory)
+  ckptr = ocp.Checkpointer(ocp.CompositeCheckpointHandler())
+  ckptr.save(path, args=ocp.args.Composite(params=ocp.args.StandardSave(params),
+                                           meta=ocp.args.JsonSave(meta)), force=True)
+  return path
+
+
+def load_params(directory: str, abstract_params: Any) -> tuple[Any, dict[str, Any]]:
+  """Reads what save_params wrote."""
+  path = os.path.abspath(directory)
+  if not os.path.isdir(path):
+    raise FileNotFoundError(f"exported params directory {path} does not exist.")
+  ckptr = ocp.Checkpointer(ocp.CompositeCheckpointHandler())
+  restored = ckptr.restore(path, args=ocp.args.Composite(
+      params=ocp.args.StandardRestore(abstract_params), meta=ocp.args.JsonRestore()))
+  return restored["params"], dict(restored["meta"])

@@ -90,21 +90,21 @@ def cmd_train(args) -> None:
 
 
 def cmd_eval(args) -> None:
-  from pretrainx.train import loop  # pylint: disable=import-outside-toplevel
+  from pretrainx.train import runtime  # pylint: disable=import-outside-toplevel
 
   exp = _experiment(args, for_training=False)
-  rt, state, step = loop.load_trained(exp, args.checkpoint_dir, args.step)
-  r = loop.evaluate_checkpoint(rt, state, args.eval_batches)
+  rt, state, step = runtime.load_trained(exp, args.checkpoint_dir, args.step)
+  r = runtime.evaluate_checkpoint(rt, state, args.eval_batches)
   _out(f"step {step}: validation loss {r['loss']:.4f} nats/token over {r['tokens']:.0f} tokens "
        f"(unigram-entropy baseline {r['unigram_entropy']:.4f})")
 
 
 def cmd_generate(args) -> None:
-  from pretrainx.train import loop  # pylint: disable=import-outside-toplevel
+  from pretrainx.train import runtime  # pylint: disable=import-outside-toplevel
 
   exp = _experiment(args, for_training=False)
-  rt, state, _ = loop.load_trained(exp, args.checkpoint_dir, args.step)
-  _out(loop.sample_text(rt, state.params, args.prompt, args.max_new_tokens, seed=args.seed,
+  rt, state, _ = runtime.load_trained(exp, args.checkpoint_dir, args.step)
+  _out(runtime.sample_text(rt, state.params, args.prompt, args.max_new_tokens, seed=args.seed,
                         temperature=args.temperature, top_k=args.top_k or None))
 
 

@@ -13,11 +13,13 @@ import os
 import re
 from typing import Any
 
+from pretrainx.checkpoint import CheckpointConfig
 from pretrainx.data.pipeline import DataConfig
 from pretrainx.data.vocab import ByteVocabulary
 from pretrainx.model.config import ModelConfig
 from pretrainx.optim import OptimizerConfig
 from pretrainx.sharding import MeshConfig
+from pretrainx.train.guard import GuardConfig
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,7 +36,6 @@ class RunConfig:
     log_every: steps between metric reads (the only host syncs of the hot loop).
     eval_every: steps between validation passes (0: only at the end); eval_batches per pass
       (None: the whole validation split).
-    checkpoint_every: steps between checkpoints (0: only the final one).
     peak_tflops: the MFU denominator for the whole job; None measures this machine's matmul peak.
     sample_prompt / sample_tokens: what the final sample continues and its length (0: no sample).
     progress_bar: show a tqdm bar on stderr.
@@ -50,7 +51,6 @@ class RunConfig:
   log_every: int = 10
   eval_every: int = 0
   eval_batches: int | None = 16
-  checkpoint_every: int = 0
   peak_tflops: float | None = None
   sample_prompt: str = "def "
   sample_tokens: int = 160
@@ -66,6 +66,8 @@ class Experiment:
   mesh: MeshConfig = MeshConfig()
   data: DataConfig = DataConfig()
   run: RunConfig = RunConfig()
+  checkpoint: CheckpointConfig = CheckpointConfig()
+  guard: GuardConfig = GuardConfig()
 
   def replace(self, **sections: dict[str, Any]) -> "Experiment":
     """exp.replace(run={'steps': 10}) -> a copy with those fields of those sections changed."""
@@ -75,7 +77,10 @@ class Experiment:
 
 # Gin files include others by repo-relative path ('gin_configs/models/tiny.gin').
 _REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CONFIGURABLES = (ModelConfig, OptimizerConfig, MeshConfig, DataConfig, RunConfig, ByteVocabulary)
+CONFIGURABLES = (ModelConfig, OptimizerConfig, MeshConfig, DataConfig, RunConfig, CheckpointConfig,
+                 GuardConfig, ByteVocabulary)
+# Sections whose change makes an existing run directory a different experiment.
+IDENTITY_SECTIONS = ("model", "data")
 
 
 def validate(exp: Experiment) -> None:
@@ -149,7 +154,8 @@ def parse_gin(gin_files: list[str] | tuple[str, ...] = (), gin_params: list[str]
     gin.parse_config_files_and_bindings(list(gin_files), list(gin_params))
     built = {name: cls() for name, cls in _GIN_CLASSES.items() if name != "ByteVocabulary"}
     exp = Experiment(model=built["ModelConfig"], optimizer=built["OptimizerConfig"],
-                     mesh=built["MeshConfig"], data=built["DataConfig"], run=built["RunConfig"])
+                     mesh=built["MeshConfig"], data=built["DataConfig"], run=built["RunConfig"],
+                     checkpoint=built["CheckpointConfig"], guard=built["GuardConfig"])
   except (ValueError, TypeError, SyntaxError) as err:
     raise ValueError(_explain_gin_error(err)) from err
   finally:
@@ -180,6 +186,19 @@ def experiment_to_gin(exp: Experiment) -> str:
     for f in dataclasses.fields(obj):
       lines.append(f"{type(obj).__name__}.{f.name} = {_gin_value(getattr(obj, f.name))}")
   return "\n".join(lines) + "\n"
+
+
+def config_differences(old: Experiment, new: Experiment,
+                       sections: tuple[str, ...] = IDENTITY_SECTIONS) -> list[str]:
+  """'Class.field: old -> new' for every differing field of the given sections."""
+  out = []
+  for name in sections:
+    a, b = getattr(old, name), getattr(new, name)
+    for f in dataclasses.fields(a):
+      va, vb = getattr(a, f.name), getattr(b, f.name)
+      if va != vb:
+        out.append(f"{type(a).__name__}.{f.name}: {va!r} -> {vb!r}")
+  return out
 
 
 # ----------------------------------------------------------------------------------------------

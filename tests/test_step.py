@@ -49,8 +49,10 @@ def test_train_step_updates_and_reports(tiny_exp):
   exp = tiny_exp()
   model, params, batch = _setup(exp)
   opt, schedule = make_optimizer(OptimizerConfig(warmup_steps=0), 100)
+  from pretrainx.train.guard import GuardState
   from pretrainx.train.state import TrainState
-  state = TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=opt.init(params))
+  state = TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=opt.init(params),
+                     guard=GuardState.create())
   step = jax.jit(make_train_step(model, opt, schedule, z_loss=1e-4))
   new, metrics = step(state, batch)
   assert int(new.step) == 1

@@ -1,16 +1,22 @@
-"""The loop: the tiny model learns, outputs land in the run directory, resume and NaN handling."""
+"""The loop: the tiny model learns, outputs land in the run directory, resume, bad-step policies."""
 
 import json
 import os
 import shutil
 
+import jax
 import numpy as np
 import pytest
 
-from pretrainx import checkpoint
+from pretrainx.checkpoint import Checkpointer
 from pretrainx.config import parse_gin
+from pretrainx.data.pipeline import TrainBatches
 from pretrainx.metrics import read_metrics
 from pretrainx.train import loop
+
+
+def _losses(path):
+  return {r["step"]: r["train/loss"] for r in read_metrics(path) if "train/loss" in r}
 
 
 def test_tiny_model_learns_in_100_steps(tiny_exp):
@@ -25,50 +31,97 @@ def test_tiny_model_learns_in_100_steps(tiny_exp):
   for path in (result.paths.metrics, result.paths.loss_plot, result.paths.config):
     assert os.path.getsize(path) > 0
   assert any(f.startswith("events.out.tfevents") for f in os.listdir(result.paths.tensorboard))
-  assert checkpoint.latest_step(result.paths.checkpoints) == 100
-  meta = checkpoint.read_meta(result.paths.checkpoints)
+  ckpt = Checkpointer(result.paths.checkpoints, create=False)
+  assert ckpt.latest_step() == 100
+  meta = ckpt.read_meta()
   assert parse_gin([result.paths.config]) == exp
   assert meta["config_gin"] == open(result.paths.config).read()
+  assert meta["data"] == {"seed": 0, "offset": 0, "next_batch": 100}
   assert result.sample.startswith("def ") and result.tokens_per_second > 0
 
 
 def test_resume_from_checkpoint_reproduces_the_uninterrupted_run(tiny_exp):
-  exp = tiny_exp(run={"log_every": 1, "sample_tokens": 0, "eval_batches": 1, "steps": 12,
-                      "checkpoint_every": 6})
+  exp = tiny_exp(run={"log_every": 1, "sample_tokens": 0, "eval_batches": 1, "steps": 12},
+                 checkpoint={"every_steps": 6})
   full = loop.train(exp)
-  losses = lambda: {r["step"]: r["train/loss"] for r in read_metrics(full.paths.metrics)
-                    if "train/loss" in r}
-  expected = losses()
+  expected = _losses(full.paths.metrics)
   assert sorted(expected) == list(range(1, 13))
   # Forget everything after step 6, as if the run had died there.
   shutil.rmtree(os.path.join(full.paths.checkpoints, "12"))
   kept = [line for line in open(full.paths.metrics) if json.loads(line)["step"] <= 6]
   open(full.paths.metrics, "w").writelines(kept)
-  assert checkpoint.latest_step(full.paths.checkpoints) == 6
   resumed = loop.train(exp)
-  assert losses() == expected  # bit-for-bit on CPU
+  assert _losses(full.paths.metrics) == expected  # bit-for-bit on CPU
   assert resumed.eval_loss == full.eval_loss
 
 
-def test_nan_loss_stops_with_a_clear_error(tiny_exp, monkeypatch):
-  build = loop.build_runtime
+def test_a_run_directory_of_another_config_is_refused(tiny_exp):
+  exp = tiny_exp(run={"steps": 2, "sample_tokens": 0, "eval_batches": 1})
+  loop.train(exp)
+  other = exp.replace(model={"num_layers": 3})
+  with pytest.raises(ValueError, match=r"another configuration:\n  ModelConfig.num_layers: 2 -> 3"
+                                       r"\nPass --restart"):
+    loop.train(other)
+  assert loop.train(other, restart=True).steps == 2
+  longer = other.replace(run={"steps": 4})  # more steps of the same experiment is a resume
+  assert loop.train(longer).steps == 4
 
-  def poisoned(exp):
-    rt = build(exp)
-    step = rt.train_step
 
-    def nan_at_3(state, batch):
-      state, metrics = step(state, batch)
-      metrics = dict(metrics, loss=np.where(int(state.step) >= 3, np.nan, metrics["loss"]))
-      return state, metrics
+@pytest.fixture
+def poison(monkeypatch):
+  """poison(indices): those batches get an out-of-vocabulary token, whose embedding is NaN."""
+  seen = []
+  original = TrainBatches.batch_at
 
-    rt.train_step = nan_at_3
-    return rt
+  def install(bad):
+    def batch_at(self, index):
+      seen.append(int(index))
+      batch = original(self, index)
+      if int(index) in bad:
+        batch["inputs"] = batch["inputs"].copy()
+        batch["inputs"][0, 0] = 10_000
+      return batch
+    monkeypatch.setattr(TrainBatches, "batch_at", batch_at)
+    return seen
+  return install
 
-  monkeypatch.setattr(loop, "build_runtime", poisoned)
-  with pytest.raises(FloatingPointError, match=r"training diverged: loss=nan.*at step 3.*"
-                                               r"Lower OptimizerConfig.learning_rate"):
-    loop.train(tiny_exp(run={"log_every": 1, "steps": 10}))
+
+def test_nan_step_is_skipped_and_the_run_finishes(tiny_exp, poison):
+  poison({3})
+  result = loop.train(tiny_exp(run={"log_every": 1, "steps": 10, "sample_tokens": 0,
+                                    "eval_batches": 1}))
+  rows = {r["step"]: r for r in read_metrics(result.paths.metrics) if "train/loss" in r}
+  assert np.isnan(rows[4]["train/loss"]) and rows[4]["train/bad_step"] == 1.0
+  assert rows[5]["train/bad_step"] == 0.0 and rows[10]["train/skipped_steps"] == 1.0
+  assert result.skipped_steps == 1 and np.isfinite(result.eval_loss)
+  # the skipped step changed nothing: params after step 4 equal params after step 3
+  assert rows[4]["train/param_norm"] == rows[3]["train/param_norm"]
+
+
+def test_bad_step_rolls_back_and_skips_the_batches(tiny_exp, poison):
+  seen = poison({5})
+  exp = tiny_exp(run={"log_every": 1, "steps": 10, "sample_tokens": 0, "eval_batches": 1},
+                 guard={"policy": "rollback"}, checkpoint={"every_steps": 4, "async_save": False})
+  result = loop.train(exp)
+  assert result.steps == 10 and np.isfinite(result.eval_loss)
+  # Step 6 reads the bad batch 5; metrics are read one step late, so step 7 (batch 6) has run when
+  # the loop rolls back to step 4 and goes on from batch 7: steps 5-10 read batches 7-12.
+  assert seen[:6] == [0, 1, 2, 3, 4, 5]
+  restart = next(i for i in range(1, len(seen)) if seen[i] < seen[i - 1])  # a new iterator
+  assert seen[restart] == 7 and 5 not in seen[restart:]
+  meta = Checkpointer(result.paths.checkpoints, create=False).read_meta()
+  assert meta["data"]["offset"] == 3 and meta["data"]["next_batch"] == 13
+
+
+@pytest.mark.parametrize("policy,bad,message", [
+    ("raise", {3}, r"1 bad step\(s\) by step 4 \(1 in a row"),
+    ("skip", set(range(3, 100)), r"by step \d+ \(5 in a row"),
+])
+def test_diverging_runs_stop_with_a_clear_error(tiny_exp, poison, policy, bad, message):
+  poison(bad)
+  exp = tiny_exp(run={"log_every": 1, "steps": 20}, guard={"policy": policy})
+  with pytest.raises(FloatingPointError, match=message + r".*Lower OptimizerConfig.learning_rate"):
+    loop.train(exp)
 
 
 def test_restart_discards_previous_outputs(tiny_exp):
@@ -77,4 +130,3 @@ def test_restart_discards_previous_outputs(tiny_exp):
   result = loop.train(exp, restart=True)
   steps = [r["step"] for r in read_metrics(result.paths.metrics) if "train/loss" in r]
   assert steps == [1, 2, 3]
-  assert json.loads(open(result.paths.metrics).readline())["step"] == 1

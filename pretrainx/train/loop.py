@@ -1,7 +1,9 @@
 """The training loop, the only impure place: feed batches, step, log, evaluate, checkpoint, plot.
 
 Metrics stay on device and are read every `log_every` steps, one step late (after the next step is
-dispatched), so the host never waits on the accelerator between log points.
+dispatched), so the host never waits on the accelerator between log points. The loop resumes from
+the newest readable checkpoint, saves asynchronously by the checkpoint policy, stops cleanly on
+SIGTERM/SIGINT, and applies the bad-step policy (skip, roll back, or stop).
 """
 
 from __future__ import annotations
@@ -14,79 +16,58 @@ import time
 from typing import Any
 
 import jax
-import numpy as np
 from absl import logging
 from tqdm.auto import tqdm
 
-from pretrainx import checkpoint
-from pretrainx.config import Experiment, RunPaths, experiment_to_gin, validate
+from pretrainx.checkpoint import Checkpointer
+from pretrainx.config import (Experiment, RunPaths, config_differences, experiment_to_gin,
+                              parse_gin)
 from pretrainx.data.pipeline import TrainBatches, eval_batches, unigram_entropy
 from pretrainx.flops import flops_per_token, machine_peak_flops, measure_peak_flops, mfu
-from pretrainx.generate import generate
 from pretrainx.metrics import MetricWriter, plot_losses
-from pretrainx.model.transformer import Transformer
-from pretrainx.optim import make_optimizer
-from pretrainx.sharding import batch_sharding, check_batch_divisible, make_mesh, mesh_scope
-from pretrainx.train.eval import evaluate, make_eval_step
-from pretrainx.train.state import TrainState, create_train_state, state_shardings
-from pretrainx.train.step import make_train_step
+from pretrainx.train.eval import evaluate
+from pretrainx.train.preemption import PreemptionWatcher
+from pretrainx.train.runtime import Runtime, build_runtime, sample_text
+from pretrainx.train.state import TrainState, create_train_state
 
 
 @dataclasses.dataclass
-class Runtime:
-  """Everything compiled or derived once per run: mesh, model, jitted step and eval."""
-
-  exp: Experiment
-  mesh: jax.sharding.Mesh
-  model: Transformer
-  optimizer: Any
-  abstract_state: TrainState
-  shardings: TrainState
-  train_step: Any
-  eval_step: Any
-
-  def scope(self):
-    """Context in which the model's logical constraints resolve against this mesh."""
-    return mesh_scope(self.mesh, self.exp.mesh.rules)
-
-  def put_batch(self, local_batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
-    """Host-local rows -> global arrays sharded over the data-parallel axes."""
-    sharding = batch_sharding(self.mesh)
-    return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in local_batch.items()}
+class TrainResult:
+  run_dir: str
+  steps: int  # the step reached (less than RunConfig.steps when preempted)
+  train_loss: float
+  eval_loss: float
+  unigram_entropy: float
+  tokens_per_second: float
+  mfu: float
+  compile_seconds: float
+  sample: str
+  paths: RunPaths
+  preempted: bool = False
+  skipped_steps: int = 0
+  checkpoint: str = ""
 
 
-def build_runtime(exp: Experiment) -> Runtime:
-  """Mesh, model, optimizer, shardings and the jitted (donating) train step for `exp`."""
-  validate(exp)
-  run = exp.run
-  mesh = make_mesh(exp.mesh)
-  check_batch_divisible(run.global_batch_size, mesh, run.microbatches)
-  model = Transformer(exp.model)
-  optimizer, schedule = make_optimizer(exp.optimizer, run.steps)
-  abstract, shardings = state_shardings(model, optimizer, mesh, exp.mesh.rules, run.seq_len)
-  bs = batch_sharding(mesh)
-  step_fn = make_train_step(model, optimizer, schedule, z_loss=run.z_loss,
-                            microbatches=run.microbatches)
-  train_step = jax.jit(step_fn, in_shardings=(shardings, bs), out_shardings=(shardings, None),
-                       donate_argnums=0)
-  eval_step = jax.jit(make_eval_step(model), in_shardings=(shardings.params, bs))
-  return Runtime(exp, mesh, model, optimizer, abstract, shardings, train_step, eval_step)
-
-
-def init_or_restore(rt: Runtime, paths: RunPaths) -> tuple[TrainState, int]:
-  """The newest checkpoint of the run directory if there is one, else a fresh sharded init."""
-  if checkpoint.latest_step(paths.checkpoints) is not None:
-    state, _, step = checkpoint.restore(paths.checkpoints, rt.abstract_state)
-    logging.info("resumed from %s at step %d", paths.checkpoints, step)
-    return state, step
-  state, _ = create_train_state(rt.model, rt.optimizer, rt.mesh, rt.exp.mesh.rules,
-                                rt.exp.run.seed, rt.exp.run.seq_len)
-  return state, 0
+def check_run_dir(exp: Experiment, paths: RunPaths, restart: bool) -> None:
+  """A run directory that holds another experiment is refused unless restart is asked for."""
+  if restart or not os.path.exists(paths.config):
+    return
+  try:
+    old = parse_gin([paths.config])
+  except (ValueError, OSError) as err:
+    raise ValueError(f"{paths.config} cannot be read ({err}); pass --restart to start over "
+                     "in this directory, or use another --run_dir.") from err
+  diffs = config_differences(old, exp)
+  if diffs:
+    raise ValueError(
+        f"run directory {paths.root} holds a run of another configuration:\n  " +
+        "\n  ".join(diffs) + "\nPass --restart to discard it, or use another --run_dir.")
 
 
 def prepare_run_dir(exp: Experiment, restart: bool) -> RunPaths:
   """Creates the run directory (wiping a previous run's outputs if restart) and writes config.gin."""
   paths = RunPaths.under(exp.run.run_dir)
+  check_run_dir(exp, paths, restart)
   if jax.process_index() == 0:
     if restart:
       for p in (paths.checkpoints, paths.tensorboard):
@@ -98,20 +79,6 @@ def prepare_run_dir(exp: Experiment, restart: bool) -> RunPaths:
     with open(paths.config, "w", encoding="utf-8") as f:
       f.write(experiment_to_gin(exp))
   return paths
-
-
-@dataclasses.dataclass
-class TrainResult:
-  run_dir: str
-  steps: int
-  train_loss: float
-  eval_loss: float
-  unigram_entropy: float
-  tokens_per_second: float
-  mfu: float
-  compile_seconds: float
-  sample: str
-  paths: RunPaths
 
 
 class _Throughput:
@@ -131,18 +98,157 @@ class _Throughput:
       self.tokens_per_second = (step - self.last_step) * self.tokens_per_step / (now - self.last_time)
     self.last_time, self.last_step = now, step
     return {"perf/tokens_per_second": self.tokens_per_second,
-            "perf/mfu": mfu(self.tokens_per_second, self.flops_token, self.peak)}
+            "perf/mfu": self.mfu}
+
+  @property
+  def mfu(self) -> float:
+    return mfu(self.tokens_per_second, self.flops_token, self.peak)
 
 
-def _check_finite(step: int, values: dict[str, float], paths: RunPaths) -> None:
-  if not math.isfinite(values["train/loss"]) or not math.isfinite(values["train/grad_norm"]):
-    latest = checkpoint.latest_step(paths.checkpoints)
-    where = f"the last checkpoint is step {latest} in {paths.checkpoints}" if latest is not None \
-        else "no checkpoint was saved yet"
-    raise FloatingPointError(
-        f"training diverged: loss={values['train/loss']}, grad_norm={values['train/grad_norm']} "
-        f"at step {step}; {where}. Lower OptimizerConfig.learning_rate, lengthen warmup_steps, or "
-        "enable clip_grad_norm, then rerun (the run resumes from its last checkpoint).")
+class _Driver:
+  """One training run's mutable state: the train state, data position, pending metrics."""
+
+  def __init__(self, rt: Runtime, paths: RunPaths, ckpt: Checkpointer, writer: MetricWriter,
+               meter: _Throughput, eval_device: list):
+    self.rt, self.paths, self.ckpt, self.writer, self.meter = rt, paths, ckpt, writer, meter
+    self.eval_device = eval_device
+    exp = rt.exp
+    self.data = TrainBatches(exp.data, exp.run.seq_len, exp.run.global_batch_size,
+                             jax.process_index(), jax.process_count())
+    self.state: TrainState | None = None
+    self.step, self.data_offset = 0, 0  # the batch of step k is batch k + data_offset
+    self.pending: tuple[int, Any] | None = None
+    self.last: dict[str, float] = {}
+    self.skipped_seen, self.compile_seconds = 0, 0.0
+
+  # -- state ------------------------------------------------------------------------------------
+
+  def init_or_restore(self) -> None:
+    exp = self.rt.exp
+    if self.ckpt.latest_step() is not None:
+      self.state, meta, self.step = self.ckpt.restore(self.rt.abstract_state)
+      self.data_offset = int(meta.get("data", {}).get("offset", 0))
+      logging.info("resumed from %s", self.ckpt.step_path(self.step))
+    else:
+      self.state, _ = create_train_state(self.rt.model, self.rt.optimizer, self.rt.mesh,
+                                         exp.mesh.rules, exp.run.seed, exp.run.seq_len)
+      self.step = 0
+    self.skipped_seen = int(jax.device_get(self.state.guard.skipped))
+
+  def meta(self) -> dict[str, Any]:
+    finite = {k: v for k, v in self.last.items() if isinstance(v, float) and math.isfinite(v)}
+    return {"step": self.step, "config_gin": experiment_to_gin(self.rt.exp),
+            "data": {"seed": self.rt.exp.data.seed, "offset": self.data_offset,
+                     "next_batch": self.step + self.data_offset},
+            "metrics": finite}
+
+  def save(self, block: bool = False) -> str:
+    path = self.ckpt.save(self.step, self.state, self.meta(), block=block)
+    logging.info("checkpoint %s %s", path, "written" if block else "being written")
+    return path
+
+  # -- the loop ---------------------------------------------------------------------------------
+
+  def run(self, watcher: PreemptionWatcher) -> bool:
+    """Steps to RunConfig.steps; returns True if stopped early by a signal."""
+    run = self.rt.exp.run
+    bar = tqdm(total=run.steps, initial=self.step, desc="train", unit="step", dynamic_ncols=True,
+               disable=not (run.progress_bar and jax.process_index() == 0))
+    batches = self.data.iterate(self.step + self.data_offset)
+    first = True
+    while self.step < run.steps:
+      t0 = time.perf_counter()
+      self.state, metrics = self.rt.train_step(self.state, self.rt.put_batch(next(batches)))
+      self.step += 1
+      if first:  # the first call compiles: time it and start the throughput clock after
+        jax.block_until_ready(metrics)
+        self.compile_seconds, first = time.perf_counter() - t0, False
+        self.meter.restart_clock(self.step)
+      rolled_back = self._read_pending(bar)
+      if not rolled_back and (self.step % run.log_every == 0 or self.step == run.steps):
+        self.pending = (self.step, metrics)
+      if rolled_back:
+        batches = self.data.iterate(self.step + self.data_offset)
+        bar.n = self.step
+      bar.update(0 if rolled_back else 1)
+      if watcher.should_stop(self.step):
+        self._read_pending(bar)
+        bar.close()
+        return True
+      self._pause_for_eval_and_checkpoint(bar)
+    self._read_pending(bar)
+    bar.close()
+    return False
+
+  def _pause_for_eval_and_checkpoint(self, bar) -> None:
+    run = self.rt.exp.run
+    if self.step >= run.steps:
+      return
+    eval_due = run.eval_every and self.step % run.eval_every == 0
+    save_due = self.ckpt.due(self.step)
+    if not (eval_due or save_due):
+      return
+    self._read_pending(bar)  # before pausing, so the pause is not counted as training
+    if eval_due:
+      loss = evaluate(self.rt.eval_step, self.state.params, self.eval_device)["loss"]
+      self.writer.write(self.step, {"eval/loss": loss})
+    if save_due:
+      self.save()
+    self.meter.restart_clock(self.step)
+
+  def _read_pending(self, bar) -> bool:
+    """Reads the pending metrics; returns True if the bad-step policy rolled the state back."""
+    if self.pending is None:
+      return False
+    step, metrics = self.pending
+    self.pending = None
+    values = {f"train/{k}": float(v) for k, v in jax.device_get(metrics).items()}
+    values.update(self.meter.read(step))
+    self.writer.write(step, values)
+    self.last = values
+    bar.set_postfix(loss=f"{values['train/loss']:.3f}",
+                    tok_s=f"{values['perf/tokens_per_second']:.0f}",
+                    mfu=f"{100 * values['perf/mfu']:.1f}%", refresh=False)
+    return self._apply_bad_step_policy(step, values)
+
+  def _apply_bad_step_policy(self, step: int, values: dict[str, float]) -> bool:
+    guard = self.rt.exp.guard
+    skipped = int(values["train/skipped_steps"])
+    if skipped == self.skipped_seen:
+      return False
+    new_bad, self.skipped_seen = skipped - self.skipped_seen, skipped
+    consecutive = int(values["train/consecutive_bad"])
+    what = (f"loss={values['train/loss']:.4g}, grad_norm={values['train/grad_norm']:.4g}, "
+            f"loss z-score={values['train/loss_zscore']:.1f}")
+    if guard.policy == "raise" or consecutive >= guard.max_consecutive:
+      latest = self.ckpt.latest_step()
+      where = (f"the last checkpoint is step {latest} in {self.paths.checkpoints}"
+               if latest is not None else "no checkpoint was saved yet")
+      raise FloatingPointError(
+          f"training diverged: {new_bad} bad step(s) by step {step} ({consecutive} in a row; "
+          f"{what}); {where}. Lower OptimizerConfig.learning_rate, lengthen warmup_steps, or "
+          "enable clip_grad_norm, then rerun (the run resumes from its last checkpoint).")
+    if guard.policy == "skip":
+      logging.warning("skipped %d bad step(s) by step %d (%s)", new_bad, step, what)
+      return False
+    return self._rollback(step, what)
+
+  def _rollback(self, step: int, what: str) -> bool:
+    self.ckpt.wait()
+    latest = self.ckpt.latest_step()
+    if latest is None:
+      logging.warning("bad step by step %d (%s) but no checkpoint to roll back to: skipped it",
+                      step, what)
+      return False
+    consumed = self.step + self.data_offset  # batches read so far, the bad ones included
+    self.state, _, self.step = self.ckpt.restore(self.rt.abstract_state, latest)
+    self.data_offset = consumed - self.step
+    self.skipped_seen = int(jax.device_get(self.state.guard.skipped))
+    logging.warning("bad step by step %d (%s): rolled back to step %d; training goes on with "
+                    "batch %d, skipping the batches read since that checkpoint", step, what,
+                    self.step, consumed)
+    self.meter.restart_clock(self.step)
+    return True
 
 
 def train(exp: Experiment, restart: bool = False) -> TrainResult:
@@ -150,8 +256,6 @@ def train(exp: Experiment, restart: bool = False) -> TrainResult:
   run, is_main = exp.run, jax.process_index() == 0
   rt = build_runtime(exp)  # validates everything before the run directory is touched
   paths = prepare_run_dir(exp, restart)
-  data = TrainBatches(exp.data, run.seq_len, run.global_batch_size, jax.process_index(),
-                      jax.process_count())
   host_eval = eval_batches(exp.data, run.seq_len, run.global_batch_size, run.eval_batches,
                            jax.process_index(), jax.process_count())
   baseline = unigram_entropy(host_eval, exp.data.vocabulary.vocab_size)
@@ -159,126 +263,55 @@ def train(exp: Experiment, restart: bool = False) -> TrainResult:
   meter = _Throughput(run.global_batch_size * run.seq_len, flops_per_token(exp.model, run.seq_len),
                       peak)
   writer = MetricWriter(paths.metrics, paths.tensorboard, enabled=is_main)
-  with rt.scope():
-    state, start = init_or_restore(rt, paths)
-    eval_device = [rt.put_batch(b) for b in host_eval]
-    state, summary = _run_steps(rt, state, start, data, eval_device, meter, writer, paths)
-    eval_loss = evaluate(rt.eval_step, state.params, eval_device)["loss"]
-    writer.write(run.steps, {"eval/loss": eval_loss, "eval/unigram_entropy": baseline})
-    if start < run.steps or checkpoint.latest_step(paths.checkpoints) != run.steps:
-      _save(paths, run.steps, state, exp, {"eval/loss": eval_loss, **summary["last"]})
-    sample = sample_text(rt, state.params, run.sample_prompt, run.sample_tokens, seed=run.seed,
-                         temperature=run.sample_temperature,
-                         top_k=run.sample_top_k) if run.sample_tokens else ""
-  writer.close()
+  ckpt = Checkpointer(paths.checkpoints, exp.checkpoint)
+  try:
+    with rt.scope(), PreemptionWatcher() as watcher:
+      driver = _Driver(rt, paths, ckpt, writer, meter, [rt.put_batch(b) for b in host_eval])
+      driver.init_or_restore()
+      preempted = driver.run(watcher)
+      if preempted:
+        path = driver.save(block=True)
+        logging.warning("preempted (%s) at step %d; checkpoint %s is complete; rerun the same "
+                        "command to resume", watcher.signal_name, driver.step, path)
+        return _result(driver, float("nan"), baseline, "", preempted=True, checkpoint=path)
+      eval_loss = evaluate(rt.eval_step, driver.state.params, driver.eval_device)["loss"]
+      writer.write(driver.step, {"eval/loss": eval_loss, "eval/unigram_entropy": baseline})
+      driver.last["eval/loss"] = eval_loss
+      path = driver.save(block=True)
+      sample = sample_text(rt, driver.state.params, run.sample_prompt, run.sample_tokens,
+                           seed=run.seed, temperature=run.sample_temperature,
+                           top_k=run.sample_top_k) if run.sample_tokens else ""
+  finally:
+    ckpt.close()
+    writer.close()
   if is_main:
     plot_losses(paths.metrics, paths.loss_plot, baseline)
-  return TrainResult(paths.root, run.steps, summary["last"].get("train/loss", float("nan")),
-                     eval_loss, baseline, meter.tokens_per_second,
-                     mfu(meter.tokens_per_second, meter.flops_token, peak),
-                     summary["compile_seconds"], sample, paths)
+  return _result(driver, eval_loss, baseline, sample, checkpoint=path)
 
 
-def _run_steps(rt: Runtime, state: TrainState, start: int, data: TrainBatches, eval_device,
-               meter: _Throughput, writer: MetricWriter, paths: RunPaths):
-  run = rt.exp.run
-  bar = tqdm(total=run.steps, initial=start, desc="train", unit="step", dynamic_ncols=True,
-             disable=not (run.progress_bar and jax.process_index() == 0))
-  batches = data.iterate(start)
-  pending, last, compile_seconds = None, {}, 0.0
-  for step in range(start, run.steps):
-    t0 = time.perf_counter()
-    state, metrics = rt.train_step(state, rt.put_batch(next(batches)))
-    done = step + 1
-    if step == start:  # the first call compiles: time it and start the throughput clock after.
-      jax.block_until_ready(metrics)
-      compile_seconds = time.perf_counter() - t0
-      meter.restart_clock(done)
-    if pending is not None:  # read the previous log step's metrics now that this step is queued
-      last = _log(pending, meter, writer, bar, paths)
-      pending = None
-    if done % run.log_every == 0 or done == run.steps:
-      pending = (done, metrics)
-    bar.update(1)
-    eval_due = run.eval_every and done % run.eval_every == 0 and done < run.steps
-    save_due = run.checkpoint_every and done % run.checkpoint_every == 0 and done < run.steps
-    if eval_due or save_due:
-      if pending is not None:  # read before pausing, so the pause is not counted as training
-        last = _log(pending, meter, writer, bar, paths)
-        pending = None
-      if eval_due:
-        writer.write(done, {"eval/loss": evaluate(rt.eval_step, state.params, eval_device)["loss"]})
-      if save_due:
-        _save(paths, done, state, rt.exp, last)
-      meter.restart_clock(done)
-  if pending is not None:
-    last = _log(pending, meter, writer, bar, paths)
-  bar.close()
-  return state, {"last": last, "compile_seconds": compile_seconds}
-
-
-def _log(pending, meter: _Throughput, writer: MetricWriter, bar, paths: RunPaths) -> dict:
-  step, metrics = pending
-  values = {f"train/{k}": float(v) for k, v in jax.device_get(metrics).items()}
-  _check_finite(step, values, paths)
-  values.update(meter.read(step))
-  writer.write(step, values)
-  bar.set_postfix(loss=f"{values['train/loss']:.3f}",
-                  tok_s=f"{values['perf/tokens_per_second']:.0f}",
-                  mfu=f"{100 * values['perf/mfu']:.1f}%", refresh=False)
-  return values
-
-
-def _save(paths: RunPaths, step: int, state: TrainState, exp: Experiment, metrics: dict) -> None:
-  finite = {k: v for k, v in metrics.items() if isinstance(v, float) and math.isfinite(v)}
-  checkpoint.save(paths.checkpoints, step, state,
-                  {"step": step, "config_gin": experiment_to_gin(exp), "metrics": finite})
-  logging.info("saved checkpoint %s", os.path.join(paths.checkpoints, str(step)))
+def _result(driver: _Driver, eval_loss: float, baseline: float, sample: str, **extra
+            ) -> TrainResult:
+  return TrainResult(
+      driver.paths.root, driver.step, driver.last.get("train/loss", float("nan")), eval_loss,
+      baseline, driver.meter.tokens_per_second, driver.meter.mfu, driver.compile_seconds, sample,
+      driver.paths, skipped_steps=driver.skipped_seen, **extra)
 
 
 def result_summary(result: TrainResult) -> str:
   """The human-readable closing lines of a run."""
   p = result.paths
+  if result.preempted:
+    return (f"preempted at step {result.steps}; checkpoint {result.checkpoint} is complete. "
+            "Run the same command again to resume.")
   lines = [
       f"final validation loss {result.eval_loss:.4f} nats/token vs unigram-entropy baseline "
       f"{result.unigram_entropy:.4f} ({result.unigram_entropy - result.eval_loss:+.4f} better)",
       f"throughput {result.tokens_per_second:,.0f} tokens/s, MFU {100 * result.mfu:.1f}%, "
-      f"compile {result.compile_seconds:.1f}s",
+      f"compile {result.compile_seconds:.1f}s" +
+      (f", {result.skipped_steps} bad steps skipped" if result.skipped_steps else ""),
       f"metrics:     {p.metrics}", f"tensorboard: {p.tensorboard}", f"loss plot:   {p.loss_plot}",
-      f"config:      {p.config}", f"checkpoint:  {os.path.join(p.checkpoints, str(result.steps))}",
+      f"config:      {p.config}", f"checkpoint:  {result.checkpoint}",
   ]
   if result.sample:
     lines += ["sample:", result.sample]
   return "\n".join(lines)
-
-
-def load_trained(exp: Experiment, checkpoint_dir: str | None = None, step: int | None = None
-                 ) -> tuple[Runtime, TrainState, int]:
-  """Runtime and restored state of a finished (or running) experiment, for eval and generate."""
-  rt = build_runtime(exp)
-  directory = checkpoint_dir or RunPaths.under(exp.run.run_dir).checkpoints
-  with rt.scope():
-    state, _, step = checkpoint.restore(directory, rt.abstract_state, step)
-  return rt, state, step
-
-
-def evaluate_checkpoint(rt: Runtime, state: TrainState, num_batches: int | None
-                        ) -> dict[str, float]:
-  """Validation loss and the unigram baseline of the same batches."""
-  exp = rt.exp
-  host = eval_batches(exp.data, exp.run.seq_len, exp.run.global_batch_size, num_batches,
-                      jax.process_index(), jax.process_count())
-  with rt.scope():
-    result = evaluate(rt.eval_step, state.params, [rt.put_batch(b) for b in host])
-  result["unigram_entropy"] = unigram_entropy(host, exp.data.vocabulary.vocab_size)
-  return result
-
-
-def sample_text(rt: Runtime, params, prompt: str, max_new_tokens: int, *, seed: int = 0,
-                temperature: float = 0.7, top_k: int | None = 40) -> str:
-  vocab = rt.exp.data.vocabulary
-  with rt.scope():
-    ids = generate(rt.model, params, vocab.encode(prompt), max_new_tokens,
-                   rng=jax.random.key(seed), temperature=temperature, top_k=top_k,
-                   eos_id=vocab.eos_id)
-  return prompt + vocab.decode(ids)

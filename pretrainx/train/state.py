@@ -16,13 +16,15 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from pretrainx.sharding import logical_to_shardings, mesh_scope
+from pretrainx.train.guard import GuardState
 
 
 @flax.struct.dataclass
 class TrainState:
-  step: jax.Array  # int32 scalar: updates applied so far
+  step: jax.Array  # int32 scalar: steps taken so far (skipped bad steps included)
   params: Any
   opt_state: Any
+  guard: GuardState  # running loss statistics and bad-step counters
 
 
 def _boxed_params(model: nn.Module, rng: jax.Array, seq_len: int) -> Any:
@@ -42,9 +44,11 @@ def state_shardings(model: nn.Module, optimizer: optax.GradientTransformation, m
   opt_shardings = optax.tree_utils.tree_map_params(
       optimizer, lambda _, sharding: sharding, abstract_opt, param_shardings,
       transform_non_params=lambda _: replicated)
+  abstract_guard = jax.eval_shape(GuardState.create)
   abstract = TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=abstract_params,
-                        opt_state=abstract_opt)
-  shardings = TrainState(step=replicated, params=param_shardings, opt_state=opt_shardings)
+                        opt_state=abstract_opt, guard=abstract_guard)
+  shardings = TrainState(step=replicated, params=param_shardings, opt_state=opt_shardings,
+                         guard=jax.tree.map(lambda _: replicated, abstract_guard))
   abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                           abstract, shardings)
   return abstract, shardings
@@ -58,7 +62,7 @@ def create_train_state(model: nn.Module, optimizer: optax.GradientTransformation
   def init(rng):
     params = nn.unbox(_boxed_params(model, rng, seq_len))
     return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                      opt_state=optimizer.init(params))
+                      opt_state=optimizer.init(params), guard=GuardState.create())
 
   with mesh_scope(mesh, rules):
     state = jax.jit(init, out_shardings=shardings)(jax.random.key(seed))

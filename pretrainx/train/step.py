@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from pretrainx.train.guard import GuardConfig, guard_update
 from pretrainx.train.state import TrainState
 
 Batch = dict[str, jax.Array]  # int32 [batch, seq] arrays
@@ -73,25 +74,40 @@ def loss_and_grads(model: nn.Module, params: Any, batch: Batch, *, z_loss: float
 
 
 def make_train_step(model: nn.Module, optimizer: optax.GradientTransformation,
-                    schedule: optax.Schedule, *, z_loss: float = 0.0, microbatches: int = 1
+                    schedule: optax.Schedule, *, z_loss: float = 0.0, microbatches: int = 1,
+                    guard: GuardConfig = GuardConfig()
                     ) -> Callable[[TrainState, Batch], tuple[TrainState, dict[str, jax.Array]]]:
-  """Returns the pure step function; the loop jits it with shardings and donates the state."""
+  """Returns the pure step function; the loop jits it with shardings and donates the state.
+
+  A bad step (non-finite loss or gradient, or a loss spike) leaves params and optimizer state
+  unchanged; the step counter still advances, so the next step reads the next batch.
+  """
 
   def train_step(state: TrainState, batch: Batch):
     sums, grads = loss_and_grads(model, state.params, batch, z_loss=z_loss,
                                  microbatches=microbatches)
+    denom = jnp.maximum(sums["tokens"], 1.0)
+    loss, grad_norm = sums["ce"] / denom, optax.tree.norm(grads)
+    ok, zscore, guard_state = guard_update(state.guard, loss, grad_norm, guard)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    denom = jnp.maximum(sums["tokens"], 1.0)
+    keep_if_bad = lambda new, old: jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)
+    params = keep_if_bad(params, state.params)
+    opt_state = keep_if_bad(opt_state, state.opt_state)
     metrics = {
-        "loss": sums["ce"] / denom,
+        "loss": loss,
         "z_loss": sums["z"] / denom,
-        "grad_norm": optax.tree.norm(grads),
+        "grad_norm": grad_norm,
         "update_norm": optax.tree.norm(updates),
         "param_norm": optax.tree.norm(params),
         "learning_rate": schedule(state.step),
         "loss_tokens": sums["tokens"],
+        "loss_zscore": zscore,
+        "bad_step": (~ok).astype(jnp.float32),
+        "skipped_steps": guard_state.skipped,
+        "consecutive_bad": guard_state.consecutive_bad,
     }
-    return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
+    return TrainState(step=state.step + 1, params=params, opt_state=opt_state,
+                      guard=guard_state), metrics
 
   return train_step

@@ -1,0 +1,98 @@
+"""What a run compiles once: mesh, model, optimizer, shardings, the jitted train and eval steps.
+
+Also the read-only uses of a trained run (eval, sampling), which need the same pieces.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import numpy as np
+
+from pretrainx.checkpoint import Checkpointer
+from pretrainx.config import Experiment, RunPaths, validate
+from pretrainx.data.pipeline import eval_batches, unigram_entropy
+from pretrainx.generate import generate
+from pretrainx.model.transformer import Transformer
+from pretrainx.optim import make_optimizer
+from pretrainx.sharding import batch_sharding, check_batch_divisible, make_mesh, mesh_scope
+from pretrainx.train.eval import evaluate, make_eval_step
+from pretrainx.train.state import TrainState, state_shardings
+from pretrainx.train.step import make_train_step
+
+
+@dataclasses.dataclass
+class Runtime:
+  """Everything compiled or derived once per run."""
+
+  exp: Experiment
+  mesh: jax.sharding.Mesh
+  model: Transformer
+  optimizer: Any
+  abstract_state: TrainState  # ShapeDtypeStructs carrying their target shardings
+  shardings: TrainState
+  train_step: Any
+  eval_step: Any
+
+  def scope(self):
+    """Context in which the model's logical constraints resolve against this mesh."""
+    return mesh_scope(self.mesh, self.exp.mesh.rules)
+
+  def put_batch(self, local_batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
+    """Host-local rows -> global arrays sharded over the data-parallel axes."""
+    sharding = batch_sharding(self.mesh)
+    return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in local_batch.items()}
+
+
+def build_runtime(exp: Experiment) -> Runtime:
+  """Validates `exp` and builds the mesh, model, optimizer and jitted (donating) train step."""
+  validate(exp)
+  run = exp.run
+  mesh = make_mesh(exp.mesh)
+  check_batch_divisible(run.global_batch_size, mesh, run.microbatches)
+  model = Transformer(exp.model)
+  optimizer, schedule = make_optimizer(exp.optimizer, run.steps)
+  abstract, shardings = state_shardings(model, optimizer, mesh, exp.mesh.rules, run.seq_len)
+  bs = batch_sharding(mesh)
+  step_fn = make_train_step(model, optimizer, schedule, z_loss=run.z_loss,
+                            microbatches=run.microbatches, guard=exp.guard)
+  train_step = jax.jit(step_fn, in_shardings=(shardings, bs), out_shardings=(shardings, None),
+                       donate_argnums=0)
+  eval_step = jax.jit(make_eval_step(model), in_shardings=(shardings.params, bs))
+  return Runtime(exp, mesh, model, optimizer, abstract, shardings, train_step, eval_step)
+
+
+def load_trained(exp: Experiment, checkpoint_dir: str | None = None, step: int | None = None
+                 ) -> tuple[Runtime, TrainState, int]:
+  """Runtime and restored state of a trained run (newest readable checkpoint by default)."""
+  rt = build_runtime(exp)
+  directory = checkpoint_dir or RunPaths.under(exp.run.run_dir).checkpoints
+  ckpt = Checkpointer(directory, exp.checkpoint, create=False)
+  with rt.scope():
+    state, _, step = ckpt.restore(rt.abstract_state, step)
+  ckpt.close()
+  return rt, state, step
+
+
+def evaluate_checkpoint(rt: Runtime, state: TrainState, num_batches: int | None
+                        ) -> dict[str, float]:
+  """Validation loss and the unigram baseline of the same batches."""
+  exp = rt.exp
+  host = eval_batches(exp.data, exp.run.seq_len, exp.run.global_batch_size, num_batches,
+                      jax.process_index(), jax.process_count())
+  with rt.scope():
+    result = evaluate(rt.eval_step, state.params, [rt.put_batch(b) for b in host])
+  result["unigram_entropy"] = unigram_entropy(host, exp.data.vocabulary.vocab_size)
+  return result
+
+
+def sample_text(rt: Runtime, params, prompt: str, max_new_tokens: int, *, seed: int = 0,
+                temperature: float = 0.7, top_k: int | None = 40) -> str:
+  vocab = rt.exp.data.vocabulary
+  with rt.scope():
+    ids = generate(rt.model, params, vocab.encode(prompt), max_new_tokens,
+                   rng=jax.random.key(seed), temperature=temperature, top_k=top_k,
+                   eos_id=vocab.eos_id)
+  return prompt + vocab.decode(ids)

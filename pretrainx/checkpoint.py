@@ -57,7 +57,8 @@ def _shape_mismatches(saved: Any, abstract: Any) -> list[str]:
   want_leaves = {_path_str(p): tuple(v.shape)
                  for p, v in jax.tree_util.tree_flatten_with_path(abstract)[0]}
   out = []
-  for key in sorted(set(saved_leaves) | set(want_leaves)):
+  params_first = lambda k: (not k.startswith("params"), k)
+  for key in sorted(set(saved_leaves) | set(want_leaves), key=params_first):
     a, b = saved_leaves.get(key), want_leaves.get(key)
     if a != b:
       out.append(f"{key}: checkpoint {a if a is not None else 'missing'} -> "

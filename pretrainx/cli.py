@@ -1,4 +1,4 @@
-"""Command line: `python -m pretrainx {train,eval,generate,peak} ...`.
+"""Command line: `python -m pretrainx {train,eval,generate,export,peak} ...`.
 
 Every subcommand takes gin files and `--gin_param` overrides (eval and generate default to the
 config.gin a run wrote). Bad input ends with one clear message on stderr and exit status 2.
@@ -55,6 +55,12 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--top_k", type=int, default=40, help="0 disables top-k filtering")
   p.add_argument("--seed", type=int, default=0)
 
+  p = sub.add_parser("export", help="write a checkpoint's params only (no optimizer state)")
+  _add_gin_flags(p, "run directory whose config.gin and checkpoints to use")
+  p.add_argument("--checkpoint_dir", default=None, help="default: RUN_DIR/checkpoints")
+  p.add_argument("--step", type=int, default=None, help="default: the latest checkpoint")
+  p.add_argument("--out", required=True, help="directory to write (Orbax, params + meta)")
+
   p = sub.add_parser("peak", help="measure this machine's jitted matmul FLOP/s (MFU denominator)")
   p.add_argument("--size", type=int, default=2048)
   p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
@@ -86,7 +92,7 @@ def cmd_train(args) -> None:
   if args.peak_tflops is not None:
     exp = exp.replace(run={"peak_tflops": args.peak_tflops})
   result = loop.train(exp, restart=args.restart)
-  _out(loop.result_summary(result))
+  _out(loop.result_summary(result))  # a preempted run also exits 0: its checkpoint is complete
 
 
 def cmd_eval(args) -> None:
@@ -108,6 +114,18 @@ def cmd_generate(args) -> None:
                         temperature=args.temperature, top_k=args.top_k or None))
 
 
+def cmd_export(args) -> None:
+  from pretrainx import checkpoint  # pylint: disable=import-outside-toplevel
+  from pretrainx.config import experiment_to_gin  # pylint: disable=import-outside-toplevel
+  from pretrainx.train import runtime  # pylint: disable=import-outside-toplevel
+
+  exp = _experiment(args, for_training=False)
+  _, state, step = runtime.load_trained(exp, args.checkpoint_dir, args.step)
+  path = checkpoint.save_params(args.out, state.params,
+                                {"step": step, "config_gin": experiment_to_gin(exp)})
+  _out(f"exported the params of step {step} to {path}")
+
+
 def cmd_peak(args) -> None:
   import jax  # pylint: disable=import-outside-toplevel
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
@@ -120,7 +138,8 @@ def cmd_peak(args) -> None:
        f"--peak_tflops={flops * jax.device_count() / 1e12:.4g} to train for the whole job.")
 
 
-COMMANDS = {"train": cmd_train, "eval": cmd_eval, "generate": cmd_generate, "peak": cmd_peak}
+COMMANDS = {"train": cmd_train, "eval": cmd_eval, "generate": cmd_generate,
+            "export": cmd_export, "peak": cmd_peak}
 
 
 def configure_cpu_devices(setting: str) -> None:
@@ -146,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
   logging.use_absl_handler()
   try:
     COMMANDS[args.command](args)
-  except (ValueError, FileNotFoundError, FloatingPointError) as err:
+  except (ValueError, FileNotFoundError, FloatingPointError) as err:  # bad input, said plainly
     sys.stderr.write(f"pretrainx {args.command}: error: {err}\n")
     return 2
   return 0

@@ -29,6 +29,12 @@ def build_parser() -> argparse.ArgumentParser:
            "work of each device on its own core: ~20%% faster on 2 cores). 'auto': the largest "
            "power of two <= the core count, at most 8; 1: one device. Only affects the CPU "
            "backend; ignored when XLA_FLAGS already sets a host device count.")
+  dist = parser.add_argument_group("multi-process (one process per host, or several on one)")
+  dist.add_argument("--coordinator_address", default=None,
+                    help="host:port of process 0; with --num_processes > 1 this process joins a "
+                         "jax.distributed job (launch/local_multiprocess.sh starts one locally)")
+  dist.add_argument("--num_processes", type=int, default=1)
+  dist.add_argument("--process_id", type=int, default=0)
   sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
   p = sub.add_parser("train", help="train (or resume) a model from gin configs")
@@ -158,12 +164,30 @@ def configure_cpu_devices(setting: str) -> None:
     os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={count}".strip()
 
 
+def initialize_distributed(args) -> None:
+  """Joins the jax.distributed job described by the flags (no-op for one process)."""
+  if args.num_processes <= 1:
+    return
+  if not args.coordinator_address:
+    raise ValueError("--num_processes > 1 needs --coordinator_address=HOST:PORT of process 0.")
+  if not 0 <= args.process_id < args.num_processes:
+    raise ValueError(f"--process_id={args.process_id} must lie in [0, {args.num_processes}).")
+  import jax  # pylint: disable=import-outside-toplevel
+
+  # CPU collectives across processes go through gloo (only the CPU backend reads this option;
+  # asking for the backend here would initialise it too early).
+  jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  jax.distributed.initialize(coordinator_address=args.coordinator_address,
+                             num_processes=args.num_processes, process_id=args.process_id)
+
+
 def main(argv: list[str] | None = None) -> int:
   args = build_parser().parse_args(argv)
   configure_cpu_devices(args.cpu_devices)
   logging.set_verbosity(logging.INFO if os.environ.get("PRETRAINX_VERBOSE") else logging.WARNING)
   logging.use_absl_handler()
   try:
+    initialize_distributed(args)
     COMMANDS[args.command](args)
   except (ValueError, FileNotFoundError, FloatingPointError) as err:  # bad input, said plainly
     sys.stderr.write(f"pretrainx {args.command}: error: {err}\n")

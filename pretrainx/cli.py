@@ -87,6 +87,9 @@ def _experiment(args, for_training: bool):
 
 
 def _out(text: str) -> None:
+  """User-facing results on stdout, from process 0 only."""
+  if "jax" in sys.modules and sys.modules["jax"].process_index() != 0:
+    return
   sys.stdout.write(text.rstrip("\n") + "\n")
   sys.stdout.flush()
 

@@ -22,12 +22,12 @@ from tqdm.auto import tqdm
 from pretrainx.checkpoint import Checkpointer
 from pretrainx.config import (Experiment, RunPaths, config_differences, experiment_to_gin,
                               parse_gin)
-from pretrainx.data.pipeline import TrainBatches, eval_batches, unigram_entropy
+from pretrainx.data.pipeline import TrainBatches, eval_batches
 from pretrainx.flops import flops_per_token, machine_peak_flops, measure_peak_flops, mfu
 from pretrainx.metrics import MetricWriter, plot_losses
 from pretrainx.train.eval import evaluate
 from pretrainx.train.preemption import PreemptionWatcher
-from pretrainx.train.runtime import Runtime, build_runtime, sample_text
+from pretrainx.train.runtime import Runtime, build_runtime, global_unigram_entropy, sample_text
 from pretrainx.train.state import TrainState, create_train_state
 
 
@@ -258,14 +258,14 @@ def train(exp: Experiment, restart: bool = False) -> TrainResult:
   paths = prepare_run_dir(exp, restart)
   host_eval = eval_batches(exp.data, run.seq_len, run.global_batch_size, run.eval_batches,
                            jax.process_index(), jax.process_count())
-  baseline = unigram_entropy(host_eval, exp.data.vocabulary.vocab_size)
+  baseline = global_unigram_entropy(exp)
   peak = run.peak_tflops * 1e12 if run.peak_tflops else machine_peak_flops(measure_peak_flops())
   meter = _Throughput(run.global_batch_size * run.seq_len, flops_per_token(exp.model, run.seq_len),
                       peak)
   writer = MetricWriter(paths.metrics, paths.tensorboard, enabled=is_main)
   ckpt = Checkpointer(paths.checkpoints, exp.checkpoint)
   try:
-    with rt.scope(), PreemptionWatcher() as watcher:
+    with rt.scope(), PreemptionWatcher(sync_every=run.log_every) as watcher:
       driver = _Driver(rt, paths, ckpt, writer, meter, [rt.put_batch(b) for b in host_eval])
       driver.init_or_restore()
       preempted = driver.run(watcher)

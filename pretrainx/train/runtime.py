@@ -84,8 +84,15 @@ def evaluate_checkpoint(rt: Runtime, state: TrainState, num_batches: int | None
                       jax.process_index(), jax.process_count())
   with rt.scope():
     result = evaluate(rt.eval_step, state.params, [rt.put_batch(b) for b in host])
-  result["unigram_entropy"] = unigram_entropy(host, exp.data.vocabulary.vocab_size)
+  result["unigram_entropy"] = global_unigram_entropy(exp, num_batches)
   return result
+
+
+def global_unigram_entropy(exp: Experiment, num_batches: int | None = -1) -> float:
+  """The unigram baseline of the whole evaluation set (every host's rows), the same everywhere."""
+  num_batches = exp.run.eval_batches if num_batches == -1 else num_batches
+  batches = eval_batches(exp.data, exp.run.seq_len, exp.run.global_batch_size, num_batches)
+  return unigram_entropy(batches, exp.data.vocabulary.vocab_size)
 
 
 def sample_text(rt: Runtime, params, prompt: str, max_new_tokens: int, *, seed: int = 0,

@@ -1,0 +1,64 @@
+"""Two processes on 127.0.0.1 (jax.distributed, 2 CPU devices each) train like one process with the
+same 4 devices and global batch, and their checkpoint restores in a single process."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO
+
+ARGS = ["--gin_file=gin_configs/tiny.gin", "--gin_param=RunConfig.steps=12",
+        "--gin_param=RunConfig.log_every=1", "--gin_param=RunConfig.progress_bar=False",
+        "--gin_param=RunConfig.sample_tokens=0", "--gin_param=RunConfig.eval_batches=2",
+        "--gin_param=MeshConfig.data=2", "--gin_param=MeshConfig.fsdp=2", "--peak_tflops=0.1"]
+
+
+def _env():
+  return {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+
+
+def _losses(run_dir):
+  rows = [json.loads(l) for l in open(os.path.join(run_dir, "metrics.jsonl"))]
+  return [r["train/loss"] for r in rows if "train/loss" in r]
+
+
+def test_two_processes_equal_one_and_restore_in_one(tmp_path):
+  two, one = str(tmp_path / "two"), str(tmp_path / "one")
+  out = subprocess.run(["bash", "launch/local_multiprocess.sh", "2", "--devices_per_process", "2",
+                        "train", *ARGS, f"--run_dir={two}"], cwd=REPO, env=_env(),
+                       capture_output=True, text=True, timeout=600)
+  assert out.returncode == 0, out.stdout[-3000:]
+  assert out.stdout.count("final validation loss") == 1  # only process 0 reports
+  out1 = subprocess.run([sys.executable, "-m", "pretrainx", "--cpu_devices=4", "train", *ARGS,
+                         f"--run_dir={one}"], cwd=REPO, env=_env(), capture_output=True,
+                        text=True, timeout=600)
+  assert out1.returncode == 0, out1.stderr
+  assert _losses(two) == pytest.approx(_losses(one), rel=1e-5)
+  assert len(_losses(two)) == 12
+  # the 2-process checkpoint restores in one process (1 device: resharded on restore)
+  ev = subprocess.run([sys.executable, "-m", "pretrainx", "--cpu_devices=1", "eval",
+                       f"--run_dir={two}", "--gin_param=MeshConfig.data=1",
+                       "--gin_param=MeshConfig.fsdp=1", "--eval_batches=2"],
+                      cwd=REPO, env=_env(), capture_output=True, text=True, timeout=600)
+  assert ev.returncode == 0, ev.stderr
+  ev1 = subprocess.run([sys.executable, "-m", "pretrainx", "--cpu_devices=1", "eval",
+                        f"--run_dir={one}", "--gin_param=MeshConfig.data=1",
+                        "--gin_param=MeshConfig.fsdp=1", "--eval_batches=2"],
+                       cwd=REPO, env=_env(), capture_output=True, text=True, timeout=600)
+  loss = lambda s: float(s.split("validation loss ")[1].split()[0])
+  assert loss(ev.stdout) == pytest.approx(loss(ev1.stdout), rel=1e-4)
+
+
+def test_launcher_dry_run_prints_the_commands():
+  out = subprocess.run(["bash", "launch/local_multiprocess.sh", "2", "--dry-run", "train",
+                        "--gin_file=gin_configs/tiny.gin"], cwd=REPO, capture_output=True,
+                       text=True, env={**_env(), "PORT": "12345"})
+  assert out.returncode == 0
+  lines = out.stdout.strip().splitlines()
+  assert len(lines) == 2
+  for i, line in enumerate(lines):
+    assert "--coordinator_address=127.0.0.1:12345 --num_processes=2" in line
+    assert f"--process_id={i} train --gin_file=gin_configs/tiny.gin" in line

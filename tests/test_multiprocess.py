@@ -62,3 +62,27 @@ def test_launcher_dry_run_prints_the_commands():
   for i, line in enumerate(lines):
     assert "--coordinator_address=127.0.0.1:12345 --num_processes=2" in line
     assert f"--process_id={i} train --gin_file=gin_configs/tiny.gin" in line
+
+
+def test_sigterm_to_one_process_stops_both_at_the_same_step(tmp_path):
+  import signal
+  import time
+  run_dir = str(tmp_path / "run")
+  args = [a for a in ARGS if "RunConfig.steps" not in a] + ["--gin_param=RunConfig.steps=2000"]
+  proc = subprocess.Popen(["bash", "launch/local_multiprocess.sh", "2", "--devices_per_process",
+                           "2", "train", *args, f"--run_dir={run_dir}"], cwd=REPO, env=_env(),
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+  metrics = os.path.join(run_dir, "metrics.jsonl")
+  deadline = time.time() + 300
+  while time.time() < deadline and not (os.path.exists(metrics) and len(_losses(run_dir)) > 20):
+    time.sleep(0.1)
+  pid = subprocess.run(["pgrep", "-f", f"process_id=1 train .*{run_dir}"], capture_output=True,
+                       text=True).stdout.split()[0]
+  os.kill(int(pid), signal.SIGTERM)
+  out, _ = proc.communicate(timeout=300)
+  assert proc.returncode == 0, out[-3000:]
+  steps = [line for line in out.splitlines() if "preempted at step" in line and "rerun" not in line]
+  assert len(steps) == 1  # process 0's summary
+  step = int(steps[0].split("preempted at step ")[1].split(";")[0])
+  assert 20 < step < 2000
+  assert os.listdir(os.path.join(run_dir, "checkpoints")) == [str(step)]

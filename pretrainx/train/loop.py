@@ -272,7 +272,8 @@ def train(exp: Experiment, restart: bool = False) -> TrainResult:
       if preempted:
         path = driver.save(block=True)
         logging.warning("preempted (%s) at step %d; checkpoint %s is complete; rerun the same "
-                        "command to resume", watcher.signal_name, driver.step, path)
+                        "command to resume", watcher.signal_name or "signal to another process",
+                        driver.step, path)
         return _result(driver, float("nan"), baseline, "", preempted=True, checkpoint=path)
       eval_loss = evaluate(rt.eval_step, driver.state.params, driver.eval_device)["loss"]
       writer.write(driver.step, {"eval/loss": eval_loss, "eval/unigram_entropy": baseline})

@@ -46,6 +46,13 @@ def test_train_eval_generate(tmp_path):
                   "--temperature=0")
   assert again.stdout == out.stdout  # greedy is deterministic
 
+  export_dir = str(tmp_path / "export")
+  out = run_cli("export", f"--run_dir={run_dir}", f"--out={export_dir}")
+  assert out.returncode == 0, out.stderr
+  assert f"exported the params of step 30 to {export_dir}" in out.stdout
+  assert sorted(n for n in os.listdir(export_dir)
+                if os.path.isdir(os.path.join(export_dir, n))) == ["meta", "params"]
+
 
 @pytest.mark.parametrize("args,message", [
     (["train", "--gin_file=gin_configs/tiny.gin", "--gin_param=ModelConfig.num_layer=3"],

@@ -57,7 +57,8 @@ def build_runtime(exp: Experiment) -> Runtime:
   abstract, shardings = state_shardings(model, optimizer, mesh, exp.mesh.rules, run.seq_len)
   bs = batch_sharding(mesh)
   step_fn = make_train_step(model, optimizer, schedule, z_loss=run.z_loss,
-                            microbatches=run.microbatches, guard=exp.guard)
+                            microbatches=run.microbatches, guard=exp.guard,
+                            hessian_estimate=exp.optimizer.name == "sophia", seed=run.seed)
   train_step = jax.jit(step_fn, in_shardings=(shardings, bs), out_shardings=(shardings, None),
                        donate_argnums=0)
   eval_step = jax.jit(make_eval_step(model), in_shardings=(shardings.params, bs))

@@ -41,9 +41,8 @@ def state_shardings(model: nn.Module, optimizer: optax.GradientTransformation, m
                                  is_leaf=lambda x: isinstance(x, nn.Partitioned))
   abstract_opt = jax.eval_shape(optimizer.init, abstract_params)
   replicated = NamedSharding(mesh, PartitionSpec())
-  opt_shardings = optax.tree_utils.tree_map_params(
-      optimizer, lambda _, sharding: sharding, abstract_opt, param_shardings,
-      transform_non_params=lambda _: replicated)
+  opt_shardings = _optimizer_state_shardings(abstract_opt, abstract_params, param_shardings,
+                                             replicated)
   abstract_guard = jax.eval_shape(GuardState.create)
   abstract = TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=abstract_params,
                         opt_state=abstract_opt, guard=abstract_guard)
@@ -52,6 +51,31 @@ def state_shardings(model: nn.Module, optimizer: optax.GradientTransformation, m
   abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                           abstract, shardings)
   return abstract, shardings
+
+
+def _dict_path(path) -> tuple[str, ...]:
+  """The trailing run of dict keys of a key path: where a moment sits inside its params tree."""
+  keys = []
+  for k in reversed(path):
+    if not isinstance(k, jax.tree_util.DictKey):
+      break
+    keys.append(str(k.key))
+  return tuple(reversed(keys))
+
+
+def _optimizer_state_shardings(abstract_opt, abstract_params, param_shardings, replicated):
+  """Optimizer-state leaves shaped like a param (Adam moments, momenta) shard like that param;
+  everything else (counts, Adafactor's factored statistics) is small and replicated."""
+  by_path = {}
+  for (path, leaf), sharding in zip(jax.tree_util.tree_flatten_with_path(abstract_params)[0],
+                                    jax.tree.leaves(param_shardings)):
+    by_path[_dict_path(path)] = (leaf.shape, sharding)
+
+  def pick(path, leaf):
+    shape, sharding = by_path.get(_dict_path(path), (None, None))
+    return sharding if shape == leaf.shape else replicated
+
+  return jax.tree_util.tree_map_with_path(pick, abstract_opt)
 
 
 def create_train_state(model: nn.Module, optimizer: optax.GradientTransformation, mesh: Mesh,

@@ -73,14 +73,31 @@ def loss_and_grads(model: nn.Module, params: Any, batch: Batch, *, z_loss: float
   return sums, jax.tree.map(lambda g: g / denom, grads)
 
 
+def gnb_grads(logits_fn: Callable[[Any], jax.Array], params: Any, loss_mask: jax.Array,
+              rng: jax.Array) -> tuple[Any, jax.Array]:
+  """Gradient of the mean loss on labels sampled from the model's own predictions, and the token
+  count B: B * grad**2 is the Gauss-Newton-Bartlett estimate of the Hessian diagonal (Sophia)."""
+
+  def sampled_loss(p):
+    logits = logits_fn(p)  # [..., vocab]
+    labels = jax.random.categorical(rng, jax.lax.stop_gradient(logits), axis=-1)
+    sums = cross_entropy_sums(logits, labels, loss_mask)
+    return sums["ce"] / jnp.maximum(sums["tokens"], 1.0)
+
+  return jax.grad(sampled_loss)(params), jnp.sum(loss_mask.astype(jnp.float32))
+
+
 def make_train_step(model: nn.Module, optimizer: optax.GradientTransformation,
                     schedule: optax.Schedule, *, z_loss: float = 0.0, microbatches: int = 1,
-                    guard: GuardConfig = GuardConfig()
+                    guard: GuardConfig = GuardConfig(), hessian_estimate: bool = False,
+                    seed: int = 0
                     ) -> Callable[[TrainState, Batch], tuple[TrainState, dict[str, jax.Array]]]:
   """Returns the pure step function; the loop jits it with shardings and donates the state.
 
   A bad step (non-finite loss or gradient, or a loss spike) leaves params and optimizer state
-  unchanged; the step counter still advances, so the next step reads the next batch.
+  unchanged; the step counter still advances, so the next step reads the next batch. With
+  `hessian_estimate` (Sophia) the optimizer gets a GNB Hessian-diagonal callable, whose labels
+  are sampled with a key folded from (seed, step).
   """
 
   def train_step(state: TrainState, batch: Batch):
@@ -89,7 +106,13 @@ def make_train_step(model: nn.Module, optimizer: optax.GradientTransformation,
     denom = jnp.maximum(sums["tokens"], 1.0)
     loss, grad_norm = sums["ce"] / denom, optax.tree.norm(grads)
     ok, zscore, guard_state = guard_update(state.guard, loss, grad_norm, guard)
-    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+    extra = {}
+    if hessian_estimate:
+      logits_fn = lambda p: model.apply({"params": p}, batch["inputs"], batch["positions"],
+                                        batch["segment_ids"])
+      rng = jax.random.fold_in(jax.random.key(seed), state.step)
+      extra["gnb_grads"] = lambda p: gnb_grads(logits_fn, p, batch["loss_mask"], rng)
+    updates, opt_state = optimizer.update(grads, state.opt_state, state.params, **extra)
     params = optax.apply_updates(state.params, updates)
     keep_if_bad = lambda new, old: jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)
     params = keep_if_bad(params, state.params)

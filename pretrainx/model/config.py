@@ -32,6 +32,11 @@ class ModelConfig:
     remat_policy: 'none', 'full', 'dots' or 'dots_with_no_batch_dims' (jax.checkpoint policies).
     scan_layers: stack the blocks with nn.scan (fast compiles for deep models).
     attention_impl: name understood by pretrainx.model.attention.ATTENTION_IMPLS.
+    norm_scale: 'channel' (a gain per channel) or 'scalar' (single-scale RMSNorm: one learned
+      scalar per norm, which removes the per-channel gains that grow activation outliers).
+    embed_projection: a learned [embed, embed] projection after the token embedding (identity at
+      init), as outlier-safe pretraining uses.
+    sow_kurtosis: record the excess kurtosis of each block's output ('intermediates' collection).
   """
 
   vocab_size: int = 259
@@ -52,8 +57,13 @@ class ModelConfig:
   scan_layers: bool = True
   attention_impl: str = "reference"
   vocab_multiple: int = 128
+  norm_scale: str = "channel"
+  embed_projection: bool = False
+  sow_kurtosis: bool = True
 
   def __post_init__(self):
+    if self.norm_scale not in ("channel", "scalar"):
+      raise ValueError(f"ModelConfig.norm_scale={self.norm_scale!r}; use 'channel' or 'scalar'.")
     for name in ("dtype", "param_dtype"):
       if getattr(self, name) not in _DTYPES:
         raise ValueError(f"ModelConfig.{name}={getattr(self, name)!r}; choose one of {sorted(_DTYPES)}.")
@@ -96,9 +106,11 @@ def count_params(cfg: ModelConfig) -> dict[str, int]:
   d, hd = cfg.embed_dim, cfg.resolved_head_dim
   attn = d * hd * (2 * cfg.num_heads + 2 * cfg.num_kv_heads)
   mlp = 3 * d * cfg.mlp_dim
-  per_layer = attn + mlp + 2 * d
+  norm = d if cfg.norm_scale == "channel" else 1
+  per_layer = attn + mlp + 2 * norm
   embedding = cfg.vocab_size * d
   lm_head = 0 if cfg.tie_embeddings else cfg.vocab_size * d
-  non_embedding = cfg.num_layers * per_layer + d + lm_head
+  projection = d * d if cfg.embed_projection else 0
+  non_embedding = cfg.num_layers * per_layer + norm + lm_head + projection
   return {"total": embedding + non_embedding, "embedding": embedding,
           "non_embedding": non_embedding}

@@ -24,15 +24,27 @@ def param_with_axes(module: nn.Module, name: str, init, shape: tuple[int, ...],
   return module.param(name, nn.with_logical_partitioning(init, axes), shape, dtype)
 
 
+def excess_kurtosis(x: jax.Array) -> jax.Array:
+  """E[(x - mean)^4] / var^2 - 3 over all elements, in fp32 (0 for a Gaussian)."""
+  x = x.astype(jnp.float32)
+  centred = x - jnp.mean(x)
+  var = jnp.mean(jnp.square(centred))
+  return jnp.mean(jnp.square(jnp.square(centred))) / jnp.maximum(jnp.square(var), 1e-30) - 3.0
+
+
 class RMSNorm(nn.Module):
-  """Root-mean-square norm with a per-channel gain, computed in fp32."""
+  """Root-mean-square norm with a per-channel gain (or one scalar gain), computed in fp32."""
 
   cfg: ModelConfig
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:  # x: [..., embed]
-    scale = param_with_axes(self, "scale", nn.initializers.ones, (x.shape[-1],), ("embed",),
-                            self.cfg.storage_dtype)
+    if self.cfg.norm_scale == "scalar":
+      scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, ()), (),
+                         self.cfg.storage_dtype)
+    else:
+      scale = param_with_axes(self, "scale", nn.initializers.ones, (x.shape[-1],), ("embed",),
+                              self.cfg.storage_dtype)
     x32 = x.astype(jnp.float32)
     y = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.cfg.norm_eps)
     return (y * scale.astype(jnp.float32)).astype(self.cfg.compute_dtype)

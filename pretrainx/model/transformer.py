@@ -12,7 +12,8 @@ import jax.numpy as jnp
 
 from pretrainx.model.attention import Attention
 from pretrainx.model.config import ModelConfig
-from pretrainx.model.layers import Embedding, RMSNorm, SwiGLU, dense_init, param_with_axes
+from pretrainx.model.layers import (Embedding, RMSNorm, SwiGLU, dense_init, excess_kurtosis,
+                                    param_with_axes)
 
 _RESIDUAL_AXES = ("activation_batch", "activation_length", "activation_embed")
 _REMAT_POLICIES = {
@@ -33,6 +34,9 @@ class DecoderBlock(nn.Module):
     h = x + Attention(self.cfg, name="attention")(RMSNorm(self.cfg, name="input_norm")(x),
                                                   positions, segment_ids)
     out = h + SwiGLU(self.cfg, name="mlp")(RMSNorm(self.cfg, name="post_attention_norm")(h))
+    if self.cfg.sow_kurtosis and self.is_mutable_collection("intermediates"):
+      self.sow("intermediates", "kurtosis", excess_kurtosis(out),
+               reduce_fn=lambda _, new: new, init_fn=lambda: jnp.zeros((), jnp.float32))
     return nn.with_logical_constraint(out, _RESIDUAL_AXES), None
 
 
@@ -41,7 +45,8 @@ def _block_stack(cfg: ModelConfig):
   if cfg.remat_policy != "none":
     block = nn.remat(block, policy=_REMAT_POLICIES[cfg.remat_policy], prevent_cse=not cfg.scan_layers)
   if cfg.scan_layers:
-    return nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
+    return nn.scan(block, variable_axes={"params": 0, "intermediates": 0},
+                   split_rngs={"params": True},
                    in_axes=(nn.broadcast, nn.broadcast), length=cfg.num_layers,
                    metadata_params={nn.PARTITION_NAME: "layers"})(cfg, name="layers")
   return [block(cfg, name=f"layers_{i}") for i in range(cfg.num_layers)]
@@ -67,7 +72,13 @@ class Transformer(nn.Module):
       segment_ids = jnp.ones((batch, seq), jnp.int32)
 
     embed = Embedding(cfg, name="embed")
-    x = nn.with_logical_constraint(embed(tokens), _RESIDUAL_AXES)
+    x = embed(tokens)
+    if cfg.embed_projection:
+      identity = lambda _, shape, dtype: jnp.eye(*shape, dtype=dtype)
+      w = param_with_axes(self, "embed_projection", identity, (cfg.embed_dim, cfg.embed_dim),
+                          ("embed", "embed_out"), cfg.storage_dtype)
+      x = jnp.einsum("bsd,de->bse", x, w.astype(cfg.compute_dtype))
+    x = nn.with_logical_constraint(x, _RESIDUAL_AXES)
     blocks = _block_stack(cfg)
     if cfg.scan_layers:
       x, _ = blocks(x, positions, segment_ids)
@@ -89,3 +100,10 @@ class Transformer(nn.Module):
       logits = jnp.where(valid, logits, -1e9)
     return nn.with_logical_constraint(
         logits, ("activation_batch", "activation_length", "activation_vocab"))
+
+
+def sown_kurtosis(intermediates: dict, num_layers: int) -> jax.Array:
+  """The per-layer excess kurtosis the blocks sowed -> [num_layers], scanned or unrolled."""
+  if "layers" in intermediates:
+    return intermediates["layers"]["kurtosis"]
+  return jnp.stack([intermediates[f"layers_{i}"]["kurtosis"] for i in range(num_layers)])

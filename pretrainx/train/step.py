@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from pretrainx.model.transformer import sown_kurtosis
 from pretrainx.train.guard import GuardConfig, guard_update
 from pretrainx.train.state import TrainState
 
@@ -31,11 +32,16 @@ def cross_entropy_sums(logits: jax.Array, targets: jax.Array, loss_mask: jax.Arr
           "tokens": jnp.sum(mask)}
 
 
-def batch_loss_sums(model: nn.Module, params: Any, batch: Batch, z_loss: float
-                    ) -> dict[str, jax.Array]:
-  logits = model.apply({"params": params}, batch["inputs"], batch["positions"],
-                       batch["segment_ids"])
-  return cross_entropy_sums(logits, batch["targets"], batch["loss_mask"], z_loss)
+def batch_loss_sums(model: nn.Module, params: Any, batch: Batch, z_loss: float,
+                    kurtosis: bool = False) -> dict[str, jax.Array]:
+  """Loss sums of one batch; with `kurtosis`, also the blocks' activation kurtosis [layers]."""
+  args = ({"params": params}, batch["inputs"], batch["positions"], batch["segment_ids"])
+  if not kurtosis:
+    return cross_entropy_sums(model.apply(*args), batch["targets"], batch["loss_mask"], z_loss)
+  logits, variables = model.apply(*args, mutable=["intermediates"])
+  sums = cross_entropy_sums(logits, batch["targets"], batch["loss_mask"], z_loss)
+  sums["kurtosis"] = sown_kurtosis(variables["intermediates"], model.cfg.num_layers)
+  return sums
 
 
 def _split_microbatches(batch: Batch, microbatches: int) -> Batch:
@@ -52,8 +58,10 @@ def loss_and_grads(model: nn.Module, params: Any, batch: Batch, *, z_loss: float
                    microbatches: int = 1) -> tuple[dict[str, jax.Array], Any]:
   """(sums, grads of the mean loss) for the whole batch, accumulated over microbatches."""
 
+  kurtosis = bool(getattr(model.cfg, "sow_kurtosis", False))
+
   def objective(p, mb):
-    sums = batch_loss_sums(model, p, mb, z_loss)
+    sums = batch_loss_sums(model, p, mb, z_loss, kurtosis)
     return sums["ce"] + sums["z"], sums
 
   grad_fn = jax.grad(objective, has_aux=True)
@@ -67,8 +75,12 @@ def loss_and_grads(model: nn.Module, params: Any, batch: Batch, *, z_loss: float
 
     zeros_g = jax.tree.map(jnp.zeros_like, params)
     zeros_s = {k: jnp.zeros((), jnp.float32) for k in ("ce", "z", "tokens")}
+    if kurtosis:
+      zeros_s["kurtosis"] = jnp.zeros((model.cfg.num_layers,), jnp.float32)
     (grads, sums), _ = jax.lax.scan(body, (zeros_g, zeros_s),
                                     _split_microbatches(batch, microbatches))
+    if kurtosis:  # a mean over microbatches, not a sum
+      sums["kurtosis"] = sums["kurtosis"] / microbatches
   denom = jnp.maximum(sums["tokens"], 1.0)
   return sums, jax.tree.map(lambda g: g / denom, grads)
 
@@ -130,6 +142,9 @@ def make_train_step(model: nn.Module, optimizer: optax.GradientTransformation,
         "skipped_steps": guard_state.skipped,
         "consecutive_bad": guard_state.consecutive_bad,
     }
+    if "kurtosis" in sums:  # excess kurtosis of each block's output (outlier growth)
+      metrics["kurtosis/max"] = jnp.max(sums["kurtosis"])
+      metrics.update({f"kurtosis/layer_{i}": k for i, k in enumerate(sums["kurtosis"])})
     return TrainState(step=state.step + 1, params=params, opt_state=opt_state,
                       guard=guard_state), metrics
 

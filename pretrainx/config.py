@@ -39,6 +39,10 @@ class RunConfig:
     peak_tflops: the MFU denominator for the whole job; None measures this machine's matmul peak.
     sample_prompt / sample_tokens: what the final sample continues and its length (0: no sample).
     progress_bar: show a tqdm bar on stderr.
+    precision: a named policy that sets ModelConfig.param_dtype, ModelConfig.dtype and
+      OptimizerConfig.state_dtype together: 'fp32', 'bf16_mixed' (fp32 params and optimizer
+      state, bf16 compute) or 'bf16_pure' (all bf16; pair with OptimizerConfig.stochastic_rounding).
+      None leaves the three fields as they are set.
   """
 
   run_dir: str = "runs/default"
@@ -57,6 +61,15 @@ class RunConfig:
   sample_temperature: float = 0.7
   sample_top_k: int = 40
   progress_bar: bool = True
+  precision: str | None = None
+
+
+# policy -> (param_dtype, compute dtype, optimizer state dtype)
+PRECISION_POLICIES = {
+    "fp32": ("float32", "float32", "float32"),
+    "bf16_mixed": ("float32", "bfloat16", "float32"),
+    "bf16_pure": ("bfloat16", "bfloat16", "bfloat16"),
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,6 +81,18 @@ class Experiment:
   run: RunConfig = RunConfig()
   checkpoint: CheckpointConfig = CheckpointConfig()
   guard: GuardConfig = GuardConfig()
+
+  def resolved(self) -> "Experiment":
+    """The experiment with RunConfig.precision applied to the dtype fields it names."""
+    name = self.run.precision
+    if name is None:
+      return self
+    if name not in PRECISION_POLICIES:
+      raise ValueError(f"RunConfig.precision={name!r}; choose one of {sorted(PRECISION_POLICIES)} "
+                       "or None.")
+    param, compute, state = PRECISION_POLICIES[name]
+    return self.replace(model={"param_dtype": param, "dtype": compute},
+                        optimizer={"state_dtype": state})
 
   def replace(self, **sections: dict[str, Any]) -> "Experiment":
     """exp.replace(run={'steps': 10}) -> a copy with those fields of those sections changed."""
@@ -85,6 +110,7 @@ IDENTITY_SECTIONS = ("model", "data")
 
 def validate(exp: Experiment) -> None:
   """Cross-section checks that no single dataclass can make on its own."""
+  exp = exp.resolved()
   run, model = exp.run, exp.model
   if run.seq_len > model.max_seq_len:
     raise ValueError(

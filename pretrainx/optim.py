@@ -42,6 +42,8 @@ class OptimizerConfig:
       matches AdamW's (Moonlight's shape-aware scaling); None leaves them unscaled.
     sophia_gamma / sophia_interval: Sophia's Hessian scale and the steps between estimates.
     adafactor_min_dim: Adafactor factors the second moment of dims at least this large.
+    stochastic_rounding: add updates to bf16 params in fp32 and round stochastically, so updates
+      smaller than half a bf16 ulp still move the params in expectation.
   """
 
   learning_rate: float = 3e-3
@@ -65,6 +67,7 @@ class OptimizerConfig:
   sophia_gamma: float = 0.01
   sophia_interval: int = 10
   adafactor_min_dim: int = 128
+  stochastic_rounding: bool = False
 
   def __post_init__(self):
     if self.name not in OPTIMIZERS:
@@ -208,3 +211,25 @@ def make_optimizer(cfg: OptimizerConfig, total_steps: int
     parts.append(optax.clip_by_global_norm(cfg.clip_grad_norm))
   parts.append(_base_optimizer(cfg, schedule))
   return optax.chain(*parts), schedule
+
+
+def stochastic_round_to_bf16(x: jax.Array, rng: jax.Array) -> jax.Array:
+  """fp32 -> bf16 rounding up or down with probability proportional to the distance (unbiased)."""
+  bits = jax.lax.bitcast_convert_type(x.astype(jax.numpy.float32), jax.numpy.uint32)
+  noise = jax.random.bits(rng, x.shape, jax.numpy.uint32) & jax.numpy.uint32(0xFFFF)
+  rounded = (bits + noise) & jax.numpy.uint32(0xFFFF0000)
+  return jax.lax.bitcast_convert_type(rounded, jax.numpy.float32).astype(jax.numpy.bfloat16)
+
+
+def apply_updates_stochastic(params: Any, updates: Any, rng: jax.Array) -> Any:
+  """params + updates, computed in fp32; bf16 params are stochastically rounded, others exact."""
+  leaves, treedef = jax.tree.flatten(params)
+  keys = list(jax.random.split(rng, len(leaves)))
+  keys = jax.tree.unflatten(treedef, keys)
+
+  def add(p, u, key):
+    total = p.astype(jax.numpy.float32) + u.astype(jax.numpy.float32)
+    return stochastic_round_to_bf16(total, key) if p.dtype == jax.numpy.bfloat16 else \
+        total.astype(p.dtype)
+
+  return jax.tree.map(add, params, updates, keys)

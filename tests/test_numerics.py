@@ -41,3 +41,44 @@ def test_kurtosis_is_logged_per_layer(tiny_exp):
   row = [r for r in read_metrics(result.paths.metrics) if "train/loss" in r][-1]
   layers = [row["train/kurtosis/layer_0"], row["train/kurtosis/layer_1"]]
   assert all(np.isfinite(layers)) and row["train/kurtosis/max"] == max(layers)
+
+
+def test_precision_policies_set_the_three_dtypes_together():
+  from pretrainx.config import Experiment
+  exp = Experiment().replace(run={"precision": "bf16_pure"}).resolved()
+  assert (exp.model.param_dtype, exp.model.dtype, exp.optimizer.state_dtype) == (
+      "bfloat16", "bfloat16", "bfloat16")
+  mixed = Experiment().replace(run={"precision": "bf16_mixed"}).resolved()
+  assert (mixed.model.param_dtype, mixed.model.dtype, mixed.optimizer.state_dtype) == (
+      "float32", "bfloat16", "float32")
+  with pytest.raises(ValueError, match="RunConfig.precision='fp8'"):
+    Experiment().replace(run={"precision": "fp8"}).resolved()
+
+
+def test_stochastic_rounding_is_unbiased_and_keeps_tiny_updates():
+  from pretrainx.optim import apply_updates_stochastic, stochastic_round_to_bf16
+  x = jnp.full((100_000,), 1.0 + 0.3 * 2**-7, jnp.float32)  # 30% of the way to the next bf16
+  r = stochastic_round_to_bf16(x, jax.random.key(0)).astype(jnp.float32)
+  assert set(np.unique(np.asarray(r)).tolist()) == {1.0, 1.0 + 2**-7}
+  assert float(r.mean()) == pytest.approx(float(x[0]), abs=2e-4)
+  p = {"w": jnp.ones((4096,), jnp.bfloat16)}
+  nearest, stochastic = p, p
+  for i in range(200):  # 200 updates of 1e-4: each is below half a bf16 ulp at 1.0 (3.9e-3)
+    u = {"w": jnp.full((4096,), 1e-4, jnp.float32)}
+    nearest = jax.tree.map(lambda a, b: (a + b).astype(jnp.bfloat16), nearest, u)
+    stochastic = apply_updates_stochastic(stochastic, u, jax.random.key(i))
+  assert float(nearest["w"].astype(jnp.float32).mean()) == 1.0  # round-to-nearest loses them all
+  assert float(stochastic["w"].astype(jnp.float32).mean()) == pytest.approx(1.02, abs=0.003)
+  assert stochastic["w"].dtype == jnp.bfloat16
+
+
+def test_bf16_pure_training_with_stochastic_rounding_learns(tiny_exp):
+  exp = tiny_exp(run={"steps": 30, "log_every": 1, "sample_tokens": 0, "eval_batches": 1,
+                      "precision": "bf16_pure"},
+                 optimizer={"stochastic_rounding": True})
+  result = loop.train(exp)
+  losses = [r["train/loss"] for r in read_metrics(result.paths.metrics) if "train/loss" in r]
+  assert np.mean(losses[-5:]) < losses[0] - 1.0
+  from pretrainx.checkpoint import Checkpointer
+  meta = Checkpointer(result.paths.checkpoints, create=False).read_meta()
+  assert "ModelConfig.param_dtype = 'bfloat16'" in meta["config_gin"]

@@ -49,6 +49,7 @@ class Runtime:
 def build_runtime(exp: Experiment) -> Runtime:
   """Validates `exp` and builds the mesh, model, optimizer and jitted (donating) train step."""
   validate(exp)
+  exp = exp.resolved()
   run = exp.run
   mesh = make_mesh(exp.mesh)
   check_batch_divisible(run.global_batch_size, mesh, run.microbatches)
@@ -58,7 +59,8 @@ def build_runtime(exp: Experiment) -> Runtime:
   bs = batch_sharding(mesh)
   step_fn = make_train_step(model, optimizer, schedule, z_loss=run.z_loss,
                             microbatches=run.microbatches, guard=exp.guard,
-                            hessian_estimate=exp.optimizer.name == "sophia", seed=run.seed)
+                            hessian_estimate=exp.optimizer.name == "sophia", seed=run.seed,
+                            stochastic_rounding=exp.optimizer.stochastic_rounding)
   train_step = jax.jit(step_fn, in_shardings=(shardings, bs), out_shardings=(shardings, None),
                        donate_argnums=0)
   eval_step = jax.jit(make_eval_step(model), in_shardings=(shardings.params, bs))

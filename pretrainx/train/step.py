@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import optax
 
 from pretrainx.model.transformer import sown_kurtosis
+from pretrainx.optim import apply_updates_stochastic
 from pretrainx.train.guard import GuardConfig, guard_update
 from pretrainx.train.state import TrainState
 
@@ -102,7 +103,7 @@ def gnb_grads(logits_fn: Callable[[Any], jax.Array], params: Any, loss_mask: jax
 def make_train_step(model: nn.Module, optimizer: optax.GradientTransformation,
                     schedule: optax.Schedule, *, z_loss: float = 0.0, microbatches: int = 1,
                     guard: GuardConfig = GuardConfig(), hessian_estimate: bool = False,
-                    seed: int = 0
+                    seed: int = 0, stochastic_rounding: bool = False
                     ) -> Callable[[TrainState, Batch], tuple[TrainState, dict[str, jax.Array]]]:
   """Returns the pure step function; the loop jits it with shardings and donates the state.
 
@@ -125,7 +126,11 @@ def make_train_step(model: nn.Module, optimizer: optax.GradientTransformation,
       rng = jax.random.fold_in(jax.random.key(seed), state.step)
       extra["gnb_grads"] = lambda p: gnb_grads(logits_fn, p, batch["loss_mask"], rng)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params, **extra)
-    params = optax.apply_updates(state.params, updates)
+    if stochastic_rounding:
+      rounding_key = jax.random.fold_in(jax.random.key(seed + 1), state.step)
+      params = apply_updates_stochastic(state.params, updates, rounding_key)
+    else:
+      params = optax.apply_updates(state.params, updates)
     keep_if_bad = lambda new, old: jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)
     params = keep_if_bad(params, state.params)
     opt_state = keep_if_bad(opt_state, state.opt_state)

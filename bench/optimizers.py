@@ -21,7 +21,7 @@ import jax  # noqa: E402  pylint: disable=wrong-import-position
 import numpy as np  # noqa: E402  pylint: disable=wrong-import-position
 
 from pretrainx.config import parse_gin  # noqa: E402  pylint: disable=wrong-import-position
-from pretrainx.metrics import read_metrics  # noqa: E402  pylint: disable=wrong-import-position
+from pretrainx.metrics import plot_curves, read_metrics  # noqa: E402  pylint: disable=wrong-import-position
 from pretrainx.train import loop  # noqa: E402  pylint: disable=wrong-import-position
 from pretrainx.train.runtime import build_runtime  # noqa: E402  pylint: disable=wrong-import-position
 
@@ -90,21 +90,10 @@ def main() -> None:
 
 
 def plot(best: dict, out: str, target: float) -> None:
-  import matplotlib  # pylint: disable=import-outside-toplevel
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
-  fig, ax = plt.subplots(figsize=(7, 4.2), dpi=110)
+  curves = []
   for name, r in best.items():
-    line, = ax.plot(*zip(*r["train"]), label=f"{name} (lr {r['lr']:g})")
-    ax.plot(*zip(*r["eval"]), "o--", color=line.get_color(), markersize=4)
-  ax.axhline(target, color="gray", linestyle=":", label="target")
-  ax.set_xlabel("step")
-  ax.set_ylabel("loss (nats/token); dashed: validation")
-  ax.grid(alpha=0.3)
-  ax.legend()
-  fig.tight_layout()
-  fig.savefig(out)
-  plt.close(fig)
+    curves += [(f"{name} (lr {r['lr']:g})", r["train"], "-"), (f"_{name} eval", r["eval"], "o--")]
+  plot_curves(curves, out, ylabel="loss (nats/token); dashed: validation", hline=(target, "target"))
 
 
 if __name__ == "__main__":

@@ -206,10 +206,10 @@ class Checkpointer:
 
 def _check_finite_arrays(state: Any, step: int) -> None:
   """Garbled bytes can decode to NaN/inf rather than fail; a saved state is always finite."""
-  for leaf in jax.tree.leaves(state):
-    if jax.numpy.issubdtype(leaf.dtype, jax.numpy.floating):
-      if not bool(jax.numpy.isfinite(leaf).all()):
-        raise OSError(f"step {step} holds non-finite values")
+  finite = [jax.numpy.isfinite(leaf).all() for leaf in jax.tree.leaves(state)
+            if jax.numpy.issubdtype(leaf.dtype, jax.numpy.floating)]
+  if finite and not bool(jax.numpy.stack(finite).all()):  # one host sync for the whole state
+    raise OSError(f"step {step} holds non-finite values")
 
 
 def save_params(directory: str, params: Any, meta: dict[str, Any]) -> str:

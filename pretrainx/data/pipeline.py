@@ -115,10 +115,6 @@ class TrainBatches:
     options = grain.ReadOptions(num_threads=1, prefetch_buffer_size=max(self.prefetch, 1))
     return iter(steps.to_iter_dataset(options))
 
-  @property
-  def epoch_tokens(self) -> int:
-    return len(self.rows) * self.rows.seq_len
-
 
 def eval_batches(cfg: DataConfig, seq_len: int, batch_size: int, num_batches: int | None,
                  process_index: int = 0, process_count: int = 1) -> list[dict[str, np.ndarray]]:

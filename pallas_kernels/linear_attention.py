@@ -195,7 +195,7 @@ def _scan_head(q, k, v, log_gamma, eps):
 
 
 def _chunked_jax(phi_q, phi_k, v, log_gamma, chunk, eps):
-  """The kernel's computation in pure JAX (lax.scan over chunks); same shapes as `_pallas_forward`."""
+  """The kernel's computation in pure JAX (lax.scan over chunks); shapes as `_pallas_forward`."""
   batch, seq, heads, feat = phi_q.shape
   kv_heads, head_dim = v.shape[2], v.shape[3]
   groups = heads // kv_heads

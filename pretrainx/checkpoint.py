@@ -204,11 +204,19 @@ class Checkpointer:
     return target
 
 
+@jax.jit
+def _all_finite(leaves: list) -> jax.Array:
+  return jax.numpy.all(jax.numpy.stack([jax.numpy.isfinite(x).all() for x in leaves]))
+
+
 def _check_finite_arrays(state: Any, step: int) -> None:
-  """Garbled bytes can decode to NaN/inf rather than fail; a saved state is always finite."""
-  finite = [jax.numpy.isfinite(leaf).all() for leaf in jax.tree.leaves(state)
+  """Garbled bytes can decode to NaN/inf rather than fail; a saved state is always finite.
+
+  One jitted program for the whole state: a single host sync, and no interleaving of many small
+  cross-device programs (which can deadlock XLA's CPU collectives)."""
+  floats = [leaf for leaf in jax.tree.leaves(state)
             if jax.numpy.issubdtype(leaf.dtype, jax.numpy.floating)]
-  if finite and not bool(jax.numpy.stack(finite).all()):  # one host sync for the whole state
+  if floats and not bool(_all_finite(floats)):
     raise OSError(f"step {step} holds non-finite values")
 
 

@@ -37,6 +37,11 @@ def test_train_eval_generate(tmp_path):
   out = run_cli("eval", f"--run_dir={run_dir}", "--eval_batches=2")
   assert out.returncode == 0, out.stderr
   assert out.stdout.startswith("step 30: validation loss")
+  # the whole split: hundreds of eval batches over 2 devices (once deadlocked XLA CPU collectives)
+  whole = run_cli("eval", f"--run_dir={run_dir}")
+  assert whole.returncode == 0, whole.stderr[-2000:]
+  tokens = lambda s: float(s.split(" over ")[1].split()[0])
+  assert tokens(whole.stdout) > 100 * tokens(out.stdout)
 
   out = run_cli("generate", f"--run_dir={run_dir}", "--prompt=import ", "--max_new_tokens=20",
                 "--temperature=0")

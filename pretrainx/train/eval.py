@@ -6,7 +6,6 @@ from typing import Any, Callable, Iterable
 
 import flax.linen as nn
 import jax
-import numpy as np
 
 from pretrainx.train.step import batch_loss_sums
 
@@ -17,8 +16,13 @@ def make_eval_step(model: nn.Module) -> Callable[[Any, dict], dict[str, jax.Arra
 
 
 def evaluate(eval_step: Callable, params: Any, device_batches: Iterable[dict]) -> dict[str, float]:
-  """{'loss': mean cross-entropy in nats/token, 'tokens': count}. Syncs once at the end."""
-  sums = [eval_step(params, b) for b in device_batches]
-  ce = float(np.sum([jax.device_get(s["ce"]) for s in sums]))
-  tokens = float(np.sum([jax.device_get(s["tokens"]) for s in sums]))
+  """{'loss': mean cross-entropy in nats/token, 'tokens': count}.
+
+  Waits for each batch before dispatching the next: independent programs with cross-device
+  reductions in flight at once can deadlock XLA's CPU collectives, and eval is not the hot path.
+  """
+  ce = tokens = 0.0
+  for batch in device_batches:
+    sums = jax.device_get(eval_step(params, batch))
+    ce, tokens = ce + float(sums["ce"]), tokens + float(sums["tokens"])
   return {"loss": ce / max(tokens, 1.0), "tokens": tokens}

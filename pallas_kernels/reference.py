@@ -1,8 +1,9 @@
 """Pure-JAX reference attention: the ground truth every attention kernel is tested against.
 
-Softmax attention with causality, packed-document `segment_ids`, grouped-query heads (K/V are
-shared by groups of query heads without being repeated in memory), an optional sliding window and
-an optional logit soft-cap. Scores are computed in fp32 whatever the input dtype.
+Softmax attention with causality, packed-document `segment_ids`, a bidirectional prefix
+(`prefix_mask`, prefix-LM / UL2), grouped-query heads (K/V are shared by groups of query heads
+without being repeated in memory), an optional sliding window and an optional logit soft-cap.
+Scores are computed in fp32 whatever the input dtype.
 """
 
 from __future__ import annotations
@@ -42,20 +43,28 @@ def attention_mask(
     q_segment_ids: jax.Array | None,
     kv_segment_ids: jax.Array | None,
     sliding_window: int | None = None,
+    prefix_mask: jax.Array | None = None,
 ) -> jax.Array:
   """Boolean mask [batch or 1, q_len, kv_len]: True where query i may attend to key j.
 
-  Queries are aligned to the end of the keys (query i sits at key position kv_len - q_len + i),
-  which is the usual convention for decoding with a cache.
+  mask(i, j) = same_segment(i, j) & (causal_ok(i, j) | prefix[j]) & window_ok(i, j): a key in the
+  bidirectional prefix (`prefix_mask` [batch, kv_len], True on prefix tokens) is visible to every
+  query of its segment, earlier or later. Queries are aligned to the end of the keys (query i sits
+  at key position kv_len - q_len + i), which is the usual convention for decoding with a cache.
   """
   q_idx = jnp.arange(q_len)[:, None] + (kv_len - q_len)
   kv_idx = jnp.arange(kv_len)[None, :]
   mask = jnp.ones((q_len, kv_len), dtype=bool)
   if causal:
-    mask &= kv_idx <= q_idx
+    mask = kv_idx <= q_idx
+  mask = mask[None]  # [1, q_len, kv_len]
+  if prefix_mask is not None:
+    if prefix_mask.ndim != 2 or prefix_mask.shape[1] != kv_len:
+      raise ValueError(f"prefix_mask must be [batch, kv_len={kv_len}]; got shape "
+                       f"{prefix_mask.shape}.")
+    mask = mask | prefix_mask.astype(bool)[:, None, :]
   if sliding_window is not None:
-    mask &= q_idx - kv_idx < sliding_window
-  mask = mask[None]
+    mask &= (q_idx - kv_idx < sliding_window)[None]
   if q_segment_ids is not None or kv_segment_ids is not None:
     if q_segment_ids is None or kv_segment_ids is None:
       raise ValueError("pass both q_segment_ids and kv_segment_ids, or neither.")
@@ -74,6 +83,7 @@ def reference_attention(
     sliding_window: int | None = None,
     logit_softcap: float | None = None,
     scale: float | None = None,
+    prefix_mask: jax.Array | None = None,
 ) -> jax.Array:
   """Softmax attention, materialising the scores.
 
@@ -85,6 +95,8 @@ def reference_attention(
     sliding_window: if set, query i sees keys j with i - j < sliding_window.
     logit_softcap: if set, scores become softcap * tanh(scores / softcap).
     scale: score scale; default head_dim ** -0.5.
+    prefix_mask: [batch, kv_len] bool, True on the bidirectional prefix: those keys are visible to
+      all queries of their segment (prefix-LM); see `attention_mask`.
   Returns:
     [batch, q_len, num_heads, head_dim] in q's dtype.
   """
@@ -100,7 +112,8 @@ def reference_attention(
   if logit_softcap is not None:
     scores = logit_softcap * jnp.tanh(scores / logit_softcap)
   mask = attention_mask(q_len, kv_len, causal=causal, q_segment_ids=q_segment_ids,
-                        kv_segment_ids=kv_segment_ids, sliding_window=sliding_window)
+                        kv_segment_ids=kv_segment_ids, sliding_window=sliding_window,
+                        prefix_mask=prefix_mask)
   scores = jnp.where(mask[:, None, None], scores, MASK_VALUE)  # [batch, kv_heads, groups, q, k]
   probs = jax.nn.softmax(scores, axis=-1)
   # Rows with no visible key (possible only with padding) get zero output, not a uniform average.

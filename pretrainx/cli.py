@@ -1,4 +1,4 @@
-"""Command line: `python -m pretrainx {train,eval,generate,export,peak} ...`.
+"""Command line: `python -m pretrainx {train,eval,generate,export,data,peak} ...`.
 
 Every subcommand takes gin files and `--gin_param` overrides (eval and generate default to the
 config.gin a run wrote). Bad input ends with one clear message on stderr and exit status 2.
@@ -66,6 +66,19 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--checkpoint_dir", default=None, help="default: RUN_DIR/checkpoints")
   p.add_argument("--step", type=int, default=None, help="default: the latest checkpoint")
   p.add_argument("--out", required=True, help="directory to write (Orbax, params + meta)")
+
+  p = sub.add_parser("data", help="prepare or inspect token stores (data prepare|inspect NAME...)")
+  p.add_argument("action", choices=("prepare", "inspect"))
+  p.add_argument("names", nargs="*",
+                 help="domains/tasks (embedded-corpus domains or DataConfig.tasks names); "
+                      "default: every domain of DataConfig.domains")
+  p.add_argument("--gin_file", action="append", default=[],
+                 help="gin config defining DataConfig (its tasks, vocabulary, store_dir)")
+  p.add_argument("--gin_param", action="append", default=[], help="one gin binding")
+  p.add_argument("--split", action="append", default=None,
+                 help="split(s) to prepare or inspect (default: train and validation)")
+  p.add_argument("--overwrite", action="store_true", help="rebuild stores that already exist")
+  p.add_argument("--num_docs", type=int, default=3, help="documents shown by inspect")
 
   p = sub.add_parser("peak", help="measure this machine's jitted matmul FLOP/s (MFU denominator)")
   p.add_argument("--size", type=int, default=2048)
@@ -135,6 +148,33 @@ def cmd_export(args) -> None:
   _out(f"exported the params of step {step} to {path}")
 
 
+def cmd_data(args) -> None:
+  from pretrainx import config  # pylint: disable=import-outside-toplevel
+  from pretrainx.data import pipeline, store  # pylint: disable=import-outside-toplevel
+  from pretrainx.data.corpus import DOMAINS  # pylint: disable=import-outside-toplevel
+
+  data = config.parse_gin(args.gin_file, args.gin_param).data
+  tasks = {t.name: t for t in data.tasks}
+  names = args.names or list(data.domains)
+  unknown = [n for n in names if n not in tasks and n not in DOMAINS]
+  if unknown:
+    raise ValueError(f"unknown task(s) {unknown}: name embedded-corpus domains {DOMAINS} or "
+                     f"tasks of DataConfig.tasks {sorted(tasks)} (pass the --gin_file that "
+                     "defines them).")
+  splits = args.split or ["train", "validation"]
+  for name in names:
+    if args.action == "prepare" and name in tasks:
+      store.prepare(tasks[name], data.store_root, data.vocabulary, splits=tuple(splits),
+                    overwrite=args.overwrite)
+    for split in splits:
+      opened = pipeline.open_domain_store(data, name, split)
+      if args.action == "prepare":
+        _out(f"{name}/{split}: {opened.num_docs:,} documents, {opened.num_tokens:,} tokens "
+             f"in {opened.path}")
+      else:
+        _out(f"== {name}/{split}\n" + store.inspect_text(opened, args.num_docs, data.vocabulary))
+
+
 def cmd_peak(args) -> None:
   import jax  # pylint: disable=import-outside-toplevel
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
@@ -148,7 +188,7 @@ def cmd_peak(args) -> None:
 
 
 COMMANDS = {"train": cmd_train, "eval": cmd_eval, "generate": cmd_generate,
-            "export": cmd_export, "peak": cmd_peak}
+            "export": cmd_export, "data": cmd_data, "peak": cmd_peak}
 
 
 def configure_cpu_devices(setting: str) -> None:

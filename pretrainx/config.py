@@ -14,7 +14,10 @@ import re
 from typing import Any
 
 from pretrainx.checkpoint import CheckpointConfig
+from pretrainx.data.mixture import Stage, check_stages
+from pretrainx.data.objectives import Denoiser, ObjectiveConfig
 from pretrainx.data.pipeline import DataConfig
+from pretrainx.data.tasks import CorpusTask, FileTask, MixtureSpec
 from pretrainx.data.vocab import ByteVocabulary
 from pretrainx.model.config import ModelConfig
 from pretrainx.optim import OptimizerConfig
@@ -102,8 +105,10 @@ class Experiment:
 
 # Gin files include others by repo-relative path ('gin_configs/models/tiny.gin').
 _REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CONFIGURABLES = (ModelConfig, OptimizerConfig, MeshConfig, DataConfig, RunConfig, CheckpointConfig,
-                 GuardConfig, ByteVocabulary)
+SECTIONS = (ModelConfig, OptimizerConfig, MeshConfig, DataConfig, RunConfig, CheckpointConfig,
+            GuardConfig)
+CONFIGURABLES = SECTIONS + (ByteVocabulary, Stage, ObjectiveConfig, Denoiser, FileTask, CorpusTask,
+                            MixtureSpec)
 # Sections whose change makes an existing run directory a different experiment.
 IDENTITY_SECTIONS = ("model", "data")
 
@@ -123,6 +128,11 @@ def validate(exp: Experiment) -> None:
         f"set ModelConfig.vocab_size >= {vocab_size}.")
   if run.steps < 1 or run.global_batch_size < 1 or run.microbatches < 1:
     raise ValueError("RunConfig.steps, global_batch_size and microbatches must be positive.")
+  check_stages(exp.data.schedule_stages, exp.data.domains)
+  if exp.data.uses_prefix_lm and model.attention_impl in ("linear", "hybrid"):
+    raise ValueError(
+        f"a 'ul2' stage needs a bidirectional prefix, which attention_impl="
+        f"{model.attention_impl!r} cannot give; use 'reference' or 'flash'.")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -178,7 +188,7 @@ def parse_gin(gin_files: list[str] | tuple[str, ...] = (), gin_params: list[str]
       raise FileNotFoundError(f"gin file {f} not found (looked relative to {os.getcwd()}).")
   try:
     gin.parse_config_files_and_bindings(list(gin_files), list(gin_params))
-    built = {name: cls() for name, cls in _GIN_CLASSES.items() if name != "ByteVocabulary"}
+    built = {cls.__name__: _GIN_CLASSES[cls.__name__]() for cls in SECTIONS}
     exp = Experiment(model=built["ModelConfig"], optimizer=built["OptimizerConfig"],
                      mesh=built["MeshConfig"], data=built["DataConfig"], run=built["RunConfig"],
                      checkpoint=built["CheckpointConfig"], guard=built["GuardConfig"])
@@ -190,27 +200,38 @@ def parse_gin(gin_files: list[str] | tuple[str, ...] = (), gin_params: list[str]
   return exp
 
 
-def _gin_value(value: Any) -> str:
+def _gin_expr(value: Any, scope: str, lines: list[str]) -> str:
+  """`value` as a gin expression; a nested dataclass becomes `@scope/Class()` and its fields are
+  appended to `lines` as bindings in that scope, recursively."""
   if dataclasses.is_dataclass(value) and not isinstance(value, type):
-    return f"@{type(value).__name__}()"
+    name = type(value).__name__
+    for f in dataclasses.fields(value):
+      expr = _gin_expr(getattr(value, f.name), f"{scope}_{f.name}", lines)
+      lines.append(f"{scope}/{name}.{f.name} = {expr}")
+    return f"@{scope}/{name}()"
+  if isinstance(value, (tuple, list)):
+    items = [_gin_expr(v, f"{scope}_{i}", lines) for i, v in enumerate(value)]
+    return "(" + ", ".join(items) + ("," if len(items) == 1 else "") + ")"
+  if isinstance(value, dict):
+    return "{" + ", ".join(f"{k!r}: {_gin_expr(v, f'{scope}_{k}', lines)}"
+                           for k, v in value.items()) + "}"
   return repr(value)
 
 
 def experiment_to_gin(exp: Experiment) -> str:
-  """Every field of every section as a gin binding; parse_gin of the text gives `exp` back."""
+  """Every field of every section as a gin binding; parse_gin of the text gives `exp` back.
+
+  Nested configurables (the vocabulary, mixture stages, tasks, objectives) get a gin scope each.
+  """
   lines = ["# Operative configuration written by pretrainx; load with --gin_file."]
-  nested = []
   for section in dataclasses.fields(exp):
     obj = getattr(exp, section.name)
-    lines.append(f"\n# {section.name}")
+    nested: list[str] = []
+    top = []
     for f in dataclasses.fields(obj):
-      value = getattr(obj, f.name)
-      lines.append(f"{type(obj).__name__}.{f.name} = {_gin_value(value)}")
-      if dataclasses.is_dataclass(value):
-        nested.append(value)
-  for obj in nested:
-    for f in dataclasses.fields(obj):
-      lines.append(f"{type(obj).__name__}.{f.name} = {_gin_value(getattr(obj, f.name))}")
+      expr = _gin_expr(getattr(obj, f.name), f"{section.name}_{f.name}", nested)
+      top.append(f"{type(obj).__name__}.{f.name} = {expr}")
+    lines += [f"\n# {section.name}", *top, *nested]
   return "\n".join(lines) + "\n"
 
 

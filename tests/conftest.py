@@ -1,10 +1,14 @@
 """Test setup: 8 fake CPU devices (set before jax is imported) and tiny experiments."""
 
 import os
+import tempfile
 
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                            " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# Token stores (the embedded corpus is tokenized on first use) go to a fresh directory per test
+# process, never to the user's ~/.cache.
+os.environ["PRETRAINX_DATA_DIR"] = tempfile.mkdtemp(prefix="pretrainx-test-stores-")
 
 import pytest  # noqa: E402
 

@@ -1,11 +1,10 @@
-"""Embedded corpus, byte vocabulary, packing, and the step-indexed batch order."""
+"""Embedded corpus, byte vocabulary, and the step-indexed batch order."""
 
 import numpy as np
 import pytest
 
 from pretrainx.data.corpus import corpus_stats, load_documents
-from pretrainx.data.pipeline import (DataConfig, PackedRows, TrainBatches, eval_batches, tokenize,
-                                     unigram_entropy)
+from pretrainx.data.pipeline import DataConfig, TrainBatches, eval_batches, unigram_entropy
 from pretrainx.data.vocab import ByteVocabulary
 
 
@@ -37,24 +36,6 @@ def test_corpus_domains_split_is_deterministic_and_disjoint():
     load_documents("train", ("poetry",))
 
 
-def test_packing_segments_positions_and_mask():
-  vocab = ByteVocabulary()
-  tokens, doc = tokenize(["abc", "de", "fghij"], vocab)  # lengths with eos: 4, 3, 6
-  rows = PackedRows(tokens, doc, seq_len=5)
-  assert len(rows) == 2
-  r0, r1 = rows[0], rows[1]
-  np.testing.assert_array_equal(r0["segment_ids"], [1, 1, 1, 1, 2])
-  np.testing.assert_array_equal(r0["positions"], [0, 1, 2, 3, 0])
-  # the last target of a document is its eos; predicting the next document's first token is not
-  np.testing.assert_array_equal(r0["loss_mask"], [1, 1, 1, 0, 1])
-  np.testing.assert_array_equal(r0["targets"][:3], vocab.encode("bc").tolist() + [vocab.eos_id])
-  np.testing.assert_array_equal(r1["segment_ids"], [1, 1, 2, 2, 2])
-  np.testing.assert_array_equal(r1["positions"], [0, 1, 0, 1, 2])
-  # every input token of the stream appears exactly once over the rows
-  flat = np.concatenate([rows[i]["inputs"] for i in range(len(rows))])
-  np.testing.assert_array_equal(flat, tokens[:10])
-
-
 def test_batch_at_step_is_a_pure_function_of_seed_and_step():
   cfg = DataConfig()
   a, b = TrainBatches(cfg, 32, 8), TrainBatches(cfg, 32, 8)
@@ -78,7 +59,9 @@ def test_hosts_get_disjoint_halves_of_the_global_batch():
 
 
 def test_eval_batches_pad_the_last_batch_and_baseline():
-  batches = eval_batches(DataConfig(domains=("prose",)), 64, 16, None)
+  per_domain = eval_batches(DataConfig(domains=("prose",)), 64, 16, None)
+  assert list(per_domain) == ["prose"]
+  batches = per_domain["prose"]
   assert len({b["inputs"].shape for b in batches}) == 1
   assert batches[-1]["loss_mask"][-1].sum() == 0  # padding rows carry no loss
   h = unigram_entropy(batches, 259)

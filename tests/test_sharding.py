@@ -21,6 +21,7 @@ def _loss_and_grads(exp, mesh_cfg, devices=None):
   state, shardings = create_train_state(model, optax.sgd(0.1), mesh, mesh_cfg.rules, seed=0,
                                         seq_len=exp.run.seq_len)
   batch = TrainBatches(exp.data, exp.run.seq_len, exp.run.global_batch_size).batch_at(0)
+  batch.pop("domain")  # [batch] row labels; only the [batch, seq] arrays go to the model
   bs = batch_sharding(mesh)
   with mesh_scope(mesh, mesh_cfg.rules):
     fn = jax.jit(lambda p, b: loss_and_grads(model, p, b), in_shardings=(shardings.params, bs))

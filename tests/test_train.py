@@ -26,7 +26,9 @@ def test_tiny_model_learns_in_100_steps(tiny_exp):
   losses = [r["train/loss"] for r in rows if "train/loss" in r]
   assert losses[0] > 5.0  # starts near log(259) = 5.56
   assert np.mean(losses[-3:]) < losses[0] - 2.0, losses
-  assert result.eval_loss < result.unigram_entropy - 0.2  # beats the unigram baseline
+  # Beats the unigram baseline (eval weighs the small prose domain as much as code).
+  assert result.eval_loss < result.unigram_entropy - 0.1
+  assert result.eval_domain_losses["code"] < result.unigram_entropy - 0.2
   assert [r["step"] for r in rows if "eval/loss" in r] == [50, 100]
   for path in (result.paths.metrics, result.paths.loss_plot, result.paths.config):
     assert os.path.getsize(path) > 0

@@ -1,21 +1,28 @@
-"""Batches for training and evaluation: tokenize, pack into rows, shuffle by seed, shard per host.
+"""Batches for training and evaluation: token stores -> packed rows -> step-scheduled mixture.
 
-Documents (each followed by eos) are concatenated and cut into rows of `seq_len`; `segment_ids`
-keep packed documents apart and `positions` restart at every document. The training batch at step
-k is a pure function of (seed, k): grain's shuffled MapDataset is read by index, so resuming at
-step k needs no state beyond k. Batches are dicts of int32 [batch, seq] arrays.
+Each domain (an embedded-corpus domain or a prepared task) is a token store read at random; its
+documents are shuffled per epoch and packed into rows (pretrainx.data.packing); a MixtureSchedule
+says which domain fills each row of each global batch, so the batch at step k is a pure function
+of (seed, schedule, k) and resuming needs only k. Grain reads batches ahead on worker threads.
+Validation is kept per domain. Batches are dicts of int32 [batch, seq] arrays plus `domain` [batch].
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Iterator
+from pathlib import Path
+from typing import Any, Iterator, Sequence
 
 import grain
 import numpy as np
+from absl import logging
 
-from pretrainx.data.corpus import DOMAINS, load_documents
+from pretrainx.data import store as token_store
+from pretrainx.data.corpus import DOMAINS
+from pretrainx.data.mixture import MixtureSchedule, Stage
+from pretrainx.data.objectives import ObjectiveConfig
+from pretrainx.data.packing import PACKING_MODES, DomainRows
 from pretrainx.data.vocab import ByteVocabulary
 
 BATCH_KEYS = ("inputs", "targets", "segment_ids", "positions", "loss_mask")
@@ -23,66 +30,65 @@ BATCH_KEYS = ("inputs", "targets", "segment_ids", "positions", "loss_mask")
 
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
-  """Where tokens come from and how they are split and shuffled.
+  """Where tokens come from, how they are mixed over training, packed and shuffled.
 
   Attributes:
-    domains: embedded-corpus domains to train on ('prose', 'code').
-    validation_fraction: share of each domain's bytes held out for evaluation.
-    vocabulary: any object with encode/decode/vocab_size/eos_id/pad_id (byte-level by default).
-    seed: shuffle seed; the batch at step k depends on (seed, k) only.
-    prefetch: batches prepared ahead of the training step by a background thread.
+    domains: the mixture's domains: embedded-corpus domains ('prose', 'code') or names of `tasks`.
+    tasks: FileTask specs (pretrainx.data.tasks) for user data; prepare their token stores first
+      with `python -m pretrainx data prepare NAME --gin_file=...`.
+    stages: the mixture schedule, Stage(start_step, weights, objective, metadata_prefix,
+      control_tokens) in order; empty means one stage of natural proportions (by training tokens).
+    packing: 'pack' (whole pieces per row, padded) or 'concat' (concatenate and split).
+    objective: UL2 denoisers, metadata template and control-token thresholds.
+    store_dir: where token stores live; '' means $PRETRAINX_DATA_DIR or ~/.cache/pretrainx/stores.
+    validation_fraction: share of each embedded-corpus domain's bytes held out for evaluation.
+    vocabulary: any object with encode/decode/vocab_size/eos_id/pad_id/name (bytes by default).
+    seed: shuffle and mixture seed; the batch at step k depends on (seed, stages, k) only.
+    prefetch: batches prepared ahead of the training step by grain's reader threads.
   """
 
   domains: tuple[str, ...] = DOMAINS
+  tasks: tuple[Any, ...] = ()
+  stages: tuple[Stage, ...] = ()
+  packing: str = "pack"
+  objective: ObjectiveConfig = ObjectiveConfig()
+  store_dir: str = ""
   validation_fraction: float = 0.05
   vocabulary: Any = ByteVocabulary()
   seed: int = 0
   prefetch: int = 2
 
+  def __post_init__(self):
+    for name in ("domains", "tasks", "stages"):  # gin gives lists; keep configs comparable
+      object.__setattr__(self, name, tuple(getattr(self, name)))
+    if self.packing not in PACKING_MODES:
+      raise ValueError(f"DataConfig.packing={self.packing!r}; choose one of {PACKING_MODES}.")
+    if not self.domains:
+      raise ValueError("DataConfig.domains is empty; name at least one domain.")
 
-def tokenize(texts: list[str], vocab) -> tuple[np.ndarray, np.ndarray]:
-  """-> (tokens [T], doc_index [T]) with every document followed by eos."""
-  pieces = [np.append(vocab.encode(t), np.int32(vocab.eos_id)) for t in texts]
-  if not pieces:
-    raise ValueError("no documents to tokenize; check DataConfig.domains and the split.")
-  tokens = np.concatenate(pieces).astype(np.int32)
-  doc_index = np.repeat(np.arange(len(pieces), dtype=np.int32), [len(p) for p in pieces])
-  return tokens, doc_index
+  @property
+  def store_root(self) -> Path:
+    return Path(self.store_dir).expanduser() if self.store_dir else token_store.default_store_root()
 
+  @property
+  def schedule_stages(self) -> tuple[Stage, ...]:
+    return tuple(self.stages) or (Stage(),)
 
-class PackedRows:
-  """Random-access rows cut from one token stream; row i covers tokens [i*L, (i+1)*L] (+1 target)."""
-
-  def __init__(self, tokens: np.ndarray, doc_index: np.ndarray, seq_len: int):
-    if len(tokens) < seq_len + 1:
-      raise ValueError(f"only {len(tokens)} tokens, fewer than one row of seq_len={seq_len} + 1.")
-    self.tokens, self.doc_index, self.seq_len = tokens, doc_index, seq_len
-
-  def __len__(self) -> int:
-    return (len(self.tokens) - 1) // self.seq_len
-
-  def __getitem__(self, i: int) -> dict[str, np.ndarray]:
-    start, length = int(i) * self.seq_len, self.seq_len
-    inputs = self.tokens[start:start + length]
-    targets = self.tokens[start + 1:start + length + 1]
-    docs = self.doc_index[start:start + length]
-    # Predicting the first token of the next document is not a target: the context is another doc.
-    loss_mask = (docs == self.doc_index[start + 1:start + length + 1]).astype(np.int32)
-    new_segment = np.concatenate([[True], docs[1:] != docs[:-1]])
-    segment_ids = np.cumsum(new_segment).astype(np.int32)  # 1, 1, ..., 2, 2, ...
-    starts = np.flatnonzero(new_segment)
-    positions = (np.arange(length) - starts[segment_ids - 1]).astype(np.int32)
-    return {"inputs": inputs, "targets": targets, "segment_ids": segment_ids,
-            "positions": positions, "loss_mask": loss_mask}
+  @property
+  def uses_prefix_lm(self) -> bool:
+    return any(s.objective == "ul2" for s in self.schedule_stages)
 
 
-def packed_rows(cfg: DataConfig, split: str, seq_len: int) -> PackedRows:
-  docs = load_documents(split, cfg.domains, cfg.validation_fraction)
-  return PackedRows(*tokenize([d.text for d in docs], cfg.vocabulary), seq_len)
-
-
-def _stack(rows: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
-  return {k: np.stack([r[k] for r in rows]) for k in BATCH_KEYS}
+def open_domain_store(cfg: DataConfig, domain: str, split: str):
+  """The token store of one domain's split; embedded-corpus stores are made on first use."""
+  tasks = {t.name: t for t in cfg.tasks}
+  if domain in tasks:
+    return token_store.open_store(cfg.store_root / domain / split, cfg.vocabulary)
+  if domain in DOMAINS:
+    return token_store.ensure_corpus_store(cfg.store_root, domain, split, cfg.vocabulary,
+                                           cfg.validation_fraction)
+  raise ValueError(f"unknown domain {domain!r}: not an embedded-corpus domain {DOMAINS} and not "
+                   f"the name of a task in DataConfig.tasks {sorted(tasks)}.")
 
 
 def host_slice(global_batch_size: int, process_index: int, process_count: int) -> slice:
@@ -93,52 +99,102 @@ def host_slice(global_batch_size: int, process_index: int, process_count: int) -
   return slice(process_index * per_host, (process_index + 1) * per_host)
 
 
+def _stack(rows: list[dict[str, np.ndarray]], keys: Sequence[str]) -> dict[str, np.ndarray]:
+  return {k: np.stack([r[k] for r in rows]) for k in keys}
+
+
 class TrainBatches:
-  """Training batch at step k = rows[k*B : (k+1)*B] of a seeded, endlessly repeated shuffle."""
+  """This host's part of the global batch of every step, from the stage-scheduled mixture."""
 
   def __init__(self, cfg: DataConfig, seq_len: int, global_batch_size: int,
                process_index: int = 0, process_count: int = 1):
-    self.rows = packed_rows(cfg, "train", seq_len)
-    self.shuffled = grain.MapDataset.source(self.rows).shuffle(seed=cfg.seed).repeat()
-    self.global_batch_size = global_batch_size
+    self.cfg, self.seq_len, self.global_batch_size = cfg, seq_len, global_batch_size
+    self.domains = tuple(cfg.domains)
+    stores = [open_domain_store(cfg, d, "train") for d in self.domains]
+    self.rows = [DomainRows(s, seq_len=seq_len, seed=cfg.seed, domain_index=i, mode=cfg.packing,
+                            vocab=cfg.vocabulary, objective_cfg=cfg.objective)
+                 for i, s in enumerate(stores)]
+    natural = {d: float(s.num_tokens) for d, s in zip(self.domains, stores)}
+    self.schedule = MixtureSchedule(cfg.schedule_stages, self.domains, global_batch_size,
+                                    cfg.seed, natural)
     self.local = host_slice(global_batch_size, process_index, process_count)
-    self.prefetch = cfg.prefetch
+    self.keys = BATCH_KEYS + (("prefix_mask",) if cfg.uses_prefix_lm else ())
 
   def batch_at(self, step: int) -> dict[str, np.ndarray]:
-    """This host's part of the global batch of `step`."""
-    base = int(step) * self.global_batch_size
-    return _stack([self.shuffled[base + j] for j in range(self.local.start, self.local.stop)])
+    """This host's rows of the global batch of `step`, with each row's `domain` index."""
+    stage = self.schedule.stage(step)
+    domain, index = self.schedule.assignment(step)
+    domain, index = domain[self.local], index[self.local]
+    rows = [self.rows[d].row(i, stage) for d, i in zip(domain.tolist(), index.tolist())]
+    batch = _stack(rows, self.keys)
+    batch["domain"] = domain.astype(np.int32)
+    return batch
 
   def iterate(self, start_step: int = 0) -> Iterator[dict[str, np.ndarray]]:
     """Batches from `start_step` on, prepared ahead by grain's reader threads."""
     steps = grain.MapDataset.range(start_step, 2**62).map(self.batch_at)
-    options = grain.ReadOptions(num_threads=1, prefetch_buffer_size=max(self.prefetch, 1))
+    options = grain.ReadOptions(num_threads=1, prefetch_buffer_size=max(self.cfg.prefetch, 1))
     return iter(steps.to_iter_dataset(options))
+
+  def epochs(self, step: int) -> dict[str, float]:
+    """How many passes over each domain the batches before `step` made (fractional)."""
+    out = {}
+    flags_of = lambda s: (s.metadata_prefix, s.control_tokens)
+    flags = flags_of(self.schedule.stage(max(step - 1, 0)))
+    for name, rows, used in zip(self.domains, self.rows, self.schedule.offsets(step)):
+      epoch, r = rows.locate(int(used), flags)
+      out[name] = epoch + r / max(rows.rows_in_epoch(epoch, flags), 1)
+    return out
 
 
 def eval_batches(cfg: DataConfig, seq_len: int, batch_size: int, num_batches: int | None,
-                 process_index: int = 0, process_count: int = 1) -> list[dict[str, np.ndarray]]:
-  """The validation split as this host's parts of `num_batches` batches (None: all of it).
+                 process_index: int = 0, process_count: int = 1
+                 ) -> dict[str, list[dict[str, np.ndarray]]]:
+  """Each domain's validation split as this host's parts of up to `num_batches` batches (None:
+  all of it), packed in stored order with the causal objective.
 
-  A subset takes rows evenly spaced over the whole split, so that every domain and document is
-  represented; a last partial batch is filled with pad rows whose loss_mask is 0.
+  A subset takes rows evenly spaced over the split so that every document is represented; a last
+  partial batch is filled with pad rows whose loss_mask is 0. Tasks without a validation split
+  are left out with a warning.
   """
-  rows = packed_rows(cfg, "validation", seq_len)
-  available = math.ceil(len(rows) / batch_size)
+  out = {}
+  tasks = {t.name: t for t in cfg.tasks}
+  for i, domain in enumerate(cfg.domains):
+    if domain in tasks and not token_store.has_validation(tasks[domain]):
+      logging.warning("task %r has no validation split (set validation_patterns or "
+                      "validation_fraction); it is not evaluated.", domain)
+      continue
+    rows = DomainRows(open_domain_store(cfg, domain, "validation"), seq_len=seq_len,
+                      domain_index=i, mode=cfg.packing, shuffle=False, vocab=cfg.vocabulary,
+                      objective_cfg=cfg.objective)
+    out[domain] = _domain_eval_batches(rows, seq_len, batch_size, num_batches,
+                                       host_slice(batch_size, process_index, process_count), i)
+  if not out:
+    raise ValueError("no domain has validation data; give a task validation_patterns or a "
+                     "validation_fraction.")
+  return out
+
+
+def _domain_eval_batches(rows: DomainRows, seq_len: int, batch_size: int,
+                         num_batches: int | None, local: slice, domain_index: int):
+  total = rows.rows_in_epoch(0)
+  available = math.ceil(total / batch_size)
   num_batches = available if num_batches is None else min(num_batches, available)
-  wanted = min(num_batches * batch_size, len(rows))
-  order = np.linspace(0, len(rows) - 1, wanted).round().astype(int) if wanted < len(rows) \
-      else np.arange(len(rows))
-  local = host_slice(batch_size, process_index, process_count)
+  wanted = min(num_batches * batch_size, total)
+  order = (np.linspace(0, total - 1, wanted).round().astype(int) if wanted < total
+           else np.arange(total))
   pad_row = {k: np.zeros(seq_len, np.int32) for k in BATCH_KEYS}
   batches = []
   for b in range(num_batches):
     idx = range(b * batch_size + local.start, b * batch_size + local.stop)
-    batches.append(_stack([rows[order[i]] if i < len(order) else pad_row for i in idx]))
+    batch = _stack([rows.row(int(order[i])) if i < len(order) else pad_row for i in idx],
+                   BATCH_KEYS)
+    batch["domain"] = np.full(len(idx), domain_index, np.int32)
+    batches.append(batch)
   return batches
 
 
-def unigram_entropy(batches: list[dict[str, np.ndarray]], vocab_size: int) -> float:
+def unigram_entropy(batches: Sequence[dict[str, np.ndarray]], vocab_size: int) -> float:
   """Entropy (nats/token) of the target tokens' own unigram distribution: the loss of a model
   that knows the exact token frequencies of this text but nothing of context."""
   counts = np.zeros(vocab_size, np.float64)

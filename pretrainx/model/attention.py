@@ -1,47 +1,265 @@
 """Grouped-query self-attention layer and the one dispatch point for attention implementations.
 
-The layer projects, applies RoPE and calls `dot_product_attention(..., impl=name)`; the name picks a
-function from ATTENTION_IMPLS ('reference' here; the kernels add 'flash', 'linear', 'hybrid').
+The layer projects, applies RoPE and calls `dot_product_attention(..., cfg=cfg)`, which picks
+ATTENTION_IMPLS[cfg.attention_impl]:
+  'reference'  materialised softmax (pallas_kernels.reference), prefix-LM masks included;
+  'flash'      the blockwise Pallas kernel (pallas_kernels.flash_attention, imported lazily);
+  'linear'     causal linear attention with a learned hedgehog (or fixed) feature map and optional
+               per-head decay; packed documents reset the state at segment starts;
+  'hybrid'     LoLCATs: sliding-window softmax plus linear attention for older keys.
+A Pallas kernel runs when the backend can lower it or `ModelConfig.kernel_interpret` is set;
+otherwise the pure-JAX twin of the same computation runs, announced by ONE warning per process.
+'hybrid' is pure JAX on every backend (no fallback). Decoding ('linear', 'hybrid') keeps constant-
+size per-layer state in the flax 'cache' collection (`Attention(decode=True)`).
 """
 
 from __future__ import annotations
 
-from typing import Callable
+import functools
+import importlib
+from typing import Callable, NamedTuple
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from absl import logging
 
-from pallas_kernels.reference import reference_attention
+from pallas_kernels import linear_attention as la
+from pallas_kernels.hybrid_attention import hybrid_attention
+from pallas_kernels.reference import check_attention_shapes, reference_attention
 from pretrainx.model.config import ModelConfig
 from pretrainx.model.layers import apply_rope, dense_init, param_with_axes
 
-# name -> fn(q, k, v, *, causal, q_segment_ids, kv_segment_ids) -> [batch, seq, heads, head_dim]
-ATTENTION_IMPLS: dict[str, Callable[..., jax.Array]] = {"reference": reference_attention}
+_WARNED: set[tuple[str, ...]] = set()  # fallbacks already announced in this process
 
 
-def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array | None,
-                          *, impl: str = "reference", causal: bool = True) -> jax.Array:
+class LearnedAttention(NamedTuple):
+  """Learned parameters of 'linear'/'hybrid' (None where the config does not use them)."""
+  # hedgehog maps (W_q [heads, head_dim, F], W_k [kv_heads, head_dim, F])
+  feature_params: tuple[jax.Array, jax.Array] | None = None
+  decay: jax.Array | None = None  # gamma [heads] in (0, 1)
+  window_factor: jax.Array | None = None  # f [heads] in (0, 1): weight of the softmax window
+
+
+def _warn_once(key: tuple[str, ...], message: str) -> None:
+  if key not in _WARNED:
+    _WARNED.add(key)
+    logging.warning(message)
+
+
+def _warn_fallback(impl: str, used: str, reason: str | None = None) -> None:
+  backend = jax.default_backend()
+  reason = reason or (f"the {backend!r} backend cannot lower its Pallas kernel and "
+                      "ModelConfig.kernel_interpret is False")
+  _warn_once((impl, backend, used, reason), f"attention_impl={impl!r}: {reason}; using {used} instead "
+             "(same results, different speed). This is reported once per process.")
+
+
+def _flash_module():
+  """pallas_kernels.flash_attention, or None while that module does not exist."""
+  try:
+    return importlib.import_module("pallas_kernels.flash_attention")
+  except ModuleNotFoundError as e:
+    if e.name != "pallas_kernels.flash_attention":
+      raise
+    return None
+
+
+def pallas_can_lower() -> bool:
+  """Whether this backend compiles Pallas kernels (flash_attention.can_lower when available)."""
+  fa = _flash_module()
+  if fa is not None:
+    return bool(fa.can_lower())
+  return jax.default_backend() in ("tpu", "gpu")
+
+
+# ----------------------------------------------------------------------------- implementations
+# Each: fn(q, k, v, segment_ids, prefix_mask, cfg, learned) -> [batch, seq, heads, head_dim].
+
+
+def _reference(q, k, v, segment_ids, prefix_mask, cfg, learned):
+  del cfg, learned
+  return reference_attention(q, k, v, causal=True, q_segment_ids=segment_ids,
+                             kv_segment_ids=segment_ids, prefix_mask=prefix_mask)
+
+
+def _flash(q, k, v, segment_ids, prefix_mask, cfg, learned):
+  fa = _flash_module()
+  if fa is None:
+    _warn_fallback("flash", "reference_attention",
+                   "pallas_kernels.flash_attention is not available")
+    return _reference(q, k, v, segment_ids, prefix_mask, cfg, learned)
+  kw = dict(causal=True, segment_ids=segment_ids, prefix_mask=prefix_mask,
+            block_q=cfg.flash_block_q, block_k=cfg.flash_block_k)
+  if cfg.kernel_interpret or fa.can_lower():
+    return fa.flash_attention(q, k, v, interpret=True if cfg.kernel_interpret else None, **kw)
+  _warn_fallback("flash", "blockwise_attention_jax (pure JAX)")
+  return fa.blockwise_attention_jax(q, k, v, **kw)
+
+
+def _linear(q, k, v, segment_ids, prefix_mask, cfg, learned):
+  del prefix_mask
+  kw = dict(feature=cfg.linear_feature, feature_params=learned.feature_params,
+            decay=learned.decay, chunk_size=cfg.linear_chunk)
+  can_lower = cfg.kernel_interpret or pallas_can_lower()
+  if segment_ids is None and can_lower:
+    return la.linear_attention(q, k, v, interpret=cfg.kernel_interpret or None, **kw)
+  used = "the pure-JAX chunked scan (segment-resetting)"
+  if can_lower:  # packed documents: the kernel cannot reset its state at segment starts
+    _warn_fallback("linear", used, "packed segment_ids need a state reset at each document "
+                   "start, which the Pallas kernel does not support")
+  else:
+    _warn_fallback("linear", used)
+  return segment_linear_attention(q, k, v, segment_ids, **kw)
+
+
+def _hybrid(q, k, v, segment_ids, prefix_mask, cfg, learned):
+  del prefix_mask
+  return hybrid_attention(q, k, v, window=cfg.attention_window, feature=cfg.linear_feature,
+                          feature_params=learned.feature_params, segment_ids=segment_ids,
+                          window_factor=learned.window_factor, chunk_size=cfg.linear_chunk)
+
+
+ATTENTION_IMPLS: dict[str, Callable[..., jax.Array]] = {
+    "reference": _reference, "flash": _flash, "linear": _linear, "hybrid": _hybrid}
+
+
+def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array,
+                          segment_ids: jax.Array | None, *, prefix_mask: jax.Array | None = None,
+                          cfg: ModelConfig | None = None, impl: str | None = None,
+                          learned: LearnedAttention | None = None) -> jax.Array:
   """Causal attention within segments, by the named implementation.
 
-  q: [batch, seq, heads, head_dim]; k, v: [batch, seq, kv_heads, head_dim]; segment_ids: [batch, seq].
+  Args:
+    q: [batch, seq, heads, head_dim]; k, v: [batch, seq, kv_heads, head_dim].
+    segment_ids: [batch, seq] packed-document ids (each id one contiguous run), or None.
+    prefix_mask: [batch, seq] bool, True on a bidirectional prefix ('reference'/'flash' only).
+    cfg: options (impl, feature map, window, chunk, interpret, block sizes); default ModelConfig().
+    impl: overrides cfg.attention_impl.
+    learned: the layer's learned 'linear'/'hybrid' parameters (hedgehog maps need them).
   """
-  try:
-    fn = ATTENTION_IMPLS[impl]
-  except KeyError:
+  cfg = ModelConfig() if cfg is None else cfg
+  impl = cfg.attention_impl if impl is None else impl
+  if impl not in ATTENTION_IMPLS:
     raise ValueError(
-        f"unknown attention_impl {impl!r}; available: {sorted(ATTENTION_IMPLS)}.") from None
-  return fn(q, k, v, causal=causal, q_segment_ids=segment_ids, kv_segment_ids=segment_ids)
+        f"unknown attention_impl {impl!r}; choose one of {', '.join(ATTENTION_IMPLS)}.")
+  if prefix_mask is not None and impl in ("linear", "hybrid"):
+    raise ValueError(f"prefix_mask (a bidirectional prefix, prefix-LM/UL2) is not supported by "
+                     f"attention_impl={impl!r}, which is causal by construction; use 'reference' "
+                     "or 'flash'.")
+  return ATTENTION_IMPLS[impl](q, k, v, segment_ids, prefix_mask, cfg,
+                               LearnedAttention() if learned is None else learned)
+
+
+# ----------------------------------------------------------------------------- segment-aware linear
+
+
+def _segment_chunk(carry, xs, log_gamma):
+  """One chunk of decayed linear attention whose state resets at segment starts (one head, fp32).
+
+  carry: (S [F, D], z [F], segment id of the last key before the chunk); xs: phi_q, phi_k [C, F],
+  v [C, D], segment ids [C]. Returns (carry, (numerator [C, D], denominator [C])).
+  """
+  s, z, prev = carry
+  q, k, v, seg = xs
+  c = q.shape[0]
+  i, j = jnp.arange(c)[:, None], jnp.arange(c)[None, :]
+  visible = (j <= i) & (seg[:, None] == seg[None, :])
+  weights = jnp.where(visible, jnp.exp(jnp.where(visible, i - j, 0) * log_gamma), 0.0)
+  scores = jnp.dot(q, k.T, preferred_element_type=jnp.float32) * weights  # [C, C]
+  pos = jnp.arange(c, dtype=jnp.float32)
+  q_in = q * (jnp.exp((pos + 1.0) * log_gamma) * (seg == prev))[:, None]  # state is `prev`'s run
+  num = jnp.dot(scores, v) + jnp.dot(q_in, s)
+  den = jnp.sum(scores, axis=1) + jnp.dot(q_in, z)
+  last = seg[-1]
+  keep = jnp.exp(c * log_gamma) * (last == prev)
+  k_run = k * (jnp.exp((c - 1.0 - pos) * log_gamma) * (seg == last))[:, None]
+  return (keep * s + jnp.dot(k_run.T, v), keep * z + jnp.sum(k_run, axis=0), last), (num, den)
+
+
+def _segment_scan(q, k, v, seg, log_gamma, eps):
+  """q, k [N, C, F], v [N, C, D], seg [N, C] (one head) -> [N, C, D]."""
+  init = (jnp.zeros((q.shape[-1], v.shape[-1]), jnp.float32),
+          jnp.zeros((q.shape[-1],), jnp.float32), seg[0, 0])
+  num, den = jax.lax.scan(functools.partial(_segment_chunk, log_gamma=log_gamma), init,
+                          (q, k, v, seg))[1]
+  return num / (den[..., None] + eps)
+
+
+def segment_linear_attention(q, k, v, segment_ids, *, feature, feature_params=None, decay=None,
+                             chunk_size=64, eps=1e-6):
+  """`pallas_kernels.linear_attention` in pure JAX, with the state reset at each segment start.
+
+  q: [batch, seq, heads, head_dim]; k, v: [batch, seq, kv_heads, head_dim]; segment_ids: [batch,
+  seq] with each id one contiguous run (as packing makes), or None for one document per row.
+  feature_params: hedgehog (W_q, W_k) or W; decay: gamma, a scalar or [heads].
+  Returns [batch, seq, heads, head_dim] in q's dtype.
+  """
+  num_heads, kv_heads = check_attention_shapes(q, k, v)
+  batch, seq, _, head_dim = q.shape
+  groups, chunk = num_heads // kv_heads, min(chunk_size, seq)
+  n = -(-seq // chunk)
+  seg = jnp.zeros((batch, seq), jnp.int32) if segment_ids is None else segment_ids
+  phi_q, phi_k = la._feature_qk(q, k, feature, feature_params)  # pylint: disable=protected-access
+  # [b, t, h, f] -> [b, h, N, C, f]; padded keys are zeros, padded ids repeat the last id.
+  blocks = lambda x: jnp.moveaxis(jnp.pad(x.astype(jnp.float32), [(0, 0), (0, n * chunk - seq),
+                                                                  (0, 0), (0, 0)]), 1, 2
+                                  ).reshape(batch, x.shape[2], n, chunk, x.shape[3])
+  qb = blocks(phi_q).reshape(batch, kv_heads, groups, n, chunk, -1)
+  seg_b = jnp.pad(seg, ((0, 0), (0, n * chunk - seq)), mode="edge").reshape(batch, n, chunk)
+  log_gamma = jnp.zeros((num_heads,)) if decay is None else jnp.log(
+      jnp.broadcast_to(jnp.asarray(decay, jnp.float32), (num_heads,)))
+  per_group = jax.vmap(lambda q, k, v, s, lg: _segment_scan(q, k, v, s, lg, eps),
+                       (0, None, None, None, 0))
+  per_kv_head = jax.vmap(per_group, (0, 0, 0, None, 0))
+  out = jax.vmap(per_kv_head, (0, 0, 0, 0, None))(
+      qb, blocks(phi_k), blocks(v), seg_b, log_gamma.reshape(kv_heads, groups))
+  out = out.reshape(batch, num_heads, n * chunk, head_dim)[:, :, :seq]
+  return jnp.swapaxes(out, 1, 2).astype(q.dtype)
+
+
+# ----------------------------------------------------------------------------- the layer
+
+
+def _learned(module: nn.Module, cfg: ModelConfig) -> LearnedAttention:
+  """Declares the 'linear'/'hybrid' parameters: hedgehog maps, decay, window factor."""
+  if cfg.attention_impl not in ("linear", "hybrid"):
+    return LearnedAttention()
+  h, kvh, hd, f = cfg.num_heads, cfg.num_kv_heads, cfg.resolved_head_dim, cfg.linear_feature_dim
+  pdt, feature_params, decay, window_factor = cfg.storage_dtype, None, None, None
+  if cfg.linear_feature == "hedgehog":
+    # Identity-like init (as LoLCATs): phi(x) = softmax([x, -x]) on the first F channels.
+    eye = lambda _, shape, dtype: jnp.broadcast_to(jnp.eye(shape[1], shape[2], dtype=dtype), shape)
+    w_q = param_with_axes(module, "feature_map", eye, (h, hd, f), ("heads", "head_dim", None), pdt)
+    w_k = param_with_axes(module, "feature_map_k", eye, (kvh, hd, f),
+                          ("kv_heads", "head_dim", None), pdt)
+    feature_params = (w_q.astype(jnp.float32), w_k.astype(jnp.float32))
+  if cfg.linear_decay:  # gamma = sigmoid(p), from 1 - 2**-5 to 1 - 2**-9 across heads (RetNet)
+    def decay_init(_, shape, dtype):
+      gamma = 1.0 - 2.0**-jnp.linspace(5.0, 9.0, shape[0])
+      return jnp.log(gamma / (1.0 - gamma)).astype(dtype)
+    decay = jax.nn.sigmoid(
+        param_with_axes(module, "decay", decay_init, (h,), ("heads",), pdt).astype(jnp.float32))
+  if cfg.attention_impl == "hybrid":  # f = sigmoid(p), 0.5 at init (LoLCATs)
+    window_factor = jax.nn.sigmoid(param_with_axes(
+        module, "window_factor", nn.initializers.zeros, (h,), ("heads",), pdt).astype(jnp.float32))
+  return LearnedAttention(feature_params, decay, window_factor)
 
 
 class Attention(nn.Module):
-  """Multi-head attention with grouped key/value heads and rotary positions."""
+  """Multi-head attention with grouped key/value heads and rotary positions.
+
+  With `decode=True` ('linear'/'hybrid' only) the layer consumes the next tokens of one document
+  per row, continuing from its 'cache' state (apply with mutable=['cache']).
+  """
 
   cfg: ModelConfig
+  decode: bool = False
 
   @nn.compact
-  def __call__(self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array) -> jax.Array:
-    """x: [batch, seq, embed]; positions, segment_ids: [batch, seq] -> [batch, seq, embed]."""
+  def __call__(self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array | None,
+               prefix_mask: jax.Array | None = None) -> jax.Array:
+    """x: [batch, seq, embed]; positions, segment_ids, prefix_mask: [batch, seq] -> like x."""
     cfg = self.cfg
     d, h, kvh, hd = cfg.embed_dim, cfg.num_heads, cfg.num_kv_heads, cfg.resolved_head_dim
     dt, pdt = cfg.compute_dtype, cfg.storage_dtype
@@ -53,6 +271,7 @@ class Attention(nn.Module):
                           ("embed", "kv_heads", "head_dim"), pdt)
     w_o = param_with_axes(self, "o_proj", dense_init((0, 1), (2,)), (h, hd, d),
                           ("heads", "head_dim", "embed"), pdt)
+    learned = _learned(self, cfg)
 
     q = jnp.einsum("bsd,dhk->bshk", x, w_q.astype(dt))  # [batch, seq, heads, head_dim]
     k = jnp.einsum("bsd,dhk->bshk", x, w_k.astype(dt))  # [batch, seq, kv_heads, head_dim]
@@ -64,6 +283,90 @@ class Attention(nn.Module):
     q = nn.with_logical_constraint(q, axes_q)
     k = nn.with_logical_constraint(k, axes_kv)
     v = nn.with_logical_constraint(v, axes_kv)
-    out = dot_product_attention(q, k, v, segment_ids, impl=cfg.attention_impl)
+    if self.decode:
+      if segment_ids is not None or prefix_mask is not None:
+        raise ValueError("decoding takes one document per row: pass segment_ids=None and "
+                         "prefix_mask=None with decode=True.")
+      out = _decode(self, q, k, v, cfg, learned)
+    else:
+      out = dot_product_attention(q, k, v, segment_ids, prefix_mask=prefix_mask, cfg=cfg,
+                                  learned=learned)
     out = nn.with_logical_constraint(out, axes_q)
     return jnp.einsum("bshk,hkd->bsd", out, w_o.astype(dt))
+
+
+# ----------------------------------------------------------------------------- decoding
+
+
+def _decode(module, q, k, v, cfg, learned):
+  """Recurrent attention over the new tokens q [b, t, h, d], k/v [b, t, kvh, d] -> [b, t, h, d]."""
+  if cfg.attention_impl == "linear":
+    step, carry = _linear_decoder(module, q, cfg, learned)
+  elif cfg.attention_impl == "hybrid":
+    step, carry = _hybrid_decoder(module, q, k, cfg, learned)
+  else:
+    raise ValueError(f"decode=True (recurrent decoding) supports attention_impl 'linear' and "
+                     f"'hybrid'; got {cfg.attention_impl!r}, which pretrainx.generate decodes by "
+                     "recomputing the token buffer.")
+  values = tuple(c.value for c in carry)
+  values, out = jax.lax.scan(step, values, (jnp.swapaxes(q, 0, 1), jnp.swapaxes(k, 0, 1),
+                                            jnp.swapaxes(v, 0, 1)))
+  if not module.is_initializing():
+    for c, value in zip(carry, values):
+      c.value = value
+  return jnp.swapaxes(out, 0, 1)
+
+
+def _linear_decoder(module, q, cfg, learned):
+  """State (S [b, h, F, d], z [b, h, F]) fp32, constant in the number of tokens."""
+  batch, _, heads, hd = q.shape
+  feat = la.feature_dim(cfg.linear_feature, hd, learned.feature_params)
+  carry = (module.variable("cache", "kv", jnp.zeros, (batch, heads, feat, hd), jnp.float32),
+           module.variable("cache", "k_sum", jnp.zeros, (batch, heads, feat), jnp.float32))
+  recurrent = functools.partial(la.recurrent_step, feature=cfg.linear_feature,
+                                feature_params=learned.feature_params, decay=learned.decay)
+
+  def step(state, xs):
+    out, state = recurrent(la.LinearAttentionState(*state), *xs)
+    return tuple(state), out
+
+  return step, carry
+
+
+def _hybrid_decoder(module, q, k, cfg, learned):
+  """A ring buffer of the last `window` keys/values, the linear state of older keys, the index."""
+  batch, _, heads, hd = q.shape
+  kv_heads, window = k.shape[2], cfg.attention_window
+  w_q, w_k = learned.feature_params or (None, None)
+  feat = la.feature_dim(cfg.linear_feature, hd, learned.feature_params)
+  buf = (batch, window, kv_heads, hd)
+  carry = (module.variable("cache", "k_window", jnp.zeros, buf, q.dtype),
+           module.variable("cache", "v_window", jnp.zeros, buf, q.dtype),
+           module.variable("cache", "kv", jnp.zeros, (batch, heads, feat, hd), jnp.float32),
+           module.variable("cache", "k_sum", jnp.zeros, (batch, heads, feat), jnp.float32),
+           module.variable("cache", "index", lambda: jnp.zeros((), jnp.int32)))
+  phi = lambda x, w: la.feature_map(x, cfg.linear_feature, w)
+  # kv heads -> query heads (one token or one window: cheap); axis of the heads
+  repeat = lambda x, axis: jnp.repeat(x.astype(jnp.float32), heads // kv_heads, axis=axis)
+  f = jnp.ones((heads,)) if learned.window_factor is None else learned.window_factor
+
+  def step(state, xs):
+    k_buf, v_buf, s, z, idx = state  # k_buf, v_buf: [b, w, kvh, d]
+    q_t, k_t, v_t = xs  # [b, h, d], [b, kvh, d], [b, kvh, d]
+    slot = idx % window
+    evict = (idx >= window).astype(jnp.float32)  # the slot holds key idx - window: now linear
+    phi_old = repeat(phi(k_buf[:, slot], w_k), 1) * evict  # [b, h, F]
+    s = s + phi_old[..., :, None] * repeat(v_buf[:, slot], 1)[..., None, :]
+    z = z + phi_old
+    k_buf, v_buf = k_buf.at[:, slot].set(k_t), v_buf.at[:, slot].set(v_t)
+    scores = jnp.einsum("bhd,bwhd->bhw", q_t.astype(jnp.float32), repeat(k_buf, 2)) * hd**-0.5
+    scores = jnp.where(jnp.arange(window) <= idx, scores, -jnp.inf)  # filled slots only
+    p = jnp.exp(scores - jnp.max(scores, axis=-1, keepdims=True))  # [b, h, w]
+    phi_q = phi(q_t, w_q)  # [b, h, F]
+    num = (f[:, None] * jnp.einsum("bhw,bwhd->bhd", p, repeat(v_buf, 2))
+           + jnp.einsum("bhf,bhfd->bhd", phi_q, s))
+    den = f * p.sum(-1) + jnp.einsum("bhf,bhf->bh", phi_q, z)
+    out = (num / jnp.maximum(den, 1e-6)[..., None]).astype(q_t.dtype)
+    return (k_buf, v_buf, s, z, idx + 1), out
+
+  return step, carry

@@ -10,8 +10,11 @@ import dataclasses
 
 import jax.numpy as jnp
 
+from pallas_kernels.linear_attention import FEATURE_MAPS
+
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 REMAT_POLICIES = ("none", "full", "dots", "dots_with_no_batch_dims")
+ATTENTION_IMPLS = ("reference", "flash", "linear", "hybrid")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -31,7 +34,19 @@ class ModelConfig:
     dtype / param_dtype: compute and storage dtypes ('float32', 'bfloat16').
     remat_policy: 'none', 'full', 'dots' or 'dots_with_no_batch_dims' (jax.checkpoint policies).
     scan_layers: stack the blocks with nn.scan (fast compiles for deep models).
-    attention_impl: name understood by pretrainx.model.attention.ATTENTION_IMPLS.
+    attention_impl: 'reference' (materialised softmax), 'flash' (blockwise softmax kernel),
+      'linear' (causal linear attention, O(1)-memory decoding) or 'hybrid' (LoLCATs: sliding-window
+      softmax + linear attention for older keys); see pretrainx.model.attention.
+    linear_feature: feature map of 'linear'/'hybrid', one of pallas_kernels.linear_attention
+      .FEATURE_MAPS ('hedgehog' is learned: per-head [head_dim, linear_feature_dim] weights).
+    linear_feature_dim: F of the hedgehog map (phi has 2 * F features).
+    linear_decay: a learned per-head decay gamma in (0, 1) for 'linear' (RetNet/GLA style);
+      'hybrid' refuses it, 'reference'/'flash' ignore it.
+    linear_chunk: chunk length of the chunked linear-attention scan.
+    attention_window: 'hybrid' only: softmax keys per query (itself included); <= max_seq_len.
+    kernel_interpret: run Pallas kernels in interpret mode (CPU tests); otherwise a backend that
+      cannot lower Pallas uses the pure-JAX path of the same computation, with one warning.
+    flash_block_q / flash_block_k: block sizes of the 'flash' kernel (None: the kernel's defaults).
     norm_scale: 'channel' (a gain per channel) or 'scalar' (single-scale RMSNorm: one learned
       scalar per norm, which removes the per-channel gains that grow activation outliers).
     embed_projection: a learned [embed, embed] projection after the token embedding (identity at
@@ -56,6 +71,14 @@ class ModelConfig:
   remat_policy: str = "none"
   scan_layers: bool = True
   attention_impl: str = "reference"
+  linear_feature: str = "hedgehog"
+  linear_feature_dim: int = 32
+  linear_decay: bool = False
+  linear_chunk: int = 64
+  attention_window: int = 64
+  kernel_interpret: bool = False
+  flash_block_q: int | None = None
+  flash_block_k: int | None = None
   vocab_multiple: int = 128
   norm_scale: str = "channel"
   embed_projection: bool = False
@@ -78,6 +101,31 @@ class ModelConfig:
           "set ModelConfig.head_dim explicitly.")
     if self.resolved_head_dim % 2:
       raise ValueError(f"head_dim={self.resolved_head_dim} must be even for RoPE.")
+    self._check_attention()
+
+  def _check_attention(self):
+    """Validates the attention_impl fields (the ones a typo in a gin file would silently skip)."""
+    if self.attention_impl not in ATTENTION_IMPLS:
+      raise ValueError(f"unknown attention_impl {self.attention_impl!r}; choose one of "
+                       f"{', '.join(ATTENTION_IMPLS)}.")
+    if self.linear_feature not in FEATURE_MAPS:
+      raise ValueError(f"ModelConfig.linear_feature={self.linear_feature!r} is not a feature map; "
+                       f"choose one of {', '.join(FEATURE_MAPS)}.")
+    for name in ("linear_feature_dim", "linear_chunk", "attention_window"):
+      if getattr(self, name) < 1:
+        raise ValueError(f"ModelConfig.{name}={getattr(self, name)} must be a positive integer.")
+    for name in ("flash_block_q", "flash_block_k"):
+      if getattr(self, name) is not None and getattr(self, name) < 1:
+        raise ValueError(f"ModelConfig.{name}={getattr(self, name)}; use a positive block size "
+                         "or None for the kernel's default.")
+    if self.attention_impl == "hybrid" and self.attention_window > self.max_seq_len:
+      raise ValueError(
+          f"ModelConfig.attention_window={self.attention_window} exceeds max_seq_len="
+          f"{self.max_seq_len}; a window that long is plain softmax attention: lower the window or "
+          "use attention_impl='reference' or 'flash'.")
+    if self.linear_decay and self.attention_impl == "hybrid":
+      raise ValueError("ModelConfig.linear_decay=True is not supported by attention_impl='hybrid' "
+                       "(its linear part has no decay); set linear_decay=False or use 'linear'.")
 
   @property
   def resolved_head_dim(self) -> int:
@@ -107,10 +155,24 @@ def count_params(cfg: ModelConfig) -> dict[str, int]:
   attn = d * hd * (2 * cfg.num_heads + 2 * cfg.num_kv_heads)
   mlp = 3 * d * cfg.mlp_dim
   norm = d if cfg.norm_scale == "channel" else 1
-  per_layer = attn + mlp + 2 * norm
+  per_layer = attn + mlp + 2 * norm + attention_extra_params(cfg)
   embedding = cfg.vocab_size * d
   lm_head = 0 if cfg.tie_embeddings else cfg.vocab_size * d
   projection = d * d if cfg.embed_projection else 0
   non_embedding = cfg.num_layers * per_layer + norm + lm_head + projection
   return {"total": embedding + non_embedding, "embedding": embedding,
           "non_embedding": non_embedding}
+
+
+def attention_extra_params(cfg: ModelConfig) -> int:
+  """Per-layer parameters of 'linear'/'hybrid' beyond q/k/v/o: hedgehog maps, decay, mixing."""
+  if cfg.attention_impl not in ("linear", "hybrid"):
+    return 0
+  n = 0
+  if cfg.linear_feature == "hedgehog":  # one map for queries [heads], one for keys [kv_heads]
+    n += (cfg.num_heads + cfg.num_kv_heads) * cfg.resolved_head_dim * cfg.linear_feature_dim
+  if cfg.attention_impl == "hybrid":
+    n += cfg.num_heads  # window factor
+  if cfg.linear_decay:
+    n += cfg.num_heads
+  return n

@@ -1,7 +1,9 @@
 """The decoder-only language model: embedding, a stack of pre-norm blocks, final norm, logits.
 
-`Transformer(cfg).apply({'params': p}, tokens, positions, segment_ids)` returns fp32 logits
-[batch, seq, padded_vocab] with the padding ids masked to a large negative value.
+`Transformer(cfg).apply({'params': p}, tokens, positions, segment_ids, prefix_mask)` returns fp32
+logits [batch, seq, padded_vocab] with the padding ids masked to a large negative value. With
+`decode=True` ('linear'/'hybrid') it continues each row from the per-layer state in the 'cache'
+collection: apply with mutable=['cache'] (pretrainx.generate does this).
 """
 
 from __future__ import annotations
@@ -27,12 +29,14 @@ class DecoderBlock(nn.Module):
   """x + attn(norm(x)), then + mlp(norm(.)); signature fits nn.scan (carry, None)."""
 
   cfg: ModelConfig
+  decode: bool = False
 
   @nn.compact
-  def __call__(self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array):
+  def __call__(self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array | None,
+               prefix_mask: jax.Array | None = None):
     x = nn.with_logical_constraint(x, _RESIDUAL_AXES)  # x: [batch, seq, embed]
-    h = x + Attention(self.cfg, name="attention")(RMSNorm(self.cfg, name="input_norm")(x),
-                                                  positions, segment_ids)
+    attention = Attention(self.cfg, decode=self.decode, name="attention")
+    h = x + attention(RMSNorm(self.cfg, name="input_norm")(x), positions, segment_ids, prefix_mask)
     out = h + SwiGLU(self.cfg, name="mlp")(RMSNorm(self.cfg, name="post_attention_norm")(h))
     if self.cfg.sow_kurtosis and self.is_mutable_collection("intermediates"):
       self.sow("intermediates", "kurtosis", excess_kurtosis(out),
@@ -40,16 +44,16 @@ class DecoderBlock(nn.Module):
     return nn.with_logical_constraint(out, _RESIDUAL_AXES), None
 
 
-def _block_stack(cfg: ModelConfig):
+def _block_stack(cfg: ModelConfig, decode: bool):
   block = DecoderBlock
-  if cfg.remat_policy != "none":
+  if cfg.remat_policy != "none" and not decode:
     block = nn.remat(block, policy=_REMAT_POLICIES[cfg.remat_policy], prevent_cse=not cfg.scan_layers)
   if cfg.scan_layers:
-    return nn.scan(block, variable_axes={"params": 0, "intermediates": 0},
+    return nn.scan(block, variable_axes={"params": 0, "intermediates": 0, "cache": 0},
                    split_rngs={"params": True},
-                   in_axes=(nn.broadcast, nn.broadcast), length=cfg.num_layers,
-                   metadata_params={nn.PARTITION_NAME: "layers"})(cfg, name="layers")
-  return [block(cfg, name=f"layers_{i}") for i in range(cfg.num_layers)]
+                   in_axes=(nn.broadcast, nn.broadcast, nn.broadcast), length=cfg.num_layers,
+                   metadata_params={nn.PARTITION_NAME: "layers"})(cfg, decode, name="layers")
+  return [block(cfg, decode, name=f"layers_{i}") for i in range(cfg.num_layers)]
 
 
 class Transformer(nn.Module):
@@ -59,7 +63,11 @@ class Transformer(nn.Module):
 
   @nn.compact
   def __call__(self, tokens: jax.Array, positions: jax.Array | None = None,
-               segment_ids: jax.Array | None = None) -> jax.Array:
+               segment_ids: jax.Array | None = None, prefix_mask: jax.Array | None = None, *,
+               decode: bool = False) -> jax.Array:
+    """tokens, positions, segment_ids: [batch, seq] int; prefix_mask: [batch, seq] bool, True on a
+    bidirectional prefix (prefix-LM; 'reference'/'flash' only). segment_ids None: one document
+    per row. decode: continue from the 'cache' state (needs explicit positions)."""
     cfg = self.cfg
     batch, seq = tokens.shape
     if seq > cfg.max_seq_len:
@@ -67,9 +75,11 @@ class Transformer(nn.Module):
           f"sequence length {seq} exceeds the model's max_seq_len={cfg.max_seq_len}; shorten "
           "RunConfig.seq_len or raise ModelConfig.max_seq_len.")
     if positions is None:
+      if decode:
+        raise ValueError("decode=True needs explicit positions (the index of each new token).")
       positions = jnp.broadcast_to(jnp.arange(seq, dtype=jnp.int32), (batch, seq))
-    if segment_ids is None:
-      segment_ids = jnp.ones((batch, seq), jnp.int32)
+    if prefix_mask is not None:
+      prefix_mask = prefix_mask.astype(bool)
 
     embed = Embedding(cfg, name="embed")
     x = embed(tokens)
@@ -79,12 +89,12 @@ class Transformer(nn.Module):
                           ("embed", "embed_out"), cfg.storage_dtype)
       x = jnp.einsum("bsd,de->bse", x, w.astype(cfg.compute_dtype))
     x = nn.with_logical_constraint(x, _RESIDUAL_AXES)
-    blocks = _block_stack(cfg)
+    blocks = _block_stack(cfg, decode)
     if cfg.scan_layers:
-      x, _ = blocks(x, positions, segment_ids)
+      x, _ = blocks(x, positions, segment_ids, prefix_mask)
     else:
       for block in blocks:
-        x, _ = block(x, positions, segment_ids)
+        x, _ = block(x, positions, segment_ids, prefix_mask)
     x = RMSNorm(cfg, name="final_norm")(x)
 
     if cfg.tie_embeddings:

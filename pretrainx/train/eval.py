@@ -1,8 +1,8 @@
-"""Evaluation: mean next-token loss of the params over a fixed list of batches."""
+"""Evaluation: mean next-token loss of the params over fixed batches, overall and per domain."""
 
 from __future__ import annotations
 
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Mapping
 
 import flax.linen as nn
 import jax
@@ -26,3 +26,15 @@ def evaluate(eval_step: Callable, params: Any, device_batches: Iterable[dict]) -
     sums = jax.device_get(eval_step(params, batch))
     ce, tokens = ce + float(sums["ce"]), tokens + float(sums["tokens"])
   return {"loss": ce / max(tokens, 1.0), "tokens": tokens}
+
+
+def evaluate_domains(eval_step: Callable, params: Any,
+                     domain_batches: Mapping[str, Iterable[dict]]) -> dict[str, float]:
+  """{'loss': token-weighted over all domains, 'tokens', '<domain>/loss' for each domain}."""
+  out, ce, tokens = {}, 0.0, 0.0
+  for domain, batches in domain_batches.items():
+    r = evaluate(eval_step, params, batches)
+    out[f"{domain}/loss"] = r["loss"]
+    ce, tokens = ce + r["loss"] * r["tokens"], tokens + r["tokens"]
+  out.update(loss=ce / max(tokens, 1.0), tokens=tokens)
+  return out

@@ -25,7 +25,7 @@ from pretrainx.config import (Experiment, RunPaths, config_differences, experime
 from pretrainx.data.pipeline import TrainBatches, eval_batches
 from pretrainx.flops import flops_per_token, machine_peak_flops, measure_peak_flops, mfu
 from pretrainx.metrics import MetricWriter, plot_losses
-from pretrainx.train.eval import evaluate
+from pretrainx.train.eval import evaluate_domains
 from pretrainx.train.preemption import PreemptionWatcher
 from pretrainx.train.runtime import Runtime, build_runtime, global_unigram_entropy, sample_text
 from pretrainx.train.state import TrainState, create_train_state
@@ -46,6 +46,7 @@ class TrainResult:
   preempted: bool = False
   skipped_steps: int = 0
   checkpoint: str = ""
+  eval_domain_losses: dict[str, float] = dataclasses.field(default_factory=dict)
 
 
 def check_run_dir(exp: Experiment, paths: RunPaths, restart: bool) -> None:
@@ -105,11 +106,14 @@ class _Throughput:
     return mfu(self.tokens_per_second, self.flops_token, self.peak)
 
 
+_PER_DOMAIN = ("domain_loss", "domain_tokens")
+
+
 class _Driver:
   """One training run's mutable state: the train state, data position, pending metrics."""
 
   def __init__(self, rt: Runtime, paths: RunPaths, ckpt: Checkpointer, writer: MetricWriter,
-               meter: _Throughput, eval_device: list):
+               meter: _Throughput, eval_device: dict[str, list]):
     self.rt, self.paths, self.ckpt, self.writer, self.meter = rt, paths, ckpt, writer, meter
     self.eval_device = eval_device
     exp = rt.exp
@@ -117,7 +121,11 @@ class _Driver:
                              jax.process_index(), jax.process_count())
     self.state: TrainState | None = None
     self.step, self.data_offset = 0, 0  # the batch of step k is batch k + data_offset
-    self.pending: tuple[int, Any] | None = None
+    self.pending: tuple[int, Any, Any] | None = None
+    # Tokens trained on per domain: summed on device every step and handed to the host with the
+    # metrics at each log point (so the float32 sums stay small and exact).
+    self.domain_tokens = {d: 0.0 for d in self.data.domains}  # through the last metrics read
+    self.tokens_acc = self._zero_tokens()
     self.last: dict[str, float] = {}
     self.skipped_seen, self.compile_seconds = 0, 0.0
 
@@ -128,6 +136,7 @@ class _Driver:
     if self.ckpt.latest_step() is not None:
       self.state, meta, self.step = self.ckpt.restore(self.rt.abstract_state)
       self.data_offset = int(meta.get("data", {}).get("offset", 0))
+      self.domain_tokens.update(meta.get("data", {}).get("domain_tokens", {}))
       logging.info("resumed from %s", self.ckpt.step_path(self.step))
     else:
       self.state, _ = create_train_state(self.rt.model, self.rt.optimizer, self.rt.mesh,
@@ -139,7 +148,8 @@ class _Driver:
     finite = {k: v for k, v in self.last.items() if isinstance(v, float) and math.isfinite(v)}
     return {"step": self.step, "config_gin": experiment_to_gin(self.rt.exp),
             "data": {"seed": self.rt.exp.data.seed, "offset": self.data_offset,
-                     "next_batch": self.step + self.data_offset},
+                     "next_batch": self.step + self.data_offset,
+                     "domain_tokens": self._domain_tokens_now()},
             "metrics": finite}
 
   def save(self, block: bool = False) -> str:
@@ -159,6 +169,7 @@ class _Driver:
     while self.step < run.steps:
       t0 = time.perf_counter()
       self.state, metrics = self.rt.train_step(self.state, self.rt.put_batch(next(batches)))
+      self.tokens_acc = self.tokens_acc + metrics["domain_tokens"]
       self.step += 1
       if first:  # the first call compiles: time it and start the throughput clock after
         jax.block_until_ready(metrics)
@@ -166,7 +177,8 @@ class _Driver:
         self.meter.restart_clock(self.step)
       rolled_back = self._read_pending(bar)
       if not rolled_back and (self.step % run.log_every == 0 or self.step == run.steps):
-        self.pending = (self.step, metrics)
+        self.pending = (self.step, metrics, self.tokens_acc)
+        self.tokens_acc = self._zero_tokens()
       if rolled_back:
         batches = self.data.iterate(self.step + self.data_offset)
         bar.n = self.step
@@ -190,8 +202,7 @@ class _Driver:
       return
     self._read_pending(bar)  # before pausing, so the pause is not counted as training
     if eval_due:
-      loss = evaluate(self.rt.eval_step, self.state.params, self.eval_device)["loss"]
-      self.writer.write(self.step, {"eval/loss": loss})
+      self.writer.write(self.step, self.evaluate())
     if save_due:
       self.save()
     self.meter.restart_clock(self.step)
@@ -200,9 +211,9 @@ class _Driver:
     """Reads the pending metrics; returns True if the bad-step policy rolled the state back."""
     if self.pending is None:
       return False
-    step, metrics = self.pending
+    step, metrics, tokens = self.pending
     self.pending = None
-    values = {f"train/{k}": float(v) for k, v in jax.device_get(metrics).items()}
+    values = self._named_metrics(step, *jax.device_get((metrics, tokens)))
     values.update(self.meter.read(step))
     self.writer.write(step, values)
     self.last = values
@@ -210,6 +221,34 @@ class _Driver:
                     tok_s=f"{values['perf/tokens_per_second']:.0f}",
                     mfu=f"{100 * values['perf/mfu']:.1f}%", refresh=False)
     return self._apply_bad_step_policy(step, values)
+
+  def _named_metrics(self, step: int, metrics: dict[str, Any], tokens) -> dict[str, float]:
+    """Device metrics -> named floats; per-domain arrays become one value per domain."""
+    domains = self.data.domains
+    values = {f"train/{k}": float(v) for k, v in metrics.items() if k not in _PER_DOMAIN}
+    for name, loss, n in zip(domains, metrics["domain_loss"], metrics["domain_tokens"]):
+      if n > 0:
+        values[f"train/{name}/loss"] = float(loss)
+    for name, n in zip(domains, tokens):
+      self.domain_tokens[name] += float(n)
+      values[f"data/{name}/tokens"] = self.domain_tokens[name]
+    for name, epochs in self.data.epochs(step).items():
+      values[f"data/{name}/epochs"] = epochs
+    return values
+
+  def _zero_tokens(self) -> jax.Array:
+    return jax.numpy.zeros(len(self.data.domains), jax.numpy.float32)
+
+  def _domain_tokens_now(self) -> dict[str, float]:
+    """Tokens trained on per domain up to now (waits for the steps in flight)."""
+    unread = self.tokens_acc + (self.pending[2] if self.pending else 0.0)
+    return {d: self.domain_tokens[d] + float(t)
+            for d, t in zip(self.data.domains, jax.device_get(unread))}
+
+  def evaluate(self) -> dict[str, float]:
+    """{'eval/loss', 'eval/<domain>/loss'} on the fixed validation batches."""
+    result = evaluate_domains(self.rt.eval_step, self.state.params, self.eval_device)
+    return {f"eval/{k}": v for k, v in result.items() if k != "tokens"}
 
   def _apply_bad_step_policy(self, step: int, values: dict[str, float]) -> bool:
     guard = self.rt.exp.guard
@@ -266,7 +305,7 @@ def train(exp: Experiment, restart: bool = False) -> TrainResult:
   ckpt = Checkpointer(paths.checkpoints, exp.checkpoint)
   try:
     with rt.scope(), PreemptionWatcher(sync_every=run.log_every) as watcher:
-      driver = _Driver(rt, paths, ckpt, writer, meter, [rt.put_batch(b) for b in host_eval])
+      driver = _Driver(rt, paths, ckpt, writer, meter, rt.put_domain_batches(host_eval))
       driver.init_or_restore()
       preempted = driver.run(watcher)
       if preempted:
@@ -275,9 +314,10 @@ def train(exp: Experiment, restart: bool = False) -> TrainResult:
                         "command to resume", watcher.signal_name or "signal to another process",
                         driver.step, path)
         return _result(driver, float("nan"), baseline, "", preempted=True, checkpoint=path)
-      eval_loss = evaluate(rt.eval_step, driver.state.params, driver.eval_device)["loss"]
-      writer.write(driver.step, {"eval/loss": eval_loss, "eval/unigram_entropy": baseline})
-      driver.last["eval/loss"] = eval_loss
+      final_eval = driver.evaluate()
+      eval_loss = final_eval["eval/loss"]
+      writer.write(driver.step, {**final_eval, "eval/unigram_entropy": baseline})
+      driver.last.update(final_eval)
       path = driver.save(block=True)
       sample = sample_text(rt, driver.state.params, run.sample_prompt, run.sample_tokens,
                            seed=run.seed, temperature=run.sample_temperature,
@@ -287,7 +327,9 @@ def train(exp: Experiment, restart: bool = False) -> TrainResult:
     writer.close()
   if is_main:
     plot_losses(paths.metrics, paths.loss_plot, baseline)
-  return _result(driver, eval_loss, baseline, sample, checkpoint=path)
+  per_domain = {k.split("/")[1]: v for k, v in final_eval.items() if k.count("/") == 2}
+  return _result(driver, eval_loss, baseline, sample, checkpoint=path,
+                 eval_domain_losses=per_domain)
 
 
 def _result(driver: _Driver, eval_loss: float, baseline: float, sample: str, **extra
@@ -307,6 +349,8 @@ def result_summary(result: TrainResult) -> str:
   lines = [
       f"final validation loss {result.eval_loss:.4f} nats/token vs unigram-entropy baseline "
       f"{result.unigram_entropy:.4f} ({result.unigram_entropy - result.eval_loss:+.4f} better)",
+      "per-domain validation loss: " + ", ".join(
+          f"{d} {v:.4f}" for d, v in result.eval_domain_losses.items()),
       f"throughput {result.tokens_per_second:,.0f} tokens/s, MFU {100 * result.mfu:.1f}%, "
       f"compile {result.compile_seconds:.1f}s" +
       (f", {result.skipped_steps} bad steps skipped" if result.skipped_steps else ""),

@@ -18,7 +18,7 @@ from pretrainx.generate import generate
 from pretrainx.model.transformer import Transformer
 from pretrainx.optim import make_optimizer
 from pretrainx.sharding import batch_sharding, check_batch_divisible, make_mesh, mesh_scope
-from pretrainx.train.eval import evaluate, make_eval_step
+from pretrainx.train.eval import evaluate_domains, make_eval_step
 from pretrainx.train.state import TrainState, state_shardings
 from pretrainx.train.step import make_train_step
 
@@ -42,8 +42,14 @@ class Runtime:
 
   def put_batch(self, local_batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
     """Host-local rows -> global arrays sharded over the data-parallel axes."""
-    sharding = batch_sharding(self.mesh)
-    return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in local_batch.items()}
+    rows = batch_sharding(self.mesh)  # [batch, seq]
+    per_row = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec(rows.spec[0]))
+    return {k: jax.make_array_from_process_local_data(rows if v.ndim == 2 else per_row, v)
+            for k, v in local_batch.items()}
+
+  def put_domain_batches(self, host: dict[str, list[dict[str, np.ndarray]]]
+                         ) -> dict[str, list[dict[str, jax.Array]]]:
+    return {d: [self.put_batch(b) for b in batches] for d, batches in host.items()}
 
 
 def build_runtime(exp: Experiment) -> Runtime:
@@ -56,14 +62,15 @@ def build_runtime(exp: Experiment) -> Runtime:
   model = Transformer(exp.model)
   optimizer, schedule = make_optimizer(exp.optimizer, run.steps)
   abstract, shardings = state_shardings(model, optimizer, mesh, exp.mesh.rules, run.seq_len)
-  bs = batch_sharding(mesh)
   step_fn = make_train_step(model, optimizer, schedule, z_loss=run.z_loss,
                             microbatches=run.microbatches, guard=exp.guard,
                             hessian_estimate=exp.optimizer.name == "sophia", seed=run.seed,
-                            stochastic_rounding=exp.optimizer.stochastic_rounding)
-  train_step = jax.jit(step_fn, in_shardings=(shardings, bs), out_shardings=(shardings, None),
+                            stochastic_rounding=exp.optimizer.stochastic_rounding,
+                            num_domains=len(exp.data.domains))
+  # Batches arrive sharded by put_batch ([batch, seq] and per-row [batch] arrays alike).
+  train_step = jax.jit(step_fn, in_shardings=(shardings, None), out_shardings=(shardings, None),
                        donate_argnums=0)
-  eval_step = jax.jit(make_eval_step(model), in_shardings=(shardings.params, bs))
+  eval_step = jax.jit(make_eval_step(model), in_shardings=(shardings.params, None))
   return Runtime(exp, mesh, model, optimizer, abstract, shardings, train_step, eval_step)
 
 
@@ -81,12 +88,12 @@ def load_trained(exp: Experiment, checkpoint_dir: str | None = None, step: int |
 
 def evaluate_checkpoint(rt: Runtime, state: TrainState, num_batches: int | None
                         ) -> dict[str, float]:
-  """Validation loss and the unigram baseline of the same batches."""
+  """Validation loss (overall and per domain) and the unigram baseline of the same batches."""
   exp = rt.exp
   host = eval_batches(exp.data, exp.run.seq_len, exp.run.global_batch_size, num_batches,
                       jax.process_index(), jax.process_count())
   with rt.scope():
-    result = evaluate(rt.eval_step, state.params, [rt.put_batch(b) for b in host])
+    result = evaluate_domains(rt.eval_step, state.params, rt.put_domain_batches(host))
   result["unigram_entropy"] = global_unigram_entropy(exp, num_batches)
   return result
 
@@ -94,7 +101,8 @@ def evaluate_checkpoint(rt: Runtime, state: TrainState, num_batches: int | None
 def global_unigram_entropy(exp: Experiment, num_batches: int | None = -1) -> float:
   """The unigram baseline of the whole evaluation set (every host's rows), the same everywhere."""
   num_batches = exp.run.eval_batches if num_batches == -1 else num_batches
-  batches = eval_batches(exp.data, exp.run.seq_len, exp.run.global_batch_size, num_batches)
+  per_domain = eval_batches(exp.data, exp.run.seq_len, exp.run.global_batch_size, num_batches)
+  batches = [b for domain in per_domain.values() for b in domain]
   return unigram_entropy(batches, exp.data.vocabulary.vocab_size)
 
 

@@ -23,24 +23,39 @@ Batch = dict[str, jax.Array]  # int32 [batch, seq] arrays
 
 
 def cross_entropy_sums(logits: jax.Array, targets: jax.Array, loss_mask: jax.Array,
-                       z_loss: float = 0.0) -> dict[str, jax.Array]:
-  """Sums over masked tokens: {'ce', 'z', 'tokens'}; logits [b, s, vocab] fp32, targets [b, s]."""
+                       z_loss: float = 0.0, domain: jax.Array | None = None,
+                       num_domains: int = 0) -> dict[str, jax.Array]:
+  """Sums over masked tokens: {'ce', 'z', 'tokens'}; logits [b, s, vocab] fp32, targets [b, s].
+
+  With `num_domains` and each row's `domain` [b], also 'domain_ce' and 'domain_tokens' [domains].
+  """
   log_z = jax.nn.logsumexp(logits, axis=-1)  # [b, s]
   target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
   mask = loss_mask.astype(jnp.float32)
-  return {"ce": jnp.sum((log_z - target_logit) * mask),
-          "z": z_loss * jnp.sum(jnp.square(log_z) * mask),
+  ce = (log_z - target_logit) * mask  # [b, s]
+  sums = {"ce": jnp.sum(ce), "z": z_loss * jnp.sum(jnp.square(log_z) * mask),
           "tokens": jnp.sum(mask)}
+  if num_domains:
+    sums["domain_ce"] = jax.ops.segment_sum(jnp.sum(ce, 1), domain, num_domains)
+    sums["domain_tokens"] = jax.ops.segment_sum(jnp.sum(mask, 1), domain, num_domains)
+  return sums
+
+
+def model_logits(model: nn.Module, params: Any, batch: Batch, **kwargs):
+  """The model applied to a batch (a bidirectional prefix when the batch has `prefix_mask`)."""
+  extra = {"prefix_mask": batch["prefix_mask"]} if "prefix_mask" in batch else {}
+  return model.apply({"params": params}, batch["inputs"], batch["positions"],
+                     batch["segment_ids"], **extra, **kwargs)
 
 
 def batch_loss_sums(model: nn.Module, params: Any, batch: Batch, z_loss: float,
-                    kurtosis: bool = False) -> dict[str, jax.Array]:
+                    kurtosis: bool = False, num_domains: int = 0) -> dict[str, jax.Array]:
   """Loss sums of one batch; with `kurtosis`, also the blocks' activation kurtosis [layers]."""
-  args = ({"params": params}, batch["inputs"], batch["positions"], batch["segment_ids"])
+  labels = (batch["targets"], batch["loss_mask"], z_loss, batch.get("domain"), num_domains)
   if not kurtosis:
-    return cross_entropy_sums(model.apply(*args), batch["targets"], batch["loss_mask"], z_loss)
-  logits, variables = model.apply(*args, mutable=["intermediates"])
-  sums = cross_entropy_sums(logits, batch["targets"], batch["loss_mask"], z_loss)
+    return cross_entropy_sums(model_logits(model, params, batch), *labels)
+  logits, variables = model_logits(model, params, batch, mutable=["intermediates"])
+  sums = cross_entropy_sums(logits, *labels)
   sums["kurtosis"] = sown_kurtosis(variables["intermediates"], model.cfg.num_layers)
   return sums
 
@@ -51,18 +66,19 @@ def _split_microbatches(batch: Batch, microbatches: int) -> Batch:
   def split(x):
     b = x.shape[0]
     x = x.reshape(b // microbatches, microbatches, *x.shape[1:]).swapaxes(0, 1)
-    return nn.with_logical_constraint(x, (None, "activation_batch", None))
+    return nn.with_logical_constraint(x, (None, "activation_batch") + (None,) * (x.ndim - 2))
   return jax.tree.map(split, batch)
 
 
 def loss_and_grads(model: nn.Module, params: Any, batch: Batch, *, z_loss: float = 0.0,
-                   microbatches: int = 1) -> tuple[dict[str, jax.Array], Any]:
+                   microbatches: int = 1, num_domains: int = 0
+                   ) -> tuple[dict[str, jax.Array], Any]:
   """(sums, grads of the mean loss) for the whole batch, accumulated over microbatches."""
 
   kurtosis = bool(getattr(model.cfg, "sow_kurtosis", False))
 
   def objective(p, mb):
-    sums = batch_loss_sums(model, p, mb, z_loss, kurtosis)
+    sums = batch_loss_sums(model, p, mb, z_loss, kurtosis, num_domains)
     return sums["ce"] + sums["z"], sums
 
   grad_fn = jax.grad(objective, has_aux=True)
@@ -76,6 +92,8 @@ def loss_and_grads(model: nn.Module, params: Any, batch: Batch, *, z_loss: float
 
     zeros_g = jax.tree.map(jnp.zeros_like, params)
     zeros_s = {k: jnp.zeros((), jnp.float32) for k in ("ce", "z", "tokens")}
+    if num_domains:
+      zeros_s["domain_ce"] = zeros_s["domain_tokens"] = jnp.zeros((num_domains,), jnp.float32)
     if kurtosis:
       zeros_s["kurtosis"] = jnp.zeros((model.cfg.num_layers,), jnp.float32)
     (grads, sums), _ = jax.lax.scan(body, (zeros_g, zeros_s),
@@ -103,26 +121,26 @@ def gnb_grads(logits_fn: Callable[[Any], jax.Array], params: Any, loss_mask: jax
 def make_train_step(model: nn.Module, optimizer: optax.GradientTransformation,
                     schedule: optax.Schedule, *, z_loss: float = 0.0, microbatches: int = 1,
                     guard: GuardConfig = GuardConfig(), hessian_estimate: bool = False,
-                    seed: int = 0, stochastic_rounding: bool = False
+                    seed: int = 0, stochastic_rounding: bool = False, num_domains: int = 0
                     ) -> Callable[[TrainState, Batch], tuple[TrainState, dict[str, jax.Array]]]:
   """Returns the pure step function; the loop jits it with shardings and donates the state.
 
   A bad step (non-finite loss or gradient, or a loss spike) leaves params and optimizer state
   unchanged; the step counter still advances, so the next step reads the next batch. With
   `hessian_estimate` (Sophia) the optimizer gets a GNB Hessian-diagonal callable, whose labels
-  are sampled with a key folded from (seed, step).
+  are sampled with a key folded from (seed, step). With `num_domains`, batches carry each row's
+  `domain` and the metrics include 'domain_loss' and 'domain_tokens' [domains].
   """
 
   def train_step(state: TrainState, batch: Batch):
     sums, grads = loss_and_grads(model, state.params, batch, z_loss=z_loss,
-                                 microbatches=microbatches)
+                                 microbatches=microbatches, num_domains=num_domains)
     denom = jnp.maximum(sums["tokens"], 1.0)
     loss, grad_norm = sums["ce"] / denom, optax.tree.norm(grads)
     ok, zscore, guard_state = guard_update(state.guard, loss, grad_norm, guard)
     extra = {}
     if hessian_estimate:
-      logits_fn = lambda p: model.apply({"params": p}, batch["inputs"], batch["positions"],
-                                        batch["segment_ids"])
+      logits_fn = lambda p: model_logits(model, p, batch)
       rng = jax.random.fold_in(jax.random.key(seed), state.step)
       extra["gnb_grads"] = lambda p: gnb_grads(logits_fn, p, batch["loss_mask"], rng)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params, **extra)
@@ -147,6 +165,9 @@ def make_train_step(model: nn.Module, optimizer: optax.GradientTransformation,
         "skipped_steps": guard_state.skipped,
         "consecutive_bad": guard_state.consecutive_bad,
     }
+    if num_domains:
+      metrics["domain_loss"] = sums["domain_ce"] / jnp.maximum(sums["domain_tokens"], 1.0)
+      metrics["domain_tokens"] = sums["domain_tokens"]
     if "kurtosis" in sums:  # excess kurtosis of each block's output (outlier growth)
       metrics["kurtosis/max"] = jnp.max(sums["kurtosis"])
       metrics.update({f"kurtosis/layer_{i}": k for i, k in enumerate(sums["kurtosis"])})

@@ -1,0 +1,572 @@
+"""Flash attention: blockwise online-softmax attention as Pallas kernels (forward and backward),
+plus `blockwise_attention_jax`, the same algorithm in pure JAX (a jitted CPU fallback and the
+path the CPU benchmark measures). `reference_attention` is the ground truth both are tested against.
+
+Semantics follow `pallas_kernels.reference`: q [batch, seq, heads, head_dim], k/v [batch, seq,
+kv_heads, head_dim] (GQA: query head h reads kv head h // groups, never a repeated copy),
+mask(i, j) = same_segment & (causal_ok | prefix[j]) & (i - j < window), soft-cap before masking,
+fully masked rows give zeros. Scores, softmax statistics and accumulators are fp32.
+
+Inside: heads-major [batch, heads, seq_pad, head_dim], seq padded to a multiple of both blocks
+(padded keys masked by position). Forward grid (batch, heads, q_blocks): each program loops over
+the key blocks its queries can see (causal/window bounds; a prefix disables the causal skip) and
+saves out and the row logsumexp. Backward recomputes probabilities: a dq kernel on that grid and a
+dk/dv kernel on (batch, kv_heads, k_blocks) looping over the group's query heads and the query
+blocks that see its keys, so dk/dv are summed over the group inside the kernel.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+
+from pallas_kernels.reference import MASK_VALUE, check_attention_shapes, reference_attention
+
+__all__ = ["flash_attention", "blockwise_attention_jax", "reference_attention",
+           "default_block_sizes", "can_lower"]
+
+_BACKENDS = {"cpu": "cpu", "gpu": "gpu", "cuda": "gpu", "rocm": "gpu", "tpu": "tpu"}
+# (block_q, block_k) for head_dim <= 64 and for larger heads; smallest block per backend
+# (Triton needs powers of two >= 16; Mosaic wants multiples of 128 on the lane axis).
+_DEFAULT_BLOCKS = {"cpu": ((256, 256), (256, 256)), "gpu": ((128, 64), (64, 64)),
+                   "tpu": ((512, 512), (256, 512))}
+_MIN_BLOCK = {"cpu": 8, "gpu": 16, "tpu": 128}
+
+
+class _Config(NamedTuple):
+  """Static (hashable) description of one attention call."""
+  causal: bool
+  window: int | None
+  softcap: float | None
+  scale: float
+  block_q: int
+  block_k: int
+  seq_len: int  # real length; arrays are padded beyond it
+  groups: int  # query heads per kv head
+  segments: bool
+  prefix: bool
+  impl: str  # 'pallas' or 'jax'
+  interpret: bool
+  backend: str  # 'cpu', 'gpu' or 'tpu': picks the Pallas compiler
+
+
+# ----------------------------------------------------------------------------- block sizes
+
+
+def _backend(backend: str | None) -> str:
+  name = jax.default_backend() if backend is None else backend
+  if name not in _BACKENDS:
+    raise ValueError(f"unknown backend {name!r}; use one of 'cpu', 'gpu', 'tpu'.")
+  return _BACKENDS[name]
+
+
+def _cap_block(block: int, seq_len: int, backend: str) -> int:
+  """A block no larger than the sequence rounded up to a power of two (and >= the minimum)."""
+  return min(block, max(_MIN_BLOCK[backend], pl.next_power_of_2(seq_len)))
+
+
+def default_block_sizes(backend: str, seq_len: int, head_dim: int) -> tuple[int, int]:
+  """(block_q, block_k) for `backend` ('cpu', 'gpu', 'tpu'), capped to the sequence."""
+  backend = _backend(backend)
+  block_q, block_k = _DEFAULT_BLOCKS[backend][0 if head_dim <= 64 else 1]
+  return _cap_block(block_q, seq_len, backend), _cap_block(block_k, seq_len, backend)
+
+
+def can_lower(backend: str | None = None) -> bool:
+  """Whether the Pallas kernel is expected to compile natively (cpu: interpret mode only)."""
+  return _backend(backend) in ("gpu", "tpu")
+
+
+# ----------------------------------------------------------------------------- shared block math
+
+
+def _kv_block_range(q_block, cfg: _Config):
+  """Key blocks [lo, hi) that queries of q block `q_block` can see."""
+  num_k = pl.cdiv(cfg.seq_len, cfg.block_k)  # blocks wholly in the padding are never visited
+  first_q = q_block * cfg.block_q
+  lo, hi = 0, num_k
+  if cfg.window is not None:  # key j is visible to query i only if j > i - window
+    lo = jnp.maximum(first_q - cfg.window + 1, 0) // cfg.block_k
+  if cfg.causal and not cfg.prefix:  # keys after the block's last query are hidden
+    hi = jnp.minimum((first_q + cfg.block_q - 1) // cfg.block_k + 1, num_k)
+  return lo, hi
+
+
+def _q_block_range(k_block, cfg: _Config, num_q: int):
+  """Query blocks [lo, hi) that can see some key of k block `k_block`."""
+  first_k = k_block * cfg.block_k
+  lo, hi = 0, num_q
+  if cfg.causal and not cfg.prefix:
+    lo = first_k // cfg.block_q
+  if cfg.window is not None:  # the last key of the block is seen up to query last_k + window - 1
+    hi = jnp.minimum((first_k + cfg.block_k + cfg.window - 2) // cfg.block_q + 1, num_q)
+  return lo, hi
+
+
+def _mask(cfg: _Config, q_pos, k_pos, q_seg=None, k_seg=None, prefix=None):
+  """Visibility by broadcasting q_pos [..., bq, 1] against k_pos [..., 1, bk]; None if all visible.
+
+  q_seg [..., bq, 1] and k_seg, prefix [..., 1, bk] are int arrays (used when cfg says so).
+  """
+  conds = []
+  if cfg.seq_len % cfg.block_k:  # the last visited key block holds padding
+    conds.append(k_pos < cfg.seq_len)
+  if cfg.causal:
+    conds.append(k_pos <= q_pos if not cfg.prefix else (k_pos <= q_pos) | (prefix != 0))
+  if cfg.window is not None:
+    conds.append(q_pos - k_pos < cfg.window)
+  if cfg.segments:
+    conds.append(q_seg == k_seg)
+  return functools.reduce(jnp.logical_and, conds) if conds else None
+
+
+def _softcap(scores, cfg: _Config):
+  """scale-d raw scores [..., bq, bk] fp32 -> (capped scores, d capped / d raw or None)."""
+  scores = scores * cfg.scale
+  if cfg.softcap is None:
+    return scores, None
+  t = jnp.tanh(scores / cfg.softcap)
+  return cfg.softcap * t, 1.0 - t * t
+
+
+def _online_update(carry, s, mask, pv):
+  """One key block of online softmax; carry (m, l [..., bq, 1], acc [..., bq, d]), pv(p) = p @ v."""
+  m, l, acc = carry
+  if mask is not None:
+    s = jnp.where(mask, s, MASK_VALUE)
+  m_new = jnp.maximum(m, jnp.max(s, axis=-1, keepdims=True))
+  alpha = jnp.exp(m - m_new)
+  p = jnp.exp(s - m_new)
+  if mask is not None:
+    p = jnp.where(mask, p, 0.0)  # fully masked rows keep l = 0 instead of averaging
+  return m_new, alpha * l + jnp.sum(p, axis=-1, keepdims=True), alpha * acc + pv(p)
+
+
+def _finish(m, l, acc):
+  """(out fp32 [..., bq, d], logsumexp [..., bq, 1]); rows that saw no key give zeros."""
+  l_safe = jnp.where(l == 0.0, 1.0, l)
+  return acc / l_safe, m + jnp.log(l_safe)
+
+
+def _probs_and_dscores(s, dcap, mask, lse, delta, dp):
+  """Recomputed probabilities p and d loss / d raw scores (before scale), all [..., bq, bk]."""
+  p = jnp.exp(s - lse)
+  if mask is not None:
+    p = jnp.where(mask, p, 0.0)
+  ds = p * (dp - delta)
+  return p, ds if dcap is None else ds * dcap
+
+
+# ----------------------------------------------------------------------------- Pallas kernels
+
+
+def _split_aux(cfg: _Config, refs):
+  """refs = (*aux, *rest) -> ((q_seg, k_seg, prefix) refs or None, rest)."""
+  n = 2 * cfg.segments + cfg.prefix
+  aux, rest = list(refs[:n]), refs[n:]
+  segs = (aux.pop(0), aux.pop(0)) if cfg.segments else (None, None)
+  return (*segs, aux.pop(0) if cfg.prefix else None), rest
+
+
+def _read(ref, *idx):
+  return None if ref is None else ref[idx]
+
+
+def _dot_t(a, b):
+  """a [m, d] @ b[n, d]^T -> [m, n] fp32."""
+  return jax.lax.dot_general(a, b, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+
+
+def _dot(a, b):
+  return jnp.dot(a, b, preferred_element_type=jnp.float32)
+
+
+def _fwd_kernel(q_ref, k_ref, v_ref, *refs, cfg: _Config):
+  """Program (b, h, i): q [bq, d], k/v [seq_pad, d]; writes o [bq, d] and lse [bq, 1]."""
+  (q_seg_ref, k_seg_ref, prefix_ref), (o_ref, lse_ref) = _split_aux(cfg, refs)
+  bq, bk = cfg.block_q, cfg.block_k
+  q_block = pl.program_id(2)
+  q = q_ref[...]
+  q_pos = q_block * bq + jax.lax.broadcasted_iota(jnp.int32, (bq, 1), 0)
+  q_seg = _read(q_seg_ref, slice(None), slice(None))
+
+  def body(k_block, carry):
+    start = pl.multiple_of(k_block * bk, bk)
+    cols = pl.ds(start, bk)
+    k, v = k_ref[cols, :], v_ref[cols, :]
+    k_pos = start + jax.lax.broadcasted_iota(jnp.int32, (1, bk), 1)
+    mask = _mask(cfg, q_pos, k_pos, q_seg, _read(k_seg_ref, slice(None), cols),
+                 _read(prefix_ref, slice(None), cols))
+    s, _ = _softcap(_dot_t(q, k), cfg)
+    return _online_update(carry, s, mask, lambda p: _dot(p.astype(v.dtype), v))
+
+  init = (jnp.full((bq, 1), MASK_VALUE, jnp.float32), jnp.zeros((bq, 1), jnp.float32),
+          jnp.zeros((bq, q.shape[-1]), jnp.float32))
+  out, lse = _finish(*jax.lax.fori_loop(*_kv_block_range(q_block, cfg), body, init))
+  o_ref[...] = out.astype(o_ref.dtype)
+  lse_ref[...] = lse
+
+
+def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, cfg: _Config):
+  """Program (b, h, i): dq [bq, d] = scale * sum over visible key blocks of ds @ k."""
+  (q_seg_ref, k_seg_ref, prefix_ref), (dq_ref,) = _split_aux(cfg, refs)
+  bq, bk = cfg.block_q, cfg.block_k
+  q_block = pl.program_id(2)
+  q, do, lse, delta = q_ref[...], do_ref[...], lse_ref[...], delta_ref[...]
+  q_pos = q_block * bq + jax.lax.broadcasted_iota(jnp.int32, (bq, 1), 0)
+  q_seg = _read(q_seg_ref, slice(None), slice(None))
+
+  def body(k_block, dq):
+    start = pl.multiple_of(k_block * bk, bk)
+    cols = pl.ds(start, bk)
+    k, v = k_ref[cols, :], v_ref[cols, :]
+    k_pos = start + jax.lax.broadcasted_iota(jnp.int32, (1, bk), 1)
+    mask = _mask(cfg, q_pos, k_pos, q_seg, _read(k_seg_ref, slice(None), cols),
+                 _read(prefix_ref, slice(None), cols))
+    s, dcap = _softcap(_dot_t(q, k), cfg)
+    _, ds = _probs_and_dscores(s, dcap, mask, lse, delta, _dot_t(do, v))
+    return dq + _dot(ds.astype(k.dtype), k)
+
+  dq = jax.lax.fori_loop(*_kv_block_range(q_block, cfg), body,
+                         jnp.zeros(q.shape, jnp.float32))
+  dq_ref[...] = (dq * cfg.scale).astype(dq_ref.dtype)
+
+
+def _dkdv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, cfg: _Config):
+  """Program (b, kv_head, j): q/do [groups, seq_pad, d], k/v [bk, d]; dk, dv [bk, d]."""
+  (q_seg_ref, k_seg_ref, prefix_ref), (dk_ref, dv_ref) = _split_aux(cfg, refs)
+  bq, bk = cfg.block_q, cfg.block_k
+  k_block = pl.program_id(2)
+  k, v = k_ref[...], v_ref[...]
+  k_pos = k_block * bk + jax.lax.broadcasted_iota(jnp.int32, (1, bk), 1)
+  k_seg, prefix = (_read(r, slice(None), slice(None)) for r in (k_seg_ref, prefix_ref))
+  lo, hi = _q_block_range(k_block, cfg, pl.cdiv(cfg.seq_len, bq))
+  carry = (jnp.zeros(k.shape, jnp.float32), jnp.zeros(v.shape, jnp.float32))
+  for g in range(cfg.groups):  # static: the query heads sharing this kv head
+
+    def body(q_block, carry, g=g):
+      dk, dv = carry
+      start = pl.multiple_of(q_block * bq, bq)
+      rows = pl.ds(start, bq)
+      q, do = q_ref[g, rows, :], do_ref[g, rows, :]
+      q_pos = start + jax.lax.broadcasted_iota(jnp.int32, (bq, 1), 0)
+      mask = _mask(cfg, q_pos, k_pos, _read(q_seg_ref, rows, slice(None)), k_seg, prefix)
+      s, dcap = _softcap(_dot_t(q, k), cfg)
+      p, ds = _probs_and_dscores(s, dcap, mask, lse_ref[g, rows, :], delta_ref[g, rows, :],
+                                 _dot_t(do, v))
+      return dk + _dot(ds.T.astype(q.dtype), q), dv + _dot(p.T.astype(do.dtype), do)
+
+    carry = jax.lax.fori_loop(lo, hi, body, carry)
+  dk_ref[...] = (carry[0] * cfg.scale).astype(dk_ref.dtype)
+  dv_ref[...] = carry[1].astype(dv_ref.dtype)
+
+
+def _aux_specs(cfg: _Config, seq_pad: int, blocked: str) -> list[pl.BlockSpec]:
+  """BlockSpecs of (q_seg [b, seq_pad, 1], k_seg [b, 1, seq_pad], prefix [b, 1, seq_pad]) for a
+  grid (b, head, block) blocked over queries (blocked='q') or keys ('k')."""
+  bq = cfg.block_q if blocked == "q" else seq_pad
+  bk = cfg.block_k if blocked == "k" else seq_pad
+  q_map = (lambda b, h, i: (b, i, 0)) if blocked == "q" else (lambda b, h, i: (b, 0, 0))
+  k_map = (lambda b, h, i: (b, 0, i)) if blocked == "k" else (lambda b, h, i: (b, 0, 0))
+  specs = [pl.BlockSpec((None, bq, 1), q_map), pl.BlockSpec((None, 1, bk), k_map)]
+  return (specs if cfg.segments else []) + ([specs[1]] if cfg.prefix else [])
+
+
+def _compiler_params(cfg: _Config):
+  """Triton on GPU (jax's default there is Mosaic GPU, which wants other kernels), Mosaic on TPU."""
+  if cfg.interpret or cfg.backend == "cpu":
+    return None
+  if cfg.backend == "gpu":
+    from jax.experimental.pallas import triton as pl_triton  # pylint: disable=g-import-not-at-top
+    return pl_triton.CompilerParams(num_warps=4, num_stages=2)
+  from jax.experimental.pallas import tpu as pl_tpu  # pylint: disable=g-import-not-at-top
+  return pl_tpu.CompilerParams(dimension_semantics=("parallel",) * 3)
+
+
+def _query_grid_specs(cfg: _Config, seq_pad: int, head_dim: int):
+  """Specs for a (b, head, q_block) grid: a q-like block, whole-sequence k/v of head // groups,
+  and a [block_q, 1] row-statistics block."""
+  g, bq = cfg.groups, cfg.block_q
+  return (pl.BlockSpec((None, None, bq, head_dim), lambda b, h, i: (b, h, i, 0)),
+          pl.BlockSpec((None, None, seq_pad, head_dim), lambda b, h, i: (b, h // g, 0, 0)),
+          pl.BlockSpec((None, None, bq, 1), lambda b, h, i: (b, h, i, 0)))
+
+
+def _pallas_forward(cfg: _Config, q, k, v, aux):
+  """q [b, h, seq_pad, d], k/v [b, kvh, seq_pad, d] -> (out like q, lse [b, h, seq_pad, 1])."""
+  batch, heads, seq_pad, head_dim = q.shape
+  q_spec, kv_spec, row_spec = _query_grid_specs(cfg, seq_pad, head_dim)
+  return pl.pallas_call(
+      functools.partial(_fwd_kernel, cfg=cfg),
+      out_shape=(jax.ShapeDtypeStruct(q.shape, q.dtype),
+                 jax.ShapeDtypeStruct((batch, heads, seq_pad, 1), jnp.float32)),
+      grid=(batch, heads, seq_pad // cfg.block_q),
+      in_specs=[q_spec, kv_spec, kv_spec, *_aux_specs(cfg, seq_pad, "q")],
+      out_specs=(q_spec, row_spec), interpret=cfg.interpret,
+      compiler_params=_compiler_params(cfg), name="flash_attention_fwd",
+  )(q, k, v, *aux)
+
+
+def _pallas_backward(cfg: _Config, q, k, v, aux, lse, do, delta):
+  """Gradients (dq, dk, dv) shaped like (q, k, v); delta = rowsum(do * out) [b, h, seq_pad, 1]."""
+  batch, heads, seq_pad, head_dim = q.shape
+  q_spec, kv_spec, row_spec = _query_grid_specs(cfg, seq_pad, head_dim)
+  dq = pl.pallas_call(
+      functools.partial(_dq_kernel, cfg=cfg),
+      out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
+      grid=(batch, heads, seq_pad // cfg.block_q),
+      in_specs=[q_spec, kv_spec, kv_spec, q_spec, row_spec, row_spec,
+                *_aux_specs(cfg, seq_pad, "q")],
+      out_specs=q_spec, interpret=cfg.interpret,
+      compiler_params=_compiler_params(cfg), name="flash_attention_dq",
+  )(q, k, v, do, lse, delta, *aux)
+  # Grid (b, kv_head, k_block): the group's query heads are one block of `groups` heads.
+  group_spec = pl.BlockSpec((None, cfg.groups, seq_pad, head_dim), lambda b, h, j: (b, h, 0, 0))
+  group_rows = pl.BlockSpec((None, cfg.groups, seq_pad, 1), lambda b, h, j: (b, h, 0, 0))
+  k_spec = pl.BlockSpec((None, None, cfg.block_k, head_dim), lambda b, h, j: (b, h, j, 0))
+  dk, dv = pl.pallas_call(
+      functools.partial(_dkdv_kernel, cfg=cfg),
+      out_shape=(jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)),
+      grid=(batch, k.shape[1], seq_pad // cfg.block_k),
+      in_specs=[group_spec, k_spec, k_spec, group_spec, group_rows, group_rows,
+                *_aux_specs(cfg, seq_pad, "k")],
+      out_specs=(k_spec, k_spec), interpret=cfg.interpret,
+      compiler_params=_compiler_params(cfg), name="flash_attention_dkdv",
+  )(q, k, v, do, lse, delta, *aux)
+  return dq, dk, dv
+
+
+# ----------------------------------------------------------------------------- pure-JAX blockwise
+
+
+def _slice(x, start, size, axis):
+  return None if x is None else jax.lax.dynamic_slice_in_dim(x, start, size, axis)
+
+
+def _jax_aux(cfg: _Config, aux):
+  """aux arrays -> (q_seg [b,1,1,seq_pad,1], k_seg [b,1,1,1,seq_pad], prefix like k_seg) or None."""
+  aux = [x[:, None, None] for x in aux]
+  segs = (aux.pop(0), aux.pop(0)) if cfg.segments else (None, None)
+  return (*segs, aux.pop(0) if cfg.prefix else None)
+
+
+def _unblock(x):
+  """[num_blocks, b, kvh, (g,) block, f] -> [b, kvh * g, num_blocks * block, f]."""
+  x = jnp.moveaxis(x, 0, -3)
+  return x.reshape(x.shape[0], -1, x.shape[-3] * x.shape[-2], x.shape[-1])
+
+
+def _einsum(spec, a, b):
+  return jnp.einsum(spec, a, b, preferred_element_type=jnp.float32)
+
+
+def _jax_forward(cfg: _Config, q, k, v, aux):
+  """`_pallas_forward` in pure JAX: lax.map over query blocks, fori_loop over visible key blocks."""
+  batch, _, seq_pad, head_dim = q.shape
+  kv_heads, bq, bk = k.shape[1], cfg.block_q, cfg.block_k
+  q5 = q.reshape(batch, kv_heads, cfg.groups, seq_pad, head_dim)  # [b, kvh, g, seq_pad, d]
+  q_seg, k_seg, prefix = _jax_aux(cfg, aux)
+
+  def q_step(q_block):
+    start = q_block * bq
+    qb, qs = _slice(q5, start, bq, 3), _slice(q_seg, start, bq, 3)
+    q_pos = start + jnp.arange(bq)[:, None]
+
+    def body(k_block, carry):
+      kstart = k_block * bk
+      kb, vb = _slice(k, kstart, bk, 2), _slice(v, kstart, bk, 2)  # [b, kvh, bk, d]
+      mask = _mask(cfg, q_pos, kstart + jnp.arange(bk)[None, :], qs,
+                   _slice(k_seg, kstart, bk, 4), _slice(prefix, kstart, bk, 4))
+      s, _ = _softcap(_einsum("bhgqd,bhkd->bhgqk", qb, kb), cfg)
+      return _online_update(carry, s, mask,
+                            lambda p: _einsum("bhgqk,bhkd->bhgqd", p.astype(v.dtype), vb))
+
+    rows = qb.shape[:-1] + (1,)
+    init = (jnp.full(rows, MASK_VALUE, jnp.float32), jnp.zeros(rows, jnp.float32),
+            jnp.zeros(qb.shape, jnp.float32))
+    out, lse = _finish(*jax.lax.fori_loop(*_kv_block_range(q_block, cfg), body, init))
+    return out.astype(q.dtype), lse
+
+  out, lse = jax.lax.map(q_step, jnp.arange(seq_pad // bq))
+  return _unblock(out), _unblock(lse)
+
+
+def _jax_backward(cfg: _Config, q, k, v, aux, lse, do, delta):
+  """`_pallas_backward` in pure JAX: dq by query blocks, dk/dv by key blocks."""
+  batch, _, seq_pad, head_dim = q.shape
+  kv_heads, bq, bk = k.shape[1], cfg.block_q, cfg.block_k
+  q5, do5, lse5, delta5 = (x.reshape(batch, kv_heads, cfg.groups, seq_pad, x.shape[-1])
+                           for x in (q, do, lse, delta))
+  q_seg, k_seg, prefix = _jax_aux(cfg, aux)
+
+  def block_grads(q_start, k_start):
+    """(p, ds) [b, kvh, g, bq, bk] of one (query block, key block) pair, and its slices."""
+    qb, dob, kb, vb = (_slice(q5, q_start, bq, 3), _slice(do5, q_start, bq, 3),
+                       _slice(k, k_start, bk, 2), _slice(v, k_start, bk, 2))
+    mask = _mask(cfg, q_start + jnp.arange(bq)[:, None], k_start + jnp.arange(bk)[None, :],
+                 _slice(q_seg, q_start, bq, 3), _slice(k_seg, k_start, bk, 4),
+                 _slice(prefix, k_start, bk, 4))
+    s, dcap = _softcap(_einsum("bhgqd,bhkd->bhgqk", qb, kb), cfg)
+    p, ds = _probs_and_dscores(s, dcap, mask, _slice(lse5, q_start, bq, 3),
+                               _slice(delta5, q_start, bq, 3),
+                               _einsum("bhgqd,bhkd->bhgqk", dob, vb))
+    return p, ds, qb, dob, kb
+
+  def dq_step(q_block):
+    def body(k_block, dq):
+      _, ds, _, _, kb = block_grads(q_block * bq, k_block * bk)
+      return dq + _einsum("bhgqk,bhkd->bhgqd", ds.astype(k.dtype), kb)
+    dq = jnp.zeros((batch, kv_heads, cfg.groups, bq, head_dim), jnp.float32)
+    return jax.lax.fori_loop(*_kv_block_range(q_block, cfg), body, dq)
+
+  def dkdv_step(k_block):
+    def body(q_block, carry):
+      p, ds, qb, dob, _ = block_grads(q_block * bq, k_block * bk)
+      return (carry[0] + _einsum("bhgqk,bhgqd->bhkd", ds.astype(q.dtype), qb),
+              carry[1] + _einsum("bhgqk,bhgqd->bhkd", p.astype(do.dtype), dob))
+    zeros = jnp.zeros((batch, kv_heads, bk, head_dim), jnp.float32)
+    lo, hi = _q_block_range(k_block, cfg, pl.cdiv(cfg.seq_len, bq))
+    return jax.lax.fori_loop(lo, hi, body, (zeros, zeros))
+
+  dq = _unblock(jax.lax.map(dq_step, jnp.arange(seq_pad // bq))) * cfg.scale
+  dk, dv = jax.lax.map(dkdv_step, jnp.arange(seq_pad // bk))
+  return (dq.astype(q.dtype), (_unblock(dk) * cfg.scale).astype(k.dtype),
+          _unblock(dv).astype(v.dtype))
+
+
+# ----------------------------------------------------------------------------- custom_vjp core
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _attention(cfg: _Config, q, k, v, aux):
+  """Heads-major padded attention: q [b, h, seq_pad, d], k/v [b, kvh, seq_pad, d]; aux: int ids."""
+  return _attention_fwd(cfg, q, k, v, aux)[0]
+
+
+def _attention_fwd(cfg: _Config, q, k, v, aux):
+  out, lse = (_pallas_forward if cfg.impl == "pallas" else _jax_forward)(cfg, q, k, v, aux)
+  return out, (q, k, v, aux, out, lse)
+
+
+def _attention_bwd(cfg: _Config, residuals, d_out):
+  q, k, v, aux, out, lse = residuals
+  # delta_i = sum_d dO_id O_id = sum_j P_ij dP_ij: the softmax-backward row term.
+  delta = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1, keepdims=True)
+  backward = _pallas_backward if cfg.impl == "pallas" else _jax_backward
+  return (*backward(cfg, q, k, v, aux, lse, d_out, delta), tuple(None for _ in aux))
+
+
+_attention.defvjp(_attention_fwd, _attention_bwd)
+
+
+# ----------------------------------------------------------------------------- public API
+
+
+def _check_options(q, k, segment_ids, prefix_mask, sliding_window, logit_softcap, block_q,
+                   block_k) -> None:
+  """ValueErrors for everything `check_attention_shapes` does not cover."""
+  if q.shape[:2] != k.shape[:2]:
+    raise ValueError(f"flash attention is self-attention: q and k/v need the same [batch, seq]; "
+                     f"got q {q.shape[:2]} and k {k.shape[:2]}. Use reference_attention for "
+                     "cross-attention or decoding with a cache.")
+  for name, ids in (("segment_ids", segment_ids), ("prefix_mask", prefix_mask)):
+    if ids is not None and tuple(ids.shape) != q.shape[:2]:
+      raise ValueError(f"{name} must be [batch, seq] = {q.shape[:2]}; got shape {ids.shape}.")
+  if sliding_window is not None and int(sliding_window) < 1:
+    raise ValueError(f"sliding_window must be a positive int or None; got {sliding_window}.")
+  if logit_softcap is not None and not float(logit_softcap) > 0:
+    raise ValueError(f"logit_softcap must be a positive float or None; got {logit_softcap}.")
+  for name, block in (("block_q", block_q), ("block_k", block_k)):
+    if block is not None and int(block) < 1:
+      raise ValueError(f"{name} must be a positive int or None (backend default); got {block}.")
+
+
+def _prepare(q, k, v, *, causal, segment_ids, prefix_mask, sliding_window, logit_softcap, scale,
+             block_q, block_k, impl, interpret):
+  """Validates; returns the static config and heads-major padded (q, k, v, aux)."""
+  num_heads, num_kv_heads = check_attention_shapes(q, k, v)
+  _check_options(q, k, segment_ids, prefix_mask, sliding_window, logit_softcap, block_q,
+                 block_k)
+  seq_len, head_dim = q.shape[1], q.shape[3]
+  # The pure-JAX loop prefers big blocks on every backend: it takes the CPU sizes.
+  backend = _backend(None) if impl == "pallas" else "cpu"
+  default_q, default_k = default_block_sizes(backend, seq_len, head_dim)
+  block_q = default_q if block_q is None else _cap_block(int(block_q), seq_len, backend)
+  block_k = default_k if block_k is None else _cap_block(int(block_k), seq_len, backend)
+  if backend == "gpu" and not interpret and any(x & (x - 1) for x in (block_q, block_k, head_dim)):
+    raise ValueError(f"the Triton kernel needs power-of-two block_q, block_k and head_dim; got "
+                     f"{block_q}, {block_k}, {head_dim}. Pick powers of two (or interpret=True).")
+  multiple = math.lcm(block_q, block_k)
+  seq_pad = pl.cdiv(seq_len, multiple) * multiple
+  cfg = _Config(causal=bool(causal), window=None if sliding_window is None else int(sliding_window),
+                softcap=None if logit_softcap is None else float(logit_softcap),
+                scale=head_dim**-0.5 if scale is None else float(scale), block_q=block_q,
+                block_k=block_k, seq_len=seq_len, groups=num_heads // num_kv_heads,
+                segments=segment_ids is not None, prefix=prefix_mask is not None, impl=impl,
+                interpret=bool(interpret), backend=backend)
+
+  def pad(x):  # [b, seq, ...] -> [b, seq_pad, ...]
+    return jnp.pad(x, [(0, 0), (0, seq_pad - seq_len)] + [(0, 0)] * (x.ndim - 2))
+
+  aux = []
+  if segment_ids is not None:
+    ids = pad(jnp.asarray(segment_ids, jnp.int32))
+    aux += [ids[:, :, None], ids[:, None, :]]  # q_seg [b, seq_pad, 1], k_seg [b, 1, seq_pad]
+  if prefix_mask is not None:
+    aux.append(pad(jnp.asarray(prefix_mask).astype(jnp.int32))[:, None, :])
+  heads_major = lambda x: jnp.swapaxes(pad(x), 1, 2)  # [b, seq, h, d] -> [b, h, seq_pad, d]
+  return cfg, (heads_major(q), heads_major(k), heads_major(v), tuple(aux))
+
+
+def _run(q, k, v, **options) -> jax.Array:
+  cfg, args = _prepare(q, k, v, **options)
+  out = _attention(cfg, *args)  # [b, h, seq_pad, d]
+  return jnp.swapaxes(out[:, :, :q.shape[1]], 1, 2)
+
+
+def flash_attention(q, k, v, *, causal: bool = True, segment_ids=None, prefix_mask=None,
+                    sliding_window: int | None = None, logit_softcap: float | None = None,
+                    scale: float | None = None, block_q: int | None = None,
+                    block_k: int | None = None, interpret: bool | None = None) -> jax.Array:
+  """Blockwise softmax self-attention as Pallas kernels (forward and backward).
+
+  Args:
+    q: [batch, seq, num_heads, head_dim]; k, v: [batch, seq, num_kv_heads, head_dim], with
+      num_kv_heads dividing num_heads (GQA). bf16 or fp32; accumulation is fp32.
+    causal: query i sees keys j <= i (plus the prefix, see below).
+    segment_ids: [batch, seq] int or None; tokens attend only within their segment.
+    prefix_mask: [batch, seq] bool/int or None; keys with 1 are visible to every query of
+      their segment (prefix-LM). Disables the causal block skip.
+    sliding_window: query i sees keys j with i - j < sliding_window.
+    logit_softcap: scores become c * tanh(s / c) before masking.
+    scale: score scale; default head_dim ** -0.5.
+    block_q, block_k: block sizes (None: `default_block_sizes` for this backend), capped to the
+      sequence. On GPU keep them powers of two >= 16 (and head_dim a power of two).
+    interpret: Pallas interpret mode; None means True on the CPU backend.
+  Returns:
+    [batch, seq, num_heads, head_dim] in q's dtype.
+  """
+  if interpret is None:
+    interpret = jax.default_backend() == "cpu"
+  return _run(q, k, v, causal=causal, segment_ids=segment_ids, prefix_mask=prefix_mask,
+              sliding_window=sliding_window, logit_softcap=logit_softcap, scale=scale,
+              block_q=block_q, block_k=block_k, impl="pallas", interpret=interpret)
+
+
+def blockwise_attention_jax(q, k, v, *, causal: bool = True, segment_ids=None, prefix_mask=None,
+                            sliding_window: int | None = None, logit_softcap: float | None = None,
+                            scale: float | None = None, block_q: int | None = None,
+                            block_k: int | None = None) -> jax.Array:
+  """`flash_attention` in pure JAX (same arguments, same custom_vjp and block skipping).
+
+  Memory is linear in seq (no [seq, seq] array, forward or backward); it runs natively on any
+  backend, so it is the CPU fallback and what the CPU benchmark measures.
+  """
+  return _run(q, k, v, causal=causal, segment_ids=segment_ids, prefix_mask=prefix_mask,
+              sliding_window=sliding_window, logit_softcap=logit_softcap, scale=scale,
+              block_q=block_q, block_k=block_k, impl="jax", interpret=False)

@@ -1,0 +1,145 @@
+"""Domain mixtures whose weights are a function of the training step.
+
+A schedule is a list of `Stage`s, each starting at a step with its own {domain: weight}; end-of-
+training upsampling, curricula and replay are then configuration only. Every global batch gets
+exact per-domain row counts (systematic rounding, so each domain's expected share is its weight)
+and the rows are shuffled by (seed, step); how many rows each domain gave before step k has a
+closed form, so the batch at step k is a pure function of (seed, schedule, k).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Mapping, Sequence
+
+import numpy as np
+
+OBJECTIVES = ("causal", "ul2")
+_CHECKPOINT_EVERY = 4096  # steps between cached cumulative counts
+
+
+@dataclasses.dataclass(frozen=True)
+class Stage:
+  """From `start_step` on, domains are drawn with `weights` (normalised) and these objectives.
+
+  Attributes:
+    start_step: first step of the stage; the first stage starts at 0.
+    weights: {domain: weight >= 0}; domains left out get 0. Empty means natural proportions (by
+      training tokens).
+    objective: 'causal' or 'ul2' (mixture of denoisers with a bidirectional prefix).
+    metadata_prefix: prepend each document's metadata (URL/source) as MeCo does.
+    control_tokens: prepend a control token chosen from the document's score.
+  """
+
+  start_step: int = 0
+  weights: Mapping[str, float] = dataclasses.field(default_factory=dict)
+  objective: str = "causal"
+  metadata_prefix: bool = False
+  control_tokens: bool = False
+
+
+def check_stages(stages: Sequence[Stage], domains: Sequence[str]) -> None:
+  """Clear errors for schedules that cannot be meant."""
+  if not stages:
+    raise ValueError("the mixture schedule has no stages; give at least one Stage(start_step=0).")
+  if stages[0].start_step != 0:
+    raise ValueError(f"the first stage starts at step {stages[0].start_step}; it must start at 0.")
+  starts = [s.start_step for s in stages]
+  if starts != sorted(set(starts)):
+    raise ValueError(f"stage start steps {starts} must be strictly increasing.")
+  for s in stages:
+    unknown = sorted(set(s.weights) - set(domains))
+    if unknown:
+      raise ValueError(f"stage at step {s.start_step} weights unknown domain(s) {unknown}; the "
+                       f"data has {list(domains)} (add them to DataConfig.domains or tasks).")
+    bad = {d: w for d, w in s.weights.items() if not np.isfinite(w) or w < 0}
+    if bad:
+      raise ValueError(f"stage at step {s.start_step} has negative or non-finite weights {bad}; "
+                       "weights must be >= 0.")
+    if s.weights and sum(s.weights.values()) <= 0:
+      raise ValueError(f"stage at step {s.start_step} gives every domain weight 0.")
+    if s.objective not in OBJECTIVES:
+      raise ValueError(f"stage at step {s.start_step} has objective {s.objective!r}; choose one "
+                       f"of {OBJECTIVES}.")
+
+
+def _splitmix64(x: np.ndarray) -> np.ndarray:
+  """A counter-based hash: uint64 -> well-mixed uint64 (vectorised, no state)."""
+  with np.errstate(over="ignore"):
+    x = (x + np.uint64(0x9E3779B97F4A7C15)).astype(np.uint64)
+    x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return x ^ (x >> np.uint64(31))
+
+
+def hash_uniform(seed: int, stream: int, counters: np.ndarray) -> np.ndarray:
+  """Uniform [0, 1) floats that depend only on (seed, stream, counter)."""
+  with np.errstate(over="ignore"):
+    key = _splitmix64(_splitmix64(np.asarray([seed], np.uint64)) ^ np.uint64(stream))[0]
+    x = _splitmix64(np.asarray(counters, np.uint64) ^ key)
+  return (x >> np.uint64(11)).astype(np.float64) / float(1 << 53)
+
+
+class MixtureSchedule:
+  """Which domain each row of each global batch comes from, and each domain's row offsets."""
+
+  def __init__(self, stages: Sequence[Stage], domains: Sequence[str], batch_size: int, seed: int,
+               natural_weights: Mapping[str, float] | None = None):
+    check_stages(stages, domains)
+    self.stages, self.domains = tuple(stages), tuple(domains)
+    self.batch_size, self.seed = int(batch_size), int(seed)
+    self.starts = np.asarray([s.start_step for s in stages], np.int64)
+    natural = dict(natural_weights or {d: 1.0 for d in domains})
+    table = []
+    for s in stages:
+      w = np.asarray([float((s.weights or natural).get(d, 0.0)) for d in domains])
+      table.append(w / w.sum())
+    self.weights = np.stack(table)  # [stages, domains], rows sum to 1
+    self._cum = {0: np.zeros(len(domains), np.int64)}  # step -> rows each domain gave before it
+
+  def stage_index(self, step: int) -> int:
+    return int(np.searchsorted(self.starts, step, side="right") - 1)
+
+  def stage(self, step: int) -> Stage:
+    return self.stages[self.stage_index(step)]
+
+  def counts(self, steps: np.ndarray) -> np.ndarray:
+    """Rows per domain in the batches of `steps` -> int64 [len(steps), domains].
+
+    floor(w * B) each, and the remaining rows go to domains by systematic sampling over the
+    fractional parts, so every domain's expected count is exactly w * B.
+    """
+    steps = np.asarray(steps, np.int64)
+    w = self.weights[np.searchsorted(self.starts, steps, side="right") - 1]  # [n, domains]
+    exact = w * self.batch_size
+    base = np.floor(exact).astype(np.int64)
+    frac_cum = np.cumsum(exact - base, axis=1)
+    remainder = self.batch_size - base.sum(axis=1)
+    frac_cum[:, -1] = remainder  # exact, whatever the float rounding of the cumsum
+    u = hash_uniform(self.seed, 1, steps)[:, None]
+    upper = np.ceil(frac_cum - u)
+    lower = np.concatenate([np.zeros_like(upper[:, :1]), upper[:, :-1]], axis=1)
+    return base + (upper - lower).astype(np.int64)
+
+  def offsets(self, step: int) -> np.ndarray:
+    """Rows each domain contributed to the batches of steps [0, step) -> int64 [domains]."""
+    anchor = (int(step) // _CHECKPOINT_EVERY) * _CHECKPOINT_EVERY
+    if anchor not in self._cum:
+      known = max(k for k in self._cum if k <= anchor)
+      for a in range(known, anchor, _CHECKPOINT_EVERY):
+        self._cum[a + _CHECKPOINT_EVERY] = self._cum[a] + self.counts(
+            np.arange(a, a + _CHECKPOINT_EVERY)).sum(axis=0)
+    return self._cum[anchor] + self.counts(np.arange(anchor, int(step))).sum(axis=0)
+
+  def assignment(self, step: int) -> tuple[np.ndarray, np.ndarray]:
+    """(domain [B], row index within that domain [B]) for the rows of the batch of `step`."""
+    counts = self.counts(np.asarray([step]))[0]
+    domain = np.repeat(np.arange(len(self.domains)), counts)
+    slots = int(step) * self.batch_size + np.arange(self.batch_size, dtype=np.int64)
+    order = np.argsort(hash_uniform(self.seed, 2, slots), kind="stable")
+    domain = domain[order]
+    rank = np.empty(self.batch_size, np.int64)
+    for d in range(len(self.domains)):
+      where = np.flatnonzero(domain == d)
+      rank[where] = np.arange(len(where))
+    return domain, self.offsets(step)[domain] + rank

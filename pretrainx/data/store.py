@@ -1,0 +1,302 @@
+"""Token stores: a task's split tokenized once into TensorStore arrays, with a manifest.
+
+A store directory holds `tokens` (int32, every document followed by eos), `doc_offsets` (int64
+[docs + 1]), `scores` (float32, NaN when absent), `meta_bytes`/`meta_offsets` (UTF-8 metadata) and
+`manifest.json` (vocabulary, counts, checksums, and `complete: true` written last). Writing commits
+progress every few thousand documents, so an interrupted prepare continues where it stopped and
+never leaves a store that looks complete but is not.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import uuid
+from pathlib import Path
+from typing import Any, Iterable
+
+import numpy as np
+import tensorstore as ts
+
+from pretrainx.data.tasks import CorpusTask, FileTask, SourceDocument, iter_documents
+
+FORMAT_VERSION = 1
+ARRAYS = {"tokens": "<i4", "doc_offsets": "<i8", "scores": "<f4", "meta_bytes": "|u1",
+          "meta_offsets": "<i8"}
+IN_MEMORY_BYTES = 256 << 20
+
+
+class StoreError(ValueError):
+  """A token store that is missing, half-written, corrupt or made for another vocabulary."""
+
+
+def default_store_root() -> Path:
+  return Path(os.environ.get("PRETRAINX_DATA_DIR", "~/.cache/pretrainx/stores")).expanduser()
+
+
+def vocabulary_identity(vocab) -> dict[str, Any]:
+  return {"name": vocab.name, "vocab_size": int(vocab.vocab_size)}
+
+
+def _write_json(path: Path, value: dict) -> None:
+  """Atomically: a reader sees the old file or the new one, never a part."""
+  tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}")
+  tmp.write_text(json.dumps(value, indent=1, sort_keys=True))
+  os.replace(tmp, path)
+
+
+def _open_array(path: Path, name: str, create: bool = False):
+  spec = {"driver": "zarr", "kvstore": {"driver": "file", "path": str(path / name)}}
+  if create:
+    spec["metadata"] = {"shape": [0], "chunks": [1 << 20], "dtype": ARRAYS[name]}
+    return ts.open(spec, create=True, delete_existing=True).result()
+  return ts.open(spec, open=True).result()
+
+
+def _read(arr, start: int = 0, stop: int | None = None) -> np.ndarray:
+  stop = arr.shape[0] if stop is None else stop
+  return np.asarray(arr[start:stop].read().result())
+
+
+class _Appender:
+  """Appends to the store's arrays; `commit` records how far they are valid."""
+
+  def __init__(self, path: Path, progress: dict | None):
+    self.path = path
+    if progress is None:
+      self.arrays = {n: _open_array(path, n, create=True) for n in ARRAYS}
+      self.sizes = {n: 0 for n in ARRAYS}
+      self.docs = 0
+      self._append({"doc_offsets": np.zeros(1, np.int64), "meta_offsets": np.zeros(1, np.int64)})
+    else:  # resume: cut every array back to its last committed size
+      self.sizes, self.docs = dict(progress["sizes"]), int(progress["docs"])
+      self.arrays = {n: _open_array(path, n).resize(exclusive_max=[self.sizes[n]]).result()
+                     for n in ARRAYS}
+
+  def _append(self, parts: dict[str, np.ndarray]) -> None:
+    for name, values in parts.items():
+      start, arr = self.sizes[name], self.arrays[name]
+      arr = arr.resize(exclusive_max=[start + len(values)]).result()
+      arr[start:start + len(values)].write(values.astype(ARRAYS[name])).result()
+      self.arrays[name], self.sizes[name] = arr, start + len(values)
+
+  def add(self, docs: list[SourceDocument], vocab) -> None:
+    tokens = [np.append(np.asarray(vocab.encode(d.text), np.int32), np.int32(vocab.eos_id))
+              for d in docs]
+    meta = [(d.metadata or "").encode("utf-8") for d in docs]
+    self._append({
+        "tokens": np.concatenate(tokens) if tokens else np.zeros(0, np.int32),
+        "doc_offsets": self.sizes["tokens"] + np.cumsum([len(t) for t in tokens]),
+        "scores": np.asarray([np.nan if d.score is None else d.score for d in docs], np.float32),
+        "meta_bytes": np.frombuffer(b"".join(meta), np.uint8),
+        "meta_offsets": self.sizes["meta_bytes"] + np.cumsum([len(m) for m in meta]),
+    })
+    self.docs += len(docs)
+
+  def commit(self) -> None:
+    _write_json(self.path / "progress.json", {"docs": self.docs, "sizes": self.sizes})
+
+
+def _checksums(path: Path) -> dict[str, str]:
+  return {n: hashlib.sha256(_read(_open_array(path, n)).tobytes()).hexdigest() for n in ARRAYS}
+
+
+def write_store(path: str | Path, documents: Iterable[SourceDocument], vocabulary, *,
+                name: str = "", split: str = "", fingerprint: dict | None = None,
+                flush_every_docs: int = 1000, overwrite: bool = False) -> dict:
+  """Tokenizes `documents` into a store at `path`; returns its manifest.
+
+  A complete store of the same vocabulary and fingerprint is left as it is; an interrupted one
+  is continued (the documents must come in the same order); another vocabulary or fingerprint is
+  refused unless `overwrite`.
+  """
+  path = Path(path)
+  identity = {"vocabulary": vocabulary_identity(vocabulary), "fingerprint": fingerprint or {}}
+  manifest_path, progress_path = path / "manifest.json", path / "progress.json"
+  if overwrite and path.exists():
+    shutil.rmtree(path)
+  if manifest_path.exists():
+    manifest = json.loads(manifest_path.read_text())
+    if {k: manifest.get(k) for k in identity} == identity and manifest.get("complete"):
+      return manifest
+    raise StoreError(f"{path} holds a store of {manifest.get('vocabulary')} / "
+                     f"{manifest.get('fingerprint')}, not {identity['vocabulary']} / "
+                     f"{identity['fingerprint']}; delete it or prepare with --overwrite.")
+  path.mkdir(parents=True, exist_ok=True)
+  started = path / "identity.json"
+  progress = None
+  if progress_path.exists() and started.exists():
+    if json.loads(started.read_text()) != identity:
+      raise StoreError(f"{path} holds a half-written store of another vocabulary or source; "
+                       "delete it or prepare with --overwrite.")
+    progress = json.loads(progress_path.read_text())
+  _write_json(started, identity)
+  out = _Appender(path, progress)
+  if progress is None:
+    out.commit()
+  buffer: list[SourceDocument] = []
+  for i, doc in enumerate(documents):
+    if i < out.docs:
+      continue  # committed by an earlier, interrupted run
+    buffer.append(doc)
+    if len(buffer) >= flush_every_docs:
+      out.add(buffer, vocabulary)
+      out.commit()
+      buffer = []
+  out.add(buffer, vocabulary)
+  out.commit()
+  if out.docs == 0:
+    raise StoreError(f"no documents for {name or path} ({split}); check the task's files and "
+                     "its validation settings.")
+  manifest = {"format_version": FORMAT_VERSION, "task": name, "split": split, **identity,
+              "num_docs": out.docs, "num_tokens": out.sizes["tokens"],
+              "checksums": _checksums(path), "complete": True}
+  _write_json(manifest_path, manifest)  # last: only now does the store count as complete
+  return manifest
+
+
+class TokenStore:
+  """Random access to a complete store's documents."""
+
+  def __init__(self, path: Path, manifest: dict):
+    self.path, self.manifest = path, manifest
+    self.num_docs, self.num_tokens = int(manifest["num_docs"]), int(manifest["num_tokens"])
+    arrays = {n: _open_array(path, n) for n in ARRAYS}
+    sizes = {n: a.shape[0] for n, a in arrays.items()}
+    expected = {"tokens": self.num_tokens, "doc_offsets": self.num_docs + 1,
+                "scores": self.num_docs, "meta_offsets": self.num_docs + 1}
+    if any(sizes[n] != v for n, v in expected.items()):
+      raise StoreError(f"store {path} is corrupt: array sizes {sizes} do not match its manifest "
+                       f"{expected}; delete it and prepare it again.")
+    self.doc_offsets = _read(arrays["doc_offsets"])
+    self.scores = _read(arrays["scores"])
+    self._meta_offsets = _read(arrays["meta_offsets"])
+    self._meta_bytes = _read(arrays["meta_bytes"])
+    if self.doc_offsets[-1] != self.num_tokens or (np.diff(self.doc_offsets) < 1).any():
+      raise StoreError(f"store {path} is corrupt: document offsets are inconsistent; delete it "
+                       "and prepare it again.")
+    self._tokens_array = arrays["tokens"]
+    self._tokens = _read(arrays["tokens"]) if self.num_tokens * 4 <= IN_MEMORY_BYTES else None
+
+  @property
+  def doc_lengths(self) -> np.ndarray:
+    return np.diff(self.doc_offsets)
+
+  def tokens(self, start: int, stop: int) -> np.ndarray:
+    if self._tokens is not None:
+      return self._tokens[start:stop]
+    return _read(self._tokens_array, start, stop)
+
+  def document(self, i: int) -> np.ndarray:
+    return self.tokens(int(self.doc_offsets[i]), int(self.doc_offsets[i + 1]))
+
+  def metadata(self, i: int) -> str | None:
+    raw = self._meta_bytes[self._meta_offsets[i]:self._meta_offsets[i + 1]].tobytes()
+    return raw.decode("utf-8") or None
+
+  def metadata_all(self) -> list[str | None]:
+    return [self.metadata(i) for i in range(self.num_docs)]
+
+
+def open_store(path: str | Path, vocabulary=None, fingerprint: dict | None = None,
+               verify: bool = False) -> TokenStore:
+  """Opens a complete store, checking its vocabulary (and fingerprint, checksums if asked)."""
+  path = Path(path)
+  name = f"{path.parent.name}" if path.parent.name else str(path)
+  manifest_path = path / "manifest.json"
+  if not path.exists():
+    raise StoreError(f"no token store at {path}; run `python -m pretrainx data prepare {name}` "
+                     "(with the gin file that defines the task).")
+  if not manifest_path.exists():
+    raise StoreError(f"token store {path} is half-written (its prepare was interrupted); rerun "
+                     f"`python -m pretrainx data prepare {name}` to finish it.")
+  try:
+    manifest = json.loads(manifest_path.read_text())
+  except json.JSONDecodeError as err:
+    raise StoreError(f"the manifest of {path} is unreadable ({err}); delete the store and "
+                     "prepare it again.") from err
+  if not manifest.get("complete"):
+    raise StoreError(f"token store {path} is half-written; rerun `python -m pretrainx data "
+                     f"prepare {name}` to finish it.")
+  if vocabulary is not None and manifest["vocabulary"] != vocabulary_identity(vocabulary):
+    raise StoreError(f"token store {path} was made with vocabulary {manifest['vocabulary']} but "
+                     f"the run uses {vocabulary_identity(vocabulary)}; prepare it again with "
+                     "--overwrite (or point DataConfig.store_dir elsewhere).")
+  if fingerprint is not None and manifest.get("fingerprint") != fingerprint:
+    raise StoreError(f"token store {path} was made from {manifest.get('fingerprint')}, not "
+                     f"{fingerprint}; prepare it again with --overwrite.")
+  store = TokenStore(path, manifest)
+  if verify and _checksums(path) != manifest["checksums"]:
+    raise StoreError(f"token store {path} is corrupt (checksum mismatch); delete it and "
+                     "prepare it again.")
+  return store
+
+
+def prepare(spec: FileTask | CorpusTask, root: str | Path, vocabulary,
+            splits: tuple[str, ...] = ("train", "validation"), overwrite: bool = False
+            ) -> list[Path]:
+  """Tokenizes a task's splits into stores under root/<task>/<split> (idempotent, resumable)."""
+  paths = []
+  for split in splits:
+    if split == "validation" and isinstance(spec, FileTask) and not has_validation(spec):
+      continue
+    path = Path(root) / spec.name / split
+    docs = iter_documents(spec, split)
+    write_store(path, docs, vocabulary, name=spec.name, split=split,
+                fingerprint={"source": repr(spec)}, overwrite=overwrite)
+    paths.append(path)
+  return paths
+
+
+def has_validation(spec: FileTask | CorpusTask) -> bool:
+  return isinstance(spec, CorpusTask) or bool(spec.validation_patterns or
+                                              spec.validation_fraction > 0)
+
+
+def ensure_corpus_store(root: str | Path, domain: str, split: str, vocabulary,
+                        validation_fraction: float = 0.05) -> TokenStore:
+  """The embedded corpus domain's store, made on first use (safe when processes race)."""
+  path = Path(root) / domain / split
+  fingerprint = {"corpus": domain, "validation_fraction": validation_fraction}
+  try:
+    return open_store(path, vocabulary, fingerprint)
+  except StoreError:
+    pass
+  from pretrainx.data import corpus  # pylint: disable=import-outside-toplevel
+
+  docs = [SourceDocument(d.text, d.name)
+          for d in corpus.load_documents(split, (domain,), validation_fraction)]
+  tmp = path.with_name(f".{split}.tmp-{uuid.uuid4().hex}")
+  write_store(tmp, docs, vocabulary, name=domain, split=split, fingerprint=fingerprint)
+  stale = path.with_name(f".{split}.stale-{uuid.uuid4().hex}")
+  if path.exists():
+    try:
+      open_store(path, vocabulary, fingerprint)  # another process finished it meanwhile
+      shutil.rmtree(tmp)
+      return open_store(path, vocabulary, fingerprint)
+    except StoreError:
+      os.replace(path, stale)  # made for another vocabulary or split: replaced
+  try:
+    os.replace(tmp, path)
+  except OSError:  # another process put its copy in place first
+    shutil.rmtree(tmp, ignore_errors=True)
+  shutil.rmtree(stale, ignore_errors=True)
+  return open_store(path, vocabulary, fingerprint)
+
+
+def inspect_text(store: TokenStore, num_docs: int = 3, vocabulary=None) -> str:
+  """Counts and a few decoded documents, for `pretrainx data inspect`."""
+  m = store.manifest
+  lengths = store.doc_lengths
+  has_meta = sum(1 for x in store.metadata_all() if x)
+  lines = [f"{store.path}: {store.num_docs:,} documents, {store.num_tokens:,} tokens "
+           f"(mean {lengths.mean():,.0f}, max {lengths.max():,}), vocabulary {m['vocabulary']}",
+           f"  with metadata: {has_meta:,}, with scores: {int(np.isfinite(store.scores).sum()):,}"]
+  for i in range(min(num_docs, store.num_docs)):
+    text = vocabulary.decode(store.document(i)) if vocabulary is not None else str(
+        store.document(i)[:50])
+    meta = store.metadata(i)
+    lines.append(f"  [{i}]{' ' + meta if meta else ''}: {text[:200]!r}")
+  return "\n".join(lines)

@@ -1,0 +1,211 @@
+"""Data sources: the embedded corpus and user files (text, JSON lines, Parquet) as tasks.
+
+Specs are plain frozen dataclasses that gin builds; `iter_documents` reads them directly (no
+TensorFlow) in a fixed order, which is what `pretrainx data prepare` tokenizes into token stores.
+`register_seqio` turns the same specs into SeqIO Tasks and Mixtures for SeqIO-based tools; seqio
+is imported only inside those functions.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import glob
+import hashlib
+import json
+import math
+import os
+from typing import Any, Iterator, Mapping
+
+from pretrainx.data import corpus
+
+FORMATS = ("text", "jsonl", "parquet")
+_EXTENSIONS = {".txt": "text", ".md": "text", ".jsonl": "jsonl", ".json": "jsonl",
+               ".parquet": "parquet"}
+
+
+@dataclasses.dataclass(frozen=True)
+class SourceDocument:
+  """One document as read from a source, before tokenization."""
+
+  text: str
+  metadata: str | None = None  # e.g. its URL or source, for metadata conditioning
+  score: float | None = None   # e.g. a quality score, for control tokens
+
+
+@dataclasses.dataclass(frozen=True)
+class FileTask:
+  """Documents from files matched by glob patterns.
+
+  Attributes:
+    name: the task (and mixture domain) name.
+    train_patterns / validation_patterns: globs per split.
+    format: 'text' (a document per file), 'jsonl' (per line), 'parquet' (per row) or 'auto'
+      (from the file extension).
+    text_field / metadata_field / score_field: record fields (jsonl and parquet).
+    validation_fraction: without validation_patterns, hold out this share of the training
+      documents, chosen by a hash of (file, index), never at random.
+  """
+
+  name: str = ""
+  train_patterns: tuple[str, ...] = ()
+  validation_patterns: tuple[str, ...] = ()
+  format: str = "auto"
+  text_field: str = "text"
+  metadata_field: str | None = None
+  score_field: str | None = None
+  validation_fraction: float = 0.0
+
+  def __post_init__(self):
+    for f in ("train_patterns", "validation_patterns"):
+      value = getattr(self, f)
+      object.__setattr__(self, f, (value,) if isinstance(value, str) else tuple(value))
+    if self.format not in FORMATS + ("auto",):
+      raise ValueError(f"FileTask {self.name!r}: unknown format {self.format!r}; choose one of "
+                       f"{FORMATS} or 'auto'.")
+    if not self.name:
+      raise ValueError("FileTask needs a name.")
+
+
+@dataclasses.dataclass(frozen=True)
+class CorpusTask:
+  """One domain of the embedded default corpus; metadata is the document's name."""
+
+  domain: str = "prose"
+
+  @property
+  def name(self) -> str:
+    return self.domain
+
+
+@dataclasses.dataclass(frozen=True)
+class MixtureSpec:
+  """A named SeqIO mixture of tasks with sampling rates."""
+
+  name: str = ""
+  rates: Mapping[str, float] = dataclasses.field(default_factory=dict)
+
+
+# -- reading ------------------------------------------------------------------------------------
+
+
+def _files(task: FileTask, patterns: tuple[str, ...]) -> list[str]:
+  files = sorted({f for p in patterns for f in glob.glob(os.path.expanduser(p), recursive=True)})
+  if not files:
+    raise ValueError(f"task {task.name!r}: no files match {list(patterns)}; check the paths "
+                     f"(relative to {os.getcwd()}).")
+  return files
+
+
+def _format(task: FileTask, path: str) -> str:
+  if task.format != "auto":
+    return task.format
+  ext = os.path.splitext(path)[1].lower()
+  if ext not in _EXTENSIONS:
+    raise ValueError(f"task {task.name!r}: cannot tell the format of {path}; set "
+                     f"FileTask.format to one of {FORMATS}.")
+  return _EXTENSIONS[ext]
+
+
+def _record(task: FileTask, rec: dict[str, Any], where: str) -> SourceDocument:
+  if task.text_field not in rec:
+    raise ValueError(f"task {task.name!r}: {where} has no field {task.text_field!r} (fields: "
+                     f"{sorted(rec)}); set FileTask.text_field.")
+  meta = rec.get(task.metadata_field) if task.metadata_field else None
+  score = rec.get(task.score_field) if task.score_field else None
+  return SourceDocument(str(rec[task.text_field]), None if meta is None else str(meta),
+                        None if score is None else float(score))
+
+
+def _read_file(task: FileTask, path: str) -> Iterator[SourceDocument]:
+  fmt = _format(task, path)
+  if fmt == "text":
+    with open(path, encoding="utf-8", errors="replace") as f:
+      yield SourceDocument(f.read(), os.path.basename(path))
+  elif fmt == "jsonl":
+    with open(path, encoding="utf-8") as f:
+      for line_no, line in enumerate(f, 1):
+        if line.strip():
+          try:
+            rec = json.loads(line)
+          except json.JSONDecodeError as err:
+            raise ValueError(f"task {task.name!r}: {path}:{line_no} is not JSON ({err}).") from err
+          yield _record(task, rec, f"{path}:{line_no}")
+  else:
+    try:
+      import pyarrow.parquet as pq  # pylint: disable=import-outside-toplevel
+    except ImportError as err:
+      raise ValueError(f"task {task.name!r}: reading {path} needs pyarrow; "
+                       "`pip install pyarrow`.") from err
+    for i, rec in enumerate(pq.read_table(path).to_pylist()):
+      yield _record(task, rec, f"{path} row {i}")
+
+
+def _held_out(path: str, index: int, fraction: float) -> bool:
+  digest = hashlib.sha256(f"{os.path.abspath(path)}:{index}".encode()).digest()
+  return int.from_bytes(digest[:8], "big") / 2**64 < fraction
+
+
+def iter_documents(task: FileTask | CorpusTask, split: str) -> Iterator[SourceDocument]:
+  """The task's documents of `split` ('train' or 'validation') in a fixed order."""
+  if split not in ("train", "validation"):
+    raise ValueError(f"unknown split {split!r}; use 'train' or 'validation'.")
+  if isinstance(task, CorpusTask):
+    for d in corpus.load_documents(split, (task.domain,)):
+      yield SourceDocument(d.text, d.name)
+    return
+  if split == "validation" and task.validation_patterns:
+    for path in _files(task, task.validation_patterns):
+      yield from _read_file(task, path)
+    return
+  if split == "validation" and not task.validation_fraction:
+    return
+  hold = task.validation_fraction if not task.validation_patterns else 0.0
+  for path in _files(task, task.train_patterns):
+    for i, doc in enumerate(_read_file(task, path)):
+      if _held_out(path, i, hold) == (split == "validation"):
+        yield doc
+
+
+# -- SeqIO --------------------------------------------------------------------------------------
+
+_REGISTERED: dict[str, Any] = {}
+
+
+def register_seqio(spec: FileTask | CorpusTask | MixtureSpec) -> str:
+  """Registers `spec` as a seqio Task (features 'text', 'metadata', 'score') or Mixture."""
+  import seqio  # pylint: disable=import-outside-toplevel
+  import tensorflow as tf  # pylint: disable=import-outside-toplevel
+
+  name = spec.name
+  if name in _REGISTERED:
+    if _REGISTERED[name] != spec:
+      raise ValueError(f"a different task or mixture is already registered as {name!r}.")
+    return name
+  if isinstance(spec, MixtureSpec):
+    seqio.MixtureRegistry.add(name, [(t, float(r)) for t, r in spec.rates.items()])
+  else:
+    def source(split: str, shuffle_files: bool = False, seed: int | None = None):
+      del shuffle_files, seed  # the order is fixed; shuffling happens in the token pipeline
+      docs = list(iter_documents(spec, split))
+      return tf.data.Dataset.from_tensor_slices({
+          "text": [d.text for d in docs],
+          "metadata": [d.metadata or "" for d in docs],
+          "score": [math.nan if d.score is None else d.score for d in docs]})
+
+    seqio.TaskRegistry.add(
+        name, source=seqio.FunctionDataSource(source, splits=("train", "validation")),
+        preprocessors=[], output_features={})
+  _REGISTERED[name] = spec
+  return name
+
+
+def seqio_documents(task_name: str, split: str) -> Iterator[SourceDocument]:
+  """Iterates a registered seqio task's documents."""
+  import seqio  # pylint: disable=import-outside-toplevel
+
+  ds = seqio.get_mixture_or_task(task_name).get_dataset(
+      sequence_length=None, split=split, shuffle=False)
+  for ex in ds.as_numpy_iterator():
+    score = float(ex["score"])
+    yield SourceDocument(ex["text"].decode("utf-8"), ex["metadata"].decode("utf-8") or None,
+                         None if math.isnan(score) else score)

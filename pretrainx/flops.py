@@ -1,8 +1,10 @@
 """FLOPs per token, this machine's measured matmul peak, and model FLOPs utilisation (MFU).
 
-FLOPs/token = 6 * N + 6 * L * seq * heads * head_dim, where N counts the non-embedding params plus
-the output projection (a tied head is still a matmul every token pays for) and the attention term
-is the QK^T and AV matmuls, forward and backward, with causal attention counted as half.
+FLOPs/token = 6 * N + attention, where N counts the non-embedding params plus the output
+projection (a tied head is still a matmul every token pays for). Softmax attention ('reference',
+'flash') costs 6 * L * seq * heads * head_dim (QK^T and AV, forward and backward, causal counted as
+half); linear attention costs its state products plus the intra-chunk part, and 'hybrid' adds a
+full window of softmax attention.
 """
 
 from __future__ import annotations
@@ -20,8 +22,23 @@ def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
   n = count_params(cfg)["non_embedding"]
   if cfg.tie_embeddings:
     n += cfg.vocab_size * cfg.embed_dim
-  attention = 6 * cfg.num_layers * seq_len * cfg.num_heads * cfg.resolved_head_dim
-  return 6.0 * n + attention
+  return 6.0 * n + cfg.num_layers * cfg.num_heads * attention_flops_per_head(cfg, seq_len)
+
+
+def attention_flops_per_head(cfg: ModelConfig, seq_len: int) -> float:
+  """Training FLOPs of one layer's attention, per query head and token."""
+  hd = cfg.resolved_head_dim
+  if cfg.attention_impl in ("reference", "flash"):
+    return 6.0 * seq_len * hd
+  feature = {"hedgehog": 2 * cfg.linear_feature_dim, "taylor": 1 + hd + hd * hd}.get(
+      cfg.linear_feature, hd)
+  chunk = min(cfg.linear_chunk, seq_len)
+  # phi(k)^T v into the state and phi(q) against it (2 * 2 * F * hd), plus the causal half of
+  # the [chunk, chunk] part (2 * chunk * (F + hd) / 2); x3 for forward + backward.
+  linear = 3.0 * (4 * feature * hd + chunk * (feature + hd))
+  if cfg.attention_impl == "hybrid":
+    linear += 12.0 * min(cfg.attention_window, seq_len) * hd
+  return linear
 
 
 def measure_peak_flops(size: int = 2048, dtype=jnp.float32, iters: int = 10,

@@ -23,6 +23,7 @@ from pretrainx.model.config import ModelConfig
 from pretrainx.optim import OptimizerConfig
 from pretrainx.sharding import MeshConfig
 from pretrainx.train.guard import GuardConfig
+from pretrainx.train.init import InitConfig
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,6 +85,7 @@ class Experiment:
   run: RunConfig = RunConfig()
   checkpoint: CheckpointConfig = CheckpointConfig()
   guard: GuardConfig = GuardConfig()
+  init: InitConfig = InitConfig()
 
   def resolved(self) -> "Experiment":
     """The experiment with RunConfig.precision applied to the dtype fields it names."""
@@ -106,7 +108,7 @@ class Experiment:
 # Gin files include others by repo-relative path ('gin_configs/models/tiny.gin').
 _REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SECTIONS = (ModelConfig, OptimizerConfig, MeshConfig, DataConfig, RunConfig, CheckpointConfig,
-            GuardConfig)
+            GuardConfig, InitConfig)
 CONFIGURABLES = SECTIONS + (ByteVocabulary, Stage, ObjectiveConfig, Denoiser, FileTask, CorpusTask,
                             MixtureSpec)
 # Sections whose change makes an existing run directory a different experiment.
@@ -191,7 +193,8 @@ def parse_gin(gin_files: list[str] | tuple[str, ...] = (), gin_params: list[str]
     built = {cls.__name__: _GIN_CLASSES[cls.__name__]() for cls in SECTIONS}
     exp = Experiment(model=built["ModelConfig"], optimizer=built["OptimizerConfig"],
                      mesh=built["MeshConfig"], data=built["DataConfig"], run=built["RunConfig"],
-                     checkpoint=built["CheckpointConfig"], guard=built["GuardConfig"])
+                     checkpoint=built["CheckpointConfig"], guard=built["GuardConfig"],
+                     init=built["InitConfig"])
   except (ValueError, TypeError, SyntaxError) as err:
     raise ValueError(_explain_gin_error(err)) from err
   finally:

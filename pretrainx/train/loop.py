@@ -26,6 +26,7 @@ from pretrainx.data.pipeline import TrainBatches, eval_batches
 from pretrainx.flops import flops_per_token, machine_peak_flops, measure_peak_flops, mfu
 from pretrainx.metrics import MetricWriter, plot_losses
 from pretrainx.train.eval import evaluate_domains
+from pretrainx.train.init import initial_state
 from pretrainx.train.preemption import PreemptionWatcher
 from pretrainx.train.runtime import Runtime, build_runtime, global_unigram_entropy, sample_text
 from pretrainx.train.state import TrainState, create_train_state
@@ -138,6 +139,9 @@ class _Driver:
       self.data_offset = int(meta.get("data", {}).get("offset", 0))
       self.domain_tokens.update(meta.get("data", {}).get("domain_tokens", {}))
       logging.info("resumed from %s", self.ckpt.step_path(self.step))
+    elif exp.init.source:  # continued pretraining: the data starts at its first batch
+      self.state, self.step = initial_state(self.rt, exp.init)
+      self.data_offset = -self.step
     else:
       self.state, _ = create_train_state(self.rt.model, self.rt.optimizer, self.rt.mesh,
                                          exp.mesh.rules, exp.run.seed, exp.run.seq_len)

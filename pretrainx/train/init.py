@@ -1,0 +1,172 @@
+"""Where a new run's state comes from: random init, or an existing model to continue training.
+
+`InitConfig.source` names a Hugging Face model directory, a pretrainx run directory, checkpoint
+directory or step, or a params export. Its params are placed into the run's shardings, optionally
+grown (Llama-Pro block expansion, G_stack layer stacking); the optimizer state and step counter
+are reset unless asked to be kept. Used only when the run directory has no checkpoint of its own.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tempfile
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from absl import logging
+
+from pretrainx.checkpoint import Checkpointer, load_params
+from pretrainx.train.guard import GuardState
+from pretrainx.train.state import TrainState
+
+
+@dataclasses.dataclass(frozen=True)
+class InitConfig:
+  """How a run starts when its run directory holds no checkpoint yet.
+
+  Attributes:
+    source: '' for random init; else a Hugging Face model directory (config.json + safetensors),
+      a pretrainx run directory, its checkpoints/ directory, or a params export (`export`).
+    step: the checkpoint step of a pretrainx source (None: its newest).
+    keep_optimizer: continue the source's optimizer state (same model and optimizer only).
+    keep_step: continue the source's step counter, and so its place in the LR schedule.
+    expand_every: Llama-Pro block expansion: after every this many source blocks insert a copy
+      whose output projections are zero, so the grown model computes the same function (0: off).
+    stack_factor: G_stack depth growth: repeat the source's whole layer stack this many times.
+  """
+
+  source: str = ""
+  step: int | None = None
+  keep_optimizer: bool = False
+  keep_step: bool = False
+  expand_every: int = 0
+  stack_factor: int = 1
+
+  def __post_init__(self):
+    if self.stack_factor < 1 or self.expand_every < 0:
+      raise ValueError("InitConfig.stack_factor must be >= 1 and expand_every >= 0.")
+    growth = self.stack_factor > 1 or self.expand_every > 0
+    if growth and self.keep_optimizer:
+      raise ValueError("InitConfig.keep_optimizer cannot be combined with growth "
+                       "(expand_every / stack_factor): the optimizer state has the old shapes.")
+
+
+def source_kind(path: str) -> str:
+  """'hf', 'run', 'checkpoints' or 'export' for what `path` holds."""
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"InitConfig.source {path} does not exist.")
+  entries = set(os.listdir(path)) if os.path.isdir(path) else set()
+  if "config.json" in entries and any(e.endswith(".safetensors") or
+                                      e.endswith(".safetensors.index.json") for e in entries):
+    return "hf"
+  if "checkpoints" in entries and "config.gin" in entries:
+    return "run"
+  if any(e.isdigit() for e in entries):
+    return "checkpoints"
+  if "params" in entries and "meta" in entries:
+    return "export"
+  raise ValueError(f"InitConfig.source {path} is neither a Hugging Face model directory, a "
+                   "pretrainx run directory, a checkpoints directory nor a params export.")
+
+
+def _experiment_from_gin_text(text: str):
+  from pretrainx.config import parse_gin  # pylint: disable=import-outside-toplevel
+
+  with tempfile.NamedTemporaryFile("w", suffix=".gin", delete=False) as f:
+    f.write(text)
+  try:
+    return parse_gin([f.name])
+  finally:
+    os.remove(f.name)
+
+
+def _load_pretrainx(rt, init: InitConfig, kind: str) -> tuple[Any, Any, Any, int]:
+  """(model config, params, opt_state or None, step) of a pretrainx source, on rt's mesh."""
+  from pretrainx.train.runtime import build_runtime  # pylint: disable=import-outside-toplevel
+
+  path = os.path.abspath(init.source)
+  if kind == "export":
+    meta_exp = _read_export_experiment(path)
+    src = build_runtime(meta_exp.replace(mesh=dataclasses.asdict(rt.exp.mesh)))
+    params, meta = load_params(path, src.abstract_state.params)
+    return meta_exp.model, params, None, int(meta.get("step", 0))
+  directory = os.path.join(path, "checkpoints") if kind == "run" else path
+  ckpt = Checkpointer(directory, create=False)
+  try:
+    meta = ckpt.read_meta(init.step)
+    src_exp = _experiment_from_gin_text(meta["config_gin"])
+    same = init.keep_optimizer or (src_exp.model == rt.exp.model and
+                                   src_exp.optimizer == rt.exp.optimizer)
+    src = rt if same else build_runtime(src_exp.replace(
+        mesh=dataclasses.asdict(rt.exp.mesh), run={"steps": rt.exp.run.steps}))
+    with src.scope():
+      state, _, step = ckpt.restore(src.abstract_state, init.step)
+  finally:
+    ckpt.close()
+  return src_exp.model, state.params, state.opt_state if init.keep_optimizer else None, step
+
+
+def _read_export_experiment(path: str):
+  import json  # pylint: disable=import-outside-toplevel
+
+  meta_dir = os.path.join(path, "meta")
+  for name in sorted(os.listdir(meta_dir)):
+    with open(os.path.join(meta_dir, name), encoding="utf-8") as f:
+      try:
+        meta = json.load(f)
+      except ValueError:
+        continue
+    if "config_gin" in meta:
+      return _experiment_from_gin_text(meta["config_gin"])
+  raise ValueError(f"params export {path} has no config_gin in its meta; re-export it.")
+
+
+def _grow(params: Any, cfg, init: InitConfig):
+  from pretrainx import peft  # pylint: disable=import-outside-toplevel
+
+  if init.stack_factor > 1:
+    params, cfg = peft.stack_layers(params, cfg, factor=init.stack_factor)
+  if init.expand_every:
+    params, cfg, _ = peft.expand_blocks(params, cfg, every=init.expand_every)
+  return params, cfg
+
+
+def _check_shapes(params: Any, abstract: Any, source: str) -> None:
+  got = jax.tree_util.tree_flatten_with_path(jax.tree.map(jnp.shape, params))[0]
+  want = jax.tree_util.tree_flatten_with_path(jax.tree.map(jnp.shape, abstract))[0]
+  got, want = ({jax.tree_util.keystr(k): v for k, v in t} for t in (got, want))
+  diffs = [f"{k}: source {got.get(k, 'missing')} -> model {want.get(k, 'missing')}"
+           for k in sorted(set(got) | set(want)) if got.get(k) != want.get(k)]
+  if diffs:
+    raise ValueError(f"the params of {source} do not fit this run's ModelConfig:\n  " +
+                     "\n  ".join(diffs[:12]) + "\nSet ModelConfig to the source's shapes (or the "
+                     "grown shapes with InitConfig.expand_every / stack_factor).")
+
+
+def initial_state(rt, init: InitConfig) -> tuple[TrainState, int]:
+  """The state a fresh run starts from, and its step."""
+  kind = source_kind(init.source)
+  if kind == "hf":
+    from pretrainx import hf  # pylint: disable=import-outside-toplevel
+
+    cfg, params = hf.import_hf(init.source, mesh=rt.mesh, rules=rt.exp.mesh.rules)
+    opt_state, step = None, 0
+    if init.keep_optimizer or init.keep_step:
+      raise ValueError("a Hugging Face source has no optimizer state or step; unset "
+                       "InitConfig.keep_optimizer / keep_step.")
+  else:
+    cfg, params, opt_state, step = _load_pretrainx(rt, init, kind)
+  params, cfg = _grow(params, cfg, init)
+  _check_shapes(params, rt.abstract_state.params, init.source)
+  step = step if init.keep_step else 0
+
+  def assemble(params, opt_state):  # one program: no two leaves may share a buffer (donation)
+    opt_state = rt.optimizer.init(params) if opt_state is None else opt_state
+    return TrainState(step=jnp.asarray(step, jnp.int32), params=params, opt_state=opt_state,
+                      guard=GuardState.create())
+
+  state = jax.jit(assemble, out_shardings=rt.shardings)(params, opt_state)
+  logging.info("initialised from %s (%s) at step %d", init.source, kind, step)
+  return state, step

@@ -1,4 +1,4 @@
-"""Command line: `python -m pretrainx {train,eval,generate,export,data,peak} ...`.
+"""Command line: `python -m pretrainx {train,eval,generate,export,data,convert,schedule,peak} ...`.
 
 Every subcommand takes gin files and `--gin_param` overrides (eval and generate default to the
 config.gin a run wrote). Bad input ends with one clear message on stderr and exit status 2.
@@ -80,6 +80,21 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--overwrite", action="store_true", help="rebuild stores that already exist")
   p.add_argument("--num_docs", type=int, default=3, help="documents shown by inspect")
 
+  p = sub.add_parser("convert", help="Hugging Face <-> pretrainx checkpoints (Llama, Mistral, Qwen2)")
+  p.add_argument("src", help="an HF model directory, or a pretrainx params export")
+  p.add_argument("out", help="directory to write")
+  p.add_argument("--direction", choices=("hf-to-pretrainx", "pretrainx-to-hf"), default=None,
+                 help="default: from what SRC holds")
+  p.add_argument("--architecture", default=None,
+                 help="HF architecture to write (LlamaForCausalLM, MistralForCausalLM, "
+                      "Qwen2ForCausalLM); default: the one imported from")
+  p.add_argument("--dtype", default=None, help="dtype of the written weights (default: as stored)")
+
+  p = sub.add_parser("schedule", help="preview a run's learning-rate schedule as a PNG and table")
+  p.add_argument("--gin_file", action="append", default=[])
+  p.add_argument("--gin_param", action="append", default=[])
+  p.add_argument("--out", default="lr_schedule.png", help="PNG to write")
+
   p = sub.add_parser("peak", help="measure this machine's jitted matmul FLOP/s (MFU denominator)")
   p.add_argument("--size", type=int, default=2048)
   p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
@@ -132,8 +147,9 @@ def cmd_generate(args) -> None:
 
   exp = _experiment(args, for_training=False)
   rt, state, _ = runtime.load_trained(exp, args.checkpoint_dir, args.step)
-  _out(runtime.sample_text(rt, state.params, args.prompt, args.max_new_tokens, seed=args.seed,
-                        temperature=args.temperature, top_k=args.top_k or None))
+  _out(runtime.sample_text(rt, rt.inference_params(state), args.prompt, args.max_new_tokens,
+                           seed=args.seed, temperature=args.temperature,
+                           top_k=args.top_k or None))
 
 
 def cmd_export(args) -> None:
@@ -142,8 +158,8 @@ def cmd_export(args) -> None:
   from pretrainx.train import runtime  # pylint: disable=import-outside-toplevel
 
   exp = _experiment(args, for_training=False)
-  _, state, step = runtime.load_trained(exp, args.checkpoint_dir, args.step)
-  path = checkpoint.save_params(args.out, state.params,
+  rt, state, step = runtime.load_trained(exp, args.checkpoint_dir, args.step)
+  path = checkpoint.save_params(args.out, rt.inference_params(state),
                                 {"step": step, "config_gin": experiment_to_gin(exp)})
   _out(f"exported the params of step {step} to {path}")
 
@@ -175,6 +191,24 @@ def cmd_data(args) -> None:
         _out(f"== {name}/{split}\n" + store.inspect_text(opened, args.num_docs, data.vocabulary))
 
 
+def cmd_convert(args) -> None:
+  from pretrainx import hf  # pylint: disable=import-outside-toplevel
+
+  direction = args.direction or ("hf-to-pretrainx" if os.path.exists(
+      os.path.join(args.src, "config.json")) else "pretrainx-to-hf")
+  out = hf.convert_main(args.src, args.out, direction, architecture=args.architecture,
+                        dtype=args.dtype)
+  _out(f"{direction}: wrote {out}")
+
+
+def cmd_schedule(args) -> None:
+  from pretrainx import config, schedule_plot  # pylint: disable=import-outside-toplevel
+
+  exp = config.parse_gin(args.gin_file, args.gin_param)
+  path = schedule_plot.plot_schedule(exp.optimizer, exp.run.steps, args.out)
+  _out(schedule_plot.schedule_table(exp.optimizer, exp.run.steps) + f"\nplot: {path}")
+
+
 def cmd_peak(args) -> None:
   import jax  # pylint: disable=import-outside-toplevel
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
@@ -188,7 +222,8 @@ def cmd_peak(args) -> None:
 
 
 COMMANDS = {"train": cmd_train, "eval": cmd_eval, "generate": cmd_generate,
-            "export": cmd_export, "data": cmd_data, "peak": cmd_peak}
+            "export": cmd_export, "data": cmd_data, "convert": cmd_convert,
+            "schedule": cmd_schedule, "peak": cmd_peak}
 
 
 def configure_cpu_devices(setting: str) -> None:

@@ -19,6 +19,7 @@ from pretrainx.data.objectives import Denoiser, ObjectiveConfig
 from pretrainx.data.pipeline import DataConfig
 from pretrainx.data.tasks import CorpusTask, FileTask, MixtureSpec
 from pretrainx.data.vocab import ByteVocabulary
+from pretrainx.ema import EmaConfig
 from pretrainx.model.config import ModelConfig
 from pretrainx.optim import OptimizerConfig
 from pretrainx.sharding import MeshConfig
@@ -86,6 +87,7 @@ class Experiment:
   checkpoint: CheckpointConfig = CheckpointConfig()
   guard: GuardConfig = GuardConfig()
   init: InitConfig = InitConfig()
+  ema: EmaConfig = EmaConfig()
 
   def resolved(self) -> "Experiment":
     """The experiment with RunConfig.precision applied to the dtype fields it names."""
@@ -108,7 +110,7 @@ class Experiment:
 # Gin files include others by repo-relative path ('gin_configs/models/tiny.gin').
 _REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SECTIONS = (ModelConfig, OptimizerConfig, MeshConfig, DataConfig, RunConfig, CheckpointConfig,
-            GuardConfig, InitConfig)
+            GuardConfig, InitConfig, EmaConfig)
 CONFIGURABLES = SECTIONS + (ByteVocabulary, Stage, ObjectiveConfig, Denoiser, FileTask, CorpusTask,
                             MixtureSpec)
 # Sections whose change makes an existing run directory a different experiment.
@@ -194,7 +196,7 @@ def parse_gin(gin_files: list[str] | tuple[str, ...] = (), gin_params: list[str]
     exp = Experiment(model=built["ModelConfig"], optimizer=built["OptimizerConfig"],
                      mesh=built["MeshConfig"], data=built["DataConfig"], run=built["RunConfig"],
                      checkpoint=built["CheckpointConfig"], guard=built["GuardConfig"],
-                     init=built["InitConfig"])
+                     init=built["InitConfig"], ema=built["EmaConfig"])
   except (ValueError, TypeError, SyntaxError) as err:
     raise ValueError(_explain_gin_error(err)) from err
   finally:

@@ -76,3 +76,19 @@ def test_bad_sources_are_clear_errors(source_run, tmp_path):
     initial_state(rt, wider.init)
   with pytest.raises(ValueError, match="growth"):
     InitConfig(source="x", keep_optimizer=True, stack_factor=2)
+
+
+def test_ema_is_kept_in_the_state_used_for_eval_and_resumed(tiny_exp):
+  from pretrainx.ema import EmaConfig
+
+  exp = dataclasses.replace(tiny_exp(run={"steps": 4, "sample_tokens": 0, "eval_batches": 1}),
+                            ema=EmaConfig(decay=0.5))
+  train(exp)
+  rt, state, _ = load_trained(exp)
+  assert state.ema is not None
+  ema, params = jax.device_get((state.ema, state.params))
+  leaf = lambda t: t["embed"]["embedding"]
+  assert not np.allclose(leaf(ema), leaf(params))  # an average, not the last params
+  chex.assert_trees_all_equal(jax.device_get(rt.inference_params(state)), ema)
+  longer = dataclasses.replace(exp, run=dataclasses.replace(exp.run, steps=5))
+  assert train(longer).steps == 5  # the EMA restores with the rest of the state

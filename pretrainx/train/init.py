@@ -18,8 +18,7 @@ import jax.numpy as jnp
 from absl import logging
 
 from pretrainx.checkpoint import Checkpointer, load_params
-from pretrainx.train.guard import GuardState
-from pretrainx.train.state import TrainState
+from pretrainx.train.state import TrainState, new_state
 
 
 @dataclasses.dataclass(frozen=True)
@@ -162,11 +161,9 @@ def initial_state(rt, init: InitConfig) -> tuple[TrainState, int]:
   _check_shapes(params, rt.abstract_state.params, init.source)
   step = step if init.keep_step else 0
 
-  def assemble(params, opt_state):  # one program: no two leaves may share a buffer (donation)
-    opt_state = rt.optimizer.init(params) if opt_state is None else opt_state
-    return TrainState(step=jnp.asarray(step, jnp.int32), params=params, opt_state=opt_state,
-                      guard=GuardState.create())
-
+  ema = rt.exp.ema.enabled
+  # One program: no two leaves may share a buffer (the train step donates the state).
+  assemble = lambda p, o: new_state(p, rt.optimizer, opt_state=o, step=step, ema=ema)
   state = jax.jit(assemble, out_shardings=rt.shardings)(params, opt_state)
   logging.info("initialised from %s (%s) at step %d", init.source, kind, step)
   return state, step

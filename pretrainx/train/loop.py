@@ -144,7 +144,8 @@ class _Driver:
       self.data_offset = -self.step
     else:
       self.state, _ = create_train_state(self.rt.model, self.rt.optimizer, self.rt.mesh,
-                                         exp.mesh.rules, exp.run.seed, exp.run.seq_len)
+                                         exp.mesh.rules, exp.run.seed, exp.run.seq_len,
+                                         ema=exp.ema.enabled)
       self.step = 0
     self.skipped_seen = int(jax.device_get(self.state.guard.skipped))
 
@@ -251,7 +252,8 @@ class _Driver:
 
   def evaluate(self) -> dict[str, float]:
     """{'eval/loss', 'eval/<domain>/loss'} on the fixed validation batches."""
-    result = evaluate_domains(self.rt.eval_step, self.state.params, self.eval_device)
+    result = evaluate_domains(self.rt.eval_step, self.rt.inference_params(self.state),
+                              self.eval_device)
     return {f"eval/{k}": v for k, v in result.items() if k != "tokens"}
 
   def _apply_bad_step_policy(self, step: int, values: dict[str, float]) -> bool:
@@ -323,8 +325,8 @@ def train(exp: Experiment, restart: bool = False) -> TrainResult:
       writer.write(driver.step, {**final_eval, "eval/unigram_entropy": baseline})
       driver.last.update(final_eval)
       path = driver.save(block=True)
-      sample = sample_text(rt, driver.state.params, run.sample_prompt, run.sample_tokens,
-                           seed=run.seed, temperature=run.sample_temperature,
+      sample = sample_text(rt, rt.inference_params(driver.state), run.sample_prompt,
+                           run.sample_tokens, seed=run.seed, temperature=run.sample_temperature,
                            top_k=run.sample_top_k) if run.sample_tokens else ""
   finally:
     ckpt.close()

@@ -14,6 +14,7 @@ import numpy as np
 from pretrainx.checkpoint import Checkpointer
 from pretrainx.config import Experiment, RunPaths, validate
 from pretrainx.data.pipeline import eval_batches, unigram_entropy
+from pretrainx.ema import ema_as_params
 from pretrainx.generate import generate
 from pretrainx.model.transformer import Transformer
 from pretrainx.optim import make_optimizer
@@ -47,6 +48,12 @@ class Runtime:
     return {k: jax.make_array_from_process_local_data(rows if v.ndim == 2 else per_row, v)
             for k, v in local_batch.items()}
 
+  def inference_params(self, state: TrainState) -> Any:
+    """The params to evaluate, sample from and export: the EMA when one is kept."""
+    if state.ema is not None:
+      return ema_as_params(state.ema, state.params)
+    return state.params
+
   def put_domain_batches(self, host: dict[str, list[dict[str, np.ndarray]]]
                          ) -> dict[str, list[dict[str, jax.Array]]]:
     return {d: [self.put_batch(b) for b in batches] for d, batches in host.items()}
@@ -61,12 +68,13 @@ def build_runtime(exp: Experiment) -> Runtime:
   check_batch_divisible(run.global_batch_size, mesh, run.microbatches)
   model = Transformer(exp.model)
   optimizer, schedule = make_optimizer(exp.optimizer, run.steps)
-  abstract, shardings = state_shardings(model, optimizer, mesh, exp.mesh.rules, run.seq_len)
+  abstract, shardings = state_shardings(model, optimizer, mesh, exp.mesh.rules, run.seq_len,
+                                        ema=exp.ema.enabled)
   step_fn = make_train_step(model, optimizer, schedule, z_loss=run.z_loss,
                             microbatches=run.microbatches, guard=exp.guard,
                             hessian_estimate=exp.optimizer.name == "sophia", seed=run.seed,
                             stochastic_rounding=exp.optimizer.stochastic_rounding,
-                            num_domains=len(exp.data.domains))
+                            num_domains=len(exp.data.domains), ema=exp.ema)
   # Batches arrive sharded by put_batch ([batch, seq] and per-row [batch] arrays alike).
   train_step = jax.jit(step_fn, in_shardings=(shardings, None), out_shardings=(shardings, None),
                        donate_argnums=0)
@@ -93,7 +101,8 @@ def evaluate_checkpoint(rt: Runtime, state: TrainState, num_batches: int | None
   host = eval_batches(exp.data, exp.run.seq_len, exp.run.global_batch_size, num_batches,
                       jax.process_index(), jax.process_count())
   with rt.scope():
-    result = evaluate_domains(rt.eval_step, state.params, rt.put_domain_batches(host))
+    result = evaluate_domains(rt.eval_step, rt.inference_params(state),
+                              rt.put_domain_batches(host))
   result["unigram_entropy"] = global_unigram_entropy(exp, num_batches)
   return result
 

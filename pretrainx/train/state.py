@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from pretrainx.ema import ema_init
 from pretrainx.sharding import logical_to_shardings, mesh_scope
 from pretrainx.train.guard import GuardState
 
@@ -25,6 +26,16 @@ class TrainState:
   params: Any
   opt_state: Any
   guard: GuardState  # running loss statistics and bad-step counters
+  ema: Any = None  # float32 moving average of params (EmaConfig), or None when off
+
+
+def new_state(params: Any, optimizer: optax.GradientTransformation, *, opt_state: Any = None,
+              step: int = 0, ema: bool = False) -> TrainState:
+  """A state at `step` around `params` (call inside jit with out_shardings: every leaf gets its
+  own buffer, which donation needs)."""
+  return TrainState(step=jnp.asarray(step, jnp.int32), params=params,
+                    opt_state=optimizer.init(params) if opt_state is None else opt_state,
+                    guard=GuardState.create(), ema=ema_init(params) if ema else None)
 
 
 def _boxed_params(model: nn.Module, rng: jax.Array, seq_len: int) -> Any:
@@ -33,8 +44,10 @@ def _boxed_params(model: nn.Module, rng: jax.Array, seq_len: int) -> Any:
 
 
 def state_shardings(model: nn.Module, optimizer: optax.GradientTransformation, mesh: Mesh,
-                    rules, seq_len: int) -> tuple[TrainState, TrainState]:
-  """(abstract state, shardings), both TrainState-shaped, from shapes alone (nothing allocated)."""
+                    rules, seq_len: int, ema: bool = False) -> tuple[TrainState, TrainState]:
+  """(abstract state, shardings), both TrainState-shaped, from shapes alone (nothing allocated).
+
+  With `ema`, the state also holds a float32 params-shaped EMA sharded like the params."""
   boxed = jax.eval_shape(lambda rng: _boxed_params(model, rng, seq_len), jax.random.key(0))
   param_shardings = logical_to_shardings(boxed, mesh, rules)
   abstract_params = jax.tree.map(lambda x: x.value if isinstance(x, nn.Partitioned) else x, boxed,
@@ -44,10 +57,12 @@ def state_shardings(model: nn.Module, optimizer: optax.GradientTransformation, m
   opt_shardings = _optimizer_state_shardings(abstract_opt, abstract_params, param_shardings,
                                              replicated)
   abstract_guard = jax.eval_shape(GuardState.create)
+  abstract_ema = jax.eval_shape(ema_init, abstract_params) if ema else None
   abstract = TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=abstract_params,
-                        opt_state=abstract_opt, guard=abstract_guard)
+                        opt_state=abstract_opt, guard=abstract_guard, ema=abstract_ema)
   shardings = TrainState(step=replicated, params=param_shardings, opt_state=opt_shardings,
-                         guard=jax.tree.map(lambda _: replicated, abstract_guard))
+                         guard=jax.tree.map(lambda _: replicated, abstract_guard),
+                         ema=param_shardings if ema else None)
   abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                           abstract, shardings)
   return abstract, shardings
@@ -79,14 +94,14 @@ def _optimizer_state_shardings(abstract_opt, abstract_params, param_shardings, r
 
 
 def create_train_state(model: nn.Module, optimizer: optax.GradientTransformation, mesh: Mesh,
-                       rules, seed: int, seq_len: int) -> tuple[TrainState, TrainState]:
+                       rules, seed: int, seq_len: int, ema: bool = False
+                       ) -> tuple[TrainState, TrainState]:
   """Initialises parameters and optimizer state directly into their shardings."""
-  _, shardings = state_shardings(model, optimizer, mesh, rules, seq_len)
+  _, shardings = state_shardings(model, optimizer, mesh, rules, seq_len, ema)
 
   def init(rng):
     params = nn.unbox(_boxed_params(model, rng, seq_len))
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                      opt_state=optimizer.init(params), guard=GuardState.create())
+    return new_state(params, optimizer, ema=ema)
 
   with mesh_scope(mesh, rules):
     state = jax.jit(init, out_shardings=shardings)(jax.random.key(seed))

@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from pretrainx.ema import EmaConfig, ema_update
 from pretrainx.model.transformer import sown_kurtosis
 from pretrainx.optim import apply_updates_stochastic
 from pretrainx.train.guard import GuardConfig, guard_update
@@ -121,7 +122,8 @@ def gnb_grads(logits_fn: Callable[[Any], jax.Array], params: Any, loss_mask: jax
 def make_train_step(model: nn.Module, optimizer: optax.GradientTransformation,
                     schedule: optax.Schedule, *, z_loss: float = 0.0, microbatches: int = 1,
                     guard: GuardConfig = GuardConfig(), hessian_estimate: bool = False,
-                    seed: int = 0, stochastic_rounding: bool = False, num_domains: int = 0
+                    seed: int = 0, stochastic_rounding: bool = False, num_domains: int = 0,
+                    ema: EmaConfig = EmaConfig()
                     ) -> Callable[[TrainState, Batch], tuple[TrainState, dict[str, jax.Array]]]:
   """Returns the pure step function; the loop jits it with shardings and donates the state.
 
@@ -129,7 +131,8 @@ def make_train_step(model: nn.Module, optimizer: optax.GradientTransformation,
   unchanged; the step counter still advances, so the next step reads the next batch. With
   `hessian_estimate` (Sophia) the optimizer gets a GNB Hessian-diagonal callable, whose labels
   are sampled with a key folded from (seed, step). With `num_domains`, batches carry each row's
-  `domain` and the metrics include 'domain_loss' and 'domain_tokens' [domains].
+  `domain` and the metrics include 'domain_loss' and 'domain_tokens' [domains]. With `ema`
+  enabled, the state's EMA of the params is updated after every good step.
   """
 
   def train_step(state: TrainState, batch: Batch):
@@ -152,6 +155,9 @@ def make_train_step(model: nn.Module, optimizer: optax.GradientTransformation,
     keep_if_bad = lambda new, old: jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)
     params = keep_if_bad(params, state.params)
     opt_state = keep_if_bad(opt_state, state.opt_state)
+    new_ema = state.ema
+    if ema.enabled:
+      new_ema = keep_if_bad(ema_update(state.ema, params, state.step, ema), state.ema)
     metrics = {
         "loss": loss,
         "z_loss": sums["z"] / denom,
@@ -172,6 +178,6 @@ def make_train_step(model: nn.Module, optimizer: optax.GradientTransformation,
       metrics["kurtosis/max"] = jnp.max(sums["kurtosis"])
       metrics.update({f"kurtosis/layer_{i}": k for i, k in enumerate(sums["kurtosis"])})
     return TrainState(step=state.step + 1, params=params, opt_state=opt_state,
-                      guard=guard_state), metrics
+                      guard=guard_state, ema=new_ema), metrics
 
   return train_step

@@ -1,7 +1,7 @@
 """Run configuration: RunConfig, the Experiment bundle, gin parsing and the run directory layout.
 
-An Experiment is five frozen dataclasses (model, optimizer, mesh, data, run) that notebooks build
-directly. gin, imported only here and lazily, fills them from gin files; `experiment_to_gin`
+An Experiment bundles frozen dataclasses (model, optimizer, mesh, data, run, ...) that notebooks
+build directly. gin, imported only here and lazily, fills them from gin files; `experiment_to_gin`
 writes any Experiment back as a gin file, which is the operative config saved with every run.
 """
 
@@ -20,11 +20,13 @@ from pretrainx.data.pipeline import DataConfig
 from pretrainx.data.tasks import CorpusTask, FileTask, MixtureSpec
 from pretrainx.data.vocab import ByteVocabulary
 from pretrainx.ema import EmaConfig
+from pretrainx.peft import LoraConfig
 from pretrainx.model.config import ModelConfig
 from pretrainx.optim import OptimizerConfig
 from pretrainx.sharding import MeshConfig
 from pretrainx.train.guard import GuardConfig
 from pretrainx.train.init import InitConfig
+from pretrainx.train.tuning import TuneConfig
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,6 +90,7 @@ class Experiment:
   guard: GuardConfig = GuardConfig()
   init: InitConfig = InitConfig()
   ema: EmaConfig = EmaConfig()
+  tune: TuneConfig = TuneConfig()
 
   def resolved(self) -> "Experiment":
     """The experiment with RunConfig.precision applied to the dtype fields it names."""
@@ -110,8 +113,8 @@ class Experiment:
 # Gin files include others by repo-relative path ('gin_configs/models/tiny.gin').
 _REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SECTIONS = (ModelConfig, OptimizerConfig, MeshConfig, DataConfig, RunConfig, CheckpointConfig,
-            GuardConfig, InitConfig, EmaConfig)
-CONFIGURABLES = SECTIONS + (ByteVocabulary, Stage, ObjectiveConfig, Denoiser, FileTask, CorpusTask,
+            GuardConfig, InitConfig, EmaConfig, TuneConfig)
+CONFIGURABLES = SECTIONS + (LoraConfig, ByteVocabulary, Stage, ObjectiveConfig, Denoiser, FileTask, CorpusTask,
                             MixtureSpec)
 # Sections whose change makes an existing run directory a different experiment.
 IDENTITY_SECTIONS = ("model", "data")
@@ -196,7 +199,8 @@ def parse_gin(gin_files: list[str] | tuple[str, ...] = (), gin_params: list[str]
     exp = Experiment(model=built["ModelConfig"], optimizer=built["OptimizerConfig"],
                      mesh=built["MeshConfig"], data=built["DataConfig"], run=built["RunConfig"],
                      checkpoint=built["CheckpointConfig"], guard=built["GuardConfig"],
-                     init=built["InitConfig"], ema=built["EmaConfig"])
+                     init=built["InitConfig"], ema=built["EmaConfig"],
+                     tune=built["TuneConfig"])
   except (ValueError, TypeError, SyntaxError) as err:
     raise ValueError(_explain_gin_error(err)) from err
   finally:

@@ -9,6 +9,7 @@ never leaves a store that looks complete but is not.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
@@ -60,6 +61,19 @@ def _read(arr, start: int = 0, stop: int | None = None) -> np.ndarray:
   return np.asarray(arr[start:stop].read().result())
 
 
+def _read_arrays(path: Path) -> dict[str, np.ndarray]:
+  """Every array of a store, whole; unreadable files (missing, undecodable) are a StoreError."""
+  try:
+    return {n: _read(_open_array(path, n)) for n in ARRAYS}
+  except (ValueError, OSError) as err:
+    raise StoreError(f"store {path} is corrupt ({err}); delete it and prepare it again.") from err
+
+
+def _json_identity(value: dict) -> dict:
+  """`value` as read back from JSON (tuples become lists), to compare with a manifest."""
+  return json.loads(json.dumps(value, sort_keys=True))
+
+
 class _Appender:
   """Appends to the store's arrays; `commit` records how far they are valid."""
 
@@ -100,7 +114,7 @@ class _Appender:
 
 
 def _checksums(path: Path) -> dict[str, str]:
-  return {n: hashlib.sha256(_read(_open_array(path, n)).tobytes()).hexdigest() for n in ARRAYS}
+  return {n: hashlib.sha256(a.tobytes()).hexdigest() for n, a in _read_arrays(path).items()}
 
 
 def write_store(path: str | Path, documents: Iterable[SourceDocument], vocabulary, *,
@@ -113,7 +127,8 @@ def write_store(path: str | Path, documents: Iterable[SourceDocument], vocabular
   refused unless `overwrite`.
   """
   path = Path(path)
-  identity = {"vocabulary": vocabulary_identity(vocabulary), "fingerprint": fingerprint or {}}
+  identity = _json_identity({"vocabulary": vocabulary_identity(vocabulary),
+                             "fingerprint": fingerprint or {}})
   manifest_path, progress_path = path / "manifest.json", path / "progress.json"
   if overwrite and path.exists():
     shutil.rmtree(path)
@@ -163,22 +178,31 @@ class TokenStore:
   def __init__(self, path: Path, manifest: dict):
     self.path, self.manifest = path, manifest
     self.num_docs, self.num_tokens = int(manifest["num_docs"]), int(manifest["num_tokens"])
-    arrays = {n: _open_array(path, n) for n in ARRAYS}
-    sizes = {n: a.shape[0] for n, a in arrays.items()}
-    expected = {"tokens": self.num_tokens, "doc_offsets": self.num_docs + 1,
-                "scores": self.num_docs, "meta_offsets": self.num_docs + 1}
-    if any(sizes[n] != v for n, v in expected.items()):
-      raise StoreError(f"store {path} is corrupt: array sizes {sizes} do not match its manifest "
-                       f"{expected}; delete it and prepare it again.")
-    self.doc_offsets = _read(arrays["doc_offsets"])
-    self.scores = _read(arrays["scores"])
-    self._meta_offsets = _read(arrays["meta_offsets"])
-    self._meta_bytes = _read(arrays["meta_bytes"])
-    if self.doc_offsets[-1] != self.num_tokens or (np.diff(self.doc_offsets) < 1).any():
-      raise StoreError(f"store {path} is corrupt: document offsets are inconsistent; delete it "
-                       "and prepare it again.")
-    self._tokens_array = arrays["tokens"]
-    self._tokens = _read(arrays["tokens"]) if self.num_tokens * 4 <= IN_MEMORY_BYTES else None
+    try:
+      arrays = {n: _open_array(path, n) for n in ARRAYS}
+      sizes = {n: a.shape[0] for n, a in arrays.items()}
+      expected = {"tokens": self.num_tokens, "doc_offsets": self.num_docs + 1,
+                  "scores": self.num_docs, "meta_offsets": self.num_docs + 1}
+      if any(sizes[n] != v for n, v in expected.items()):
+        raise StoreError(f"store {path} is corrupt: array sizes {sizes} do not match its "
+                         f"manifest {expected}; delete it and prepare it again.")
+      self.doc_offsets = _read(arrays["doc_offsets"])
+      self.scores = _read(arrays["scores"])
+      self._meta_offsets = _read(arrays["meta_offsets"])
+      self._meta_bytes = _read(arrays["meta_bytes"])
+      self._tokens_array = arrays["tokens"]
+      self._tokens = _read(arrays["tokens"]) if self.num_tokens * 4 <= IN_MEMORY_BYTES else None
+    except StoreError:
+      raise
+    except (ValueError, OSError) as err:  # tensorstore: a missing or undecodable file
+      raise StoreError(f"store {path} is corrupt ({err}); delete it and prepare it "
+                       "again.") from err
+    for name, offsets, total, min_length in (
+        ("document", self.doc_offsets, self.num_tokens, 1),  # at least the eos
+        ("metadata", self._meta_offsets, len(self._meta_bytes), 0)):
+      if offsets[0] != 0 or offsets[-1] != total or (np.diff(offsets) < min_length).any():
+        raise StoreError(f"store {path} is corrupt: {name} offsets are inconsistent with "
+                         f"{total} stored; delete it and prepare it again.")
 
   @property
   def doc_lengths(self) -> np.ndarray:
@@ -224,7 +248,7 @@ def open_store(path: str | Path, vocabulary=None, fingerprint: dict | None = Non
     raise StoreError(f"token store {path} was made with vocabulary {manifest['vocabulary']} but "
                      f"the run uses {vocabulary_identity(vocabulary)}; prepare it again with "
                      "--overwrite (or point DataConfig.store_dir elsewhere).")
-  if fingerprint is not None and manifest.get("fingerprint") != fingerprint:
+  if fingerprint is not None and manifest.get("fingerprint") != _json_identity(fingerprint):
     raise StoreError(f"token store {path} was made from {manifest.get('fingerprint')}, not "
                      f"{fingerprint}; prepare it again with --overwrite.")
   store = TokenStore(path, manifest)
@@ -257,33 +281,45 @@ def has_validation(spec: FileTask | CorpusTask) -> bool:
 
 def ensure_corpus_store(root: str | Path, domain: str, split: str, vocabulary,
                         validation_fraction: float = 0.05) -> TokenStore:
-  """The embedded corpus domain's store, made on first use (safe when processes race)."""
+  """The embedded corpus domain's store, made on first use (safe when processes race).
+
+  Builders take a lock file next to the store, build into a temporary directory and rename it
+  into place, so that a reader sees a complete store or none, and a store that matches is never
+  moved away under a reader.
+  """
   path = Path(root) / domain / split
   fingerprint = {"corpus": domain, "validation_fraction": validation_fraction}
   try:
     return open_store(path, vocabulary, fingerprint)
   except StoreError:
     pass
+  path.parent.mkdir(parents=True, exist_ok=True)
+  with open(path.with_name(f".{split}.lock"), "a+b") as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+    try:
+      return open_store(path, vocabulary, fingerprint)  # made by another process meanwhile
+    except StoreError:
+      pass
+    _build_corpus_store(path, domain, split, vocabulary, validation_fraction, fingerprint)
+  return open_store(path, vocabulary, fingerprint)
+
+
+def _build_corpus_store(path: Path, domain: str, split: str, vocabulary,
+                        validation_fraction: float, fingerprint: dict) -> None:
+  """Under the lock: writes the store into a temporary directory, then swaps it in."""
   from pretrainx.data import corpus  # pylint: disable=import-outside-toplevel
 
+  for leftover in path.parent.glob(f".{split}.*-*"):  # of builders that were killed
+    shutil.rmtree(leftover, ignore_errors=True)
   docs = [SourceDocument(d.text, d.name)
           for d in corpus.load_documents(split, (domain,), validation_fraction)]
   tmp = path.with_name(f".{split}.tmp-{uuid.uuid4().hex}")
   write_store(tmp, docs, vocabulary, name=domain, split=split, fingerprint=fingerprint)
   stale = path.with_name(f".{split}.stale-{uuid.uuid4().hex}")
   if path.exists():
-    try:
-      open_store(path, vocabulary, fingerprint)  # another process finished it meanwhile
-      shutil.rmtree(tmp)
-      return open_store(path, vocabulary, fingerprint)
-    except StoreError:
-      os.replace(path, stale)  # made for another vocabulary or split: replaced
-  try:
-    os.replace(tmp, path)
-  except OSError:  # another process put its copy in place first
-    shutil.rmtree(tmp, ignore_errors=True)
+    os.replace(path, stale)  # made for another vocabulary or split, or broken: replaced
+  os.replace(tmp, path)
   shutil.rmtree(stale, ignore_errors=True)
-  return open_store(path, vocabulary, fingerprint)
 
 
 def inspect_text(store: TokenStore, num_docs: int = 3, vocabulary=None) -> str:

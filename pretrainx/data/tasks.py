@@ -106,8 +106,11 @@ def _format(task: FileTask, path: str) -> str:
   return _EXTENSIONS[ext]
 
 
-def _record(task: FileTask, rec: dict[str, Any], where: str) -> SourceDocument:
-  if task.text_field not in rec:
+def _record(task: FileTask, rec: Any, where: str) -> SourceDocument:
+  if not isinstance(rec, dict):
+    raise ValueError(f"task {task.name!r}: {where} is a JSON {type(rec).__name__}, not an object "
+                     f"with a {task.text_field!r} field; write one object per line.")
+  if rec.get(task.text_field) is None:
     raise ValueError(f"task {task.name!r}: {where} has no field {task.text_field!r} (fields: "
                      f"{sorted(rec)}); set FileTask.text_field.")
   meta = rec.get(task.metadata_field) if task.metadata_field else None
@@ -141,7 +144,8 @@ def _read_file(task: FileTask, path: str) -> Iterator[SourceDocument]:
 
 
 def _held_out(path: str, index: int, fraction: float) -> bool:
-  digest = hashlib.sha256(f"{os.path.abspath(path)}:{index}".encode()).digest()
+  # The file's name, not its absolute path: moving the data keeps the split.
+  digest = hashlib.sha256(f"{os.path.basename(path)}:{index}".encode()).digest()
   return int.from_bytes(digest[:8], "big") / 2**64 < fraction
 
 
@@ -187,10 +191,12 @@ def register_seqio(spec: FileTask | CorpusTask | MixtureSpec) -> str:
     def source(split: str, shuffle_files: bool = False, seed: int | None = None):
       del shuffle_files, seed  # the order is fixed; shuffling happens in the token pipeline
       docs = list(iter_documents(spec, split))
-      return tf.data.Dataset.from_tensor_slices({
-          "text": [d.text for d in docs],
-          "metadata": [d.metadata or "" for d in docs],
-          "score": [math.nan if d.score is None else d.score for d in docs]})
+      return tf.data.Dataset.from_tensor_slices({  # explicit dtypes: an empty split has no values
+          "text": tf.constant([d.text for d in docs], tf.string),
+          "metadata": tf.constant([d.metadata or "" for d in docs], tf.string),
+          # float64, so that scores come back exactly as iter_documents gives them
+          "score": tf.constant([math.nan if d.score is None else d.score for d in docs],
+                               tf.float64)})
 
     seqio.TaskRegistry.add(
         name, source=seqio.FunctionDataSource(source, splits=("train", "validation")),

@@ -19,6 +19,7 @@ from absl import logging
 
 from pretrainx.checkpoint import Checkpointer, load_params
 from pretrainx.train.state import TrainState, new_state
+from pretrainx.train.tuning import params_view, with_adapters
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,15 +97,18 @@ def _load_pretrainx(rt, init: InitConfig, kind: str) -> tuple[Any, Any, Any, int
   try:
     meta = ckpt.read_meta(init.step)
     src_exp = _experiment_from_gin_text(meta["config_gin"])
-    same = init.keep_optimizer or (src_exp.model == rt.exp.model and
-                                   src_exp.optimizer == rt.exp.optimizer)
-    src = rt if same else build_runtime(src_exp.replace(
+    # The source's own state layout (model, optimizer, EMA, adapters) restores it; keeping its
+    # optimizer state needs that layout to be this run's.
+    src = rt if init.keep_optimizer else build_runtime(src_exp.replace(
         mesh=dataclasses.asdict(rt.exp.mesh), run={"steps": rt.exp.run.steps}))
     with src.scope():
       state, _, step = ckpt.restore(src.abstract_state, init.step)
   finally:
     ckpt.close()
-  return src_exp.model, state.params, state.opt_state if init.keep_optimizer else None, step
+  params = state.params
+  if src_exp.tune.lora is not None:  # a LoRA run continues from its merged weights
+    params = params_view(src_exp.tune)(params)
+  return src_exp.model, params, state.opt_state if init.keep_optimizer else None, step
 
 
 def _read_export_experiment(path: str):
@@ -158,6 +162,7 @@ def initial_state(rt, init: InitConfig) -> tuple[TrainState, int]:
   else:
     cfg, params, opt_state, step = _load_pretrainx(rt, init, kind)
   params, cfg = _grow(params, cfg, init)
+  params = with_adapters(params, rt.exp.tune, jax.random.key(rt.exp.run.seed))
   _check_shapes(params, rt.abstract_state.params, init.source)
   step = step if init.keep_step else 0
 

@@ -145,7 +145,7 @@ class _Driver:
     else:
       self.state, _ = create_train_state(self.rt.model, self.rt.optimizer, self.rt.mesh,
                                          exp.mesh.rules, exp.run.seed, exp.run.seq_len,
-                                         ema=exp.ema.enabled)
+                                         ema=exp.ema.enabled, tune=exp.tune)
       self.step = 0
     self.skipped_seen = int(jax.device_get(self.state.guard.skipped))
 

@@ -20,7 +20,8 @@ from pretrainx.model.transformer import Transformer
 from pretrainx.optim import make_optimizer
 from pretrainx.sharding import batch_sharding, check_batch_divisible, make_mesh, mesh_scope
 from pretrainx.train.eval import evaluate_domains, make_eval_step
-from pretrainx.train.state import TrainState, state_shardings
+from pretrainx.train.state import TrainState, abstract_params, state_shardings
+from pretrainx.train.tuning import ViewedModel, params_view, trainable, tuned_optimizer
 from pretrainx.train.step import make_train_step
 
 
@@ -49,10 +50,10 @@ class Runtime:
             for k, v in local_batch.items()}
 
   def inference_params(self, state: TrainState) -> Any:
-    """The params to evaluate, sample from and export: the EMA when one is kept."""
-    if state.ema is not None:
-      return ema_as_params(state.ema, state.params)
-    return state.params
+    """The model params to evaluate, sample from and export: the EMA when one is kept, with
+    LoRA adapters merged."""
+    params = state.params if state.ema is None else ema_as_params(state.ema, state.params)
+    return jax.jit(params_view(self.exp.tune))(params)
 
   def put_domain_batches(self, host: dict[str, list[dict[str, np.ndarray]]]
                          ) -> dict[str, list[dict[str, jax.Array]]]:
@@ -68,9 +69,13 @@ def build_runtime(exp: Experiment) -> Runtime:
   check_batch_divisible(run.global_batch_size, mesh, run.microbatches)
   model = Transformer(exp.model)
   optimizer, schedule = make_optimizer(exp.optimizer, run.steps)
+  mask = trainable(abstract_params(model, run.seq_len, exp.tune), exp.tune, exp.model,
+                   exp.init.expand_every)
+  optimizer = tuned_optimizer(optimizer, mask)
   abstract, shardings = state_shardings(model, optimizer, mesh, exp.mesh.rules, run.seq_len,
-                                        ema=exp.ema.enabled)
-  step_fn = make_train_step(model, optimizer, schedule, z_loss=run.z_loss,
+                                        ema=exp.ema.enabled, tune=exp.tune)
+  viewed = ViewedModel(model, params_view(exp.tune))  # LoRA: the model sees merged params
+  step_fn = make_train_step(viewed, optimizer, schedule, z_loss=run.z_loss,
                             microbatches=run.microbatches, guard=exp.guard,
                             hessian_estimate=exp.optimizer.name == "sophia", seed=run.seed,
                             stochastic_rounding=exp.optimizer.stochastic_rounding,
@@ -78,7 +83,7 @@ def build_runtime(exp: Experiment) -> Runtime:
   # Batches arrive sharded by put_batch ([batch, seq] and per-row [batch] arrays alike).
   train_step = jax.jit(step_fn, in_shardings=(shardings, None), out_shardings=(shardings, None),
                        donate_argnums=0)
-  eval_step = jax.jit(make_eval_step(model), in_shardings=(shardings.params, None))
+  eval_step = jax.jit(make_eval_step(model), in_shardings=(None, None))
   return Runtime(exp, mesh, model, optimizer, abstract, shardings, train_step, eval_step)
 
 

@@ -18,6 +18,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from pretrainx.ema import ema_init
 from pretrainx.sharding import logical_to_shardings, mesh_scope
 from pretrainx.train.guard import GuardState
+from pretrainx.train.tuning import TuneConfig, with_adapters
 
 
 @flax.struct.dataclass
@@ -38,17 +39,27 @@ def new_state(params: Any, optimizer: optax.GradientTransformation, *, opt_state
                     guard=GuardState.create(), ema=ema_init(params) if ema else None)
 
 
-def _boxed_params(model: nn.Module, rng: jax.Array, seq_len: int) -> Any:
+def _boxed_params(model: nn.Module, rng: jax.Array, seq_len: int,
+                  tune: TuneConfig = TuneConfig()) -> Any:
   tokens = jnp.zeros((1, seq_len), jnp.int32)
-  return model.init(rng, tokens)["params"]
+  init_rng, adapter_rng = jax.random.split(rng)
+  return with_adapters(model.init(init_rng, tokens)["params"], tune, adapter_rng)
+
+
+def abstract_params(model: nn.Module, seq_len: int, tune: TuneConfig = TuneConfig()) -> Any:
+  """The state's params as ShapeDtypeStructs (model params, or {'base', 'lora'} with LoRA)."""
+  boxed = jax.eval_shape(lambda r: _boxed_params(model, r, seq_len, tune), jax.random.key(0))
+  return jax.tree.map(lambda x: x.value if isinstance(x, nn.Partitioned) else x, boxed,
+                      is_leaf=lambda x: isinstance(x, nn.Partitioned))
 
 
 def state_shardings(model: nn.Module, optimizer: optax.GradientTransformation, mesh: Mesh,
-                    rules, seq_len: int, ema: bool = False) -> tuple[TrainState, TrainState]:
+                    rules, seq_len: int, ema: bool = False, tune: TuneConfig = TuneConfig()
+                    ) -> tuple[TrainState, TrainState]:
   """(abstract state, shardings), both TrainState-shaped, from shapes alone (nothing allocated).
 
   With `ema`, the state also holds a float32 params-shaped EMA sharded like the params."""
-  boxed = jax.eval_shape(lambda rng: _boxed_params(model, rng, seq_len), jax.random.key(0))
+  boxed = jax.eval_shape(lambda rng: _boxed_params(model, rng, seq_len, tune), jax.random.key(0))
   param_shardings = logical_to_shardings(boxed, mesh, rules)
   abstract_params = jax.tree.map(lambda x: x.value if isinstance(x, nn.Partitioned) else x, boxed,
                                  is_leaf=lambda x: isinstance(x, nn.Partitioned))
@@ -94,13 +105,13 @@ def _optimizer_state_shardings(abstract_opt, abstract_params, param_shardings, r
 
 
 def create_train_state(model: nn.Module, optimizer: optax.GradientTransformation, mesh: Mesh,
-                       rules, seed: int, seq_len: int, ema: bool = False
-                       ) -> tuple[TrainState, TrainState]:
+                       rules, seed: int, seq_len: int, ema: bool = False,
+                       tune: TuneConfig = TuneConfig()) -> tuple[TrainState, TrainState]:
   """Initialises parameters and optimizer state directly into their shardings."""
-  _, shardings = state_shardings(model, optimizer, mesh, rules, seq_len, ema)
+  _, shardings = state_shardings(model, optimizer, mesh, rules, seq_len, ema, tune)
 
   def init(rng):
-    params = nn.unbox(_boxed_params(model, rng, seq_len))
+    params = nn.unbox(_boxed_params(model, rng, seq_len, tune))
     return new_state(params, optimizer, ema=ema)
 
   with mesh_scope(mesh, rules):

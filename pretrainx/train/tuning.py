@@ -1,0 +1,99 @@
+"""Which parameters a run trains: all of them, a regex selection, LoRA adapters, or new blocks.
+
+With LoRA the state's params are {'base': model params, 'lora': adapters}; the model sees
+`lora_merge(base, lora)` (the base under stop_gradient), and the optimizer holds state for the
+adapters only. Freezing and "train only the blocks block expansion added" mask the optimizer.
+Evaluation, sampling and export see the merged params, so an exported model needs no adapters.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import jax
+import optax
+
+from pretrainx import peft
+from pretrainx.peft import LoraConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class TuneConfig:
+  """What trains.
+
+  Attributes:
+    lora: low-rank adapters on the params LoraConfig.targets match; only they train.
+    train: regexes over param paths ('layers/attention/q_proj'): only matching params train
+      (empty: all).
+    freeze: regexes of params that do not train.
+    new_blocks_only: with InitConfig.expand_every, train only the inserted blocks (Llama-Pro).
+  """
+
+  lora: LoraConfig | None = None
+  train: tuple[str, ...] = ()
+  freeze: tuple[str, ...] = ()
+  new_blocks_only: bool = False
+
+  def __post_init__(self):
+    for name in ("train", "freeze"):
+      value = getattr(self, name)
+      object.__setattr__(self, name, (value,) if isinstance(value, str) else tuple(value))
+    if self.lora is not None and (self.train or self.freeze or self.new_blocks_only):
+      raise ValueError("TuneConfig.lora trains the adapters only; leave train, freeze and "
+                       "new_blocks_only unset with it.")
+
+
+class ViewedModel:
+  """A model whose `apply` first maps the state's params to the model's (e.g. merges LoRA)."""
+
+  def __init__(self, model, view: Callable[[Any], Any]):
+    self.model, self.view, self.cfg = model, view, model.cfg
+
+  def apply(self, variables, *args, **kwargs):
+    return self.model.apply({**variables, "params": self.view(variables["params"])}, *args,
+                            **kwargs)
+
+
+def with_adapters(params: Any, tune: TuneConfig, rng: jax.Array) -> Any:
+  """The state's params around model params: {'base', 'lora'} with LoRA, else unchanged."""
+  if tune.lora is None:
+    return params
+  return {"base": params, "lora": peft.init_lora(params, tune.lora, rng)}
+
+
+def params_view(tune: TuneConfig) -> Callable[[Any], Any]:
+  """State params -> model params."""
+  if tune.lora is None:
+    return lambda params: params
+  return lambda p: peft.lora_merge(jax.lax.stop_gradient(p["base"]), p["lora"], tune.lora)
+
+
+def _new_block_indices(num_layers: int, every: int) -> list[int]:
+  """Indices of the blocks expand_blocks(every=k) inserted into a model now num_layers deep."""
+  source = next((n for n in range(1, num_layers + 1) if n + n // every == num_layers), None)
+  if source is None:
+    raise ValueError(f"ModelConfig.num_layers={num_layers} is not a depth that expanding by "
+                     f"InitConfig.expand_every={every} can give.")
+  return [(i + 1) * (every + 1) - 1 for i in range(source // every)]
+
+
+def trainable(params: Any, tune: TuneConfig, model_cfg, expand_every: int = 0) -> Any | None:
+  """A mask of what the optimizer updates (None: everything)."""
+  if tune.lora is not None:
+    return jax.tree_util.tree_map_with_path(
+        lambda path, _: peft.path_name(path).startswith("lora/"), params)
+  if tune.new_blocks_only:
+    if not expand_every:
+      raise ValueError("TuneConfig.new_blocks_only needs InitConfig.expand_every (the blocks "
+                       "to train are the ones expansion inserts).")
+    return peft.new_block_mask(params, _new_block_indices(model_cfg.num_layers, expand_every),
+                               model_cfg)
+  if tune.train or tune.freeze:
+    return peft.trainable_mask(params, train=tune.train, freeze=tune.freeze)
+  return None
+
+
+def tuned_optimizer(optimizer: optax.GradientTransformation, mask: Any | None
+                    ) -> optax.GradientTransformation:
+  return optimizer if mask is None else peft.masked_optimizer(optimizer, mask)

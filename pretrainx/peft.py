@@ -105,6 +105,8 @@ class LoraConfig:
   init_std: float | None = None
 
   def __post_init__(self):
+    if isinstance(self.targets, list):  # gin gives lists; keep configs comparable
+      object.__setattr__(self, "targets", tuple(self.targets))
     if self.rank < 1:
       raise ValueError(f"LoraConfig.rank={self.rank}; use a positive integer rank.")
     if not self.targets or isinstance(self.targets, str):

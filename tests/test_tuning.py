@@ -78,3 +78,18 @@ def test_block_expansion_starts_identical_and_trains_only_new_blocks(source, tmp
 def test_bad_tuning_configs_are_clear_errors():
   with pytest.raises(ValueError, match="adapters only"):
     TuneConfig(lora=LoraConfig(), freeze=("embed",))
+
+
+@pytest.mark.parametrize("name", ["rewarm_replay", "lora", "expand", "grow_stack"])
+def test_cpt_gin_files_parse_and_round_trip(name, tmp_path):
+  import os
+
+  from pretrainx.config import experiment_to_gin, parse_gin
+
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  exp = parse_gin([os.path.join(repo, "gin_configs/quickstart.gin"),
+                   os.path.join(repo, f"gin_configs/cpt/{name}.gin")])
+  assert exp.init.source == "runs/quickstart"
+  written = tmp_path / "config.gin"
+  written.write_text(experiment_to_gin(exp))
+  assert parse_gin([str(written)]) == exp

@@ -18,7 +18,7 @@ from pretrainx.data.mixture import Stage, check_stages
 from pretrainx.data.objectives import Denoiser, ObjectiveConfig
 from pretrainx.data.pipeline import DataConfig
 from pretrainx.data.tasks import CorpusTask, FileTask, MixtureSpec
-from pretrainx.data.vocab import ByteVocabulary
+from pretrainx.data.vocab import ByteVocabulary, HFTokenizerVocabulary
 from pretrainx.ema import EmaConfig
 from pretrainx.peft import LoraConfig
 from pretrainx.model.config import ModelConfig
@@ -114,7 +114,7 @@ class Experiment:
 _REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SECTIONS = (ModelConfig, OptimizerConfig, MeshConfig, DataConfig, RunConfig, CheckpointConfig,
             GuardConfig, InitConfig, EmaConfig, TuneConfig)
-CONFIGURABLES = SECTIONS + (LoraConfig, ByteVocabulary, Stage, ObjectiveConfig, Denoiser, FileTask, CorpusTask,
+CONFIGURABLES = SECTIONS + (LoraConfig, ByteVocabulary, HFTokenizerVocabulary, Stage, ObjectiveConfig, Denoiser, FileTask, CorpusTask,
                             MixtureSpec)
 # Sections whose change makes an existing run directory a different experiment.
 IDENTITY_SECTIONS = ("model", "data")

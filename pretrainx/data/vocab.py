@@ -79,3 +79,120 @@ def sentinel_id(vocab, k: int) -> int:
         f"{vocab.name} has {getattr(vocab, 'extra_ids', 0)}; set ByteVocabulary.extra_ids "
         "(e.g. 128) and ModelConfig.vocab_size to the new vocab_size.")
   return vocab.vocab_size - 1 - k
+
+
+# ----------------------------------------------------------------------------- Hugging Face
+
+
+_EOS_CANDIDATES = ("</s>", "<|endoftext|>", "<|end_of_text|>", "<eos>", "<|eos|>", "[SEP]")
+_PAD_CANDIDATES = ("<pad>", "<|pad|>", "[PAD]", "<|finetune_right_pad_id|>")
+
+
+_TOKENIZERS: dict[tuple[str, int], tuple] = {}  # (file, mtime) -> _load_tokenizer's result
+
+
+def _tokenizer_file(path: str) -> str:
+  import os  # pylint: disable=import-outside-toplevel
+
+  file = os.path.join(path, "tokenizer.json") if os.path.isdir(path) else path
+  if not os.path.isfile(file):
+    raise FileNotFoundError(f"no Hugging Face tokenizer at {file}; pass a local tokenizer.json (or "
+                            "the model directory holding it). Nothing is downloaded.")
+  return os.path.abspath(file)
+
+
+def _load_tokenizer(path: str) -> tuple:
+  """(tokenizers.Tokenizer, sha256 of the file, tokenizer_config.json next to it or {}), cached
+  per file and modification time."""
+  import hashlib  # pylint: disable=import-outside-toplevel
+  import json  # pylint: disable=import-outside-toplevel
+  import os  # pylint: disable=import-outside-toplevel
+
+  from tokenizers import Tokenizer  # pylint: disable=import-outside-toplevel
+
+  file = _tokenizer_file(path)
+  key = (file, os.stat(file).st_mtime_ns)
+  if key not in _TOKENIZERS:
+    with open(file, "rb") as f:
+      raw = f.read()
+    extra_file = os.path.join(os.path.dirname(file), "tokenizer_config.json")
+    extra = {}
+    if os.path.isfile(extra_file):
+      with open(extra_file, encoding="utf-8") as f:
+        extra = json.load(f)
+    _TOKENIZERS[key] = (Tokenizer.from_str(raw.decode("utf-8")), hashlib.sha256(raw).hexdigest(),
+                        extra)
+  return _TOKENIZERS[key]
+
+
+@dataclasses.dataclass(frozen=True)
+class HFTokenizerVocabulary:
+  """A Hugging Face `tokenizer.json` (local file, `tokenizers` library), loaded on first use.
+
+  Attributes:
+    path: the tokenizer.json, or a directory holding it.
+    eos_token / pad_token: special-token strings; None takes them from a tokenizer_config.json
+      next to the file, else the first common name the vocabulary has ('</s>', '<|endoftext|>',
+      ...). With no pad token the pad id is the eos id (the loss mask hides padding anyway).
+  encode() adds no special tokens (no BOS/EOS), like ByteVocabulary; `name` carries a hash of the
+  file so that token stores record which tokenizer made them.
+  """
+
+  path: str
+  eos_token: str | None = None
+  pad_token: str | None = None
+
+  def _loaded(self):
+    return _load_tokenizer(self.path)
+
+  @property
+  def tokenizer(self):
+    return self._loaded()[0]
+
+  @property
+  def vocab_size(self) -> int:
+    return self.tokenizer.get_vocab_size(with_added_tokens=True)
+
+  @property
+  def name(self) -> str:
+    return f"hf-tokenizer-{self._loaded()[1][:16]}"
+
+  def _special_id(self, given: str | None, key: str, candidates: tuple[str, ...]) -> int | None:
+    tokenizer, _, extra = self._loaded()
+    token = given or extra.get(key)
+    if isinstance(token, dict):  # tokenizer_config.json may store an AddedToken dict
+      token = token.get("content")
+    for name in ((token,) if token else candidates):
+      token_id = tokenizer.token_to_id(name)
+      if token_id is not None:
+        return int(token_id)
+    if token:
+      raise ValueError(f"{key} {token!r} is not in the tokenizer {self.path}; set "
+                       f"HFTokenizerVocabulary.{key} to a token it has.")
+    return None
+
+  @property
+  def eos_id(self) -> int:
+    token_id = self._special_id(self.eos_token, "eos_token", _EOS_CANDIDATES)
+    if token_id is None:
+      raise ValueError(f"the tokenizer {self.path} has none of the usual end-of-sequence tokens "
+                       f"{_EOS_CANDIDATES}; set HFTokenizerVocabulary.eos_token.")
+    return token_id
+
+  @property
+  def pad_id(self) -> int:
+    token_id = self._special_id(self.pad_token, "pad_token", _PAD_CANDIDATES)
+    return self.eos_id if token_id is None else token_id
+
+  def encode(self, text: str) -> np.ndarray:
+    """-> int32 ids; no special tokens are added."""
+    return np.asarray(self.tokenizer.encode(text, add_special_tokens=False).ids, np.int32)
+
+  def decode(self, ids) -> str:
+    """Stops at the first eos; special tokens are dropped."""
+    ids = np.asarray(ids, dtype=np.int64).reshape(-1)
+    eos = np.flatnonzero(ids == self.eos_id)
+    if eos.size:
+      ids = ids[: eos[0]]
+    ids = ids[(ids >= 0) & (ids < self.vocab_size)]
+    return self.tokenizer.decode(ids.tolist(), skip_special_tokens=True)

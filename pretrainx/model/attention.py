@@ -16,7 +16,6 @@ size per-layer state in the flax 'cache' collection (`Attention(decode=True)`).
 from __future__ import annotations
 
 import functools
-import importlib
 from typing import Callable, NamedTuple
 
 import flax.linen as nn
@@ -24,6 +23,7 @@ import jax
 import jax.numpy as jnp
 from absl import logging
 
+from pallas_kernels import flash_attention as fa
 from pallas_kernels import linear_attention as la
 from pallas_kernels.hybrid_attention import hybrid_attention
 from pallas_kernels.reference import check_attention_shapes, reference_attention
@@ -55,22 +55,9 @@ def _warn_fallback(impl: str, used: str, reason: str | None = None) -> None:
              "(same results, different speed). This is reported once per process.")
 
 
-def _flash_module():
-  """pallas_kernels.flash_attention, or None while that module does not exist."""
-  try:
-    return importlib.import_module("pallas_kernels.flash_attention")
-  except ModuleNotFoundError as e:
-    if e.name != "pallas_kernels.flash_attention":
-      raise
-    return None
-
-
 def pallas_can_lower() -> bool:
-  """Whether this backend compiles Pallas kernels (flash_attention.can_lower when available)."""
-  fa = _flash_module()
-  if fa is not None:
-    return bool(fa.can_lower())
-  return jax.default_backend() in ("tpu", "gpu")
+  """Whether this backend compiles Pallas kernels."""
+  return bool(fa.can_lower())
 
 
 # ----------------------------------------------------------------------------- implementations
@@ -84,11 +71,6 @@ def _reference(q, k, v, segment_ids, prefix_mask, cfg, learned):
 
 
 def _flash(q, k, v, segment_ids, prefix_mask, cfg, learned):
-  fa = _flash_module()
-  if fa is None:
-    _warn_fallback("flash", "reference_attention",
-                   "pallas_kernels.flash_attention is not available")
-    return _reference(q, k, v, segment_ids, prefix_mask, cfg, learned)
   kw = dict(causal=True, segment_ids=segment_ids, prefix_mask=prefix_mask,
             block_q=cfg.flash_block_q, block_k=cfg.flash_block_k)
   if cfg.kernel_interpret or fa.can_lower():
@@ -246,6 +228,16 @@ def _learned(module: nn.Module, cfg: ModelConfig) -> LearnedAttention:
   return LearnedAttention(feature_params, decay, window_factor)
 
 
+def _add_qkv_bias(module: nn.Module, cfg: ModelConfig, q, k, v):
+  """Adds the q/k/v projection biases (Qwen2): q [heads, head_dim], k and v [kv_heads, head_dim]."""
+  h, kvh, hd, pdt = cfg.num_heads, cfg.num_kv_heads, cfg.resolved_head_dim, cfg.storage_dtype
+  zeros = nn.initializers.zeros
+  b_q = param_with_axes(module, "q_bias", zeros, (h, hd), ("heads", "head_dim"), pdt)
+  b_k = param_with_axes(module, "k_bias", zeros, (kvh, hd), ("kv_heads", "head_dim"), pdt)
+  b_v = param_with_axes(module, "v_bias", zeros, (kvh, hd), ("kv_heads", "head_dim"), pdt)
+  return q + b_q.astype(q.dtype), k + b_k.astype(k.dtype), v + b_v.astype(v.dtype)
+
+
 class Attention(nn.Module):
   """Multi-head attention with grouped key/value heads and rotary positions.
 
@@ -276,8 +268,10 @@ class Attention(nn.Module):
     q = jnp.einsum("bsd,dhk->bshk", x, w_q.astype(dt))  # [batch, seq, heads, head_dim]
     k = jnp.einsum("bsd,dhk->bshk", x, w_k.astype(dt))  # [batch, seq, kv_heads, head_dim]
     v = jnp.einsum("bsd,dhk->bshk", x, w_v.astype(dt))
-    q = apply_rope(q, positions, cfg.rope_theta)
-    k = apply_rope(k, positions, cfg.rope_theta)
+    if cfg.qkv_bias:
+      q, k, v = _add_qkv_bias(self, cfg, q, k, v)
+    q = apply_rope(q, positions, cfg.rope_theta, cfg.rope_llama3)
+    k = apply_rope(k, positions, cfg.rope_theta, cfg.rope_llama3)
     axes_q = ("activation_batch", "activation_length", "activation_heads", None)
     axes_kv = ("activation_batch", "activation_length", "activation_kv_heads", None)
     q = nn.with_logical_constraint(q, axes_q)

@@ -15,6 +15,7 @@ from pallas_kernels.linear_attention import FEATURE_MAPS
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 REMAT_POLICIES = ("none", "full", "dots", "dots_with_no_batch_dims")
 ATTENTION_IMPLS = ("reference", "flash", "linear", "hybrid")
+ROPE_SCALINGS = (None, "llama3")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,6 +53,14 @@ class ModelConfig:
     embed_projection: a learned [embed, embed] projection after the token embedding (identity at
       init), as outlier-safe pretraining uses.
     sow_kurtosis: record the excess kurtosis of each block's output ('intermediates' collection).
+    qkv_bias: learned biases on the query/key/value projections (Qwen2); no bias on o_proj.
+    rope_scaling: None (plain RoPE) or 'llama3' (Llama 3.1 long-context frequency scaling: RoPE
+      wavelengths longer than rope_original_max_len / rope_low_freq_factor are divided by
+      rope_scaling_factor, those shorter than rope_original_max_len / rope_high_freq_factor are
+      kept, and the ones between are interpolated smoothly).
+    rope_scaling_factor / rope_low_freq_factor / rope_high_freq_factor / rope_original_max_len:
+      the 'llama3' parameters (Hugging Face `rope_scaling` factor, low_freq_factor,
+      high_freq_factor, original_max_position_embeddings); ignored when rope_scaling is None.
   """
 
   vocab_size: int = 259
@@ -83,6 +92,12 @@ class ModelConfig:
   norm_scale: str = "channel"
   embed_projection: bool = False
   sow_kurtosis: bool = True
+  qkv_bias: bool = False
+  rope_scaling: str | None = None
+  rope_scaling_factor: float = 8.0
+  rope_low_freq_factor: float = 1.0
+  rope_high_freq_factor: float = 4.0
+  rope_original_max_len: int = 8192
 
   def __post_init__(self):
     if self.norm_scale not in ("channel", "scalar"):
@@ -102,6 +117,20 @@ class ModelConfig:
     if self.resolved_head_dim % 2:
       raise ValueError(f"head_dim={self.resolved_head_dim} must be even for RoPE.")
     self._check_attention()
+    self._check_rope()
+
+  def _check_rope(self):
+    if self.rope_scaling not in ROPE_SCALINGS:
+      raise ValueError(f"ModelConfig.rope_scaling={self.rope_scaling!r}; choose one of "
+                       f"{ROPE_SCALINGS}.")
+    if self.rope_scaling == "llama3" and not (
+        self.rope_scaling_factor > 0 and self.rope_original_max_len > 0
+        and 0 < self.rope_low_freq_factor < self.rope_high_freq_factor):
+      raise ValueError(
+          "rope_scaling='llama3' needs rope_scaling_factor > 0, rope_original_max_len > 0 and "
+          f"0 < rope_low_freq_factor < rope_high_freq_factor; got factor="
+          f"{self.rope_scaling_factor}, low={self.rope_low_freq_factor}, high="
+          f"{self.rope_high_freq_factor}, original_max_len={self.rope_original_max_len}.")
 
   def _check_attention(self):
     """Validates the attention_impl fields (the ones a typo in a gin file would silently skip)."""
@@ -132,6 +161,14 @@ class ModelConfig:
     return self.head_dim if self.head_dim is not None else self.embed_dim // self.num_heads
 
   @property
+  def rope_llama3(self) -> tuple[float, float, float, int] | None:
+    """(factor, low_freq_factor, high_freq_factor, original_max_len) when rope_scaling='llama3'."""
+    if self.rope_scaling != "llama3":
+      return None
+    return (self.rope_scaling_factor, self.rope_low_freq_factor, self.rope_high_freq_factor,
+            self.rope_original_max_len)
+
+  @property
   def padded_vocab_size(self) -> int:
     m = self.vocab_multiple
     return -(-self.vocab_size // m) * m
@@ -153,6 +190,8 @@ def count_params(cfg: ModelConfig) -> dict[str, int]:
   """
   d, hd = cfg.embed_dim, cfg.resolved_head_dim
   attn = d * hd * (2 * cfg.num_heads + 2 * cfg.num_kv_heads)
+  if cfg.qkv_bias:
+    attn += hd * (cfg.num_heads + 2 * cfg.num_kv_heads)
   mlp = 3 * d * cfg.mlp_dim
   norm = d if cfg.norm_scale == "channel" else 1
   per_layer = attn + mlp + 2 * norm + attention_extra_params(cfg)

@@ -50,15 +50,35 @@ class RMSNorm(nn.Module):
     return (y * scale.astype(jnp.float32)).astype(self.cfg.compute_dtype)
 
 
-def apply_rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
+def rope_inv_freq(head_dim: int, theta: float,
+                  llama3: tuple[float, float, float, int] | None = None) -> jax.Array:
+  """RoPE inverse frequencies [head_dim/2] (fp32), optionally with Llama 3.1 scaling.
+
+  llama3: (factor, low_freq_factor, high_freq_factor, original_max_len), as ModelConfig.rope_llama3
+  gives: long wavelengths are slowed by `factor`, short ones kept, the band between interpolated.
+  """
+  freqs = theta ** (-jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim)
+  if llama3 is None:
+    return freqs
+  factor, low, high, original = llama3
+  wavelen = 2 * jnp.pi / freqs
+  smooth = (original / wavelen - low) / (high - low)  # 0 at the low-frequency edge, 1 at high
+  medium = (1.0 - smooth) * freqs / factor + smooth * freqs
+  scaled = jnp.where(wavelen > original / low, freqs / factor, freqs)
+  return jnp.where((wavelen <= original / low) & (wavelen >= original / high), medium, scaled)
+
+
+def apply_rope(x: jax.Array, positions: jax.Array, theta: float,
+               llama3: tuple[float, float, float, int] | None = None) -> jax.Array:
   """Rotary position embedding in the rotate-half layout (as Hugging Face Llama stores q/k).
 
   Args:
     x: [batch, seq, heads, head_dim]
     positions: [batch, seq] integer positions.
+    llama3: optional Llama 3.1 frequency scaling, see rope_inv_freq.
   """
   head_dim = x.shape[-1]
-  freqs = theta ** (-jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim)  # [head_dim/2]
+  freqs = rope_inv_freq(head_dim, theta, llama3)  # [head_dim/2]
   angles = positions.astype(jnp.float32)[:, :, None, None] * freqs  # [batch, seq, 1, head_dim/2]
   sin, cos = jnp.sin(angles), jnp.cos(angles)
   x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)

@@ -1,0 +1,551 @@
+"""Hugging Face <-> pretrainx for the Llama family (Llama 2/3, Mistral, Qwen2), local files only.
+
+`import_hf` reads config.json and safetensors (one file or shards with an index) tensor by tensor,
+each device reading only its own slice, straight into the target shardings; `export_hf` writes
+params back as a directory `transformers` loads; `convert_main` is `python -m pretrainx convert`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import os
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_dtypes  # noqa: F401  (registers bfloat16 with numpy, so safetensors reads bf16 weights)
+import numpy as np
+from absl import logging
+from flax import traverse_util
+
+from pretrainx.model.config import ModelConfig
+from pretrainx.model.transformer import Transformer
+from pretrainx.sharding import MeshConfig, logical_to_shardings
+
+ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral",
+                 "Qwen2ForCausalLM": "qwen2"}
+DIRECTIONS = ("hf-to-pretrainx", "pretrainx-to-hf")
+SINGLE_FILE, INDEX_FILE = "model.safetensors", "model.safetensors.index.json"
+DEFAULT_SHARD_SIZE = 4 * 2**30  # bytes per exported safetensors file
+_IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)  # buffers some old checkpoints store; recomputed here
+
+
+# ----------------------------------------------------------------------------- config.json
+
+
+def _read_config_json(path: str) -> dict[str, Any]:
+  file = os.path.join(path, "config.json")
+  if not os.path.isfile(file):
+    raise FileNotFoundError(f"{file} does not exist; point at a local Hugging Face model directory "
+                            "(config.json + model.safetensors or its sharded index).")
+  with open(file, encoding="utf-8") as f:
+    return json.load(f)
+
+
+def _architecture(hf: dict[str, Any]) -> str:
+  archs = hf.get("architectures") or [
+      a for a, t in ARCHITECTURES.items() if t == hf.get("model_type")][:1]
+  if len(archs) != 1 or archs[0] not in ARCHITECTURES:
+    found = archs or hf.get("model_type")
+    raise ValueError(f"unsupported Hugging Face architecture {found!r}; pretrainx converts "
+                     f"{', '.join(ARCHITECTURES)} (the Llama family).")
+  return archs[0]
+
+
+def _rope_fields(hf: dict[str, Any]) -> dict[str, Any]:
+  """rope_theta and the llama3 scaling from `rope_parameters` (transformers 5) or the older
+  top-level `rope_theta` + `rope_scaling`."""
+  old, new = hf.get("rope_scaling") or {}, hf.get("rope_parameters") or {}
+  kind_of = lambda p: p.get("rope_type", p.get("type", "default"))
+  if old and new and kind_of(old) != kind_of(new):
+    raise ValueError(f"config.json has rope_scaling of type {kind_of(old)!r} and rope_parameters "
+                     f"of type {kind_of(new)!r}; keep the one the model was trained with.")
+  params = {**old, **new}
+  kind = kind_of(params)
+  out = {"rope_theta": float(params.get("rope_theta", hf.get("rope_theta", 10_000.0)))}
+  if kind == "llama3":
+    out.update(rope_scaling="llama3", rope_scaling_factor=float(params["factor"]),
+               rope_low_freq_factor=float(params["low_freq_factor"]),
+               rope_high_freq_factor=float(params["high_freq_factor"]),
+               rope_original_max_len=int(params["original_max_position_embeddings"]))
+  elif kind != "default":
+    raise ValueError(f"rope scaling type {kind!r} (config.json rope_scaling/rope_parameters) is "
+                     "not supported; pretrainx implements 'default' and 'llama3'.")
+  return out
+
+
+def _check_features(hf: dict[str, Any], arch: str) -> None:
+  """Refuses config.json options whose computation pretrainx does not implement."""
+  if hf.get("hidden_act", "silu") != "silu":
+    raise ValueError(f"hidden_act={hf['hidden_act']!r} is not supported; pretrainx's MLP is SwiGLU "
+                     "(hidden_act 'silu').")
+  if hf.get("mlp_bias") or (arch != "Qwen2ForCausalLM" and hf.get("attention_bias")):
+    raise ValueError("config.json sets attention_bias/mlp_bias; pretrainx supports only the q/k/v "
+                     "biases of Qwen2ForCausalLM.")
+
+
+def _check_sliding_window(hf: dict[str, Any], arch: str, max_seq_len: int) -> None:
+  window = hf.get("sliding_window")
+  if arch == "Qwen2ForCausalLM" and not hf.get("use_sliding_window", False):
+    window = None
+  if window is not None and window < max_seq_len:
+    raise ValueError(
+        f"{arch} here attends within a sliding window of {window} tokens (config.json "
+        f"sliding_window), shorter than max_seq_len={max_seq_len}; pretrainx has no pure sliding-"
+        f"window softmax attention. Import with max_seq_len <= {window} (load_hf_config(path, "
+        f"max_seq_len={window}) or import_hf(..., overrides={{'max_seq_len': {window}}})), where "
+        "the window never binds and the model is exact.")
+
+
+def load_hf_config(path: str, **overrides: Any) -> ModelConfig:
+  """The ModelConfig of the HF model directory `path`; `overrides` set pretrainx-only fields
+  (scan_layers, dtype, attention_impl, remat_policy, ...) or a shorter max_seq_len."""
+  hf = _read_config_json(path)
+  arch = _architecture(hf)
+  _check_features(hf, arch)
+  heads = hf["num_attention_heads"]
+  fields = dict(
+      vocab_size=hf["vocab_size"], embed_dim=hf["hidden_size"], mlp_dim=hf["intermediate_size"],
+      num_layers=hf["num_hidden_layers"], num_heads=heads,
+      num_kv_heads=hf.get("num_key_value_heads") or heads,
+      head_dim=hf.get("head_dim") or hf["hidden_size"] // heads,
+      max_seq_len=hf["max_position_embeddings"], norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+      tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+      qkv_bias=arch == "Qwen2ForCausalLM", **_rope_fields(hf))
+  cfg = ModelConfig(**{**fields, **overrides})
+  _check_sliding_window(hf, arch, cfg.max_seq_len)
+  return cfg
+
+
+def check_hf_compatible(cfg: ModelConfig) -> None:
+  """Every pretrainx parameter of `cfg` must have a Hugging Face Llama-family counterpart."""
+  problems = []
+  if cfg.attention_impl not in ("reference", "flash"):
+    problems.append(f"attention_impl={cfg.attention_impl!r} (use 'reference' or 'flash')")
+  if cfg.norm_scale != "channel":
+    problems.append(f"norm_scale={cfg.norm_scale!r} (use 'channel')")
+  if cfg.embed_projection:
+    problems.append("embed_projection=True (use False)")
+  if problems:
+    raise ValueError("this ModelConfig has no Hugging Face Llama-family equivalent: "
+                     + "; ".join(problems) + ".")
+
+
+# ----------------------------------------------------------------------------- layouts
+
+
+@dataclasses.dataclass(frozen=True)
+class _Layout:
+  """How one pretrainx parameter (per layer) relates to its HF tensor.
+
+  hf_shape: our per-layer shape -> the HF shape; read: (HF slice handle, our per-layer index as
+  [(start, stop)], our shape, vocab) -> that block of ours; write: our full array -> HF array.
+  """
+  hf_shape: Callable[[tuple[int, ...], int], tuple[int, ...]]
+  read: Callable[..., np.ndarray]
+  write: Callable[[np.ndarray, int], np.ndarray]
+
+
+def _read_in_heads(t, idx, shape, vocab):  # ours [in, n, hd] <- HF [n * hd, in]
+  (i0, i1), (n0, n1), (k0, k1) = idx
+  hd = shape[2]
+  return t[n0 * hd:n1 * hd, i0:i1].T.reshape(i1 - i0, n1 - n0, hd)[:, :, k0:k1]
+
+
+def _read_heads_out(t, idx, shape, vocab):  # ours [n, hd, out] <- HF [out, n * hd]
+  (n0, n1), (k0, k1), (o0, o1) = idx
+  hd = shape[1]
+  return t[o0:o1, n0 * hd:n1 * hd].T.reshape(n1 - n0, hd, o1 - o0)[:, k0:k1]
+
+
+def _read_vocab_rows(t, v0, v1, d0, d1, vocab):
+  """HF rows [v0, v1) x cols [d0, d1) of a [vocab, embed] table; padded rows are zeros."""
+  real = min(v1, vocab)
+  rows = t[v0:real, d0:d1] if v0 < real else np.zeros((0, d1 - d0), np.float32)
+  return np.concatenate([rows, np.zeros((v1 - max(v0, real), d1 - d0), rows.dtype)])
+
+
+_LAYOUTS = {
+    "in_heads": _Layout(lambda s, v: (s[1] * s[2], s[0]), _read_in_heads,
+                        lambda a, v: a.reshape(a.shape[0], -1).T),
+    "heads_out": _Layout(lambda s, v: (s[2], s[0] * s[1]), _read_heads_out,
+                         lambda a, v: a.reshape(-1, a.shape[2]).T),
+    "linear": _Layout(lambda s, v: (s[1], s[0]),
+                      lambda t, idx, s, v: t[idx[1][0]:idx[1][1], idx[0][0]:idx[0][1]].T,
+                      lambda a, v: a.T),
+    "heads": _Layout(lambda s, v: (s[0] * s[1],),
+                     lambda t, idx, s, v: t[idx[0][0] * s[1]:idx[0][1] * s[1]].reshape(
+                         -1, s[1])[:, idx[1][0]:idx[1][1]],
+                     lambda a, v: a.reshape(-1)),
+    "vector": _Layout(lambda s, v: s, lambda t, idx, s, v: t[idx[0][0]:idx[0][1]],
+                      lambda a, v: a),
+    "embedding": _Layout(lambda s, v: (v, s[1]),
+                         lambda t, idx, s, v: _read_vocab_rows(t, *idx[0], *idx[1], v),
+                         lambda a, v: a[:v]),
+    "lm_head": _Layout(lambda s, v: (v, s[0]),
+                       lambda t, idx, s, v: _read_vocab_rows(t, *idx[1], *idx[0], v).T,
+                       lambda a, v: a[:, :v].T),
+}
+
+# our path inside a block -> (HF name inside model.layers.{i}., layout)
+_BLOCK_TENSORS = {
+    ("attention", "q_proj"): ("self_attn.q_proj.weight", "in_heads"),
+    ("attention", "k_proj"): ("self_attn.k_proj.weight", "in_heads"),
+    ("attention", "v_proj"): ("self_attn.v_proj.weight", "in_heads"),
+    ("attention", "o_proj"): ("self_attn.o_proj.weight", "heads_out"),
+    ("attention", "q_bias"): ("self_attn.q_proj.bias", "heads"),
+    ("attention", "k_bias"): ("self_attn.k_proj.bias", "heads"),
+    ("attention", "v_bias"): ("self_attn.v_proj.bias", "heads"),
+    ("mlp", "gate_proj"): ("mlp.gate_proj.weight", "linear"),
+    ("mlp", "up_proj"): ("mlp.up_proj.weight", "linear"),
+    ("mlp", "down_proj"): ("mlp.down_proj.weight", "linear"),
+    ("input_norm", "scale"): ("input_layernorm.weight", "vector"),
+    ("post_attention_norm", "scale"): ("post_attention_layernorm.weight", "vector"),
+}
+_TOP_TENSORS = {
+    ("embed", "embedding"): ("model.embed_tokens.weight", "embedding"),
+    ("final_norm", "scale"): ("model.norm.weight", "vector"),
+    ("lm_head",): ("lm_head.weight", "lm_head"),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class _Entry:
+  """One pretrainx parameter: its HF tensor names (one per layer when stacked) and layout."""
+  path: tuple[str, ...]
+  names: tuple[str, ...]
+  layout: str
+  stacked: bool  # leading 'layers' axis (scan_layers)
+
+
+def _entry(path: tuple[str, ...], cfg: ModelConfig) -> _Entry:
+  if path in _TOP_TENSORS:
+    name, layout = _TOP_TENSORS[path]
+    return _Entry(path, (name,), layout, False)
+  if path[0] == "layers" and path[1:] in _BLOCK_TENSORS:
+    name, layout = _BLOCK_TENSORS[path[1:]]
+    return _Entry(path, tuple(f"model.layers.{i}.{name}" for i in range(cfg.num_layers)),
+                  layout, True)
+  if path[0].startswith("layers_") and path[1:] in _BLOCK_TENSORS:
+    name, layout = _BLOCK_TENSORS[path[1:]]
+    return _Entry(path, (f"model.layers.{path[0][len('layers_'):]}.{name}",), layout, False)
+  raise ValueError(f"pretrainx parameter {'/'.join(path)} has no Hugging Face counterpart.")
+
+
+def _abstract_params(cfg: ModelConfig) -> Any:
+  """Boxed (nn.Partitioned) abstract params of Transformer(cfg); nothing is allocated."""
+  model = Transformer(cfg)
+  return jax.eval_shape(lambda k: model.init(k, jnp.zeros((1, 1), jnp.int32)),
+                        jax.random.key(0))["params"]
+
+
+def _unbox(tree: Any) -> Any:
+  return jax.tree.map(lambda x: x.value if isinstance(x, nn.Partitioned) else x, tree,
+                      is_leaf=lambda x: isinstance(x, nn.Partitioned))
+
+
+# ----------------------------------------------------------------------------- reading
+
+
+class _TensorFiles:
+  """Name -> safetensors file of an HF directory; opens each file once (memory-mapped)."""
+
+  def __init__(self, path: str, stack: contextlib.ExitStack):
+    self.path, self._stack, self._open = path, stack, {}
+    index = os.path.join(path, INDEX_FILE)
+    if os.path.isfile(index):
+      with open(index, encoding="utf-8") as f:
+        self.file_of = dict(json.load(f)["weight_map"])
+      for file in sorted(set(self.file_of.values())):
+        if not os.path.isfile(os.path.join(path, file)):
+          names = [n for n, f in self.file_of.items() if f == file]
+          raise FileNotFoundError(
+              f"shard {file} listed in {index} (holding {len(names)} tensors, e.g. {names[0]}) "
+              "is missing; download or copy every shard the index names into the directory.")
+    elif os.path.isfile(os.path.join(path, SINGLE_FILE)):
+      self.file_of = {n: SINGLE_FILE for n in self._handle(SINGLE_FILE).keys()}
+    else:
+      raise FileNotFoundError(
+          f"{path} holds neither {SINGLE_FILE} nor {INDEX_FILE}; pretrainx reads safetensors only "
+          "(re-save a PyTorch .bin checkpoint with save_pretrained(..., safe_serialization=True)).")
+
+  def _handle(self, file: str):
+    if file not in self._open:
+      from safetensors import safe_open  # pylint: disable=import-outside-toplevel
+      self._open[file] = self._stack.enter_context(
+          safe_open(os.path.join(self.path, file), framework="np"))
+    return self._open[file]
+
+  def slice(self, name: str):
+    return self._handle(self.file_of[name]).get_slice(name)
+
+
+def _check_tensors(files: _TensorFiles, entries: list[_Entry], shapes: dict, vocab: int) -> None:
+  """Every tensor the config implies exists with the shape it implies (headers only)."""
+  missing = [n for e in entries for n in e.names if n not in files.file_of]
+  if missing:
+    raise ValueError(f"{len(missing)} tensors that config.json implies are missing from the "
+                     f"checkpoint in {files.path}, e.g. {missing[:3]}; the config and the weights "
+                     "belong to different models (or the index is incomplete).")
+  for e in entries:
+    per_layer = shapes[e.path][1:] if e.stacked else shapes[e.path]
+    expected = tuple(_LAYOUTS[e.layout].hf_shape(per_layer, vocab))
+    for name in e.names:
+      found = tuple(files.slice(name).get_shape())
+      if found != expected:
+        raise ValueError(
+            f"tensor {name} ({files.file_of[name]}) has shape {found} but config.json implies "
+            f"{expected} (pretrainx {'/'.join(e.path)}); the config and the weights disagree: fix "
+            "config.json or use the directory the weights came from.")
+  expected = {n for e in entries for n in e.names}
+  unused = [n for n in files.file_of if n not in expected and not n.endswith(_IGNORED_SUFFIXES)]
+  if unused:
+    logging.warning("ignoring %d checkpoint tensors pretrainx has no place for, e.g. %s",
+                    len(unused), unused[:3])
+
+
+def _load_array(files: _TensorFiles, e: _Entry, shape: tuple[int, ...], dtype, sharding,
+                vocab: int) -> jax.Array:
+  """One parameter, each device's block read from its HF slice only (repeats are cached)."""
+  layout, blocks = _LAYOUTS[e.layout], {}
+
+  def block(index) -> np.ndarray:
+    idx = tuple((s.start or 0, dim if s.stop is None else s.stop) for s, dim in zip(index, shape))
+    if idx not in blocks:
+      if e.stacked:  # idx[0]: the layers this device holds
+        parts = [layout.read(files.slice(e.names[i]), idx[1:], shape[1:], vocab)
+                 for i in range(*idx[0])]
+        blocks[idx] = np.stack(parts).astype(dtype)
+      else:
+        blocks[idx] = np.asarray(layout.read(files.slice(e.names[0]), idx, shape, vocab), dtype)
+    return blocks[idx]
+
+  return jax.make_array_from_callback(shape, sharding, block)
+
+
+def import_hf(path: str, *, mesh: jax.sharding.Mesh | None = None, rules=None,
+              dtype: str | None = None, cfg: ModelConfig | None = None,
+              overrides: dict[str, Any] | None = None) -> tuple[ModelConfig, Any]:
+  """Reads the HF model directory `path` into (ModelConfig, params).
+
+  Args:
+    mesh, rules: place each parameter directly into its NamedSharding (logical axis rules; default
+      MeshConfig().rules); without a mesh everything lands on the first device.
+    dtype: parameter storage dtype ('float32', 'bfloat16'); None keeps ModelConfig.param_dtype.
+    cfg: use this config instead of config.json's (the weights' shapes are checked against it).
+    overrides: ModelConfig fields to set on top of config.json's (scan_layers, max_seq_len, ...).
+  """
+  cfg = load_hf_config(path, **(overrides or {})) if cfg is None else cfg
+  if dtype is not None:
+    cfg = dataclasses.replace(cfg, param_dtype=dtype)
+  check_hf_compatible(cfg)
+  boxed = _abstract_params(cfg)
+  abstract = traverse_util.flatten_dict(_unbox(boxed))
+  if mesh is None:
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    shardings = {p: device for p in abstract}
+  else:
+    rules = MeshConfig().rules if rules is None else rules
+    shardings = traverse_util.flatten_dict(logical_to_shardings(boxed, mesh, rules))
+  entries = [_entry(p, cfg) for p in abstract]
+  shapes = {p: tuple(a.shape) for p, a in abstract.items()}
+  with contextlib.ExitStack() as stack:
+    files = _TensorFiles(path, stack)
+    _check_tensors(files, entries, shapes, cfg.vocab_size)
+    params = {e.path: _load_array(files, e, shapes[e.path], np.dtype(abstract[e.path].dtype),
+                                  shardings[e.path], cfg.vocab_size) for e in entries}
+  return cfg, traverse_util.unflatten_dict(params)
+
+
+# ----------------------------------------------------------------------------- writing
+
+
+def hf_config_dict(cfg: ModelConfig, architecture: str, dtype: str) -> dict[str, Any]:
+  """config.json for `cfg` (rope as top-level rope_theta/rope_scaling, which transformers 4 and 5
+  both read)."""
+  rope_scaling = None
+  if cfg.rope_scaling == "llama3":
+    rope_scaling = {"rope_type": "llama3", "factor": cfg.rope_scaling_factor,
+                    "low_freq_factor": cfg.rope_low_freq_factor,
+                    "high_freq_factor": cfg.rope_high_freq_factor,
+                    "original_max_position_embeddings": cfg.rope_original_max_len}
+  out = {
+      "architectures": [architecture], "model_type": ARCHITECTURES[architecture],
+      "hidden_size": cfg.embed_dim, "intermediate_size": cfg.mlp_dim,
+      "num_hidden_layers": cfg.num_layers, "num_attention_heads": cfg.num_heads,
+      "num_key_value_heads": cfg.num_kv_heads, "head_dim": cfg.resolved_head_dim,
+      "hidden_act": "silu", "rms_norm_eps": cfg.norm_eps, "rope_theta": cfg.rope_theta,
+      "rope_scaling": rope_scaling, "max_position_embeddings": cfg.max_seq_len,
+      "vocab_size": cfg.vocab_size, "tie_word_embeddings": cfg.tie_embeddings,
+      "torch_dtype": dtype, "use_cache": True, "initializer_range": cfg.init_std,
+  }
+  if architecture == "LlamaForCausalLM":
+    out.update(attention_bias=False, mlp_bias=False)
+  else:
+    out.update(sliding_window=None, use_sliding_window=False)
+  return out
+
+
+def _export_plan(cfg: ModelConfig, flat: dict) -> list[tuple[str, tuple, int | None, str, int]]:
+  """(HF name, our path, layer index or None, layout, HF element count), in HF order."""
+  expected = {p: tuple(a.shape) for p, a in
+              traverse_util.flatten_dict(_unbox(_abstract_params(cfg))).items()}
+  if set(flat) != set(expected):
+    raise ValueError(f"params do not fit the ModelConfig: extra {sorted(set(flat) - set(expected))}"
+                     f", missing {sorted(set(expected) - set(flat))}.")
+  plan = []
+  for path, shape in expected.items():
+    if tuple(flat[path].shape) != shape:
+      raise ValueError(f"param {'/'.join(path)} has shape {tuple(flat[path].shape)} but the "
+                       f"ModelConfig implies {shape}; pass the config the params were built with.")
+    e = _entry(path, cfg)
+    hf_shape = _LAYOUTS[e.layout].hf_shape(shape[1:] if e.stacked else shape, cfg.vocab_size)
+    for i, name in enumerate(e.names):
+      plan.append((name, path, i if e.stacked else None, e.layout, math.prod(hf_shape)))
+  order = lambda item: (item[0].startswith("lm_head"), item[0] == "model.norm.weight",
+                        int(item[0].split(".")[2]) if item[0].startswith("model.layers.") else -1,
+                        item[0])
+  return sorted(plan, key=order)
+
+
+def _group_shards(sizes: list[int], shard_size: int) -> list[list[int]]:
+  """Consecutive tensor indices grouped into files of at most shard_size bytes (or one tensor)."""
+  groups, total = [[]], 0
+  for i, size in enumerate(sizes):
+    if groups[-1] and total + size > shard_size:
+      groups.append([])
+      total = 0
+    groups[-1].append(i)
+    total += size
+  return groups
+
+
+def export_hf(params: Any, cfg: ModelConfig, out_dir: str, *,
+              architecture: str = "LlamaForCausalLM", shard_size: int = DEFAULT_SHARD_SIZE,
+              dtype: str | None = None) -> str:
+  """Writes `params` of Transformer(cfg) as an HF directory (config.json + safetensors, sharded
+  with an index above `shard_size` bytes); one file's tensors are on the host at a time.
+  dtype: 'float32' or 'bfloat16' on disk; None keeps ModelConfig.param_dtype."""
+  from safetensors.numpy import save_file  # pylint: disable=import-outside-toplevel
+
+  if architecture not in ARCHITECTURES:
+    raise ValueError(f"unsupported Hugging Face architecture {architecture!r}; pretrainx exports "
+                     f"{', '.join(ARCHITECTURES)}.")
+  if cfg.qkv_bias != (architecture == "Qwen2ForCausalLM"):
+    raise ValueError(f"{architecture} {'has' if architecture == 'Qwen2ForCausalLM' else 'has no'} "
+                     f"q/k/v biases but ModelConfig.qkv_bias={cfg.qkv_bias}; export q/k/v biases "
+                     "as Qwen2ForCausalLM and bias-free models as LlamaForCausalLM.")
+  check_hf_compatible(cfg)
+  dtype = cfg.param_dtype if dtype is None else dtype
+  np_dtype = np.dtype(ModelConfig(param_dtype=dtype).storage_dtype)
+  flat = traverse_util.flatten_dict(_unbox(params))
+  plan = _export_plan(cfg, flat)
+  sizes = [count * np_dtype.itemsize for *_, count in plan]
+  groups = _group_shards(sizes, shard_size)
+  os.makedirs(out_dir, exist_ok=True)
+  weight_map = {}
+  for g, group in enumerate(groups):
+    file = (SINGLE_FILE if len(groups) == 1 else
+            f"model-{g + 1:05d}-of-{len(groups):05d}.safetensors")
+    tensors = {}
+    for i in group:
+      name, path, layer, layout, _ = plan[i]
+      value = flat[path] if layer is None else flat[path][layer]
+      host = np.asarray(jax.device_get(value)).astype(np_dtype)
+      tensors[name] = np.ascontiguousarray(_LAYOUTS[layout].write(host, cfg.vocab_size))
+      weight_map[name] = file
+    save_file(tensors, os.path.join(out_dir, file), metadata={"format": "pt"})
+  if len(groups) > 1:
+    with open(os.path.join(out_dir, INDEX_FILE), "w", encoding="utf-8") as f:
+      json.dump({"metadata": {"total_size": sum(sizes)}, "weight_map": weight_map}, f, indent=2)
+  with open(os.path.join(out_dir, "config.json"), "w", encoding="utf-8") as f:
+    json.dump(hf_config_dict(cfg, architecture, dtype), f, indent=2)
+  return os.path.abspath(out_dir)
+
+
+# ----------------------------------------------------------------------------- convert
+
+
+def _read_export(path: str) -> tuple[dict[str, Any], ModelConfig]:
+  """(meta, ModelConfig) of a pretrainx params export, read without reading the params."""
+  import tempfile  # pylint: disable=import-outside-toplevel
+
+  import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
+
+  from pretrainx.config import parse_gin  # pylint: disable=import-outside-toplevel
+
+  if not os.path.isdir(path):
+    raise FileNotFoundError(f"pretrainx params directory {path} does not exist; write one with "
+                            "`python -m pretrainx export` or convert an HF model into it.")
+  meta = dict(ocp.Checkpointer(ocp.CompositeCheckpointHandler()).restore(
+      os.path.abspath(path), args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"])
+  if "config_gin" not in meta:
+    raise ValueError(f"{path} has no 'config_gin' in its meta; it was not written by "
+                     "`pretrainx export` or `pretrainx convert`.")
+  with tempfile.TemporaryDirectory() as tmp:
+    with open(os.path.join(tmp, "config.gin"), "w", encoding="utf-8") as f:
+      f.write(meta["config_gin"])
+    return meta, parse_gin([os.path.join(tmp, "config.gin")]).model
+
+
+def _spread_mesh(cfg: ModelConfig) -> jax.sharding.Mesh:
+  """All local devices, params split over 'fsdp' as far as embed_dim divides: no device holds
+  the whole model while converting."""
+  from pretrainx.sharding import make_mesh  # pylint: disable=import-outside-toplevel
+
+  fsdp = math.gcd(jax.device_count(), cfg.embed_dim)
+  return make_mesh(MeshConfig(data=jax.device_count() // fsdp, fsdp=fsdp, tensor=1))
+
+
+def _hf_to_pretrainx(src: str, out: str, dtype: str | None) -> str:
+  from pretrainx.checkpoint import save_params  # pylint: disable=import-outside-toplevel
+  # pylint: disable-next=import-outside-toplevel
+  from pretrainx.config import Experiment, RunConfig, experiment_to_gin
+
+  cfg = load_hf_config(src)
+  cfg, params = import_hf(src, mesh=_spread_mesh(cfg), cfg=cfg, dtype=dtype)
+  # RunConfig.seq_len must fit the model for the gin file to validate.
+  exp = Experiment(model=cfg, run=RunConfig(seq_len=min(RunConfig.seq_len, cfg.max_seq_len)))
+  gin_text = experiment_to_gin(exp)
+  path = save_params(out, params, {"step": 0, "config_gin": gin_text,
+                                   "source": os.path.abspath(src),
+                                   "architecture": _architecture(_read_config_json(src))})
+  with open(os.path.join(path, "config.gin"), "w", encoding="utf-8") as f:
+    f.write(gin_text)
+  return path
+
+
+def _pretrainx_to_hf(src: str, out: str, architecture: str | None, dtype: str | None,
+                     shard_size: int) -> str:
+  from pretrainx.checkpoint import load_params  # pylint: disable=import-outside-toplevel
+
+  meta, cfg = _read_export(src)
+  architecture = architecture or meta.get("architecture") or (
+      "Qwen2ForCausalLM" if cfg.qkv_bias else "LlamaForCausalLM")
+  boxed = _abstract_params(cfg)
+  shardings = logical_to_shardings(boxed, _spread_mesh(cfg), MeshConfig().rules)
+  abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                          _unbox(boxed), shardings)
+  params, _ = load_params(src, abstract)
+  return export_hf(params, cfg, out, architecture=architecture, shard_size=shard_size,
+                   dtype=dtype)
+
+
+def convert_main(src: str, out: str, direction: str, *, architecture: str | None = None,
+                 dtype: str | None = None, shard_size: int = DEFAULT_SHARD_SIZE) -> str:
+  """`python -m pretrainx convert`: returns the directory written.
+
+  'hf-to-pretrainx': an HF model directory -> pretrainx params (checkpoint.save_params, meta with
+  'config_gin') plus config.gin of the model. 'pretrainx-to-hf': such params (or `pretrainx export`
+  output) -> an HF directory; architecture defaults to the one imported from, else Llama (Qwen2
+  when the model has q/k/v biases).
+  """
+  if direction == "hf-to-pretrainx":
+    return _hf_to_pretrainx(src, out, dtype)
+  if direction == "pretrainx-to-hf":
+    return _pretrainx_to_hf(src, out, architecture, dtype, shard_size)
+  raise ValueError(f"unknown conversion direction {direction!r}; choose one of {DIRECTIONS}.")

@@ -186,22 +186,28 @@ def _dot(a, b):
   return jnp.dot(a, b, preferred_element_type=jnp.float32)
 
 
+def _key_block(cfg: _Config, refs, k_block, q_pos, q_seg):
+  """(k [bk, d], v [bk, d], mask [bq, bk]) of key block `k_block` for the program's queries."""
+  k_ref, v_ref, k_seg_ref, prefix_ref = refs
+  start = pl.multiple_of(k_block * cfg.block_k, cfg.block_k)
+  cols = pl.ds(start, cfg.block_k)
+  k_pos = start + jax.lax.broadcasted_iota(jnp.int32, (1, cfg.block_k), 1)
+  mask = _mask(cfg, q_pos, k_pos, q_seg, _read(k_seg_ref, slice(None), cols),
+               _read(prefix_ref, slice(None), cols))
+  return k_ref[cols, :], v_ref[cols, :], mask
+
+
 def _fwd_kernel(q_ref, k_ref, v_ref, *refs, cfg: _Config):
   """Program (b, h, i): q [bq, d], k/v [seq_pad, d]; writes o [bq, d] and lse [bq, 1]."""
   (q_seg_ref, k_seg_ref, prefix_ref), (o_ref, lse_ref) = _split_aux(cfg, refs)
-  bq, bk = cfg.block_q, cfg.block_k
+  bq = cfg.block_q
   q_block = pl.program_id(2)
   q = q_ref[...]
   q_pos = q_block * bq + jax.lax.broadcasted_iota(jnp.int32, (bq, 1), 0)
   q_seg = _read(q_seg_ref, slice(None), slice(None))
 
   def body(k_block, carry):
-    start = pl.multiple_of(k_block * bk, bk)
-    cols = pl.ds(start, bk)
-    k, v = k_ref[cols, :], v_ref[cols, :]
-    k_pos = start + jax.lax.broadcasted_iota(jnp.int32, (1, bk), 1)
-    mask = _mask(cfg, q_pos, k_pos, q_seg, _read(k_seg_ref, slice(None), cols),
-                 _read(prefix_ref, slice(None), cols))
+    k, v, mask = _key_block(cfg, (k_ref, v_ref, k_seg_ref, prefix_ref), k_block, q_pos, q_seg)
     s, _ = _softcap(_dot_t(q, k), cfg)
     return _online_update(carry, s, mask, lambda p: _dot(p.astype(v.dtype), v))
 
@@ -215,19 +221,14 @@ def _fwd_kernel(q_ref, k_ref, v_ref, *refs, cfg: _Config):
 def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, cfg: _Config):
   """Program (b, h, i): dq [bq, d] = scale * sum over visible key blocks of ds @ k."""
   (q_seg_ref, k_seg_ref, prefix_ref), (dq_ref,) = _split_aux(cfg, refs)
-  bq, bk = cfg.block_q, cfg.block_k
+  bq = cfg.block_q
   q_block = pl.program_id(2)
   q, do, lse, delta = q_ref[...], do_ref[...], lse_ref[...], delta_ref[...]
   q_pos = q_block * bq + jax.lax.broadcasted_iota(jnp.int32, (bq, 1), 0)
   q_seg = _read(q_seg_ref, slice(None), slice(None))
 
   def body(k_block, dq):
-    start = pl.multiple_of(k_block * bk, bk)
-    cols = pl.ds(start, bk)
-    k, v = k_ref[cols, :], v_ref[cols, :]
-    k_pos = start + jax.lax.broadcasted_iota(jnp.int32, (1, bk), 1)
-    mask = _mask(cfg, q_pos, k_pos, q_seg, _read(k_seg_ref, slice(None), cols),
-                 _read(prefix_ref, slice(None), cols))
+    k, v, mask = _key_block(cfg, (k_ref, v_ref, k_seg_ref, prefix_ref), k_block, q_pos, q_seg)
     s, dcap = _softcap(_dot_t(q, k), cfg)
     _, ds = _probs_and_dscores(s, dcap, mask, lse, delta, _dot_t(do, v))
     return dq + _dot(ds.astype(k.dtype), k)

@@ -15,7 +15,8 @@ import tensorstore as ts
 from pretrainx.data import corpus
 from pretrainx.data import store as token_store
 from pretrainx.data.store import StoreError
-from pretrainx.data.tasks import FileTask, SourceDocument, iter_documents
+from pretrainx.data.tasks import (CorpusTask, FileTask, MixtureSpec, SourceDocument,
+                                  iter_documents)
 from pretrainx.data.vocab import ByteVocabulary
 
 VOCAB = ByteVocabulary()
@@ -216,6 +217,34 @@ def test_prepare_is_idempotent_and_skips_missing_validation(tmp_path):
   assert sum(counts) == 12 and min(counts) > 0
 
 
+def test_prepare_mixture_by_name_and_prepare_main(tmp_path):
+  data = tmp_path / "data.jsonl"
+  data.write_text("".join(json.dumps({"text": f"row {i}"}) + "\n" for i in range(6)))
+  web = FileTask("web", (str(data),))
+  mix = MixtureSpec("mix", {"web": 2.0, "prose": 1.0})
+  specs = {"web": web, "mix": mix}
+  root = tmp_path / "root"
+  paths = token_store.prepare(mix, root, VOCAB, specs=specs)
+  assert paths == [root / "web" / "train", root / "prose" / "train", root / "prose" / "validation"]
+  # The corpus stores are the ones training opens: no rebuild, nothing rewritten.
+  frozen = _freeze_mtimes(root / "prose")
+  for split in ("train", "validation"):
+    opened = token_store.ensure_corpus_store(root, "prose", split, VOCAB, 0.05)
+    assert opened.num_docs == len(list(iter_documents(CorpusTask("prose"), split)))
+  lines = token_store.prepare_main(["mix", "web"], root, VOCAB, specs)
+  assert _mtimes(root / "prose") == frozen
+  assert len(lines) == 3 and lines[0].startswith("web/train: 6 documents, ")
+  assert lines[1].startswith("prose/train: ") and str(root / "prose" / "validation") in lines[2]
+
+  with pytest.raises(ValueError, match="unknown task 'nope' in mixture 'bad'.*'mix', 'web'"):
+    token_store.prepare(MixtureSpec("bad", {"nope": 1.0}), root, VOCAB, specs=specs)
+  loop = MixtureSpec("loop", {"loop": 1.0})
+  with pytest.raises(ValueError, match="mixture 'loop' contains itself"):
+    token_store.prepare_main(["loop"], root, VOCAB, {"loop": loop})
+  with pytest.raises(ValueError, match="two different tasks are named 'web'"):
+    token_store.prepare([web, FileTask("web", (str(tmp_path / "*.txt"),))], root, VOCAB)
+
+
 # -- corruption and mismatches -------------------------------------------------------------------
 
 
@@ -382,3 +411,6 @@ def test_inspect_text_shows_counts_and_text(tmp_path):
   assert "line one" not in report  # only num_docs documents are shown
   raw = token_store.inspect_text(store, num_docs=1)
   assert str(VOCAB.encode("plain")[0]) in raw  # ids when no vocabulary is given
+  assert token_store.inspect_text(tmp_path / "s", 2, VOCAB) == report  # a path works too
+  with pytest.raises(StoreError, match="no token store"):
+    token_store.inspect_text(tmp_path / "missing", 2, VOCAB)

@@ -170,6 +170,10 @@ def test_corpus_task_documents():
   docs = _docs(CorpusTask("prose"), "validation")
   assert docs and all(d.metadata.startswith("prose/") and d.score is None for d in docs)
   assert CorpusTask("code").name == "code"
+  wider = _docs(CorpusTask("prose", validation_fraction=0.3), "validation")
+  assert len(wider) > len(docs)
+  assert {d.metadata for d in wider}.isdisjoint(
+      d.metadata for d in _docs(CorpusTask("prose", validation_fraction=0.3), "train"))
 
 
 # -- SeqIO ---------------------------------------------------------------------------------------

@@ -38,7 +38,9 @@ def test_tiny_model_learns_in_100_steps(tiny_exp):
   meta = ckpt.read_meta()
   assert parse_gin([result.paths.config]) == exp
   assert meta["config_gin"] == open(result.paths.config).read()
+  tokens = meta["data"].pop("domain_tokens")
   assert meta["data"] == {"seed": 0, "offset": 0, "next_batch": 100}
+  assert set(tokens) == {"prose", "code"} and sum(tokens.values()) > 0
   assert result.sample.startswith("def ") and result.tokens_per_second > 0
 
 

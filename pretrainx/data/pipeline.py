@@ -83,7 +83,9 @@ def open_domain_store(cfg: DataConfig, domain: str, split: str):
   """The token store of one domain's split; embedded-corpus stores are made on first use."""
   tasks = {t.name: t for t in cfg.tasks}
   if domain in tasks:
-    return token_store.open_store(cfg.store_root / domain / split, cfg.vocabulary)
+    # The fingerprint catches a store prepared from an older version of the task's spec.
+    return token_store.open_store(cfg.store_root / domain / split, cfg.vocabulary,
+                                  fingerprint={"source": repr(tasks[domain])})
   if domain in DOMAINS:
     return token_store.ensure_corpus_store(cfg.store_root, domain, split, cfg.vocabulary,
                                            cfg.validation_fraction)

@@ -16,12 +16,13 @@ import os
 import shutil
 import uuid
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Mapping
 
 import numpy as np
 import tensorstore as ts
 
-from pretrainx.data.tasks import CorpusTask, FileTask, SourceDocument, iter_documents
+from pretrainx.data import corpus
+from pretrainx.data.tasks import CorpusTask, FileTask, MixtureSpec, SourceDocument, iter_documents
 
 FORMAT_VERSION = 1
 ARRAYS = {"tokens": "<i4", "doc_offsets": "<i8", "scores": "<f4", "meta_bytes": "|u1",
@@ -258,23 +259,83 @@ def open_store(path: str | Path, vocabulary=None, fingerprint: dict | None = Non
   return store
 
 
-def prepare(spec: FileTask | CorpusTask, root: str | Path, vocabulary,
-            splits: tuple[str, ...] = ("train", "validation"), overwrite: bool = False
+def prepare(spec_or_specs, root: str | Path, vocabulary,
+            splits: tuple[str, ...] = ("train", "validation"), overwrite: bool = False,
+            specs: Mapping[str, FileTask | CorpusTask | MixtureSpec] | None = None
             ) -> list[Path]:
-  """Tokenizes a task's splits into stores under root/<task>/<split> (idempotent, resumable)."""
+  """Tokenizes tasks' splits into stores under root/<task>/<split> (idempotent, resumable).
+
+  `spec_or_specs` is a task, a MixtureSpec (each of its tasks, looked up by name in `specs` or
+  as an embedded-corpus domain) or a list of them. A FileTask without a validation split gets
+  no validation store.
+  """
   paths = []
-  for split in splits:
-    if split == "validation" and isinstance(spec, FileTask) and not has_validation(spec):
-      continue
-    path = Path(root) / spec.name / split
-    docs = iter_documents(spec, split)
-    write_store(path, docs, vocabulary, name=spec.name, split=split,
-                fingerprint={"source": repr(spec)}, overwrite=overwrite)
-    paths.append(path)
+  for task in resolve_tasks(spec_or_specs, specs):
+    for split in splits:
+      if split == "validation" and not has_validation(task):
+        continue
+      path = Path(root) / task.name / split
+      if isinstance(task, CorpusTask):
+        if overwrite and path.exists():
+          shutil.rmtree(path)
+        ensure_corpus_store(root, task.domain, split, vocabulary, task.validation_fraction)
+      else:
+        write_store(path, iter_documents(task, split), vocabulary, name=task.name, split=split,
+                    fingerprint={"source": repr(task)}, overwrite=overwrite)
+      paths.append(path)
   return paths
 
 
+def resolve_tasks(spec_or_specs, specs: Mapping | None = None) -> list[FileTask | CorpusTask]:
+  """The distinct tasks behind specs, task names and mixtures, in first-seen order."""
+  specs = dict(specs or {})
+  out: dict[str, FileTask | CorpusTask] = {}
+
+  def visit(item, mixtures: tuple[str, ...]) -> None:
+    if isinstance(item, str):
+      if item in specs:
+        item = specs[item]
+      elif item in corpus.DOMAINS:
+        item = CorpusTask(item)
+      else:
+        where = f" in mixture {mixtures[-1]!r}" if mixtures else ""
+        raise ValueError(f"unknown task {item!r}{where}: name a task of {sorted(specs)} or an "
+                         "embedded-corpus domain "
+                         f"{corpus.DOMAINS} (pass the gin file that defines it).")
+    if isinstance(item, MixtureSpec):
+      if item.name in mixtures:
+        raise ValueError(f"mixture {item.name!r} contains itself (via {list(mixtures)}).")
+      for name in item.rates:
+        visit(name, mixtures + (item.name,))
+    elif isinstance(item, (FileTask, CorpusTask)):
+      if out.setdefault(item.name, item) != item:
+        raise ValueError(f"two different tasks are named {item.name!r}: {out[item.name]} and "
+                         f"{item}; rename one.")
+    else:
+      raise ValueError(f"cannot prepare {item!r}: expected a FileTask, CorpusTask, MixtureSpec "
+                       "or a task name.")
+
+  items = spec_or_specs if isinstance(spec_or_specs, (list, tuple)) else [spec_or_specs]
+  for item in items:
+    visit(item, ())
+  return list(out.values())
+
+
+def prepare_main(names: list[str], root: str | Path, vocabulary,
+                 specs: Mapping[str, FileTask | CorpusTask | MixtureSpec] | None = None,
+                 splits: tuple[str, ...] = ("train", "validation"), overwrite: bool = False
+                 ) -> list[str]:
+  """`pretrainx data prepare NAME...`: prepares the named tasks/mixtures; returns log lines."""
+  lines = []
+  for path in prepare(list(names), root, vocabulary, splits, overwrite, specs):
+    opened = open_store(path, vocabulary)
+    lines.append(f"{path.parent.name}/{path.name}: {opened.num_docs:,} documents, "
+                 f"{opened.num_tokens:,} tokens in {path}")
+  return lines
+
+
 def has_validation(spec: FileTask | CorpusTask) -> bool:
+  """Whether the task has a validation split (a FileTask needs patterns or a fraction)."""
   return isinstance(spec, CorpusTask) or bool(spec.validation_patterns or
                                               spec.validation_fraction > 0)
 
@@ -307,8 +368,6 @@ def ensure_corpus_store(root: str | Path, domain: str, split: str, vocabulary,
 def _build_corpus_store(path: Path, domain: str, split: str, vocabulary,
                         validation_fraction: float, fingerprint: dict) -> None:
   """Under the lock: writes the store into a temporary directory, then swaps it in."""
-  from pretrainx.data import corpus  # pylint: disable=import-outside-toplevel
-
   for leftover in path.parent.glob(f".{split}.*-*"):  # of builders that were killed
     shutil.rmtree(leftover, ignore_errors=True)
   docs = [SourceDocument(d.text, d.name)
@@ -322,8 +381,10 @@ def _build_corpus_store(path: Path, domain: str, split: str, vocabulary,
   shutil.rmtree(stale, ignore_errors=True)
 
 
-def inspect_text(store: TokenStore, num_docs: int = 3, vocabulary=None) -> str:
+def inspect_text(store: TokenStore | str | Path, num_docs: int = 3, vocabulary=None) -> str:
   """Counts and a few decoded documents, for `pretrainx data inspect`."""
+  if not isinstance(store, TokenStore):
+    store = open_store(store, vocabulary)
   m = store.manifest
   lengths = store.doc_lengths
   has_meta = sum(1 for x in store.metadata_all() if x)

@@ -9,6 +9,7 @@ is imported only inside those functions.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import glob
 import hashlib
 import json
@@ -68,9 +69,14 @@ class FileTask:
 
 @dataclasses.dataclass(frozen=True)
 class CorpusTask:
-  """One domain of the embedded default corpus; metadata is the document's name."""
+  """One domain of the embedded default corpus; metadata is the document's name.
+
+  `validation_fraction` is the share of the domain's bytes held out (whole documents, by a hash
+  of their names); it must match DataConfig.validation_fraction for training to reuse the store.
+  """
 
   domain: str = "prose"
+  validation_fraction: float = 0.05
 
   @property
   def name(self) -> str:
@@ -154,7 +160,7 @@ def iter_documents(task: FileTask | CorpusTask, split: str) -> Iterator[SourceDo
   if split not in ("train", "validation"):
     raise ValueError(f"unknown split {split!r}; use 'train' or 'validation'.")
   if isinstance(task, CorpusTask):
-    for d in corpus.load_documents(split, (task.domain,)):
+    for d in corpus.load_documents(split, (task.domain,), task.validation_fraction):
       yield SourceDocument(d.text, d.name)
     return
   if split == "validation" and task.validation_patterns:
@@ -173,6 +179,7 @@ def iter_documents(task: FileTask | CorpusTask, split: str) -> Iterator[SourceDo
 # -- SeqIO --------------------------------------------------------------------------------------
 
 _REGISTERED: dict[str, Any] = {}
+_KEYS = {"text": "text", "metadata": "metadata", "score": "score"}
 
 
 def register_seqio(spec: FileTask | CorpusTask | MixtureSpec) -> str:
@@ -198,9 +205,11 @@ def register_seqio(spec: FileTask | CorpusTask | MixtureSpec) -> str:
           "score": tf.constant([math.nan if d.score is None else d.score for d in docs],
                                tf.float64)})
 
+    # No tokenization in SeqIO: the token store tokenizes with the run's vocabulary.
     seqio.TaskRegistry.add(
         name, source=seqio.FunctionDataSource(source, splits=("train", "validation")),
-        preprocessors=[], output_features={})
+        preprocessors=[functools.partial(seqio.preprocessors.rekey, key_map=_KEYS)],
+        output_features={})
   _REGISTERED[name] = spec
   return name
 

@@ -33,6 +33,8 @@ def _losses(run_dir):
   out = {}
   with open(os.path.join(run_dir, "metrics.jsonl")) as f:
     for line in f:
+      if not line.endswith("\n"):  # the writer is mid-line (we poll a live run)
+        break
       row = json.loads(line)
       if "train/loss" in row:
         out[row["step"]] = row["train/loss"]  # a resumed run rewrites steps: the last one counts

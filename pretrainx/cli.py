@@ -95,6 +95,15 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--gin_param", action="append", default=[])
   p.add_argument("--out", default="lr_schedule.png", help="PNG to write")
 
+  p = sub.add_parser("fit", help="fit scaling laws to a sweep's results table")
+  p.add_argument("results", help="the SQLite results table a sweep writes")
+  p.add_argument("--out_dir", default=None, help="where plots and fit.json go (default: beside it)")
+  p.add_argument("--target_compute", type=float, default=None, help="FLOPs to extrapolate to")
+
+  sub.add_parser("plan", help="AOT-compile the train step for N devices; memory per device "
+                 "(flags: --gin_file, --gin_param, --devices, --mesh, --hbm_gib, --json)",
+                 add_help=False)
+
   p = sub.add_parser("peak", help="measure this machine's jitted matmul FLOP/s (MFU denominator)")
   p.add_argument("--size", type=int, default=2048)
   p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
@@ -209,6 +218,21 @@ def cmd_schedule(args) -> None:
   _out(schedule_plot.schedule_table(exp.optimizer, exp.run.steps) + f"\nplot: {path}")
 
 
+def cmd_fit(args) -> None:
+  from pretrainx.scaling import fit  # pylint: disable=import-outside-toplevel
+
+  out_dir = args.out_dir or os.path.join(os.path.dirname(os.path.abspath(args.results)), "fit")
+  _out(fit.fit_main(args.results, out_dir, target_compute=args.target_compute))
+
+
+def cmd_plan(args) -> None:
+  from pretrainx import plan  # pylint: disable=import-outside-toplevel
+
+  code = plan.plan_main(list(args.plan_args))
+  if code:
+    raise SystemExit(code)
+
+
 def cmd_peak(args) -> None:
   import jax  # pylint: disable=import-outside-toplevel
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
@@ -223,7 +247,7 @@ def cmd_peak(args) -> None:
 
 COMMANDS = {"train": cmd_train, "eval": cmd_eval, "generate": cmd_generate,
             "export": cmd_export, "data": cmd_data, "convert": cmd_convert,
-            "schedule": cmd_schedule, "peak": cmd_peak}
+            "schedule": cmd_schedule, "fit": cmd_fit, "plan": cmd_plan, "peak": cmd_peak}
 
 
 def configure_cpu_devices(setting: str) -> None:
@@ -260,7 +284,12 @@ def initialize_distributed(args) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-  args = build_parser().parse_args(argv)
+  parser = build_parser()
+  args, extra = parser.parse_known_args(argv)
+  if args.command == "plan":  # pretrainx.plan parses its own flags
+    args.plan_args = extra
+  elif extra:
+    parser.error(f"unrecognized arguments: {' '.join(extra)}")
   configure_cpu_devices(args.cpu_devices)
   logging.set_verbosity(logging.INFO if os.environ.get("PRETRAINX_VERBOSE") else logging.WARNING)
   logging.use_absl_handler()

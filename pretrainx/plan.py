@@ -1,0 +1,265 @@
+"""Ahead-of-time planning: compile the train step for a mesh from abstract shapes and report, per
+device, the memory of parameters, optimizer state and activations, the FLOPs per step, and whether
+it fits a given HBM size. Nothing is allocated; a mesh larger than this host uses fake CPU devices.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import re
+import subprocess
+import sys
+import time
+from typing import Any
+
+import jax
+import numpy as np
+
+from pretrainx.config import Experiment, parse_gin
+from pretrainx.data.pipeline import BATCH_KEYS
+from pretrainx.flops import flops_per_token
+from pretrainx.sharding import MESH_AXES, batch_sharding
+from pretrainx.train.runtime import build_runtime
+
+GIB = 2**30
+_CHILD_ENV = "PRETRAINX_PLAN_CHILD"  # set in a re-executed planner, so it never re-executes again
+CPU_NOTE = ("note: compiled for fake CPU devices; XLA's memory_analysis describes the CPU compile "
+            "(TPU/GPU fusion, layouts and rematerialisation differ), so treat the activation and "
+            "total figures as estimates; parameter and optimizer bytes are exact.")
+
+
+@dataclasses.dataclass(frozen=True)
+class PlanReport:
+  """What one ahead-of-time compile of the train step says. Byte counts are per device.
+
+  total_bytes = argument + output - alias + temp (XLA's peak estimate for the step);
+  activation_bytes is XLA's temp size (activations, gradients, and other temporaries).
+  flops_per_step covers the whole job; flops_source says whether it is XLA's count ('xla') or
+  pretrainx.flops' analytic estimate ('analytic', used when XLA cannot count: layers or
+  microbatches in a loop, whose body XLA's cost analysis counts once).
+  """
+
+  devices: int
+  mesh: dict[str, int]
+  backend: str
+  tokens_per_step: int
+  param_bytes: int
+  optimizer_bytes: int
+  other_state_bytes: int  # step counter, guard statistics, EMA
+  argument_bytes: int
+  output_bytes: int
+  alias_bytes: int
+  temp_bytes: int
+  total_bytes: int
+  flops_per_step: float
+  flops_source: str
+  xla_flops_per_device: float | None
+  analytic_flops_per_step: float
+  compile_seconds: float
+  hbm_gib: float | None = None
+  fits: bool | None = None
+
+  @property
+  def activation_bytes(self) -> int:
+    return self.temp_bytes
+
+  def to_dict(self) -> dict[str, Any]:
+    return dataclasses.asdict(self)
+
+
+def per_device_bytes(tree: Any) -> int:
+  """Bytes one device holds of a tree of ShapeDtypeStructs carrying shardings (the largest shard;
+  uneven splits are padded)."""
+  total = 0
+  for leaf in jax.tree.leaves(tree):
+    shape = leaf.sharding.shard_shape(leaf.shape) if leaf.sharding is not None else leaf.shape
+    total += math.prod(shape) * np.dtype(leaf.dtype).itemsize
+  return total
+
+
+def abstract_batch(exp: Experiment, mesh: jax.sharding.Mesh) -> dict[str, jax.ShapeDtypeStruct]:
+  """The global batch the loop feeds the step, as sharded ShapeDtypeStructs (as put_batch makes)."""
+  rows = batch_sharding(mesh)  # [batch, seq]
+  per_row = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(rows.spec[0]))  # [batch]
+  shape = (exp.run.global_batch_size, exp.run.seq_len)
+  keys = BATCH_KEYS + (("prefix_mask",) if exp.data.uses_prefix_lm else ())
+  batch = {k: jax.ShapeDtypeStruct(shape, np.int32, sharding=rows) for k in keys}
+  batch["domain"] = jax.ShapeDtypeStruct(shape[:1], np.int32, sharding=per_row)
+  return batch
+
+
+def _xla_flops(compiled) -> float | None:
+  """XLA's FLOP count of the per-device program, or None where the backend gives none."""
+  try:
+    cost = compiled.cost_analysis()
+  except Exception:  # pylint: disable=broad-except  # some backends do not implement it
+    return None
+  if isinstance(cost, (list, tuple)):  # older jax: one dict per program
+    cost = cost[0] if cost else None
+  flops = (cost or {}).get("flops")
+  return float(flops) if flops and flops > 0 else None
+
+
+def _xla_counts_every_flop(exp: Experiment) -> bool:
+  """XLA's cost analysis counts a loop body once: trust it only for loop-free steps."""
+  model = exp.model
+  return (not model.scan_layers and exp.run.microbatches == 1
+          and model.attention_impl == "reference")
+
+
+def plan(exp: Experiment, *, devices: int | None = None, hbm_gib: float | None = None
+         ) -> PlanReport:
+  """Compiles `exp`'s train step ahead of time on this process's devices and reports per device.
+
+  `devices` (default: all) must equal jax.device_count(); plan_main re-executes with that many
+  fake CPU devices when it does not.
+  """
+  available = jax.device_count()
+  if devices is not None and devices != available:
+    raise ValueError(
+        f"plan(devices={devices}) needs a process with {devices} devices, but this one has "
+        f"{available}; call plan_main(['--devices={devices}', ...]) (it re-executes with "
+        f"XLA_FLAGS=--xla_force_host_platform_device_count={devices}) or set that flag before "
+        "jax is imported.")
+  start = time.perf_counter()
+  rt = build_runtime(exp)
+  exp = rt.exp.resolved()
+  with rt.scope():
+    compiled = rt.train_step.lower(rt.abstract_state, abstract_batch(exp, rt.mesh)).compile()
+  seconds = time.perf_counter() - start
+  mem = compiled.memory_analysis()
+  state = rt.abstract_state
+  params, opt = per_device_bytes(state.params), per_device_bytes(state.opt_state)
+  other = per_device_bytes(state) - params - opt
+  args, outs = mem.argument_size_in_bytes, mem.output_size_in_bytes
+  alias, temp = mem.alias_size_in_bytes, mem.temp_size_in_bytes
+  total = args + outs - alias + temp
+  tokens = exp.run.global_batch_size * exp.run.seq_len
+  analytic = flops_per_token(exp.model, exp.run.seq_len) * tokens
+  xla = _xla_flops(compiled)
+  use_xla = xla is not None and _xla_counts_every_flop(exp)
+  return PlanReport(
+      devices=available, mesh=dict(rt.mesh.shape), backend=jax.default_backend(),
+      tokens_per_step=tokens, param_bytes=params, optimizer_bytes=opt, other_state_bytes=other,
+      argument_bytes=args, output_bytes=outs, alias_bytes=alias, temp_bytes=temp,
+      total_bytes=total, flops_per_step=xla * available if use_xla else analytic,
+      flops_source="xla" if use_xla else "analytic", xla_flops_per_device=xla,
+      analytic_flops_per_step=analytic, compile_seconds=seconds, hbm_gib=hbm_gib,
+      fits=None if hbm_gib is None else total <= hbm_gib * GIB)
+
+
+def _size(n: float) -> str:
+  for unit, scale in (("GiB", GIB), ("MiB", 2**20), ("KiB", 2**10)):
+    if n >= scale:
+      return f"{n / scale:.2f} {unit}"
+  return f"{int(n)} B"
+
+
+def plan_text(report: PlanReport) -> str:
+  """The report as the table `pretrainx plan` prints."""
+  r = report
+  mesh = " x ".join(f"{k}={v}" for k, v in r.mesh.items())
+  lines = [
+      f"AOT plan: {r.devices} devices, mesh {mesh}, {r.tokens_per_step} tokens per step "
+      f"(compiled for {r.backend} in {r.compile_seconds:.1f} s)",
+      "per device:",
+      f"  parameters           {_size(r.param_bytes):>12}",
+      f"  optimizer state      {_size(r.optimizer_bytes):>12}",
+      f"  other state          {_size(r.other_state_bytes):>12}  (step, guard, EMA)",
+      f"  activations/temp     {_size(r.temp_bytes):>12}  (XLA temp size)",
+      f"  arguments            {_size(r.argument_bytes):>12}",
+      f"  outputs              {_size(r.output_bytes):>12}",
+      f"  aliased (donated)    {_size(r.alias_bytes):>12}",
+      f"  total                {_size(r.total_bytes):>12}  (arguments + outputs - aliased + temp)",
+      f"FLOPs per step: {r.flops_per_step:.3e} ({r.flops_source}); per device "
+      f"{r.flops_per_step / r.devices:.3e}",
+  ]
+  if r.flops_source == "xla":
+    lines.append(f"  analytic estimate {r.analytic_flops_per_step:.3e}")
+  elif r.xla_flops_per_device is not None:
+    lines.append(f"  (XLA counted {r.xla_flops_per_device:.3e} per device, loop bodies once)")
+  if r.hbm_gib is not None:
+    used = r.total_bytes / (r.hbm_gib * GIB)
+    verdict = "fits" if r.fits else "DOES NOT FIT"
+    lines.append(f"HBM {r.hbm_gib:g} GiB per device: {verdict} ({_size(r.total_bytes)}, "
+                 f"{100 * used:.1f}% of it)")
+  if r.backend == "cpu":
+    lines.append(CPU_NOTE)
+  return "\n".join(lines)
+
+
+def parse_mesh(text: str) -> dict[str, int]:
+  """'data=1,fsdp=64,tensor=4' -> {'data': 1, 'fsdp': 64, 'tensor': 4} (one size may be -1)."""
+  out: dict[str, int] = {}
+  for part in filter(None, (p.strip() for p in text.split(","))):
+    m = re.fullmatch(r"(\w+)=(-1|\d+)", part)
+    if not m or m.group(1) not in MESH_AXES or int(m.group(2)) == 0 or m.group(1) in out:
+      raise ValueError(
+          f"bad --mesh entry {part!r} in {text!r}: write comma-separated AXIS=SIZE with AXIS one "
+          f"of {', '.join(MESH_AXES)} (each at most once) and SIZE a positive integer or -1, "
+          "e.g. --mesh=data=1,fsdp=64,tensor=4.")
+    out[m.group(1)] = int(m.group(2))
+  if not out:
+    raise ValueError(f"--mesh={text!r} names no axis; e.g. --mesh=data=1,fsdp=64,tensor=4.")
+  return out
+
+
+def build_parser() -> argparse.ArgumentParser:
+  p = argparse.ArgumentParser(prog="pretrainx plan", description=__doc__)
+  p.add_argument("--gin_file", action="append", default=[], help="gin config file (repeatable)")
+  p.add_argument("--gin_param", action="append", default=[], help="gin binding (repeatable)")
+  p.add_argument("--devices", type=int, default=None,
+                 help="devices to plan for (default: this process's); fake CPU devices if more")
+  p.add_argument("--mesh", default=None, help="AXIS=SIZE,... overriding MeshConfig")
+  p.add_argument("--hbm_gib", type=float, default=None, help="HBM per device, e.g. 95 for v5p")
+  p.add_argument("--json", action="store_true", help="print the report as JSON")
+  return p
+
+
+def _reexecute(argv: list[str], devices: int) -> int:
+  """Runs the planner again in a child process that has `devices` fake CPU devices."""
+  flags = re.sub(r"--xla_force_host_platform_device_count=\S+", "",
+                 os.environ.get("XLA_FLAGS", ""))
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  env = dict(os.environ, JAX_PLATFORMS="cpu", **{_CHILD_ENV: "1"},
+             XLA_FLAGS=f"{flags} --xla_force_host_platform_device_count={devices}".strip(),
+             PYTHONPATH=os.pathsep.join(filter(None, [repo, os.environ.get("PYTHONPATH")])))
+  child = subprocess.run([sys.executable, "-m", "pretrainx.plan", *argv], env=env,
+                         capture_output=True, text=True, check=False)
+  sys.stdout.write(child.stdout)
+  sys.stderr.write(child.stderr)
+  return child.returncode
+
+
+def plan_main(argv: list[str] | None = None) -> int:
+  """`pretrainx plan` command line: 0 on success, 2 with a message on stderr for bad input."""
+  argv = list(sys.argv[1:] if argv is None else argv)
+  args = build_parser().parse_args(argv)
+  try:
+    exp = parse_gin(args.gin_file, args.gin_param)
+    if args.mesh is not None:
+      exp = exp.replace(mesh=parse_mesh(args.mesh))
+    devices = args.devices or jax.device_count()
+    if devices < 1:
+      raise ValueError(f"--devices={args.devices} must be a positive integer.")
+    exp.mesh.resolved_shape(devices)  # a mesh that cannot fill the devices fails here, early
+    if devices != jax.device_count():
+      if os.environ.get(_CHILD_ENV):
+        raise ValueError(f"this planner process has {jax.device_count()} devices, not "
+                         f"{devices}: is JAX_PLATFORMS=cpu honoured?")
+      return _reexecute(argv, devices)
+    report = plan(exp, devices=devices, hbm_gib=args.hbm_gib)
+  except (ValueError, FileNotFoundError) as err:
+    sys.stderr.write(f"pretrainx plan: error: {err}\n")
+    return 2
+  text = json.dumps(report.to_dict(), indent=1) if args.json else plan_text(report)
+  sys.stdout.write(text + "\n")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(plan_main())

@@ -3,27 +3,32 @@
 'causal' is next-token prediction; 'ul2' is UL2's mixture of denoisers for a decoder-only model
 (R and X: spans replaced by sentinels and predicted after a bidirectional prefix; S: prefix-LM).
 Conditioning prefixes (a control token chosen from a score, and MeCo's metadata line) are put
-before the piece as context: they carry no loss.
+before the piece as context: they carry no loss. Numpy only; deterministic for a given rng.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Sequence
 
 import numpy as np
 
-from pretrainx.data.vocab import num_sentinels, sentinel_id, special_id
+from pretrainx.data.vocab import (SPECIAL_TOKENS, ByteVocabulary, num_sentinels, sentinel_id,
+                                  special_id)
 
 OBJECTIVES = ("causal", "ul2")
 MODES = ("R", "S", "X")
+MODE_TOKENS = tuple(f"<|{m}|>" for m in MODES)
 
 
 @dataclasses.dataclass(frozen=True)
 class Example:
-  """tokens [m]: model inputs are tokens[:-1] and targets tokens[1:]; loss_mask [m-1] marks the
-  targets trained on; prefix_mask [m-1] marks the inputs of a bidirectional prefix."""
+  """One piece made ready for the model.
+
+  tokens: int32 [m], 2 <= m <= budget; model inputs are tokens[:-1], targets tokens[1:].
+  loss_mask: int32 [m-1], 1 where targets[i] is trained on.
+  prefix_mask: int32 [m-1], 1 where input i belongs to a bidirectional prefix (prefix-LM).
+  """
 
   tokens: np.ndarray
   loss_mask: np.ndarray
@@ -32,8 +37,13 @@ class Example:
 
 @dataclasses.dataclass(frozen=True)
 class Denoiser:
-  """One UL2 denoiser: mode 'R'/'X' corrupt spans (mean_span tokens long, corruption_rate of the
-  piece); mode 'S' predicts the last corruption_rate of the piece from the rest."""
+  """One UL2 denoiser.
+
+  mode 'R' (regular) / 'X' (extreme): spans of about `mean_span` tokens, `corruption_rate` of the
+  piece in all, are each replaced by a sentinel and predicted after the corrupted input.
+  mode 'S' (sequential, prefix-LM): the last `corruption_rate` of the piece is predicted from the
+  rest (`mean_span` is unused). `weight`: relative frequency in the mixture.
+  """
 
   mode: str = "R"
   mean_span: float = 3.0
@@ -44,8 +54,7 @@ class Denoiser:
     if self.mode not in MODES:
       raise ValueError(f"Denoiser.mode={self.mode!r}; choose one of {MODES}.")
     if not 0 < self.corruption_rate < 1 or self.mean_span < 1 or self.weight < 0:
-      raise ValueError(f"bad Denoiser {self}: need 0 < corruption_rate < 1, mean_span >= 1, "
-                       "weight >= 0.")
+      raise ValueError(f"bad {self}: need 0 < corruption_rate < 1, mean_span >= 1, weight >= 0.")
 
 
 # UL2's mixture (Tay et al. 2022): R = regular, S = sequential, X = extreme denoising.
@@ -57,34 +66,46 @@ UL2_DENOISERS = (
 
 @dataclasses.dataclass(frozen=True)
 class ObjectiveConfig:
-  """Settings of the non-causal objectives and conditioning prefixes.
+  """Settings of the UL2 objective and of conditioning prefixes.
 
   Attributes:
-    denoisers: the UL2 mixture, drawn by weight for every piece.
+    denoisers: the UL2 mixture; each piece draws one denoiser with probability weight / sum.
     metadata_template: the MeCo line put before a document, '{}' standing for its metadata.
-    control_thresholds: ((threshold, token), ...): a document gets the token of the highest
-      threshold <= its score, else `control_default`; a missing (NaN) score gets no token.
-    control_default: the token for scores below every threshold.
+    control_thresholds: ((threshold, token), ...) with distinct thresholds. A document whose score
+      is NaN or missing gets no control token; otherwise it gets the token of the highest
+      threshold <= score, and if no threshold is <= score, `control_default`.
+    control_default: the token for scores below every threshold; None gives no token then.
+  Control tokens must be SPECIAL_TOKENS names other than the UL2 mode tokens.
   """
 
   denoisers: tuple[Denoiser, ...] = UL2_DENOISERS
   metadata_template: str = "URL: {}\n\n"
   control_thresholds: tuple[tuple[float, str], ...] = ((0.5, "<|good|>"),)
-  control_default: str = "<|bad|>"
+  control_default: str | None = "<|bad|>"
 
   def __post_init__(self):
     object.__setattr__(self, "denoisers", tuple(self.denoisers))
-    object.__setattr__(self, "control_thresholds",
-                       tuple(tuple(t) for t in self.control_thresholds))
+    thresholds = tuple((float(t), str(name)) for t, name in self.control_thresholds)
+    object.__setattr__(self, "control_thresholds", thresholds)
     if not self.denoisers or sum(d.weight for d in self.denoisers) <= 0:
       raise ValueError("ObjectiveConfig.denoisers needs at least one denoiser of positive weight.")
+    names = [name for _, name in thresholds] + [self.control_default] * bool(self.control_default)
+    allowed = tuple(t for t in SPECIAL_TOKENS if t not in MODE_TOKENS)
+    for name in names:
+      if name not in allowed:
+        raise ValueError(f"control token {name!r} in ObjectiveConfig; choose one of {allowed}.")
+    values = [t for t, _ in thresholds]
+    if len(set(values)) != len(values) or not all(np.isfinite(values)):
+      raise ValueError(f"ObjectiveConfig.control_thresholds={thresholds}: thresholds must be "
+                       "finite and distinct.")
 
 
 # -- conditioning prefixes ----------------------------------------------------------------------
 
 
 def control_token(cfg: ObjectiveConfig, score: float | None) -> str | None:
-  if score is None or not math.isfinite(score):
+  """The control token for a score (rule in ObjectiveConfig's docstring), or None."""
+  if score is None or np.isnan(score):
     return None
   passed = [(t, name) for t, name in cfg.control_thresholds if score >= t]
   return max(passed)[1] if passed else cfg.control_default
@@ -103,134 +124,213 @@ def conditioning_prefix(vocab, cfg: ObjectiveConfig, *, metadata: str | None,
 
 
 def conditioning_prefix_lengths(vocab, cfg: ObjectiveConfig, metadata: Sequence[str | None],
-                                scores: np.ndarray, *, use_metadata: bool, use_control: bool
-                                ) -> np.ndarray:
-  """len(conditioning_prefix(...)) of every document -> int64 [n]."""
-  return np.asarray([
-      len(conditioning_prefix(vocab, cfg, metadata=m, score=float(s), use_metadata=use_metadata,
-                              use_control=use_control)) for m, s in zip(metadata, scores)],
-      np.int64)
+                                scores: np.ndarray | None, use_metadata: bool,
+                                use_control: bool) -> np.ndarray:
+  """len(conditioning_prefix(...)) of every document -> int64 [n], without building them.
+
+  Control tokens are counted vectorised from the scores; for a ByteVocabulary the metadata line's
+  length is its UTF-8 length (no encoding), other vocabularies encode each line.
+  """
+  n = len(metadata)
+  scores = np.full(n, np.nan) if scores is None else np.asarray(scores, np.float64).reshape(-1)
+  if len(scores) != n:
+    raise ValueError(f"{len(scores)} scores for {n} documents; pass one score (NaN: none) each.")
+  lengths = np.zeros(n, np.int64)
+  if use_control:
+    has = ~np.isnan(scores)
+    if cfg.control_default is None:
+      lowest = min((t for t, _ in cfg.control_thresholds), default=np.inf)
+      has &= scores >= lowest
+    if has.any():  # a missing extra id fails here, before the packing is planned
+      for name in [tok for _, tok in cfg.control_thresholds] + [cfg.control_default]:
+        if name is not None:
+          special_id(vocab, name)
+    lengths += has
+  if use_metadata:
+    template = cfg.metadata_template
+    if isinstance(vocab, ByteVocabulary):
+      size = lambda m: len(template.format(m).encode("utf-8")) if m else 0
+    else:
+      size = lambda m: len(vocab.encode(template.format(m))) if m else 0
+    lengths += np.fromiter((size(m) for m in metadata), np.int64, count=n)
+  return lengths
 
 
-# -- examples -----------------------------------------------------------------------------------
+# -- causal -------------------------------------------------------------------------------------
+
+
+def _as_tokens(x) -> np.ndarray:
+  return np.zeros(0, np.int32) if x is None else np.asarray(x, np.int32).reshape(-1)
 
 
 def causal_example(piece: np.ndarray, prefix: np.ndarray | None = None) -> Example:
-  """prefix + piece; every target that is a piece token is trained, prefix targets are not."""
-  prefix = np.zeros(0, np.int32) if prefix is None else np.asarray(prefix, np.int32)
-  tokens = np.concatenate([prefix, np.asarray(piece, np.int32)])
+  """prefix + piece; every target that is a piece token is trained (piece[0] from the last prefix
+  token too), targets inside the prefix are not; no bidirectional prefix."""
+  prefix = _as_tokens(prefix)
+  tokens = np.concatenate([prefix, _as_tokens(piece)])
+  if len(tokens) < 2:
+    raise ValueError(f"an example needs >= 2 tokens, got prefix {len(prefix)} + piece "
+                     f"{len(tokens) - len(prefix)}; pass longer pieces.")
   loss = (np.arange(1, len(tokens)) >= len(prefix)).astype(np.int32)
   return Example(tokens, loss, np.zeros(len(tokens) - 1, np.int32))
 
 
+def _prefix_lm(head: np.ndarray, tail: np.ndarray) -> Example:
+  """head (bidirectional, no loss) then tail (causal, every tail token trained)."""
+  tokens = np.concatenate([head, tail]).astype(np.int32)
+  inputs = np.arange(len(tokens) - 1)  # input i predicts tokens[i + 1]
+  return Example(tokens, (inputs >= len(head) - 1).astype(np.int32),
+                 (inputs < len(head)).astype(np.int32))
+
+
+# -- span corruption ----------------------------------------------------------------------------
+
+
+def span_counts(length: int, density: float, mean_span: float, max_spans: int) -> tuple[int, int]:
+  """(noise tokens, noise spans) for a piece of `length` >= 2, as T5 counts them:
+  noise = round(length * density) in [1, length - 1], spans = round(noise / mean_span) >= 1,
+  and at most the clean tokens and `max_spans` (the sentinels there are)."""
+  noise = min(max(round(length * density), 1), length - 1)
+  spans = min(max(round(noise / mean_span), 1), noise, length - noise, max(max_spans, 1))
+  return noise, spans
+
+
 def _random_partition(total: int, parts: int, rng: np.random.Generator) -> np.ndarray:
-  """`total` split into `parts` positive integers, uniformly over compositions."""
+  """`total` split into `parts` positive integers, uniformly over the compositions."""
   cuts = np.sort(rng.choice(total - 1, parts - 1, replace=False) + 1) if parts > 1 else []
   return np.diff(np.concatenate([[0], cuts, [total]])).astype(np.int64)
 
 
 def random_spans(length: int, density: float, mean_span: float, max_spans: int,
                  rng: np.random.Generator) -> np.ndarray:
-  """Noise mask [length] bool of spans (T5's scheme): about density * length noise tokens in
-  about that / mean_span spans, each preceded by clean text; at most `max_spans` spans."""
-  noise = int(np.clip(round(length * density), 1, length - 1))
-  spans = int(np.clip(round(noise / mean_span), 1, min(noise, length - noise, max_spans)))
-  noise_lengths = _random_partition(noise, spans, rng)
-  clean_lengths = _random_partition(length - noise, spans, rng)
-  mask = np.zeros(length, bool)
-  pos = 0
-  for c, n in zip(clean_lengths, noise_lengths):
-    pos += c
-    mask[pos:pos + n] = True
-    pos += n
-  return mask
+  """Noise mask bool [length]: span_counts' noise tokens cut into its number of spans, with the
+  span lengths and the clean gaps between them drawn uniformly, as T5's random_spans_noise_mask.
+
+  Unlike T5 (clean text first, a noise span last), the first and last gaps may be empty, so the
+  end of a piece (a document's eos) is not always corrupted; the span count stays exact.
+  """
+  noise, spans = span_counts(length, density, mean_span, max_spans)
+  noise_lengths = _random_partition(noise, spans, rng)  # [spans]
+  gaps = _random_partition(length - noise + 2, spans + 1, rng)  # [spans + 1], all >= 1
+  gaps[0] -= 1
+  gaps[-1] -= 1  # outer gaps >= 0, inner gaps >= 1
+  runs = np.empty(2 * spans + 1, np.int64)  # gap, span, gap, ..., span, gap
+  runs[0::2], runs[1::2] = gaps, noise_lengths
+  return np.repeat(np.arange(2 * spans + 1) % 2 == 1, runs)
 
 
-def _spans_needed(n: int, d: Denoiser, max_spans: int) -> int:
-  noise = int(np.clip(round(n * d.corruption_rate), 1, n - 1))
-  return int(np.clip(round(noise / d.mean_span), 1, min(noise, n - noise, max_spans)))
+def span_corrupt(raw: np.ndarray, noise: np.ndarray, vocab) -> tuple[np.ndarray, np.ndarray]:
+  """raw int32 [n], noise bool [n] -> (inputs, targets), T5 style: in inputs each noise span is
+  replaced by its sentinel (span k -> sentinel k); targets are sentinel k then span k's tokens,
+  for every span in order."""
+  raw, noise = np.asarray(raw, np.int32), np.asarray(noise, bool)
+  is_start = noise & ~np.concatenate([[False], noise[:-1]])
+  spans = int(is_start.sum())
+  if spans:
+    sentinel_id(vocab, spans - 1)  # enough sentinels, or a clear error
+  sentinels = (vocab.vocab_size - 1 - (np.cumsum(is_start) - 1)).astype(np.int32)  # per position
+  inputs = np.where(is_start, sentinels, raw)[~noise | is_start]
+  targets = np.insert(raw[noise], np.flatnonzero(is_start[noise]), sentinels[is_start])
+  return inputs.astype(np.int32), targets.astype(np.int32)
+
+
+# -- UL2 ----------------------------------------------------------------------------------------
+
+
+def _fit_length(available: int, room: int, d: Denoiser, max_spans: int) -> int:
+  """The most raw tokens n <= available whose corrupted form fits: n + 2 * spans(n) <= room
+  (one sentinel per span in the input and one in the targets); 0 if not even 2 fit."""
+  cost = lambda n: n + 2 * span_counts(n, d.corruption_rate, d.mean_span, max_spans)[1]
+  if available < 2 or cost(2) > room:
+    return 0
+  lo, hi = 2, available  # cost is strictly increasing in n: bisect for the last n that fits
+  while lo < hi:
+    mid = (lo + hi + 1) // 2
+    lo, hi = (mid, hi) if cost(mid) <= room else (lo, mid - 1)
+  return lo
+
+
+def _check_vocab(vocab, cfg: ObjectiveConfig) -> None:
+  """Clear errors for missing mode tokens or sentinels before any piece is drawn."""
+  for d in cfg.denoisers:
+    special_id(vocab, f"<|{d.mode}|>")
+    if d.mode != "S":
+      sentinel_id(vocab, 0)
 
 
 def ul2_example(piece: np.ndarray, prefix: np.ndarray | None, *, budget: int,
                 rng: np.random.Generator, vocab, cfg: ObjectiveConfig) -> Example:
-  """A decoder-only UL2 example of at most `budget` tokens.
+  """A decoder-only UL2 example of at most `budget` tokens; the denoiser is drawn by weight.
 
-  R/X: prefix + [mode] + piece with each span replaced by a sentinel | sentinel_0 span_0 ... eos.
-  S:   prefix + [mode] + the start of the piece | the rest of the piece.
-  The part before '|' is a bidirectional prefix without loss; the part after is the target.
-  Raw tokens that do not fit next to the sentinels are left out (the piece's tail).
+  R/X: prefix [mode] corrupted piece | sentinel_0 span_0 sentinel_1 span_1 ... eos
+  S:   prefix [mode] start of the piece | rest of the piece
+  The part before '|' is the bidirectional prefix (prefix_mask 1, no loss); every token after
+  it is a trained target. R/X use the most raw tokens of the piece that fit with their sentinels
+  (the tail is dropped); a budget too small for that gives a causal example of the piece's start.
   """
-  prefix = np.zeros(0, np.int32) if prefix is None else np.asarray(prefix, np.int32)
-  piece = np.asarray(piece, np.int32)
+  prefix, piece = _as_tokens(prefix), _as_tokens(piece)
+  if len(piece) < 2 or budget < len(prefix) + 2:
+    raise ValueError(f"ul2_example needs a piece of >= 2 tokens (got {len(piece)}) and budget >= "
+                     f"prefix + 2 = {len(prefix) + 2} (got {budget}).")
+  _check_vocab(vocab, cfg)
   weights = np.asarray([d.weight for d in cfg.denoisers], np.float64)
   d = cfg.denoisers[int(rng.choice(len(weights), p=weights / weights.sum()))]
-  mode = special_id(vocab, f"<|{d.mode}|>")
-  room = budget - len(prefix) - 1  # after the mode token
+  head = np.concatenate([prefix, [special_id(vocab, f"<|{d.mode}|>")]]).astype(np.int32)
+  room = budget - len(head)  # tokens after the mode token
   if d.mode == "S":
     n = min(len(piece), room)
-    if n < 2:
-      return causal_example(piece[:max(budget - len(prefix), 2)], prefix)
-    keep = int(np.clip(round(n * (1 - d.corruption_rate)), 1, n - 1))
-    head = np.concatenate([prefix, [mode], piece[:keep]]).astype(np.int32)
-    return _prefix_lm(head, piece[keep:n])
-  max_spans = num_sentinels(vocab)
-  if max_spans < 1:
-    sentinel_id(vocab, 0)  # raises the clear error
-  n = min(len(piece), room - 1)  # -1: the closing eos
-  while n >= 2 and n + 2 * _spans_needed(n, d, max_spans) > room - 1:
-    n -= max(1, (n + 2 * _spans_needed(n, d, max_spans) - room + 1) // 3)
-  if n < 2:
-    return causal_example(piece[:max(budget - len(prefix), 2)], prefix)
-  raw = piece[:n]
-  noise = random_spans(n, d.corruption_rate, d.mean_span, max_spans, rng)
-  is_start = noise & ~np.concatenate([[False], noise[:-1]])
-  span_no = np.cumsum(is_start) - 1  # span index of each noise token
-  inputs, targets = [], []
-  for i in range(n):
-    if not noise[i]:
-      inputs.append(raw[i])
-    elif is_start[i]:
-      inputs.append(sentinel_id(vocab, int(span_no[i])))
-      targets += [sentinel_id(vocab, int(span_no[i])), raw[i]]
-    else:
-      targets.append(raw[i])
-  head = np.concatenate([prefix, [mode], inputs]).astype(np.int32)
-  return _prefix_lm(head, np.asarray(targets + [vocab.eos_id], np.int32))
+    if n >= 2:
+      keep = min(max(round(n * (1 - d.corruption_rate)), 1), n - 1)
+      return _prefix_lm(np.concatenate([head, piece[:keep]]), piece[keep:n])
+  else:
+    n = _fit_length(len(piece), room - 1, d, num_sentinels(vocab))  # -1: the closing eos
+    if n >= 2:
+      noise = random_spans(n, d.corruption_rate, d.mean_span, num_sentinels(vocab), rng)
+      inputs, targets = span_corrupt(piece[:n], noise, vocab)
+      return _prefix_lm(np.concatenate([head, inputs]),
+                        np.concatenate([targets, [vocab.eos_id]]).astype(np.int32))
+  return causal_example(piece[:budget - len(prefix)], prefix)
 
 
-def _prefix_lm(head: np.ndarray, tail: np.ndarray) -> Example:
-  """head (bidirectional, no loss) then tail (causal, trained)."""
-  tokens = np.concatenate([head, tail]).astype(np.int32)
-  inputs = np.arange(len(tokens) - 1)
-  return Example(tokens, (inputs >= len(head) - 1).astype(np.int32),
-                 (inputs < len(head)).astype(np.int32))
+def _mode_position(tokens: np.ndarray, head_end: int, vocab) -> int:
+  mode_ids = [special_id(vocab, t) for t in MODE_TOKENS]
+  found = np.flatnonzero(np.isin(tokens[:head_end], mode_ids))
+  if not found.size:
+    raise ValueError("no UL2 mode token in the example's bidirectional prefix; not a UL2 example.")
+  return int(found[0])
 
 
-def ul2_reconstruct(example: Example, vocab, prefix_len: int = 0) -> np.ndarray:
-  """The raw tokens a UL2 example was made from (undoing the span corruption)."""
-  tokens = example.tokens
+def ul2_reconstruct(example: Example, vocab, prefix_len: int | None = None) -> np.ndarray:
+  """The raw piece tokens a UL2 example was made from (undoing the span corruption) -> int32.
+
+  prefix_len: the conditioning prefix's length; None finds the mode token (control tokens are
+  never mode tokens and metadata is text, so the first mode token in the prefix is it).
+  """
+  tokens = np.asarray(example.tokens)
   head_end = int(example.prefix_mask.sum())
-  mode = int(tokens[prefix_len])
-  body, tail = tokens[prefix_len + 1:head_end], tokens[head_end:]
+  if not head_end:
+    raise ValueError("the example has no bidirectional prefix: a causal example, not UL2.")
+  start = _mode_position(tokens, head_end, vocab) if prefix_len is None else int(prefix_len)
+  mode, body, tail = int(tokens[start]), tokens[start + 1:head_end], tokens[head_end:]
   if mode == special_id(vocab, "<|S|>"):
     return np.concatenate([body, tail]).astype(np.int32)
+  if not len(tail) or tail[-1] != vocab.eos_id:
+    raise ValueError("R/X UL2 targets must end with eos.")
   first_sentinel = vocab.vocab_size - num_sentinels(vocab)
-  spans: dict[int, list[int]] = {}
-  current = None
-  for t in tail[:-1].tolist():  # the last token is eos
-    if t >= first_sentinel:
-      current = vocab.vocab_size - 1 - t
-      spans[current] = []
-    else:
-      spans[current].append(t)
-  out = []
-  for t in body.tolist():
-    out.extend(spans[vocab.vocab_size - 1 - t] if t >= first_sentinel else [t])
-  return np.asarray(out, np.int32)
+  tail = tail[:-1]
+  starts = np.flatnonzero(tail >= first_sentinel)
+  if not starts.size or starts[0] != 0:
+    raise ValueError("R/X UL2 targets must start with a sentinel.")
+  spans = {int(tail[s]): tail[s + 1:e] for s, e in zip(starts, list(starts[1:]) + [len(tail)])}
+  out = [spans.pop(t, None) if t >= first_sentinel else [t] for t in body.tolist()]
+  if spans or any(o is None for o in out):
+    raise ValueError("the sentinels of the input and of the targets do not pair up.")
+  return np.concatenate(out).astype(np.int32) if out else np.zeros(0, np.int32)
 
 
 def make_example(piece: np.ndarray, *, objective: str, prefix: np.ndarray | None, budget: int,
                  rng: np.random.Generator, vocab, cfg: ObjectiveConfig) -> Example:
+  """Dispatch on `objective`: 'causal' (prefix + piece; `budget` unused) or 'ul2'."""
   if objective == "causal":
     return causal_example(piece, prefix)
   if objective == "ul2":

@@ -14,6 +14,12 @@ import dataclasses
 import numpy as np
 
 
+# Named special tokens, in order, on the first extra ids: with ByteVocabulary(extra_ids=E),
+# SPECIAL_TOKENS[i] is id 259 + i. '<|R|>', '<|S|>', '<|X|>' are UL2's mode tokens (regular,
+# sequential, extreme denoising); '<|good|>' and '<|bad|>' are control tokens chosen from a
+# document's quality score. The other E - len(SPECIAL_TOKENS) extra ids are UL2 sentinels, counted
+# down from the top: sentinel k is vocab_size - 1 - k (T5/SeqIO's convention). Append new names
+# at the end only: the ids of existing names must not move.
 SPECIAL_TOKENS = ("<|R|>", "<|S|>", "<|X|>", "<|good|>", "<|bad|>")
 
 
@@ -39,14 +45,34 @@ class ByteVocabulary:
     """-> int32 ids [len(utf8 bytes)]; no eos is appended."""
     return np.frombuffer(text.encode("utf-8"), dtype=np.uint8).astype(np.int32) + self.num_special
 
-  def decode(self, ids) -> str:
-    """Stops at the first eos; drops pad and other special ids; invalid UTF-8 is replaced."""
+  def decode(self, ids, show_special: bool = False) -> str:
+    """Stops at the first eos; drops pad, unk and out-of-range ids; invalid UTF-8 is replaced.
+
+    Extra ids are dropped too, or with `show_special` written as their names: '<|good|>' etc. for
+    SPECIAL_TOKENS and '<extra_id_k>' for sentinel k.
+    """
     ids = np.asarray(ids, dtype=np.int64).reshape(-1)
     eos = np.flatnonzero(ids == self.eos_id)
     if eos.size:
       ids = ids[: eos[0]]
+    is_extra = (ids >= 256 + self.num_special) & (ids < self.vocab_size)
+    if not show_special or not is_extra.any():
+      return self._decode_bytes(ids)
+    # Alternate runs of bytes and extra ids: [bytes][extra][bytes]...
+    cuts = np.flatnonzero(is_extra)
+    parts, start = [], 0
+    for cut in cuts.tolist():
+      parts += [self._decode_bytes(ids[start:cut]), extra_id_name(self, int(ids[cut]))]
+      start = cut + 1
+    return "".join(parts) + self._decode_bytes(ids[start:])
+
+  def _decode_bytes(self, ids: np.ndarray) -> str:
     ids = ids[(ids >= self.num_special) & (ids < self.num_special + 256)]
     return (ids - self.num_special).astype(np.uint8).tobytes().decode("utf-8", errors="replace")
+
+
+_FIX_EXTRA_IDS = ("set ByteVocabulary.extra_ids (e.g. 128) and ModelConfig.vocab_size to the new "
+                  "vocab_size (259 + extra_ids); other vocabularies have no extra ids.")
 
 
 def _extra_base(vocab) -> int:
@@ -61,8 +87,7 @@ def special_id(vocab, name: str) -> int:
   if index >= getattr(vocab, "extra_ids", 0):
     raise ValueError(
         f"special token {name} needs at least {index + 1} extra ids but vocabulary "
-        f"{vocab.name} has {getattr(vocab, 'extra_ids', 0)}; set ByteVocabulary.extra_ids "
-        "(e.g. 128) and ModelConfig.vocab_size to the new vocab_size.")
+        f"{vocab.name} has {getattr(vocab, 'extra_ids', 0)}; {_FIX_EXTRA_IDS}")
   return _extra_base(vocab) + index
 
 
@@ -73,12 +98,24 @@ def num_sentinels(vocab) -> int:
 
 def sentinel_id(vocab, k: int) -> int:
   """UL2/T5 sentinel k, counted down from the last id."""
-  if not 0 <= k < num_sentinels(vocab):
+  if k < 0:
+    raise ValueError(f"sentinel index {k} is negative; sentinels are numbered 0, 1, ...")
+  if k >= num_sentinels(vocab):
     raise ValueError(
         f"sentinel {k} needs at least {len(SPECIAL_TOKENS) + k + 1} extra ids but vocabulary "
-        f"{vocab.name} has {getattr(vocab, 'extra_ids', 0)}; set ByteVocabulary.extra_ids "
-        "(e.g. 128) and ModelConfig.vocab_size to the new vocab_size.")
+        f"{vocab.name} has {getattr(vocab, 'extra_ids', 0)}; {_FIX_EXTRA_IDS}")
   return vocab.vocab_size - 1 - k
+
+
+def extra_id_name(vocab, token_id: int) -> str:
+  """The name of an extra id: a SPECIAL_TOKENS name, or '<extra_id_k>' for sentinel k."""
+  index = int(token_id) - _extra_base(vocab)
+  if not 0 <= index < getattr(vocab, "extra_ids", 0):
+    raise ValueError(f"id {token_id} is not an extra id of vocabulary {vocab.name} (extra ids are "
+                     f"{_extra_base(vocab)}..{vocab.vocab_size - 1}).")
+  if index < len(SPECIAL_TOKENS):
+    return SPECIAL_TOKENS[index]
+  return f"<extra_id_{vocab.vocab_size - 1 - int(token_id)}>"
 
 
 # ----------------------------------------------------------------------------- Hugging Face

@@ -1,4 +1,5 @@
-"""Command line: `python -m pretrainx {train,eval,generate,export,data,convert,schedule,peak} ...`.
+"""Command line: `python -m pretrainx {train,eval,generate,export,data,convert,schedule,sweep,fit,
+plan,peak} ...`.
 
 Every subcommand takes gin files and `--gin_param` overrides (eval and generate default to the
 config.gin a run wrote). Bad input ends with one clear message on stderr and exit status 2.
@@ -94,6 +95,20 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--gin_file", action="append", default=[])
   p.add_argument("--gin_param", action="append", default=[])
   p.add_argument("--out", default="lr_schedule.png", help="PNG to write")
+
+  p = sub.add_parser("sweep", help="run (or continue) a sweep of runs from a SweepConfig gin file")
+  p.add_argument("sweep_file", help="gin file binding SweepConfig (see gin_configs/sweeps/)")
+  p.add_argument("--dry_run", "--dry-run", action="store_true",
+                 help="list the grid points and what each would run; run nothing")
+  p.add_argument("--only", action="append", default=None,
+                 help="run only this grid point (run name or config hash); repeatable")
+  p.add_argument("--hosts", default=None,
+                 help="comma-separated hosts: deal the unfinished runs out to them instead of "
+                      "running here (each host appends its rows to the shared results table)")
+  p.add_argument("--launch_template", default="ssh {host} {command}",
+                 help="how to run a command on a host: {host}, {name} and {command} (quoted)")
+  p.add_argument("--workdir", default="", help="directory to cd into on each host")
+  p.add_argument("--python", default="python3", help="python on each host")
 
   p = sub.add_parser("fit", help="fit scaling laws to a sweep's results table")
   p.add_argument("results", help="the SQLite results table a sweep writes")
@@ -218,6 +233,34 @@ def cmd_schedule(args) -> None:
   _out(schedule_plot.schedule_table(exp.optimizer, exp.run.steps) + f"\nplot: {path}")
 
 
+def cmd_sweep(args) -> None:
+  from pretrainx.scaling import sweep  # pylint: disable=import-outside-toplevel
+
+  cfg = sweep.parse_sweep(args.sweep_file)
+  if args.hosts:
+    hosts = [h for h in args.hosts.split(",") if h]
+    plan = sweep.launch_plan(cfg, args.sweep_file, hosts, template=args.launch_template,
+                             workdir=args.workdir, python=args.python, only=args.only)
+    lines = [line for host_lines in plan.values() for line in host_lines]
+    if args.dry_run or not lines:
+      _out("\n".join(lines) or "every run of the sweep is finished")
+      return
+    log_dir = os.path.join(cfg.run_root, "launch_logs")
+    done = sweep.launch(plan, log_dir)
+    _out("\n".join(done) + f"\nlogs in {log_dir}; results in {cfg.results}")
+    if any(": exit 0: " not in line for line in done):
+      raise SystemExit(1)
+    return
+  if args.dry_run:
+    runs = sweep.select(sweep.expand(cfg), args.only)
+    _out("\n".join(sweep.describe(cfg, runs)))
+    return
+  report = sweep.run_sweep(cfg, only=args.only)
+  _out("\n".join(report.lines) + f"\nresults: {cfg.results}")
+  if report.failed:
+    raise SystemExit(1)
+
+
 def cmd_fit(args) -> None:
   from pretrainx.scaling import fit  # pylint: disable=import-outside-toplevel
 
@@ -247,7 +290,7 @@ def cmd_peak(args) -> None:
 
 COMMANDS = {"train": cmd_train, "eval": cmd_eval, "generate": cmd_generate,
             "export": cmd_export, "data": cmd_data, "convert": cmd_convert,
-            "schedule": cmd_schedule, "fit": cmd_fit, "plan": cmd_plan, "peak": cmd_peak}
+            "schedule": cmd_schedule, "sweep": cmd_sweep, "fit": cmd_fit, "plan": cmd_plan, "peak": cmd_peak}
 
 
 def configure_cpu_devices(setting: str) -> None:

@@ -32,7 +32,8 @@ JSON_COLUMNS = ("domain_losses", "bindings")
 
 
 def _connect(db_path: str) -> sqlite3.Connection:
-  return sqlite3.connect(db_path)
+  # Hosts of a launched sweep append to one shared file: wait for another writer's lock.
+  return sqlite3.connect(db_path, timeout=60)
 
 
 def _table_columns(conn: sqlite3.Connection) -> list[str] | None:

@@ -1,0 +1,255 @@
+"""Sweeps: grid expansion, budgets, bad grids, resumability, failures and remote launch."""
+
+import json
+import os
+import subprocess
+import sys
+import types
+
+import pytest
+
+from pretrainx.scaling import sweep as S
+from pretrainx.scaling.results import load_results
+
+from conftest import REPO
+
+TINY = os.path.join(REPO, "gin_configs/tiny.gin")
+QUIET = ("RunConfig.sample_tokens = 0", "RunConfig.eval_batches = 1", "RunConfig.log_every = 2",
+         "RunConfig.peak_tflops = 1.0")
+
+
+def make_sweep(tmp_path, **fields):
+  fields.setdefault("grid", {"OptimizerConfig.learning_rate": [1e-3, 1e-2]})
+  fields.setdefault("bindings", QUIET)
+  return S.SweepConfig(name="t", gin_files=(TINY,), run_root=str(tmp_path / "r"),
+                       results=str(tmp_path / "results.sqlite"), **fields)
+
+
+def fake_result(loss=2.0):
+  return types.SimpleNamespace(train_loss=loss + 0.1, eval_loss=loss, preempted=False,
+                               eval_domain_losses={"prose": loss + 0.2, "code": loss - 0.2})
+
+
+class FakeTrain:
+  """Stands in for pretrainx.train.loop.train: records the experiments, returns fixed losses."""
+
+  def __init__(self, error=None):
+    self.calls, self.error = [], error
+
+  def __call__(self, exp):
+    self.calls.append(exp)
+    if self.error:
+      raise self.error
+    return fake_result(1.0 + exp.optimizer.learning_rate)
+
+
+def test_expand_models_tokens_and_grid(tmp_path):
+  cfg = make_sweep(tmp_path, models={"w32": {"ModelConfig.embed_dim": 32},
+                                     "w64": {"ModelConfig.embed_dim": 64}},
+                   tokens=(5120, 10240))
+  runs = S.expand(cfg)
+  assert len(runs) == 2 * 2 * 2
+  assert len({r.name for r in runs}) == len({r.config_hash for r in runs}) == 8
+  widths = sorted({r.experiment.model.embed_dim for r in runs})
+  assert widths == [32, 64]
+  per_step = 8 * 64  # tiny.gin: 8 rows of 64 tokens
+  assert sorted({r.experiment.run.steps for r in runs}) == [5120 // per_step, 10240 // per_step]
+  assert {r.experiment.optimizer.learning_rate for r in runs} == {1e-3, 1e-2}
+  assert all(r.experiment.run.run_dir == os.path.join(cfg.run_root, r.name) for r in runs)
+  assert runs[0].name.startswith("t-w32-D5.12e03-")
+  # the hash depends on the experiment only, not on where it is written
+  again = S.expand(make_sweep(tmp_path / "elsewhere", models=cfg.models, tokens=cfg.tokens))
+  assert [r.config_hash for r in again] == [r.config_hash for r in runs]
+
+
+def test_flops_budget_sets_steps_per_model(tmp_path):
+  from pretrainx.flops import flops_per_token
+
+  cfg = make_sweep(tmp_path, models={"w32": {"ModelConfig.embed_dim": 32},
+                                     "w64": {"ModelConfig.embed_dim": 64}},
+                   flops=(2e10,), grid={})
+  runs = S.expand(cfg)
+  steps = [r.experiment.run.steps for r in runs]
+  assert steps[0] > steps[1]  # the smaller model trains on more tokens at equal compute
+  for r in runs:
+    exp = r.experiment
+    per_step = flops_per_token(exp.model, exp.run.seq_len) * exp.run.global_batch_size * 64
+    assert abs(exp.run.steps * per_step - 2e10) <= per_step / 2
+
+
+def test_typo_in_grid_binding_fails_before_anything_runs(tmp_path):
+  cfg = make_sweep(tmp_path, grid={"OptimizerConfig.learning_rat": [1e-3]})
+  train = FakeTrain()
+  with pytest.raises(ValueError, match=r"grid point .*learning_rat.*Did you mean "
+                                       r"OptimizerConfig.learning_rate"):
+    S.run_sweep(cfg, train_fn=train)
+  assert not train.calls and not os.path.exists(cfg.results)
+
+
+@pytest.mark.parametrize("fields, message", [
+    ({"grid": {"learning_rate": [1.0]}}, "not a binding name"),
+    ({"grid": {"OptimizerConfig.learning_rate": []}}, "non-empty list"),
+    ({"grid": {"OptimizerConfig.learning_rate": 0.1}}, "non-empty list"),
+    ({"grid": {}, "tokens": (1e4,), "flops": (1e9,)}, "choose one axis"),
+    ({"grid": {}, "tokens": (-5,)}, "must be positive"),
+    ({"grid": {}}, "no axes"),
+    ({"grid": {"OptimizerConfig.learning_rate": [1e-3]},
+      "models": {"a": {"OptimizerConfig.learning_rate": 1e-2},
+                 "b": {"OptimizerConfig.learning_rate": 2e-2}}}, "same experiment"),
+])
+def test_bad_grids_are_explained(tmp_path, fields, message):
+  with pytest.raises(ValueError, match=message):
+    S.expand(make_sweep(tmp_path, **fields))
+
+
+def test_sweep_file_errors(tmp_path):
+  with pytest.raises(FileNotFoundError):
+    S.parse_sweep(str(tmp_path / "missing.gin"))
+  bad = tmp_path / "bad.gin"
+  bad.write_text("SweepConfig.gird = {'RunConfig.steps': [1]}\n")
+  with pytest.raises(ValueError, match=r"bad sweep file .*gird.*SweepConfig fields"):
+    S.parse_sweep(str(bad))
+
+
+def test_sweep_files_in_the_repo_parse_and_expand():
+  for name in sorted(os.listdir(os.path.join(REPO, "gin_configs/sweeps"))):
+    cfg = S.parse_sweep(os.path.join(REPO, "gin_configs/sweeps", name))
+    assert len(S.expand(cfg)) >= 9, name
+
+
+def test_rows_then_finished_runs_are_skipped(tmp_path):
+  cfg = make_sweep(tmp_path, ratio_domain="code",
+                   bindings=QUIET + ("DataConfig.stages = [@Stage()]",
+                                     "Stage.weights = {'prose': 1.0, 'code': 3.0}"))
+  train = FakeTrain()
+  report = S.run_sweep(cfg, train_fn=train)
+  assert len(train.calls) == 2 and not report.failed
+  rows = load_results(cfg.results)
+  assert [r["status"] for r in rows] == ["done", "done"]
+  exp = train.calls[0]
+  assert rows[0]["D"] == exp.run.steps * 8 * 64
+  assert rows[0]["N"] > 0 and rows[0]["C"] > 6 * rows[0]["N"] * rows[0]["D"]
+  assert rows[0]["eval_loss"] == pytest.approx(1.001)
+  assert rows[0]["domain_losses"] == {"prose": pytest.approx(1.201), "code": pytest.approx(0.801)}
+  assert rows[0]["ratio"] == pytest.approx(0.75)
+  assert "OptimizerConfig.learning_rate = 0.001" in rows[0]["bindings"]
+  again = S.run_sweep(cfg, train_fn=train)
+  assert len(train.calls) == 2  # nothing trained twice
+  assert all("done before, skipped" in line for line in again.lines)
+  assert len(load_results(cfg.results)) == 2
+  S.run_sweep(make_sweep(tmp_path, grid={"OptimizerConfig.learning_rate": [1e-3, 1e-2, 3e-2]},
+                         ratio_domain="code", bindings=cfg.bindings), train_fn=train)
+  assert len(train.calls) == 3  # a widened grid runs only its new point
+
+
+def test_diverged_runs_are_kept_and_failed_runs_retried(tmp_path):
+  cfg = make_sweep(tmp_path, grid={"OptimizerConfig.learning_rate": [1e-3]})
+  diverging = FakeTrain(FloatingPointError("loss is NaN at step 3"))
+  report = S.run_sweep(cfg, train_fn=diverging)
+  assert not report.failed and "diverged" in report.lines[0]
+  assert [r["status"] for r in load_results(cfg.results)] == ["diverged"]
+  S.run_sweep(cfg, train_fn=diverging)
+  assert len(diverging.calls) == 1  # a diverged run is a result: not retried
+
+  cfg2 = make_sweep(tmp_path / "b", grid={"OptimizerConfig.learning_rate": [1e-3, 1e-2]})
+  crashing = FakeTrain(RuntimeError("host lost"))
+  report = S.run_sweep(cfg2, train_fn=crashing)
+  assert len(report.failed) == 2 and "host lost" in report.lines[0]  # the sweep went on
+  assert [r["status"] for r in load_results(cfg2.results)] == ["failed", "failed"]
+  ok = FakeTrain()
+  S.run_sweep(cfg2, train_fn=ok)
+  assert len(ok.calls) == 2  # failed runs are retried
+  assert [r["status"] for r in load_results(cfg2.results)][-2:] == ["done", "done"]
+
+
+def test_select_by_name_or_hash(tmp_path):
+  runs = S.expand(make_sweep(tmp_path))
+  assert S.select(runs, [runs[1].name]) == [runs[1]]
+  assert S.select(runs, [runs[0].config_hash[:8]]) == [runs[0]]
+  with pytest.raises(ValueError, match="no run of this sweep"):
+    S.select(runs, ["nope"])
+
+
+def _logged_steps(run_dir):
+  with open(os.path.join(run_dir, "metrics.jsonl"), encoding="utf-8") as f:
+    return [json.loads(line)["step"] for line in f if '"train/loss"' in line]
+
+
+def test_real_sweep_crashed_run_resumes_from_its_checkpoint(tmp_path):
+  from pretrainx.train.loop import train
+
+  cfg = make_sweep(tmp_path, grid={"RunConfig.steps": [8]},
+                   bindings=QUIET + ("CheckpointConfig.every_steps = 4",))
+
+  def crash_at_half(exp):  # trains 4 of 8 steps (checkpoint at 4), then the host "dies"
+    train(exp.replace(run={"steps": 4}))
+    raise RuntimeError("simulated crash")
+
+  report = S.run_sweep(cfg, train_fn=crash_at_half)
+  assert report.failed
+  run = S.expand(cfg)[0]
+  assert os.path.isdir(os.path.join(run.experiment.run.run_dir, "checkpoints", "4"))
+  report = S.run_sweep(cfg)  # the real train: resumes at step 4
+  assert not report.failed
+  assert _logged_steps(run.experiment.run.run_dir) == [2, 4, 6, 8]  # 2 and 4 not trained twice
+  row = load_results(cfg.results)[-1]
+  assert row["status"] == "done" and row["eval_loss"] > 0
+  assert set(row["domain_losses"]) == {"prose", "code"}
+
+
+def test_launch_plan_deals_runs_to_hosts_and_skips_finished(tmp_path):
+  cfg = make_sweep(tmp_path, grid={"OptimizerConfig.learning_rate": [1e-3, 2e-3, 3e-3]})
+  S.run_sweep(cfg, only=[S.expand(cfg)[0].name], train_fn=FakeTrain())
+  plan = S.launch_plan(cfg, "sweep.gin", ["h1", "h2"], workdir="/srv/px")
+  runs = S.expand(cfg)
+  assert plan == {
+      "h1": [f"ssh h1 'cd /srv/px && python3 -m pretrainx sweep sweep.gin --only {runs[1].name}'"],
+      "h2": [f"ssh h2 'cd /srv/px && python3 -m pretrainx sweep sweep.gin --only {runs[2].name}'"]}
+  with pytest.raises(ValueError, match="lacks {command}"):
+    S.launch_plan(cfg, "sweep.gin", ["h1"], template="ssh {host}")
+  with pytest.raises(ValueError, match="--hosts"):
+    S.launch_plan(cfg, "sweep.gin", [])
+
+
+def test_launched_sweep_runs_on_every_host(tmp_path):
+  """Two local 'hosts' (bash) each run their grid point through the CLI and append its row."""
+  sweep_file = tmp_path / "sweep.gin"
+  sweep_file.write_text(
+      f"SweepConfig.name = 'l'\nSweepConfig.gin_files = [{TINY!r}]\n"
+      f"SweepConfig.bindings = {list(QUIET) + ['CheckpointConfig.every_steps = 0']!r}\n"
+      "SweepConfig.grid = {'OptimizerConfig.learning_rate': [1e-3, 1e-2], "
+      "'RunConfig.steps': [4]}\n"
+      f"SweepConfig.run_root = {str(tmp_path / 'runs')!r}\n"
+      f"SweepConfig.results = {str(tmp_path / 'results.sqlite')!r}\n")
+  cmd = [sys.executable, "-m", "pretrainx", "--cpu_devices=1", "sweep", str(sweep_file),
+         "--hosts=a,b", "--launch_template=bash -c {command}", f"--python={sys.executable}",
+         f"--workdir={REPO}"]
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  dry = subprocess.run(cmd + ["--dry_run"], capture_output=True, text=True, env=env, check=True)
+  assert dry.stdout.count("bash -c") == 2 and not os.path.exists(tmp_path / "results.sqlite")
+  out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+  assert out.returncode == 0, out.stdout + out.stderr
+  assert out.stdout.count(": exit 0: ") == 2
+  rows = load_results(str(tmp_path / "results.sqlite"))
+  assert sorted(r["status"] for r in rows) == ["done", "done"]
+  assert os.path.exists(tmp_path / "runs" / "launch_logs" / "a.log")
+  again = subprocess.run(cmd, capture_output=True, text=True, env=env, check=True)
+  assert "every run of the sweep is finished" in again.stdout
+
+
+def test_cli_sweep_dry_run_and_typo(tmp_path, capsys):
+  from pretrainx.cli import main
+
+  good = tmp_path / "good.gin"
+  good.write_text(f"SweepConfig.gin_files = [{TINY!r}]\n"
+                  "SweepConfig.tokens = [5120, 10240]\n"
+                  f"SweepConfig.results = {str(tmp_path / 'r.sqlite')!r}\n")
+  assert main(["sweep", str(good), "--dry_run"]) == 0
+  out = capsys.readouterr().out
+  assert "2 runs" in out and out.count("pending") == 2 and "steps=10" in out
+  typo = tmp_path / "typo.gin"
+  typo.write_text(f"SweepConfig.gin_files = [{TINY!r}]\n"
+                  "SweepConfig.grid = {'ModelConfig.embed_dims': [32]}\n")
+  assert main(["sweep", str(typo)]) == 2
+  err = capsys.readouterr().err
+  assert "ModelConfig.embed_dims" in err and "Did you mean ModelConfig.embed_dim" in err

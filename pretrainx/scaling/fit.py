@@ -22,6 +22,10 @@ CHINCHILLA_GRID = {  # initial values of (a=log A, b=log B, e=log E, alpha, beta
     "a": (0.0, 5.0, 10.0, 15.0, 20.0, 25.0), "b": (0.0, 5.0, 10.0, 15.0, 20.0, 25.0),
     "e": (-1.0, -0.5, 0.0, 0.5, 1.0), "alpha": (0.0, 0.5, 1.0, 1.5, 2.0),
     "beta": (0.0, 0.5, 1.0, 1.5, 2.0)}
+# The search box of (a, b, e, alpha, beta): exponents are non-negative (loss does not grow with
+# N or D) and log-coefficients finite, so a resample with little signal cannot run off to
+# overflowing coefficients.
+CHINCHILLA_BOUNDS = ((-30.0, 100.0), (-30.0, 100.0), (-10.0, 10.0), (0.0, 5.0), (0.0, 5.0))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -49,8 +53,11 @@ def _grid_losses(thetas: np.ndarray, X: np.ndarray, log_l: np.ndarray, delta: fl
 
 
 def _fit_lse(X: np.ndarray, log_l: np.ndarray, inits: np.ndarray, delta: float,
-             n_starts: int | None, warm: np.ndarray | None = None) -> np.ndarray:
-  """L-BFGS from the n_starts best initialisations (all if None) and from warm; the best θ."""
+             n_starts: int | None, warm: np.ndarray | None = None,
+             bounds: Sequence[tuple[float, float]] | None = None) -> np.ndarray:
+  """L-BFGS from the n_starts best initialisations (all if None) and from warm; the best θ.
+
+  bounds: (low, high) per parameter, or None for an unbounded search."""
   if n_starts is not None and n_starts < len(inits):
     order = np.argsort(_grid_losses(inits, X, log_l, delta), kind="stable")
     inits = inits[order[:n_starts]]
@@ -58,8 +65,10 @@ def _fit_lse(X: np.ndarray, log_l: np.ndarray, inits: np.ndarray, delta: float,
     inits = np.concatenate([np.asarray(warm, np.float64)[None], inits])
   best, best_loss = None, np.inf
   for theta0 in inits:
+    if bounds is not None:
+      theta0 = np.clip(theta0, [lo for lo, _ in bounds], [hi for _, hi in bounds])
     res = optimize.minimize(_objective, theta0, args=(X, log_l, delta), jac=True,
-                            method="L-BFGS-B", options={"maxiter": 3000, "ftol": 1e-15,
+                            method="L-BFGS-B", bounds=bounds, options={"maxiter": 3000, "ftol": 1e-15,
                                                         "gtol": 1e-12})
     if np.isfinite(res.fun) and res.fun < best_loss:
       best, best_loss = res.x, res.fun
@@ -140,7 +149,7 @@ def fit_chinchilla(N, D, L, *, huber_delta: float = 1e-3, grid: dict | None = No
   warm = None if init is None else [math.log(init.A), math.log(init.B), math.log(init.E),
                                      init.alpha, init.beta]
   a, b, e, alpha, beta = _fit_lse(_chinchilla_design(N, D), np.log(L), inits, huber_delta,
-                                  n_starts, warm)
+                                  n_starts, warm, bounds=CHINCHILLA_BOUNDS)
   return ChinchillaFit(E=math.exp(e), A=math.exp(a), B=math.exp(b), alpha=float(alpha),
                        beta=float(beta))
 

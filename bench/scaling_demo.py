@@ -3,7 +3,9 @@
 Runs gin_configs/sweeps/scaling_demo.gin (5 model sizes x 3 compute budgets, about 10 minutes on
 2 cores; rerunning skips finished runs), fits the Chinchilla law, IsoFLOP profiles and a held-out
 check with `pretrainx fit`, prints the runs and the fitted numbers, and copies the plots to
-bench/ (scaling_fit.png, scaling_isoflop.png, scaling_extrapolation.png) for README.md.
+bench/ (scaling_fit.png, scaling_isoflop.png, scaling_extrapolation.png) for README.md. The rows of
+the sweep's current grid are also written to bench/scaling_demo_results.sqlite, the table that
+notebooks/scaling.ipynb loads when no sweep of your own exists.
 Run: .venv/bin/python bench/scaling_demo.py [--sweep gin_configs/sweeps/scaling_demo.gin]
 """
 
@@ -19,7 +21,7 @@ from pretrainx.cli import configure_cpu_devices
 configure_cpu_devices("auto")  # as the CLI does, before jax is imported
 
 from pretrainx.scaling import fit, sweep  # noqa: E402  pylint: disable=wrong-import-position
-from pretrainx.scaling.results import load_results  # noqa: E402  pylint: disable=wrong-import-position
+from pretrainx.scaling.results import append_result, load_results  # noqa: E402  pylint: disable=wrong-import-position
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BENCH = os.path.join(REPO, "bench")
@@ -50,9 +52,15 @@ def main() -> None:
     print(line)
   if report.failed:
     raise SystemExit(f"runs failed: {report.failed}; rerun to retry them")
-  rows = [r for r in load_results(cfg.results) if r["status"] == "done"]
+  grid = {r.config_hash for r in sweep.expand(cfg)}  # rows of an older grid are not fitted
+  rows = [r for r in load_results(cfg.results) if r["status"] == "done" and r["config_hash"] in grid]
+  table = os.path.join(BENCH, "scaling_demo_results.sqlite")
+  if os.path.exists(table):
+    os.remove(table)
+  for row in rows:
+    append_result(table, row)
   out_dir = os.path.join(cfg.run_root, "fit")
-  text = fit.fit_main(cfg.results, out_dir, n_boot=args.bootstrap)
+  text = fit.fit_main(table, out_dir, n_boot=args.bootstrap)
   print(f"\n{len(rows)} runs, {sum(r['seconds'] for r in rows) / 60:.1f} min of training "
         f"({sweep_seconds / 60:.1f} min this invocation)\n")
   print(runs_table(rows))

@@ -11,7 +11,7 @@ usage: launch/tpu_vm.sh SUBCOMMAND --name NAME --zone ZONE [--project PROJECT] [
            [--queued [--qr_name QR]] [--spot]
   install  (--repo GIT_URL [--ref origin/main] | --source LOCAL_CHECKOUT | --pip PIP_SPEC)
            [--extra test] [--jax_spec 'jax[tpu]'] [--remote_dir ~/pretrainx]
-  train    --gin_file FILE [--gin_file FILE ...] --run_dir gs://BUCKET/RUN|PATH
+  train    --gin_file FILE [--gin_file FILE ...] --run_dir PATH (shared by every worker)
            [--remote_dir ~/pretrainx] [-- EXTRA_TRAIN_ARGS...]
   logs     [--worker 0] [--remote_dir ~/pretrainx]
   delete   [--queued [--qr_name QR]]
@@ -162,9 +162,9 @@ cmd_install() {
 }
 
 cmd_train() {
-  [ ${#gin_files[@]} -gt 0 ] || die "train needs --gin_file (e.g. --gin_file=gin_configs/7b.gin;" \
+  [ ${#gin_files[@]} -gt 0 ] || die "train needs --gin_file (e.g. --gin_file=gin_configs/llama_7b.gin;" \
     "relative paths are read on the workers, from --remote_dir)."
-  require "$run_dir" --run_dir "where checkpoints and metrics go, e.g. --run_dir=gs://BUCKET/run1"
+  require "$run_dir" --run_dir "where checkpoints and metrics go, e.g. --run_dir=/mnt/shared/runs/run1 on storage every worker mounts"
   # On TPU VMs jax.distributed finds the coordinator, process count and id itself: no flags.
   local train=".venv/bin/python -m pretrainx train" g a
   for g in "${gin_files[@]}"; do train+=" $(show_word "--gin_file=$g")"; done

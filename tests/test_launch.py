@@ -85,19 +85,19 @@ def test_install_from_local_checkout_and_from_pip():
 
 
 def test_train_on_all_workers_without_distributed_flags():
-  (line,) = _tpu("train", "--gin_file=gin_configs/7b.gin", "--gin_file", "my runs/x.gin",
-                 "--run_dir=gs://bucket/runs/7b", "--", "--gin_param=RunConfig.steps=5",
+  (line,) = _tpu("train", "--gin_file=gin_configs/llama_7b.gin", "--gin_file", "my runs/x.gin",
+                 "--run_dir=/mnt/shared/runs/7b", "--", "--gin_param=RunConfig.steps=5",
                  "--restart")
   assert line == SSH_ALL + (
       "\"cd ~/pretrainx && { nohup .venv/bin/python -m pretrainx train "
-      "--gin_file=gin_configs/7b.gin --gin_file='my runs/x.gin' "
-      "--run_dir=gs://bucket/runs/7b --gin_param=RunConfig.steps=5 --restart "
+      "--gin_file=gin_configs/llama_7b.gin --gin_file='my runs/x.gin' "
+      "--run_dir=/mnt/shared/runs/7b --gin_param=RunConfig.steps=5 --restart "
       "> train.log 2>&1 < /dev/null & }\"")
   remote = shlex.split(_remote(line))
   start = remote.index("pretrainx")
   assert remote[start + 1:remote.index(">")] == [
-      "train", "--gin_file=gin_configs/7b.gin", "--gin_file=my runs/x.gin",
-      "--run_dir=gs://bucket/runs/7b", "--gin_param=RunConfig.steps=5", "--restart"]
+      "train", "--gin_file=gin_configs/llama_7b.gin", "--gin_file=my runs/x.gin",
+      "--run_dir=/mnt/shared/runs/7b", "--gin_param=RunConfig.steps=5", "--restart"]
   assert "--num_processes" not in line and "--coordinator_address" not in line
 
 

@@ -77,6 +77,17 @@ def test_flops_budget_sets_steps_per_model(tmp_path):
     assert abs(exp.run.steps * per_step - 2e10) <= per_step / 2
 
 
+def test_token_range_leaves_out_runs_too_short_or_too_long(tmp_path):
+  models = {"w32": {"ModelConfig.embed_dim": 32}, "w64": {"ModelConfig.embed_dim": 64}}
+  full = S.expand(make_sweep(tmp_path, models=models, flops=(2e10, 8e10), grid={}))
+  tokens = sorted(r.experiment.run.steps * 512 for r in full)
+  kept = S.expand(make_sweep(tmp_path, models=models, flops=(2e10, 8e10), grid={},
+                             token_range=(tokens[1], tokens[2])))
+  assert sorted(r.experiment.run.steps * 512 for r in kept) == tokens[1:3]
+  with pytest.raises(ValueError, match="leaves no grid point"):
+    S.expand(make_sweep(tmp_path, models=models, flops=(2e10,), grid={}, token_range=(1, 2)))
+
+
 def test_typo_in_grid_binding_fails_before_anything_runs(tmp_path):
   cfg = make_sweep(tmp_path, grid={"OptimizerConfig.learning_rat": [1e-3]})
   train = FakeTrain()
@@ -93,6 +104,7 @@ def test_typo_in_grid_binding_fails_before_anything_runs(tmp_path):
     ({"grid": {}, "tokens": (1e4,), "flops": (1e9,)}, "choose one axis"),
     ({"grid": {}, "tokens": (-5,)}, "must be positive"),
     ({"grid": {}}, "no axes"),
+    ({"token_range": (5.0, 1.0)}, "0 <= low < high"),
     ({"grid": {"OptimizerConfig.learning_rate": [1e-3]},
       "models": {"a": {"OptimizerConfig.learning_rate": 1e-2},
                  "b": {"OptimizerConfig.learning_rate": 2e-2}}}, "same experiment"),

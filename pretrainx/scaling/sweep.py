@@ -45,6 +45,8 @@ class SweepConfig:
       tokens and flops; with neither, RunConfig.steps is as configured.
     grid: {gin binding: [values]} for every other axis; the sweep runs the cartesian product of
       all axes.
+    token_range: (low, high): grid points whose training tokens fall outside are left out, e.g.
+      to keep an IsoFLOP sweep from runs of a few steps or of many epochs; None keeps all.
     ratio_domain: a domain whose mixture weight (in the last stage, normalised) is recorded as the
       row's `ratio`, the r of the D-CPT law; None records none.
     run_root: run directories go to run_root/<run name>.
@@ -58,6 +60,7 @@ class SweepConfig:
   tokens: tuple[float, ...] = ()
   flops: tuple[float, ...] = ()
   grid: Mapping[str, Sequence[Any]] = dataclasses.field(default_factory=dict)
+  token_range: tuple[float, float] | None = None
   ratio_domain: str | None = None
   run_root: str = "runs/sweep"
   results: str = "runs/sweep/results.sqlite"
@@ -77,6 +80,11 @@ class SweepConfig:
       if not isinstance(values, list) or not values:
         raise ValueError(f"SweepConfig.grid[{key!r}] = {values!r}; give a non-empty list of "
                          "values.")
+    if self.token_range is not None:
+      object.__setattr__(self, "token_range", tuple(float(t) for t in self.token_range))
+      if len(self.token_range) != 2 or not 0 <= self.token_range[0] < self.token_range[1]:
+        raise ValueError(f"SweepConfig.token_range={self.token_range}; give (low, high) with "
+                         "0 <= low < high.")
     for budget in self.tokens + self.flops:
       if not budget > 0:
         raise ValueError(f"sweep budget {budget} must be positive.")
@@ -173,6 +181,11 @@ def expand(sweep: SweepConfig) -> list[SweepRun]:
         exp = parse_gin(list(sweep.gin_files), list(bindings))
     except (ValueError, FileNotFoundError) as err:
       raise ValueError(f"sweep {sweep.name!r}, grid point {list(bindings)}: {err}") from err
+    tokens = exp.run.steps * exp.run.global_batch_size * exp.run.seq_len
+    if sweep.token_range and not sweep.token_range[0] <= tokens <= sweep.token_range[1]:
+      logging.info("sweep %s: %s left out, %d tokens outside token_range", sweep.name, parts,
+                   tokens)
+      continue
     h = config_hash(exp)
     if h in seen:
       raise ValueError(f"sweep {sweep.name!r}: grid points {seen[h]} and {list(bindings)} are the "
@@ -181,6 +194,9 @@ def expand(sweep: SweepConfig) -> list[SweepRun]:
     name = "-".join([sweep.name, *parts, h[:8]])
     exp = exp.replace(run={"run_dir": os.path.join(sweep.run_root, name), "progress_bar": False})
     runs.append(SweepRun(name, bindings, exp, h))
+  if not runs:
+    raise ValueError(f"sweep {sweep.name!r}: SweepConfig.token_range={sweep.token_range} leaves "
+                     "no grid point; widen it.")
   return runs
 
 

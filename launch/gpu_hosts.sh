@@ -9,7 +9,7 @@ usage() {
 usage: launch/gpu_hosts.sh --hosts H1,H2,... --gpus_per_host N [--port 1234]
                            [--remote_dir ~/pretrainx] [--dry-run] -- TRAIN_ARGS...
   e.g. launch/gpu_hosts.sh --hosts node1,node2 --gpus_per_host 8 -- \
-         --gin_file=gin_configs/1b.gin --run_dir=/shared/runs/1b
+         --gin_file=gin_configs/llama_7b.gin --run_dir=/shared/runs/7b
 EOF
   exit 2
 }
@@ -19,27 +19,8 @@ die() {
   exit 2
 }
 
-# $1 quoted for a POSIX shell: as is when plainly safe, else in single quotes, or in double quotes
-# when it holds single quotes but nothing that double quotes would expand.
-sq() {
-  if [[ $1 =~ ^[A-Za-z0-9_./:=,@%+-]+$ ]]; then
-    printf '%s' "$1"
-  elif [[ $1 == *\'* && ! $1 =~ [\"\$\`\\!] ]]; then
-    printf '"%s"' "$1"
-  else
-    printf "'%s'" "${1//\'/\'\\\'\'}"
-  fi
-}
-
-# One argv word for display; `--flag=value` keeps the flag bare and quotes only the value.
-show_word() {
-  if [[ $1 =~ ^(--[A-Za-z0-9_-]+=)(.*)$ ]]; then
-    printf '%s' "${BASH_REMATCH[1]}"
-    sq "${BASH_REMATCH[2]}"
-  else
-    sq "$1"
-  fi
-}
+# sq (shell-quote a word) and show_word (one argv word for display).
+source "$(dirname "${BASH_SOURCE[0]}")/quoting.sh"
 
 parse_args() {
   while [ $# -gt 0 ]; do
@@ -78,7 +59,7 @@ validate() {
     die "--remote_dir=$remote_dir may hold only letters, digits and _ . / ~ -" \
       "(it is used unquoted)."
   [ ${#train_args[@]} -gt 0 ] ||
-    die "pass the train arguments after --, e.g. -- --gin_file=gin_configs/1b.gin --run_dir=DIR."
+    die "pass the train arguments after --, e.g. -- --gin_file=gin_configs/llama_7b.gin --run_dir=DIR."
 }
 
 # The shell command that process $1 runs on its host.

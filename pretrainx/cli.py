@@ -1,5 +1,5 @@
-"""Command line: `python -m pretrainx {train,eval,generate,export,data,convert,schedule,sweep,fit,
-plan,peak} ...`.
+"""Command line: `python -m pretrainx {train,eval,generate,export,data,convert,schedule,sweep,
+linearize,fit,plan,peak} ...`.
 
 Every subcommand takes gin files and `--gin_param` overrides (eval and generate default to the
 config.gin a run wrote). Bad input ends with one clear message on stderr and exit status 2.
@@ -109,6 +109,18 @@ def build_parser() -> argparse.ArgumentParser:
                  help="how to run a command on a host: {host}, {name} and {command} (quoted)")
   p.add_argument("--workdir", default="", help="directory to cd into on each host")
   p.add_argument("--python", default="python3", help="python on each host")
+
+  p = sub.add_parser("linearize", help="linearize a softmax-attention model (LoLCATs): convert, "
+                     "attention transfer, LoRA, report")
+  p.add_argument("--from", dest="source", required=True,
+                 help="the model to linearize: a pretrainx run, checkpoints directory or params "
+                      "export, or a Hugging Face model directory")
+  p.add_argument("--gin_file", action="append", default=[],
+                 help="gin files binding LinearizeConfig and the data/run/optimizer settings "
+                      "(see gin_configs/linearize/)")
+  p.add_argument("--gin_param", action="append", default=[], help="one gin binding")
+  p.add_argument("--out_dir", default="runs/linearize", help="where the stages and report go")
+  p.add_argument("--restart", action="store_true", help="start stage 2 over instead of resuming")
 
   p = sub.add_parser("fit", help="fit scaling laws to a sweep's results table")
   p.add_argument("results", help="the SQLite results table a sweep writes")
@@ -261,6 +273,17 @@ def cmd_sweep(args) -> None:
     raise SystemExit(1)
 
 
+def cmd_linearize(args) -> None:
+  from pretrainx import config  # pylint: disable=import-outside-toplevel
+  from pretrainx.linearize import convert, pipeline  # pylint: disable=import-outside-toplevel
+
+  exp, extra = config.parse_gin_with(args.gin_file, args.gin_param, (convert.LinearizeConfig,))
+  report = pipeline.linearize(args.source, exp, extra["LinearizeConfig"], args.out_dir,
+                              restart=args.restart)
+  _out(pipeline.report_markdown(report, args.source) +
+       f"report: {os.path.join(os.path.abspath(args.out_dir), 'report.md')} (and .json, .png)")
+
+
 def cmd_fit(args) -> None:
   from pretrainx.scaling import fit  # pylint: disable=import-outside-toplevel
 
@@ -290,7 +313,7 @@ def cmd_peak(args) -> None:
 
 COMMANDS = {"train": cmd_train, "eval": cmd_eval, "generate": cmd_generate,
             "export": cmd_export, "data": cmd_data, "convert": cmd_convert,
-            "schedule": cmd_schedule, "sweep": cmd_sweep, "fit": cmd_fit, "plan": cmd_plan, "peak": cmd_peak}
+            "schedule": cmd_schedule, "sweep": cmd_sweep, "linearize": cmd_linearize, "fit": cmd_fit, "plan": cmd_plan, "peak": cmd_peak}
 
 
 def configure_cpu_devices(setting: str) -> None:

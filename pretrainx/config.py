@@ -20,6 +20,7 @@ from pretrainx.data.pipeline import DataConfig
 from pretrainx.data.tasks import CorpusTask, FileTask, MixtureSpec
 from pretrainx.data.vocab import ByteVocabulary, HFTokenizerVocabulary
 from pretrainx.ema import EmaConfig
+from pretrainx.linearize.convert import LinearizeConfig
 from pretrainx.peft import LoraConfig
 from pretrainx.model.config import ModelConfig
 from pretrainx.optim import OptimizerConfig
@@ -114,8 +115,9 @@ class Experiment:
 _REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SECTIONS = (ModelConfig, OptimizerConfig, MeshConfig, DataConfig, RunConfig, CheckpointConfig,
             GuardConfig, InitConfig, EmaConfig, TuneConfig)
-CONFIGURABLES = SECTIONS + (LoraConfig, ByteVocabulary, HFTokenizerVocabulary, Stage, ObjectiveConfig, Denoiser, FileTask, CorpusTask,
-                            MixtureSpec)
+CONFIGURABLES = SECTIONS + (LoraConfig, ByteVocabulary, HFTokenizerVocabulary, Stage,
+                            ObjectiveConfig, Denoiser, FileTask, CorpusTask, MixtureSpec,
+                            LinearizeConfig)
 # Sections whose change makes an existing run directory a different experiment.
 IDENTITY_SECTIONS = ("model", "data")
 
@@ -136,10 +138,11 @@ def validate(exp: Experiment) -> None:
   if run.steps < 1 or run.global_batch_size < 1 or run.microbatches < 1:
     raise ValueError("RunConfig.steps, global_batch_size and microbatches must be positive.")
   check_stages(exp.data.schedule_stages, exp.data.domains)
-  if exp.data.uses_prefix_lm and model.attention_impl in ("linear", "hybrid"):
+  causal_only = sorted({i for i in model.layer_impls if i in ("linear", "hybrid")})
+  if exp.data.uses_prefix_lm and causal_only:
     raise ValueError(
-        f"a 'ul2' stage needs a bidirectional prefix, which attention_impl="
-        f"{model.attention_impl!r} cannot give; use 'reference' or 'flash'.")
+        f"a 'ul2' stage needs a bidirectional prefix, which attention_impl "
+        f"{', '.join(map(repr, causal_only))} cannot give; use 'reference' or 'flash'.")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -183,6 +186,14 @@ def _explain_gin_error(err: Exception) -> str:
 def parse_gin(gin_files: list[str] | tuple[str, ...] = (), gin_params: list[str] | tuple[str, ...] = (),
               search_paths: tuple[str, ...] = ()) -> Experiment:
   """Reads gin files then `--gin_param` overrides into a validated Experiment."""
+  return parse_gin_with(gin_files, gin_params, (), search_paths)[0]
+
+
+def parse_gin_with(gin_files: list[str] | tuple[str, ...], gin_params: list[str] | tuple[str, ...],
+                   extra: tuple[type, ...], search_paths: tuple[str, ...] = ()
+                   ) -> tuple[Experiment, dict[str, Any]]:
+  """parse_gin, plus the configurables `extra` (CONFIGURABLES that are not Experiment sections,
+  e.g. LinearizeConfig) built from the same bindings: (experiment, {class name: object})."""
   gin = _gin()
   gin.clear_config()
   search_paths = (os.getcwd(), _REPO_ROOT, *search_paths)
@@ -201,12 +212,13 @@ def parse_gin(gin_files: list[str] | tuple[str, ...] = (), gin_params: list[str]
                      checkpoint=built["CheckpointConfig"], guard=built["GuardConfig"],
                      init=built["InitConfig"], ema=built["EmaConfig"],
                      tune=built["TuneConfig"])
+    extras = {cls.__name__: _GIN_CLASSES[cls.__name__]() for cls in extra}
   except (ValueError, TypeError, SyntaxError) as err:
     raise ValueError(_explain_gin_error(err)) from err
   finally:
     gin.clear_config()
   validate(exp)
-  return exp
+  return exp, extras
 
 
 def _gin_expr(value: Any, scope: str, lines: list[str]) -> str:

@@ -22,11 +22,13 @@ def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
   n = count_params(cfg)["non_embedding"]
   if cfg.tie_embeddings:
     n += cfg.vocab_size * cfg.embed_dim
-  return 6.0 * n + cfg.num_layers * cfg.num_heads * attention_flops_per_head(cfg, seq_len)
+  attention = sum(attention_flops_per_head(cfg.for_layer(i), seq_len)
+                  for i in range(cfg.num_layers))
+  return 6.0 * n + cfg.num_heads * attention
 
 
 def attention_flops_per_head(cfg: ModelConfig, seq_len: int) -> float:
-  """Training FLOPs of one layer's attention, per query head and token."""
+  """Training FLOPs of one layer's attention (cfg.attention_impl), per query head and token."""
   hd = cfg.resolved_head_dim
   if cfg.attention_impl in ("reference", "flash"):
     return 6.0 * seq_len * hd

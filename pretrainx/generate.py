@@ -87,9 +87,14 @@ def _recurrent_decoder(model, prompt, total, temperature, top_k):
 
 def generate(model: nn.Module, params: Any, prompt: np.ndarray, max_new_tokens: int, *,
              rng: jax.Array, temperature: float = 0.8, top_k: int | None = 40,
-             eos_id: int | None = None) -> np.ndarray:
+             eos_id: int | None = None, recurrent: bool | None = None) -> np.ndarray:
   """Continues `prompt` (int ids [prompt_len]) by up to max_new_tokens; returns only the new ids,
-  cut at the first eos."""
+  cut at the first eos.
+
+  recurrent: decode with constant-size per-layer state (every layer 'linear'/'hybrid'), or False
+  to recompute the whole buffer each token (the chunked/parallel form); None picks recurrent
+  where every layer allows it.
+  """
   prompt = np.asarray(prompt, np.int32).reshape(-1)
   max_len = model.cfg.max_seq_len
   if len(prompt) == 0:
@@ -97,7 +102,11 @@ def generate(model: nn.Module, params: Any, prompt: np.ndarray, max_new_tokens: 
   if len(prompt) >= max_len:
     raise ValueError(f"prompt of {len(prompt)} tokens leaves no room within max_seq_len={max_len}.")
   total = min(max_len, len(prompt) + max_new_tokens)
-  recurrent = model.cfg.attention_impl in RECURRENT_IMPLS
+  can_recur = all(impl in RECURRENT_IMPLS for impl in model.cfg.layer_impls)
+  if recurrent and not can_recur:
+    raise ValueError(f"recurrent decoding needs every layer 'linear' or 'hybrid'; this model has "
+                     f"{sorted(set(model.cfg.layer_impls))}.")
+  recurrent = can_recur if recurrent is None else recurrent
   decoder = (_recurrent_decoder if recurrent else _buffer_decoder)(
       model, prompt, total, temperature, top_k)
   out = np.asarray(jax.device_get(jax.jit(decoder)(params, rng)))

@@ -124,8 +124,8 @@ def load_hf_config(path: str, **overrides: Any) -> ModelConfig:
 def check_hf_compatible(cfg: ModelConfig) -> None:
   """Every pretrainx parameter of `cfg` must have a Hugging Face Llama-family counterpart."""
   problems = []
-  if cfg.attention_impl not in ("reference", "flash"):
-    problems.append(f"attention_impl={cfg.attention_impl!r} (use 'reference' or 'flash')")
+  if any(impl not in ("reference", "flash") for impl in cfg.layer_impls):
+    problems.append(f"attention {sorted(set(cfg.layer_impls))} (use 'reference' or 'flash')")
   if cfg.norm_scale != "channel":
     problems.append(f"norm_scale={cfg.norm_scale!r} (use 'channel')")
   if cfg.embed_projection:

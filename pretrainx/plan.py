@@ -108,7 +108,7 @@ def _xla_counts_every_flop(exp: Experiment) -> bool:
   """XLA's cost analysis counts a loop body once: trust it only for loop-free steps."""
   model = exp.model
   return (not model.scan_layers and exp.run.microbatches == 1
-          and model.attention_impl == "reference")
+          and set(model.layer_impls) == {"reference"})
 
 
 def plan(exp: Experiment, *, devices: int | None = None, hbm_gib: float | None = None

@@ -41,7 +41,7 @@ def _remote(line):
   return cmd
 
 
-@pytest.mark.parametrize("script", ["tpu_vm.sh", "gpu_hosts.sh", "local_multiprocess.sh",
+@pytest.mark.parametrize("script", ["tpu_vm.sh", "gpu_hosts.sh", "local_multiprocess.sh", "quoting.sh",
                                     "slurm_example.sbatch"])
 def test_scripts_are_valid_bash(script):
   out = subprocess.run(["bash", "-n", f"launch/{script}"], cwd=REPO, capture_output=True,
@@ -134,11 +134,11 @@ def test_tpu_vm_bad_input_exits_2_with_a_clear_message(args, message):
 
 def test_gpu_hosts_one_process_per_host_with_its_id():
   lines = _dry("gpu_hosts.sh", "--hosts=node1,me@node2,node3", "--gpus_per_host", "4",
-               "--port=2345", "--", "--gin_file=gin_configs/1b.gin", "--run_dir=/shared/r")
+               "--port=2345", "--", "--gin_file=gin_configs/llama_7b.gin", "--run_dir=/shared/r")
   assert lines[1] == (
       "ssh me@node2 'cd ~/pretrainx && CUDA_VISIBLE_DEVICES=0,1,2,3 .venv/bin/python -m pretrainx "
       "--coordinator_address=node1:2345 --num_processes=3 --process_id=1 train "
-      "--gin_file=gin_configs/1b.gin --run_dir=/shared/r'")
+      "--gin_file=gin_configs/llama_7b.gin --run_dir=/shared/r'")
   assert len(lines) == 3
   for i, (line, host) in enumerate(zip(lines, ["node1", "me@node2", "node3"])):
     ssh, target, remote = shlex.split(line)
@@ -146,7 +146,7 @@ def test_gpu_hosts_one_process_per_host_with_its_id():
     argv = shlex.split(remote)
     assert argv[argv.index("pretrainx") + 1:] == [
         "--coordinator_address=node1:2345", "--num_processes=3", f"--process_id={i}", "train",
-        "--gin_file=gin_configs/1b.gin", "--run_dir=/shared/r"]
+        "--gin_file=gin_configs/llama_7b.gin", "--run_dir=/shared/r"]
 
 
 @pytest.mark.parametrize("args, message", [

@@ -45,6 +45,9 @@ class ModelConfig:
       'hybrid' refuses it, 'reference'/'flash' ignore it.
     linear_chunk: chunk length of the chunked linear-attention scan.
     attention_window: 'hybrid' only: softmax keys per query (itself included); <= max_seq_len.
+    layer_attention_impls: one attention_impl per layer, overriding attention_impl (e.g. a model
+      linearized in some layers only); empty: every layer uses attention_impl. Needs
+      scan_layers=False (scanned layers share one structure).
     kernel_interpret: run Pallas kernels in interpret mode (CPU tests); otherwise a backend that
       cannot lower Pallas uses the pure-JAX path of the same computation, with one warning.
     flash_block_q / flash_block_k: block sizes of the 'flash' kernel (None: the kernel's defaults).
@@ -85,6 +88,7 @@ class ModelConfig:
   linear_decay: bool = False
   linear_chunk: int = 64
   attention_window: int = 64
+  layer_attention_impls: tuple[str, ...] = ()
   kernel_interpret: bool = False
   flash_block_q: int | None = None
   flash_block_k: int | None = None
@@ -134,9 +138,18 @@ class ModelConfig:
 
   def _check_attention(self):
     """Validates the attention_impl fields (the ones a typo in a gin file would silently skip)."""
-    if self.attention_impl not in ATTENTION_IMPLS:
-      raise ValueError(f"unknown attention_impl {self.attention_impl!r}; choose one of "
-                       f"{', '.join(ATTENTION_IMPLS)}.")
+    object.__setattr__(self, "layer_attention_impls", tuple(self.layer_attention_impls))
+    for impl in (self.attention_impl, *self.layer_attention_impls):
+      if impl not in ATTENTION_IMPLS:
+        raise ValueError(f"unknown attention_impl {impl!r}; choose one of "
+                         f"{', '.join(ATTENTION_IMPLS)}.")
+    if self.layer_attention_impls:
+      if len(self.layer_attention_impls) != self.num_layers:
+        raise ValueError(f"ModelConfig.layer_attention_impls has {len(self.layer_attention_impls)} "
+                         f"entries for num_layers={self.num_layers}; give one per layer.")
+      if self.scan_layers:
+        raise ValueError("ModelConfig.layer_attention_impls (a different attention per layer) "
+                         "needs scan_layers=False.")
     if self.linear_feature not in FEATURE_MAPS:
       raise ValueError(f"ModelConfig.linear_feature={self.linear_feature!r} is not a feature map; "
                        f"choose one of {', '.join(FEATURE_MAPS)}.")
@@ -147,14 +160,26 @@ class ModelConfig:
       if getattr(self, name) is not None and getattr(self, name) < 1:
         raise ValueError(f"ModelConfig.{name}={getattr(self, name)}; use a positive block size "
                          "or None for the kernel's default.")
-    if self.attention_impl == "hybrid" and self.attention_window > self.max_seq_len:
+    if "hybrid" in self.layer_impls and self.attention_window > self.max_seq_len:
       raise ValueError(
           f"ModelConfig.attention_window={self.attention_window} exceeds max_seq_len="
           f"{self.max_seq_len}; a window that long is plain softmax attention: lower the window or "
           "use attention_impl='reference' or 'flash'.")
-    if self.linear_decay and self.attention_impl == "hybrid":
+    if self.linear_decay and "hybrid" in self.layer_impls:
       raise ValueError("ModelConfig.linear_decay=True is not supported by attention_impl='hybrid' "
                        "(its linear part has no decay); set linear_decay=False or use 'linear'.")
+
+  @property
+  def layer_impls(self) -> tuple[str, ...]:
+    """The attention implementation of every layer."""
+    return self.layer_attention_impls or (self.attention_impl,) * self.num_layers
+
+  def for_layer(self, index: int) -> "ModelConfig":
+    """The config layer `index` is built with: its own attention_impl, no per-layer list."""
+    if not self.layer_attention_impls:
+      return self
+    return dataclasses.replace(self, attention_impl=self.layer_attention_impls[index],
+                               layer_attention_impls=())
 
   @property
   def resolved_head_dim(self) -> int:
@@ -194,17 +219,18 @@ def count_params(cfg: ModelConfig) -> dict[str, int]:
     attn += hd * (cfg.num_heads + 2 * cfg.num_kv_heads)
   mlp = 3 * d * cfg.mlp_dim
   norm = d if cfg.norm_scale == "channel" else 1
-  per_layer = attn + mlp + 2 * norm + attention_extra_params(cfg)
+  extra = sum(attention_extra_params(cfg.for_layer(i)) for i in range(cfg.num_layers))
   embedding = cfg.vocab_size * d
   lm_head = 0 if cfg.tie_embeddings else cfg.vocab_size * d
   projection = d * d if cfg.embed_projection else 0
-  non_embedding = cfg.num_layers * per_layer + norm + lm_head + projection
+  non_embedding = cfg.num_layers * (attn + mlp + 2 * norm) + extra + norm + lm_head + projection
   return {"total": embedding + non_embedding, "embedding": embedding,
           "non_embedding": non_embedding}
 
 
 def attention_extra_params(cfg: ModelConfig) -> int:
-  """Per-layer parameters of 'linear'/'hybrid' beyond q/k/v/o: hedgehog maps, decay, mixing."""
+  """Per-layer parameters of 'linear'/'hybrid' beyond q/k/v/o: hedgehog maps, decay, mixing
+  (for cfg.attention_impl; pass cfg.for_layer(i) for a model with layer_attention_impls)."""
   if cfg.attention_impl not in ("linear", "hybrid"):
     return 0
   n = 0

@@ -53,7 +53,7 @@ def _block_stack(cfg: ModelConfig, decode: bool):
                    split_rngs={"params": True},
                    in_axes=(nn.broadcast, nn.broadcast, nn.broadcast), length=cfg.num_layers,
                    metadata_params={nn.PARTITION_NAME: "layers"})(cfg, decode, name="layers")
-  return [block(cfg, decode, name=f"layers_{i}") for i in range(cfg.num_layers)]
+  return [block(cfg.for_layer(i), decode, name=f"layers_{i}") for i in range(cfg.num_layers)]
 
 
 class Transformer(nn.Module):

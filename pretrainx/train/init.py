@@ -2,8 +2,9 @@
 
 `InitConfig.source` names a Hugging Face model directory, a pretrainx run directory, checkpoint
 directory or step, or a params export. Its params are placed into the run's shardings, optionally
-grown (Llama-Pro block expansion, G_stack layer stacking); the optimizer state and step counter
-are reset unless asked to be kept. Used only when the run directory has no checkpoint of its own.
+grown (Llama-Pro block expansion, G_stack layer stacking) or linearized (a softmax source into a
+run whose ModelConfig uses 'hybrid'/'linear' attention: the new feature maps start at their
+init); the optimizer state and step counter are reset unless asked to be kept. Used only when the run directory has no checkpoint of its own.
 """
 
 from __future__ import annotations
@@ -126,6 +127,58 @@ def _read_export_experiment(path: str):
   raise ValueError(f"params export {path} has no config_gin in its meta; re-export it.")
 
 
+# ModelConfig fields that describe how a model runs, not its weights: a Hugging Face source takes
+# its architecture from config.json and these from the run's ModelConfig.
+RUNTIME_MODEL_FIELDS = ("dtype", "param_dtype", "remat_policy", "scan_layers", "kernel_interpret",
+                        "flash_block_q", "flash_block_k", "sow_kurtosis", "vocab_multiple")
+
+
+def source_model_config(source: str, like=None, step: int | None = None):
+  """(ModelConfig, Experiment or None, step or None) of what `source` holds, without loading
+  its params. For a Hugging Face directory the architecture comes from config.json, the
+  RUNTIME_MODEL_FIELDS (and a shorter max_seq_len) from `like`, a ModelConfig."""
+  kind = source_kind(source)
+  if kind == "hf":
+    from pretrainx import hf  # pylint: disable=import-outside-toplevel
+
+    overrides = {f: getattr(like, f) for f in RUNTIME_MODEL_FIELDS} if like is not None else {}
+    cfg = hf.load_hf_config(source)
+    if like is not None and like.max_seq_len < cfg.max_seq_len:
+      overrides["max_seq_len"] = like.max_seq_len
+    return hf.load_hf_config(source, **overrides), None, None
+  if kind == "export":
+    exp = _read_export_experiment(os.path.abspath(source))
+    return exp.model, exp, None
+  directory = os.path.join(source, "checkpoints") if kind == "run" else source
+  ckpt = Checkpointer(directory, create=False)
+  try:
+    step = ckpt.latest_step() if step is None else step
+    meta = ckpt.read_meta(step)
+  finally:
+    ckpt.close()
+  exp = _experiment_from_gin_text(meta["config_gin"])
+  return exp.model, exp, step
+
+
+def _softmax_twin(cfg):
+  """cfg with every layer's attention softmax: the layout a linearized run's source has."""
+  from pretrainx.linearize.convert import SOFTMAX_IMPLS  # pylint: disable=import-outside-toplevel
+
+  if all(impl in SOFTMAX_IMPLS for impl in cfg.layer_impls):
+    return cfg
+  return dataclasses.replace(cfg, attention_impl="reference", layer_attention_impls=())
+
+
+def _linearize(params: Any, src_cfg, cfg, rng: jax.Array) -> Any:
+  """Carries a softmax source's params into a run whose layers use linear/hybrid attention."""
+  if src_cfg.layer_impls == cfg.layer_impls:
+    return params
+  from pretrainx.linearize.convert import convert_params  # pylint: disable=import-outside-toplevel
+
+  logging.info("linearizing the source: attention %s -> %s", src_cfg.layer_impls, cfg.layer_impls)
+  return convert_params(params, src_cfg, cfg, rng)
+
+
 def _grow(params: Any, cfg, init: InitConfig):
   from pretrainx import peft  # pylint: disable=import-outside-toplevel
 
@@ -136,7 +189,7 @@ def _grow(params: Any, cfg, init: InitConfig):
   return params, cfg
 
 
-def _check_shapes(params: Any, abstract: Any, source: str) -> None:
+def check_param_shapes(params: Any, abstract: Any, source: str) -> None:
   got = jax.tree_util.tree_flatten_with_path(jax.tree.map(jnp.shape, params))[0]
   want = jax.tree_util.tree_flatten_with_path(jax.tree.map(jnp.shape, abstract))[0]
   got, want = ({jax.tree_util.keystr(k): v for k, v in t} for t in (got, want))
@@ -154,7 +207,9 @@ def initial_state(rt, init: InitConfig) -> tuple[TrainState, int]:
   if kind == "hf":
     from pretrainx import hf  # pylint: disable=import-outside-toplevel
 
-    cfg, params = hf.import_hf(init.source, mesh=rt.mesh, rules=rt.exp.mesh.rules)
+    cfg, params = hf.import_hf(init.source, mesh=rt.mesh, rules=rt.exp.mesh.rules,
+                               cfg=_softmax_twin(rt.exp.model) if not (
+                                   init.stack_factor > 1 or init.expand_every) else None)
     opt_state, step = None, 0
     if init.keep_optimizer or init.keep_step:
       raise ValueError("a Hugging Face source has no optimizer state or step; unset "
@@ -162,8 +217,9 @@ def initial_state(rt, init: InitConfig) -> tuple[TrainState, int]:
   else:
     cfg, params, opt_state, step = _load_pretrainx(rt, init, kind)
   params, cfg = _grow(params, cfg, init)
+  params = _linearize(params, cfg, rt.exp.model, jax.random.key(rt.exp.run.seed + 1))
   params = with_adapters(params, rt.exp.tune, jax.random.key(rt.exp.run.seed))
-  _check_shapes(params, rt.abstract_state.params, init.source)
+  check_param_shapes(params, rt.abstract_state.params, init.source)
   step = step if init.keep_step else 0
 
   ema = rt.exp.ema.enabled

@@ -1,0 +1,1 @@
+"""Linearizing pretrained softmax-attention LMs (LoLCATs): conversion, attention transfer, LoRA."""

@@ -1,0 +1,203 @@
+"""Conversion of a softmax-attention model into a linearized one (LoLCATs, before training).
+
+`linearized_config` swaps the attention of every softmax layer, or of the chosen ones, for
+'hybrid' (sliding-window softmax + linear attention with a learned Hedgehog feature map per head)
+or 'linear'. `convert_params` carries every weight of the source over and initialises only what
+the new attention adds (feature maps, window factors). So the converted model differs from the
+source in its attention alone, and with a window that covers the sequence it computes the same
+logits.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from pretrainx.model.attention import Attention
+from pretrainx.model.config import ModelConfig
+from pretrainx.peft import LoraConfig
+
+SOFTMAX_IMPLS = ("reference", "flash")
+LINEARIZED_IMPLS = ("hybrid", "linear")
+# Attention params that exist in the source model; anything else under a converted layer's
+# attention is new (feature maps, window factor) and is what stage 1 trains.
+SOURCE_ATTENTION_PARAMS = ("q_proj", "k_proj", "v_proj", "o_proj", "q_bias", "k_bias", "v_bias")
+
+
+@dataclasses.dataclass(frozen=True)
+class LinearizeConfig:
+  """How to linearize a model and train it back (LoLCATs: attention transfer, then LoRA).
+
+  Attributes:
+    layers: indices of the layers to convert; None converts every softmax layer.
+    attention_impl: what the converted layers use: 'hybrid' (LoLCATs) or 'linear'.
+    window: softmax keys per query of 'hybrid' (ModelConfig.attention_window).
+    feature_dim: F of each head's Hedgehog feature map (phi has 2F features).
+    transfer_steps: stage 1 optimizer steps (attention transfer: only the feature maps and window
+      factors train, to match each layer's softmax output; 0 skips the stage).
+    transfer_lr: stage 1 AdamW learning rate (no weight decay).
+    transfer_mode: 'joint' (all layers' MSE summed, one optimizer) or 'layerwise' (one layer
+      after another, transfer_steps split between them).
+    lora_steps: stage 2 optimizer steps (LoRA on the attention projections, next-token loss,
+      everything else frozen; 0 skips the stage).
+    lora_lr: stage 2 peak learning rate (the run's OptimizerConfig, schedule and all, otherwise).
+    lora: the stage 2 adapters.
+    eval_batches: validation batches per domain for the report (None: the whole split).
+    sample_prompt / sample_tokens: the report's generation with the recurrent form.
+  """
+
+  layers: tuple[int, ...] | None = None
+  attention_impl: str = "hybrid"
+  window: int = 64
+  feature_dim: int = 32
+  transfer_steps: int = 100
+  transfer_lr: float = 1e-2
+  transfer_mode: str = "joint"
+  lora_steps: int = 100
+  lora_lr: float = 1e-3
+  lora: LoraConfig = LoraConfig(rank=8, alpha=16.0, targets=(r"attention/(q|k|v|o)_proj",))
+  eval_batches: int | None = 8
+  sample_prompt: str = "def "
+  sample_tokens: int = 64
+
+  def __post_init__(self):
+    if self.layers is not None:
+      object.__setattr__(self, "layers", tuple(int(i) for i in self.layers))
+    if self.attention_impl not in LINEARIZED_IMPLS:
+      raise ValueError(f"LinearizeConfig.attention_impl={self.attention_impl!r}; choose one of "
+                       f"{LINEARIZED_IMPLS}.")
+    if self.transfer_mode not in ("joint", "layerwise"):
+      raise ValueError(f"LinearizeConfig.transfer_mode={self.transfer_mode!r}; choose 'joint' "
+                       "or 'layerwise'.")
+    for name in ("window", "feature_dim"):
+      if getattr(self, name) < 1:
+        raise ValueError(f"LinearizeConfig.{name}={getattr(self, name)} must be positive.")
+    for name in ("transfer_steps", "lora_steps"):
+      if getattr(self, name) < 0:
+        raise ValueError(f"LinearizeConfig.{name}={getattr(self, name)} must be >= 0.")
+
+
+def layers_to_convert(src: ModelConfig, lin: LinearizeConfig) -> list[int]:
+  """The softmax layers of `src` that `lin` converts; clear errors for what cannot be meant."""
+  n, impls = src.num_layers, src.layer_impls
+  chosen = list(range(n)) if lin.layers is None else list(lin.layers)
+  bad = [i for i in chosen if not 0 <= i < n]
+  if bad:
+    raise ValueError(f"LinearizeConfig.layers has {bad} out of range: the model has {n} layers, "
+                     f"numbered 0..{n - 1}.")
+  if len(set(chosen)) != len(chosen):
+    raise ValueError(f"LinearizeConfig.layers={lin.layers} names a layer twice.")
+  convert = [i for i in chosen if impls[i] in SOFTMAX_IMPLS]
+  if not convert:
+    raise ValueError(f"no softmax attention layer to convert: layers {chosen} of the source use "
+                     f"{[impls[i] for i in chosen]}; linearize a model with 'reference' or "
+                     "'flash' attention, or name other LinearizeConfig.layers.")
+  return convert
+
+
+def linearized_config(src: ModelConfig, lin: LinearizeConfig) -> ModelConfig:
+  """The source's ModelConfig with the converted layers' attention swapped."""
+  if lin.window > src.max_seq_len:
+    raise ValueError(f"LinearizeConfig.window={lin.window} exceeds the model's max_seq_len="
+                     f"{src.max_seq_len}: no query would have keys outside the window, so nothing "
+                     "would be linearized. Use a window below the sequence length.")
+  convert = set(layers_to_convert(src, lin))
+  impls = tuple(lin.attention_impl if i in convert else impl
+                for i, impl in enumerate(src.layer_impls))
+  if len(set(impls)) == 1:
+    layout = {"attention_impl": impls[0], "layer_attention_impls": ()}
+  else:  # a mixed stack: one block per layer (scanned blocks share one structure)
+    layout = {"attention_impl": src.attention_impl, "layer_attention_impls": impls,
+              "scan_layers": False}
+  return dataclasses.replace(src, attention_window=lin.window, linear_feature="hedgehog",
+                             linear_feature_dim=lin.feature_dim, linear_decay=False, **layout)
+
+
+def teacher_config(dst: ModelConfig, src: ModelConfig) -> ModelConfig:
+  """The source's attention in the converted model's layout (scanned or not): the teacher of
+  stage 1, which runs on the converted model's params."""
+  if dst.scan_layers:
+    return dataclasses.replace(dst, attention_impl=src.attention_impl, layer_attention_impls=())
+  return dataclasses.replace(dst, scan_layers=False, layer_attention_impls=src.layer_impls)
+
+
+# ----------------------------------------------------------------------------- params
+
+
+def _flat(tree: Any) -> dict[tuple[str, ...], Any]:
+  return {tuple(str(getattr(k, "key", k)) for k in path): leaf
+          for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def _nest(flat: dict[tuple[str, ...], Any]) -> dict:
+  out: dict = {}
+  for path, leaf in flat.items():
+    node = out
+    for key in path[:-1]:
+      node = node.setdefault(key, {})
+    node[path[-1]] = leaf
+  return out
+
+
+def unstack_layers(params: Any, num_layers: int) -> Any:
+  """A scanned model's params ('layers' with a leading layer axis) as 'layers_<i>' blocks."""
+  flat = _flat(params)
+  out = {}
+  for path, leaf in flat.items():
+    if path[0] == "layers":
+      for i in range(num_layers):
+        out[(f"layers_{i}",) + path[1:]] = leaf[i]
+    else:
+      out[path] = leaf
+  return _nest(out)
+
+
+def new_attention_params(cfg: ModelConfig, rng: jax.Array) -> dict[str, jax.Array]:
+  """The params one layer of cfg.attention_impl adds to softmax attention, as initialised."""
+  layer = dataclasses.replace(cfg, layer_attention_impls=(), scan_layers=False)
+  x, positions = jnp.zeros((1, 1, cfg.embed_dim), cfg.compute_dtype), jnp.zeros((1, 1), jnp.int32)
+  init = jax.jit(lambda r: nn.unbox(Attention(layer).init(r, x, positions, None)["params"]))
+  return {k: v for k, v in init(rng).items() if k not in SOURCE_ATTENTION_PARAMS}
+
+
+def convert_params(src_params: Any, src: ModelConfig, dst: ModelConfig, rng: jax.Array) -> Any:
+  """The converted model's params: every source leaf carried over, the new attention leaves
+  (feature maps, window factors) freshly initialised. Callers check the result against the
+  converted model's abstract params (pretrainx.train.init.check_param_shapes)."""
+  if src.scan_layers and not dst.scan_layers:
+    src_params = unstack_layers(src_params, src.num_layers)
+  elif dst.scan_layers and not src.scan_layers:
+    raise ValueError("cannot convert an unscanned source into a scanned model; keep "
+                     "ModelConfig.scan_layers=False.")
+  out = _flat(nn.unbox(src_params))
+  for i, impl in enumerate(dst.layer_impls):
+    if src.layer_impls[i] == impl:
+      continue
+    layer_new = new_attention_params(dst.for_layer(i), jax.random.fold_in(rng, i))
+    prefix = ("layers", "attention") if dst.scan_layers else (f"layers_{i}", "attention")
+    for name, value in layer_new.items():
+      if dst.scan_layers:  # identical per layer at init: one stacked copy for all layers
+        out[prefix + (name,)] = jnp.broadcast_to(value, (dst.num_layers, *value.shape))
+      else:
+        out[prefix + (name,)] = value
+    if dst.scan_layers:
+      break
+  return _nest(out)
+
+
+def new_param_paths(src: ModelConfig, dst: ModelConfig) -> list[tuple[str, ...]]:
+  """Paths of the leaves convert_params initialises (what stage 1 trains)."""
+  paths = []
+  for i, impl in enumerate(dst.layer_impls):
+    if src.layer_impls[i] == impl:
+      continue
+    names = jax.eval_shape(lambda: new_attention_params(dst.for_layer(i), jax.random.key(0)))
+    prefix = ("layers", "attention") if dst.scan_layers else (f"layers_{i}", "attention")
+    paths += [prefix + (name,) for name in names]
+    if dst.scan_layers:
+      break
+  return paths

@@ -225,7 +225,9 @@ def plot_report(report: LinearizeReport, path: str) -> str:
   left.set_xticks(np.arange(len(domains)) + 0.4 - width / 2, domains)
   left.set_ylabel("validation perplexity")
   left.set_yscale("log")
-  left.legend(fontsize=7)
+  top = max(r["domain_ppl"][d] for r in report.rows for d in domains)
+  left.set_ylim(top=top * 1.5)  # room for the legend above the bars
+  left.legend(fontsize=7, loc="upper right")
   for i in report.layers:
     steps = [h["step"] for h in report.transfer]
     right.plot(steps, [h[f"mse/layer_{i}"] for h in report.transfer], label=f"layer {i}")

@@ -79,3 +79,15 @@ def test_llama_hf_gin_linearizes_end_to_end(hf_llama, tmp_path):
   assert report.rows[3]["tokens"] == 8 * 8 * 64
   assert report.recurrent_matches_chunked
   assert (tmp_path / "out" / "stage2" / "checkpoints" / "4").is_dir()
+
+
+def test_hf_source_into_a_run_of_other_shapes_is_explained(hf_llama, tmp_path):
+  directory, _ = hf_llama
+  exp, _ = _experiment(directory, tmp_path)
+  src_cfg, _, _ = source_model_config(directory, like=exp.model)
+  wrong = dataclasses.replace(exp, model=dataclasses.replace(src_cfg, mlp_dim=128),
+                              init=InitConfig(source=directory))
+  rt = build_runtime(wrong)
+  with pytest.raises(ValueError, match=r"does not match the Hugging Face model .*mlp_dim: "
+                                       r"config.json 192, this run 128"):
+    initial_state(rt, wrong.init)

@@ -169,6 +169,25 @@ def _softmax_twin(cfg):
   return dataclasses.replace(cfg, attention_impl="reference", layer_attention_impls=())
 
 
+_HF_SHAPE_FIELDS = ("vocab_size", "embed_dim", "num_layers", "num_heads", "num_kv_heads",
+                    "resolved_head_dim", "mlp_dim", "tie_embeddings", "qkv_bias")
+
+
+def _hf_import_config(source: str, run_cfg):
+  """The config to import a Hugging Face source into: the run's own, with softmax attention
+  (a linearized run converts after loading), after checking its shapes against config.json."""
+  from pretrainx import hf  # pylint: disable=import-outside-toplevel
+
+  hf_cfg, target = hf.load_hf_config(source), _softmax_twin(run_cfg)
+  diffs = [f"{f}: config.json {getattr(hf_cfg, f)}, this run {getattr(target, f)}"
+           for f in _HF_SHAPE_FIELDS if getattr(hf_cfg, f) != getattr(target, f)]
+  if diffs:
+    raise ValueError(f"this run's ModelConfig does not match the Hugging Face model {source} ("
+                     + "; ".join(diffs) + "). Set those ModelConfig fields to the source's; "
+                     "pretrainx.hf.load_hf_config(path) gives them.")
+  return target
+
+
 def _linearize(params: Any, src_cfg, cfg, rng: jax.Array) -> Any:
   """Carries a softmax source's params into a run whose layers use linear/hybrid attention."""
   if src_cfg.layer_impls == cfg.layer_impls:
@@ -208,8 +227,8 @@ def initial_state(rt, init: InitConfig) -> tuple[TrainState, int]:
     from pretrainx import hf  # pylint: disable=import-outside-toplevel
 
     cfg, params = hf.import_hf(init.source, mesh=rt.mesh, rules=rt.exp.mesh.rules,
-                               cfg=_softmax_twin(rt.exp.model) if not (
-                                   init.stack_factor > 1 or init.expand_every) else None)
+                               cfg=None if init.stack_factor > 1 or init.expand_every else
+                               _hf_import_config(init.source, rt.exp.model))
     opt_state, step = None, 0
     if init.keep_optimizer or init.keep_step:
       raise ValueError("a Hugging Face source has no optimizer state or step; unset "

@@ -206,6 +206,9 @@ def test_linearize_end_to_end_report_and_frozen_stages(pretrained, tmp_path):
   chex.assert_trees_all_equal(stage1, jax.device_get(exported))
   b = jax.device_get(state.params["lora"]["layers"]["attention"]["q_proj"]["lora_b"])
   assert np.abs(b).max() > 0  # the adapters moved
+  # the output directory remembers its settings: other ones need restart
+  with pytest.raises(ValueError, match="holds a linearization with other .*linearize; pass --restart"):
+    linearize(pretrained.run.run_dir, exp, dataclasses.replace(lin, window=8), str(out))
 
 
 def test_cli_linearize_errors(pretrained, tmp_path, capsys):

@@ -77,6 +77,8 @@ def _stage1(lin: LinearizeConfig, exp: Experiment, rt, params, src_cfg, out: str
   held_out = eval_batches(exp.data, run.seq_len, run.global_batch_size, 1, jax.process_index(),
                           jax.process_count())
   os.makedirs(out, exist_ok=True)
+  if os.path.exists(os.path.join(out, "metrics.jsonl")):  # stage 1 always runs anew
+    os.remove(os.path.join(out, "metrics.jsonl"))
   writer = MetricWriter(os.path.join(out, "metrics.jsonl"), os.path.join(out, "tensorboard"),
                         enabled=jax.process_index() == 0)
   try:
@@ -96,7 +98,7 @@ def _stage1(lin: LinearizeConfig, exp: Experiment, rt, params, src_cfg, out: str
 
 
 def _stage2(lin: LinearizeConfig, exp: Experiment, stage1_dir: str, out: str, restart: bool):
-  """LoRA with the next-token loss from the stage-1 params; returns (runtime, merged params)."""
+  """LoRA with the next-token loss from the stage-1 params; returns the merged params."""
   exp2 = exp.replace(run={"run_dir": out, "steps": lin.lora_steps, "sample_tokens": 0},
                      optimizer={"learning_rate": lin.lora_lr})
   exp2 = dataclasses.replace(exp2, init=InitConfig(source=stage1_dir),
@@ -130,6 +132,21 @@ def _row(name: str, tokens: int, pretrain_tokens: int | None, result: dict[str, 
           "domain_loss": domains, "domain_ppl": {d: math.exp(v) for d, v in domains.items()}}
 
 
+def _check_out_dir(out_dir: str, settings: dict[str, str], restart: bool) -> None:
+  """An output directory remembers what it linearized; other settings need --restart (stage 2
+  would otherwise resume a run that started from another stage 1)."""
+  path = os.path.join(out_dir, "linearize_settings.json")
+  if os.path.exists(path) and not restart:
+    with open(path, encoding="utf-8") as f:
+      old = json.load(f)
+    changed = sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k))
+    if changed:
+      raise ValueError(f"{out_dir} holds a linearization with other {', '.join(changed)}; pass "
+                       "--restart to start it over, or choose another --out_dir.")
+  with open(path, "w", encoding="utf-8") as f:
+    json.dump(settings, f, indent=1)
+
+
 def linearize(source: str, exp: Experiment, lin: LinearizeConfig, out_dir: str, *,
               restart: bool = False) -> LinearizeReport:
   """The whole pipeline (module docstring); `exp` gives data, run and optimizer settings, and
@@ -140,8 +157,10 @@ def linearize(source: str, exp: Experiment, lin: LinearizeConfig, out_dir: str, 
   dst_cfg = linearized_config(src_cfg, lin)  # bad layers / window fail before any loading
   base = dataclasses.replace(exp, model=src_cfg, init=InitConfig(), tune=TuneConfig(),
                              ema=EmaConfig())
-  rt_t, src_params = _source_params(base, source, src_step)
   student = dataclasses.replace(base, model=dst_cfg)
+  _check_out_dir(out_dir, {"source": os.path.abspath(source), "linearize": repr(lin),
+                           "experiment": experiment_to_gin(student)}, restart)
+  rt_t, src_params = _source_params(base, source, src_step)
   rt_s = build_runtime(student)
   params0 = convert_params(src_params, src_cfg, dst_cfg, jax.random.key(exp.run.seed))
   check_param_shapes(params0, rt_s.abstract_state.params, source)

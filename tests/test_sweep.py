@@ -265,3 +265,17 @@ def test_cli_sweep_dry_run_and_typo(tmp_path, capsys):
   assert main(["sweep", str(typo)]) == 2
   err = capsys.readouterr().err
   assert "ModelConfig.embed_dims" in err and "Did you mean ModelConfig.embed_dim" in err
+
+
+def test_config_hash_ignores_fields_left_at_their_defaults(tmp_path, monkeypatch):
+  """A field pretrainx adds later, at its default, must not change finished runs' hashes."""
+  from pretrainx import config
+
+  run = S.expand(make_sweep(tmp_path))[0]
+  original = config.experiment_to_gin
+  monkeypatch.setattr(config, "experiment_to_gin",  # as if ModelConfig grew a field
+                      lambda exp: original(exp) + "ModelConfig.new_field = 0\n")
+  assert S.config_hash(run.experiment) == run.config_hash
+  monkeypatch.setattr(config, "experiment_to_gin", original)
+  other = run.experiment.replace(model={"linear_chunk": run.experiment.model.linear_chunk + 1})
+  assert S.config_hash(other) != run.config_hash

@@ -22,10 +22,10 @@ CHINCHILLA_GRID = {  # initial values of (a=log A, b=log B, e=log E, alpha, beta
     "a": (0.0, 5.0, 10.0, 15.0, 20.0, 25.0), "b": (0.0, 5.0, 10.0, 15.0, 20.0, 25.0),
     "e": (-1.0, -0.5, 0.0, 0.5, 1.0), "alpha": (0.0, 0.5, 1.0, 1.5, 2.0),
     "beta": (0.0, 0.5, 1.0, 1.5, 2.0)}
-# The search box of (a, b, e, alpha, beta): exponents are non-negative (loss does not grow with
-# N or D) and log-coefficients finite, so a resample with little signal cannot run off to
-# overflowing coefficients.
-CHINCHILLA_BOUNDS = ((-30.0, 100.0), (-30.0, 100.0), (-10.0, 10.0), (0.0, 5.0), (0.0, 5.0))
+# The search box of (a, b, e, alpha, beta): exponents are positive (loss falls with N and D;
+# at 0 the compute optimum would not exist) and log-coefficients finite, so a resample with little
+# signal cannot run off to overflowing coefficients.
+CHINCHILLA_BOUNDS = ((-30.0, 100.0), (-30.0, 100.0), (-10.0, 10.0), (1e-3, 5.0), (1e-3, 5.0))
 
 
 # ---------------------------------------------------------------------------------------------

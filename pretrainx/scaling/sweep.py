@@ -124,12 +124,16 @@ def parse_sweep(path: str) -> SweepConfig:
 
 
 def config_hash(exp) -> str:
-  """What makes two runs the same experiment: every section except where and how it is shown."""
-  from pretrainx.config import experiment_to_gin  # pylint: disable=import-outside-toplevel
+  """What makes two runs the same experiment: the settings that differ from Experiment()'s
+  defaults (where and how a run is shown left out). A field added to pretrainx later, at its
+  default, leaves the hashes of finished runs, and so their skipping, as they were."""
+  from pretrainx.config import Experiment, experiment_to_gin  # pylint: disable=import-outside-toplevel
 
-  run = dataclasses.replace(exp.run, run_dir="", progress_bar=False)
-  return hashlib.sha256(experiment_to_gin(dataclasses.replace(exp, run=run)).encode()
-                        ).hexdigest()[:12]
+  run = dataclasses.replace(exp.run, run_dir=Experiment().run.run_dir,
+                            progress_bar=Experiment().run.progress_bar)
+  lines = set(experiment_to_gin(dataclasses.replace(exp, run=run)).splitlines())
+  changed = sorted(lines - set(experiment_to_gin(Experiment()).splitlines()))
+  return hashlib.sha256("\n".join(changed).encode()).hexdigest()[:12]
 
 
 def _budget_steps(exp, tokens: float | None, flops: float | None) -> int | None:

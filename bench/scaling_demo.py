@@ -3,9 +3,10 @@
 Runs gin_configs/sweeps/scaling_demo.gin (6 model sizes x 4 compute budgets, 19 runs after its
 token range, about 14 minutes on 2 cores; rerunning skips finished runs). Fits the Chinchilla
 law, IsoFLOP profiles and a held-out check with `pretrainx fit`, prints the runs and the fitted
-numbers, and copies the plots to bench/ (scaling_fit.png, scaling_isoflop.png, scaling_extrapolation.png) for README.md. The rows of
-the sweep's current grid are also written to bench/scaling_demo_results.sqlite, the table that
-notebooks/scaling.ipynb loads when no sweep of your own exists.
+numbers, and copies the plots to bench/ (scaling_fit.png, scaling_isoflop.png,
+scaling_extrapolation.png) for README.md. The rows of the sweep's current grid are also written
+to bench/scaling_demo_results.sqlite, the table that notebooks/scaling.ipynb loads when no sweep
+of your own exists.
 Run: .venv/bin/python bench/scaling_demo.py [--sweep gin_configs/sweeps/scaling_demo.gin]
 """
 

@@ -337,6 +337,14 @@ def _pyplot():
   return plt
 
 
+def _save(plt, fig, ax, path: str, legend_size: int) -> str:
+  ax.legend(fontsize=legend_size)
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+  return path
+
+
 def plot_fit(N, D, L, fit: ChinchillaFit, path: str) -> str:
   """Loss against tokens, one colour per model size: the runs as points, the law as curves."""
   plt = _pyplot()
@@ -351,11 +359,7 @@ def plot_fit(N, D, L, fit: ChinchillaFit, path: str) -> str:
     ax.plot(d_grid, fit.predict(n, d_grid), color=col, lw=1)
   ax.set(xscale="log", xlabel="tokens D", ylabel="loss",
          title=f"L = {fit.E:.3g} + {fit.A:.3g}/N^{fit.alpha:.3f} + {fit.B:.3g}/D^{fit.beta:.3f}")
-  ax.legend(fontsize=6)
-  fig.tight_layout()
-  fig.savefig(path, dpi=120)
-  plt.close(fig)
-  return path
+  return _save(plt, fig, ax, path, legend_size=6)
 
 
 def plot_isoflop(N, L, C, iso: IsoFlopFit, path: str, rtol: float = 0.05) -> str:
@@ -372,11 +376,7 @@ def plot_isoflop(N, L, C, iso: IsoFlopFit, path: str, rtol: float = 0.05) -> str
     ax.axvline(n_star, color=col, ls=":", lw=0.8)
   ax.set(xscale="log", xlabel="non-embedding parameters N", ylabel="loss",
          title=f"IsoFLOP profiles: N_opt ∝ C^{iso.a:.3f}")
-  ax.legend(fontsize=6)
-  fig.tight_layout()
-  fig.savefig(path, dpi=120)
-  plt.close(fig)
-  return path
+  return _save(plt, fig, ax, path, legend_size=6)
 
 
 def optimal_loss(fit: ChinchillaFit, C) -> np.ndarray:
@@ -400,11 +400,7 @@ def plot_extrapolation(C, L, fit: ChinchillaFit, boot: Bootstrap | None, target_
   ax.axvline(target_C, color="C3", ls="--", lw=1,
              label=f"target C={target_C:.2g}: L*={float(optimal_loss(fit, target_C)):.4f}")
   ax.set(xscale="log", xlabel="training FLOPs C", ylabel="loss")
-  ax.legend(fontsize=7)
-  fig.tight_layout()
-  fig.savefig(path, dpi=120)
-  plt.close(fig)
-  return path
+  return _save(plt, fig, ax, path, legend_size=7)
 
 
 def _band(boot: Bootstrap, C, level: float) -> tuple[np.ndarray, np.ndarray]:

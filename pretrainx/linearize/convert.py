@@ -14,6 +14,7 @@ import dataclasses
 from typing import Any
 
 import flax.linen as nn
+from flax import traverse_util
 import jax
 import jax.numpy as jnp
 
@@ -128,24 +129,9 @@ def teacher_config(dst: ModelConfig, src: ModelConfig) -> ModelConfig:
 # ----------------------------------------------------------------------------- params
 
 
-def _flat(tree: Any) -> dict[tuple[str, ...], Any]:
-  return {tuple(str(getattr(k, "key", k)) for k in path): leaf
-          for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
-
-
-def _nest(flat: dict[tuple[str, ...], Any]) -> dict:
-  out: dict = {}
-  for path, leaf in flat.items():
-    node = out
-    for key in path[:-1]:
-      node = node.setdefault(key, {})
-    node[path[-1]] = leaf
-  return out
-
-
 def unstack_layers(params: Any, num_layers: int) -> Any:
   """A scanned model's params ('layers' with a leading layer axis) as 'layers_<i>' blocks."""
-  flat = _flat(params)
+  flat = traverse_util.flatten_dict(params)
   out = {}
   for path, leaf in flat.items():
     if path[0] == "layers":
@@ -153,7 +139,7 @@ def unstack_layers(params: Any, num_layers: int) -> Any:
         out[(f"layers_{i}",) + path[1:]] = leaf[i]
     else:
       out[path] = leaf
-  return _nest(out)
+  return traverse_util.unflatten_dict(out)
 
 
 def new_attention_params(cfg: ModelConfig, rng: jax.Array) -> dict[str, jax.Array]:
@@ -164,40 +150,41 @@ def new_attention_params(cfg: ModelConfig, rng: jax.Array) -> dict[str, jax.Arra
   return {k: v for k, v in init(rng).items() if k not in SOURCE_ATTENTION_PARAMS}
 
 
+def _converted_layers(src: ModelConfig, dst: ModelConfig):
+  """(layer index, attention path prefix) of each layer whose attention the conversion changes;
+  a scanned model has one stacked prefix for all of them."""
+  for i, impl in enumerate(dst.layer_impls):
+    if src.layer_impls[i] == impl:
+      continue
+    if dst.scan_layers:
+      yield i, ("layers", "attention")
+      return
+    yield i, (f"layers_{i}", "attention")
+
+
 def convert_params(src_params: Any, src: ModelConfig, dst: ModelConfig, rng: jax.Array) -> Any:
   """The converted model's params: every source leaf carried over, the new attention leaves
   (feature maps, window factors) freshly initialised. Callers check the result against the
   converted model's abstract params (pretrainx.train.init.check_param_shapes)."""
+  src_params = nn.unbox(src_params)
   if src.scan_layers and not dst.scan_layers:
     src_params = unstack_layers(src_params, src.num_layers)
   elif dst.scan_layers and not src.scan_layers:
     raise ValueError("cannot convert an unscanned source into a scanned model; keep "
                      "ModelConfig.scan_layers=False.")
-  out = _flat(nn.unbox(src_params))
-  for i, impl in enumerate(dst.layer_impls):
-    if src.layer_impls[i] == impl:
-      continue
-    layer_new = new_attention_params(dst.for_layer(i), jax.random.fold_in(rng, i))
-    prefix = ("layers", "attention") if dst.scan_layers else (f"layers_{i}", "attention")
-    for name, value in layer_new.items():
+  out = traverse_util.flatten_dict(src_params)
+  for i, prefix in _converted_layers(src, dst):
+    for name, value in new_attention_params(dst.for_layer(i), jax.random.fold_in(rng, i)).items():
       if dst.scan_layers:  # identical per layer at init: one stacked copy for all layers
-        out[prefix + (name,)] = jnp.broadcast_to(value, (dst.num_layers, *value.shape))
-      else:
-        out[prefix + (name,)] = value
-    if dst.scan_layers:
-      break
-  return _nest(out)
+        value = jnp.broadcast_to(value, (dst.num_layers, *value.shape))
+      out[prefix + (name,)] = value
+  return traverse_util.unflatten_dict(out)
 
 
 def new_param_paths(src: ModelConfig, dst: ModelConfig) -> list[tuple[str, ...]]:
   """Paths of the leaves convert_params initialises (what stage 1 trains)."""
   paths = []
-  for i, impl in enumerate(dst.layer_impls):
-    if src.layer_impls[i] == impl:
-      continue
-    names = jax.eval_shape(lambda: new_attention_params(dst.for_layer(i), jax.random.key(0)))
-    prefix = ("layers", "attention") if dst.scan_layers else (f"layers_{i}", "attention")
+  for i, prefix in _converted_layers(src, dst):
+    names = jax.eval_shape(lambda i=i: new_attention_params(dst.for_layer(i), jax.random.key(0)))
     paths += [prefix + (name,) for name in names]
-    if dst.scan_layers:
-      break
   return paths

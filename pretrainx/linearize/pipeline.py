@@ -28,7 +28,7 @@ from pretrainx.checkpoint import save_params
 from pretrainx.config import Experiment, experiment_to_gin
 from pretrainx.data.pipeline import TrainBatches, eval_batches
 from pretrainx.ema import EmaConfig
-from pretrainx.generate import generate
+from pretrainx.generate import RECURRENT_IMPLS, generate
 from pretrainx.linearize.convert import (LinearizeConfig, convert_params, layers_to_convert,
                                          linearized_config, new_param_paths, teacher_config)
 from pretrainx.linearize.transfer import run_transfer
@@ -115,7 +115,7 @@ def _generation(rt, params, lin: LinearizeConfig, seed: int) -> tuple[str, bool,
   key = jax.random.key(seed)
   with rt.scope():
     first = generate(rt.model, params, prompt, n, rng=key, temperature=0.0, top_k=None)
-    recurrent = all(i in ("linear", "hybrid") for i in rt.exp.model.layer_impls)
+    recurrent = all(i in RECURRENT_IMPLS for i in rt.exp.model.layer_impls)
     matches = None
     if recurrent:
       chunked = generate(rt.model, params, prompt, n, rng=key, temperature=0.0, top_k=None,

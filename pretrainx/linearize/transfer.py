@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from flax import traverse_util
 
 from pretrainx.model.attention import Attention
 from pretrainx.model.config import ModelConfig
@@ -27,8 +28,11 @@ Flat = dict[str, jax.Array]  # '/'-joined path -> leaf
 
 
 def _flat(tree: Params) -> Flat:
-  return {"/".join(str(getattr(k, "key", k)) for k in path): leaf
-          for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+  return traverse_util.flatten_dict(tree, sep="/")
+
+
+def _nest(flat: Flat) -> Params:
+  return traverse_util.unflatten_dict(flat, sep="/")
 
 
 def split_params(params: Params, trainable_paths: Sequence[tuple[str, ...]]) -> tuple[Params, Flat]:
@@ -40,17 +44,6 @@ def split_params(params: Params, trainable_paths: Sequence[tuple[str, ...]]) -> 
     raise ValueError(f"stage 1 trains {missing}, which the converted params lack.")
   frozen = {k: v for k, v in flat.items() if k not in names}
   return _nest(frozen), {k: flat[k] for k in sorted(names)}
-
-
-def _nest(flat: Flat) -> Params:
-  out: dict = {}
-  for path, leaf in flat.items():
-    node = out
-    keys = path.split("/")
-    for key in keys[:-1]:
-      node = node.setdefault(key, {})
-    node[keys[-1]] = leaf
-  return out
 
 
 def merge_params(frozen: Params, trainable: Flat) -> Params:

@@ -4,7 +4,8 @@
 directory or step, or a params export. Its params are placed into the run's shardings, optionally
 grown (Llama-Pro block expansion, G_stack layer stacking) or linearized (a softmax source into a
 run whose ModelConfig uses 'hybrid'/'linear' attention: the new feature maps start at their
-init); the optimizer state and step counter are reset unless asked to be kept. Used only when the run directory has no checkpoint of its own.
+init); the optimizer state and step counter are reset unless asked to be kept. Used only when
+the run directory has no checkpoint of its own.
 """
 
 from __future__ import annotations

@@ -3,18 +3,21 @@
 Layout: RUN_DIR/checkpoints/<step>/{state, meta}; `meta` is JSON (config, data position, metrics).
 A restore takes the newest finalised checkpoint that reads back; a newer one that is unfinalised
 or unreadable is moved aside as `corrupt-<step>-<time>` with a warning naming it, never deleted.
+Directories may be local or on gs:// (Orbax's commit marker finalises a step there, since a
+bucket has no atomic rename); s3:// is refused up front, as Orbax cannot write it.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import os
 import time
 from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
 from absl import logging
+
+from pretrainx import storage
 
 COMMIT_MARKER = "commit_success.txt"
 
@@ -66,13 +69,25 @@ def _shape_mismatches(saved: Any, abstract: Any) -> list[str]:
   return out
 
 
+def check_directory(directory: str, action: str = "checkpoint to") -> str:
+  """The resolved directory, if Orbax can use it; a StorageError with the fix if not."""
+  path = storage.resolve(directory)
+  if storage.scheme(path) == "s3":
+    raise storage.StorageError(
+        f"cannot {action} {path}: orbax-checkpoint cannot write s3:// paths (it collapses "
+        "'s3://' to 's3:/'). Put the run directory or export on gs:// or a local/shared disk; "
+        "token stores and data files may stay on s3://.")
+  storage.check_bucket(path, action)
+  return path
+
+
 class Checkpointer:
   """Saves and restores the checkpoints of one directory by a CheckpointConfig policy."""
 
   def __init__(self, directory: str, cfg: CheckpointConfig = CheckpointConfig(),
                create: bool = True):
-    self.directory, self.cfg = os.path.abspath(directory), cfg
-    if not create and not os.path.isdir(self.directory):
+    self.directory, self.cfg = check_directory(directory), cfg
+    if not create and not storage.isdir(self.directory):
       raise FileNotFoundError(
           f"checkpoint directory {self.directory} does not exist; train first "
           "(python -m pretrainx train ...) or pass the --run_dir of a run that saved a checkpoint.")
@@ -117,7 +132,7 @@ class Checkpointer:
     self._mngr.close()
 
   def step_path(self, step: int) -> str:
-    return os.path.join(self.directory, str(step))
+    return storage.join(self.directory, str(step))
 
   # -- reading ---------------------------------------------------------------------------------
 
@@ -125,7 +140,7 @@ class Checkpointer:
     """Steps whose directory carries Orbax's commit marker, oldest first."""
     self._mngr.reload()
     return sorted(s for s in self._mngr.all_steps()
-                  if os.path.exists(os.path.join(self.step_path(s), COMMIT_MARKER)))
+                  if storage.exists(storage.join(self.step_path(s), COMMIT_MARKER)))
 
   def latest_step(self) -> int | None:
     steps = self.finalised_steps()
@@ -186,20 +201,23 @@ class Checkpointer:
     return restored["state"], dict(restored["meta"])
 
   def _move_aside_unfinalised(self) -> None:
-    if jax.process_index() != 0 or not os.path.isdir(self.directory):
+    if jax.process_index() != 0:
       return
-    for name in os.listdir(self.directory):
-      path = os.path.join(self.directory, name)
-      if name.isdigit() and os.path.isdir(path) and not os.path.exists(
-          os.path.join(path, COMMIT_MARKER)):
+    for name in storage.listdir(self.directory):
+      path = storage.join(self.directory, name)
+      if name.isdigit() and storage.isdir(path) and not storage.exists(
+          storage.join(path, COMMIT_MARKER)):
         moved = self._move_aside(int(name))
         logging.warning("checkpoint step %s in %s was never finalised; moved it to %s",
                         name, self.directory, moved)
 
   def _move_aside(self, step: int) -> str:
-    target = os.path.join(self.directory, f"corrupt-{step}-{int(time.time())}")
+    """Renames the step directory corrupt-<step>-<time>; in a bucket it is copied whole before
+    its commit marker and then the rest are deleted, so the bytes are kept for inspection and a
+    crash half-way leaves nothing that looks finalised."""
+    target = storage.join(self.directory, f"corrupt-{step}-{int(time.time())}")
     if jax.process_index() == 0:
-      os.rename(self.step_path(step), target)
+      storage.move_tree(self.step_path(step), target, delete_first=(COMMIT_MARKER,))
     self._mngr.reload()
     return target
 
@@ -222,7 +240,7 @@ def _check_finite_arrays(state: Any, step: int) -> None:
 
 def save_params(directory: str, params: Any, meta: dict[str, Any]) -> str:
   """Writes params only (no optimizer state), for inference and conversion."""
-  path = os.path.abspath(directory)
+  path = check_directory(directory, "export to")
   ckptr = ocp.Checkpointer(ocp.CompositeCheckpointHandler())
   ckptr.save(path, args=ocp.args.Composite(params=ocp.args.StandardSave(params),
                                            meta=ocp.args.JsonSave(meta)), force=True)
@@ -231,8 +249,8 @@ def save_params(directory: str, params: Any, meta: dict[str, Any]) -> str:
 
 def load_params(directory: str, abstract_params: Any) -> tuple[Any, dict[str, Any]]:
   """Reads what save_params wrote."""
-  path = os.path.abspath(directory)
-  if not os.path.isdir(path):
+  path = check_directory(directory, "read")
+  if not storage.isdir(path):
     raise FileNotFoundError(f"exported params directory {path} does not exist.")
   ckptr = ocp.Checkpointer(ocp.CompositeCheckpointHandler())
   restored = ckptr.restore(path, args=ocp.args.Composite(

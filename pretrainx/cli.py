@@ -13,6 +13,8 @@ import sys
 
 from absl import logging
 
+from pretrainx import storage
+
 
 def _add_gin_flags(p: argparse.ArgumentParser, run_dir_help: str) -> None:
   p.add_argument("--gin_file", action="append", default=[],
@@ -230,8 +232,8 @@ def cmd_data(args) -> None:
 def cmd_convert(args) -> None:
   from pretrainx import hf  # pylint: disable=import-outside-toplevel
 
-  direction = args.direction or ("hf-to-pretrainx" if os.path.exists(
-      os.path.join(args.src, "config.json")) else "pretrainx-to-hf")
+  direction = args.direction or ("hf-to-pretrainx" if storage.exists(
+      storage.join(args.src, "config.json")) else "pretrainx-to-hf")
   out = hf.convert_main(args.src, args.out, direction, architecture=args.architecture,
                         dtype=args.dtype)
   _out(f"{direction}: wrote {out}")
@@ -257,7 +259,7 @@ def cmd_sweep(args) -> None:
     if args.dry_run or not lines:
       _out("\n".join(lines) or "every run of the sweep is finished")
       return
-    log_dir = os.path.join(cfg.run_root, "launch_logs")
+    log_dir = storage.join(cfg.run_root, "launch_logs")
     done = sweep.launch(plan, log_dir)
     _out("\n".join(done) + f"\nlogs in {log_dir}; results in {cfg.results}")
     if any(": exit 0: " not in line for line in done):
@@ -281,13 +283,13 @@ def cmd_linearize(args) -> None:
   report = pipeline.linearize(args.source, exp, extra["LinearizeConfig"], args.out_dir,
                               restart=args.restart)
   _out(pipeline.report_markdown(report, args.source) +
-       f"report: {os.path.join(os.path.abspath(args.out_dir), 'report.md')} (and .json, .png)")
+       f"report: {storage.join(storage.resolve(args.out_dir), 'report.md')} (and .json, .png)")
 
 
 def cmd_fit(args) -> None:
   from pretrainx.scaling import fit  # pylint: disable=import-outside-toplevel
 
-  out_dir = args.out_dir or os.path.join(os.path.dirname(os.path.abspath(args.results)), "fit")
+  out_dir = args.out_dir or storage.join(storage.parent(args.results), "fit")
   _out(fit.fit_main(args.results, out_dir, target_compute=args.target_compute))
 
 
@@ -363,6 +365,7 @@ def main(argv: list[str] | None = None) -> int:
     initialize_distributed(args)
     COMMANDS[args.command](args)
   except (ValueError, FileNotFoundError, FloatingPointError) as err:  # bad input, said plainly
+    # (pretrainx.storage.StorageError, a missing/denied bucket or no matches, is a ValueError)
     sys.stderr.write(f"pretrainx {args.command}: error: {err}\n")
     return 2
   return 0

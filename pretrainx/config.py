@@ -13,6 +13,7 @@ import os
 import re
 from typing import Any
 
+from pretrainx import storage
 from pretrainx.checkpoint import CheckpointConfig
 from pretrainx.data.mixture import Stage, check_stages
 from pretrainx.data.objectives import Denoiser, ObjectiveConfig
@@ -151,11 +152,30 @@ def validate(exp: Experiment) -> None:
 
 _GIN_SEARCH_PATHS: set[str] = set()
 _GIN_CLASSES: dict[str, Any] = {}  # name -> gin-wrapped class (calling it applies the bindings)
+_GIN_READERS: list[bool] = []
+
+
+def register_gin_readers() -> None:
+  """Lets gin read files (and includes) from buckets as well as from disk."""
+  import gin  # pylint: disable=import-outside-toplevel
+
+  if not _GIN_READERS:
+    gin.config.register_file_reader(_open_remote, _is_remote_file)
+    _GIN_READERS.append(True)
+
+
+def _open_remote(path: str):
+  return storage.open_file(path, "r")
+
+
+def _is_remote_file(path: str) -> bool:
+  return storage.is_remote(path) and storage.isfile(path)
 
 
 def _gin():
   import gin  # pylint: disable=import-outside-toplevel
 
+  register_gin_readers()
   for cls in CONFIGURABLES:
     if cls.__name__ not in _GIN_CLASSES:
       _GIN_CLASSES[cls.__name__] = gin.external_configurable(cls, name=cls.__name__,
@@ -202,7 +222,11 @@ def parse_gin_with(gin_files: list[str] | tuple[str, ...], gin_params: list[str]
       gin.add_config_file_search_path(path)
       _GIN_SEARCH_PATHS.add(path)
   for f in gin_files:
-    if not os.path.exists(f) and not any(os.path.exists(os.path.join(p, f)) for p in search_paths):
+    if storage.is_remote(f):
+      if not storage.isfile(f):
+        raise FileNotFoundError(f"gin file {f} not found.")
+    elif not os.path.exists(f) and not any(os.path.exists(os.path.join(p, f))
+                                           for p in search_paths):
       raise FileNotFoundError(f"gin file {f} not found (looked relative to {os.getcwd()}).")
   try:
     gin.parse_config_files_and_bindings(list(gin_files), list(gin_params))
@@ -277,7 +301,7 @@ def config_differences(old: Experiment, new: Experiment,
 class RunPaths:
   """Where a run directory keeps each output."""
 
-  root: str
+  root: str  # a local directory or a gs:// / s3:// prefix
   config: str  # the operative gin config
   metrics: str  # metrics.jsonl
   tensorboard: str  # event files
@@ -286,8 +310,8 @@ class RunPaths:
 
   @classmethod
   def under(cls, run_dir: str) -> "RunPaths":
-    root = os.path.abspath(run_dir)
-    join = lambda name: os.path.join(root, name)
+    root = storage.resolve(run_dir)
+    join = lambda name: storage.join(root, name)
     return cls(root, join("config.gin"), join("metrics.jsonl"), join("tensorboard"),
                join("loss.png"), join("checkpoints"))
 
@@ -295,7 +319,8 @@ class RunPaths:
 def load_run_experiment(run_dir: str, gin_params: tuple[str, ...] = ()) -> Experiment:
   """The Experiment a run directory was trained with (its config.gin), with optional overrides."""
   paths = RunPaths.under(run_dir)
-  if not os.path.exists(paths.config):
+  storage.check_bucket(paths.root, "read")
+  if not storage.exists(paths.config):
     raise FileNotFoundError(
         f"{paths.config} does not exist: {run_dir} is not a pretrainx run directory "
         "(train first, or pass --gin_file to describe the model).")

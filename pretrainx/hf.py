@@ -1,8 +1,10 @@
-"""Hugging Face <-> pretrainx for the Llama family (Llama 2/3, Mistral, Qwen2), local files only.
+"""Hugging Face <-> pretrainx for the Llama family (Llama 2/3, Mistral, Qwen2), on disk or in a bucket.
 
 `import_hf` reads config.json and safetensors (one file or shards with an index) tensor by tensor,
 each device reading only its own slice, straight into the target shardings; `export_hf` writes
 params back as a directory `transformers` loads; `convert_main` is `python -m pretrainx convert`.
+Safetensors shards in a bucket are downloaded one at a time into a temporary directory (safetensors
+memory-maps local files); exported shards are uploaded whole.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import numpy as np
 from absl import logging
 from flax import traverse_util
 
+from pretrainx import storage
 from pretrainx.model.config import ModelConfig
 from pretrainx.model.transformer import Transformer
 from pretrainx.sharding import MeshConfig, logical_to_shardings
@@ -38,12 +41,12 @@ _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)  # buffers some old checkpoints sto
 
 
 def _read_config_json(path: str) -> dict[str, Any]:
-  file = os.path.join(path, "config.json")
-  if not os.path.isfile(file):
-    raise FileNotFoundError(f"{file} does not exist; point at a local Hugging Face model directory "
+  file = storage.join(path, "config.json")
+  storage.check_bucket(file, "read")
+  if not storage.isfile(file):
+    raise FileNotFoundError(f"{file} does not exist; point at a Hugging Face model directory "
                             "(config.json + model.safetensors or its sharded index).")
-  with open(file, encoding="utf-8") as f:
-    return json.load(f)
+  return json.loads(storage.read_text(file))
 
 
 def _architecture(hf: dict[str, Any]) -> str:
@@ -256,17 +259,16 @@ class _TensorFiles:
 
   def __init__(self, path: str, stack: contextlib.ExitStack):
     self.path, self._stack, self._open = path, stack, {}
-    index = os.path.join(path, INDEX_FILE)
-    if os.path.isfile(index):
-      with open(index, encoding="utf-8") as f:
-        self.file_of = dict(json.load(f)["weight_map"])
+    index = storage.join(path, INDEX_FILE)
+    if storage.isfile(index):
+      self.file_of = dict(json.loads(storage.read_text(index))["weight_map"])
       for file in sorted(set(self.file_of.values())):
-        if not os.path.isfile(os.path.join(path, file)):
+        if not storage.isfile(storage.join(path, file)):
           names = [n for n, f in self.file_of.items() if f == file]
           raise FileNotFoundError(
               f"shard {file} listed in {index} (holding {len(names)} tensors, e.g. {names[0]}) "
               "is missing; download or copy every shard the index names into the directory.")
-    elif os.path.isfile(os.path.join(path, SINGLE_FILE)):
+    elif storage.isfile(storage.join(path, SINGLE_FILE)):
       self.file_of = {n: SINGLE_FILE for n in self._handle(SINGLE_FILE).keys()}
     else:
       raise FileNotFoundError(
@@ -276,8 +278,8 @@ class _TensorFiles:
   def _handle(self, file: str):
     if file not in self._open:
       from safetensors import safe_open  # pylint: disable=import-outside-toplevel
-      self._open[file] = self._stack.enter_context(
-          safe_open(os.path.join(self.path, file), framework="np"))
+      local = self._stack.enter_context(storage.local_copy(storage.join(self.path, file)))
+      self._open[file] = self._stack.enter_context(safe_open(local, framework="np"))
     return self._open[file]
 
   def slice(self, name: str):
@@ -430,7 +432,7 @@ def export_hf(params: Any, cfg: ModelConfig, out_dir: str, *,
   """Writes `params` of Transformer(cfg) as an HF directory (config.json + safetensors, sharded
   with an index above `shard_size` bytes); one file's tensors are on the host at a time.
   dtype: 'float32' or 'bfloat16' on disk; None keeps ModelConfig.param_dtype."""
-  from safetensors.numpy import save_file  # pylint: disable=import-outside-toplevel
+  from safetensors.numpy import save  # pylint: disable=import-outside-toplevel
 
   if architecture not in ARCHITECTURES:
     raise ValueError(f"unsupported Hugging Face architecture {architecture!r}; pretrainx exports "
@@ -446,7 +448,9 @@ def export_hf(params: Any, cfg: ModelConfig, out_dir: str, *,
   plan = _export_plan(cfg, flat)
   sizes = [count * np_dtype.itemsize for *_, count in plan]
   groups = _group_shards(sizes, shard_size)
-  os.makedirs(out_dir, exist_ok=True)
+  out_dir = storage.resolve(out_dir)
+  storage.check_bucket(out_dir, "export to")
+  storage.makedirs(out_dir)
   weight_map = {}
   for g, group in enumerate(groups):
     file = (SINGLE_FILE if len(groups) == 1 else
@@ -458,13 +462,14 @@ def export_hf(params: Any, cfg: ModelConfig, out_dir: str, *,
       host = np.asarray(jax.device_get(value)).astype(np_dtype)
       tensors[name] = np.ascontiguousarray(_LAYOUTS[layout].write(host, cfg.vocab_size))
       weight_map[name] = file
-    save_file(tensors, os.path.join(out_dir, file), metadata={"format": "pt"})
+    storage.write_bytes(storage.join(out_dir, file), save(tensors, metadata={"format": "pt"}))
+    del tensors
   if len(groups) > 1:
-    with open(os.path.join(out_dir, INDEX_FILE), "w", encoding="utf-8") as f:
-      json.dump({"metadata": {"total_size": sum(sizes)}, "weight_map": weight_map}, f, indent=2)
-  with open(os.path.join(out_dir, "config.json"), "w", encoding="utf-8") as f:
-    json.dump(hf_config_dict(cfg, architecture, dtype), f, indent=2)
-  return os.path.abspath(out_dir)
+    storage.write_text(storage.join(out_dir, INDEX_FILE), json.dumps(
+        {"metadata": {"total_size": sum(sizes)}, "weight_map": weight_map}, indent=2))
+  storage.write_text(storage.join(out_dir, "config.json"),
+                     json.dumps(hf_config_dict(cfg, architecture, dtype), indent=2))
+  return out_dir
 
 
 # ----------------------------------------------------------------------------- convert
@@ -478,11 +483,12 @@ def _read_export(path: str) -> tuple[dict[str, Any], ModelConfig]:
 
   from pretrainx.config import parse_gin  # pylint: disable=import-outside-toplevel
 
-  if not os.path.isdir(path):
+  storage.check_bucket(path, "read")
+  if not storage.isdir(path):
     raise FileNotFoundError(f"pretrainx params directory {path} does not exist; write one with "
                             "`python -m pretrainx export` or convert an HF model into it.")
   meta = dict(ocp.Checkpointer(ocp.CompositeCheckpointHandler()).restore(
-      os.path.abspath(path), args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"])
+      storage.resolve(path), args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"])
   if "config_gin" not in meta:
     raise ValueError(f"{path} has no 'config_gin' in its meta; it was not written by "
                      "`pretrainx export` or `pretrainx convert`.")
@@ -512,10 +518,9 @@ def _hf_to_pretrainx(src: str, out: str, dtype: str | None) -> str:
   exp = Experiment(model=cfg, run=RunConfig(seq_len=min(RunConfig.seq_len, cfg.max_seq_len)))
   gin_text = experiment_to_gin(exp)
   path = save_params(out, params, {"step": 0, "config_gin": gin_text,
-                                   "source": os.path.abspath(src),
+                                   "source": storage.resolve(src),
                                    "architecture": _architecture(_read_config_json(src))})
-  with open(os.path.join(path, "config.gin"), "w", encoding="utf-8") as f:
-    f.write(gin_text)
+  storage.write_text(storage.join(path, "config.gin"), gin_text)
   return path
 
 

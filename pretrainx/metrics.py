@@ -1,25 +1,43 @@
 """Where metrics go: a JSON-lines file, TensorBoard event files, and the loss plot at the end.
 
 The loop hands finished host-side dicts to `MetricWriter.write`; nothing here touches devices.
+In a bucket (which cannot append) both are written locally and uploaded whole at every write, so
+a crash loses at most one log interval; event files roll over so that each upload stays small.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import math
+import os
 from typing import Any
+
+from pretrainx import storage
+
+METRICS_FILE = "metrics.jsonl"
+TENSORBOARD_DIR = "tensorboard"
+EVENT_FILE_BYTES = 4 << 20  # a new TensorBoard event file after this many bytes
 
 
 class MetricWriter:
-  """Appends {'step': k, name: value, ...} to metrics.jsonl and to TensorBoard scalars."""
+  """Appends {'step': k, name: value, ...} to DIRECTORY/metrics.jsonl and to TensorBoard scalars
+  in DIRECTORY/tensorboard; `metrics_name` renames the JSON-lines file."""
 
-  def __init__(self, jsonl_path: str, tensorboard_dir: str, enabled: bool = True):
+  def __init__(self, directory: str, enabled: bool = True, metrics_name: str = METRICS_FILE):
+    self.enabled = enabled
+    if not enabled:
+      return
+    self._dir = storage.StagedDir(directory, pull=(metrics_name,))
+    self._jsonl = open(self._dir.path(metrics_name), "a", encoding="utf-8")
+    self._events = 0
+    self._tb = self._new_event_writer()
+
+  def _new_event_writer(self):
     from tensorboardX import SummaryWriter  # pylint: disable=import-outside-toplevel
 
-    self.enabled = enabled
-    if enabled:
-      self._jsonl = open(jsonl_path, "a", encoding="utf-8")
-      self._tb = SummaryWriter(tensorboard_dir)
+    self._events += 1
+    return SummaryWriter(self._dir.path(TENSORBOARD_DIR), filename_suffix=f".{self._events}")
 
   def write(self, step: int, values: dict[str, Any]) -> None:
     if not self.enabled:
@@ -30,16 +48,27 @@ class MetricWriter:
     for name, value in clean.items():
       if math.isfinite(value):
         self._tb.add_scalar(name, value, int(step))
+    self._tb.flush()
+    if self._dir.remote and self._event_file_bytes() > EVENT_FILE_BYTES:
+      self._tb.close()
+      self._tb = self._new_event_writer()
+    self._dir.sync()
+
+  def _event_file_bytes(self) -> int:
+    """Bytes in the event file being written (the one named with this writer's suffix)."""
+    local = self._dir.path(TENSORBOARD_DIR)
+    return sum(os.path.getsize(os.path.join(local, f)) for f in os.listdir(local)
+               if f.endswith(f".{self._events}"))
 
   def close(self) -> None:
     if self.enabled:
       self._jsonl.close()
       self._tb.close()
+      self._dir.close()
 
 
 def read_metrics(path: str) -> list[dict[str, float]]:
-  with open(path, encoding="utf-8") as f:
-    return [json.loads(line) for line in f if line.strip()]
+  return [json.loads(line) for line in storage.read_text(path).splitlines() if line.strip()]
 
 
 def plot_curves(curves: list[tuple[str, list[tuple[float, float]], str]], out_png: str, *,
@@ -68,9 +97,16 @@ def plot_curves(curves: list[tuple[str, list[tuple[float, float]], str]], out_pn
   ax.grid(alpha=0.3)
   ax.legend()
   fig.tight_layout()
-  fig.savefig(out_png)
+  save_figure(fig, out_png)
   plt.close(fig)
   return out_png
+
+
+def save_figure(fig, path: str, **kwargs) -> str:
+  """Saves a matplotlib figure as PNG to a local or bucket path."""
+  buf = io.BytesIO()
+  fig.savefig(buf, format="png", **kwargs)
+  return storage.write_bytes(path, buf.getvalue())
 
 
 def plot_losses(metrics_path: str, out_png: str, baseline: float | None = None) -> str:

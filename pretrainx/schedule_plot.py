@@ -10,6 +10,7 @@ from typing import Sequence
 
 import numpy as np
 
+from pretrainx.metrics import save_figure
 from pretrainx.optim import OptimizerConfig, make_schedule, schedule_phases
 
 _MAX_PLOT_POINTS = 4000  # longer runs are sampled evenly (phase boundaries always included)
@@ -54,7 +55,7 @@ def plot_schedule(cfg: OptimizerConfig, total_steps: int, path: str) -> str:
   ax.set_ylim(bottom=0)
   ax.grid(alpha=0.3)
   fig.tight_layout()
-  fig.savefig(path)
+  save_figure(fig, path)
   plt.close(fig)
   return path
 

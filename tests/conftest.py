@@ -28,3 +28,71 @@ def tiny_experiment(run_dir, **sections):
 @pytest.fixture
 def tiny_exp(tmp_path):
   return lambda **sections: tiny_experiment(tmp_path / "run", **sections)
+
+
+# -- object storage on loopback: a GCS emulator and an S3 server, one of each per test process --
+# The endpoints are fixed at import, so that every module (and every subprocess a test starts)
+# sees the same environment a user would set; the servers start on first use.
+
+
+def _free_port() -> int:
+  import socket
+
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+GCS_PORT, S3_PORT = _free_port(), _free_port()
+os.environ["STORAGE_EMULATOR_HOST"] = f"http://127.0.0.1:{GCS_PORT}"
+os.environ.update(AWS_ENDPOINT_URL=f"http://127.0.0.1:{S3_PORT}", AWS_ACCESS_KEY_ID="test",
+                  AWS_SECRET_ACCESS_KEY="test", AWS_REGION="us-east-1")
+for _name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "GOOGLE_APPLICATION_CREDENTIALS"):
+  os.environ.pop(_name, None)
+GCS_BUCKET, S3_BUCKET = "runs", "data"
+
+
+@pytest.fixture(scope="session")
+def gcs_server():
+  """gcp-storage-emulator on 127.0.0.1 holding the bucket gs://runs (in memory)."""
+  import logging
+
+  from gcp_storage_emulator.server import create_server
+
+  logging.getLogger("gcp_storage_emulator").setLevel(logging.CRITICAL)
+  server = create_server("127.0.0.1", GCS_PORT, in_memory=True, default_bucket=GCS_BUCKET)
+  server.start()
+  yield f"http://127.0.0.1:{GCS_PORT}"
+  server.stop()
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+  """moto's S3 server on 127.0.0.1 holding the bucket s3://data."""
+  import boto3
+  from moto.server import ThreadedMotoServer
+
+  server = ThreadedMotoServer(ip_address="127.0.0.1", port=S3_PORT, verbose=False)
+  server.start()
+  boto3.client("s3").create_bucket(Bucket=S3_BUCKET)
+  yield f"http://127.0.0.1:{S3_PORT}"
+  server.stop()
+
+
+@pytest.fixture
+def gcs_dir(gcs_server, request):
+  """A fresh prefix in gs://runs for one test."""
+  return f"gs://{GCS_BUCKET}/{_prefix(request)}"
+
+
+def _prefix(request) -> str:
+  import re
+  import uuid
+
+  return re.sub(r"[^A-Za-z0-9_-]+", "-", request.node.name)[:40] + "-" + uuid.uuid4().hex[:8]
+
+
+@pytest.fixture
+def s3_dir(s3_server, request):
+  """A fresh prefix in s3://data for one test."""
+  return f"s3://{S3_BUCKET}/{_prefix(request)}"

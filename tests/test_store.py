@@ -196,7 +196,7 @@ def test_prepare_is_idempotent_and_skips_missing_validation(tmp_path):
   assert not token_store.has_validation(task)
   root = tmp_path / "root"
   paths = token_store.prepare(task, root, VOCAB)
-  assert paths == [root / "web" / "train"]
+  assert paths == [str(root / "web" / "train")]
   assert not (root / "web" / "validation").exists()
   store = token_store.open_store(paths[0], VOCAB, fingerprint={"source": repr(task)}, verify=True)
   docs = list(iter_documents(task, "train"))
@@ -212,7 +212,7 @@ def test_prepare_is_idempotent_and_skips_missing_validation(tmp_path):
   held = FileTask("web2", (str(data),), validation_fraction=0.5)
   assert token_store.has_validation(held)
   paths = token_store.prepare(held, root, VOCAB)
-  assert paths == [root / "web2" / "train", root / "web2" / "validation"]
+  assert paths == [str(root / "web2" / "train"), str(root / "web2" / "validation")]
   counts = [token_store.open_store(p, VOCAB).num_docs for p in paths]
   assert sum(counts) == 12 and min(counts) > 0
 
@@ -225,7 +225,8 @@ def test_prepare_mixture_by_name_and_prepare_main(tmp_path):
   specs = {"web": web, "mix": mix}
   root = tmp_path / "root"
   paths = token_store.prepare(mix, root, VOCAB, specs=specs)
-  assert paths == [root / "web" / "train", root / "prose" / "train", root / "prose" / "validation"]
+  assert paths == [str(root / "web" / "train"), str(root / "prose" / "train"),
+                   str(root / "prose" / "validation")]
   # The corpus stores are the ones training opens: no rebuild, nothing rewritten.
   frozen = _freeze_mtimes(root / "prose")
   for split in ("train", "validation"):
@@ -363,8 +364,6 @@ def test_ensure_corpus_store_threads_race(tmp_path, monkeypatch, existing):
   root = tmp_path / "root"
   if existing is not None:  # racing to replace a store made for another validation_fraction
     token_store.ensure_corpus_store(root, "prose", "validation", VOCAB, existing)
-  (root / "prose").mkdir(parents=True, exist_ok=True)
-  (root / "prose" / ".validation.tmp-deadbeef").mkdir()  # left by a killed builder
   builds = []
   real_write = token_store.write_store
 

@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 import grain
 import numpy as np
 from absl import logging
 
+from pretrainx import storage
 from pretrainx.data import store as token_store
 from pretrainx.data.corpus import DOMAINS
 from pretrainx.data.mixture import MixtureSchedule, Stage
@@ -40,7 +40,8 @@ class DataConfig:
       control_tokens) in order; empty means one stage of natural proportions (by training tokens).
     packing: 'pack' (whole pieces per row, padded) or 'concat' (concatenate and split).
     objective: UL2 denoisers, metadata template and control-token thresholds.
-    store_dir: where token stores live; '' means $PRETRAINX_DATA_DIR or ~/.cache/pretrainx/stores.
+    store_dir: where token stores live (a local directory, gs://... or s3://...); '' means
+      $PRETRAINX_DATA_DIR or ~/.cache/pretrainx/stores.
     validation_fraction: share of each embedded-corpus domain's bytes held out for evaluation.
     vocabulary: any object with encode/decode/vocab_size/eos_id/pad_id/name (bytes by default).
     seed: shuffle and mixture seed; the batch at step k depends on (seed, stages, k) only.
@@ -67,8 +68,8 @@ class DataConfig:
       raise ValueError("DataConfig.domains is empty; name at least one domain.")
 
   @property
-  def store_root(self) -> Path:
-    return Path(self.store_dir).expanduser() if self.store_dir else token_store.default_store_root()
+  def store_root(self) -> str:
+    return storage.resolve(self.store_dir) if self.store_dir else token_store.default_store_root()
 
   @property
   def schedule_stages(self) -> tuple[Stage, ...]:
@@ -84,7 +85,7 @@ def open_domain_store(cfg: DataConfig, domain: str, split: str):
   tasks = {t.name: t for t in cfg.tasks}
   if domain in tasks:
     # The fingerprint catches a store prepared from an older version of the task's spec.
-    return token_store.open_store(cfg.store_root / domain / split, cfg.vocabulary,
+    return token_store.open_store(storage.join(cfg.store_root, domain, split), cfg.vocabulary,
                                   fingerprint={"source": repr(tasks[domain])})
   if domain in DOMAINS:
     return token_store.ensure_corpus_store(cfg.store_root, domain, split, cfg.vocabulary,

@@ -4,23 +4,21 @@ A store directory holds `tokens` (int32, every document followed by eos), `doc_o
 [docs + 1]), `scores` (float32, NaN when absent), `meta_bytes`/`meta_offsets` (UTF-8 metadata) and
 `manifest.json` (vocabulary, counts, checksums, and `complete: true` written last). Writing commits
 progress every few thousand documents, so an interrupted prepare continues where it stopped and
-never leaves a store that looks complete but is not.
+never leaves a store that looks complete but is not. Stores may live on disk, gs:// or s3://
+(TensorStore kvstores); one writer at a time holds the store's lock (a lease object in a bucket).
 """
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import os
-import shutil
-import uuid
-from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 import numpy as np
 import tensorstore as ts
 
+from pretrainx import storage
 from pretrainx.data import corpus
 from pretrainx.data.tasks import CorpusTask, FileTask, MixtureSpec, SourceDocument, iter_documents
 
@@ -28,29 +26,32 @@ FORMAT_VERSION = 1
 ARRAYS = {"tokens": "<i4", "doc_offsets": "<i8", "scores": "<f4", "meta_bytes": "|u1",
           "meta_offsets": "<i8"}
 IN_MEMORY_BYTES = 256 << 20
+CACHE_BYTES = 64 << 20  # TensorStore chunk cache per opened array of a large store
+CORPUS_WAIT_SECONDS = 900.0  # how long a process waits for another to build a corpus store
 
 
 class StoreError(ValueError):
   """A token store that is missing, half-written, corrupt or made for another vocabulary."""
 
 
-def default_store_root() -> Path:
-  return Path(os.environ.get("PRETRAINX_DATA_DIR", "~/.cache/pretrainx/stores")).expanduser()
+def default_store_root() -> str:
+  return storage.resolve(os.environ.get("PRETRAINX_DATA_DIR", "~/.cache/pretrainx/stores"))
 
 
 def vocabulary_identity(vocab) -> dict[str, Any]:
   return {"name": vocab.name, "vocab_size": int(vocab.vocab_size)}
 
 
-def _write_json(path: Path, value: dict) -> None:
+def _write_json(path: str, value: dict) -> None:
   """Atomically: a reader sees the old file or the new one, never a part."""
-  tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}")
-  tmp.write_text(json.dumps(value, indent=1, sort_keys=True))
-  os.replace(tmp, path)
+  storage.write_json(path, value)
 
 
-def _open_array(path: Path, name: str, create: bool = False):
-  spec = {"driver": "zarr", "kvstore": {"driver": "file", "path": str(path / name)}}
+def _open_array(path: str, name: str, create: bool = False):
+  spec: dict[str, Any] = {"driver": "zarr", "kvstore": storage.kvstore(storage.join(path, name))}
+  if storage.is_remote(path):  # chunks read from a bucket are kept for the next reads
+    spec["context"] = {"cache_pool": {"total_bytes_limit": CACHE_BYTES}}
+    spec["recheck_cached_data"] = "open"
   if create:
     spec["metadata"] = {"shape": [0], "chunks": [1 << 20], "dtype": ARRAYS[name]}
     return ts.open(spec, create=True, delete_existing=True).result()
@@ -62,7 +63,7 @@ def _read(arr, start: int = 0, stop: int | None = None) -> np.ndarray:
   return np.asarray(arr[start:stop].read().result())
 
 
-def _read_arrays(path: Path) -> dict[str, np.ndarray]:
+def _read_arrays(path: str) -> dict[str, np.ndarray]:
   """Every array of a store, whole; unreadable files (missing, undecodable) are a StoreError."""
   try:
     return {n: _read(_open_array(path, n)) for n in ARRAYS}
@@ -78,7 +79,7 @@ def _json_identity(value: dict) -> dict:
 class _Appender:
   """Appends to the store's arrays; `commit` records how far they are valid."""
 
-  def __init__(self, path: Path, progress: dict | None):
+  def __init__(self, path: str, progress: dict | None):
     self.path = path
     if progress is None:
       self.arrays = {n: _open_array(path, n, create=True) for n in ARRAYS}
@@ -111,43 +112,57 @@ class _Appender:
     self.docs += len(docs)
 
   def commit(self) -> None:
-    _write_json(self.path / "progress.json", {"docs": self.docs, "sizes": self.sizes})
+    _write_json(storage.join(self.path, "progress.json"), {"docs": self.docs, "sizes": self.sizes})
 
 
-def _checksums(path: Path) -> dict[str, str]:
+def _checksums(path: str) -> dict[str, str]:
   return {n: hashlib.sha256(a.tobytes()).hexdigest() for n, a in _read_arrays(path).items()}
 
 
-def write_store(path: str | Path, documents: Iterable[SourceDocument], vocabulary, *,
+def lock_path(path: str) -> str:
+  """The lock a store's writer holds: beside the store, named after its split."""
+  return storage.join(storage.parent(path), f".{storage.basename(path)}.lock")
+
+
+def write_store(path: str, documents: Iterable[SourceDocument], vocabulary, *,
                 name: str = "", split: str = "", fingerprint: dict | None = None,
-                flush_every_docs: int = 1000, overwrite: bool = False) -> dict:
+                flush_every_docs: int = 1000, overwrite: bool = False,
+                locked: bool = False) -> dict:
   """Tokenizes `documents` into a store at `path`; returns its manifest.
 
   A complete store of the same vocabulary and fingerprint is left as it is; an interrupted one
   is continued (the documents must come in the same order); another vocabulary or fingerprint is
-  refused unless `overwrite`.
+  refused unless `overwrite`. A second writer of the same store is refused while the first holds
+  its lock (`locked`: the caller holds it already).
   """
-  path = Path(path)
+  path = storage.resolve(path)
+  storage.check_bucket(path, "write the token store")
+  if not locked:
+    with storage.exclusive(lock_path(path), f"writing the token store {path}"):
+      return write_store(path, documents, vocabulary, name=name, split=split,
+                         fingerprint=fingerprint, flush_every_docs=flush_every_docs,
+                         overwrite=overwrite, locked=True)
   identity = _json_identity({"vocabulary": vocabulary_identity(vocabulary),
                              "fingerprint": fingerprint or {}})
-  manifest_path, progress_path = path / "manifest.json", path / "progress.json"
-  if overwrite and path.exists():
-    shutil.rmtree(path)
-  if manifest_path.exists():
-    manifest = json.loads(manifest_path.read_text())
+  manifest_path = storage.join(path, "manifest.json")
+  progress_path = storage.join(path, "progress.json")
+  if overwrite:
+    storage.rmtree(path)
+  if storage.exists(manifest_path):
+    manifest = storage.read_json(manifest_path)
     if {k: manifest.get(k) for k in identity} == identity and manifest.get("complete"):
       return manifest
     raise StoreError(f"{path} holds a store of {manifest.get('vocabulary')} / "
                      f"{manifest.get('fingerprint')}, not {identity['vocabulary']} / "
                      f"{identity['fingerprint']}; delete it or prepare with --overwrite.")
-  path.mkdir(parents=True, exist_ok=True)
-  started = path / "identity.json"
+  storage.makedirs(path)
+  started = storage.join(path, "identity.json")
   progress = None
-  if progress_path.exists() and started.exists():
-    if json.loads(started.read_text()) != identity:
+  if storage.exists(progress_path) and storage.exists(started):
+    if storage.read_json(started) != identity:
       raise StoreError(f"{path} holds a half-written store of another vocabulary or source; "
                        "delete it or prepare with --overwrite.")
-    progress = json.loads(progress_path.read_text())
+    progress = storage.read_json(progress_path)
   _write_json(started, identity)
   out = _Appender(path, progress)
   if progress is None:
@@ -176,7 +191,7 @@ def write_store(path: str | Path, documents: Iterable[SourceDocument], vocabular
 class TokenStore:
   """Random access to a complete store's documents."""
 
-  def __init__(self, path: Path, manifest: dict):
+  def __init__(self, path: str, manifest: dict):
     self.path, self.manifest = path, manifest
     self.num_docs, self.num_tokens = int(manifest["num_docs"]), int(manifest["num_tokens"])
     try:
@@ -225,20 +240,21 @@ class TokenStore:
     return [self.metadata(i) for i in range(self.num_docs)]
 
 
-def open_store(path: str | Path, vocabulary=None, fingerprint: dict | None = None,
+def open_store(path: str, vocabulary=None, fingerprint: dict | None = None,
                verify: bool = False) -> TokenStore:
   """Opens a complete store, checking its vocabulary (and fingerprint, checksums if asked)."""
-  path = Path(path)
-  name = f"{path.parent.name}" if path.parent.name else str(path)
-  manifest_path = path / "manifest.json"
-  if not path.exists():
+  path = storage.resolve(path)
+  name = storage.basename(storage.parent(path)) or path
+  manifest_path = storage.join(path, "manifest.json")
+  storage.check_bucket(path, "read the token store")
+  if not storage.exists(manifest_path) and not storage.isdir(path):
     raise StoreError(f"no token store at {path}; run `python -m pretrainx data prepare {name}` "
                      "(with the gin file that defines the task).")
-  if not manifest_path.exists():
+  if not storage.exists(manifest_path):
     raise StoreError(f"token store {path} is half-written (its prepare was interrupted); rerun "
                      f"`python -m pretrainx data prepare {name}` to finish it.")
   try:
-    manifest = json.loads(manifest_path.read_text())
+    manifest = storage.read_json(manifest_path)
   except json.JSONDecodeError as err:
     raise StoreError(f"the manifest of {path} is unreadable ({err}); delete the store and "
                      "prepare it again.") from err
@@ -259,10 +275,10 @@ def open_store(path: str | Path, vocabulary=None, fingerprint: dict | None = Non
   return store
 
 
-def prepare(spec_or_specs, root: str | Path, vocabulary,
+def prepare(spec_or_specs, root: str, vocabulary,
             splits: tuple[str, ...] = ("train", "validation"), overwrite: bool = False,
             specs: Mapping[str, FileTask | CorpusTask | MixtureSpec] | None = None
-            ) -> list[Path]:
+            ) -> list[str]:
   """Tokenizes tasks' splits into stores under root/<task>/<split> (idempotent, resumable).
 
   `spec_or_specs` is a task, a MixtureSpec (each of its tasks, looked up by name in `specs` or
@@ -274,10 +290,10 @@ def prepare(spec_or_specs, root: str | Path, vocabulary,
     for split in splits:
       if split == "validation" and not has_validation(task):
         continue
-      path = Path(root) / task.name / split
+      path = storage.join(storage.resolve(root), task.name, split)
       if isinstance(task, CorpusTask):
-        if overwrite and path.exists():
-          shutil.rmtree(path)
+        if overwrite:
+          storage.rmtree(path)
         ensure_corpus_store(root, task.domain, split, vocabulary, task.validation_fraction)
       else:
         write_store(path, iter_documents(task, split), vocabulary, name=task.name, split=split,
@@ -321,7 +337,7 @@ def resolve_tasks(spec_or_specs, specs: Mapping | None = None) -> list[FileTask 
   return list(out.values())
 
 
-def prepare_main(names: list[str], root: str | Path, vocabulary,
+def prepare_main(names: list[str], root: str, vocabulary,
                  specs: Mapping[str, FileTask | CorpusTask | MixtureSpec] | None = None,
                  splits: tuple[str, ...] = ("train", "validation"), overwrite: bool = False
                  ) -> list[str]:
@@ -329,7 +345,8 @@ def prepare_main(names: list[str], root: str | Path, vocabulary,
   lines = []
   for path in prepare(list(names), root, vocabulary, splits, overwrite, specs):
     opened = open_store(path, vocabulary)
-    lines.append(f"{path.parent.name}/{path.name}: {opened.num_docs:,} documents, "
+    lines.append(f"{storage.basename(storage.parent(path))}/{storage.basename(path)}: "
+                 f"{opened.num_docs:,} documents, "
                  f"{opened.num_tokens:,} tokens in {path}")
   return lines
 
@@ -340,23 +357,22 @@ def has_validation(spec: FileTask | CorpusTask) -> bool:
                                               spec.validation_fraction > 0)
 
 
-def ensure_corpus_store(root: str | Path, domain: str, split: str, vocabulary,
+def ensure_corpus_store(root: str, domain: str, split: str, vocabulary,
                         validation_fraction: float = 0.05) -> TokenStore:
   """The embedded corpus domain's store, made on first use (safe when processes race).
 
-  Builders take a lock file next to the store, build into a temporary directory and rename it
-  into place, so that a reader sees a complete store or none, and a store that matches is never
-  moved away under a reader.
+  One builder at a time holds the store's lock (an flock on disk, a lease object in a bucket) and
+  builds in place; the others wait for it, then open what it made. Readers see a complete store
+  or none (the manifest is written last), and a store that matches is never rebuilt.
   """
-  path = Path(root) / domain / split
+  path = storage.join(storage.resolve(root), domain, split)
   fingerprint = {"corpus": domain, "validation_fraction": validation_fraction}
   try:
     return open_store(path, vocabulary, fingerprint)
   except StoreError:
     pass
-  path.parent.mkdir(parents=True, exist_ok=True)
-  with open(path.with_name(f".{split}.lock"), "a+b") as lock:
-    fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+  with storage.exclusive(lock_path(path), f"building the corpus store {path}",
+                         wait_seconds=CORPUS_WAIT_SECONDS):
     try:
       return open_store(path, vocabulary, fingerprint)  # made by another process meanwhile
     except StoreError:
@@ -365,23 +381,24 @@ def ensure_corpus_store(root: str | Path, domain: str, split: str, vocabulary,
   return open_store(path, vocabulary, fingerprint)
 
 
-def _build_corpus_store(path: Path, domain: str, split: str, vocabulary,
+def _build_corpus_store(path: str, domain: str, split: str, vocabulary,
                         validation_fraction: float, fingerprint: dict) -> None:
-  """Under the lock: writes the store into a temporary directory, then swaps it in."""
-  for leftover in path.parent.glob(f".{split}.*-*"):  # of builders that were killed
-    shutil.rmtree(leftover, ignore_errors=True)
+  """Under the lock: an interrupted build of this store is continued; a store of another
+  vocabulary or split, or a complete one that does not open (broken), is replaced."""
+  identity = _json_identity({"vocabulary": vocabulary_identity(vocabulary),
+                             "fingerprint": fingerprint})
+  started = storage.join(path, "identity.json")
+  interrupted = (not storage.exists(storage.join(path, "manifest.json")) and
+                 storage.exists(started) and storage.read_json(started) == identity)
+  if not interrupted:
+    storage.rmtree(path)
   docs = [SourceDocument(d.text, d.name)
           for d in corpus.load_documents(split, (domain,), validation_fraction)]
-  tmp = path.with_name(f".{split}.tmp-{uuid.uuid4().hex}")
-  write_store(tmp, docs, vocabulary, name=domain, split=split, fingerprint=fingerprint)
-  stale = path.with_name(f".{split}.stale-{uuid.uuid4().hex}")
-  if path.exists():
-    os.replace(path, stale)  # made for another vocabulary or split, or broken: replaced
-  os.replace(tmp, path)
-  shutil.rmtree(stale, ignore_errors=True)
+  write_store(path, docs, vocabulary, name=domain, split=split, fingerprint=fingerprint,
+              locked=True)
 
 
-def inspect_text(store: TokenStore | str | Path, num_docs: int = 3, vocabulary=None) -> str:
+def inspect_text(store: TokenStore | str, num_docs: int = 3, vocabulary=None) -> str:
   """Counts and a few decoded documents, for `pretrainx data inspect`."""
   if not isinstance(store, TokenStore):
     store = open_store(store, vocabulary)

@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import glob
 import hashlib
 import json
 import math
 import os
 from typing import Any, Iterator, Mapping
 
+from pretrainx import storage
 from pretrainx.data import corpus
 
 FORMATS = ("text", "jsonl", "parquet")
@@ -39,7 +39,8 @@ class FileTask:
 
   Attributes:
     name: the task (and mixture domain) name.
-    train_patterns / validation_patterns: globs per split.
+    train_patterns / validation_patterns: globs per split, local or over a bucket prefix
+      (gs://bucket/data/*.jsonl, s3://...); files are streamed, never copied whole.
     format: 'text' (a document per file), 'jsonl' (per line), 'parquet' (per row) or 'auto'
       (from the file extension).
     text_field / metadata_field / score_field: record fields (jsonl and parquet).
@@ -95,17 +96,19 @@ class MixtureSpec:
 
 
 def _files(task: FileTask, patterns: tuple[str, ...]) -> list[str]:
-  files = sorted({f for p in patterns for f in glob.glob(os.path.expanduser(p), recursive=True)})
+  files = sorted({f for p in patterns for f in storage.glob(p)})
   if not files:
-    raise ValueError(f"task {task.name!r}: no files match {list(patterns)}; check the paths "
-                     f"(relative to {os.getcwd()}).")
+    where = ("" if any(storage.is_remote(p) for p in patterns)
+             else f" (relative to {os.getcwd()})")
+    raise ValueError(f"task {task.name!r}: no files match {list(patterns)}; check the paths"
+                     f"{where}.")
   return files
 
 
 def _format(task: FileTask, path: str) -> str:
   if task.format != "auto":
     return task.format
-  ext = os.path.splitext(path)[1].lower()
+  ext = os.path.splitext(storage.basename(path))[1].lower()
   if ext not in _EXTENSIONS:
     raise ValueError(f"task {task.name!r}: cannot tell the format of {path}; set "
                      f"FileTask.format to one of {FORMATS}.")
@@ -128,10 +131,10 @@ def _record(task: FileTask, rec: Any, where: str) -> SourceDocument:
 def _read_file(task: FileTask, path: str) -> Iterator[SourceDocument]:
   fmt = _format(task, path)
   if fmt == "text":
-    with open(path, encoding="utf-8", errors="replace") as f:
-      yield SourceDocument(f.read(), os.path.basename(path))
+    yield SourceDocument(storage.read_bytes(path).decode("utf-8", errors="replace"),
+                         storage.basename(path))
   elif fmt == "jsonl":
-    with open(path, encoding="utf-8") as f:
+    with storage.open_file(path, "r") as f:
       for line_no, line in enumerate(f, 1):
         if line.strip():
           try:
@@ -145,13 +148,17 @@ def _read_file(task: FileTask, path: str) -> Iterator[SourceDocument]:
     except ImportError as err:
       raise ValueError(f"task {task.name!r}: reading {path} needs pyarrow; "
                        "`pip install pyarrow`.") from err
-    for i, rec in enumerate(pq.read_table(path).to_pylist()):
-      yield _record(task, rec, f"{path} row {i}")
+    with storage.open_file(path, "rb") as f:  # streamed in row batches
+      i = 0
+      for batch in pq.ParquetFile(f).iter_batches(batch_size=1024):
+        for rec in batch.to_pylist():
+          yield _record(task, rec, f"{path} row {i}")
+          i += 1
 
 
 def _held_out(path: str, index: int, fraction: float) -> bool:
   # The file's name, not its absolute path: moving the data keeps the split.
-  digest = hashlib.sha256(f"{os.path.basename(path)}:{index}".encode()).digest()
+  digest = hashlib.sha256(f"{storage.basename(path)}:{index}".encode()).digest()
   return int.from_bytes(digest[:8], "big") / 2**64 < fraction
 
 

@@ -125,38 +125,37 @@ _EOS_CANDIDATES = ("</s>", "<|endoftext|>", "<|end_of_text|>", "<eos>", "<|eos|>
 _PAD_CANDIDATES = ("<pad>", "<|pad|>", "[PAD]", "<|finetune_right_pad_id|>")
 
 
-_TOKENIZERS: dict[tuple[str, int], tuple] = {}  # (file, mtime) -> _load_tokenizer's result
+_TOKENIZERS: dict[tuple[str, str], tuple] = {}  # (file, version) -> _load_tokenizer's result
 
 
 def _tokenizer_file(path: str) -> str:
-  import os  # pylint: disable=import-outside-toplevel
+  from pretrainx import storage  # pylint: disable=import-outside-toplevel
 
-  file = os.path.join(path, "tokenizer.json") if os.path.isdir(path) else path
-  if not os.path.isfile(file):
-    raise FileNotFoundError(f"no Hugging Face tokenizer at {file}; pass a local tokenizer.json (or "
-                            "the model directory holding it). Nothing is downloaded.")
-  return os.path.abspath(file)
+  file = storage.join(path, "tokenizer.json") if storage.isdir(path) else path
+  if not storage.isfile(file):
+    raise FileNotFoundError(f"no Hugging Face tokenizer at {file}; pass a tokenizer.json (local "
+                            "or in a bucket) or the model directory holding it. Nothing is "
+                            "downloaded from a hub.")
+  return storage.resolve(file)
 
 
 def _load_tokenizer(path: str) -> tuple:
   """(tokenizers.Tokenizer, sha256 of the file, tokenizer_config.json next to it or {}), cached
-  per file and modification time."""
+  per file and version (local modification time; in a bucket, per process)."""
   import hashlib  # pylint: disable=import-outside-toplevel
   import json  # pylint: disable=import-outside-toplevel
   import os  # pylint: disable=import-outside-toplevel
 
   from tokenizers import Tokenizer  # pylint: disable=import-outside-toplevel
 
+  from pretrainx import storage  # pylint: disable=import-outside-toplevel
+
   file = _tokenizer_file(path)
-  key = (file, os.stat(file).st_mtime_ns)
+  key = (file, "" if storage.is_remote(file) else str(os.stat(file).st_mtime_ns))
   if key not in _TOKENIZERS:
-    with open(file, "rb") as f:
-      raw = f.read()
-    extra_file = os.path.join(os.path.dirname(file), "tokenizer_config.json")
-    extra = {}
-    if os.path.isfile(extra_file):
-      with open(extra_file, encoding="utf-8") as f:
-        extra = json.load(f)
+    raw = storage.read_bytes(file)
+    extra_file = storage.join(storage.parent(file), "tokenizer_config.json")
+    extra = json.loads(storage.read_text(extra_file)) if storage.isfile(extra_file) else {}
     _TOKENIZERS[key] = (Tokenizer.from_str(raw.decode("utf-8")), hashlib.sha256(raw).hexdigest(),
                         extra)
   return _TOKENIZERS[key]

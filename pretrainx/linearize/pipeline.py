@@ -17,14 +17,14 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 from typing import Any
 
 import jax
 import numpy as np
 from absl import logging
 
-from pretrainx.checkpoint import save_params
+from pretrainx import storage
+from pretrainx.checkpoint import check_directory, save_params
 from pretrainx.config import Experiment, experiment_to_gin
 from pretrainx.data.pipeline import TrainBatches, eval_batches
 from pretrainx.ema import EmaConfig
@@ -32,7 +32,7 @@ from pretrainx.generate import RECURRENT_IMPLS, generate
 from pretrainx.linearize.convert import (LinearizeConfig, convert_params, layers_to_convert,
                                          linearized_config, new_param_paths, teacher_config)
 from pretrainx.linearize.transfer import run_transfer
-from pretrainx.metrics import MetricWriter
+from pretrainx.metrics import MetricWriter, save_figure
 from pretrainx.train.eval import evaluate_domains
 from pretrainx.train.init import (InitConfig, check_param_shapes, initial_state,
                                   source_model_config)
@@ -76,11 +76,9 @@ def _stage1(lin: LinearizeConfig, exp: Experiment, rt, params, src_cfg, out: str
                          jax.process_count())
   held_out = eval_batches(exp.data, run.seq_len, run.global_batch_size, 1, jax.process_index(),
                           jax.process_count())
-  os.makedirs(out, exist_ok=True)
-  if os.path.exists(os.path.join(out, "metrics.jsonl")):  # stage 1 always runs anew
-    os.remove(os.path.join(out, "metrics.jsonl"))
-  writer = MetricWriter(os.path.join(out, "metrics.jsonl"), os.path.join(out, "tensorboard"),
-                        enabled=jax.process_index() == 0)
+  storage.makedirs(out)
+  storage.remove(storage.join(out, "metrics.jsonl"))  # stage 1 always runs anew
+  writer = MetricWriter(out, enabled=jax.process_index() == 0)
   try:
     with rt.scope():
       result = run_transfer(
@@ -135,45 +133,43 @@ def _row(name: str, tokens: int, pretrain_tokens: int | None, result: dict[str, 
 def _check_out_dir(out_dir: str, settings: dict[str, str], restart: bool) -> None:
   """An output directory remembers what it linearized; other settings need --restart (stage 2
   would otherwise resume a run that started from another stage 1)."""
-  path = os.path.join(out_dir, "linearize_settings.json")
-  if os.path.exists(path) and not restart:
-    with open(path, encoding="utf-8") as f:
-      old = json.load(f)
+  path = storage.join(out_dir, "linearize_settings.json")
+  if storage.exists(path) and not restart:
+    old = storage.read_json(path)
     changed = sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k))
     if changed:
       raise ValueError(f"{out_dir} holds a linearization with other {', '.join(changed)}; pass "
                        "--restart to start it over, or choose another --out_dir.")
-  with open(path, "w", encoding="utf-8") as f:
-    json.dump(settings, f, indent=1)
+  storage.write_json(path, settings)
 
 
 def linearize(source: str, exp: Experiment, lin: LinearizeConfig, out_dir: str, *,
               restart: bool = False) -> LinearizeReport:
   """The whole pipeline (module docstring); `exp` gives data, run and optimizer settings, and
   for a Hugging Face source the runtime fields of its ModelConfig (dtype, scan_layers, ...)."""
-  out_dir = os.path.abspath(out_dir)
-  os.makedirs(out_dir, exist_ok=True)
+  out_dir = check_directory(out_dir, "write --out_dir")
+  storage.makedirs(out_dir)
   src_cfg, src_exp, src_step = source_model_config(source, like=exp.model)
   dst_cfg = linearized_config(src_cfg, lin)  # bad layers / window fail before any loading
   base = dataclasses.replace(exp, model=src_cfg, init=InitConfig(), tune=TuneConfig(),
                              ema=EmaConfig())
   student = dataclasses.replace(base, model=dst_cfg)
-  _check_out_dir(out_dir, {"source": os.path.abspath(source), "linearize": repr(lin),
+  _check_out_dir(out_dir, {"source": storage.resolve(source), "linearize": repr(lin),
                            "experiment": experiment_to_gin(student)}, restart)
   rt_t, src_params = _source_params(base, source, src_step)
   rt_s = build_runtime(student)
   params0 = convert_params(src_params, src_cfg, dst_cfg, jax.random.key(exp.run.seed))
   check_param_shapes(params0, rt_s.abstract_state.params, source)
   params0 = jax.device_put(params0, rt_s.shardings.params)
-  paths = {name: os.path.join(out_dir, name) for name in ("stage1", "stage2")}
+  paths = {name: storage.join(out_dir, name) for name in ("stage1", "stage2")}
   meta = lambda steps: {"step": steps, "config_gin": experiment_to_gin(student)}
   params1, history = params0, []
   if lin.transfer_steps:
     params1, history = _stage1(lin, student, rt_s, params0, src_cfg, paths["stage1"])
-  save_params(os.path.join(paths["stage1"], "export"), params1, meta(lin.transfer_steps))
+  save_params(storage.join(paths["stage1"], "export"), params1, meta(lin.transfer_steps))
   params2 = params1
   if lin.lora_steps:
-    params2 = _stage2(lin, student, os.path.join(paths["stage1"], "export"), paths["stage2"],
+    params2 = _stage2(lin, student, storage.join(paths["stage1"], "export"), paths["stage2"],
                       restart)
   host = eval_batches(exp.data, exp.run.seq_len, exp.run.global_batch_size, lin.eval_batches,
                       jax.process_index(), jax.process_count())
@@ -222,11 +218,10 @@ def report_markdown(report: LinearizeReport, source: str) -> str:
 
 
 def write_report(report: LinearizeReport, out_dir: str, source: str) -> None:
-  with open(os.path.join(out_dir, "report.md"), "w", encoding="utf-8") as f:
-    f.write(report_markdown(report, source))
-  with open(os.path.join(out_dir, "report.json"), "w", encoding="utf-8") as f:
-    json.dump(dataclasses.asdict(report), f, indent=1)
-  plot_report(report, os.path.join(out_dir, "report.png"))
+  storage.write_text(storage.join(out_dir, "report.md"), report_markdown(report, source))
+  storage.write_text(storage.join(out_dir, "report.json"),
+                     json.dumps(dataclasses.asdict(report), indent=1))
+  plot_report(report, storage.join(out_dir, "report.png"))
 
 
 def plot_report(report: LinearizeReport, path: str) -> str:
@@ -256,6 +251,6 @@ def plot_report(report: LinearizeReport, path: str) -> str:
     right.set_yscale("log")
     right.legend(fontsize=7)
   fig.tight_layout()
-  fig.savefig(path, dpi=110)
+  save_figure(fig, path, dpi=110)
   plt.close(fig)
   return path

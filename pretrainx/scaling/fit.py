@@ -12,11 +12,13 @@ import dataclasses
 import itertools
 import json
 import math
-import os
 from typing import Any, Callable, Sequence
 
 import numpy as np
 from scipy import optimize, special
+
+from pretrainx import storage
+from pretrainx.metrics import save_figure
 
 CHINCHILLA_GRID = {  # initial values of (a=log A, b=log B, e=log E, alpha, beta)
     "a": (0.0, 5.0, 10.0, 15.0, 20.0, 25.0), "b": (0.0, 5.0, 10.0, 15.0, 20.0, 25.0),
@@ -340,7 +342,7 @@ def _pyplot():
 def _save(plt, fig, ax, path: str, legend_size: int) -> str:
   ax.legend(fontsize=legend_size)
   fig.tight_layout()
-  fig.savefig(path, dpi=120)
+  save_figure(fig, path, dpi=120)
   plt.close(fig)
   return path
 
@@ -431,7 +433,8 @@ def fit_main(results_path: str, out_dir: str, *, target_compute: float | None = 
     raise ValueError(f"results table {results_path} has no run with status 'done'.")
   col = _loss_column(rows)
   N, D, C, L = (np.array([float(r[k]) for r in rows]) for k in ("N", "D", "C", col))
-  os.makedirs(out_dir, exist_ok=True)
+  storage.check_bucket(out_dir, "write")
+  storage.makedirs(out_dir)
   fit = fit_chinchilla(N, D, L)
   boot = bootstrap(lambda n, d, l: fit_chinchilla(n, d, l, n_starts=2, init=fit), (N, D, L),
                    n=n_boot, seed=seed)
@@ -448,12 +451,11 @@ def fit_main(results_path: str, out_dir: str, *, target_compute: float | None = 
                f"N*={float(n_t):.3g}, D*={float(d_t):.3g}, L*={l_t:.4f} "
                f"[{low[0]:.4f}, {high[0]:.4f}]")
   report = {"chinchilla": _params(fit), "intervals": boot.intervals, "target_compute": target,
-            "plots": [plot_fit(N, D, L, fit, os.path.join(out_dir, "fit.png")),
+            "plots": [plot_fit(N, D, L, fit, storage.join(out_dir, "fit.png")),
                       plot_extrapolation(C, L, fit, boot, target,
-                                         os.path.join(out_dir, "extrapolation.png"))]}
+                                         storage.join(out_dir, "extrapolation.png"))]}
   lines += _optional_fits(rows, N, D, C, L, heldout, out_dir, report)
-  with open(os.path.join(out_dir, "fit.json"), "w", encoding="utf-8") as f:
-    json.dump(report, f, indent=2)
+  storage.write_text(storage.join(out_dir, "fit.json"), json.dumps(report, indent=2))
   lines.append(f"plots and fit.json in {out_dir}")
   return "\n".join(lines)
 
@@ -465,7 +467,7 @@ def _optional_fits(rows, N, D, C, L, heldout, out_dir, report) -> list[str]:
     iso = isoflop_fit(N, D, L, C)
     report["isoflop"] = {"a": iso.a, "b": iso.b, "budgets": iso.budgets.tolist(),
                          "N_opt": iso.N_opt.tolist()}
-    report["plots"].append(plot_isoflop(N, L, C, iso, os.path.join(out_dir, "isoflop.png")))
+    report["plots"].append(plot_isoflop(N, L, C, iso, storage.join(out_dir, "isoflop.png")))
     lines.append(f"IsoFLOP: N_opt ∝ C^{iso.a:.3f}, D_opt ∝ C^{iso.b:.3f} "
                  f"over {len(iso.budgets)} budgets")
   except ValueError as err:

@@ -13,7 +13,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import itertools
-import os
 import shlex
 import subprocess
 import threading
@@ -22,6 +21,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 from absl import logging
 
+from pretrainx import storage
 from pretrainx.scaling.results import append_result, load_results
 
 # Statuses a run's row can have: only 'done' rows are fitted; 'diverged' (NaN loss, a result of
@@ -49,8 +49,10 @@ class SweepConfig:
       to keep an IsoFLOP sweep from runs of a few steps or of many epochs; None keeps all.
     ratio_domain: a domain whose mixture weight (in the last stage, normalised) is recorded as the
       row's `ratio`, the r of the D-CPT law; None records none.
-    run_root: run directories go to run_root/<run name>.
-    results: the SQLite results table every finished run appends a row to.
+    run_root: run directories go to run_root/<run name> (local, gs://...).
+    results: the results table every finished run adds a row to: a directory (local or in a
+      bucket) that gets one small row file per run, so hosts write it at once without locks
+      (a local `.sqlite` path keeps the older single-file table).
   """
 
   name: str = "sweep"
@@ -63,7 +65,7 @@ class SweepConfig:
   token_range: tuple[float, float] | None = None
   ratio_domain: str | None = None
   run_root: str = "runs/sweep"
-  results: str = "runs/sweep/results.sqlite"
+  results: str = "runs/sweep/results"
 
   def __post_init__(self):
     for name in ("gin_files", "bindings", "tokens", "flops"):
@@ -107,8 +109,11 @@ def parse_sweep(path: str) -> SweepConfig:
   """The SweepConfig a sweep gin file binds (a clear ValueError for a bad file)."""
   import gin  # pylint: disable=import-outside-toplevel
 
-  if not os.path.exists(path):
+  if not storage.exists(path):
     raise FileNotFoundError(f"sweep file {path} not found.")
+  from pretrainx.config import register_gin_readers  # pylint: disable=import-outside-toplevel
+
+  register_gin_readers()
   if not _GIN_SWEEP:
     _GIN_SWEEP.append(gin.external_configurable(SweepConfig, name="SweepConfig",
                                                 module="pretrainx"))
@@ -196,7 +201,7 @@ def expand(sweep: SweepConfig) -> list[SweepRun]:
                        "same experiment (a binding overridden by another axis?); drop one.")
     seen[h] = list(bindings)
     name = "-".join([sweep.name, *parts, h[:8]])
-    exp = exp.replace(run={"run_dir": os.path.join(sweep.run_root, name), "progress_bar": False})
+    exp = exp.replace(run={"run_dir": storage.join(sweep.run_root, name), "progress_bar": False})
     runs.append(SweepRun(name, bindings, exp, h))
   if not runs:
     raise ValueError(f"sweep {sweep.name!r}: SweepConfig.token_range={sweep.token_range} leaves "
@@ -236,10 +241,11 @@ def result_row(run: SweepRun, result, seconds: float, ratio_domain: str | None =
 
 def finished(results_path: str) -> dict[str, str]:
   """{config hash: status} of the runs the table records as done or diverged."""
-  if not os.path.exists(results_path):
+  try:
+    rows = load_results(results_path, allow_empty=True)
+  except FileNotFoundError:  # no run finished yet
     return {}
-  return {r["config_hash"]: r["status"] for r in load_results(results_path, allow_empty=True)
-          if r["status"] in FINAL_STATUSES}
+  return {r["config_hash"]: r["status"] for r in rows if r["status"] in FINAL_STATUSES}
 
 
 def select(runs: list[SweepRun], only: Sequence[str] | None) -> list[SweepRun]:
@@ -366,29 +372,33 @@ def launch_plan(sweep: SweepConfig, sweep_file: str, hosts: Sequence[str], *,
 
 
 def launch(plan: Mapping[str, list[str]], log_dir: str) -> list[str]:
-  """Runs each host's lines one after another, hosts in parallel; logs to log_dir/HOST.log.
+  """Runs each host's lines one after another, hosts in parallel; logs to log_dir/HOST.log
+  (in a bucket: uploaded after every command).
 
   Returns one line per command with its exit status.
   """
-  os.makedirs(log_dir, exist_ok=True)
+  logs = storage.StagedDir(log_dir, pull=tuple(f"{host}.log" for host in plan))
   out: list[str] = []
   lock = threading.Lock()
 
   def drive(host: str, lines: list[str]) -> None:
-    with open(os.path.join(log_dir, f"{host}.log"), "a", encoding="utf-8") as log:
+    with open(logs.path(f"{host}.log"), "a", encoding="utf-8") as log:
       for line in lines:
         log.write(f"$ {line}\n")
         log.flush()
         code = subprocess.run(line, shell=True, stdout=log, stderr=subprocess.STDOUT,
                               check=False).returncode
+        log.flush()
         with lock:
           out.append(f"{host}: exit {code}: {line}")
+          logs.sync()
 
   threads = [threading.Thread(target=drive, args=item) for item in plan.items() if item[1]]
   for t in threads:
     t.start()
   for t in threads:
     t.join()
+  logs.close()
   return out
 
 

@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 from absl import logging
 
+from pretrainx import storage
 from pretrainx.checkpoint import Checkpointer, load_params
 from pretrainx.train.state import TrainState, new_state
 from pretrainx.train.tuning import params_view, with_adapters
@@ -30,7 +31,8 @@ class InitConfig:
 
   Attributes:
     source: '' for random init; else a Hugging Face model directory (config.json + safetensors),
-      a pretrainx run directory, its checkpoints/ directory, or a params export (`export`).
+      a pretrainx run directory, its checkpoints/ directory, or a params export (`export`),
+      local or in a bucket (gs://...; s3:// for Hugging Face directories).
     step: the checkpoint step of a pretrainx source (None: its newest).
     keep_optimizer: continue the source's optimizer state (same model and optimizer only).
     keep_step: continue the source's step counter, and so its place in the LR schedule.
@@ -57,9 +59,10 @@ class InitConfig:
 
 def source_kind(path: str) -> str:
   """'hf', 'run', 'checkpoints' or 'export' for what `path` holds."""
-  if not os.path.exists(path):
+  storage.check_bucket(path, "read InitConfig.source")
+  entries = set(storage.listdir(path))
+  if not entries and not storage.exists(path):
     raise FileNotFoundError(f"InitConfig.source {path} does not exist.")
-  entries = set(os.listdir(path)) if os.path.isdir(path) else set()
   if "config.json" in entries and any(e.endswith(".safetensors") or
                                       e.endswith(".safetensors.index.json") for e in entries):
     return "hf"
@@ -88,13 +91,13 @@ def _load_pretrainx(rt, init: InitConfig, kind: str) -> tuple[Any, Any, Any, int
   """(model config, params, opt_state or None, step) of a pretrainx source, on rt's mesh."""
   from pretrainx.train.runtime import build_runtime  # pylint: disable=import-outside-toplevel
 
-  path = os.path.abspath(init.source)
+  path = storage.resolve(init.source)
   if kind == "export":
     meta_exp = _read_export_experiment(path)
     src = build_runtime(meta_exp.replace(mesh=dataclasses.asdict(rt.exp.mesh)))
     params, meta = load_params(path, src.abstract_state.params)
     return meta_exp.model, params, None, int(meta.get("step", 0))
-  directory = os.path.join(path, "checkpoints") if kind == "run" else path
+  directory = storage.join(path, "checkpoints") if kind == "run" else path
   ckpt = Checkpointer(directory, create=False)
   try:
     meta = ckpt.read_meta(init.step)
@@ -116,13 +119,12 @@ def _load_pretrainx(rt, init: InitConfig, kind: str) -> tuple[Any, Any, Any, int
 def _read_export_experiment(path: str):
   import json  # pylint: disable=import-outside-toplevel
 
-  meta_dir = os.path.join(path, "meta")
-  for name in sorted(os.listdir(meta_dir)):
-    with open(os.path.join(meta_dir, name), encoding="utf-8") as f:
-      try:
-        meta = json.load(f)
-      except ValueError:
-        continue
+  meta_dir = storage.join(path, "meta")
+  for name in storage.listdir(meta_dir):
+    try:
+      meta = json.loads(storage.read_text(storage.join(meta_dir, name)))
+    except ValueError:
+      continue
     if "config_gin" in meta:
       return _experiment_from_gin_text(meta["config_gin"])
   raise ValueError(f"params export {path} has no config_gin in its meta; re-export it.")
@@ -148,9 +150,9 @@ def source_model_config(source: str, like=None, step: int | None = None):
       overrides["max_seq_len"] = like.max_seq_len
     return hf.load_hf_config(source, **overrides), None, None
   if kind == "export":
-    exp = _read_export_experiment(os.path.abspath(source))
+    exp = _read_export_experiment(storage.resolve(source))
     return exp.model, exp, None
-  directory = os.path.join(source, "checkpoints") if kind == "run" else source
+  directory = storage.join(source, "checkpoints") if kind == "run" else source
   ckpt = Checkpointer(directory, create=False)
   try:
     step = ckpt.latest_step() if step is None else step

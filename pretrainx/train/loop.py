@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
-import shutil
 import time
 from typing import Any
 
@@ -19,7 +17,8 @@ import jax
 from absl import logging
 from tqdm.auto import tqdm
 
-from pretrainx.checkpoint import Checkpointer
+from pretrainx import storage
+from pretrainx.checkpoint import Checkpointer, check_directory
 from pretrainx.config import (Experiment, RunPaths, config_differences, experiment_to_gin,
                               parse_gin)
 from pretrainx.data.pipeline import TrainBatches, eval_batches
@@ -52,7 +51,7 @@ class TrainResult:
 
 def check_run_dir(exp: Experiment, paths: RunPaths, restart: bool) -> None:
   """A run directory that holds another experiment is refused unless restart is asked for."""
-  if restart or not os.path.exists(paths.config):
+  if restart or not storage.exists(paths.config):
     return
   try:
     old = parse_gin([paths.config])
@@ -67,19 +66,21 @@ def check_run_dir(exp: Experiment, paths: RunPaths, restart: bool) -> None:
 
 
 def prepare_run_dir(exp: Experiment, restart: bool) -> RunPaths:
-  """Creates the run directory (wiping a previous run's outputs if restart) and writes config.gin."""
+  """Creates the run directory (wiping a previous run's outputs if restart) and writes config.gin.
+
+  A missing or denied bucket, or a place Orbax cannot checkpoint to, fails here, before anything
+  is written."""
   paths = RunPaths.under(exp.run.run_dir)
+  check_directory(paths.checkpoints, "write the run directory")
   check_run_dir(exp, paths, restart)
   if jax.process_index() == 0:
     if restart:
       for p in (paths.checkpoints, paths.tensorboard):
-        shutil.rmtree(p, ignore_errors=True)
+        storage.rmtree(p)
       for p in (paths.metrics, paths.loss_plot):
-        if os.path.exists(p):
-          os.remove(p)
-    os.makedirs(paths.root, exist_ok=True)
-    with open(paths.config, "w", encoding="utf-8") as f:
-      f.write(experiment_to_gin(exp))
+        storage.remove(p)
+    storage.makedirs(paths.root)
+    storage.write_text(paths.config, experiment_to_gin(exp))
   return paths
 
 
@@ -307,7 +308,7 @@ def train(exp: Experiment, restart: bool = False) -> TrainResult:
   peak = run.peak_tflops * 1e12 if run.peak_tflops else machine_peak_flops(measure_peak_flops())
   meter = _Throughput(run.global_batch_size * run.seq_len, flops_per_token(exp.model, run.seq_len),
                       peak)
-  writer = MetricWriter(paths.metrics, paths.tensorboard, enabled=is_main)
+  writer = MetricWriter(paths.root, enabled=is_main)
   ckpt = Checkpointer(paths.checkpoints, exp.checkpoint)
   try:
     with rt.scope(), PreemptionWatcher(sync_every=run.log_every) as watcher:

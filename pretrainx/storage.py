@@ -1,0 +1,521 @@
+"""Storage: every user path (run dirs, checkpoints, token stores, data files, exports, results)
+may be local, `gs://bucket/...` or `s3://bucket/...`; this module is the one place that touches it.
+
+Files go through `etils.epath` (gcsfs / s3fs for buckets, as Orbax does) and arrays through
+TensorStore kvstore specs. Object stores have no rename, no append and no locks, so writes here are
+whole objects (atomic on a bucket, tmp + rename on disk), `move_tree` copies before it deletes, and
+`exclusive` takes a lease object by conditional create. Errors name the path and the fix.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fnmatch
+import json
+import os
+import shutil
+import socket
+import tempfile
+import time
+import uuid
+from typing import IO, Any, Iterator
+
+# With TensorFlow installed (seqio brings it), etils would send gs:// through tf.io.gfile, which
+# neither honours STORAGE_EMULATOR_HOST nor belongs on the core path: use fsspec (gcsfs, s3fs).
+os.environ.setdefault("EPATH_USE_TF", "false")
+
+REMOTE_SCHEMES = ("gs", "s3")
+_HINT = {
+    "gs": "check `gcloud auth application-default login` (or GOOGLE_APPLICATION_CREDENTIALS) and "
+          "that the account may use the bucket; STORAGE_EMULATOR_HOST points at another endpoint",
+    "s3": "check the AWS credentials (AWS_PROFILE, AWS_ACCESS_KEY_ID, ~/.aws) and the bucket "
+          "policy; AWS_ENDPOINT_URL points at another endpoint",
+}
+_CREATE = {"gs": "gcloud storage buckets create gs://{bucket}", "s3": "aws s3 mb s3://{bucket}"}
+
+
+class StorageError(ValueError):
+  """A path that cannot be used: missing bucket, denied access, no matches, unsupported place."""
+
+
+# -- names ------------------------------------------------------------------------------------
+
+
+def scheme(path: Any) -> str:
+  """'gs', 's3' or 'file'."""
+  text = os.fspath(path)
+  head, sep, _ = text.partition("://")
+  if not sep:
+    return "file"
+  if head not in REMOTE_SCHEMES:
+    raise StorageError(f"{text}: unsupported storage scheme {head}://; use a local path, gs:// "
+                       "or s3://.")
+  return head
+
+
+def is_remote(path: Any) -> bool:
+  return scheme(path) != "file"
+
+
+def bucket(path: Any) -> str:
+  return os.fspath(path).split("://", 1)[1].split("/", 1)[0]
+
+
+def resolve(path: Any) -> str:
+  """An absolute local path (~ expanded) or a normalised bucket URL, as text."""
+  text = os.fspath(path)
+  if not is_remote(text):
+    return os.path.abspath(os.path.expanduser(text))
+  head, rest = text.split("://", 1)
+  parts = [p for p in rest.split("/") if p and p != "."]
+  return f"{head}://" + "/".join(parts)
+
+
+def join(base: Any, *names: str) -> str:
+  base = os.fspath(base)
+  if not is_remote(base):
+    return os.path.join(base, *names)
+  return "/".join([base.rstrip("/"), *(n.strip("/") for n in names)])
+
+
+def basename(path: Any) -> str:
+  return os.fspath(path).rstrip("/").rsplit("/", 1)[-1]
+
+
+def parent(path: Any) -> str:
+  text = resolve(path)
+  if not is_remote(text):
+    return os.path.dirname(text)
+  head = f"{scheme(text)}://{bucket(text)}"
+  return text.rsplit("/", 1)[0] if len(text) > len(head) else text
+
+
+def epath(path: Any):
+  """The etils.epath.Path of `path` (what Orbax takes)."""
+  from etils import epath as ep  # pylint: disable=import-outside-toplevel
+
+  configure_endpoints()
+  return ep.Path(resolve(path))
+
+
+def configure_endpoints() -> None:
+  """One variable per emulator is enough: STORAGE_EMULATOR_HOST also points TensorStore there,
+  with a placeholder token (the emulator checks none) and without the storage-layout API that
+  real GCS has and the emulator lacks."""
+  host = os.environ.get("STORAGE_EMULATOR_HOST")
+  if host:
+    os.environ.setdefault("TENSORSTORE_GCS_HTTP_URL",
+                          host if "://" in host else f"http://{host}")
+    os.environ.setdefault("GOOGLE_AUTH_TOKEN_FOR_TESTING", "emulator")
+    os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
+
+
+# -- errors -----------------------------------------------------------------------------------
+
+
+def _explain(err: BaseException, path: str, action: str) -> StorageError | None:
+  """A StorageError naming the path and the fix, for errors that are about the bucket."""
+  kind = scheme(path)
+  text = f"{type(err).__name__}: {err}"
+  low = text.lower()
+  b = bucket(path) if kind != "file" else ""
+  if kind == "file":
+    if isinstance(err, PermissionError):
+      return StorageError(f"cannot {action} {path}: permission denied; check the directory's "
+                          "owner and mode, or pick another path.")
+    return None
+  if ("nosuchbucket" in low or "bucket does not exist" in low or "bucket not found" in low
+      or (isinstance(err, FileNotFoundError) and not _bucket_exists_quiet(path))):
+    return StorageError(f"cannot {action} {path}: bucket {kind}://{b} does not exist; create it "
+                        f"(`{_CREATE[kind].format(bucket=b)}`) or fix the path.")
+  if (isinstance(err, PermissionError) or "403" in low or "accessdenied" in low
+      or "access denied" in low or "forbidden" in low or "invalidaccesskeyid" in low
+      or "signaturedoesnotmatch" in low or "401" in low):
+    return StorageError(f"cannot {action} {path}: access to bucket {kind}://{b} is denied; "
+                        f"{_HINT[kind]}.")
+  return None
+
+
+def _bucket_exists_quiet(path: str) -> bool:
+  try:
+    return bucket_exists(path)
+  except Exception:  # pylint: disable=broad-except
+    return True  # unknown: do not claim the bucket is missing
+
+
+@contextlib.contextmanager
+def errors(path: Any, action: str) -> Iterator[None]:
+  """Turns storage errors about `path` into one StorageError line that says what to do."""
+  try:
+    yield
+  except StorageError:
+    raise
+  except (OSError, RuntimeError, ValueError) as err:
+    explained = _explain(err, os.fspath(path), action)
+    if explained is None:
+      raise
+    raise explained from err
+
+
+def _fs(path: str):
+  """The fsspec filesystem of a bucket path."""
+  import fsspec  # pylint: disable=import-outside-toplevel
+
+  configure_endpoints()
+  return fsspec.filesystem("gcs" if scheme(path) == "gs" else "s3")
+
+
+def bucket_exists(path: Any) -> bool:
+  path = resolve(path)
+  if not is_remote(path):
+    return True
+  fs = _fs(path)
+  b = bucket(path)
+  if scheme(path) == "s3":
+    import botocore.exceptions  # pylint: disable=import-outside-toplevel
+
+    try:
+      fs.call_s3("head_bucket", Bucket=b)
+      return True
+    except FileNotFoundError:
+      return False
+    except botocore.exceptions.ClientError as err:
+      if err.response.get("Error", {}).get("Code") in ("404", "NoSuchBucket"):
+        return False
+      raise
+  try:
+    fs.info(b)
+    return True
+  except FileNotFoundError:
+    return False
+
+
+def check_bucket(path: Any, action: str = "use") -> None:
+  """Fails early, with the fix, when the bucket of `path` is missing or denied (no-op on disk)."""
+  path = resolve(path)
+  if not is_remote(path):
+    return
+  with errors(path, action):
+    if not bucket_exists(path):
+      kind, b = scheme(path), bucket(path)
+      raise StorageError(f"cannot {action} {path}: bucket {kind}://{b} does not exist; create "
+                         f"it (`{_CREATE[kind].format(bucket=b)}`) or fix the path.")
+
+
+# -- files ------------------------------------------------------------------------------------
+
+
+def _fresh(path: Any):
+  """epath.Path of `path`, with fsspec's cached listings of it dropped: other processes and hosts
+  write the same bucket, so what it holds is asked again, never remembered."""
+  p = epath(path)
+  if is_remote(path):
+    _fs(os.fspath(path)).invalidate_cache()
+  return p
+
+
+def exists(path: Any) -> bool:
+  with errors(path, "read"):
+    return _fresh(path).exists()
+
+
+def isdir(path: Any) -> bool:
+  with errors(path, "read"):
+    return _fresh(path).is_dir()
+
+
+def isfile(path: Any) -> bool:
+  with errors(path, "read"):
+    return _fresh(path).is_file()
+
+
+def listdir(path: Any) -> list[str]:
+  """Names in a directory (a bucket prefix), sorted; [] if there is none."""
+  with errors(path, "list"):
+    p = _fresh(path)
+    if not p.is_dir():
+      return []
+    return sorted({c.name for c in p.iterdir() if c.name})
+
+
+def makedirs(path: Any) -> None:
+  """Creates a local directory; buckets have none to create (a prefix exists with its objects)."""
+  if not is_remote(path):
+    with errors(path, "create"):
+      os.makedirs(resolve(path), exist_ok=True)
+
+
+def open_file(path: Any, mode: str = "r") -> IO:
+  """A streaming file object (read or whole-object write; no append on a bucket)."""
+  if "a" in mode and is_remote(path):
+    raise StorageError(f"{path}: buckets cannot append; rewrite the whole object instead.")
+  with errors(path, "read" if "r" in mode else "write"):
+    if not is_remote(path):
+      return open(resolve(path), mode, **({} if "b" in mode else {"encoding": "utf-8"}))
+    return epath(path).open(mode)
+
+
+def read_bytes(path: Any) -> bytes:
+  with errors(path, "read"):
+    return epath(path).read_bytes()
+
+
+def read_text(path: Any) -> str:
+  return read_bytes(path).decode("utf-8")
+
+
+def write_bytes(path: Any, data: bytes) -> str:
+  """Writes a whole file atomically: a reader sees the old content or the new, never a part."""
+  path = resolve(path)
+  with errors(path, "write"):
+    if is_remote(path):
+      epath(path).write_bytes(data)  # one object upload: atomic on GCS and S3
+      return path
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.{uuid.uuid4().hex}")
+    with open(tmp, "wb") as f:
+      f.write(data)
+    os.replace(tmp, path)
+  return path
+
+
+def write_text(path: Any, text: str) -> str:
+  return write_bytes(path, text.encode("utf-8"))
+
+
+def read_json(path: Any) -> Any:
+  return json.loads(read_text(path))
+
+
+def write_json(path: Any, value: Any) -> str:
+  return write_text(path, json.dumps(value, indent=1, sort_keys=True))
+
+
+def remove(path: Any) -> None:
+  """Deletes a file if it exists."""
+  with errors(path, "delete"):
+    p = epath(path)
+    if p.exists() and not p.is_dir():
+      p.unlink()
+
+
+def rmtree(path: Any) -> None:
+  """Deletes a directory (a bucket prefix) and everything under it, if it exists."""
+  with errors(path, "delete"):
+    if not is_remote(path):
+      shutil.rmtree(resolve(path), ignore_errors=True)
+      return
+    p = epath(path)
+    if p.exists():
+      p.rmtree()
+
+
+def move_tree(src: Any, dst: Any, delete_first: tuple[str, ...] = ()) -> str:
+  """Moves a directory. On disk a rename; on a bucket (no rename) every object is copied first,
+  then `delete_first` (e.g. a commit marker, so that a half-deleted source no longer looks
+  complete) and then the rest of the source are deleted: a crash never loses the only copy."""
+  src, dst = resolve(src), resolve(dst)
+  with errors(src, "move"):
+    if not is_remote(src):
+      os.rename(src, dst)
+      return dst
+    fs = _fs(src)
+    strip = lambda p: p.split("://", 1)[1]
+    fs.copy(strip(src), strip(dst), recursive=True)
+    for name in delete_first:
+      remove(join(src, name))
+    fs.rm(strip(src), recursive=True)
+  return dst
+
+
+def glob(pattern: Any) -> list[str]:
+  """Sorted matches of a glob (`*`, `?`, `[..]`, `**` across directories) on disk or in a bucket."""
+  pattern = os.fspath(pattern)
+  if not is_remote(pattern):
+    import glob as globlib  # pylint: disable=import-outside-toplevel
+
+    return sorted(globlib.glob(os.path.expanduser(pattern), recursive=True))
+  with errors(pattern, "list"):
+    check_bucket(pattern, "list")
+    head = f"{scheme(pattern)}://"
+    fs = _fs(pattern)
+    fs.invalidate_cache()
+    found = fs.glob(pattern.split("://", 1)[1])
+    if "**" in pattern:  # fsspec's '**' needs at least one directory; match zero too
+      found = list(found) + list(fs.glob(pattern.split("://", 1)[1].replace("**/", "")))
+    return sorted({head + f for f in found if not fs.isdir(f)})
+
+
+def has_glob(pattern: str) -> bool:
+  return any(c in pattern for c in "*?[")
+
+
+def matches(name: str, pattern: str) -> bool:
+  return fnmatch.fnmatch(name, pattern)
+
+
+@contextlib.contextmanager
+def local_copy(path: Any) -> Iterator[str]:
+  """A local path holding `path`'s file: itself on disk, a temporary download from a bucket
+  (for readers that need a real file, such as memory-mapped safetensors)."""
+  path = resolve(path)
+  if not is_remote(path):
+    yield path
+    return
+  with tempfile.TemporaryDirectory(prefix="pretrainx-download-") as tmp:
+    local = os.path.join(tmp, basename(path))
+    with errors(path, "read"):
+      _fs(path).get(path.split("://", 1)[1], local)
+    yield local
+
+
+# -- TensorStore ------------------------------------------------------------------------------
+
+
+def kvstore(path: Any) -> dict[str, Any]:
+  """The TensorStore kvstore spec of a directory: file, gcs or s3 (endpoint and region from the
+  standard AWS variables)."""
+  path = resolve(path)
+  kind = scheme(path)
+  if kind == "file":
+    return {"driver": "file", "path": path + "/"}
+  configure_endpoints()
+  rest = path.split("://", 1)[1]
+  key = rest.split("/", 1)[1] + "/" if "/" in rest else ""
+  spec: dict[str, Any] = {"driver": "gcs" if kind == "gs" else "s3", "bucket": bucket(path),
+                          "path": key}
+  if kind == "s3":
+    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    if endpoint:
+      spec["endpoint"] = endpoint
+    region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+    if region:
+      spec["aws_region"] = region
+  return spec
+
+
+# -- exclusive access -------------------------------------------------------------------------
+
+
+def _owner() -> dict[str, Any]:
+  return {"host": socket.gethostname(), "pid": os.getpid(), "token": uuid.uuid4().hex,
+          "since": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())}
+
+
+def _try_lease(lock: str, owner: dict) -> dict | None:
+  """Creates the lease object only if it is absent; None if we hold it, else its holder.
+
+  The conditional write (GCS ifGenerationMatch=0, S3 If-None-Match) is what makes this safe;
+  reading the object back also catches servers that ignore the condition."""
+  import tensorstore as ts  # pylint: disable=import-outside-toplevel
+
+  spec = kvstore(parent(lock))
+  kv = ts.KvStore.open(spec).result()
+  key = basename(lock)
+  data = json.dumps(owner).encode()
+  current = kv.read(key).result()
+  if current.state == "value":
+    return json.loads(current.value)
+  kv.write(key, data, if_equal=current.stamp.generation).result()
+  time.sleep(0.05)
+  got = kv.read(key).result()
+  if got.state == "value" and got.value == data:
+    return None
+  return json.loads(got.value) if got.state == "value" else {"host": "?", "pid": "?"}
+
+
+@contextlib.contextmanager
+def exclusive(lock: Any, what: str, wait_seconds: float = 0.0) -> Iterator[None]:
+  """Holds `lock` (a file path) for the duration: one holder at a time, across hosts.
+
+  On disk an flock (released when the process dies); on a bucket a lease object created by
+  conditional write and deleted on exit. Waits up to wait_seconds for another holder, then says
+  who holds it."""
+  lock = resolve(lock)
+  deadline = time.monotonic() + wait_seconds
+  if not is_remote(lock):
+    import fcntl  # pylint: disable=import-outside-toplevel
+
+    os.makedirs(os.path.dirname(lock), exist_ok=True)
+    with open(lock, "a+b") as f:
+      while True:
+        try:
+          fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+          break
+        except BlockingIOError:
+          if time.monotonic() >= deadline:
+            raise StorageError(f"another process is {what} (it holds {lock}); wait for it to "
+                               "finish, then run again.") from None
+          time.sleep(0.2)
+      yield  # released when the file closes
+    return
+  owner = _owner()
+  with errors(lock, "lock"):
+    check_bucket(lock, "lock")
+    while (holder := _try_lease(lock, owner)) is not None:
+      if time.monotonic() >= deadline:
+        raise StorageError(
+            f"another process (host {holder.get('host')}, pid {holder.get('pid')}, since "
+            f"{holder.get('since')}) is {what}: it holds the lease {lock}. Wait for it to finish; "
+            f"if that process died, delete {lock} and run again.")
+      time.sleep(1.0)
+  try:
+    yield
+  finally:
+    with contextlib.suppress(Exception):
+      if read_json(lock).get("token") == owner["token"]:
+        remove(lock)
+
+
+# -- staging for files that grow --------------------------------------------------------------
+
+
+class StagedDir:
+  """A local directory mirrored to a bucket directory: writers append locally (buckets cannot
+  append) and `sync()` uploads each changed file whole, at every log point. On disk it is the
+  directory itself and `sync()` does nothing. `pull` names files to download first (to go on
+  appending to them after a resume)."""
+
+  def __init__(self, target: Any, pull: tuple[str, ...] = ()):
+    self.target = resolve(target)
+    self.remote = is_remote(self.target)
+    self._sent: dict[str, tuple[int, int]] = {}
+    if not self.remote:
+      os.makedirs(self.target, exist_ok=True)
+      self.local = self.target
+      return
+    self.local = tempfile.mkdtemp(prefix="pretrainx-staged-")
+    for name in pull:
+      remote = join(self.target, name)
+      if exists(remote):
+        local = os.path.join(self.local, name)
+        os.makedirs(os.path.dirname(local), exist_ok=True)
+        with open(local, "wb") as f:
+          f.write(read_bytes(remote))
+        self._sent[name] = self._stamp(local)
+
+  @staticmethod
+  def _stamp(local: str) -> tuple[int, int]:
+    st = os.stat(local)
+    return st.st_size, st.st_mtime_ns
+
+  def path(self, *names: str) -> str:
+    return os.path.join(self.local, *names)
+
+  def sync(self) -> None:
+    if not self.remote:
+      return
+    for root, _, files in os.walk(self.local):
+      for name in files:
+        local = os.path.join(root, name)
+        rel = os.path.relpath(local, self.local)
+        stamp = self._stamp(local)
+        if self._sent.get(rel) != stamp:
+          with open(local, "rb") as f:
+            write_bytes(join(self.target, *rel.split(os.sep)), f.read())
+          self._sent[rel] = stamp
+
+  def close(self) -> None:
+    self.sync()
+    if self.remote:
+      shutil.rmtree(self.local, ignore_errors=True)

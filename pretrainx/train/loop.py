@@ -301,6 +301,7 @@ def train(exp: Experiment, restart: bool = False) -> TrainResult:
   """Runs (or resumes) the experiment to `exp.run.steps`; returns what the run reached."""
   run, is_main = exp.run, jax.process_index() == 0
   rt = build_runtime(exp)  # validates everything before the run directory is touched
+  storage.check_bucket(exp.data.store_root, "read the token stores in")
   paths = prepare_run_dir(exp, restart)
   host_eval = eval_batches(exp.data, run.seq_len, run.global_batch_size, run.eval_batches,
                            jax.process_index(), jax.process_count())

@@ -230,7 +230,7 @@ def test_results_rows_many_writers_one_bucket(gcs_dir):
 # path a user gives (staging and temporary directories, the embedded corpus, gin's local search
 # path, the local-only legacy SQLite table).
 _LOCAL_ONLY = {
-X
+    "pretrainx/config.py": 2,         # gin search paths, for local gin files
     "pretrainx/metrics.py": 2,        # the local staging copy that StagedDir uploads
     "pretrainx/train/init.py": 1,     # a temporary gin file
     "pretrainx/data/corpus.py": 3,    # the embedded corpus is Python's own stdlib

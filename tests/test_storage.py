@@ -13,7 +13,7 @@ import pytest
 
 from pretrainx import storage
 
-from conftest import _free_port
+from servers import free_port
 
 
 @pytest.fixture(params=["local", "gs", "s3"])
@@ -102,7 +102,7 @@ def test_appending_to_a_bucket_is_refused(gcs_dir):
 @pytest.fixture(scope="module")
 def denying_s3():
   """A second S3 server that checks credentials (moto with IAM auth on): ours are unknown."""
-  port = _free_port()
+  port = free_port()
   env = {**os.environ, "INITIAL_NO_AUTH_ACTION_COUNT": "0"}
   proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
                           env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

@@ -26,7 +26,7 @@ FORMAT_VERSION = 1
 ARRAYS = {"tokens": "<i4", "doc_offsets": "<i8", "scores": "<f4", "meta_bytes": "|u1",
           "meta_offsets": "<i8"}
 IN_MEMORY_BYTES = 256 << 20
-CACHE_BYTES = 64 << 20  # TensorStore chunk cache per opened array of a large store
+CACHE_BYTES = 64 << 20  # TensorStore chunk cache per opened array (a store too big for memory)
 CORPUS_WAIT_SECONDS = 900.0  # how long a process waits for another to build a corpus store
 
 
@@ -49,7 +49,7 @@ def _write_json(path: str, value: dict) -> None:
 
 def _open_array(path: str, name: str, create: bool = False):
   spec: dict[str, Any] = {"driver": "zarr", "kvstore": storage.kvstore(storage.join(path, name))}
-  if storage.is_remote(path):  # chunks read from a bucket are kept for the next reads
+  if not create:  # stores are immutable once complete: chunks read are kept for the next reads
     spec["context"] = {"cache_pool": {"total_bytes_limit": CACHE_BYTES}}
     spec["recheck_cached_data"] = "open"
   if create:  # (not delete_existing: a ranged delete that some bucket emulators widen)

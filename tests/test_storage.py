@@ -255,3 +255,37 @@ def test_no_module_but_storage_touches_files_directly():
           if hits:
             found[rel] = hits
   assert found == _LOCAL_ONLY
+
+
+def test_file_tasks_stream_jsonl_text_and_parquet_from_a_bucket(s3_dir):
+  import pyarrow as pa
+  import pyarrow.parquet as pq
+  from pretrainx.data.tasks import FileTask, iter_documents
+  table = pa.table({"text": [f"doc {i}" for i in range(2500)], "q": [i / 10 for i in range(2500)]})
+  sink = pa.BufferOutputStream()
+  pq.write_table(table, sink, row_group_size=700)
+  storage.write_bytes(f"{s3_dir}/d/a.parquet", sink.getvalue().to_pybytes())
+  storage.write_text(f"{s3_dir}/d/sub/b.jsonl", '{"text": "json doc", "q": 1}\n')
+  storage.write_text(f"{s3_dir}/d/c.txt", "a whole text file")
+  task = FileTask("t", (f"{s3_dir}/d/**/*.*",), score_field="q")
+  docs = list(iter_documents(task, "train"))
+  assert [d.text for d in docs[:2]] == ["doc 0", "doc 1"] and docs[2499].score == 249.9
+  assert [d.text for d in docs[2500:]] == ["a whole text file", "json doc"]  # sorted paths
+  assert docs[2500].metadata == "c.txt"
+
+
+def test_fit_reads_parquet_and_csv_tables(tmp_path):
+  import pyarrow as pa
+  import pyarrow.parquet as pq
+  from pretrainx.scaling.results import load_results
+  pq.write_table(pa.table({"N": [1e5, 2e5], "D": [1e7, 1e7], "loss": [3.0, 2.9]}),
+                 str(tmp_path / "t.parquet"))
+  rows = load_results(str(tmp_path / "t.parquet"))
+  assert [(r["N"], r["eval_loss"], r["status"]) for r in rows] == [(100000, 3.0, "done"),
+                                                                    (200000, 2.9, "done")]
+  assert rows[0]["C"] == 6 * 1e5 * 1e7
+  (tmp_path / "bad.csv").write_text("N,tokens,loss\n1,2,3\n")
+  with pytest.raises(ValueError, match=r"lacks column\(s\) \['D'\].*give N .*D .*and loss"):
+    load_results(str(tmp_path / "bad.csv"))
+  with pytest.raises(FileNotFoundError, match="results table .*missing.csv not found"):
+    load_results(str(tmp_path / "missing.csv"))

@@ -13,6 +13,7 @@ import contextlib
 import fnmatch
 import json
 import os
+import re
 import shutil
 import socket
 import tempfile
@@ -128,9 +129,9 @@ def _explain(err: BaseException, path: str, action: str) -> StorageError | None:
       or (isinstance(err, FileNotFoundError) and not _bucket_exists_quiet(path))):
     return StorageError(f"cannot {action} {path}: bucket {kind}://{b} does not exist; create it "
                         f"(`{_CREATE[kind].format(bucket=b)}`) or fix the path.")
-  if (isinstance(err, PermissionError) or "403" in low or "accessdenied" in low
-      or "access denied" in low or "forbidden" in low or "invalidaccesskeyid" in low
-      or "signaturedoesnotmatch" in low or "401" in low):
+  if (isinstance(err, PermissionError) or re.search(r"\b40[13]\b", low) or any(
+      word in low for word in ("accessdenied", "access denied", "forbidden", "invalidaccesskeyid",
+                               "signaturedoesnotmatch", "unauthorized"))):
     return StorageError(f"cannot {action} {path}: access to bucket {kind}://{b} is denied; "
                         f"{_HINT[kind]}.")
   return None

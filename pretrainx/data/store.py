@@ -26,6 +26,7 @@ FORMAT_VERSION = 1
 ARRAYS = {"tokens": "<i4", "doc_offsets": "<i8", "scores": "<f4", "meta_bytes": "|u1",
           "meta_offsets": "<i8"}
 IN_MEMORY_BYTES = 256 << 20
+CHUNK = 1 << 20  # elements per stored chunk
 CACHE_BYTES = 64 << 20  # TensorStore chunk cache per opened array (a store too big for memory)
 CORPUS_WAIT_SECONDS = 900.0  # how long a process waits for another to build a corpus store
 
@@ -54,7 +55,7 @@ def _open_array(path: str, name: str, create: bool = False):
     spec["recheck_cached_data"] = "open"
   if create:  # (not delete_existing: a ranged delete that some bucket emulators widen)
     storage.rmtree(storage.join(path, name))
-    spec["metadata"] = {"shape": [0], "chunks": [1 << 20], "dtype": ARRAYS[name]}
+    spec["metadata"] = {"shape": [0], "chunks": [CHUNK], "dtype": ARRAYS[name]}
     return ts.open(spec, create=True).result()
   return ts.open(spec, open=True).result()
 

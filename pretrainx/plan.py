@@ -1,6 +1,8 @@
 """Ahead-of-time planning: compile the train step for a mesh from abstract shapes and report, per
 device, the memory of parameters, optimizer state and activations, the FLOPs per step, and whether
-it fits a given HBM size. Nothing is allocated; a mesh larger than this host uses fake CPU devices.
+it fits a given HBM size. Nothing is allocated. `--topology=v5p-256` compiles the train and eval
+steps with the real TPU compiler (libtpu) from any host; without it, a mesh larger than this host
+uses fake CPU devices.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import numpy as np
 from pretrainx.config import Experiment, parse_gin
 from pretrainx.data.pipeline import BATCH_KEYS
 from pretrainx.flops import flops_per_token
+from pretrainx import topology as tpu_topology
 from pretrainx.sharding import MESH_AXES, batch_sharding
 from pretrainx.train.runtime import build_runtime
 
@@ -62,6 +65,8 @@ class PlanReport:
   compile_seconds: float
   hbm_gib: float | None = None
   fits: bool | None = None
+  topology: str | None = None  # the TPU slice compiled for, e.g. 'v5p-256 (v5p:4x4x8)'
+  eval_temp_bytes: int | None = None  # the eval step's temporaries (TPU plans)
 
   @property
   def activation_bytes(self) -> int:
@@ -111,13 +116,17 @@ def _xla_counts_every_flop(exp: Experiment) -> bool:
           and set(model.layer_impls) == {"reference"})
 
 
-def plan(exp: Experiment, *, devices: int | None = None, hbm_gib: float | None = None
-         ) -> PlanReport:
+def plan(exp: Experiment, *, devices: int | None = None, hbm_gib: float | None = None,
+         topology: tpu_topology.Topology | None = None) -> PlanReport:
   """Compiles `exp`'s train step ahead of time on this process's devices and reports per device.
 
   `devices` (default: all) must equal jax.device_count(); plan_main re-executes with that many
-  fake CPU devices when it does not.
+  fake CPU devices when it does not. With `topology`, the train and eval steps compile for that
+  TPU slice with the TPU compiler, and hbm_gib defaults to its HBM per device.
   """
+  if topology is not None:
+    return _plan_compiled(exp, topology.devices, hbm_gib or topology.hbm_gib_per_device,
+                          f"{topology.name} ({topology.topology_name})")
   available = jax.device_count()
   if devices is not None and devices != available:
     raise ValueError(
@@ -125,12 +134,24 @@ def plan(exp: Experiment, *, devices: int | None = None, hbm_gib: float | None =
         f"{available}; call plan_main(['--devices={devices}', ...]) (it re-executes with "
         f"XLA_FLAGS=--xla_force_host_platform_device_count={devices}) or set that flag before "
         "jax is imported.")
+  return _plan_compiled(exp, None, hbm_gib, None)
+
+
+def _plan_compiled(exp: Experiment, devices, hbm_gib: float | None, topology: str | None
+                   ) -> PlanReport:
   start = time.perf_counter()
-  rt = build_runtime(exp)
+  rt = build_runtime(exp, devices)
   exp = rt.exp.resolved()
+  eval_temp = None
   with rt.scope():
-    compiled = rt.train_step.lower(rt.abstract_state, abstract_batch(exp, rt.mesh)).compile()
+    batch = abstract_batch(exp, rt.mesh)
+    compiled = rt.train_step.lower(rt.abstract_state, batch).compile()
+    if topology is not None:  # the eval step must compile for the slice too
+      eval_compiled = rt.eval_step.lower(rt.abstract_state.params, batch).compile()
+      eval_temp = eval_compiled.memory_analysis().temp_size_in_bytes
   seconds = time.perf_counter() - start
+  available = rt.mesh.devices.size
+  backend = rt.mesh.devices.flat[0].platform
   mem = compiled.memory_analysis()
   state = rt.abstract_state
   params, opt = per_device_bytes(state.params), per_device_bytes(state.opt_state)
@@ -143,13 +164,14 @@ def plan(exp: Experiment, *, devices: int | None = None, hbm_gib: float | None =
   xla = _xla_flops(compiled)
   use_xla = xla is not None and _xla_counts_every_flop(exp)
   return PlanReport(
-      devices=available, mesh=dict(rt.mesh.shape), backend=jax.default_backend(),
+      devices=available, mesh=dict(rt.mesh.shape), backend=backend,
       tokens_per_step=tokens, param_bytes=params, optimizer_bytes=opt, other_state_bytes=other,
       argument_bytes=args, output_bytes=outs, alias_bytes=alias, temp_bytes=temp,
       total_bytes=total, flops_per_step=xla * available if use_xla else analytic,
       flops_source="xla" if use_xla else "analytic", xla_flops_per_device=xla,
       analytic_flops_per_step=analytic, compile_seconds=seconds, hbm_gib=hbm_gib,
-      fits=None if hbm_gib is None else total <= hbm_gib * GIB)
+      fits=None if hbm_gib is None else total <= hbm_gib * GIB, topology=topology,
+      eval_temp_bytes=eval_temp)
 
 
 def _size(n: float) -> str:
@@ -163,9 +185,10 @@ def plan_text(report: PlanReport) -> str:
   """The report as the table `pretrainx plan` prints."""
   r = report
   mesh = " x ".join(f"{k}={v}" for k, v in r.mesh.items())
+  target = f"TPU {r.topology}, TPU compiler" if r.topology else r.backend
   lines = [
       f"AOT plan: {r.devices} devices, mesh {mesh}, {r.tokens_per_step} tokens per step "
-      f"(compiled for {r.backend} in {r.compile_seconds:.1f} s)",
+      f"(compiled for {target} in {r.compile_seconds:.1f} s)",
       "per device:",
       f"  parameters           {_size(r.param_bytes):>12}",
       f"  optimizer state      {_size(r.optimizer_bytes):>12}",
@@ -182,10 +205,13 @@ def plan_text(report: PlanReport) -> str:
     lines.append(f"  analytic estimate {r.analytic_flops_per_step:.3e}")
   elif r.xla_flops_per_device is not None:
     lines.append(f"  (XLA counted {r.xla_flops_per_device:.3e} per device, loop bodies once)")
+  if r.eval_temp_bytes is not None:
+    lines.append(f"eval step: compiles, {_size(r.eval_temp_bytes)} temporaries per device")
   if r.hbm_gib is not None:
     used = r.total_bytes / (r.hbm_gib * GIB)
-    verdict = "fits" if r.fits else "DOES NOT FIT"
-    lines.append(f"HBM {r.hbm_gib:g} GiB per device: {verdict} ({_size(r.total_bytes)}, "
+    verdict = ("fits" if r.fits else
+               f"does not fit by {_size(r.total_bytes - r.hbm_gib * GIB)}")
+    lines.append(f"HBM {r.hbm_gib:.4g} GiB per device: {verdict} ({_size(r.total_bytes)}, "
                  f"{100 * used:.1f}% of it)")
   if r.backend == "cpu":
     lines.append(CPU_NOTE)
@@ -215,7 +241,11 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--devices", type=int, default=None,
                  help="devices to plan for (default: this process's); fake CPU devices if more")
   p.add_argument("--mesh", default=None, help="AXIS=SIZE,... overriding MeshConfig")
-  p.add_argument("--hbm_gib", type=float, default=None, help="HBM per device, e.g. 95 for v5p")
+  p.add_argument("--hbm_gib", type=float, default=None,
+                 help="HBM per device, e.g. 95 for v5p (default with --topology: the chip's)")
+  p.add_argument("--topology", default=None,
+                 help="compile for a TPU slice with the TPU compiler (needs libtpu; no TPU): "
+                      "v4-N, v5p-N, v5e-N, v6e-N or GEN:AxBxC, e.g. v5p-256")
   p.add_argument("--json", action="store_true", help="print the report as JSON")
   return p
 
@@ -243,6 +273,15 @@ def plan_main(argv: list[str] | None = None) -> int:
     exp = parse_gin(args.gin_file, args.gin_param)
     if args.mesh is not None:
       exp = exp.replace(mesh=parse_mesh(args.mesh))
+    if args.topology is not None:
+      topo = tpu_topology.load(args.topology)
+      try:
+        exp.mesh.resolved_shape(len(topo.devices))
+      except ValueError as err:
+        raise ValueError(f"topology {args.topology} has {len(topo.devices)} devices: {err} "
+                         "(pass --mesh, e.g. --mesh=data=1,fsdp=-1,tensor=1)") from err
+      report = plan(exp, hbm_gib=args.hbm_gib, topology=topo)
+      return _print(report, args.json)
     devices = args.devices or jax.device_count()
     if devices < 1:
       raise ValueError(f"--devices={args.devices} must be a positive integer.")
@@ -256,9 +295,14 @@ def plan_main(argv: list[str] | None = None) -> int:
   except (ValueError, FileNotFoundError) as err:
     sys.stderr.write(f"pretrainx plan: error: {err}\n")
     return 2
-  text = json.dumps(report.to_dict(), indent=1) if args.json else plan_text(report)
+  return _print(report, args.json)
+
+
+def _print(report: PlanReport, as_json: bool) -> int:
+  """Prints the report; 1 when it does not fit its HBM."""
+  text = json.dumps(report.to_dict(), indent=1) if as_json else plan_text(report)
   sys.stdout.write(text + "\n")
-  return 0
+  return 1 if report.fits is False else 0
 
 
 if __name__ == "__main__":

@@ -60,12 +60,15 @@ class Runtime:
     return {d: [self.put_batch(b) for b in batches] for d, batches in host.items()}
 
 
-def build_runtime(exp: Experiment) -> Runtime:
-  """Validates `exp` and builds the mesh, model, optimizer and jitted (donating) train step."""
+def build_runtime(exp: Experiment, devices: list | tuple | None = None) -> Runtime:
+  """Validates `exp` and builds the mesh, model, optimizer and jitted (donating) train step.
+
+  `devices` (default: this process's) may be another platform's, e.g. a TPU topology's devices
+  for an ahead-of-time compile on a CPU host."""
   validate(exp)
   exp = exp.resolved()
   run = exp.run
-  mesh = make_mesh(exp.mesh)
+  mesh = make_mesh(exp.mesh, None if devices is None else list(devices))
   check_batch_divisible(run.global_batch_size, mesh, run.microbatches)
   model = Transformer(exp.model)
   optimizer, schedule = make_optimizer(exp.optimizer, run.steps)

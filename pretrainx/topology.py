@@ -1,0 +1,122 @@
+"""TPU topologies for ahead-of-time compiles on any host, TPU or not.
+
+Accelerator names as Cloud TPU spells them (`v5p-256`, `v4-64`, `v5e-16`/`v5litepod-16`,
+`v6e-8`) or a chip grid (`v5p:4x4x8`) become libtpu's topology devices, which the real TPU
+compiler targets from a CPU machine (as MaxText's train_compile.py does), plus each device's HBM.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import math
+import os
+import re
+
+# generation: (cores per chip in the accelerator name, HBM GiB per chip, grid dimensions)
+GENERATIONS = {"v4": (2, 32.0, 3), "v5p": (2, 95.0, 3), "v5e": (1, 16.0, 2), "v6e": (1, 32.0, 2)}
+ALIASES = {"v5litepod": "v5e", "v5lite": "v5e", "v6": "v6e"}
+MAX_CHIPS = 8192
+INSTALL_HINT = ("the TPU compiler comes with libtpu: pip install 'pretrainx[tpu]' (or "
+                "pip install 'jax[tpu]'); without it, plan with fake CPU devices (--devices=N).")
+
+
+@dataclasses.dataclass(frozen=True)
+class Topology:
+  """A TPU slice to compile for."""
+
+  name: str          # as given, e.g. 'v5p-256'
+  generation: str    # 'v4', 'v5p', 'v5e', 'v6e'
+  grid: tuple[int, ...]  # chips per dimension, e.g. (4, 4, 8)
+  devices: tuple     # libtpu's topology devices (what jax.jit compiles for)
+
+  @property
+  def chips(self) -> int:
+    return math.prod(self.grid)
+
+  @property
+  def hbm_gib_per_device(self) -> float:
+    """HBM of one JAX device (a chip, or one core where libtpu lists cores)."""
+    return GENERATIONS[self.generation][1] * self.chips / len(self.devices)
+
+  @property
+  def topology_name(self) -> str:
+    return f"{self.generation}:{'x'.join(map(str, self.grid))}"
+
+
+def chip_grid(chips: int, dims: int) -> tuple[int, ...]:
+  """The standard slice shape of `chips` chips: 3-D tori for v4/v5p (4 -> 2x2x1, 8 -> 2x2x2,
+  256 -> 4x8x8), 2-D for v5e/v6e (4 -> 2x2, 8 -> 2x4, 256 -> 16x16)."""
+  grid = [1] * dims
+  if dims == 3 and chips >= 4:
+    grid, left = [2, 2, 1], chips // 4
+  else:
+    left = chips
+  while left > 1:
+    small = min(grid)
+    i = max(j for j, g in enumerate(grid) if g == small)  # ties: the last dimension grows
+    grid[i] *= 2
+    left //= 2
+  return tuple(grid)
+
+
+def example_names() -> list[str]:
+  return ["v4-8", "v4-64", "v5p-8", "v5p-256", "v5e-1", "v5e-16", "v5litepod-256", "v6e-8",
+          "v6e-256", "v5p:4x4x8", "v6e:16x16"]
+
+
+def _bad(name: str, why: str) -> ValueError:
+  gens = ", ".join(sorted(GENERATIONS) + sorted(ALIASES))
+  return ValueError(f"unknown TPU topology {name!r}: {why}. Name an accelerator type "
+                    f"GENERATION-N ({gens}; N counts cores on v4/v5p and chips on v5e/v6e, a "
+                    f"power of two) or a chip grid GENERATION:AxBxC, e.g. "
+                    f"{', '.join(example_names())}.")
+
+
+def parse(name: str) -> tuple[str, tuple[int, ...]]:
+  """(generation, chip grid) of an accelerator type or grid name."""
+  m = re.fullmatch(r"([a-z0-9]+?)([-:])(.+)", name.strip().lower())
+  if not m:
+    raise _bad(name, "expected GENERATION-N or GENERATION:AxBxC")
+  gen = ALIASES.get(m.group(1), m.group(1))
+  if gen not in GENERATIONS:
+    raise _bad(name, f"no TPU generation {m.group(1)!r}")
+  per_chip, _, dims = GENERATIONS[gen]
+  if m.group(2) == ":":
+    if not re.fullmatch(r"\d+(x\d+)*", m.group(3)):
+      raise _bad(name, f"{m.group(3)!r} is not a chip grid like 4x4x8")
+    grid = tuple(int(x) for x in m.group(3).split("x"))
+    if len(grid) != dims or min(grid) < 1:
+      raise _bad(name, f"{gen} slices are {dims}-D grids")
+    return gen, grid
+  if not m.group(3).isdigit():
+    raise _bad(name, f"{m.group(3)!r} is not a number of {'cores' if per_chip > 1 else 'chips'}")
+  n = int(m.group(3))
+  chips = n // per_chip
+  if n % per_chip or chips < 1 or chips & (chips - 1) or chips > MAX_CHIPS or (
+      dims == 3 and chips < 4):
+    raise _bad(name, f"{gen} has no slice of {n} {'cores' if per_chip > 1 else 'chips'}")
+  return gen, chip_grid(chips, dims)
+
+
+def libtpu_available() -> bool:
+  return importlib.util.find_spec("libtpu") is not None
+
+
+def load(name: str) -> Topology:
+  """The Topology for `name`, its devices from libtpu (no TPU needed); ValueError if libtpu is
+  missing or the name is not a slice."""
+  gen, grid = parse(name)
+  if not libtpu_available():
+    raise ValueError(f"--topology={name}: {INSTALL_HINT}")
+  # Compiling needs no TPU, so several planners (or a planner beside a training run) may load
+  # libtpu at once instead of waiting on its single-process lock file.
+  os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+  from jax.experimental import topologies  # pylint: disable=import-outside-toplevel
+
+  spec = f"{gen}:{'x'.join(map(str, grid))}"
+  try:
+    devices = topologies.get_topology_desc(platform="tpu", topology_name=spec).devices
+  except Exception as err:  # pylint: disable=broad-except  # libtpu's own words
+    raise _bad(name, f"libtpu rejects {spec} ({str(err).splitlines()[0][:200]})") from err
+  return Topology(name, gen, grid, tuple(devices))

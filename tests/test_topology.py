@@ -1,0 +1,87 @@
+"""TPU topologies and `pretrainx plan --topology`: the real TPU compiler (libtpu) compiles the train
+and eval steps for a v5p slice on this CPU machine; bad names, meshes and a missing libtpu each
+get one line."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from pretrainx import topology
+
+from conftest import REPO
+
+needs_libtpu = pytest.mark.skipif(not topology.libtpu_available(),
+                                  reason="libtpu is not installed (pip install 'pretrainx[tpu]')")
+
+
+@pytest.mark.parametrize("name, gen, grid", [
+    ("v5p-8", "v5p", (2, 2, 1)), ("v5p-16", "v5p", (2, 2, 2)), ("v5p-256", "v5p", (4, 4, 8)),
+    ("v5p-512", "v5p", (4, 8, 8)), ("v4-64", "v4", (2, 4, 4)), ("v5e-1", "v5e", (1, 1)),
+    ("v5litepod-16", "v5e", (4, 4)), ("v6e-8", "v6e", (2, 4)), ("v6e-256", "v6e", (16, 16)),
+    ("v5p:8x8x4", "v5p", (8, 8, 4)), ("V6E:2x2", "v6e", (2, 2))])
+def test_names_become_chip_grids(name, gen, grid):
+  assert topology.parse(name) == (gen, grid)
+
+
+@pytest.mark.parametrize("name, why", [
+    ("v5p-7", "v5p has no slice of 7 cores"), ("v5p-4", "v5p has no slice of 4 cores"),
+    ("v7x-8", "no TPU generation 'v7x'"), ("v5e:2x2x2", "v5e slices are 2-D grids"),
+    ("tpu", "expected GENERATION-N or GENERATION:AxBxC"), ("v6e-12", "v6e has no slice of 12 chips")])
+def test_bad_names_list_the_valid_ones(name, why):
+  with pytest.raises(ValueError) as err:
+    topology.parse(name)
+  assert f"unknown TPU topology {name!r}: {why}." in str(err.value)
+  assert "v5p-256" in str(err.value) and "v5p:4x4x8" in str(err.value)
+
+
+def _plan(*args):
+  env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+  env.pop("XLA_FLAGS", None)
+  return subprocess.run([sys.executable, "-m", "pretrainx", "plan", *args], cwd=REPO, env=env,
+                        capture_output=True, text=True, timeout=600)
+
+
+@needs_libtpu
+def test_plan_compiles_train_and_eval_steps_for_v5p_with_the_tpu_compiler():
+  out = _plan("--gin_file=gin_configs/tiny.gin", "--topology=v5p-8",
+              "--mesh=data=1,fsdp=2,tensor=2")
+  assert out.returncode == 0, out.stderr[-3000:]
+  lines = out.stdout.splitlines()
+  assert lines[0].startswith("AOT plan: 4 devices, mesh data=1 x fsdp=2 x tensor=2, 512 tokens "
+                             "per step (compiled for TPU v5p-8 (v5p:2x2x1), TPU compiler in ")
+  assert any(l.startswith("eval step: compiles, ") for l in lines)
+  assert lines[-1].startswith("HBM 95 GiB per device: fits (")
+  assert "fake CPU devices" not in out.stdout
+
+
+@needs_libtpu
+def test_plan_exits_1_when_the_run_does_not_fit():
+  out = _plan("--gin_file=gin_configs/tiny.gin", "--topology=v5p-8", "--hbm_gib=0.001")
+  assert out.returncode == 1
+  assert "HBM 0.001 GiB per device: does not fit by " in out.stdout
+
+
+@needs_libtpu
+def test_plan_refuses_a_mesh_of_another_size():
+  out = _plan("--gin_file=gin_configs/tiny.gin", "--topology=v5p-8", "--mesh=data=2,fsdp=1,tensor=1")
+  assert out.returncode == 2
+  assert out.stderr.strip().splitlines()[-1].startswith(
+      "pretrainx plan: error: topology v5p-8 has 4 devices: mesh axes data=2 x fsdp=1 x tensor=1")
+
+
+def test_plan_without_libtpu_says_how_to_install(tmp_path):
+  # A child in which libtpu cannot be found.
+
+  code = ("import importlib.util, sys; importlib.util.find_spec = (lambda f: lambda n, *a: None "
+          "if n == 'libtpu' else f(n, *a))(importlib.util.find_spec); "
+          "from pretrainx.plan import plan_main; sys.exit(plan_main(['--gin_file=gin_configs/tiny.gin', "
+          "'--topology=v5p-8']))")
+  out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
+                       env={**os.environ, "JAX_PLATFORMS": "cpu"}, timeout=300)
+  assert out.returncode == 2
+  assert out.stderr.strip().splitlines()[-1] == (
+      "pretrainx plan: error: --topology=v5p-8: the TPU compiler comes with libtpu: pip install "
+      "'pretrainx[tpu]' (or pip install 'jax[tpu]'); without it, plan with fake CPU devices "
+      "(--devices=N).")

@@ -488,14 +488,14 @@ def _check_options(q, k, segment_ids, prefix_mask, sliding_window, logit_softcap
 
 
 def _prepare(q, k, v, *, causal, segment_ids, prefix_mask, sliding_window, logit_softcap, scale,
-             block_q, block_k, impl, interpret):
+             block_q, block_k, impl, interpret, backend=None):
   """Validates; returns the static config and heads-major padded (q, k, v, aux)."""
   num_heads, num_kv_heads = check_attention_shapes(q, k, v)
   _check_options(q, k, segment_ids, prefix_mask, sliding_window, logit_softcap, block_q,
                  block_k)
   seq_len, head_dim = q.shape[1], q.shape[3]
   # The pure-JAX loop prefers big blocks on every backend: it takes the CPU sizes.
-  backend = _backend(None) if impl == "pallas" else "cpu"
+  backend = _backend(backend) if impl == "pallas" else "cpu"
   default_q, default_k = default_block_sizes(backend, seq_len, head_dim)
   block_q = default_q if block_q is None else _cap_block(int(block_q), seq_len, backend)
   block_k = default_k if block_k is None else _cap_block(int(block_k), seq_len, backend)
@@ -533,7 +533,8 @@ def _run(q, k, v, **options) -> jax.Array:
 def flash_attention(q, k, v, *, causal: bool = True, segment_ids=None, prefix_mask=None,
                     sliding_window: int | None = None, logit_softcap: float | None = None,
                     scale: float | None = None, block_q: int | None = None,
-                    block_k: int | None = None, interpret: bool | None = None) -> jax.Array:
+                    block_k: int | None = None, interpret: bool | None = None,
+                    backend: str | None = None) -> jax.Array:
   """Blockwise softmax self-attention as Pallas kernels (forward and backward).
 
   Args:
@@ -549,14 +550,18 @@ def flash_attention(q, k, v, *, causal: bool = True, segment_ids=None, prefix_ma
     block_q, block_k: block sizes (None: `default_block_sizes` for this backend), capped to the
       sequence. On GPU keep them powers of two >= 16 (and head_dim a power of two).
     interpret: Pallas interpret mode; None means True on the CPU backend.
+    backend: the platform compiled for ('cpu', 'gpu', 'tpu'; None: jax's default backend), e.g.
+      'tpu' when compiling ahead of time for TPU devices from a CPU host.
   Returns:
     [batch, seq, num_heads, head_dim] in q's dtype.
   """
+  backend = _backend(backend)
   if interpret is None:
-    interpret = jax.default_backend() == "cpu"
+    interpret = backend == "cpu"
   return _run(q, k, v, causal=causal, segment_ids=segment_ids, prefix_mask=prefix_mask,
               sliding_window=sliding_window, logit_softcap=logit_softcap, scale=scale,
-              block_q=block_q, block_k=block_k, impl="pallas", interpret=interpret)
+              block_q=block_q, block_k=block_k, impl="pallas", interpret=interpret,
+              backend=backend)
 
 
 def blockwise_attention_jax(q, k, v, *, causal: bool = True, segment_ids=None, prefix_mask=None,

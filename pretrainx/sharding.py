@@ -112,3 +112,27 @@ def mesh_scope(mesh: Mesh, rules):
   """Inside it, jit uses `mesh` and Linen's logical constraints resolve through `rules`."""
   with jax.set_mesh(mesh), nn.logical_axis_rules(list(rules)):
     yield
+
+
+def current_mesh() -> jax.sharding.AbstractMesh | None:
+  """The mesh jax.set_mesh installed (mesh_scope does) as seen while tracing, or None."""
+  mesh = jax.sharding.get_abstract_mesh()
+  return None if mesh is None or mesh.empty else mesh
+
+
+def mesh_platform(mesh) -> str:
+  """'cpu', 'gpu' or 'tpu': what a mesh's devices are (a TPU topology's, planning on a CPU)."""
+  device = getattr(mesh, "abstract_device", None)
+  return device.platform if device is not None else jax.default_backend()
+
+
+def activation_axes(logical_name: str) -> Any:
+  """The mesh axes (a name, a tuple of names, or None) that the active logical rules map an
+  activation axis to; None outside nn.logical_axis_rules."""
+  return nn.logical_to_mesh_axes((logical_name,))[0]
+
+
+def axes_size(mesh: Mesh, axes: Any) -> int:
+  if axes is None:
+    return 1
+  return math.prod(mesh.shape[a] for a in ((axes,) if isinstance(axes, str) else axes))

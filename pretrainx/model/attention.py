@@ -27,6 +27,7 @@ from pallas_kernels import flash_attention as fa
 from pallas_kernels import linear_attention as la
 from pallas_kernels.hybrid_attention import hybrid_attention
 from pallas_kernels.reference import check_attention_shapes, reference_attention
+from pretrainx.model import kernels
 from pretrainx.model.config import ModelConfig
 from pretrainx.model.layers import apply_rope, dense_init, param_with_axes
 
@@ -71,12 +72,19 @@ def _reference(q, k, v, segment_ids, prefix_mask, cfg, learned):
 
 
 def _flash(q, k, v, segment_ids, prefix_mask, cfg, learned):
-  kw = dict(causal=True, segment_ids=segment_ids, prefix_mask=prefix_mask,
-            block_q=cfg.flash_block_q, block_k=cfg.flash_block_k)
-  if cfg.kernel_interpret or fa.can_lower():
-    return fa.flash_attention(q, k, v, interpret=True if cfg.kernel_interpret else None, **kw)
+  blocks = dict(block_q=cfg.flash_block_q, block_k=cfg.flash_block_k)
+  backend = kernels.platform()
+  if cfg.kernel_interpret or fa.can_lower(backend):
+    interpret = True if cfg.kernel_interpret else None
+
+    def kernel(q, k, v, seg, prefix):  # one device's shard
+      return fa.flash_attention(q, k, v, causal=True, segment_ids=seg, prefix_mask=prefix,
+                                interpret=interpret, backend=backend, **blocks)
+
+    return kernels.shard_attention(kernel, q, k, v, segment_ids, prefix_mask)
   _warn_fallback("flash", "blockwise_attention_jax (pure JAX)")
-  return fa.blockwise_attention_jax(q, k, v, **kw)
+  return fa.blockwise_attention_jax(q, k, v, causal=True, segment_ids=segment_ids,
+                                    prefix_mask=prefix_mask, **blocks)
 
 
 def _linear(q, k, v, segment_ids, prefix_mask, cfg, learned):

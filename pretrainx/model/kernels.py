@@ -1,0 +1,60 @@
+"""Pallas kernels on meshes: GSPMD cannot partition a Mosaic (TPU) or Triton (GPU) call, so each
+kernel runs under `jax.shard_map`, split over the mesh axes that the logical rules give the
+activations' batch and heads (sharding.py's table); sequence and head_dim stay whole per shard.
+The same model code then compiles on one device and on any mesh, TPU topologies included.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import jax
+from jax.sharding import PartitionSpec as P
+
+from pretrainx.sharding import activation_axes, axes_size, current_mesh, mesh_platform
+
+
+def platform() -> str:
+  """The platform the code is being compiled for: the mesh's devices (a TPU topology when
+  planning from a CPU host), else jax's default backend."""
+  mesh = current_mesh()
+  return mesh_platform(mesh) if mesh is not None else jax.default_backend()
+
+
+def shard_attention(kernel: Callable, q: jax.Array, k: jax.Array, v: jax.Array,
+                    segment_ids: jax.Array | None = None,
+                    prefix_mask: jax.Array | None = None) -> jax.Array:
+  """kernel(q, k, v, segment_ids, prefix_mask) -> out, run on each device's shard.
+
+  q, out: [batch, seq, heads, head_dim]; k, v: [batch, seq, kv_heads, head_dim];
+  segment_ids, prefix_mask: [batch, seq] or None. Outside a mesh (or on one device) the kernel
+  is called directly. The kernel sees whole sequences and whole GQA groups.
+  """
+  mesh = current_mesh()
+  if mesh is None or mesh.size == 1:
+    return kernel(q, k, v, segment_ids, prefix_mask)
+  batch, heads = activation_axes("activation_batch"), activation_axes("activation_heads")
+  kv_heads, length = activation_axes("activation_kv_heads"), activation_axes("activation_length")
+  if length is not None:
+    raise ValueError(f"the attention kernels need whole sequences per device, but the rules shard "
+                     f"activation_length over {length}; map it to None in MeshConfig.rules, or "
+                     "use attention_impl='reference'.")
+  # A dimension that does not split over its axes is kept whole on every device (the init's
+  # one-row batch, say); heads split only if query and key/value heads both do, so that each
+  # shard keeps whole GQA groups.
+  if q.shape[0] % axes_size(mesh, batch):
+    batch = None
+  if q.shape[2] % axes_size(mesh, heads) or k.shape[2] % axes_size(mesh, kv_heads):
+    heads = kv_heads = None
+  q_spec, kv_spec = P(batch, None, heads, None), P(batch, None, kv_heads, None)
+  rows = [x for x in (segment_ids, prefix_mask) if x is not None]
+
+  def per_shard(q, k, v, *rows_in):
+    it = iter(rows_in)
+    seg = next(it) if segment_ids is not None else None
+    prefix = next(it) if prefix_mask is not None else None
+    return kernel(q, k, v, seg, prefix)
+
+  return jax.shard_map(per_shard, mesh=mesh, in_specs=(q_spec, kv_spec, kv_spec,
+                                                       *([P(batch, None)] * len(rows))),
+                       out_specs=q_spec, check_vma=False)(q, k, v, *rows)

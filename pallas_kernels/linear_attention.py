@@ -114,29 +114,41 @@ def _log_decay(decay, num_heads: int) -> jax.Array:
 # ----------------------------------------------------------------------------- chunked core
 
 
-def _chunk_step(state, q, k, v, log_gamma):
-  """One chunk of the recurrence, all fp32.
+def _chunk_step(state, q, k, v, seg, log_gamma):
+  """One chunk of the recurrence, all fp32, with the state reset at segment starts.
 
-  state: (S [F, D], z [F]) after the previous chunk; q, k: [C, F]; v: [C, D].
-  Returns (new_state, numerator [C, D], denominator [C]).
+  state: (S [F, D], z [F, 1], prev [1, 1]: the segment id of the last key before the chunk);
+  q, k: [C, F]; v: [C, D]; seg: [C, 1] the chunk's segment ids (float, each id one contiguous
+  run); log_gamma: [1, 1]. Everything is 2-D, as Mosaic (TPU) lowers it.
+  Returns (new_state, numerator [C, D], denominator [C, 1]).
   """
-  s, z = state
+  s, z, prev = state
   c = q.shape[0]
   i = jax.lax.broadcasted_iota(jnp.int32, (c, c), 0)
   j = jax.lax.broadcasted_iota(jnp.int32, (c, c), 1)
-  causal = j <= i
-  # gamma**(i - j) on and below the diagonal; exponents are never negative, so nothing overflows.
-  intra_decay = jnp.where(causal, jnp.exp(jnp.where(causal, i - j, 0) * log_gamma), 0.0)
-  scores = jnp.dot(q, k.T, preferred_element_type=jnp.float32) * intra_decay  # [C, C]
-  pos = jnp.arange(c, dtype=jnp.float32)
-  q_dec = q * jnp.exp((pos + 1.0) * log_gamma)[:, None]  # state decays i + 1 steps into chunk
-  k_dec = k * jnp.exp((c - 1.0 - pos) * log_gamma)[:, None]  # key j decays to chunk end
-  num = jnp.dot(scores, v, preferred_element_type=jnp.float32) + jnp.dot(q_dec, s)
-  den = jnp.sum(scores, axis=1) + jnp.dot(q_dec, z)
-  chunk_decay = jnp.exp(c * log_gamma)
-  s = chunk_decay * s + jnp.dot(k_dec.T, v, preferred_element_type=jnp.float32)
-  z = chunk_decay * z + jnp.sum(k_dec, axis=0)
-  return (s, z), num, den
+  ones = jnp.ones((c, 1), jnp.float32)
+  seg_j = jax.lax.dot_general(ones, seg, (((1,), (1,)), ((), ())))  # [C, C]: seg of key j
+  visible = (j <= i) & (seg == seg_j)
+  # gamma**(i - j) where visible; exponents are never negative, so nothing overflows.
+  gaps = jnp.where(visible, i - j, 0).astype(jnp.float32)
+  intra = jnp.where(visible, jnp.exp(gaps * log_gamma), 0.0)
+  scores = jnp.dot(q, k.T, preferred_element_type=jnp.float32) * intra  # [C, C]
+  pos = jax.lax.broadcasted_iota(jnp.int32, (c, 1), 0).astype(jnp.float32)
+  # The state holds `prev`'s run, decayed i + 1 steps into the chunk for query i.
+  q_in = q * jnp.where(seg == prev, jnp.exp((pos + 1.0) * log_gamma), 0.0)
+  num = jnp.dot(scores, v, preferred_element_type=jnp.float32) + jnp.dot(q_in, s)
+  den = jnp.sum(scores, axis=1, keepdims=True) + jnp.dot(q_in, z)
+  last = seg[c - 1:c, :]  # [1, 1]: the run the new state holds
+  keep = jnp.where(last == prev, jnp.exp(c * log_gamma), 0.0)
+  k_run = k * jnp.where(seg == last, jnp.exp((c - 1.0 - pos) * log_gamma), 0.0)
+  s = keep * s + jnp.dot(k_run.T, v, preferred_element_type=jnp.float32)
+  z = keep * z + jnp.dot(k_run.T, ones, preferred_element_type=jnp.float32)
+  return (s, z, last), num, den
+
+
+def _init_state(feat: int, head_dim: int, first_seg):
+  return (jnp.zeros((feat, head_dim), jnp.float32), jnp.zeros((feat, 1), jnp.float32),
+          first_seg)
 
 
 def _to_heads_major(x, seq_pad):
@@ -145,24 +157,32 @@ def _to_heads_major(x, seq_pad):
   return jnp.pad(x, ((0, 0), (0, 0), (0, seq_pad - x.shape[2]), (0, 0)))
 
 
-def _linear_kernel(lg_ref, q_ref, k_ref, v_ref, o_ref, *, chunk, num_chunks, eps):
-  """One (batch, head) program. q [T, F], k [T, F], v [T, D], o [T, D] refs; lg [1]."""
-  log_gamma = lg_ref[0]
+def _segments(segment_ids, batch: int, seq: int, seq_pad: int) -> jax.Array:
+  """[b, seq_pad, 1] fp32 segment ids; padding continues the last run (its keys are zeros)."""
+  seg = jnp.zeros((batch, seq), jnp.int32) if segment_ids is None else segment_ids
+  seg = jnp.pad(seg.astype(jnp.int32), ((0, 0), (0, seq_pad - seq)), mode="edge")
+  return seg.astype(jnp.float32)[:, :, None]
+
+
+def _linear_kernel(lg_ref, seg_ref, q_ref, k_ref, v_ref, o_ref, *, chunk, num_chunks, eps):
+  """One (batch, head) program. q [T, F], k [T, F], v [T, D], o [T, D], seg [T, 1] refs;
+  lg [1, 128] (the head's log decay, broadcast over lanes)."""
+  log_gamma = lg_ref[:, 0:1]  # [1, 1]
 
   def body(c, state):
     rows = pl.ds(pl.multiple_of(c * chunk, chunk), chunk)
     state, num, den = _chunk_step(state, q_ref[rows, :], k_ref[rows, :], v_ref[rows, :],
-                                  log_gamma)
-    o_ref[rows, :] = (num / (den[:, None] + eps)).astype(o_ref.dtype)
+                                  seg_ref[rows, :], log_gamma)
+    o_ref[rows, :] = (num / (den + eps)).astype(o_ref.dtype)
     return state
 
-  init = (jnp.zeros((q_ref.shape[1], v_ref.shape[1]), jnp.float32),
-          jnp.zeros((q_ref.shape[1],), jnp.float32))
+  init = _init_state(q_ref.shape[1], v_ref.shape[1], seg_ref[0:1, :])
   jax.lax.fori_loop(0, num_chunks, body, init)
 
 
-def _pallas_forward(phi_q, phi_k, v, log_gamma, chunk, eps, interpret):
-  """phi_q [b, t, h, F], phi_k [b, t, kvh, F], v [b, t, kvh, D] -> [b, t, h, D] fp32."""
+def _pallas_forward(phi_q, phi_k, v, seg, log_gamma, chunk, eps, interpret):
+  """phi_q [b, t, h, F], phi_k [b, t, kvh, F], v [b, t, kvh, D], seg [b, seq_pad, 1]
+  -> [b, t, h, D] fp32."""
   batch, seq, heads, feat = phi_q.shape
   kv_heads, head_dim = v.shape[2], v.shape[3]
   groups = heads // kv_heads
@@ -171,30 +191,36 @@ def _pallas_forward(phi_q, phi_k, v, log_gamma, chunk, eps, interpret):
   q_spec = pl.BlockSpec((None, None, seq_pad, feat), lambda b, h: (b, h, 0, 0))
   k_spec = pl.BlockSpec((None, None, seq_pad, feat), lambda b, h: (b, h // groups, 0, 0))
   v_spec = pl.BlockSpec((None, None, seq_pad, head_dim), lambda b, h: (b, h // groups, 0, 0))
+  # Mosaic tiles the last two block dims by (8, 128) or takes them whole: the per-head decay is
+  # a [1, 128] row per head, the segment ids a [seq_pad, 1] column per batch row.
+  lg_spec = pl.BlockSpec((None, 1, 128), lambda b, h: (h, 0, 0))
+  seg_spec = pl.BlockSpec((None, seq_pad, 1), lambda b, h: (b, 0, 0))
   out = pl.pallas_call(
       functools.partial(_linear_kernel, chunk=chunk, num_chunks=num_chunks, eps=eps),
       out_shape=jax.ShapeDtypeStruct((batch, heads, seq_pad, head_dim), jnp.float32),
       grid=(batch, heads),
-      in_specs=[pl.BlockSpec((None, 1), lambda b, h: (h, 0)), q_spec, k_spec, v_spec],
+      in_specs=[lg_spec, seg_spec, q_spec, k_spec, v_spec],
       out_specs=pl.BlockSpec((None, None, seq_pad, head_dim), lambda b, h: (b, h, 0, 0)),
       interpret=interpret,
-  )(log_gamma[:, None], _to_heads_major(phi_q, seq_pad), _to_heads_major(phi_k, seq_pad),
+  )(jnp.broadcast_to(log_gamma[:, None, None], (heads, 1, 128)), seg,
+    _to_heads_major(phi_q, seq_pad), _to_heads_major(phi_k, seq_pad),
     _to_heads_major(v, seq_pad))
   return jnp.swapaxes(out[:, :, :seq], 1, 2)
 
 
-def _scan_head(q, k, v, log_gamma, eps):
-  """Pure-JAX chunk scan for one head: q, k [N, C, F], v [N, C, D] -> [N, C, D]."""
+def _scan_head(q, k, v, seg, log_gamma, eps):
+  """Pure-JAX chunk scan for one head: q, k [N, C, F], v [N, C, D], seg [N, C, 1] -> [N, C, D]."""
+  lg = jnp.reshape(log_gamma, (1, 1))
 
   def step(state, xs):
-    state, num, den = _chunk_step(state, *xs, log_gamma)
-    return state, num / (den[:, None] + eps)
+    state, num, den = _chunk_step(state, *xs, lg)
+    return state, num / (den + eps)
 
-  init = (jnp.zeros((q.shape[-1], v.shape[-1]), jnp.float32), jnp.zeros((q.shape[-1],)))
-  return jax.lax.scan(step, init, (q, k, v))[1]
+  init = _init_state(q.shape[-1], v.shape[-1], seg[0, 0:1, :])
+  return jax.lax.scan(step, init, (q, k, v, seg))[1]
 
 
-def _chunked_jax(phi_q, phi_k, v, log_gamma, chunk, eps):
+def _chunked_jax(phi_q, phi_k, v, seg, log_gamma, chunk, eps):
   """The kernel's computation in pure JAX (lax.scan over chunks); shapes as `_pallas_forward`."""
   batch, seq, heads, feat = phi_q.shape
   kv_heads, head_dim = v.shape[2], v.shape[3]
@@ -205,55 +231,80 @@ def _chunked_jax(phi_q, phi_k, v, log_gamma, chunk, eps):
   q = _to_heads_major(phi_q, seq_pad).reshape(batch, kv_heads, groups, num_chunks, chunk, feat)
   k = _to_heads_major(phi_k, seq_pad).reshape(batch, kv_heads, num_chunks, chunk, feat)
   vv = _to_heads_major(v, seq_pad).reshape(batch, kv_heads, num_chunks, chunk, head_dim)
-  per_group = jax.vmap(lambda q, k, v, lg: _scan_head(q, k, v, lg, eps), (0, None, None, 0))
-  per_kv_head = jax.vmap(per_group, (0, 0, 0, 0))
-  out = jax.vmap(per_kv_head, (0, 0, 0, None))(q, k, vv, log_gamma.reshape(kv_heads, groups))
+  sg = seg.reshape(batch, num_chunks, chunk, 1)
+  per_group = jax.vmap(lambda q, k, v, s, lg: _scan_head(q, k, v, s, lg, eps),
+                       (0, None, None, None, 0))
+  per_kv_head = jax.vmap(per_group, (0, 0, 0, None, 0))
+  out = jax.vmap(per_kv_head, (0, 0, 0, 0, None))(q, k, vv, sg,
+                                                  log_gamma.reshape(kv_heads, groups))
   out = out.reshape(batch, heads, seq_pad, head_dim)[:, :, :seq]
   return jnp.swapaxes(out, 1, 2)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
-def _linear_core(phi_q, phi_k, v, log_gamma, chunk, eps, interpret):
-  return _pallas_forward(phi_q, phi_k, v, log_gamma, chunk, eps, interpret)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7))
+def _linear_core(phi_q, phi_k, v, seg, log_gamma, chunk, eps, interpret):
+  return _pallas_forward(phi_q, phi_k, v, seg, log_gamma, chunk, eps, interpret)
 
 
-def _linear_core_fwd(phi_q, phi_k, v, log_gamma, chunk, eps, interpret):
-  out = _pallas_forward(phi_q, phi_k, v, log_gamma, chunk, eps, interpret)
-  return out, (phi_q, phi_k, v, log_gamma)
+def _linear_core_fwd(phi_q, phi_k, v, seg, log_gamma, chunk, eps, interpret):
+  out = _pallas_forward(phi_q, phi_k, v, seg, log_gamma, chunk, eps, interpret)
+  return out, (phi_q, phi_k, v, seg, log_gamma)
 
 
 def _linear_core_bwd(chunk, eps, interpret, residuals, d_out):
   del interpret
-  _, vjp = jax.vjp(lambda *args: _chunked_jax(*args, chunk, eps), *residuals)
-  return vjp(d_out)
+  phi_q, phi_k, v, seg, log_gamma = residuals
+  _, vjp = jax.vjp(lambda q, k, v, lg: _chunked_jax(q, k, v, seg, lg, chunk, eps),
+                   phi_q, phi_k, v, log_gamma)
+  dq, dk, dv, dlg = vjp(d_out)
+  return dq, dk, dv, jnp.zeros_like(seg), dlg
 
 
 _linear_core.defvjp(_linear_core_fwd, _linear_core_bwd)
 
 
 def linear_attention(q, k, v, *, feature="elu+1", feature_params=None, decay=None,
-                     chunk_size=64, eps=1e-6, interpret=None):
+                     segment_ids=None, chunk_size=64, eps=1e-6, interpret=None):
   """Chunked causal linear attention (Pallas forward, recomputing pure-JAX chunked backward).
 
   Args:
     q: [batch, seq, heads, head_dim]; k, v: [batch, seq, kv_heads, head_dim] (GQA).
     feature: one of FEATURE_MAPS. feature_params: hedgehog W (see `_feature_qk`).
     decay: None, a scalar, or [heads] values gamma in (0, 1]; differentiable if an array.
+    segment_ids: [batch, seq] packed-document ids, each id one contiguous run; the state resets
+      at each segment start (None: one document per row).
     chunk_size: tokens per chunk (clipped to seq); seq need not be a multiple of it.
     interpret: run Pallas in interpret mode; default True on the CPU backend.
   Returns:
     [batch, seq, heads, head_dim] in q's dtype.
   """
+  return _linear(q, k, v, feature, feature_params, decay, segment_ids, chunk_size, eps,
+                 "pallas", jax.default_backend() == "cpu" if interpret is None else interpret)
+
+
+def linear_attention_jax(q, k, v, *, feature="elu+1", feature_params=None, decay=None,
+                         segment_ids=None, chunk_size=64, eps=1e-6, **unused):
+  """`linear_attention` in pure JAX (the same chunked recurrence as a lax.scan), for backends
+  that cannot lower the kernel."""
+  del unused
+  return _linear(q, k, v, feature, feature_params, decay, segment_ids, chunk_size, eps, "jax",
+                 False)
+
+
+def _linear(q, k, v, feature, feature_params, decay, segment_ids, chunk_size, eps, impl,
+            interpret):
   _check_feature(feature)
   num_heads, _ = check_attention_shapes(q, k, v)
   if chunk_size < 1:
     raise ValueError(f"chunk_size must be positive; got {chunk_size}.")
-  if interpret is None:
-    interpret = jax.default_backend() == "cpu"
   phi_q, phi_k = _feature_qk(q, k, feature, feature_params)
   chunk = min(chunk_size, q.shape[1])
-  out = _linear_core(phi_q, phi_k, v.astype(jnp.float32), _log_decay(decay, num_heads), chunk,
-                     float(eps), bool(interpret))
+  seg = _segments(segment_ids, q.shape[0], q.shape[1], pl.cdiv(q.shape[1], chunk) * chunk)
+  args = (phi_q, phi_k, v.astype(jnp.float32), seg, _log_decay(decay, num_heads))
+  if impl == "jax":
+    out = _chunked_jax(*args, chunk, float(eps))
+  else:
+    out = _linear_core(*args, chunk, float(eps), bool(interpret))
   return out.astype(q.dtype)
 
 
@@ -261,8 +312,9 @@ def linear_attention(q, k, v, *, feature="elu+1", feature_params=None, decay=Non
 
 
 def reference_linear_attention_quadratic(q, k, v, *, feature="elu+1", feature_params=None,
-                                         decay=None, eps=1e-6, **unused):
-  """Materialises phi(Q) phi(K)^T [seq, seq] per head with a causal gamma**(i - j) mask."""
+                                         decay=None, segment_ids=None, eps=1e-6, **unused):
+  """Materialises phi(Q) phi(K)^T [seq, seq] per head with a causal gamma**(i - j) mask (and,
+  with segment_ids, only keys of the query's own segment)."""
   del unused  # accepts chunk_size / interpret for a signature shared with `linear_attention`.
   _check_feature(feature)
   num_heads, kv_heads = check_attention_shapes(q, k, v)
@@ -275,6 +327,8 @@ def reference_linear_attention_quadratic(q, k, v, *, feature="elu+1", feature_pa
   causal = j <= i
   decay_mat = jnp.where(causal, jnp.exp(jnp.where(causal, i - j, 0) * log_gamma), 0.0)
   scores = jnp.einsum("bqhgf,bkhf->bhgqk", phi_q, phi_k) * decay_mat  # [b, kvh, g, t, t]
+  if segment_ids is not None:  # [b, 1, 1, t, t]: a key counts only within the query's segment
+    scores = scores * (segment_ids[:, None, None, :, None] == segment_ids[:, None, None, None, :])
   num = jnp.einsum("bhgqk,bkhd->bqhgd", scores, v.astype(jnp.float32))
   den = jnp.moveaxis(scores.sum(-1), 3, 1)  # [b, t, kvh, g]
   out = num / (den[..., None] + eps)

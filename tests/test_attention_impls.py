@@ -186,7 +186,7 @@ def test_tiny_model_trains(impl):
 
 
 @pytest.mark.parametrize("impl,used", [("flash", "blockwise_attention_jax"),
-                                       ("linear", "pure-JAX chunked scan")])
+                                       ("linear", "linear_attention_jax")])
 def test_fallback_warns_once(impl, used, caplog, monkeypatch):
   monkeypatch.setattr(attn, "_WARNED", set())
   rng = np.random.default_rng(0)

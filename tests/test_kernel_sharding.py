@@ -11,11 +11,12 @@ from pretrainx.model import kernels
 from pretrainx.sharding import MeshConfig, make_mesh, mesh_scope
 
 
-def _step_metrics(tiny_exp, impl, mesh):
+def _step_metrics(tiny_exp, impl, mesh, interpret=True, **model):
   from pretrainx.data.pipeline import TrainBatches
   from pretrainx.train.runtime import build_runtime
   from pretrainx.train.state import create_train_state
-  exp = tiny_exp(model={"attention_impl": impl, "kernel_interpret": True}, mesh=mesh)
+  exp = tiny_exp(model={"attention_impl": impl, "kernel_interpret": interpret, **model},
+                 mesh=mesh)
   rt = build_runtime(exp)
   state, _ = create_train_state(rt.model, rt.optimizer, rt.mesh, exp.mesh.rules, 0,
                                 exp.run.seq_len)
@@ -37,11 +38,23 @@ def test_sharded_flash_matches_the_reference(tiny_exp, mesh):
     np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-6)
 
 
+def test_sharded_linear_kernel_with_packed_segments_matches_its_pure_jax_twin(tiny_exp):
+  """The linear kernel (hedgehog maps and a decay per head, split with the heads) resets its
+  state at segment starts: one train step equals the pure-JAX chunked scan."""
+  mesh = {"data": 2, "fsdp": 2, "tensor": 2}
+  model = {"linear_feature": "hedgehog", "linear_decay": True}
+  ref, ref_params = _step_metrics(tiny_exp, "linear", mesh, interpret=False, **model)
+  got, params = _step_metrics(tiny_exp, "linear", mesh, interpret=True, **model)
+  assert got["loss"] == pytest.approx(ref["loss"], rel=1e-5)
+  for a, b in zip(params, ref_params):
+    np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-6)
+
+
 def test_kernel_runs_on_shards_split_by_the_rules():
   mesh = make_mesh(MeshConfig(data=2, fsdp=2, tensor=2))
   seen = []
 
-  def kernel(q, k, v, seg, prefix):
+  def kernel(q, k, v, seg, prefix, *_):
     seen.append((q.shape, k.shape, seg.shape, prefix))
     return q * 2
 
@@ -59,7 +72,7 @@ def test_dimensions_that_do_not_split_stay_whole():
   mesh = make_mesh(MeshConfig(data=1, fsdp=2, tensor=4))
   seen = []
 
-  def kernel(q, k, v, seg, prefix):
+  def kernel(q, k, v, seg, prefix, *_):
     seen.append((q.shape, k.shape))
     return q + 1
 

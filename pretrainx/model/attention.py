@@ -26,7 +26,7 @@ from absl import logging
 from pallas_kernels import flash_attention as fa
 from pallas_kernels import linear_attention as la
 from pallas_kernels.hybrid_attention import hybrid_attention
-from pallas_kernels.reference import check_attention_shapes, reference_attention
+from pallas_kernels.reference import reference_attention
 from pretrainx.model import kernels
 from pretrainx.model.config import ModelConfig
 from pretrainx.model.layers import apply_rope, dense_init, param_with_axes
@@ -77,7 +77,7 @@ def _flash(q, k, v, segment_ids, prefix_mask, cfg, learned):
   if cfg.kernel_interpret or fa.can_lower(backend):
     interpret = True if cfg.kernel_interpret else None
 
-    def kernel(q, k, v, seg, prefix):  # one device's shard
+    def kernel(q, k, v, seg, prefix, *_):  # one device's shard
       return fa.flash_attention(q, k, v, causal=True, segment_ids=seg, prefix_mask=prefix,
                                 interpret=interpret, backend=backend, **blocks)
 
@@ -89,18 +89,22 @@ def _flash(q, k, v, segment_ids, prefix_mask, cfg, learned):
 
 def _linear(q, k, v, segment_ids, prefix_mask, cfg, learned):
   del prefix_mask
-  kw = dict(feature=cfg.linear_feature, feature_params=learned.feature_params,
-            decay=learned.decay, chunk_size=cfg.linear_chunk)
-  can_lower = cfg.kernel_interpret or pallas_can_lower()
-  if segment_ids is None and can_lower:
-    return la.linear_attention(q, k, v, interpret=cfg.kernel_interpret or None, **kw)
-  used = "the pure-JAX chunked scan (segment-resetting)"
-  if can_lower:  # packed documents: the kernel cannot reset its state at segment starts
-    _warn_fallback("linear", used, "packed segment_ids need a state reset at each document "
-                   "start, which the Pallas kernel does not support")
-  else:
-    _warn_fallback("linear", used)
-  return segment_linear_attention(q, k, v, segment_ids, **kw)
+  kw = dict(feature=cfg.linear_feature, chunk_size=cfg.linear_chunk)
+  backend = kernels.platform()
+  if cfg.kernel_interpret or fa.can_lower(backend):
+    interpret = True if cfg.kernel_interpret else backend == "cpu"
+    w_q, w_k = learned.feature_params if learned.feature_params is not None else (None, None)
+
+    def kernel(q, k, v, seg, _, head_params, kv_head_params):  # one device's shard
+      (w_q, decay), w_k = head_params, kv_head_params
+      return la.linear_attention(q, k, v, segment_ids=seg, interpret=interpret, decay=decay,
+                                 feature_params=None if w_q is None else (w_q, w_k), **kw)
+
+    return kernels.shard_attention(kernel, q, k, v, segment_ids, head_params=(w_q, learned.decay),
+                                   kv_head_params=w_k)
+  _warn_fallback("linear", "linear_attention_jax (pure JAX)")
+  return la.linear_attention_jax(q, k, v, segment_ids=segment_ids, decay=learned.decay,
+                                 feature_params=learned.feature_params, **kw)
 
 
 def _hybrid(q, k, v, segment_ids, prefix_mask, cfg, learned):
@@ -139,73 +143,6 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array,
                      "or 'flash'.")
   return ATTENTION_IMPLS[impl](q, k, v, segment_ids, prefix_mask, cfg,
                                LearnedAttention() if learned is None else learned)
-
-
-# ----------------------------------------------------------------------------- segment-aware linear
-
-
-def _segment_chunk(carry, xs, log_gamma):
-  """One chunk of decayed linear attention whose state resets at segment starts (one head, fp32).
-
-  carry: (S [F, D], z [F], segment id of the last key before the chunk); xs: phi_q, phi_k [C, F],
-  v [C, D], segment ids [C]. Returns (carry, (numerator [C, D], denominator [C])).
-  """
-  s, z, prev = carry
-  q, k, v, seg = xs
-  c = q.shape[0]
-  i, j = jnp.arange(c)[:, None], jnp.arange(c)[None, :]
-  visible = (j <= i) & (seg[:, None] == seg[None, :])
-  weights = jnp.where(visible, jnp.exp(jnp.where(visible, i - j, 0) * log_gamma), 0.0)
-  scores = jnp.dot(q, k.T, preferred_element_type=jnp.float32) * weights  # [C, C]
-  pos = jnp.arange(c, dtype=jnp.float32)
-  q_in = q * (jnp.exp((pos + 1.0) * log_gamma) * (seg == prev))[:, None]  # state is `prev`'s run
-  num = jnp.dot(scores, v) + jnp.dot(q_in, s)
-  den = jnp.sum(scores, axis=1) + jnp.dot(q_in, z)
-  last = seg[-1]
-  keep = jnp.exp(c * log_gamma) * (last == prev)
-  k_run = k * (jnp.exp((c - 1.0 - pos) * log_gamma) * (seg == last))[:, None]
-  return (keep * s + jnp.dot(k_run.T, v), keep * z + jnp.sum(k_run, axis=0), last), (num, den)
-
-
-def _segment_scan(q, k, v, seg, log_gamma, eps):
-  """q, k [N, C, F], v [N, C, D], seg [N, C] (one head) -> [N, C, D]."""
-  init = (jnp.zeros((q.shape[-1], v.shape[-1]), jnp.float32),
-          jnp.zeros((q.shape[-1],), jnp.float32), seg[0, 0])
-  num, den = jax.lax.scan(functools.partial(_segment_chunk, log_gamma=log_gamma), init,
-                          (q, k, v, seg))[1]
-  return num / (den[..., None] + eps)
-
-
-def segment_linear_attention(q, k, v, segment_ids, *, feature, feature_params=None, decay=None,
-                             chunk_size=64, eps=1e-6):
-  """`pallas_kernels.linear_attention` in pure JAX, with the state reset at each segment start.
-
-  q: [batch, seq, heads, head_dim]; k, v: [batch, seq, kv_heads, head_dim]; segment_ids: [batch,
-  seq] with each id one contiguous run (as packing makes), or None for one document per row.
-  feature_params: hedgehog (W_q, W_k) or W; decay: gamma, a scalar or [heads].
-  Returns [batch, seq, heads, head_dim] in q's dtype.
-  """
-  num_heads, kv_heads = check_attention_shapes(q, k, v)
-  batch, seq, _, head_dim = q.shape
-  groups, chunk = num_heads // kv_heads, min(chunk_size, seq)
-  n = -(-seq // chunk)
-  seg = jnp.zeros((batch, seq), jnp.int32) if segment_ids is None else segment_ids
-  phi_q, phi_k = la._feature_qk(q, k, feature, feature_params)  # pylint: disable=protected-access
-  # [b, t, h, f] -> [b, h, N, C, f]; padded keys are zeros, padded ids repeat the last id.
-  blocks = lambda x: jnp.moveaxis(jnp.pad(x.astype(jnp.float32), [(0, 0), (0, n * chunk - seq),
-                                                                  (0, 0), (0, 0)]), 1, 2
-                                  ).reshape(batch, x.shape[2], n, chunk, x.shape[3])
-  qb = blocks(phi_q).reshape(batch, kv_heads, groups, n, chunk, -1)
-  seg_b = jnp.pad(seg, ((0, 0), (0, n * chunk - seq)), mode="edge").reshape(batch, n, chunk)
-  log_gamma = jnp.zeros((num_heads,)) if decay is None else jnp.log(
-      jnp.broadcast_to(jnp.asarray(decay, jnp.float32), (num_heads,)))
-  per_group = jax.vmap(lambda q, k, v, s, lg: _segment_scan(q, k, v, s, lg, eps),
-                       (0, None, None, None, 0))
-  per_kv_head = jax.vmap(per_group, (0, 0, 0, None, 0))
-  out = jax.vmap(per_kv_head, (0, 0, 0, 0, None))(
-      qb, blocks(phi_k), blocks(v), seg_b, log_gamma.reshape(kv_heads, groups))
-  out = out.reshape(batch, num_heads, n * chunk, head_dim)[:, :, :seq]
-  return jnp.swapaxes(out, 1, 2).astype(q.dtype)
 
 
 # ----------------------------------------------------------------------------- the layer

@@ -6,7 +6,7 @@ The same model code then compiles on one device and on any mesh, TPU topologies 
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Any, Callable
 
 import jax
 from jax.sharding import PartitionSpec as P
@@ -23,16 +23,20 @@ def platform() -> str:
 
 def shard_attention(kernel: Callable, q: jax.Array, k: jax.Array, v: jax.Array,
                     segment_ids: jax.Array | None = None,
-                    prefix_mask: jax.Array | None = None) -> jax.Array:
-  """kernel(q, k, v, segment_ids, prefix_mask) -> out, run on each device's shard.
+                    prefix_mask: jax.Array | None = None, *,
+                    head_params: Any = None, kv_head_params: Any = None) -> jax.Array:
+  """kernel(q, k, v, segment_ids, prefix_mask, head_params, kv_head_params) -> out, run on each
+  device's shard.
 
   q, out: [batch, seq, heads, head_dim]; k, v: [batch, seq, kv_heads, head_dim];
-  segment_ids, prefix_mask: [batch, seq] or None. Outside a mesh (or on one device) the kernel
-  is called directly. The kernel sees whole sequences and whole GQA groups.
+  segment_ids, prefix_mask: [batch, seq] or None; head_params / kv_head_params: pytrees (or None)
+  of per-head arrays whose first axis is the query / key-value heads (a decay per head, feature
+  maps), split with the heads. Outside a mesh (or on one device) the kernel is called directly.
+  The kernel sees whole sequences and whole GQA groups.
   """
   mesh = current_mesh()
   if mesh is None or mesh.size == 1:
-    return kernel(q, k, v, segment_ids, prefix_mask)
+    return kernel(q, k, v, segment_ids, prefix_mask, head_params, kv_head_params)
   batch, heads = activation_axes("activation_batch"), activation_axes("activation_heads")
   kv_heads, length = activation_axes("activation_kv_heads"), activation_axes("activation_length")
   if length is not None:
@@ -48,13 +52,15 @@ def shard_attention(kernel: Callable, q: jax.Array, k: jax.Array, v: jax.Array,
     heads = kv_heads = None
   q_spec, kv_spec = P(batch, None, heads, None), P(batch, None, kv_heads, None)
   rows = [x for x in (segment_ids, prefix_mask) if x is not None]
+  leading = lambda axes: (lambda x: P(axes, *([None] * (x.ndim - 1))))
 
-  def per_shard(q, k, v, *rows_in):
+  def per_shard(q, k, v, hp, kvp, *rows_in):
     it = iter(rows_in)
     seg = next(it) if segment_ids is not None else None
     prefix = next(it) if prefix_mask is not None else None
-    return kernel(q, k, v, seg, prefix)
+    return kernel(q, k, v, seg, prefix, hp, kvp)
 
-  return jax.shard_map(per_shard, mesh=mesh, in_specs=(q_spec, kv_spec, kv_spec,
-                                                       *([P(batch, None)] * len(rows))),
-                       out_specs=q_spec, check_vma=False)(q, k, v, *rows)
+  in_specs = (q_spec, kv_spec, kv_spec, jax.tree.map(leading(heads), head_params),
+              jax.tree.map(leading(kv_heads), kv_head_params), *([P(batch, None)] * len(rows)))
+  return jax.shard_map(per_shard, mesh=mesh, in_specs=in_specs, out_specs=q_spec,
+                       check_vma=False)(q, k, v, head_params, kv_head_params, *rows)

@@ -77,6 +77,13 @@ def default_block_sizes(backend: str, seq_len: int, head_dim: int) -> tuple[int,
   return _cap_block(block_q, seq_len, backend), _cap_block(block_k, seq_len, backend)
 
 
+def _nearest(value: int, multiple: int) -> str:
+  """'128' or '128 or 256': the multiples of `multiple` nearest to value (at least one)."""
+  low = max(value // multiple * multiple, multiple)
+  high = -(-value // multiple) * multiple
+  return str(low) if low >= high else f"{low} or {high}"
+
+
 def can_lower(backend: str | None = None) -> bool:
   """Whether the Pallas kernel is expected to compile natively (cpu: interpret mode only)."""
   return _backend(backend) in ("gpu", "tpu")
@@ -499,6 +506,11 @@ def _prepare(q, k, v, *, causal, segment_ids, prefix_mask, sliding_window, logit
   default_q, default_k = default_block_sizes(backend, seq_len, head_dim)
   block_q = default_q if block_q is None else _cap_block(int(block_q), seq_len, backend)
   block_k = default_k if block_k is None else _cap_block(int(block_k), seq_len, backend)
+  if backend == "tpu" and not interpret:
+    for name, block in (("block_q", block_q), ("block_k", block_k)):
+      if block % 128:
+        raise ValueError(f"{name}={block} cannot be tiled by the TPU (Mosaic needs a multiple of "
+                         f"128 here); the nearest valid sizes are {_nearest(block, 128)}.")
   if backend == "gpu" and not interpret and any(x & (x - 1) for x in (block_q, block_k, head_dim)):
     raise ValueError(f"the Triton kernel needs power-of-two block_q, block_k and head_dim; got "
                      f"{block_q}, {block_k}, {head_dim}. Pick powers of two (or interpret=True).")

@@ -264,7 +264,7 @@ _linear_core.defvjp(_linear_core_fwd, _linear_core_bwd)
 
 
 def linear_attention(q, k, v, *, feature="elu+1", feature_params=None, decay=None,
-                     segment_ids=None, chunk_size=64, eps=1e-6, interpret=None):
+                     segment_ids=None, chunk_size=64, eps=1e-6, interpret=None, backend=None):
   """Chunked causal linear attention (Pallas forward, recomputing pure-JAX chunked backward).
 
   Args:
@@ -275,11 +275,21 @@ def linear_attention(q, k, v, *, feature="elu+1", feature_params=None, decay=Non
       at each segment start (None: one document per row).
     chunk_size: tokens per chunk (clipped to seq); seq need not be a multiple of it.
     interpret: run Pallas in interpret mode; default True on the CPU backend.
+    backend: the platform compiled for (None: jax's default backend), e.g. 'tpu' when compiling
+      ahead of time for TPU devices from a CPU host.
   Returns:
     [batch, seq, heads, head_dim] in q's dtype.
   """
+  backend = jax.default_backend() if backend is None else backend
+  interpret = backend == "cpu" if interpret is None else interpret
+  chunk = min(chunk_size, q.shape[1])
+  if backend == "tpu" and not interpret and chunk % 8 and chunk != q.shape[1]:
+    low, high = max(chunk // 8 * 8, 8), -(-chunk // 8) * 8
+    raise ValueError(f"chunk_size={chunk_size} cannot be tiled by the TPU (Mosaic slices chunks "
+                     f"of rows in multiples of 8); the nearest valid sizes are "
+                     f"{low if low == high else f'{low} or {high}'}.")
   return _linear(q, k, v, feature, feature_params, decay, segment_ids, chunk_size, eps,
-                 "pallas", jax.default_backend() == "cpu" if interpret is None else interpret)
+                 "pallas", interpret)
 
 
 def linear_attention_jax(q, k, v, *, feature="elu+1", feature_params=None, decay=None,

@@ -113,3 +113,21 @@ def test_train_step_compiles_for_v5p_over_data_fsdp_tensor(preset, impl):
   # resets at segment starts); reference and hybrid are plain XLA.
   assert mosaic >= {"flash": 3, "linear": 1}.get(impl, 0)
   assert mosaic == 0 or impl in ("flash", "linear")
+
+
+@needs_libtpu
+@pytest.mark.parametrize("impl, binding, message", [
+    ("flash", "ModelConfig.flash_block_q = 200",
+     "block_q=200 cannot be tiled by the TPU (Mosaic needs a multiple of 128 here); the nearest "
+     "valid sizes are 128 or 256."),
+    ("linear", "ModelConfig.linear_chunk = 12",
+     "chunk_size=12 cannot be tiled by the TPU (Mosaic slices chunks of rows in multiples of 8); "
+     "the nearest valid sizes are 8 or 16.")])
+def test_block_sizes_the_tpu_cannot_tile_name_the_nearest_valid_ones(impl, binding, message):
+  out = _plan("--gin_file=gin_configs/tiny.gin", "--topology=v5p-8",
+              f"--gin_param=ModelConfig.attention_impl='{impl}'", f"--gin_param={binding}",
+              "--gin_param=RunConfig.seq_len=64" if impl == "linear" else
+              "--gin_param=ModelConfig.max_seq_len=512", "--gin_param=RunConfig.seq_len=512"
+              if impl == "flash" else "--gin_param=RunConfig.seq_len=64")
+  assert out.returncode == 2, out.stdout[-2000:] + out.stderr[-2000:]
+  assert out.stderr.strip().splitlines()[-1] == f"pretrainx plan: error: {message}"

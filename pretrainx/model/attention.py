@@ -98,6 +98,7 @@ def _linear(q, k, v, segment_ids, prefix_mask, cfg, learned):
     def kernel(q, k, v, seg, _, head_params, kv_head_params):  # one device's shard
       (w_q, decay), w_k = head_params, kv_head_params
       return la.linear_attention(q, k, v, segment_ids=seg, interpret=interpret, decay=decay,
+                                 backend=backend,
                                  feature_params=None if w_q is None else (w_q, w_k), **kw)
 
     return kernels.shard_attention(kernel, q, k, v, segment_ids, head_params=(w_q, learned.decay),

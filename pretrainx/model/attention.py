@@ -56,11 +56,6 @@ def _warn_fallback(impl: str, used: str, reason: str | None = None) -> None:
              "(same results, different speed). This is reported once per process.")
 
 
-def pallas_can_lower() -> bool:
-  """Whether this backend compiles Pallas kernels."""
-  return bool(fa.can_lower())
-
-
 # ----------------------------------------------------------------------------- implementations
 # Each: fn(q, k, v, segment_ids, prefix_mask, cfg, learned) -> [batch, seq, heads, head_dim].
 
@@ -93,13 +88,14 @@ def _linear(q, k, v, segment_ids, prefix_mask, cfg, learned):
   backend = kernels.platform()
   if cfg.kernel_interpret or fa.can_lower(backend):
     interpret = True if cfg.kernel_interpret else backend == "cpu"
-    w_q, w_k = learned.feature_params if learned.feature_params is not None else (None, None)
+    fp = learned.feature_params  # hedgehog (W_q [heads, ...], W_k [kv_heads, ...]) or one W
+    w_q, w_k = fp if isinstance(fp, (tuple, list)) else (None, fp)
 
     def kernel(q, k, v, seg, _, head_params, kv_head_params):  # one device's shard
       (w_q, decay), w_k = head_params, kv_head_params
       return la.linear_attention(q, k, v, segment_ids=seg, interpret=interpret, decay=decay,
                                  backend=backend,
-                                 feature_params=None if w_q is None else (w_q, w_k), **kw)
+                                 feature_params=w_k if w_q is None else (w_q, w_k), **kw)
 
     return kernels.shard_attention(kernel, q, k, v, segment_ids, head_params=(w_q, learned.decay),
                                    kv_head_params=w_k)

@@ -138,7 +138,8 @@ def _chunk_step(state, q, k, v, seg, log_gamma):
   q_in = q * jnp.where(seg == prev, jnp.exp((pos + 1.0) * log_gamma), 0.0)
   num = jnp.dot(scores, v, preferred_element_type=jnp.float32) + jnp.dot(q_in, s)
   den = jnp.sum(scores, axis=1, keepdims=True) + jnp.dot(q_in, z)
-  last = seg[c - 1:c, :]  # [1, 1]: the run the new state holds
+  # [1, 1]: the run the new state holds (a masked sum, as Triton lowers no value slices)
+  last = jnp.sum(jnp.where(pos == c - 1.0, seg, 0.0), axis=0, keepdims=True)
   keep = jnp.where(last == prev, jnp.exp(c * log_gamma), 0.0)
   k_run = k * jnp.where(seg == last, jnp.exp((c - 1.0 - pos) * log_gamma), 0.0)
   s = keep * s + jnp.dot(k_run.T, v, preferred_element_type=jnp.float32)
@@ -167,7 +168,7 @@ def _segments(segment_ids, batch: int, seq: int, seq_pad: int) -> jax.Array:
 def _linear_kernel(lg_ref, seg_ref, q_ref, k_ref, v_ref, o_ref, *, chunk, num_chunks, eps):
   """One (batch, head) program. q [T, F], k [T, F], v [T, D], o [T, D], seg [T, 1] refs;
   lg [1, 128] (the head's log decay, broadcast over lanes)."""
-  log_gamma = lg_ref[:, 0:1]  # [1, 1]
+  log_gamma = jnp.max(lg_ref[...], axis=1, keepdims=True)  # [1, 1] (all 128 lanes are equal)
 
   def body(c, state):
     rows = pl.ds(pl.multiple_of(c * chunk, chunk), chunk)
@@ -180,7 +181,18 @@ def _linear_kernel(lg_ref, seg_ref, q_ref, k_ref, v_ref, o_ref, *, chunk, num_ch
   jax.lax.fori_loop(0, num_chunks, body, init)
 
 
-def _pallas_forward(phi_q, phi_k, v, seg, log_gamma, chunk, eps, interpret):
+def _compiler_params(backend: str, interpret: bool):
+  """Triton on GPU (jax's default there, Mosaic GPU, wants other kernels), Mosaic on TPU."""
+  if interpret or backend == "cpu":
+    return None
+  if backend == "gpu":
+    from jax.experimental.pallas import triton as pl_triton  # pylint: disable=g-import-not-at-top
+    return pl_triton.CompilerParams(num_warps=4, num_stages=1)
+  from jax.experimental.pallas import tpu as pl_tpu  # pylint: disable=g-import-not-at-top
+  return pl_tpu.CompilerParams(dimension_semantics=("parallel", "parallel"))
+
+
+def _pallas_forward(phi_q, phi_k, v, seg, log_gamma, chunk, eps, interpret, backend="cpu"):
   """phi_q [b, t, h, F], phi_k [b, t, kvh, F], v [b, t, kvh, D], seg [b, seq_pad, 1]
   -> [b, t, h, D] fp32."""
   batch, seq, heads, feat = phi_q.shape
@@ -201,7 +213,7 @@ def _pallas_forward(phi_q, phi_k, v, seg, log_gamma, chunk, eps, interpret):
       grid=(batch, heads),
       in_specs=[lg_spec, seg_spec, q_spec, k_spec, v_spec],
       out_specs=pl.BlockSpec((None, None, seq_pad, head_dim), lambda b, h: (b, h, 0, 0)),
-      interpret=interpret,
+      interpret=interpret, compiler_params=_compiler_params(backend, interpret),
   )(jnp.broadcast_to(log_gamma[:, None, None], (heads, 1, 128)), seg,
     _to_heads_major(phi_q, seq_pad), _to_heads_major(phi_k, seq_pad),
     _to_heads_major(v, seq_pad))
@@ -241,18 +253,18 @@ def _chunked_jax(phi_q, phi_k, v, seg, log_gamma, chunk, eps):
   return jnp.swapaxes(out, 1, 2)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7))
-def _linear_core(phi_q, phi_k, v, seg, log_gamma, chunk, eps, interpret):
-  return _pallas_forward(phi_q, phi_k, v, seg, log_gamma, chunk, eps, interpret)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7, 8))
+def _linear_core(phi_q, phi_k, v, seg, log_gamma, chunk, eps, interpret, backend):
+  return _pallas_forward(phi_q, phi_k, v, seg, log_gamma, chunk, eps, interpret, backend)
 
 
-def _linear_core_fwd(phi_q, phi_k, v, seg, log_gamma, chunk, eps, interpret):
-  out = _pallas_forward(phi_q, phi_k, v, seg, log_gamma, chunk, eps, interpret)
+def _linear_core_fwd(phi_q, phi_k, v, seg, log_gamma, chunk, eps, interpret, backend):
+  out = _pallas_forward(phi_q, phi_k, v, seg, log_gamma, chunk, eps, interpret, backend)
   return out, (phi_q, phi_k, v, seg, log_gamma)
 
 
-def _linear_core_bwd(chunk, eps, interpret, residuals, d_out):
-  del interpret
+def _linear_core_bwd(chunk, eps, interpret, backend, residuals, d_out):
+  del interpret, backend
   phi_q, phi_k, v, seg, log_gamma = residuals
   _, vjp = jax.vjp(lambda q, k, v, lg: _chunked_jax(q, k, v, seg, lg, chunk, eps),
                    phi_q, phi_k, v, log_gamma)
@@ -289,7 +301,7 @@ def linear_attention(q, k, v, *, feature="elu+1", feature_params=None, decay=Non
                      f"of rows in multiples of 8); the nearest valid sizes are "
                      f"{low if low == high else f'{low} or {high}'}.")
   return _linear(q, k, v, feature, feature_params, decay, segment_ids, chunk_size, eps,
-                 "pallas", interpret)
+                 "pallas", interpret, {"cuda": "gpu", "rocm": "gpu"}.get(backend, backend))
 
 
 def linear_attention_jax(q, k, v, *, feature="elu+1", feature_params=None, decay=None,
@@ -298,11 +310,11 @@ def linear_attention_jax(q, k, v, *, feature="elu+1", feature_params=None, decay
   that cannot lower the kernel."""
   del unused
   return _linear(q, k, v, feature, feature_params, decay, segment_ids, chunk_size, eps, "jax",
-                 False)
+                 False, "cpu")
 
 
 def _linear(q, k, v, feature, feature_params, decay, segment_ids, chunk_size, eps, impl,
-            interpret):
+            interpret, backend):
   _check_feature(feature)
   num_heads, _ = check_attention_shapes(q, k, v)
   if chunk_size < 1:
@@ -314,7 +326,7 @@ def _linear(q, k, v, feature, feature_params, decay, segment_ids, chunk_size, ep
   if impl == "jax":
     out = _chunked_jax(*args, chunk, float(eps))
   else:
-    out = _linear_core(*args, chunk, float(eps), bool(interpret))
+    out = _linear_core(*args, chunk, float(eps), bool(interpret), backend)
   return out.astype(q.dtype)
 
 

@@ -91,3 +91,24 @@ def test_a_sharded_sequence_is_refused():
     with pytest.raises(ValueError, match="need whole sequences per device, but the rules shard "
                                          "activation_length over tensor"):
       jax.jit(lambda q: kernels.shard_attention(lambda *a: a[0], q, q, q))(q)
+
+
+def test_kernels_lower_to_triton_for_gpu():
+  """Lowered for CUDA from this CPU (jax.export): both kernels become Triton calls (the GPU
+  compiles the Triton IR itself)."""
+  from jax import export
+
+  from pallas_kernels import flash_attention as fa
+  from pallas_kernels import linear_attention as la
+  sd = jax.ShapeDtypeStruct
+  args = (sd((2, 256, 4, 64), jnp.float32), sd((2, 256, 2, 64), jnp.float32),
+          sd((2, 256, 2, 64), jnp.float32), sd((2, 256), jnp.int32))
+  kernels_ = {
+      "linear": lambda q, k, v, s: la.linear_attention(
+          q, k, v, segment_ids=s, decay=jnp.full((4,), 0.99), interpret=False, backend="gpu"),
+      "flash": lambda q, k, v, s: fa.flash_attention(q, k, v, segment_ids=s, interpret=False,
+                                                     backend="gpu")}
+  triton = export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")
+  for name, fn in kernels_.items():
+    exported = export.export(jax.jit(fn), platforms=["cuda"], disabled_checks=[triton])(*args)
+    assert "__gpu$xla.gpu.triton" in exported.mlir_module(), name

@@ -91,8 +91,7 @@ IMPLS = ("reference", "flash", "linear", "hybrid")
 
 
 @needs_libtpu
-@pytest.mark.parametrize("preset, impl", [("tiny", i) for i in IMPLS] +
-                         [("quickstart", "reference"), ("quickstart", "flash")])
+@pytest.mark.parametrize("preset, impl", [(p, i) for p in ("tiny", "quickstart") for i in IMPLS])
 def test_train_step_compiles_for_v5p_over_data_fsdp_tensor(preset, impl):
   """Forward and backward (the whole train step) with the TPU compiler; flash and linear run as
   Mosaic kernels under shard_map (GSPMD alone cannot partition them)."""

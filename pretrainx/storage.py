@@ -10,7 +10,6 @@ whole objects (atomic on a bucket, tmp + rename on disk), `move_tree` copies bef
 from __future__ import annotations
 
 import contextlib
-import fnmatch
 import json
 import os
 import re
@@ -345,14 +344,6 @@ def glob(pattern: Any) -> list[str]:
     if "**" in pattern:  # fsspec's '**' needs at least one directory; match zero too
       found = list(found) + list(fs.glob(pattern.split("://", 1)[1].replace("**/", "")))
     return sorted({head + f for f in found if not fs.isdir(f)})
-
-
-def has_glob(pattern: str) -> bool:
-  return any(c in pattern for c in "*?[")
-
-
-def matches(name: str, pattern: str) -> bool:
-  return fnmatch.fnmatch(name, pattern)
 
 
 @contextlib.contextmanager

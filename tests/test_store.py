@@ -365,14 +365,14 @@ def test_ensure_corpus_store_threads_race(tmp_path, monkeypatch, existing):
   if existing is not None:  # racing to replace a store made for another validation_fraction
     token_store.ensure_corpus_store(root, "prose", "validation", VOCAB, existing)
   builds = []
-  real_write = token_store.write_store
+  real_write = token_store._write_store_locked  # pylint: disable=protected-access
 
   def counting_write(*args, **kwargs):
     builds.append(args[0])
     time.sleep(0.2)  # widen the window in which the others arrive
     return real_write(*args, **kwargs)
 
-  monkeypatch.setattr(token_store, "write_store", counting_write)
+  monkeypatch.setattr(token_store, "_write_store_locked", counting_write)
   n = 3
   barrier, results, errors = threading.Barrier(n), [None] * n, []
 

@@ -43,20 +43,15 @@ def vocabulary_identity(vocab) -> dict[str, Any]:
   return {"name": vocab.name, "vocab_size": int(vocab.vocab_size)}
 
 
-def _write_json(path: str, value: dict) -> None:
-  """Atomically: a reader sees the old file or the new one, never a part."""
-  storage.write_json(path, value)
-
-
 def _open_array(path: str, name: str, create: bool = False):
   spec: dict[str, Any] = {"driver": "zarr", "kvstore": storage.kvstore(storage.join(path, name))}
-  if not create:  # stores are immutable once complete: chunks read are kept for the next reads
-    spec["context"] = {"cache_pool": {"total_bytes_limit": CACHE_BYTES}}
-    spec["recheck_cached_data"] = "open"
   if create:  # (not delete_existing: a ranged delete that some bucket emulators widen)
     storage.rmtree(storage.join(path, name))
     spec["metadata"] = {"shape": [0], "chunks": [CHUNK], "dtype": ARRAYS[name]}
     return ts.open(spec, create=True).result()
+  # Stores are immutable once complete: chunks read are kept for the next reads.
+  spec["context"] = {"cache_pool": {"total_bytes_limit": CACHE_BYTES}}
+  spec["recheck_cached_data"] = "open"
   return ts.open(spec, open=True).result()
 
 
@@ -114,7 +109,8 @@ class _Appender:
     self.docs += len(docs)
 
   def commit(self) -> None:
-    _write_json(storage.join(self.path, "progress.json"), {"docs": self.docs, "sizes": self.sizes})
+    storage.write_json(storage.join(self.path, "progress.json"),
+                       {"docs": self.docs, "sizes": self.sizes})
 
 
 def _checksums(path: str) -> dict[str, str]:
@@ -128,22 +124,25 @@ def lock_path(path: str) -> str:
 
 def write_store(path: str, documents: Iterable[SourceDocument], vocabulary, *,
                 name: str = "", split: str = "", fingerprint: dict | None = None,
-                flush_every_docs: int = 1000, overwrite: bool = False,
-                locked: bool = False) -> dict:
+                flush_every_docs: int = 1000, overwrite: bool = False) -> dict:
   """Tokenizes `documents` into a store at `path`; returns its manifest.
 
   A complete store of the same vocabulary and fingerprint is left as it is; an interrupted one
   is continued (the documents must come in the same order); another vocabulary or fingerprint is
   refused unless `overwrite`. A second writer of the same store is refused while the first holds
-  its lock (`locked`: the caller holds it already).
+  its lock.
   """
   path = storage.resolve(path)
   storage.check_bucket(path, "write the token store")
-  if not locked:
-    with storage.exclusive(lock_path(path), f"writing the token store {path}"):
-      return write_store(path, documents, vocabulary, name=name, split=split,
-                         fingerprint=fingerprint, flush_every_docs=flush_every_docs,
-                         overwrite=overwrite, locked=True)
+  with storage.exclusive(lock_path(path), f"writing the token store {path}"):
+    return _write_store_locked(path, documents, vocabulary, name, split, fingerprint,
+                               flush_every_docs, overwrite)
+
+
+def _write_store_locked(path: str, documents: Iterable[SourceDocument], vocabulary, name: str,
+                        split: str, fingerprint: dict | None, flush_every_docs: int,
+                        overwrite: bool) -> dict:
+  """write_store's work, by the holder of the store's lock."""
   identity = _json_identity({"vocabulary": vocabulary_identity(vocabulary),
                              "fingerprint": fingerprint or {}})
   manifest_path = storage.join(path, "manifest.json")
@@ -165,7 +164,7 @@ def write_store(path: str, documents: Iterable[SourceDocument], vocabulary, *,
       raise StoreError(f"{path} holds a half-written store of another vocabulary or source; "
                        "delete it or prepare with --overwrite.")
     progress = storage.read_json(progress_path)
-  _write_json(started, identity)
+  storage.write_json(started, identity)
   out = _Appender(path, progress)
   if progress is None:
     out.commit()
@@ -186,7 +185,7 @@ def write_store(path: str, documents: Iterable[SourceDocument], vocabulary, *,
   manifest = {"format_version": FORMAT_VERSION, "task": name, "split": split, **identity,
               "num_docs": out.docs, "num_tokens": out.sizes["tokens"],
               "checksums": _checksums(path), "complete": True}
-  _write_json(manifest_path, manifest)  # last: only now does the store count as complete
+  storage.write_json(manifest_path, manifest)  # last: only now does the store count as complete
   return manifest
 
 
@@ -396,8 +395,7 @@ def _build_corpus_store(path: str, domain: str, split: str, vocabulary,
     storage.rmtree(path)
   docs = [SourceDocument(d.text, d.name)
           for d in corpus.load_documents(split, (domain,), validation_fraction)]
-  write_store(path, docs, vocabulary, name=domain, split=split, fingerprint=fingerprint,
-              locked=True)
+  _write_store_locked(path, docs, vocabulary, domain, split, fingerprint, 1000, False)
 
 
 def inspect_text(store: TokenStore | str, num_docs: int = 3, vocabulary=None) -> str:

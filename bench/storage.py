@@ -18,6 +18,7 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(os.path.dirname(HERE), "tests"))
+sys.path.insert(0, HERE)
 from servers import free_port, gcs_env, start_gcs  # noqa: E402  pylint: disable=wrong-import-position
 
 PORT = free_port()
@@ -25,19 +26,12 @@ os.environ.update(gcs_env(PORT))
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import jax  # noqa: E402  pylint: disable=wrong-import-position
+
 import numpy as np  # noqa: E402  pylint: disable=wrong-import-position
 
+from checkpoint import make_state  # noqa: E402  pylint: disable=wrong-import-position
+
 QUICKSTART_STEP_TOKENS_PER_S = 5076  # bench/RESULTS.md, data pipeline section (same machine)
-
-
-def make_state(num_params: float):
-  """params + Adam mu + nu as 8 [rows, 1024] fp32 matrices each (like bench/checkpoint.py)."""
-  rows = int(num_params / 8 / 1024)
-  key = jax.random.key(0)
-  mats = lambda k: {f"w{i}": jax.random.normal(jax.random.fold_in(k, i), (rows, 1024))
-                    for i in range(8)}
-  return jax.block_until_ready({"params": mats(key), "mu": mats(jax.random.fold_in(key, 1)),
-                                "nu": mats(jax.random.fold_in(key, 2))})
 
 
 def checkpoint_numbers(directory: str, state) -> dict[str, float]:

@@ -24,10 +24,10 @@ lint: install
 
 # The whole suite on 8 fake CPU devices; `make test-fast` skips tests marked slow.
 test: lint
-	$(PY) -m pytest -n 2 $(PYTEST_ARGS)
+	$(PY) -m pytest -n 2 --dist loadgroup $(PYTEST_ARGS)
 
 test-fast: lint
-	$(PY) -m pytest -n 2 -m "not slow" $(PYTEST_ARGS)
+	$(PY) -m pytest -n 2 --dist loadgroup -m "not slow" $(PYTEST_ARGS)
 
 bench: install
 	$(PY) bench/train_throughput.py

@@ -24,6 +24,25 @@ def _add_gin_flags(p: argparse.ArgumentParser, run_dir_help: str) -> None:
   p.add_argument("--run_dir", default=None, help=run_dir_help)
 
 
+def _add_ray_flags(p: argparse.ArgumentParser, what: str) -> None:
+  p.add_argument("--ray", nargs="?", const="", default=None, metavar="ADDRESS",
+                 help=f"{what}: on the cluster at ADDRESS (HOST:PORT, ray://HOST:PORT, 'auto' "
+                      "for $RAY_ADDRESS or the one this machine runs), or with no ADDRESS on a "
+                      "local cluster started here; without --ray, the same work runs in this "
+                      "process")
+  p.add_argument("--ray_cpus", type=int, default=None,
+                 help="CPUs of the local cluster --ray starts (default: every core)")
+
+
+def _cluster(args):
+  """The Ray cluster --ray names, or in-process."""
+  from pretrainx import cluster  # pylint: disable=import-outside-toplevel
+
+  if args.ray is None:
+    return cluster.IN_PROCESS
+  return cluster.connect(args.ray, num_cpus=args.ray_cpus)
+
+
 def build_parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(prog="pretrainx", description=__doc__.splitlines()[0])
   parser.add_argument(
@@ -35,7 +54,9 @@ def build_parser() -> argparse.ArgumentParser:
   dist = parser.add_argument_group("multi-process (one process per host, or several on one)")
   dist.add_argument("--coordinator_address", default=None,
                     help="host:port of process 0; with --num_processes > 1 this process joins a "
-                         "jax.distributed job (launch/local_multiprocess.sh starts one locally)")
+                         "jax.distributed job (launch/local_multiprocess.sh starts one locally). "
+                         "On a multi-host TPU VM slice no flag is needed: every host joins by "
+                         "itself (PRETRAINX_NO_DISTRIBUTED=1 opts out)")
   dist.add_argument("--num_processes", type=int, default=1)
   dist.add_argument("--process_id", type=int, default=0)
   sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -82,6 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
                  help="split(s) to prepare or inspect (default: train and validation)")
   p.add_argument("--overwrite", action="store_true", help="rebuild stores that already exist")
   p.add_argument("--num_docs", type=int, default=3, help="documents shown by inspect")
+  _add_ray_flags(p, "tokenize each input file as a Ray task")
 
   p = sub.add_parser("convert", help="Hugging Face <-> pretrainx checkpoints (Llama, Mistral, Qwen2)")
   p.add_argument("src", help="an HF model directory, or a pretrainx params export")
@@ -104,13 +126,12 @@ def build_parser() -> argparse.ArgumentParser:
                  help="list the grid points and what each would run; run nothing")
   p.add_argument("--only", action="append", default=None,
                  help="run only this grid point (run name or config hash); repeatable")
-  p.add_argument("--hosts", default=None,
-                 help="comma-separated hosts: deal the unfinished runs out to them instead of "
-                      "running here (each host appends its rows to the shared results table)")
-  p.add_argument("--launch_template", default="ssh {host} {command}",
-                 help="how to run a command on a host: {host}, {name} and {command} (quoted)")
-  p.add_argument("--workdir", default="", help="directory to cd into on each host")
-  p.add_argument("--python", default="python3", help="python on each host")
+  _add_ray_flags(p, "run every unfinished grid point as a Ray task (SweepConfig.cpus_per_run "
+                    "CPUs, or one whole SweepConfig.tpu slice), retried up to "
+                    "SweepConfig.max_retries times")
+  p.add_argument("--workdir", default=None,
+                 help="with --ray: the directory each run starts in on its worker, where the "
+                      "sweep's relative gin paths resolve (default: this directory)")
 
   p = sub.add_parser("linearize", help="linearize a softmax-attention model (LoLCATs): convert, "
                      "attention transfer, LoRA, report")
@@ -204,7 +225,7 @@ def cmd_export(args) -> None:
 
 def cmd_data(args) -> None:
   from pretrainx import config  # pylint: disable=import-outside-toplevel
-  from pretrainx.data import pipeline, store  # pylint: disable=import-outside-toplevel
+  from pretrainx.data import pipeline, prepare, store  # pylint: disable=import-outside-toplevel
   from pretrainx.data.corpus import DOMAINS  # pylint: disable=import-outside-toplevel
 
   data = config.parse_gin(args.gin_file, args.gin_param).data
@@ -216,10 +237,11 @@ def cmd_data(args) -> None:
                      f"tasks of DataConfig.tasks {sorted(tasks)} (pass the --gin_file that "
                      "defines them).")
   splits = args.split or ["train", "validation"]
+  where = _cluster(args) if args.action == "prepare" else None
   for name in names:
     if args.action == "prepare" and name in tasks:
-      store.prepare(tasks[name], data.store_root, data.vocabulary, splits=tuple(splits),
-                    overwrite=args.overwrite)
+      prepare.prepare(tasks[name], data.store_root, data.vocabulary, splits=tuple(splits),
+                      overwrite=args.overwrite, cluster=where)
     for split in splits:
       opened = pipeline.open_domain_store(data, name, split)
       if args.action == "prepare":
@@ -251,25 +273,33 @@ def cmd_sweep(args) -> None:
   from pretrainx.scaling import sweep  # pylint: disable=import-outside-toplevel
 
   cfg = sweep.parse_sweep(args.sweep_file)
-  if args.hosts:
-    hosts = [h for h in args.hosts.split(",") if h]
-    plan = sweep.launch_plan(cfg, args.sweep_file, hosts, template=args.launch_template,
-                             workdir=args.workdir, python=args.python, only=args.only)
-    lines = [line for host_lines in plan.values() for line in host_lines]
-    if args.dry_run or not lines:
-      _out("\n".join(lines) or "every run of the sweep is finished")
-      return
-    log_dir = storage.join(cfg.run_root, "launch_logs")
-    done = sweep.launch(plan, log_dir)
-    _out("\n".join(done) + f"\nlogs in {log_dir}; results in {cfg.results}")
-    if any(": exit 0: " not in line for line in done):
-      raise SystemExit(1)
+  if args.ray is not None:
+    _sweep_on_ray(args, cfg)
     return
   if args.dry_run:
     runs = sweep.select(sweep.expand(cfg), args.only)
     _out("\n".join(sweep.describe(cfg, runs)))
     return
   report = sweep.run_sweep(cfg, only=args.only)
+  _out("\n".join(report.lines) + f"\nresults: {cfg.results}")
+  if report.failed:
+    raise SystemExit(1)
+
+
+def _sweep_on_ray(args, cfg) -> None:
+  from pretrainx.scaling import ray_sweep, sweep  # pylint: disable=import-outside-toplevel
+
+  if args.dry_run:
+    runs = sweep.select(sweep.expand(cfg), args.only)
+    _out("\n".join(ray_sweep.describe(cfg, args.sweep_file, runs, args.workdir)))
+    return
+  where = _cluster(args)
+  try:
+    report = ray_sweep.run_sweep_on(where, cfg, args.sweep_file, args.only, args.workdir)
+  except KeyboardInterrupt:
+    sys.stderr.write("pretrainx sweep: cancelled; the runs that were training stopped at a "
+                     "checkpoint. Run the same command again to resume them.\n")
+    raise SystemExit(130) from None
   _out("\n".join(report.lines) + f"\nresults: {cfg.results}")
   if report.failed:
     raise SystemExit(1)
@@ -335,20 +365,12 @@ def configure_cpu_devices(setting: str) -> None:
 
 
 def initialize_distributed(args) -> None:
-  """Joins the jax.distributed job described by the flags (no-op for one process)."""
-  if args.num_processes <= 1:
-    return
-  if not args.coordinator_address:
-    raise ValueError("--num_processes > 1 needs --coordinator_address=HOST:PORT of process 0.")
-  if not 0 <= args.process_id < args.num_processes:
-    raise ValueError(f"--process_id={args.process_id} must lie in [0, {args.num_processes}).")
-  import jax  # pylint: disable=import-outside-toplevel
+  """Joins the jax.distributed job the flags describe, or the multi-host TPU slice this host is
+  part of (no flags needed there); a no-op for one process."""
+  from pretrainx import multihost  # pylint: disable=import-outside-toplevel
 
-  # CPU collectives across processes go through gloo (only the CPU backend reads this option;
-  # asking for the backend here would initialise it too early).
-  jax.config.update("jax_cpu_collectives_implementation", "gloo")
-  jax.distributed.initialize(coordinator_address=args.coordinator_address,
-                             num_processes=args.num_processes, process_id=args.process_id)
+  logging.info("distributed: %s", multihost.initialize(
+      args.coordinator_address, args.num_processes, args.process_id))
 
 
 def main(argv: list[str] | None = None) -> int:

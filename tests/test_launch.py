@@ -41,8 +41,8 @@ def _remote(line):
   return cmd
 
 
-@pytest.mark.parametrize("script", ["tpu_vm.sh", "gpu_hosts.sh", "local_multiprocess.sh", "quoting.sh",
-                                    "slurm_example.sbatch"])
+@pytest.mark.parametrize("script", ["tpu_vm.sh", "ray_tpu.sh", "gpu_hosts.sh", "local_multiprocess.sh",
+                                    "quoting.sh", "slurm_example.sbatch"])
 def test_scripts_are_valid_bash(script):
   out = subprocess.run(["bash", "-n", f"launch/{script}"], cwd=REPO, capture_output=True,
                        text=True)
@@ -139,6 +139,89 @@ def test_tpu_vm_bad_input_exits_2_with_a_clear_message(args, message):
   assert out.stdout == ""
 
 
+def _ray(sub, *args):
+  return _dry("ray_tpu.sh", sub, *TPU, *args)
+
+
+SSH_0 = f"gcloud compute tpus tpu-vm ssh my-v5p {WHERE} --worker=0 --command="
+
+
+def test_ray_head_starts_on_one_worker_without_resources():
+  assert _ray("head") == [
+      SSH_0 + "'cd ~/pretrainx && .venv/bin/ray stop --force; "
+      ".venv/bin/ray start --head --port=6379 --dashboard-host=0.0.0.0'"]
+  (line,) = _ray("head", "--worker", "1", "--port=7000", "--remote_dir=/opt/px")
+  assert "--worker=1 " in line
+  assert shlex.split(_remote(line)) == [
+      "cd", "/opt/px", "&&", ".venv/bin/ray", "stop", "--force;", ".venv/bin/ray", "start",
+      "--head", "--port=7000", "--dashboard-host=0.0.0.0"]
+  assert "--resources" not in line  # Ray detects the TPU chips and slice itself
+
+
+def test_ray_workers_join_the_head_on_every_worker():
+  assert _ray("workers", "--head_address", "10.130.0.5:6379") == [
+      SSH_ALL + "'cd ~/pretrainx && .venv/bin/ray stop --force; "
+      ".venv/bin/ray start --address=10.130.0.5:6379'"]
+  (line,) = _ray("workers", "--head_address=my-head.internal:7000")
+  assert _remote(line).endswith(".venv/bin/ray start --address=my-head.internal:7000")
+
+
+def test_ray_stop_and_address():
+  assert _ray("stop") == [SSH_ALL + "'cd ~/pretrainx && .venv/bin/ray stop --force'"]
+  assert _ray("address") == [
+      f"gcloud compute tpus tpu-vm describe my-v5p {WHERE} "
+      "--format='value(networkEndpoints[0].ipAddress)'"]
+
+
+def test_ray_sweep_runs_detached_on_the_head_with_ray_auto():
+  (line,) = _ray("sweep", "--", "gin_configs/sweeps/my sweep.gin", "--only", "run-a")
+  assert line == SSH_0 + (
+      "\"cd ~/pretrainx && { nohup .venv/bin/python -m pretrainx sweep "
+      "'gin_configs/sweeps/my sweep.gin' --only run-a --ray=auto "
+      "> sweep.log 2>&1 < /dev/null & }\"")
+  remote = shlex.split(_remote(line))
+  assert remote[remote.index("pretrainx") + 1:remote.index(">")] == [
+      "sweep", "gin_configs/sweeps/my sweep.gin", "--only", "run-a", "--ray=auto"]
+  (line,) = _ray("sweep", "--", "s.gin", "--ray=10.0.0.2:6379")  # an explicit --ray is kept
+  assert "s.gin --ray=10.0.0.2:6379 >" in _remote(line) and "auto" not in line
+
+
+@pytest.mark.parametrize("args, message", [
+    (["head", "--zone=z"], "head needs --name"),
+    (["head", "--name=a"], "head needs --zone"),
+    (["head", "--name=My_Head", "--zone=z"], "--name=My_Head must be lowercase"),
+    (["head", "--name=a", "--zone=z", "--port=0"], "--port=0 must be a TCP port in 1..65535"),
+    (["head", "--name=a", "--zone=z", "--port=65536"], "--port=65536 must be a TCP port"),
+    (["address", "--name=a", "--zone=z", "--port=http"], "--port=http must be a TCP port"),
+    (["workers", "--name=a", "--zone=z"], "workers needs --head_address"),
+    (["workers", "--name=a", "--zone=z", "--head_address=10.0.0.2"],
+     "--head_address=10.0.0.2 must look like HOST:PORT"),
+    (["workers", "--name=a", "--zone=z", "--head_address=h:99999"], "must look like HOST:PORT"),
+    (["workers", "--name=a", "--zone=z", "--head_address=h:1; rm -rf x"], "must look like HOST:PORT"),
+    (["workers", "--name=a", "--zone=z", "--head_address=h:1", "--worker=0"],
+     "workers runs on every worker"),
+    (["stop", "--name=a", "--zone=z", "--worker=2"], "stop runs on every worker"),
+    (["head", "--name=a", "--zone=z", "--worker=all"], "--worker=all must be one worker's index"),
+    (["sweep", "--name=a", "--zone=z"], "sweep needs the sweep arguments after --"),
+    (["sweep", "--name=a", "--zone=z", "s.gin"], "unexpected argument 's.gin'"),
+    (["head", "--name=a", "--zone=z", "--remote_dir=a b"], "--remote_dir=a b may hold only"),
+    (["head", "--name=a", "--zone=z", "--headaddress=h:1"], "unknown option --headaddress"),
+    (["start", "--name=a"], "unknown subcommand 'start'"),
+    (["workers", "--name=a", "--zone=z", "--head_address"], "--head_address needs a value"),
+])
+def test_ray_tpu_bad_input_exits_2_with_a_clear_message(args, message):
+  out = _run("ray_tpu.sh", *args, "--dry-run")
+  assert out.returncode == 2
+  assert message in out.stderr
+  assert out.stdout == ""
+
+
+def test_ray_tpu_without_arguments_prints_usage():
+  out = _run("ray_tpu.sh")
+  assert out.returncode == 2
+  assert out.stderr.startswith("usage: launch/ray_tpu.sh SUBCOMMAND")
+
+
 def test_gpu_hosts_one_process_per_host_with_its_id():
   lines = _dry("gpu_hosts.sh", "--hosts=node1,me@node2,node3", "--gpus_per_host", "4",
                "--port=2345", "--", "--gin_file=gin_configs/llama_7b.gin", "--run_dir=/shared/r")
@@ -171,14 +254,16 @@ def test_gpu_hosts_bad_input_exits_2_with_a_clear_message(args, message):
   assert out.stdout == ""
 
 
-def _stub(tmp_path, name, exit_code=0):
-  """An executable `name` on PATH that records its argv (one JSON list a line) and exits."""
+def _stub(tmp_path, name, exit_code=0, stdout=""):
+  """An executable `name` on PATH that records its argv (one JSON list a line), prints `stdout`
+  and exits."""
   bin_dir = tmp_path / "bin"
   bin_dir.mkdir(exist_ok=True)
   log = tmp_path / f"{name}.jsonl"
   stub = bin_dir / name
   stub.write_text(f"#!{sys.executable}\nimport json, sys\n"
                   f"open({str(log)!r}, 'a').write(json.dumps(sys.argv[1:]) + '\\n')\n"
+                  f"sys.stdout.write({stdout!r})\n"
                   f"sys.exit({exit_code} if 'bad' in sys.argv[1] else 0)\n")
   stub.chmod(0o755)
   env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
@@ -210,3 +295,27 @@ def test_slurm_example_passes_the_three_flags():
   for needle in ("--coordinator_address=", "--num_processes=", "--process_id=",
                  "scontrol show hostnames", "$SLURM_PROCID", "#SBATCH --ntasks-per-node=1"):
     assert needle in text
+
+
+def test_ray_tpu_real_runs_execute_what_dry_run_prints(tmp_path):
+  env, log = _stub(tmp_path, "gcloud", stdout="10.130.0.5\n")
+  args = ["workers", *TPU, "--head_address=10.130.0.5:6379", "--remote_dir=/opt/px"]
+  printed = _dry("ray_tpu.sh", *args)
+  out = _run("ray_tpu.sh", *args, env=env)
+  assert out.returncode == 0, out.stderr
+  assert [json.loads(l) for l in log.read_text().splitlines()] == [
+      shlex.split(l)[1:] for l in printed]
+
+  # `address` prints HOST:PORT from what `gcloud ... describe` prints, for --head_address=$(...).
+  log.unlink()
+  args = ["address", *TPU, "--port=7000"]
+  printed = _dry("ray_tpu.sh", *args)
+  out = _run("ray_tpu.sh", *args, env=env)
+  assert (out.returncode, out.stdout, out.stderr) == (0, "10.130.0.5:7000\n", "")
+  assert [json.loads(l) for l in log.read_text().splitlines()] == [
+      shlex.split(l)[1:] for l in printed]
+
+  (tmp_path / "empty").mkdir()
+  env, _ = _stub(tmp_path / "empty", "gcloud")  # no IP yet (the VM is not READY)
+  out = _run("ray_tpu.sh", *args, env=env)
+  assert out.returncode == 2 and "no internal IP for worker 0 of my-v5p" in out.stderr

@@ -235,7 +235,8 @@ _LOCAL_ONLY = {
     "pretrainx/train/init.py": 1,     # a temporary gin file
     "pretrainx/data/corpus.py": 3,    # the embedded corpus is Python's own stdlib
     "pretrainx/scaling/results.py": 4,  # legacy SQLite tables, refused for buckets
-    "pretrainx/scaling/sweep.py": 1,  # launch logs, staged like metrics
+    "pretrainx/scaling/ray_sweep.py": 4,  # a run's local log file and work directory
+    "pretrainx/multihost.py": 6,      # TPU devices under /dev and /sys: machine facts
     "pretrainx/hf.py": 1,             # a temporary gin file
 }
 

@@ -14,8 +14,9 @@ import tensorstore as ts
 
 from pretrainx.data import corpus
 from pretrainx.data import store as token_store
+from pretrainx.data import prepare as data_prepare
 from pretrainx.data.store import StoreError
-from pretrainx.data.tasks import (CorpusTask, FileTask, MixtureSpec, SourceDocument,
+from pretrainx.data.tasks import (CorpusTask, FileTask, MixtureSpec, SourceDocument, has_validation,
                                   iter_documents)
 from pretrainx.data.vocab import ByteVocabulary
 
@@ -137,7 +138,7 @@ def test_interrupted_write_resumes_byte_identical(tmp_path, monkeypatch, crash):
       token_store.write_store(part, _docs(n, fail_at=23), VOCAB, name="t", split="train",
                               flush_every_docs=flush)
   else:  # killed after the arrays grew but before progress was recorded: they are cut back
-    real_commit, commits = token_store._Appender.commit, []  # pylint: disable=protected-access
+    real_commit, commits = token_store.Appender.commit, []  # pylint: disable=protected-access
 
     def commit(self):
       if len(commits) == 4:
@@ -145,7 +146,7 @@ def test_interrupted_write_resumes_byte_identical(tmp_path, monkeypatch, crash):
       commits.append(self.docs)
       real_commit(self)
 
-    monkeypatch.setattr(token_store._Appender, "commit", commit)  # pylint: disable=protected-access
+    monkeypatch.setattr(token_store.Appender, "commit", commit)  # pylint: disable=protected-access
     with pytest.raises(RuntimeError, match="simulated"):
       token_store.write_store(part, _docs(n), VOCAB, name="t", split="train",
                               flush_every_docs=flush)
@@ -193,9 +194,9 @@ def test_prepare_is_idempotent_and_skips_missing_validation(tmp_path):
   data.write_text("".join(json.dumps({"text": f"row {i} ✓", "url": f"u{i}", "q": i / 4}) + "\n"
                           for i in range(12)))
   task = FileTask("web", (str(data),), metadata_field="url", score_field="q")
-  assert not token_store.has_validation(task)
+  assert not has_validation(task)
   root = tmp_path / "root"
-  paths = token_store.prepare(task, root, VOCAB)
+  paths = data_prepare.prepare(task, root, VOCAB)
   assert paths == [str(root / "web" / "train")]
   assert not (root / "web" / "validation").exists()
   store = token_store.open_store(paths[0], VOCAB, fingerprint={"source": repr(task)}, verify=True)
@@ -206,12 +207,12 @@ def test_prepare_is_idempotent_and_skips_missing_validation(tmp_path):
   assert store.manifest["task"] == "web" and store.manifest["split"] == "train"
 
   frozen = _freeze_mtimes(root)
-  assert token_store.prepare(task, root, VOCAB) == paths
+  assert data_prepare.prepare(task, root, VOCAB) == paths
   assert _mtimes(root) == frozen
 
   held = FileTask("web2", (str(data),), validation_fraction=0.5)
-  assert token_store.has_validation(held)
-  paths = token_store.prepare(held, root, VOCAB)
+  assert has_validation(held)
+  paths = data_prepare.prepare(held, root, VOCAB)
   assert paths == [str(root / "web2" / "train"), str(root / "web2" / "validation")]
   counts = [token_store.open_store(p, VOCAB).num_docs for p in paths]
   assert sum(counts) == 12 and min(counts) > 0
@@ -224,7 +225,7 @@ def test_prepare_mixture_by_name_and_prepare_main(tmp_path):
   mix = MixtureSpec("mix", {"web": 2.0, "prose": 1.0})
   specs = {"web": web, "mix": mix}
   root = tmp_path / "root"
-  paths = token_store.prepare(mix, root, VOCAB, specs=specs)
+  paths = data_prepare.prepare(mix, root, VOCAB, specs=specs)
   assert paths == [str(root / "web" / "train"), str(root / "prose" / "train"),
                    str(root / "prose" / "validation")]
   # The corpus stores are the ones training opens: no rebuild, nothing rewritten.
@@ -232,18 +233,18 @@ def test_prepare_mixture_by_name_and_prepare_main(tmp_path):
   for split in ("train", "validation"):
     opened = token_store.ensure_corpus_store(root, "prose", split, VOCAB, 0.05)
     assert opened.num_docs == len(list(iter_documents(CorpusTask("prose"), split)))
-  lines = token_store.prepare_main(["mix", "web"], root, VOCAB, specs)
+  lines = data_prepare.prepare_main(["mix", "web"], root, VOCAB, specs)
   assert _mtimes(root / "prose") == frozen
   assert len(lines) == 3 and lines[0].startswith("web/train: 6 documents, ")
   assert lines[1].startswith("prose/train: ") and str(root / "prose" / "validation") in lines[2]
 
   with pytest.raises(ValueError, match="unknown task 'nope' in mixture 'bad'.*'mix', 'web'"):
-    token_store.prepare(MixtureSpec("bad", {"nope": 1.0}), root, VOCAB, specs=specs)
+    data_prepare.prepare(MixtureSpec("bad", {"nope": 1.0}), root, VOCAB, specs=specs)
   loop = MixtureSpec("loop", {"loop": 1.0})
   with pytest.raises(ValueError, match="mixture 'loop' contains itself"):
-    token_store.prepare_main(["loop"], root, VOCAB, {"loop": loop})
+    data_prepare.prepare_main(["loop"], root, VOCAB, {"loop": loop})
   with pytest.raises(ValueError, match="two different tasks are named 'web'"):
-    token_store.prepare([web, FileTask("web", (str(tmp_path / "*.txt"),))], root, VOCAB)
+    data_prepare.prepare([web, FileTask("web", (str(tmp_path / "*.txt"),))], root, VOCAB)
 
 
 # -- corruption and mismatches -------------------------------------------------------------------

@@ -1,9 +1,7 @@
-"""Sweeps: grid expansion, budgets, bad grids, resumability, failures and remote launch."""
+"""Sweeps: grid expansion, budgets, bad grids, resumability and failures (Ray: test_ray.py)."""
 
 import json
 import os
-import subprocess
-import sys
 import types
 
 import pytest
@@ -207,46 +205,6 @@ def test_real_sweep_crashed_run_resumes_from_its_checkpoint(tmp_path):
   row = load_results(cfg.results)[-1]
   assert row["status"] == "done" and row["eval_loss"] > 0
   assert set(row["domain_losses"]) == {"prose", "code"}
-
-
-def test_launch_plan_deals_runs_to_hosts_and_skips_finished(tmp_path):
-  cfg = make_sweep(tmp_path, grid={"OptimizerConfig.learning_rate": [1e-3, 2e-3, 3e-3]})
-  S.run_sweep(cfg, only=[S.expand(cfg)[0].name], train_fn=FakeTrain())
-  plan = S.launch_plan(cfg, "sweep.gin", ["h1", "h2"], workdir="/srv/px")
-  runs = S.expand(cfg)
-  assert plan == {
-      "h1": [f"ssh h1 'cd /srv/px && python3 -m pretrainx sweep sweep.gin --only {runs[1].name}'"],
-      "h2": [f"ssh h2 'cd /srv/px && python3 -m pretrainx sweep sweep.gin --only {runs[2].name}'"]}
-  with pytest.raises(ValueError, match="lacks {command}"):
-    S.launch_plan(cfg, "sweep.gin", ["h1"], template="ssh {host}")
-  with pytest.raises(ValueError, match="--hosts"):
-    S.launch_plan(cfg, "sweep.gin", [])
-
-
-def test_launched_sweep_runs_on_every_host(tmp_path):
-  """Two local 'hosts' (bash) each run their grid point through the CLI and append its row."""
-  sweep_file = tmp_path / "sweep.gin"
-  sweep_file.write_text(
-      f"SweepConfig.name = 'l'\nSweepConfig.gin_files = [{TINY!r}]\n"
-      f"SweepConfig.bindings = {list(QUIET) + ['CheckpointConfig.every_steps = 0']!r}\n"
-      "SweepConfig.grid = {'OptimizerConfig.learning_rate': [1e-3, 1e-2], "
-      "'RunConfig.steps': [4]}\n"
-      f"SweepConfig.run_root = {str(tmp_path / 'runs')!r}\n"
-      f"SweepConfig.results = {str(tmp_path / 'results.sqlite')!r}\n")
-  cmd = [sys.executable, "-m", "pretrainx", "--cpu_devices=1", "sweep", str(sweep_file),
-         "--hosts=a,b", "--launch_template=bash -c {command}", f"--python={sys.executable}",
-         f"--workdir={REPO}"]
-  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-  dry = subprocess.run(cmd + ["--dry_run"], capture_output=True, text=True, env=env, check=True)
-  assert dry.stdout.count("bash -c") == 2 and not os.path.exists(tmp_path / "results.sqlite")
-  out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
-  assert out.returncode == 0, out.stdout + out.stderr
-  assert out.stdout.count(": exit 0: ") == 2
-  rows = load_results(str(tmp_path / "results.sqlite"))
-  assert sorted(r["status"] for r in rows) == ["done", "done"]
-  assert os.path.exists(tmp_path / "runs" / "launch_logs" / "a.log")
-  again = subprocess.run(cmd, capture_output=True, text=True, env=env, check=True)
-  assert "every run of the sweep is finished" in again.stdout
 
 
 def test_cli_sweep_dry_run_and_typo(tmp_path, capsys):

@@ -9,7 +9,8 @@ import uuid
 import pytest
 
 from pretrainx.data import store as token_store
-from pretrainx.data.tasks import (CorpusTask, FileTask, MixtureSpec, SourceDocument,
+from pretrainx.data import prepare as data_prepare
+from pretrainx.data.tasks import (CorpusTask, FileTask, MixtureSpec, SourceDocument, has_validation,
                                   iter_documents, register_seqio, seqio_documents)
 from pretrainx.data.vocab import ByteVocabulary
 
@@ -126,7 +127,7 @@ def test_empty_document_set_is_a_store_error(tmp_path):
   task = FileTask("empty", (str(tmp_path / "empty.jsonl"),))
   assert _docs(task) == []
   with pytest.raises(token_store.StoreError, match="no documents for empty"):
-    token_store.prepare(task, tmp_path / "root", ByteVocabulary())
+    data_prepare.prepare(task, tmp_path / "root", ByteVocabulary())
 
 
 # -- validation split ----------------------------------------------------------------------------
@@ -161,9 +162,9 @@ def test_validation_patterns_and_has_validation(tmp_path):
                   validation_fraction=0.5)  # patterns win over the fraction
   assert [d.text for d in _docs(task, "train")] == [f"t{i}" for i in range(5)]
   assert [d.text for d in _docs(task, "validation")] == ["v0", "v1"]
-  assert token_store.has_validation(task)
-  assert token_store.has_validation(CorpusTask("prose"))
-  assert not token_store.has_validation(FileTask("nv", (str(tmp_path / "train.jsonl"),)))
+  assert has_validation(task)
+  assert has_validation(CorpusTask("prose"))
+  assert not has_validation(FileTask("nv", (str(tmp_path / "train.jsonl"),)))
 
 
 def test_corpus_task_documents():

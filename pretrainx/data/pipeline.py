@@ -19,6 +19,7 @@ from absl import logging
 
 from pretrainx import storage
 from pretrainx.data import store as token_store
+from pretrainx.data import tasks as tasks_lib
 from pretrainx.data.corpus import DOMAINS
 from pretrainx.data.mixture import MixtureSchedule, Stage
 from pretrainx.data.objectives import ObjectiveConfig
@@ -163,7 +164,7 @@ def eval_batches(cfg: DataConfig, seq_len: int, batch_size: int, num_batches: in
   out = {}
   tasks = {t.name: t for t in cfg.tasks}
   for i, domain in enumerate(cfg.domains):
-    if domain in tasks and not token_store.has_validation(tasks[domain]):
+    if domain in tasks and not tasks_lib.has_validation(tasks[domain]):
       logging.warning("task %r has no validation split (set validation_patterns or "
                       "validation_fraction); it is not evaluated.", domain)
       continue

@@ -13,14 +13,14 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from typing import Any, Iterable, Mapping
+from typing import Any, Iterable
 
 import numpy as np
 import tensorstore as ts
 
 from pretrainx import storage
 from pretrainx.data import corpus
-from pretrainx.data.tasks import CorpusTask, FileTask, MixtureSpec, SourceDocument, iter_documents
+from pretrainx.data.tasks import SourceDocument
 
 FORMAT_VERSION = 1
 ARRAYS = {"tokens": "<i4", "doc_offsets": "<i8", "scores": "<f4", "meta_bytes": "|u1",
@@ -43,7 +43,7 @@ def vocabulary_identity(vocab) -> dict[str, Any]:
   return {"name": vocab.name, "vocab_size": int(vocab.vocab_size)}
 
 
-def _open_array(path: str, name: str, create: bool = False):
+def open_array(path: str, name: str, create: bool = False):
   spec: dict[str, Any] = {"driver": "zarr", "kvstore": storage.kvstore(storage.join(path, name))}
   if create:  # (not delete_existing: a ranged delete that some bucket emulators widen)
     storage.rmtree(storage.join(path, name))
@@ -55,37 +55,29 @@ def _open_array(path: str, name: str, create: bool = False):
   return ts.open(spec, open=True).result()
 
 
-def _read(arr, start: int = 0, stop: int | None = None) -> np.ndarray:
+def read_range(arr, start: int = 0, stop: int | None = None) -> np.ndarray:
   stop = arr.shape[0] if stop is None else stop
   return np.asarray(arr[start:stop].read().result())
 
 
-def _read_arrays(path: str) -> dict[str, np.ndarray]:
-  """Every array of a store, whole; unreadable files (missing, undecodable) are a StoreError."""
-  try:
-    return {n: _read(_open_array(path, n)) for n in ARRAYS}
-  except (ValueError, OSError) as err:
-    raise StoreError(f"store {path} is corrupt ({err}); delete it and prepare it again.") from err
-
-
-def _json_identity(value: dict) -> dict:
+def json_identity(value: dict) -> dict:
   """`value` as read back from JSON (tuples become lists), to compare with a manifest."""
   return json.loads(json.dumps(value, sort_keys=True))
 
 
-class _Appender:
+class Appender:
   """Appends to the store's arrays; `commit` records how far they are valid."""
 
   def __init__(self, path: str, progress: dict | None):
     self.path = path
     if progress is None:
-      self.arrays = {n: _open_array(path, n, create=True) for n in ARRAYS}
+      self.arrays = {n: open_array(path, n, create=True) for n in ARRAYS}
       self.sizes = {n: 0 for n in ARRAYS}
       self.docs = 0
       self._append({"doc_offsets": np.zeros(1, np.int64), "meta_offsets": np.zeros(1, np.int64)})
     else:  # resume: cut every array back to its last committed size
       self.sizes, self.docs = dict(progress["sizes"]), int(progress["docs"])
-      self.arrays = {n: _open_array(path, n).resize(exclusive_max=[self.sizes[n]]).result()
+      self.arrays = {n: open_array(path, n).resize(exclusive_max=[self.sizes[n]]).result()
                      for n in ARRAYS}
 
   def _append(self, parts: dict[str, np.ndarray]) -> None:
@@ -113,8 +105,39 @@ class _Appender:
                        {"docs": self.docs, "sizes": self.sizes})
 
 
-def _checksums(path: str) -> dict[str, str]:
-  return {n: hashlib.sha256(a.tobytes()).hexdigest() for n, a in _read_arrays(path).items()}
+def append_documents(path: str, progress: dict | None, documents: Iterable[SourceDocument],
+                     vocabulary, flush_every_docs: int = 1000) -> Appender:
+  """Tokenizes documents onto the arrays at `path`, committing every flush_every_docs; with the
+  `progress` of an interrupted run, the documents it committed are skipped (same order)."""
+  out = Appender(path, progress)
+  if progress is None:
+    out.commit()
+  buffer: list[SourceDocument] = []
+  for i, doc in enumerate(documents):
+    if i < out.docs:
+      continue  # committed by an earlier, interrupted run
+    buffer.append(doc)
+    if len(buffer) >= flush_every_docs:
+      out.add(buffer, vocabulary)
+      out.commit()
+      buffer = []
+  out.add(buffer, vocabulary)
+  out.commit()
+  return out
+
+
+def checksums(path: str) -> dict[str, str]:
+  """sha256 of each array's bytes, read a chunk at a time (a store bigger than memory)."""
+  out = {}
+  try:
+    for name in ARRAYS:
+      arr, digest = open_array(path, name), hashlib.sha256()
+      for start in range(0, arr.shape[0], CHUNK):
+        digest.update(read_range(arr, start, min(start + CHUNK, arr.shape[0])).tobytes())
+      out[name] = digest.hexdigest()
+  except (ValueError, OSError) as err:  # tensorstore: a missing or undecodable file
+    raise StoreError(f"store {path} is corrupt ({err}); delete it and prepare it again.") from err
+  return out
 
 
 def lock_path(path: str) -> str:
@@ -143,7 +166,7 @@ def _write_store_locked(path: str, documents: Iterable[SourceDocument], vocabula
                         split: str, fingerprint: dict | None, flush_every_docs: int,
                         overwrite: bool) -> dict:
   """write_store's work, by the holder of the store's lock."""
-  identity = _json_identity({"vocabulary": vocabulary_identity(vocabulary),
+  identity = json_identity({"vocabulary": vocabulary_identity(vocabulary),
                              "fingerprint": fingerprint or {}})
   manifest_path = storage.join(path, "manifest.json")
   progress_path = storage.join(path, "progress.json")
@@ -165,26 +188,13 @@ def _write_store_locked(path: str, documents: Iterable[SourceDocument], vocabula
                        "delete it or prepare with --overwrite.")
     progress = storage.read_json(progress_path)
   storage.write_json(started, identity)
-  out = _Appender(path, progress)
-  if progress is None:
-    out.commit()
-  buffer: list[SourceDocument] = []
-  for i, doc in enumerate(documents):
-    if i < out.docs:
-      continue  # committed by an earlier, interrupted run
-    buffer.append(doc)
-    if len(buffer) >= flush_every_docs:
-      out.add(buffer, vocabulary)
-      out.commit()
-      buffer = []
-  out.add(buffer, vocabulary)
-  out.commit()
+  out = append_documents(path, progress, documents, vocabulary, flush_every_docs)
   if out.docs == 0:
     raise StoreError(f"no documents for {name or path} ({split}); check the task's files and "
                      "its validation settings.")
   manifest = {"format_version": FORMAT_VERSION, "task": name, "split": split, **identity,
               "num_docs": out.docs, "num_tokens": out.sizes["tokens"],
-              "checksums": _checksums(path), "complete": True}
+              "checksums": checksums(path), "complete": True}
   storage.write_json(manifest_path, manifest)  # last: only now does the store count as complete
   return manifest
 
@@ -196,19 +206,19 @@ class TokenStore:
     self.path, self.manifest = path, manifest
     self.num_docs, self.num_tokens = int(manifest["num_docs"]), int(manifest["num_tokens"])
     try:
-      arrays = {n: _open_array(path, n) for n in ARRAYS}
+      arrays = {n: open_array(path, n) for n in ARRAYS}
       sizes = {n: a.shape[0] for n, a in arrays.items()}
       expected = {"tokens": self.num_tokens, "doc_offsets": self.num_docs + 1,
                   "scores": self.num_docs, "meta_offsets": self.num_docs + 1}
       if any(sizes[n] != v for n, v in expected.items()):
         raise StoreError(f"store {path} is corrupt: array sizes {sizes} do not match its "
                          f"manifest {expected}; delete it and prepare it again.")
-      self.doc_offsets = _read(arrays["doc_offsets"])
-      self.scores = _read(arrays["scores"])
-      self._meta_offsets = _read(arrays["meta_offsets"])
-      self._meta_bytes = _read(arrays["meta_bytes"])
+      self.doc_offsets = read_range(arrays["doc_offsets"])
+      self.scores = read_range(arrays["scores"])
+      self._meta_offsets = read_range(arrays["meta_offsets"])
+      self._meta_bytes = read_range(arrays["meta_bytes"])
       self._tokens_array = arrays["tokens"]
-      self._tokens = _read(arrays["tokens"]) if self.num_tokens * 4 <= IN_MEMORY_BYTES else None
+      self._tokens = read_range(arrays["tokens"]) if self.num_tokens * 4 <= IN_MEMORY_BYTES else None
     except StoreError:
       raise
     except (ValueError, OSError) as err:  # tensorstore: a missing or undecodable file
@@ -228,7 +238,7 @@ class TokenStore:
   def tokens(self, start: int, stop: int) -> np.ndarray:
     if self._tokens is not None:
       return self._tokens[start:stop]
-    return _read(self._tokens_array, start, stop)
+    return read_range(self._tokens_array, start, stop)
 
   def document(self, i: int) -> np.ndarray:
     return self.tokens(int(self.doc_offsets[i]), int(self.doc_offsets[i + 1]))
@@ -266,96 +276,14 @@ def open_store(path: str, vocabulary=None, fingerprint: dict | None = None,
     raise StoreError(f"token store {path} was made with vocabulary {manifest['vocabulary']} but "
                      f"the run uses {vocabulary_identity(vocabulary)}; prepare it again with "
                      "--overwrite (or point DataConfig.store_dir elsewhere).")
-  if fingerprint is not None and manifest.get("fingerprint") != _json_identity(fingerprint):
+  if fingerprint is not None and manifest.get("fingerprint") != json_identity(fingerprint):
     raise StoreError(f"token store {path} was made from {manifest.get('fingerprint')}, not "
                      f"{fingerprint}; prepare it again with --overwrite.")
   store = TokenStore(path, manifest)
-  if verify and _checksums(path) != manifest["checksums"]:
+  if verify and checksums(path) != manifest["checksums"]:
     raise StoreError(f"token store {path} is corrupt (checksum mismatch); delete it and "
                      "prepare it again.")
   return store
-
-
-def prepare(spec_or_specs, root: str, vocabulary,
-            splits: tuple[str, ...] = ("train", "validation"), overwrite: bool = False,
-            specs: Mapping[str, FileTask | CorpusTask | MixtureSpec] | None = None
-            ) -> list[str]:
-  """Tokenizes tasks' splits into stores under root/<task>/<split> (idempotent, resumable).
-
-  `spec_or_specs` is a task, a MixtureSpec (each of its tasks, looked up by name in `specs` or
-  as an embedded-corpus domain) or a list of them. A FileTask without a validation split gets
-  no validation store.
-  """
-  paths = []
-  for task in resolve_tasks(spec_or_specs, specs):
-    for split in splits:
-      if split == "validation" and not has_validation(task):
-        continue
-      path = storage.join(storage.resolve(root), task.name, split)
-      if isinstance(task, CorpusTask):
-        if overwrite:
-          storage.rmtree(path)
-        ensure_corpus_store(root, task.domain, split, vocabulary, task.validation_fraction)
-      else:
-        write_store(path, iter_documents(task, split), vocabulary, name=task.name, split=split,
-                    fingerprint={"source": repr(task)}, overwrite=overwrite)
-      paths.append(path)
-  return paths
-
-
-def resolve_tasks(spec_or_specs, specs: Mapping | None = None) -> list[FileTask | CorpusTask]:
-  """The distinct tasks behind specs, task names and mixtures, in first-seen order."""
-  specs = dict(specs or {})
-  out: dict[str, FileTask | CorpusTask] = {}
-
-  def visit(item, mixtures: tuple[str, ...]) -> None:
-    if isinstance(item, str):
-      if item in specs:
-        item = specs[item]
-      elif item in corpus.DOMAINS:
-        item = CorpusTask(item)
-      else:
-        where = f" in mixture {mixtures[-1]!r}" if mixtures else ""
-        raise ValueError(f"unknown task {item!r}{where}: name a task of {sorted(specs)} or an "
-                         "embedded-corpus domain "
-                         f"{corpus.DOMAINS} (pass the gin file that defines it).")
-    if isinstance(item, MixtureSpec):
-      if item.name in mixtures:
-        raise ValueError(f"mixture {item.name!r} contains itself (via {list(mixtures)}).")
-      for name in item.rates:
-        visit(name, mixtures + (item.name,))
-    elif isinstance(item, (FileTask, CorpusTask)):
-      if out.setdefault(item.name, item) != item:
-        raise ValueError(f"two different tasks are named {item.name!r}: {out[item.name]} and "
-                         f"{item}; rename one.")
-    else:
-      raise ValueError(f"cannot prepare {item!r}: expected a FileTask, CorpusTask, MixtureSpec "
-                       "or a task name.")
-
-  items = spec_or_specs if isinstance(spec_or_specs, (list, tuple)) else [spec_or_specs]
-  for item in items:
-    visit(item, ())
-  return list(out.values())
-
-
-def prepare_main(names: list[str], root: str, vocabulary,
-                 specs: Mapping[str, FileTask | CorpusTask | MixtureSpec] | None = None,
-                 splits: tuple[str, ...] = ("train", "validation"), overwrite: bool = False
-                 ) -> list[str]:
-  """`pretrainx data prepare NAME...`: prepares the named tasks/mixtures; returns log lines."""
-  lines = []
-  for path in prepare(list(names), root, vocabulary, splits, overwrite, specs):
-    opened = open_store(path, vocabulary)
-    lines.append(f"{storage.basename(storage.parent(path))}/{storage.basename(path)}: "
-                 f"{opened.num_docs:,} documents, "
-                 f"{opened.num_tokens:,} tokens in {path}")
-  return lines
-
-
-def has_validation(spec: FileTask | CorpusTask) -> bool:
-  """Whether the task has a validation split (a FileTask needs patterns or a fraction)."""
-  return isinstance(spec, CorpusTask) or bool(spec.validation_patterns or
-                                              spec.validation_fraction > 0)
 
 
 def ensure_corpus_store(root: str, domain: str, split: str, vocabulary,
@@ -386,7 +314,7 @@ def _build_corpus_store(path: str, domain: str, split: str, vocabulary,
                         validation_fraction: float, fingerprint: dict) -> None:
   """Under the lock: an interrupted build of this store is continued; a store of another
   vocabulary or split, or a complete one that does not open (broken), is replaced."""
-  identity = _json_identity({"vocabulary": vocabulary_identity(vocabulary),
+  identity = json_identity({"vocabulary": vocabulary_identity(vocabulary),
                              "fingerprint": fingerprint})
   started = storage.join(path, "identity.json")
   interrupted = (not storage.exists(storage.join(path, "manifest.json")) and

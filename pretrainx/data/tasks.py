@@ -162,6 +162,44 @@ def _held_out(path: str, index: int, fraction: float) -> bool:
   return int.from_bytes(digest[:8], "big") / 2**64 < fraction
 
 
+@dataclasses.dataclass(frozen=True)
+class Shard:
+  """One file's share of a split: its documents whose hold-out test gives `held`."""
+
+  path: str
+  hold: float = 0.0   # the task's validation_fraction, or 0 (no hold-out from this file)
+  held: bool = False  # True: the held-out documents (validation); False: the rest
+
+
+def has_validation(task: FileTask | CorpusTask) -> bool:
+  """Whether the task has a validation split (a FileTask needs patterns or a fraction)."""
+  return isinstance(task, CorpusTask) or bool(task.validation_patterns or
+                                              task.validation_fraction > 0)
+
+
+def shards(task: FileTask, split: str) -> list[Shard]:
+  """The files behind a FileTask's split, in order: a split's documents are its shards' in turn.
+
+  Whole files are the unit (a document's hold-out hash uses its index in its file), so shards
+  are tokenized independently and concatenated in this order give `iter_documents(task, split)`.
+  """
+  if split not in ("train", "validation"):
+    raise ValueError(f"unknown split {split!r}; use 'train' or 'validation'.")
+  if split == "validation" and task.validation_patterns:
+    return [Shard(p) for p in _files(task, task.validation_patterns)]
+  if split == "validation" and not task.validation_fraction:
+    return []
+  hold = task.validation_fraction if not task.validation_patterns else 0.0
+  return [Shard(p, hold, split == "validation") for p in _files(task, task.train_patterns)]
+
+
+def iter_shard(task: FileTask, shard: Shard) -> Iterator[SourceDocument]:
+  """A shard's documents, in file order."""
+  for i, doc in enumerate(_read_file(task, shard.path)):
+    if _held_out(shard.path, i, shard.hold) == shard.held:
+      yield doc
+
+
 def iter_documents(task: FileTask | CorpusTask, split: str) -> Iterator[SourceDocument]:
   """The task's documents of `split` ('train' or 'validation') in a fixed order."""
   if split not in ("train", "validation"):
@@ -170,17 +208,8 @@ def iter_documents(task: FileTask | CorpusTask, split: str) -> Iterator[SourceDo
     for d in corpus.load_documents(split, (task.domain,), task.validation_fraction):
       yield SourceDocument(d.text, d.name)
     return
-  if split == "validation" and task.validation_patterns:
-    for path in _files(task, task.validation_patterns):
-      yield from _read_file(task, path)
-    return
-  if split == "validation" and not task.validation_fraction:
-    return
-  hold = task.validation_fraction if not task.validation_patterns else 0.0
-  for path in _files(task, task.train_patterns):
-    for i, doc in enumerate(_read_file(task, path)):
-      if _held_out(path, i, hold) == (split == "validation"):
-        yield doc
+  for shard in shards(task, split):
+    yield from iter_shard(task, shard)
 
 
 # -- SeqIO --------------------------------------------------------------------------------------

@@ -3,9 +3,9 @@
 A sweep file binds `SweepConfig`: the base gin files, model-size presets, token or compute budgets
 and a grid of other bindings (learning rates, mixture weights, ...). Every grid point is parsed and
 validated before anything runs, so a typo in a binding fails at once. Runs go one after another in
-this process, or to remote hosts as `pretrainx sweep FILE --only NAME` commands. Finished runs (by
-config hash, in the results table) are skipped and a crashed one resumes from its checkpoint, so
-running a sweep again continues it.
+this process, or as tasks on a Ray cluster (`ray_sweep.py`). Finished runs (by config hash, in the
+results table) are skipped and a crashed one resumes from its checkpoint, so running a sweep
+again continues it.
 """
 
 from __future__ import annotations
@@ -13,9 +13,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import itertools
-import shlex
-import subprocess
-import threading
+import sys
 import time
 from typing import Any, Callable, Mapping, Sequence
 
@@ -53,6 +51,11 @@ class SweepConfig:
     results: the results table every finished run adds a row to: a directory (local or in a
       bucket) that gets one small row file per run, so hosts write it at once without locks
       (a local `.sqlite` path keeps the older single-file table).
+    cpus_per_run: with `--ray`, the CPUs each run's task asks for.
+    tpu: with `--ray` on a TPU cluster, each run takes one whole slice of this type ('v5p-16',
+      'v6e-64'), one process per host; None: runs ask for CPUs.
+    max_retries: with `--ray`, how often a run that crashed or was preempted is started again
+      (it resumes from its checkpoint).
   """
 
   name: str = "sweep"
@@ -66,6 +69,9 @@ class SweepConfig:
   ratio_domain: str | None = None
   run_root: str = "runs/sweep"
   results: str = "runs/sweep/results"
+  cpus_per_run: float = 1.0
+  tpu: str | None = None
+  max_retries: int = 2
 
   def __post_init__(self):
     for name in ("gin_files", "bindings", "tokens", "flops"):
@@ -90,6 +96,13 @@ class SweepConfig:
     for budget in self.tokens + self.flops:
       if not budget > 0:
         raise ValueError(f"sweep budget {budget} must be positive.")
+    if not self.cpus_per_run > 0 or self.max_retries < 0:
+      raise ValueError(f"SweepConfig.cpus_per_run={self.cpus_per_run} must be positive and "
+                       f"max_retries={self.max_retries} at least 0.")
+    if self.tpu is not None:
+      from pretrainx.topology import parse  # pylint: disable=import-outside-toplevel
+
+      parse(self.tpu)  # a clear error for a slice type that does not exist
 
 
 @dataclasses.dataclass(frozen=True)
@@ -263,6 +276,12 @@ def select(runs: list[SweepRun], only: Sequence[str] | None) -> list[SweepRun]:
   return picked
 
 
+def _append(path: str, row: dict) -> None:
+  """Adds the row from process 0 only (every host of a multi-host run trains it)."""
+  if "jax" not in sys.modules or sys.modules["jax"].process_index() == 0:
+    append_result(path, row)
+
+
 def run_one(sweep: SweepConfig, run: SweepRun, train_fn: Callable | None = None) -> dict:
   """Trains one grid point (resuming its checkpoint) and appends its row; returns the row.
 
@@ -278,16 +297,16 @@ def run_one(sweep: SweepConfig, run: SweepRun, train_fn: Callable | None = None)
   except FloatingPointError as err:
     logging.warning("sweep run %s diverged: %s", run.name, err)
     row = result_row(run, None, time.time() - start, sweep.ratio_domain, status="diverged")
-    append_result(sweep.results, row)
+    _append(sweep.results, row)
     return row
   except Exception:
-    append_result(sweep.results, result_row(run, None, time.time() - start, sweep.ratio_domain,
+    _append(sweep.results, result_row(run, None, time.time() - start, sweep.ratio_domain,
                                             status="failed"))
     raise
   if result.preempted:
     return {"run": run.name, "status": "preempted"}
   row = result_row(run, result, time.time() - start, sweep.ratio_domain)
-  append_result(sweep.results, row)
+  _append(sweep.results, row)
   return row
 
 
@@ -333,73 +352,6 @@ def run_sweep(sweep: SweepConfig, only: Sequence[str] | None = None,
       break
     lines.append(_line(i, len(runs), row))
   return report
-
-
-# ---------------------------------------------------------------------------------------------
-# Remote hosts: each runs its share of the grid points, one after another.
-
-
-DEFAULT_LAUNCH_TEMPLATE = "ssh {host} {command}"
-
-
-def remote_command(sweep_file: str, run: SweepRun, workdir: str = "",
-                   python: str = "python3") -> str:
-  """The command a host runs for one grid point (it trains and appends the row itself)."""
-  cmd = f"{python} -m pretrainx sweep {shlex.quote(sweep_file)} --only {run.name}"
-  return f"cd {shlex.quote(workdir)} && {cmd}" if workdir else cmd
-
-
-def launch_plan(sweep: SweepConfig, sweep_file: str, hosts: Sequence[str], *,
-                template: str = DEFAULT_LAUNCH_TEMPLATE, workdir: str = "",
-                python: str = "python3", only: Sequence[str] | None = None
-                ) -> dict[str, list[str]]:
-  """{host: [shell lines]}: unfinished runs dealt round-robin to hosts, filled into `template`
-  ({host}, {name} and {command}, the latter shell-quoted)."""
-  if not hosts:
-    raise ValueError("launching needs --hosts HOST[,HOST...]; without it the sweep runs here.")
-  for key in ("{command}",):
-    if key not in template:
-      raise ValueError(f"--launch_template {template!r} lacks {key}; e.g. "
-                       f"{DEFAULT_LAUNCH_TEMPLATE!r}.")
-  done = finished(sweep.results)
-  todo = [r for r in select(expand(sweep), only) if r.config_hash not in done]
-  plan: dict[str, list[str]] = {h: [] for h in hosts}
-  for i, run in enumerate(todo):
-    host = hosts[i % len(hosts)]
-    command = shlex.quote(remote_command(sweep_file, run, workdir, python))
-    plan[host].append(template.format(host=host, name=run.name, command=command))
-  return plan
-
-
-def launch(plan: Mapping[str, list[str]], log_dir: str) -> list[str]:
-  """Runs each host's lines one after another, hosts in parallel; logs to log_dir/HOST.log
-  (in a bucket: uploaded after every command).
-
-  Returns one line per command with its exit status.
-  """
-  logs = storage.StagedDir(log_dir, pull=tuple(f"{host}.log" for host in plan))
-  out: list[str] = []
-  lock = threading.Lock()
-
-  def drive(host: str, lines: list[str]) -> None:
-    with open(logs.path(f"{host}.log"), "a", encoding="utf-8") as log:
-      for line in lines:
-        log.write(f"$ {line}\n")
-        log.flush()
-        code = subprocess.run(line, shell=True, stdout=log, stderr=subprocess.STDOUT,
-                              check=False).returncode
-        log.flush()
-        with lock:
-          out.append(f"{host}: exit {code}: {line}")
-          logs.sync()
-
-  threads = [threading.Thread(target=drive, args=item) for item in plan.items() if item[1]]
-  for t in threads:
-    t.start()
-  for t in threads:
-    t.join()
-  logs.close()
-  return out
 
 
 def describe(sweep: SweepConfig, runs: list[SweepRun]) -> list[str]:

@@ -1,0 +1,339 @@
+"""Ray: `data prepare --ray` and `sweep --ray` on a local Ray cluster started by the fixture.
+
+Prepared stores are compared byte for byte with the in-process ones; workers, drivers and runs are
+killed for real (SIGKILL, SIGINT) and the reruns checked. A FIFO as one input file holds a shard's
+task at a known point: its reader blocks until the test writes the file's contents.
+"""
+
+import errno
+import fcntl
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+from pretrainx import cluster
+from pretrainx.data import prepare
+from pretrainx.data import store as token_store
+from pretrainx.data.tasks import FileTask, iter_documents
+from pretrainx.data.vocab import ByteVocabulary
+from pretrainx.scaling.results import load_results
+
+from conftest import REPO
+
+pytestmark = pytest.mark.xdist_group("ray")  # one cluster per module, on one test process
+ray = pytest.importorskip("ray")
+
+VOCAB = ByteVocabulary()
+TINY = os.path.join(REPO, "gin_configs/tiny.gin")
+
+
+@pytest.fixture(scope="module")
+def ray_address():
+  """A local 2-CPU Ray cluster; its address for other processes, and this process joined.
+
+  Its workers (and the runs they start) see this machine as a user's would: without the suite's
+  8 fake devices."""
+  flags = os.environ.pop("XLA_FLAGS", None)
+  try:
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
+  finally:
+    if flags is not None:
+      os.environ["XLA_FLAGS"] = flags
+  yield ray.get_runtime_context().gcs_address
+  ray.shutdown()
+
+
+def _write_files(folder, files=4, docs=120):
+  os.makedirs(folder, exist_ok=True)
+  contents = {}
+  for f in range(files):
+    lines = [json.dumps({"text": f"file {f} doc {i} " + "é abc " * (i % 37), "url": f"u/{f}/{i}",
+                         "quality": i / 7}) for i in range(docs)]
+    contents[f"f{f}.jsonl"] = "\n".join(lines) + "\n"
+    with open(os.path.join(folder, f"f{f}.jsonl"), "w", encoding="utf-8") as out:
+      out.write(contents[f"f{f}.jsonl"])
+  return contents
+
+
+def _task(folder):
+  return FileTask("web", (os.path.join(folder, "*.jsonl"),), metadata_field="url",
+                  score_field="quality", validation_fraction=0.1)
+
+
+def _tree(folder):
+  """{relative path: bytes} of every file under folder."""
+  out = {}
+  for dirpath, _, names in os.walk(folder):
+    for name in names:
+      path = os.path.join(dirpath, name)
+      with open(path, "rb") as f:
+        out[os.path.relpath(path, folder)] = f.read()
+  return out
+
+
+def _gin(tmp_path, data, stores):
+  path = tmp_path / "data.gin"
+  path.write_text(f"include {TINY!r}\nDataConfig.domains = ['web']\n"
+                  "DataConfig.tasks = [@web/FileTask()]\n"
+                  f"DataConfig.store_dir = {str(stores)!r}\n"
+                  "web/FileTask.name = 'web'\n"
+                  f"web/FileTask.train_patterns = [{os.path.join(str(data), '*.jsonl')!r}]\n"
+                  "web/FileTask.metadata_field = 'url'\nweb/FileTask.score_field = 'quality'\n"
+                  "web/FileTask.validation_fraction = 0.1\n")
+  return str(path)
+
+
+def _cli(*args, env=None, **kwargs):
+  return subprocess.run([sys.executable, "-m", "pretrainx", *args], cwd=REPO,
+                        capture_output=True, text=True, env=env, timeout=300, **kwargs)
+
+
+def test_prepare_on_two_workers_equals_in_process_byte_for_byte(tmp_path, ray_address):
+  data = tmp_path / "data"
+  _write_files(data)
+  stores = tmp_path / "stores"
+  out = _cli("data", "prepare", "web", f"--gin_file={_gin(tmp_path, data, stores)}",
+             f"--ray={ray_address}")
+  assert out.returncode == 0, out.stderr
+  assert "web/train:" in out.stdout and "web/validation:" in out.stdout
+  task = _task(data)
+  for split in ("train", "validation"):
+    here = tmp_path / "here" / split
+    manifest = prepare.prepare_file_split(str(here), task, split, VOCAB)
+    on_ray = _tree(stores / "web" / split)
+    assert ".parts/plan.json" not in on_ray  # the parts are gone once the store is complete
+    assert on_ray == _tree(here)
+    # ...and token for token what one process writing the documents in order makes
+    one = token_store.write_store(str(tmp_path / "one" / split), iter_documents(task, split),
+                                  VOCAB, name="web", split=split,
+                                  fingerprint={"source": repr(task)})
+    assert one == manifest and manifest["num_docs"] > 0
+
+
+def _fifo_reader(fifo, timeout=120.0):
+  """Waits for a process to open the FIFO for reading; returns (its pid, our write end)."""
+  deadline = time.monotonic() + timeout
+  while time.monotonic() < deadline:
+    try:
+      fd = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
+    except OSError as err:
+      if err.errno != errno.ENXIO:  # ENXIO: nobody reads it yet
+        raise
+      time.sleep(0.05)
+      continue
+    fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~os.O_NONBLOCK)
+    for _ in range(100):
+      for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+          links = [os.readlink(f"/proc/{pid}/fd/{n}") for n in os.listdir(f"/proc/{pid}/fd")]
+        except OSError:
+          continue
+        if str(fifo) in links and int(pid) != os.getpid():
+          return int(pid), fd
+      time.sleep(0.05)
+    raise AssertionError(f"the FIFO {fifo} is open, but no process shows it")
+  raise AssertionError(f"no task opened {fifo} within {timeout} s")
+
+
+def _make_fifo_input(data):
+  """Four regular files and a FIFO as the last one (f4.jsonl); returns the FIFO's contents."""
+  _write_files(data)
+  contents = "".join(json.dumps({"text": f"late doc {i}", "url": f"late/{i}", "quality": 1.0})
+                     + "\n" for i in range(50))
+  os.mkfifo(data / "f4.jsonl")
+  return contents
+
+
+def _replace_fifo(data, contents):
+  os.unlink(data / "f4.jsonl")
+  (data / "f4.jsonl").write_text(contents, encoding="utf-8")
+
+
+def test_worker_killed_mid_prepare_is_retried_and_the_store_is_the_same(tmp_path, ray_address):
+  data = tmp_path / "data"
+  contents = _make_fifo_input(data)
+  task = _task(data)
+  where = cluster.connect(ray_address)
+  result = {}
+
+  def drive():
+    try:
+      result["manifest"] = prepare.prepare_file_split(str(tmp_path / "ray"), task, "train",
+                                                      VOCAB, cluster=where)
+    except Exception as err:  # pylint: disable=broad-except
+      result["error"] = err
+
+  driver = threading.Thread(target=drive)
+  driver.start()
+  pid, fd = _fifo_reader(data / "f4.jsonl")
+  os.kill(pid, signal.SIGKILL)  # the Ray worker tokenizing the FIFO's shard dies mid-task
+  os.close(fd)
+  pid2, fd = _fifo_reader(data / "f4.jsonl")  # Ray retried the task on a new worker
+  assert pid2 != pid
+  os.write(fd, contents.encode())
+  os.close(fd)
+  driver.join(120)
+  assert "error" not in result, result.get("error")
+  _replace_fifo(data, contents)
+  here = prepare.prepare_file_split(str(tmp_path / "here"), task, "train", VOCAB)
+  assert result["manifest"] == here
+  assert _tree(tmp_path / "ray") == _tree(tmp_path / "here")
+
+
+def test_killed_prepare_reruns_only_unfinished_shards(tmp_path, ray_address):
+  data = tmp_path / "data"
+  contents = _make_fifo_input(data)
+  stores = tmp_path / "stores"
+  gin = _gin(tmp_path, data, stores)
+  cmd = [sys.executable, "-m", "pretrainx", "data", "prepare", "web", "--split=train",
+         f"--gin_file={gin}", f"--ray={ray_address}"]
+  proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+  _, fd = _fifo_reader(data / "f4.jsonl")
+  parts = stores / "web" / "train" / ".parts"
+  deadline = time.monotonic() + 120
+  while sum(os.path.exists(parts / f"{i:05d}" / "part.json") for i in range(4)) < 4:
+    assert time.monotonic() < deadline and proc.poll() is None
+    time.sleep(0.1)
+  proc.kill()  # the whole prepare dies with one shard unfinished
+  proc.wait()
+  os.close(fd)
+  assert not (stores / "web" / "train" / "manifest.json").exists()
+  # The finished shards' files go away: a rerun that tokenized them again would fail.
+  saved = {f"f{i}.jsonl": (data / f"f{i}.jsonl").read_text() for i in range(4)}
+  for name in saved:
+    os.unlink(data / name)
+  _replace_fifo(data, contents)
+  out = _cli(*cmd[3:])
+  assert out.returncode == 0, out.stderr
+  assert "web/train:" in out.stdout
+  for name, text in saved.items():
+    (data / name).write_text(text)
+  here = tmp_path / "here"
+  prepare.prepare_file_split(str(here), _task(data), "train", VOCAB)
+  assert _tree(stores / "web" / "train") == _tree(here)
+
+
+def test_unreachable_ray_address_is_one_line_and_exit_2(tmp_path):
+  out = _cli("data", "prepare", "prose", "--ray=127.0.0.1:9")
+  assert out.returncode == 2
+  assert out.stderr.strip().count("\n") == 0
+  assert "cannot reach a Ray cluster at 127.0.0.1:9" in out.stderr
+  assert "ray start --head" in out.stderr
+
+
+# -- sweeps -----------------------------------------------------------------------------------
+
+
+def _sweep_file(tmp_path, lrs, steps):
+  path = tmp_path / "sweep.gin"
+  bindings = ["RunConfig.sample_tokens = 0", "RunConfig.eval_batches = 1",
+              "RunConfig.log_every = 5", "RunConfig.peak_tflops = 1.0",
+              "CheckpointConfig.every_steps = 10", "CheckpointConfig.async_save = False",
+              f"RunConfig.steps = {steps}"]
+  path.write_text(f"SweepConfig.name = 'r'\nSweepConfig.gin_files = [{TINY!r}]\n"
+                  f"SweepConfig.bindings = {bindings!r}\n"
+                  f"SweepConfig.grid = {{'OptimizerConfig.learning_rate': {lrs!r}}}\n"
+                  f"SweepConfig.run_root = {str(tmp_path / 'runs')!r}\n"
+                  f"SweepConfig.results = {str(tmp_path / 'results')!r}\n"
+                  "SweepConfig.max_retries = 2\n")
+  return str(path)
+
+
+def _children(config_hash):
+  """Pids of processes training the grid point `config_hash` (`sweep FILE --only HASH`)."""
+  pids = []
+  for pid in filter(str.isdigit, os.listdir("/proc")):
+    try:
+      with open(f"/proc/{pid}/cmdline", "rb") as f:
+        argv = f.read().split(b"\0")
+    except OSError:
+      continue
+    if b"--only" in argv and config_hash.encode() in argv:
+      pids.append(int(pid))
+  return pids
+
+
+def _wait_for_checkpoint(run_dir, config_hash, proc, timeout=240.0):
+  """The pid of the run's process once its first checkpoint is final."""
+  deadline = time.monotonic() + timeout
+  while time.monotonic() < deadline:
+    assert proc.poll() is None, proc.communicate()
+    ckpts = os.path.join(run_dir, "checkpoints")
+    if os.path.isdir(ckpts) and any(n.isdigit() for n in os.listdir(ckpts)):
+      pids = _children(config_hash)
+      if pids:
+        return pids[0]
+    time.sleep(0.05)
+  raise AssertionError(f"no checkpoint in {run_dir} within {timeout} s")
+
+
+def test_sweep_on_two_workers_retries_a_crashed_run_and_trains_nothing_twice(tmp_path,
+                                                                             ray_address):
+  from pretrainx.scaling import sweep as S
+
+  sweep_file = _sweep_file(tmp_path, [1e-3, 2e-3, 3e-3, 4e-3], steps=60)
+  runs = S.expand(S.parse_sweep(sweep_file))
+  victim = runs[0]
+  dry = _cli("sweep", sweep_file, "--ray", "--dry_run")
+  assert dry.returncode == 0, dry.stderr
+  assert "4 to run, each with 1 CPU, retried up to 2 times" in dry.stdout
+  assert dry.stdout.count("pending") == 4 and not os.path.exists(tmp_path / "results")
+  proc = subprocess.Popen([sys.executable, "-m", "pretrainx", "sweep", sweep_file,
+                           f"--ray={ray_address}", f"--workdir={REPO}"], cwd=REPO,
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  pid = _wait_for_checkpoint(victim.experiment.run.run_dir, victim.config_hash, proc)
+  os.kill(pid, signal.SIGKILL)  # the run crashes mid-training
+  out, err = proc.communicate(timeout=600)
+  assert proc.returncode == 0, out + err
+  rows = load_results(str(tmp_path / "results"))
+  assert sorted(r["config_hash"] for r in rows) == sorted(r.config_hash for r in runs)
+  assert all(r["status"] == "done" for r in rows)  # one row per run: none trained twice
+  logs = os.listdir(tmp_path / "runs" / "logs")
+  for run in runs:
+    mine = sorted(n for n in logs if n.startswith(run.name + "."))
+    assert len(mine) == (2 if run is victim else 1), logs
+    resumed = ["resumed from" in (tmp_path / "runs" / "logs" / n).read_text() for n in mine]
+    assert any(resumed) == (run is victim)  # the retry resumed from its checkpoint
+  again = _cli("sweep", sweep_file, f"--ray={ray_address}")
+  assert again.returncode == 0 and again.stdout.count("done before, skipped") == 4
+
+
+def test_ctrl_c_cancels_the_sweep_and_its_runs(tmp_path, ray_address):
+  from pretrainx.scaling import sweep as S
+
+  sweep_file = _sweep_file(tmp_path, [1e-3], steps=100000)
+  (run,) = S.expand(S.parse_sweep(sweep_file))
+  proc = subprocess.Popen([sys.executable, "-m", "pretrainx", "sweep", sweep_file,
+                           f"--ray={ray_address}"], cwd=REPO, stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True)
+  _wait_for_checkpoint(run.experiment.run.run_dir, run.config_hash, proc)
+  proc.send_signal(signal.SIGINT)
+  _, err = proc.communicate(timeout=120)
+  assert proc.returncode == 130, err
+  assert "cancelled" in err and "again to resume" in err
+  deadline = time.monotonic() + 60
+  while _children(run.config_hash):  # the run's process stops too
+    assert time.monotonic() < deadline, "the run kept training after Ctrl-C"
+    time.sleep(0.2)
+  assert not os.path.exists(tmp_path / "results") or not load_results(
+      str(tmp_path / "results"), allow_empty=True)
+
+
+def test_tpu_sweep_plan_asks_for_whole_slices(tmp_path):
+  sweep_file = _sweep_file(tmp_path, [1e-3, 2e-3], steps=10)
+  with open(sweep_file, "a", encoding="utf-8") as f:
+    f.write("SweepConfig.tpu = 'v5p-16'\n")
+  out = _cli("sweep", sweep_file, "--ray=10.0.0.1:6379", "--dry_run")  # no cluster needed
+  assert out.returncode == 0, out.stderr
+  assert "each with one whole v5p-16 slice (v5p 2x2x2, 8 chips, a process per host)" in out.stdout
+  bad = tmp_path / "bad.gin"
+  bad.write_text(open(sweep_file, encoding="utf-8").read() + "SweepConfig.tpu = 'v5p-12'\n")
+  out = _cli("sweep", str(bad), "--ray", "--dry_run")
+  assert out.returncode == 2 and "v5p-12" in out.stderr

@@ -297,9 +297,7 @@ def _sweep_on_ray(args, cfg) -> None:
   try:
     report = ray_sweep.run_sweep_on(where, cfg, args.sweep_file, args.only, args.workdir)
   except KeyboardInterrupt:
-    sys.stderr.write("pretrainx sweep: cancelled; the runs that were training stopped at a "
-                     "checkpoint. Run the same command again to resume them.\n")
-    raise SystemExit(130) from None
+    raise KeyboardInterrupt("the runs that were training stopped at a checkpoint") from None
   _out("\n".join(report.lines) + f"\nresults: {cfg.results}")
   if report.failed:
     raise SystemExit(1)
@@ -364,13 +362,21 @@ def configure_cpu_devices(setting: str) -> None:
     os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={count}".strip()
 
 
+# Commands that run one JAX program over every host of a slice join it by themselves there. A
+# sweep joins only where it trains a grid point (not as the Ray driver or a dry run); data
+# preparation, plans and fits run on one host.
+JOINS_SLICE = ("train", "eval", "generate", "export", "linearize", "sweep")
+
+
 def initialize_distributed(args) -> None:
   """Joins the jax.distributed job the flags describe, or the multi-host TPU slice this host is
   part of (no flags needed there); a no-op for one process."""
   from pretrainx import multihost  # pylint: disable=import-outside-toplevel
 
+  detect = args.command in JOINS_SLICE and not (
+      args.command == "sweep" and (args.ray is not None or args.dry_run))
   logging.info("distributed: %s", multihost.initialize(
-      args.coordinator_address, args.num_processes, args.process_id))
+      args.coordinator_address, args.num_processes, args.process_id, detect=detect))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -390,4 +396,8 @@ def main(argv: list[str] | None = None) -> int:
     # (pretrainx.storage.StorageError, a missing/denied bucket or no matches, is a ValueError)
     sys.stderr.write(f"pretrainx {args.command}: error: {err}\n")
     return 2
+  except KeyboardInterrupt as err:  # Ctrl-C: Ray tasks are cancelled, finished work is kept
+    sys.stderr.write(f"pretrainx {args.command}: cancelled{'; ' + str(err) if str(err) else ''}."
+                     " Run the same command again to resume.\n")
+    return 130
   return 0

@@ -196,12 +196,12 @@ def _opted_out(environ: Mapping[str, str]) -> bool:
 
 
 def initialize(coordinator_address: str | None, num_processes: int, process_id: int,
-               environ: Mapping[str, str] = os.environ) -> str:
+               environ: Mapping[str, str] = os.environ, detect: bool = True) -> str:
   """Joins the jax.distributed job the flags describe, or the multi-host TPU slice found here;
   returns one line saying what it did. Imports jax only when it joins (XLA flags come first).
 
-  Explicit flags (num_processes > 1) always win; PRETRAINX_NO_DISTRIBUTED=1 turns off only the
-  automatic TPU join.
+  Explicit flags (num_processes > 1) always win; PRETRAINX_NO_DISTRIBUTED=1 (or `detect` False,
+  for commands that never run JAX across hosts) turns off only the automatic TPU join.
   """
   if num_processes > 1:
     if not coordinator_address:
@@ -216,6 +216,8 @@ def initialize(coordinator_address: str | None, num_processes: int, process_id: 
     jax.distributed.initialize(coordinator_address=coordinator_address,
                                num_processes=num_processes, process_id=process_id)
     return f"joined {coordinator_address} as process {process_id} of {num_processes}"
+  if not detect:
+    return "single process"
   if _opted_out(environ):
     return f"single process ({OPT_OUT_VAR} is set)"
   found = multihost_tpu_environment(environ)

@@ -9,6 +9,8 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # Token stores (the embedded corpus is tokenized on first use) go to a fresh directory per test
 # process, never to the user's ~/.cache.
 os.environ["PRETRAINX_DATA_DIR"] = tempfile.mkdtemp(prefix="pretrainx-test-stores-")
+# ...and the XLA cache the runs of a Ray sweep share, likewise.
+os.environ["PRETRAINX_JAX_CACHE_DIR"] = tempfile.mkdtemp(prefix="pretrainx-test-jax-cache-")
 
 import pytest  # noqa: E402
 

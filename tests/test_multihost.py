@@ -324,3 +324,33 @@ def test_initialize_rejects_a_process_id_out_of_range(recorder, process_id):
   with pytest.raises(ValueError, match=rf"--process_id={process_id} must lie in \[0, 2\)"):
     multihost.initialize("10.0.0.2:1234", 2, process_id, environ={})
   assert recorder == []
+
+
+def test_cli_joins_the_slice_only_for_commands_that_run_across_hosts(monkeypatch):
+  """On a faked multi-host TPU VM, train joins with no arguments; a Ray sweep driver, a dry run
+  and data preparation stay single-process (joining would wait for the other hosts)."""
+  import argparse
+
+  import jax
+
+  from pretrainx import cli
+
+  calls = []
+  monkeypatch.setattr(jax.distributed, "initialize", lambda *a, **k: calls.append((a, k)))
+  monkeypatch.setattr(jax, "process_index", lambda: 0)
+  monkeypatch.setattr(jax, "process_count", lambda: 2)
+  monkeypatch.setenv("TPU_WORKER_HOSTNAMES", "10.0.0.1,10.0.0.2")
+  monkeypatch.delenv("PRETRAINX_NO_DISTRIBUTED", raising=False)
+
+  def joins(command, **flags):
+    calls.clear()
+    cli.initialize_distributed(argparse.Namespace(
+        command=command, coordinator_address=None, num_processes=1, process_id=0, **flags))
+    return calls == [((), {})]
+
+  assert joins("train")
+  assert joins("sweep", ray=None, dry_run=False)  # a grid point's process on one slice host
+  assert not joins("sweep", ray="auto", dry_run=False)
+  assert not joins("sweep", ray=None, dry_run=True)
+  assert not joins("data")
+  assert not joins("plan")

@@ -117,6 +117,23 @@ def test_prepare_on_two_workers_equals_in_process_byte_for_byte(tmp_path, ray_ad
     assert one == manifest and manifest["num_docs"] > 0
 
 
+def test_prepare_on_ray_from_and_into_a_bucket(tmp_path, gcs_dir, ray_address):
+  """Input files and the store in gs:// (the emulator): workers reach it through the forwarded
+  environment, and the store equals the local one."""
+  from pretrainx import storage
+
+  local = tmp_path / "data"
+  for name, text in _write_files(local, files=3, docs=40).items():
+    storage.write_text(f"{gcs_dir}/data/{name}", text)
+  where = cluster.connect(ray_address)
+  remote = prepare.prepare_file_split(f"{gcs_dir}/stores/web/train",
+                                      _task(f"{gcs_dir}/data"), "train", VOCAB, cluster=where)
+  here = prepare.prepare_file_split(str(tmp_path / "here"), _task(str(local)), "train", VOCAB)
+  assert remote["checksums"] == here["checksums"] and remote["num_docs"] == here["num_docs"]
+  assert token_store.open_store(f"{gcs_dir}/stores/web/train", VOCAB, verify=True)
+  assert not storage.glob(f"{gcs_dir}/stores/web/train/.parts/*")
+
+
 def _fifo_reader(fifo, timeout=120.0):
   """Waits for a process to open the FIFO for reading; returns (its pid, our write end)."""
   deadline = time.monotonic() + timeout
@@ -317,7 +334,8 @@ def test_ctrl_c_cancels_the_sweep_and_its_runs(tmp_path, ray_address):
   proc.send_signal(signal.SIGINT)
   _, err = proc.communicate(timeout=120)
   assert proc.returncode == 130, err
-  assert "cancelled" in err and "again to resume" in err
+  assert "cancelled; the runs that were training stopped at a checkpoint" in err
+  assert "again to resume" in err
   deadline = time.monotonic() + 60
   while _children(run.config_hash):  # the run's process stops too
     assert time.monotonic() < deadline, "the run kept training after Ctrl-C"

@@ -26,6 +26,10 @@ from pretrainx import storage
 from pretrainx.scaling.sweep import SweepConfig, SweepReport, SweepRun, expand, finished, select
 
 LOG_TAIL_CHARS = 2000
+# Grid points often share shapes (a learning-rate axis): a persistent XLA cache on each worker
+# lets every run after the first skip most of its compile.
+# $PRETRAINX_JAX_CACHE_DIR moves it; JAX_COMPILATION_CACHE_DIR, if set, wins.
+DEFAULT_JAX_CACHE_DIR = "~/.cache/pretrainx/jax"
 TERMINATE_GRACE_S = 60.0  # a cancelled run's time to write its checkpoint
 
 
@@ -59,6 +63,9 @@ def run_child(job: GridJob) -> int:
   (KeyboardInterrupt) stops the run with SIGTERM, which checkpoints it first."""
   workdir = job.workdir if os.path.isdir(job.workdir) else os.path.expanduser("~")
   env = dict(os.environ, PRETRAINX_VERBOSE=os.environ.get("PRETRAINX_VERBOSE", "1"))
+  cache = os.environ.get("PRETRAINX_JAX_CACHE_DIR", DEFAULT_JAX_CACHE_DIR)
+  env.setdefault("JAX_COMPILATION_CACHE_DIR", storage.resolve(cache))
+  env.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
   with tempfile.NamedTemporaryFile("w+", suffix=".log", delete=False) as log:
     local_log = log.name
   try:
@@ -153,9 +160,10 @@ def describe(sweep: SweepConfig, sweep_file: str, runs: list[SweepRun],
   """What `sweep --ray --dry_run` prints: each run's status, resources and task command."""
   done = finished(sweep.results)
   _, words = resources(sweep)
-  lines = [f"sweep {sweep.name}: {len(runs)} runs on Ray, {len([r for r in runs if r.config_hash not in done])}"
-           f" to run, each with {words}, retried up to {sweep.max_retries} times; results in "
-           f"{sweep.results}, logs in {storage.join(sweep.run_root, 'logs')}"]
+  todo = [r for r in runs if r.config_hash not in done]
+  lines = [f"sweep {sweep.name}: {len(runs)} runs on Ray, {len(todo)} to run, each with {words}, "
+           f"retried up to {sweep.max_retries} times; results in {sweep.results}, logs in "
+           f"{storage.join(sweep.run_root, 'logs')}"]
   for i, (run, job) in enumerate(zip(runs, jobs(sweep, sweep_file, runs, workdir)), 1):
     status = done.get(run.config_hash, "pending")
     lines.append(f"[{i}/{len(runs)}] {status:8s} {run.name}  steps={run.experiment.run.steps}  "

@@ -1,5 +1,5 @@
-"""Command line: `python -m pretrainx {train,eval,generate,export,data,convert,schedule,sweep,
-linearize,fit,plan,peak} ...`.
+"""Command line: `python -m pretrainx {train,eval,generate,export,score,data,convert,schedule,
+sweep,linearize,fit,plan,peak} ...`.
 
 Every subcommand takes gin files and `--gin_param` overrides (eval and generate default to the
 config.gin a run wrote). Bad input ends with one clear message on stderr and exit status 2.
@@ -74,6 +74,30 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--checkpoint_dir", default=None, help="default: RUN_DIR/checkpoints")
   p.add_argument("--step", type=int, default=None, help="default: the latest checkpoint")
   p.add_argument("--eval_batches", type=int, default=None, help="default: the whole split")
+  p.add_argument("--harness_tasks", default=None,
+                 help="lm-evaluation-harness tasks, comma-separated (instead of the validation "
+                      "loss); metrics go to RUN_DIR/metrics.jsonl and TensorBoard as "
+                      "harness/TASK/METRIC, the report to RUN_DIR/harness/step_N.json")
+  p.add_argument("--harness_include", default=None,
+                 help="a directory of task YAML files in lm-eval's format (local data files)")
+  p.add_argument("--harness_limit", type=int, default=None, help="documents per task")
+  p.add_argument("--harness_fewshot", type=int, default=None, help="few-shot examples per task")
+  p.add_argument("--harness_report", default=None,
+                 help="where the JSON report goes (default: RUN_DIR/harness/step_N.json)")
+
+  p = sub.add_parser("score", help="per-token log-probs of documents as JSON lines (Min-K%%)")
+  _add_gin_flags(p, "run directory whose config.gin and checkpoints to use")
+  p.add_argument("--checkpoint_dir", default=None, help="default: RUN_DIR/checkpoints")
+  p.add_argument("--step", type=int, default=None, help="default: the latest checkpoint")
+  source = p.add_mutually_exclusive_group(required=True)
+  source.add_argument("--input", help="a JSON-lines file of documents (local or in a bucket)")
+  source.add_argument("--domain", help="a DataConfig domain: score its token store's documents")
+  p.add_argument("--split", default="validation", help="with --domain: train or validation")
+  p.add_argument("--text_field", default="text", help="with --input: the documents' field")
+  p.add_argument("--id_field", default=None, help="with --input: an id field (default: line)")
+  p.add_argument("--limit", type=int, default=None, help="score at most this many documents")
+  p.add_argument("--min_k", type=float, default=0.2, help="the K of the Min-K%% score")
+  p.add_argument("--out", required=True, help="the JSON-lines file to write")
 
   p = sub.add_parser("generate", help="sample text from a checkpoint")
   _add_gin_flags(p, "run directory whose config.gin and checkpoints to use")
@@ -196,9 +220,70 @@ def cmd_eval(args) -> None:
 
   exp = _experiment(args, for_training=False)
   rt, state, step = runtime.load_trained(exp, args.checkpoint_dir, args.step)
+  if args.harness_tasks:
+    _eval_harness(args, rt, state, step)
+    return
   r = runtime.evaluate_checkpoint(rt, state, args.eval_batches)
   _out(f"step {step}: validation loss {r['loss']:.4f} nats/token over {r['tokens']:.0f} tokens "
        f"(unigram-entropy baseline {r['unigram_entropy']:.4f})")
+
+
+def _eval_harness(args, rt, state, step: int) -> None:
+  import dataclasses  # pylint: disable=import-outside-toplevel
+
+  from pretrainx.harness import runner  # pylint: disable=import-outside-toplevel
+  from pretrainx.metrics import MetricWriter  # pylint: disable=import-outside-toplevel
+
+  cfg = dataclasses.replace(rt.exp.harness, tasks=(args.harness_tasks,))
+  for field, value in (("include_path", args.harness_include), ("limit", args.harness_limit),
+                       ("num_fewshot", args.harness_fewshot)):
+    if value is not None:
+      cfg = dataclasses.replace(cfg, **{field: value})
+  run_dir = rt.exp.run.run_dir
+  writer = MetricWriter(run_dir, enabled=_is_main())
+  try:
+    with rt.scope():
+      values, results = runner.run_and_record(rt, rt.inference_params(state), cfg, step,
+                                              None if args.harness_report else run_dir, writer)
+  finally:
+    writer.close()
+  if args.harness_report and _is_main():
+    runner.write_report(args.harness_report, results, step)
+  where = args.harness_report or storage.join(run_dir, "harness", f"step_{step:08d}.json")
+  _out(f"step {step}:\n{runner.table(results)}\n" +
+       "\n".join(f"{k} = {v:.4f}" for k, v in sorted(values.items())) + f"\nreport: {where}")
+
+
+def _is_main() -> bool:
+  import jax  # pylint: disable=import-outside-toplevel
+
+  return jax.process_index() == 0
+
+
+def cmd_score(args) -> None:
+  import itertools  # pylint: disable=import-outside-toplevel
+
+  from pretrainx.data import pipeline  # pylint: disable=import-outside-toplevel
+  from pretrainx.harness import score_docs  # pylint: disable=import-outside-toplevel
+  from pretrainx.harness.scoring import TokenScorer  # pylint: disable=import-outside-toplevel
+  from pretrainx.sharding import batch_sharding  # pylint: disable=import-outside-toplevel
+  from pretrainx.train import runtime  # pylint: disable=import-outside-toplevel
+
+  exp = _experiment(args, for_training=False)
+  vocab = exp.data.vocabulary
+  if args.input:
+    docs = ((i, vocab.encode(text)) for i, text in
+            score_docs.jsonl_documents(args.input, args.text_field, args.id_field))
+  else:
+    opened = pipeline.open_domain_store(exp.data, args.domain, args.split)
+    docs = ((str(i), opened.document(i)[:-1]) for i in range(opened.num_docs))  # without eos
+  if args.limit is not None:
+    docs = itertools.islice(docs, args.limit)
+  rt, state, step = runtime.load_trained(exp, args.checkpoint_dir, args.step)
+  scorer = TokenScorer(rt.model, rt.inference_params(state), exp.run.seq_len,
+                       exp.run.global_batch_size, batch_sharding(rt.mesh), rt.scope)
+  count = score_docs.score_documents(scorer, docs, args.out, int(vocab.eos_id), args.min_k)
+  _out(f"step {step}: scored {count:,} documents into {args.out}")
 
 
 def cmd_generate(args) -> None:
@@ -342,7 +427,7 @@ def cmd_peak(args) -> None:
 
 
 COMMANDS = {"train": cmd_train, "eval": cmd_eval, "generate": cmd_generate,
-            "export": cmd_export, "data": cmd_data, "convert": cmd_convert,
+            "export": cmd_export, "data": cmd_data, "score": cmd_score, "convert": cmd_convert,
             "schedule": cmd_schedule, "sweep": cmd_sweep, "linearize": cmd_linearize, "fit": cmd_fit, "plan": cmd_plan, "peak": cmd_peak}
 
 
@@ -365,7 +450,7 @@ def configure_cpu_devices(setting: str) -> None:
 # Commands that run one JAX program over every host of a slice join it by themselves there. A
 # sweep joins only where it trains a grid point (not as the Ray driver or a dry run); data
 # preparation, plans and fits run on one host.
-JOINS_SLICE = ("train", "eval", "generate", "export", "linearize", "sweep")
+JOINS_SLICE = ("train", "eval", "generate", "export", "linearize", "sweep", "score")
 
 
 def initialize_distributed(args) -> None:

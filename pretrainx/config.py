@@ -21,6 +21,7 @@ from pretrainx.data.pipeline import DataConfig
 from pretrainx.data.tasks import CorpusTask, FileTask, MixtureSpec
 from pretrainx.data.vocab import ByteVocabulary, HFTokenizerVocabulary
 from pretrainx.ema import EmaConfig
+from pretrainx.harness.runner import HarnessConfig
 from pretrainx.linearize.convert import LinearizeConfig
 from pretrainx.peft import LoraConfig
 from pretrainx.model.config import ModelConfig
@@ -93,6 +94,7 @@ class Experiment:
   init: InitConfig = InitConfig()
   ema: EmaConfig = EmaConfig()
   tune: TuneConfig = TuneConfig()
+  harness: HarnessConfig = HarnessConfig()
 
   def resolved(self) -> "Experiment":
     """The experiment with RunConfig.precision applied to the dtype fields it names."""
@@ -115,7 +117,7 @@ class Experiment:
 # Gin files include others by repo-relative path ('gin_configs/models/tiny.gin').
 _REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SECTIONS = (ModelConfig, OptimizerConfig, MeshConfig, DataConfig, RunConfig, CheckpointConfig,
-            GuardConfig, InitConfig, EmaConfig, TuneConfig)
+            GuardConfig, InitConfig, EmaConfig, TuneConfig, HarnessConfig)
 CONFIGURABLES = SECTIONS + (LoraConfig, ByteVocabulary, HFTokenizerVocabulary, Stage,
                             ObjectiveConfig, Denoiser, FileTask, CorpusTask, MixtureSpec,
                             LinearizeConfig)
@@ -235,7 +237,7 @@ def parse_gin_with(gin_files: list[str] | tuple[str, ...], gin_params: list[str]
                      mesh=built["MeshConfig"], data=built["DataConfig"], run=built["RunConfig"],
                      checkpoint=built["CheckpointConfig"], guard=built["GuardConfig"],
                      init=built["InitConfig"], ema=built["EmaConfig"],
-                     tune=built["TuneConfig"])
+                     tune=built["TuneConfig"], harness=built["HarnessConfig"])
     extras = {cls.__name__: _GIN_CLASSES[cls.__name__]() for cls in extra}
   except (ValueError, TypeError, SyntaxError) as err:
     raise ValueError(_explain_gin_error(err)) from err

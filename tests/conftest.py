@@ -9,8 +9,17 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # Token stores (the embedded corpus is tokenized on first use) go to a fresh directory per test
 # process, never to the user's ~/.cache.
 os.environ["PRETRAINX_DATA_DIR"] = tempfile.mkdtemp(prefix="pretrainx-test-stores-")
-# ...and the XLA cache the runs of a Ray sweep share, likewise.
+# ...and the caches of the datasets lm-eval tasks load, and the XLA cache of Ray sweeps, likewise.
+os.environ["HF_DATASETS_CACHE"] = tempfile.mkdtemp(prefix="pretrainx-test-hf-datasets-")
 os.environ["PRETRAINX_JAX_CACHE_DIR"] = tempfile.mkdtemp(prefix="pretrainx-test-jax-cache-")
+
+# TensorFlow (seqio's tests) and triton (torch's, loaded when transformers imports a model) both
+# carry LLVM: loading TensorFlow first makes triton's import segfault, whatever runs next in
+# that test process. Loading triton first is safe, so it goes first where it is installed.
+import importlib.util  # noqa: E402
+
+if importlib.util.find_spec("triton") is not None:
+  import triton  # noqa: E402,F401  pylint: disable=unused-import
 
 import pytest  # noqa: E402
 

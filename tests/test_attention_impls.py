@@ -235,5 +235,6 @@ def test_bad_inputs():
     attn.dot_product_attention(jnp.zeros((1, 4, 2, 8)), jnp.zeros((1, 4, 2, 8)),
                                jnp.zeros((1, 4, 2, 8)), None, impl="nope")
   model, params = random_params(cfg_for("reference"))
-  with pytest.raises(ValueError, match="decode=True .* supports attention_impl 'linear'"):
-    model.apply({"params": params}, tokens, pos, decode=True, mutable=["cache"])
+  with pytest.raises(ValueError, match="decoding 32 tokens at once into a KV cache of cache_len=16"):
+    Transformer(model.cfg, cache_len=16).apply({"params": params}, tokens, pos, decode=True,
+                                               mutable=["cache"])

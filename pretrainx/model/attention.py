@@ -9,8 +9,10 @@ ATTENTION_IMPLS[cfg.attention_impl]:
   'hybrid'     LoLCATs: sliding-window softmax plus linear attention for older keys.
 A Pallas kernel runs when the backend can lower it or `ModelConfig.kernel_interpret` is set;
 otherwise the pure-JAX twin of the same computation runs, announced by ONE warning per process.
-'hybrid' is pure JAX on every backend (no fallback). Decoding ('linear', 'hybrid') keeps constant-
-size per-layer state in the flax 'cache' collection (`Attention(decode=True)`).
+'hybrid' is pure JAX on every backend (no fallback). Decoding (`Attention(decode=True)`) keeps
+per-layer state in the flax 'cache' collection: 'linear' and 'hybrid' a constant-size recurrent
+state, 'reference' and 'flash' a KV cache of `cache_len` slots that every new query attends to in
+pure JAX (fp32 softmax, grouped kv heads), skipping the slots marked invalid (left padding).
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from absl import logging
 from pallas_kernels import flash_attention as fa
 from pallas_kernels import linear_attention as la
 from pallas_kernels.hybrid_attention import hybrid_attention
-from pallas_kernels.reference import reference_attention
+from pallas_kernels.reference import MASK_VALUE, reference_attention
 from pretrainx.model import kernels
 from pretrainx.model.config import ModelConfig
 from pretrainx.model.layers import apply_rope, dense_init, param_with_axes
@@ -183,12 +185,18 @@ def _add_qkv_bias(module: nn.Module, cfg: ModelConfig, q, k, v):
 class Attention(nn.Module):
   """Multi-head attention with grouped key/value heads and rotary positions.
 
-  With `decode=True` ('linear'/'hybrid' only) the layer consumes the next tokens of one document
-  per row, continuing from its 'cache' state (apply with mutable=['cache']).
+  With `decode=True` the layer consumes the next tokens of one document per row, continuing from
+  its 'cache' state (apply with mutable=['cache']). 'reference'/'flash' keep a KV cache of
+  `cache_len` slots (0: cfg.max_seq_len): k_cache, v_cache [batch, cache_len, kv_heads, head_dim],
+  valid [batch, cache_len] and the next slot `index`; each call writes its t tokens at slots
+  [index, index + t), which must fit. Their segment_ids [batch, t] mark padding with 0 (stored as
+  invalid, never attended; e.g. left padding of prompts of different lengths), any other id a real
+  token. 'linear'/'hybrid' keep constant-size recurrent state and take no segment_ids.
   """
 
   cfg: ModelConfig
   decode: bool = False
+  cache_len: int = 0
 
   @nn.compact
   def __call__(self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array | None,
@@ -220,10 +228,14 @@ class Attention(nn.Module):
     k = nn.with_logical_constraint(k, axes_kv)
     v = nn.with_logical_constraint(v, axes_kv)
     if self.decode:
-      if segment_ids is not None or prefix_mask is not None:
+      recurrent = cfg.attention_impl in ("linear", "hybrid")
+      if prefix_mask is not None or (recurrent and segment_ids is not None):
         raise ValueError("decoding takes one document per row: pass segment_ids=None and "
                          "prefix_mask=None with decode=True.")
-      out = _decode(self, q, k, v, cfg, learned)
+      if recurrent:
+        out = _decode(self, q, k, v, cfg, learned)
+      else:
+        out = _kv_cache_decode(self, q, k, v, segment_ids, self.cache_len or cfg.max_seq_len, cfg)
     else:
       out = dot_product_attention(q, k, v, segment_ids, prefix_mask=prefix_mask, cfg=cfg,
                                   learned=learned)
@@ -234,6 +246,47 @@ class Attention(nn.Module):
 # ----------------------------------------------------------------------------- decoding
 
 
+def _kv_cache_decode(module, q, k, v, segment_ids, cache_len, cfg):
+  """Softmax attention of the new tokens against the KV cache, which they join.
+
+  q [b, t, h, d], k/v [b, t, kvh, d]; segment_ids [b, t] (0: padding) or None -> [b, t, h, d].
+  New query i sits at slot index + i and sees the valid slots s <= index + i.
+  """
+  batch, t, heads, hd = q.shape
+  kv_heads, dt = k.shape[2], cfg.compute_dtype
+  if t > cache_len:
+    raise ValueError(f"decoding {t} tokens at once into a KV cache of cache_len={cache_len} slots; "
+                     "raise Transformer.cache_len (0 means ModelConfig.max_seq_len).")
+  buf = (batch, cache_len, kv_heads, hd)
+  k_cache = module.variable("cache", "k_cache", jnp.zeros, buf, dt)
+  v_cache = module.variable("cache", "v_cache", jnp.zeros, buf, dt)
+  valid = module.variable("cache", "valid", jnp.zeros, (batch, cache_len), jnp.bool_)
+  index = module.variable("cache", "index", lambda: jnp.zeros((), jnp.int32))
+  idx = index.value
+  new_valid = jnp.ones((batch, t), bool) if segment_ids is None else segment_ids != 0  # [b, t]
+  # the cache's slots stay unsharded: one slot is written per step
+  axes = ("activation_batch", None, "activation_kv_heads", None)
+  keys = nn.with_logical_constraint(  # [b, cache_len, kvh, d]
+      jax.lax.dynamic_update_slice(k_cache.value, k.astype(dt), (0, idx, 0, 0)), axes)
+  values = nn.with_logical_constraint(
+      jax.lax.dynamic_update_slice(v_cache.value, v.astype(dt), (0, idx, 0, 0)), axes)
+  filled = jax.lax.dynamic_update_slice(valid.value, new_valid, (0, idx))  # [b, cache_len]
+  causal = jnp.arange(cache_len)[None, :] <= idx + jnp.arange(t)[:, None]  # [t, cache_len]
+  mask = causal[None] & filled[:, None, :]  # [b, t, cache_len]
+
+  # q grouped: [b, t, kvh, groups, d]; kv heads are shared by their group, never repeated
+  q = (q * jnp.asarray(hd**-0.5, q.dtype)).reshape(batch, t, kv_heads, heads // kv_heads, hd)
+  scores = jnp.einsum("btkgd,bskd->bkgts", q, keys, preferred_element_type=jnp.float32)
+  scores = jnp.where(mask[:, None, None], scores, MASK_VALUE)  # [b, kvh, groups, t, cache_len]
+  probs = jax.nn.softmax(scores, axis=-1)
+  probs = probs * jnp.any(mask, axis=-1, keepdims=True)[:, None, None]  # padding queries: zeros
+  out = jnp.einsum("bkgts,bskd->btkgd", probs.astype(values.dtype), values,
+                   preferred_element_type=jnp.float32)
+  if not module.is_initializing():
+    k_cache.value, v_cache.value, valid.value, index.value = keys, values, filled, idx + t
+  return out.reshape(batch, t, heads, hd).astype(dt)
+
+
 def _decode(module, q, k, v, cfg, learned):
   """Recurrent attention over the new tokens q [b, t, h, d], k/v [b, t, kvh, d] -> [b, t, h, d]."""
   if cfg.attention_impl == "linear":
@@ -242,8 +295,7 @@ def _decode(module, q, k, v, cfg, learned):
     step, carry = _hybrid_decoder(module, q, k, cfg, learned)
   else:
     raise ValueError(f"decode=True (recurrent decoding) supports attention_impl 'linear' and "
-                     f"'hybrid'; got {cfg.attention_impl!r}, which pretrainx.generate decodes by "
-                     "recomputing the token buffer.")
+                     f"'hybrid'; got {cfg.attention_impl!r}, which decodes with a KV cache.")
   values = tuple(c.value for c in carry)
   values, out = jax.lax.scan(step, values, (jnp.swapaxes(q, 0, 1), jnp.swapaxes(k, 0, 1),
                                             jnp.swapaxes(v, 0, 1)))

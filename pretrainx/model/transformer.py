@@ -2,8 +2,9 @@
 
 `Transformer(cfg).apply({'params': p}, tokens, positions, segment_ids, prefix_mask)` returns fp32
 logits [batch, seq, padded_vocab] with the padding ids masked to a large negative value. With
-`decode=True` ('linear'/'hybrid') it continues each row from the per-layer state in the 'cache'
-collection: apply with mutable=['cache'] (pretrainx.generate does this).
+`decode=True` it continues each row from the per-layer state in the 'cache' collection (a KV cache
+of `cache_len` slots for 'reference'/'flash' layers, constant-size recurrent state for 'linear'/
+'hybrid'): apply with mutable=['cache'] (pretrainx.generate does this).
 """
 
 from __future__ import annotations
@@ -30,12 +31,13 @@ class DecoderBlock(nn.Module):
 
   cfg: ModelConfig
   decode: bool = False
+  cache_len: int = 0  # KV-cache slots of a decoding softmax layer; 0: cfg.max_seq_len
 
   @nn.compact
   def __call__(self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array | None,
                prefix_mask: jax.Array | None = None):
     x = nn.with_logical_constraint(x, _RESIDUAL_AXES)  # x: [batch, seq, embed]
-    attention = Attention(self.cfg, decode=self.decode, name="attention")
+    attention = Attention(self.cfg, decode=self.decode, cache_len=self.cache_len, name="attention")
     h = x + attention(RMSNorm(self.cfg, name="input_norm")(x), positions, segment_ids, prefix_mask)
     out = h + SwiGLU(self.cfg, name="mlp")(RMSNorm(self.cfg, name="post_attention_norm")(h))
     if self.cfg.sow_kurtosis and self.is_mutable_collection("intermediates"):
@@ -44,7 +46,7 @@ class DecoderBlock(nn.Module):
     return nn.with_logical_constraint(out, _RESIDUAL_AXES), None
 
 
-def _block_stack(cfg: ModelConfig, decode: bool):
+def _block_stack(cfg: ModelConfig, decode: bool, cache_len: int):
   block = DecoderBlock
   if cfg.remat_policy != "none" and not decode:
     block = nn.remat(block, policy=_REMAT_POLICIES[cfg.remat_policy], prevent_cse=not cfg.scan_layers)
@@ -52,14 +54,20 @@ def _block_stack(cfg: ModelConfig, decode: bool):
     return nn.scan(block, variable_axes={"params": 0, "intermediates": 0, "cache": 0},
                    split_rngs={"params": True},
                    in_axes=(nn.broadcast, nn.broadcast, nn.broadcast), length=cfg.num_layers,
-                   metadata_params={nn.PARTITION_NAME: "layers"})(cfg, decode, name="layers")
-  return [block(cfg.for_layer(i), decode, name=f"layers_{i}") for i in range(cfg.num_layers)]
+                   metadata_params={nn.PARTITION_NAME: "layers"})(cfg, decode, cache_len,
+                                                                  name="layers")
+  return [block(cfg.for_layer(i), decode, cache_len, name=f"layers_{i}")
+          for i in range(cfg.num_layers)]
 
 
 class Transformer(nn.Module):
-  """Llama-style LM: tokens [batch, seq] -> logits [batch, seq, padded_vocab] (fp32)."""
+  """Llama-style LM: tokens [batch, seq] -> logits [batch, seq, padded_vocab] (fp32).
+
+  cache_len: slots of each softmax layer's KV cache when decoding (0: cfg.max_seq_len).
+  """
 
   cfg: ModelConfig
+  cache_len: int = 0
 
   @nn.compact
   def __call__(self, tokens: jax.Array, positions: jax.Array | None = None,
@@ -67,7 +75,9 @@ class Transformer(nn.Module):
                decode: bool = False) -> jax.Array:
     """tokens, positions, segment_ids: [batch, seq] int; prefix_mask: [batch, seq] bool, True on a
     bidirectional prefix (prefix-LM; 'reference'/'flash' only). segment_ids None: one document
-    per row. decode: continue from the 'cache' state (needs explicit positions)."""
+    per row. decode: continue from the 'cache' state (needs explicit positions, per row: the
+    RoPE position of each new token); softmax layers then read segment_ids 0 as padding that is
+    cached as invalid (left-padded prompts), 'linear'/'hybrid' layers refuse segment_ids."""
     cfg = self.cfg
     batch, seq = tokens.shape
     if seq > cfg.max_seq_len:
@@ -89,7 +99,7 @@ class Transformer(nn.Module):
                           ("embed", "embed_out"), cfg.storage_dtype)
       x = jnp.einsum("bsd,de->bse", x, w.astype(cfg.compute_dtype))
     x = nn.with_logical_constraint(x, _RESIDUAL_AXES)
-    blocks = _block_stack(cfg, decode)
+    blocks = _block_stack(cfg, decode, self.cache_len)
     if cfg.scan_layers:
       x, _ = blocks(x, positions, segment_ids, prefix_mask)
     else:

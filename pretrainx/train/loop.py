@@ -22,6 +22,7 @@ from pretrainx.checkpoint import Checkpointer, check_directory
 from pretrainx.config import (Experiment, RunPaths, config_differences, experiment_to_gin,
                               parse_gin)
 from pretrainx.data.pipeline import TrainBatches, eval_batches
+from pretrainx.harness import runner as harness
 from pretrainx.flops import flops_per_token, machine_peak_flops, measure_peak_flops, mfu
 from pretrainx.metrics import MetricWriter, plot_losses
 from pretrainx.train.eval import evaluate_domains
@@ -203,12 +204,16 @@ class _Driver:
     if self.step >= run.steps:
       return
     eval_due = run.eval_every and self.step % run.eval_every == 0
+    every = self.rt.exp.harness.every_steps
+    harness_due = every and self.step % every == 0
     save_due = self.ckpt.due(self.step)
-    if not (eval_due or save_due):
+    if not (eval_due or save_due or harness_due):
       return
     self._read_pending(bar)  # before pausing, so the pause is not counted as training
     if eval_due:
       self.writer.write(self.step, self.evaluate())
+    if harness_due:
+      self.evaluate_harness()
     if save_due:
       self.save()
     self.meter.restart_clock(self.step)
@@ -256,6 +261,14 @@ class _Driver:
     result = evaluate_domains(self.rt.eval_step, self.rt.inference_params(self.state),
                               self.eval_device)
     return {f"eval/{k}": v for k, v in result.items() if k != "tokens"}
+
+  def evaluate_harness(self) -> dict[str, float]:
+    """lm-eval tasks (HarnessConfig) on the current params: metrics and RUN_DIR/harness/."""
+    values, _ = harness.run_and_record(self.rt, self.rt.inference_params(self.state),
+                                      self.rt.exp.harness, self.step, self.paths.root,
+                                      self.writer)
+    self.last.update(values)
+    return values
 
   def _apply_bad_step_policy(self, step: int, values: dict[str, float]) -> bool:
     guard = self.rt.exp.guard
@@ -326,6 +339,8 @@ def train(exp: Experiment, restart: bool = False) -> TrainResult:
       eval_loss = final_eval["eval/loss"]
       writer.write(driver.step, {**final_eval, "eval/unigram_entropy": baseline})
       driver.last.update(final_eval)
+      if exp.harness.every_steps:
+        driver.evaluate_harness()
       path = driver.save(block=True)
       sample = sample_text(rt, rt.inference_params(driver.state), run.sample_prompt,
                            run.sample_tokens, seed=run.seed, temperature=run.sample_temperature,

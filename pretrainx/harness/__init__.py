@@ -1,0 +1,3 @@
+"""Downstream evaluation: per-token scoring of token sequences (`scoring`), lm-evaluation-harness's
+LM API on a pretrainx model (`lm`), and running harness tasks standalone or in the training loop
+(`runner`). lm-eval is imported only by `lm` and `runner`."""

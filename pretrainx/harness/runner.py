@@ -1,0 +1,178 @@
+"""Running lm-evaluation-harness tasks on a pretrainx model: `HarnessConfig` (gin), offline task
+loading with a clear error per task, metrics as `harness/<task>/<metric>` and a JSON report.
+
+Used by `pretrainx eval --harness_tasks=...` and, every HarnessConfig.every_steps, by the training
+loop. Tasks come from lm-eval's registry or from local YAML files in its task format
+(`include_path`), whose data are local files (e.g. `dataset_path: json`); nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from typing import Any
+
+from absl import logging
+
+from pretrainx import storage
+
+# Hugging Face libraries read these when lm-eval loads a task's data: stay offline.
+OFFLINE_ENV = {"HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+
+
+@dataclasses.dataclass(frozen=True)
+class HarnessConfig:
+  """Downstream tasks of lm-evaluation-harness.
+
+  Attributes:
+    tasks: lm-eval task (or group) names; empty runs none.
+    include_path: a directory of task YAML files (lm-eval's format) to add to its registry.
+    every_steps: in training, evaluate every this many steps and at the end (0: not in training).
+    num_fewshot: few-shot examples (None: each task's default).
+    limit: documents per task (None: all), for quick checks.
+    max_length: positions per scored row and the generation context (0: RunConfig.seq_len).
+    batch_rows: rows per device batch (0: RunConfig.global_batch_size).
+    max_gen_toks: the default generation budget of generate_until requests.
+    seed: lm-eval's seeds (few-shot sampling) and the sampling key of generations.
+  """
+
+  tasks: tuple[str, ...] = ()
+  include_path: str | None = None
+  every_steps: int = 0
+  num_fewshot: int | None = None
+  limit: int | None = None
+  max_length: int = 0
+  batch_rows: int = 0
+  max_gen_toks: int = 256
+  seed: int = 1234
+
+  def __post_init__(self):
+    tasks = (self.tasks,) if isinstance(self.tasks, str) else tuple(self.tasks)
+    object.__setattr__(self, "tasks", tuple(t for task in tasks for t in task.split(",") if t))
+    if self.every_steps < 0 or self.max_length < 0 or self.batch_rows < 0:
+      raise ValueError(f"HarnessConfig: every_steps={self.every_steps}, max_length="
+                       f"{self.max_length} and batch_rows={self.batch_rows} must be >= 0.")
+    if self.every_steps and not self.tasks:
+      raise ValueError("HarnessConfig.every_steps is set but HarnessConfig.tasks is empty; name "
+                       "the lm-eval tasks to run.")
+
+
+def _task_manager(cfg: HarnessConfig):
+  from lm_eval.tasks import TaskManager  # pylint: disable=import-outside-toplevel
+
+  include = cfg.include_path
+  if include is not None:
+    if storage.is_remote(include):
+      raise ValueError(f"HarnessConfig.include_path={include}: lm-eval reads task files from a "
+                       "local directory; copy them here.")
+    if not os.path.isdir(os.path.expanduser(include)):
+      raise FileNotFoundError(f"HarnessConfig.include_path={include} is not a directory of "
+                              "lm-eval task YAML files.")
+    include = os.path.abspath(os.path.expanduser(include))
+  return TaskManager(include_path=include)
+
+
+def load_tasks(cfg: HarnessConfig):
+  """lm-eval's TaskManager, with each of cfg.tasks loaded once offline to check it: a clear error
+  names a task that is unknown or whose data is not here."""
+  for key, value in OFFLINE_ENV.items():
+    os.environ.setdefault(key, value)
+  manager = _task_manager(cfg)
+  known = set(manager.all_tasks)
+  for name in cfg.tasks:
+    if name not in known:
+      close = sorted(t for t in known if name.split("_")[0] in t)[:8]
+      raise ValueError(f"unknown harness task {name!r}: not in lm-eval's registry"
+                       f"{' or ' + cfg.include_path if cfg.include_path else ''}"
+                       f"{' (similar: ' + ', '.join(close) + ')' if close else ''}; write a task "
+                       "YAML and pass its directory as --harness_include / "
+                       "HarnessConfig.include_path.")
+    try:
+      manager.load([name])
+    except Exception as err:  # pylint: disable=broad-except  # datasets/hub errors vary
+      first = str(err).splitlines()[0] if str(err) else type(err).__name__
+      raise ValueError(f"harness task {name!r}: its data is not available offline ({first}). "
+                       "Point the task's YAML at local files (dataset_path: json, "
+                       "dataset_kwargs: {data_files: {test: /path/data.jsonl}}) and pass its "
+                       "directory as --harness_include; nothing is downloaded.") from None
+  return manager
+
+
+def evaluate(lm, cfg: HarnessConfig) -> dict[str, Any]:
+  """Runs cfg.tasks on `lm` (a PretrainxLM or any lm-eval LM); returns lm-eval's results."""
+  import lm_eval  # pylint: disable=import-outside-toplevel
+
+  manager = load_tasks(cfg)
+  results = lm_eval.simple_evaluate(
+      model=lm, tasks=list(cfg.tasks), task_manager=manager, num_fewshot=cfg.num_fewshot,
+      limit=cfg.limit,
+      bootstrap_iters=0, log_samples=True, random_seed=cfg.seed, numpy_random_seed=cfg.seed,
+      torch_random_seed=cfg.seed, fewshot_random_seed=cfg.seed)
+  return dict(results or {})
+
+
+def metrics(results: dict[str, Any]) -> dict[str, float]:
+  """{'harness/<task>/<metric>': value} of lm-eval's results (stderr and text left out; a
+  filter other than 'none' is kept in the name: 'exact_match_strict-match')."""
+  out = {}
+  for task, values in results.get("results", {}).items():
+    for key, value in values.items():
+      metric, _, filt = key.partition(",")
+      if "stderr" in metric or isinstance(value, bool) or not isinstance(value, (int, float)):
+        continue
+      if math.isfinite(float(value)):
+        name = metric if filt in ("", "none") else f"{metric}_{filt}"
+        out[f"harness/{task}/{name}"] = float(value)
+  return out
+
+
+def report(results: dict[str, Any], step: int | None) -> dict[str, Any]:
+  """The JSON report: the step, lm-eval's results, configs and versions, and per-request
+  samples (inputs, responses, metrics), made JSON-safe."""
+  keep = {k: results.get(k) for k in ("results", "groups", "configs", "versions", "n-shot",
+                                       "higher_is_better", "n-samples", "samples")}
+  return json.loads(json.dumps({"step": step, **keep}, default=str))
+
+
+def write_report(path: str, results: dict[str, Any], step: int | None) -> str:
+  storage.write_text(path, json.dumps(report(results, step), indent=1, sort_keys=True))
+  logging.info("harness report: %s", path)
+  return path
+
+
+def table(results: dict[str, Any]) -> str:
+  from lm_eval.utils import make_table  # pylint: disable=import-outside-toplevel
+
+  return make_table(results)
+
+
+def harness_lm(rt, params: Any, cfg: HarnessConfig):
+  """A PretrainxLM for a run's Runtime `rt` (its model, mesh and vocabulary) and `params`."""
+  from pretrainx.harness.lm import make_lm  # pylint: disable=import-outside-toplevel
+  from pretrainx.sharding import batch_sharding, check_batch_divisible  # pylint: disable=import-outside-toplevel
+
+  exp = rt.exp
+  rows = cfg.batch_rows or exp.run.global_batch_size
+  check_batch_divisible(rows, rt.mesh, 1)
+  return make_lm(rt.model, params, exp.data.vocabulary,
+                 max_length=cfg.max_length or exp.run.seq_len, batch_rows=rows,
+                 sharding=batch_sharding(rt.mesh), scope=rt.scope,
+                 max_gen_toks=cfg.max_gen_toks, seed=cfg.seed)
+
+
+def run_and_record(rt, params: Any, cfg: HarnessConfig, step: int, run_dir: str | None,
+                   writer=None) -> tuple[dict[str, float], dict[str, Any]]:
+  """Evaluates cfg.tasks; writes the metrics (to `writer`) and RUN_DIR/harness/step_N.json from
+  process 0. Returns (metrics, lm-eval's results)."""
+  import jax  # pylint: disable=import-outside-toplevel
+
+  results = evaluate(harness_lm(rt, params, cfg), cfg)
+  values = metrics(results)
+  if jax.process_index() == 0:
+    if writer is not None:
+      writer.write(step, values)
+    if run_dir is not None:
+      write_report(storage.join(run_dir, "harness", f"step_{step:08d}.json"), results, step)
+  return values, results

@@ -102,8 +102,8 @@ def main() -> None:
                   max_length=args.max_length)
     rows = []
     for name, lm in (("pretrainx", ours), ("lm-eval hf", theirs)):
-      lm.loglikelihood(instances("loglikelihood", ll[:16]))  # warm-up (compile)
-      lm.generate_until(instances("generate_until", gen[:2]))
+      lm.loglikelihood(instances("loglikelihood", ll))  # warm-up: compile these shapes
+      lm.generate_until(instances("generate_until", gen))
       t_ll, _ = timed(lm.loglikelihood, instances("loglikelihood", ll))
       t_gen, texts_out = timed(lm.generate_until, instances("generate_until", gen))
       new_tokens = sum(len(vocab.encode(t)) for t in texts_out)

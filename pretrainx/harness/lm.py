@@ -94,14 +94,20 @@ class PretrainxLM(TemplateLM):
       prompts = [np.asarray(self.tok_encode(requests[i].args[0])[-room:], np.int32)
                  for i in members]
 
+      terms = [t for t in until if t]
+      # A stop string that ends at the newest token lies within its last few tokens (every token
+      # decodes to at least one byte); earlier tokens were checked when they came.
+      tail = 4 * max((len(t.encode()) for t in terms), default=0) + 4
+
       def stop(row: int, ids: np.ndarray) -> bool:
-        text = self.tok_decode(ids)
-        return any(term and term in text for term in until)
+        del row
+        text = self.tok_decode(ids[-tail:]) if terms else ""
+        return any(term in text for term in terms)
 
       rows = self.scorer.batch_rows  # prompts per decoding batch
       generated = [ids for start in range(0, len(prompts), rows)
                    for ids in self._generate(prompts[start:start + rows], max_gen, temperature,
-                                             lambda row, ids, s=start: stop(s + row, ids))]
+                                             stop if terms else None)]
       for i, ids in zip(members, generated):
         text = self.tok_decode(ids)
         for term in until:

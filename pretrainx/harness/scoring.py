@@ -114,7 +114,11 @@ class TokenScorer:
         continue
       scored = min(len(continuation), len(whole) - 1)
       seqs.append((whole[:-1], whole[1:], scored))
-    rows = _pack([len(s[0]) for s in seqs if s[2]], self.seq_len)
+    lengths = [len(s[0]) for s in seqs if s[2]]
+    # Rows as short as the longest request allows (a power of two, so few shapes compile):
+    # short requests then pay for no attention over empty positions.
+    row_len = min(self.seq_len, max(16, 1 << (max(lengths, default=1) - 1).bit_length()))
+    rows = _pack(lengths, row_len)
     index = [i for i, s in enumerate(seqs) if s[2]]  # packable -> request
     rows = [[index[j] for j in row] for row in rows]
     results: list[Scored | None] = [None] * len(seqs)
@@ -123,11 +127,11 @@ class TokenScorer:
         results[i] = Scored(np.zeros(0, np.float32), np.zeros(0, bool))
     with self.scope():
       for start in range(0, len(rows), self.batch_rows):
-        self._score_batch(rows[start:start + self.batch_rows], seqs, results)
+        self._score_batch(rows[start:start + self.batch_rows], row_len, seqs, results)
     return results  # type: ignore[return-value]
 
-  def _score_batch(self, rows: list[list[int]], seqs, results) -> None:
-    shape = (self.batch_rows, self.seq_len)
+  def _score_batch(self, rows: list[list[int]], row_len: int, seqs, results) -> None:
+    shape = (self.batch_rows, row_len)
     tokens, targets = np.zeros(shape, np.int32), np.zeros(shape, np.int32)
     positions, segments = np.zeros(shape, np.int32), np.zeros(shape, np.int32)
     where = {}

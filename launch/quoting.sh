@@ -1,5 +1,5 @@
 # Shell-quoting helpers shared by the launch scripts (sourced, not run): how a command is shown by
-# --dry-run so that the printed line can be pasted back into a shell.
+# --dry-run so that the printed line can be pasted back into a shell, and `run`, which does that.
 
 # $1 quoted for a POSIX shell: as is when plainly safe, else in single quotes, or in double quotes
 # when it holds single quotes but nothing that double quotes would expand.
@@ -20,5 +20,17 @@ show_word() {
     sq "${BASH_REMATCH[2]}"
   else
     sq "$1"
+  fi
+}
+
+# Runs "$@", or with --dry-run ($dry = 1 in the calling script) prints it as one
+# copy-pasteable line.
+run() {
+  if [ "$dry" -eq 1 ]; then
+    local words=() w
+    for w in "$@"; do words+=("$(show_word "$w")"); done
+    echo "${words[*]}"
+  else
+    "$@"
   fi
 }

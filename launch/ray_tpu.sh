@@ -28,19 +28,9 @@ die() {
   exit 2
 }
 
-# sq (shell-quote a word) and show_word (one argv word for display).
+# sq (shell-quote a word), show_word (one argv word for display) and run (runs a command, or
+# with --dry-run prints it).
 source "$(dirname "${BASH_SOURCE[0]}")/quoting.sh"
-
-# Runs "$@", or with --dry-run prints it as one copy-pasteable line.
-run() {
-  if [ "$dry" -eq 1 ]; then
-    local words=() w
-    for w in "$@"; do words+=("$(show_word "$w")"); done
-    echo "${words[*]}"
-  else
-    "$@"
-  fi
-}
 
 parse_args() {
   while [ $# -gt 0 ]; do

@@ -158,6 +158,15 @@ def _fifo_reader(fifo, timeout=120.0):
   raise AssertionError(f"no task opened {fifo} within {timeout} s")
 
 
+def _holds(pid, path):
+  """Whether process `pid` has `path` open."""
+  try:
+    return any(os.readlink(f"/proc/{pid}/fd/{n}") == str(path)
+               for n in os.listdir(f"/proc/{pid}/fd"))
+  except OSError:  # gone
+    return False
+
+
 def _make_fifo_input(data):
   """Four regular files and a FIFO as the last one (f4.jsonl); returns the FIFO's contents."""
   _write_files(data)
@@ -191,6 +200,10 @@ def test_worker_killed_mid_prepare_is_retried_and_the_store_is_the_same(tmp_path
   pid, fd = _fifo_reader(data / "f4.jsonl")
   os.kill(pid, signal.SIGKILL)  # the Ray worker tokenizing the FIFO's shard dies mid-task
   os.close(fd)
+  deadline = time.monotonic() + 60
+  while _holds(pid, data / "f4.jsonl"):  # until the dead worker's files are closed
+    assert time.monotonic() < deadline, f"worker {pid} still holds the FIFO after SIGKILL"
+    time.sleep(0.05)
   pid2, fd = _fifo_reader(data / "f4.jsonl")  # Ray retried the task on a new worker
   assert pid2 != pid
   os.write(fd, contents.encode())

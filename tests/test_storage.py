@@ -237,6 +237,7 @@ _LOCAL_ONLY = {
     "pretrainx/scaling/results.py": 4,  # legacy SQLite tables, refused for buckets
     "pretrainx/scaling/ray_sweep.py": 4,  # a run's local log file and work directory
     "pretrainx/multihost.py": 6,      # TPU devices under /dev and /sys: machine facts
+    "pretrainx/harness/score_docs.py": 1,  # the local staging copy that StagedDir uploads
     "pretrainx/hf.py": 1,             # a temporary gin file
 }
 

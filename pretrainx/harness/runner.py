@@ -67,10 +67,10 @@ def _task_manager(cfg: HarnessConfig):
     if storage.is_remote(include):
       raise ValueError(f"HarnessConfig.include_path={include}: lm-eval reads task files from a "
                        "local directory; copy them here.")
-    if not os.path.isdir(os.path.expanduser(include)):
+    include = storage.resolve(include)
+    if not storage.isdir(include):
       raise FileNotFoundError(f"HarnessConfig.include_path={include} is not a directory of "
                               "lm-eval task YAML files.")
-    include = os.path.abspath(os.path.expanduser(include))
   return TaskManager(include_path=include)
 
 

@@ -31,6 +31,8 @@ die() {
 # sq (shell-quote a word), show_word (one argv word for display) and run (runs a command, or
 # with --dry-run prints it).
 source "$(dirname "${BASH_SOURCE[0]}")/quoting.sh"
+# require (a non-empty option) and validate_tpu_vm (--name, --zone, --project, --remote_dir).
+source "$(dirname "${BASH_SOURCE[0]}")/tpu_vm_options.sh"
 
 parse_args() {
   while [ $# -gt 0 ]; do
@@ -55,22 +57,10 @@ parse_args() {
   done
 }
 
-require() {  # require VALUE FLAG HINT
-  [ -n "$1" ] || die "$sub needs $2 ($3)."
-}
-
 validate_common() {
-  require "$name" --name "the TPU VM name, e.g. --name=my-v5p"
-  [[ $name =~ ^[a-z]([-a-z0-9]*[a-z0-9])?$ ]] ||
-    die "--name=$name must be lowercase letters, digits and hyphens, starting with a letter."
-  require "$zone" --zone "e.g. --zone=us-east5-a"
-  [[ $remote_dir =~ ^[A-Za-z0-9_./~-]+$ ]] ||
-    die "--remote_dir=$remote_dir may hold only letters, digits and _ . / ~ -" \
-      "(it is used unquoted)."
+  validate_tpu_vm
   valid_port "$port" || die "--port=$port must be a TCP port in 1..65535 (Ray's default is 6379)."
   [[ $worker =~ ^[0-9]+$ ]] || die "--worker=$worker must be one worker's index (0, 1, ...)."
-  where=(--zone="$zone")
-  [ -z "$project" ] || where+=(--project="$project")
 }
 
 valid_port() {

@@ -28,6 +28,8 @@ die() {
 # sq (shell-quote a word), show_word (one argv word for display) and run (runs a command, or
 # with --dry-run prints it).
 source "$(dirname "${BASH_SOURCE[0]}")/quoting.sh"
+# require (a non-empty option) and validate_tpu_vm (--name, --zone, --project, --remote_dir).
+source "$(dirname "${BASH_SOURCE[0]}")/tpu_vm_options.sh"
 
 parse_args() {
   while [ $# -gt 0 ]; do
@@ -64,21 +66,9 @@ parse_args() {
   done
 }
 
-require() {  # require VALUE FLAG HINT
-  [ -n "$1" ] || die "$sub needs $2 ($3)."
-}
-
 validate_common() {
-  require "$name" --name "the TPU VM name, e.g. --name=my-v5p"
-  [[ $name =~ ^[a-z]([-a-z0-9]*[a-z0-9])?$ ]] ||
-    die "--name=$name must be lowercase letters, digits and hyphens, starting with a letter."
-  require "$zone" --zone "e.g. --zone=us-east5-a"
-  [[ $remote_dir =~ ^[A-Za-z0-9_./~-]+$ ]] ||
-    die "--remote_dir=$remote_dir may hold only letters, digits and _ . / ~ -" \
-      "(it is used unquoted)."
+  validate_tpu_vm
   qr_name=${qr_name:-$name-qr}
-  where=(--zone="$zone")
-  [ -z "$project" ] || where+=(--project="$project")
 }
 
 # gcloud ssh into worker(s) $1 running the remote shell command $2.

@@ -42,7 +42,7 @@ def _remote(line):
 
 
 @pytest.mark.parametrize("script", ["tpu_vm.sh", "ray_tpu.sh", "gpu_hosts.sh", "local_multiprocess.sh",
-                                    "quoting.sh", "slurm_example.sbatch"])
+                                    "quoting.sh", "tpu_vm_options.sh", "slurm_example.sbatch"])
 def test_scripts_are_valid_bash(script):
   out = subprocess.run(["bash", "-n", f"launch/{script}"], cwd=REPO, capture_output=True,
                        text=True)

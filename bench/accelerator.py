@@ -142,7 +142,7 @@ def train_throughput(dry: bool, steps: int, peak_tflops: float) -> list[tuple[st
               "RunConfig.steps = 1000", "MeshConfig.data = -1",
               f"ModelConfig.attention_impl = '{'reference' if dry else 'flash'}'"]
     if not dry:
-      params += ["RunConfig.precision = 'bf16_mixed'", "OptimizerConfig.learning_rate = 3e-4"]
+      params += ["PrecisionConfig.policy = 'bf16_mixed'", "OptimizerConfig.learning_rate = 3e-4"]
     exp = parse_gin([os.path.join(REPO, "gin_configs/runs/pretrain.gin"),
                      os.path.join(REPO, gin_file)] if not dry else [os.path.join(REPO, gin_file)],
                     params + (["STEPS = 1000", f"BATCH_SIZE = {batch}", f"SEQ_LEN = {seq}",

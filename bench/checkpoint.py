@@ -15,7 +15,8 @@ import time
 import jax
 import jax.numpy as jnp
 
-from pretrainx.checkpoint import CheckpointConfig, Checkpointer
+from pretrainx.config import CheckpointConfig
+from pretrainx.checkpoint import Checkpointer
 
 
 def make_state(num_params: float):

@@ -20,9 +20,9 @@ from pretrainx.cli import configure_cpu_devices
 configure_cpu_devices("auto")  # as the CLI does, before jax is imported
 
 from pretrainx.config import parse_gin  # noqa: E402  pylint: disable=wrong-import-position
-from pretrainx.data.mixture import Stage  # noqa: E402  pylint: disable=wrong-import-position
+from pretrainx.config import Stage  # noqa: E402  pylint: disable=wrong-import-position
 from pretrainx.metrics import read_metrics  # noqa: E402  pylint: disable=wrong-import-position
-from pretrainx.train.init import InitConfig  # noqa: E402  pylint: disable=wrong-import-position
+from pretrainx.config import InitConfig  # noqa: E402  pylint: disable=wrong-import-position
 from pretrainx.train.loop import train  # noqa: E402  pylint: disable=wrong-import-position
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -32,7 +32,7 @@ def _experiment(out: str, name: str, steps: int, weights: dict, eval_every: int,
   exp = parse_gin([os.path.join(REPO, "gin_configs/quickstart.gin")])
   return exp.replace(
       run={"run_dir": os.path.join(out, name), "steps": steps, "eval_every": eval_every,
-           "eval_batches": 4, "sample_tokens": 0, "progress_bar": False},
+           "eval_batches": 4, "progress_bar": False}, sample={"tokens": 0},
       data={"stages": (Stage(0, weights),)}, optimizer=optimizer)
 
 

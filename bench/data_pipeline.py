@@ -19,9 +19,9 @@ from pretrainx.cli import configure_cpu_devices
 configure_cpu_devices("auto")  # as the CLI does, before jax is imported
 
 from pretrainx.config import parse_gin  # noqa: E402  pylint: disable=wrong-import-position
-from pretrainx.data.mixture import Stage  # noqa: E402  pylint: disable=wrong-import-position
+from pretrainx.config import Stage  # noqa: E402  pylint: disable=wrong-import-position
 from pretrainx.data.pipeline import TrainBatches  # noqa: E402  pylint: disable=wrong-import-position
-from pretrainx.data.vocab import ByteVocabulary  # noqa: E402  pylint: disable=wrong-import-position
+from pretrainx.vocab import ByteVocabulary  # noqa: E402  pylint: disable=wrong-import-position
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
 from train_throughput import bench_pretrainx  # noqa: E402  pylint: disable=wrong-import-position

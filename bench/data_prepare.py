@@ -66,7 +66,7 @@ def train_bpe(folder: str, out: str, vocab_size: int = 8192) -> str:
 
 def time_prepare(folder: str, out: str, cluster, vocabulary) -> tuple[float, int]:
   from pretrainx.data import prepare
-  from pretrainx.data.tasks import FileTask
+  from pretrainx.config import FileTask
 
   task = FileTask("web", (os.path.join(folder, "*.jsonl"),), metadata_field="url")
   shutil.rmtree(out, ignore_errors=True)
@@ -98,7 +98,7 @@ def prepare_rows(work: str, folder: str, vocabularies: dict
 
 def sweep_file(work: str, name: str, runs: int) -> str:
   path = os.path.join(work, f"{name}.gin")
-  bindings = ["RunConfig.sample_tokens = 0", "RunConfig.eval_batches = 1",
+  bindings = ["SampleConfig.tokens = 0", "RunConfig.eval_batches = 1",
               "RunConfig.steps = 20", "RunConfig.log_every = 10", "RunConfig.peak_tflops = 1.0"]
   lrs = [1e-3 * (i + 1) for i in range(runs)]
   with open(path, "w", encoding="utf-8") as f:
@@ -127,7 +127,7 @@ def main() -> None:
   os.environ.setdefault("JAX_PLATFORMS", "cpu")
   work = tempfile.mkdtemp(prefix="bench-prepare-")
   try:
-    from pretrainx.data.vocab import ByteVocabulary, HFTokenizerVocabulary
+    from pretrainx.vocab import ByteVocabulary, HFTokenizerVocabulary
 
     folder = os.path.join(work, "data")
     make_files(folder, args.files, args.mb_per_file)

@@ -34,8 +34,9 @@ def make_model(work: str, vocab_size: int = 2048, max_len: int = 512):
   from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
   from pretrainx import hf
-  from pretrainx.data.vocab import HFTokenizerVocabulary
-  from pretrainx.model import ModelConfig, Transformer
+  from pretrainx.vocab import HFTokenizerVocabulary
+  from pretrainx.config import ModelConfig
+  from pretrainx.model import Transformer
 
   rng = np.random.default_rng(0)
   texts = [" ".join(rng.choice(WORDS, 200)) for _ in range(200)]

@@ -25,10 +25,11 @@ from pretrainx.cli import configure_cpu_devices
 configure_cpu_devices("auto")  # as the CLI does, before jax is imported
 
 from pretrainx.config import parse_gin, parse_gin_with  # noqa: E402  pylint: disable=wrong-import-position
-from pretrainx.linearize.convert import LinearizeConfig, linearized_config  # noqa: E402  pylint: disable=wrong-import-position
+from pretrainx.config import LinearizeConfig
+from pretrainx.linearize.convert import linearized_config
 from pretrainx.linearize.pipeline import linearize  # noqa: E402  pylint: disable=wrong-import-position
-from pretrainx.train.init import InitConfig  # noqa: E402  pylint: disable=wrong-import-position
-from pretrainx.train.tuning import TuneConfig  # noqa: E402  pylint: disable=wrong-import-position
+from pretrainx.config import InitConfig  # noqa: E402  pylint: disable=wrong-import-position
+from pretrainx.config import TuneConfig  # noqa: E402  pylint: disable=wrong-import-position
 from pretrainx.train.loop import train  # noqa: E402  pylint: disable=wrong-import-position
 from pretrainx.train.runtime import evaluate_checkpoint, load_trained  # noqa: E402  pylint: disable=wrong-import-position
 
@@ -45,23 +46,22 @@ def _trained(exp):
 
 def main() -> None:
   os.chdir(REPO)
-  quiet = {"progress_bar": False, "sample_tokens": 0}
+  quiet = {"run": {"progress_bar": False}, "sample": {"tokens": 0}}
   pretrain = parse_gin(["gin_configs/quickstart.gin"]).replace(
-      run={"run_dir": os.path.join(OUT, "pretrain"), **quiet})
+      run={"run_dir": os.path.join(OUT, "pretrain")}).replace(**quiet)
   _trained(pretrain)
   exp, extra = parse_gin_with(["gin_configs/linearize/quickstart.gin"], [],
                               (LinearizeConfig,))
   lin: LinearizeConfig = extra["LinearizeConfig"]
-  exp = exp.replace(run=quiet)
+  exp = exp.replace(**quiet)
   report = linearize(pretrain.run.run_dir, exp, lin, os.path.join(OUT, "linearized"))
   steps = lin.transfer_steps + lin.lora_steps
   scratch = dataclasses.replace(exp, model=linearized_config(pretrain.model, lin)).replace(
-      run={"run_dir": os.path.join(OUT, "scratch"), "steps": steps, **quiet},
-      optimizer={"warmup_steps": 10})
+      run={"run_dir": os.path.join(OUT, "scratch"), "steps": steps}, schedule={"warmup_steps": 10})
   scratch_eval = _trained(scratch)
   control = dataclasses.replace(exp, model=pretrain.model, init=InitConfig(
       source=pretrain.run.run_dir), tune=TuneConfig(lora=lin.lora)).replace(
-          run={"run_dir": os.path.join(OUT, "softmax_lora"), "steps": lin.lora_steps, **quiet},
+          run={"run_dir": os.path.join(OUT, "softmax_lora"), "steps": lin.lora_steps},
           optimizer={"learning_rate": lin.lora_lr})
   control_eval = _trained(control)
   pretrain_tokens = pretrain.run.steps * pretrain.run.global_batch_size * pretrain.run.seq_len

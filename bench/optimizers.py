@@ -40,8 +40,8 @@ def optimizer_state_mib(exp) -> float:
 def run_one(base, name: str, lr: float, steps: int, workdir: str) -> dict:
   exp = base.replace(optimizer={"name": name, "learning_rate": lr},
                      run={"steps": steps, "run_dir": os.path.join(workdir, f"{name}_{lr:g}"),
-                          "eval_every": max(steps // 4, 1), "log_every": 5, "sample_tokens": 0,
-                          "progress_bar": False})
+                          "eval_every": max(steps // 4, 1), "log_every": 5,
+                          "progress_bar": False}, sample={"tokens": 0})
   result = loop.train(exp, restart=True)
   rows = read_metrics(result.paths.metrics)
   train = [(r["step"], r["train/loss"]) for r in rows if "train/loss" in r]

@@ -35,7 +35,8 @@ QUICKSTART_STEP_TOKENS_PER_S = 5076  # bench/RESULTS.md, data pipeline section (
 
 
 def checkpoint_numbers(directory: str, state) -> dict[str, float]:
-  from pretrainx.checkpoint import CheckpointConfig, Checkpointer
+  from pretrainx.config import CheckpointConfig
+  from pretrainx.checkpoint import Checkpointer
 
   nbytes = sum(x.nbytes for x in jax.tree.leaves(state))
   ckpt = Checkpointer(directory, CheckpointConfig(async_save=True, keep_last=2))

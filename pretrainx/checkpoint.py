@@ -9,7 +9,6 @@ bucket has no atomic rename); s3:// is refused up front, as Orbax cannot write i
 
 from __future__ import annotations
 
-import dataclasses
 import time
 from typing import Any
 
@@ -18,31 +17,9 @@ import orbax.checkpoint as ocp
 from absl import logging
 
 from pretrainx import storage
+from pretrainx.config import CheckpointConfig
 
 COMMIT_MARKER = "commit_success.txt"
-
-
-@dataclasses.dataclass(frozen=True)
-class CheckpointConfig:
-  """When to save and what to keep.
-
-  Attributes:
-    every_steps: save every this many steps (0: not by steps).
-    every_minutes: save when this many minutes passed since the last save (0: not by time).
-    keep_last: newest checkpoints kept; older ones are deleted only after a newer one finalised.
-    keep_every: steps that are multiples of this are kept forever (None: none).
-    async_save: write in a background thread; training continues while the files are written.
-  """
-
-  every_steps: int = 0
-  every_minutes: float = 0.0
-  keep_last: int = 3
-  keep_every: int | None = None
-  async_save: bool = True
-
-  def __post_init__(self):
-    if self.keep_last < 1:
-      raise ValueError(f"CheckpointConfig.keep_last={self.keep_last} must be at least 1.")
 
 
 class CheckpointError(ValueError):

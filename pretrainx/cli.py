@@ -311,7 +311,7 @@ def cmd_export(args) -> None:
 def cmd_data(args) -> None:
   from pretrainx import config  # pylint: disable=import-outside-toplevel
   from pretrainx.data import pipeline, prepare, store  # pylint: disable=import-outside-toplevel
-  from pretrainx.data.corpus import DOMAINS  # pylint: disable=import-outside-toplevel
+  from pretrainx.config.data import DOMAINS  # pylint: disable=import-outside-toplevel
 
   data = config.parse_gin(args.gin_file, args.gin_param).data
   tasks = {t.name: t for t in data.tasks}
@@ -350,8 +350,9 @@ def cmd_schedule(args) -> None:
   from pretrainx import config, schedule_plot  # pylint: disable=import-outside-toplevel
 
   exp = config.parse_gin(args.gin_file, args.gin_param)
-  path = schedule_plot.plot_schedule(exp.optimizer, exp.run.steps, args.out)
-  _out(schedule_plot.schedule_table(exp.optimizer, exp.run.steps) + f"\nplot: {path}")
+  path = schedule_plot.plot_schedule(exp.schedule, exp.optimizer.learning_rate, exp.run.steps,
+                                     args.out)
+  _out(schedule_plot.schedule_table(exp.schedule, exp.optimizer.learning_rate, exp.run.steps) + f"\nplot: {path}")
 
 
 def cmd_sweep(args) -> None:

@@ -6,42 +6,12 @@ and the step maps it forward with `ema_update`; the loop evaluates or exports `e
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from typing import Any
 
 import jax
 import jax.numpy as jnp
-
-
-@dataclasses.dataclass(frozen=True)
-class EmaConfig:
-  """The parameter EMA.
-
-  Attributes:
-    decay: d in ema <- d * ema + (1 - d) * params, in [0, 1); 0 turns the EMA off (it would
-      equal the params). Typical values are 0.999-0.9999 (an average over ~1/(1 - d) steps).
-    start_step: before this step the EMA tracks the params (ema = params); averaging starts at it.
-    debias: average only the params from start_step on, weighting them d^age and normalising by
-      1 - d^k after k updates (Adam's bias correction of a zero-started EMA). The first update
-      then copies the params and the effective decay grows towards d. Without debias, the params
-      at start_step keep the weight d^k.
-  """
-
-  decay: float = 0.0
-  start_step: int = 0
-  debias: bool = False
-
-  def __post_init__(self):
-    if not 0.0 <= self.decay < 1.0:
-      raise ValueError(f"EmaConfig.decay={self.decay} must be in [0, 1): 0 turns the EMA off, "
-                       "0.999 averages over about 1000 steps.")
-    if self.start_step < 0:
-      raise ValueError(f"EmaConfig.start_step={self.start_step} is negative; use >= 0.")
-
-  @property
-  def enabled(self) -> bool:
-    return self.decay > 0.0
+from pretrainx.config import EmaConfig
 
 
 def _is_float(x: Any) -> bool:

@@ -1,4 +1,4 @@
-"""FLOPs per token, this machine's measured matmul peak, and model FLOPs utilisation (MFU).
+"""Parameter counts and FLOPs per token, this machine's measured matmul peak, and model FLOPs utilisation (MFU).
 
 FLOPs/token = 6 * N + attention, where N counts the non-embedding params plus the output
 projection (a tied head is still a matmul every token pays for). Softmax attention ('reference',
@@ -14,7 +14,43 @@ import time
 import jax
 import jax.numpy as jnp
 
-from pretrainx.model.config import ModelConfig, count_params
+from pretrainx.config.model import ModelConfig
+
+
+def count_params(cfg: ModelConfig) -> dict[str, int]:
+  """Parameter counts from the config alone (unpadded vocab), split as scaling laws need them.
+
+  Returns {'total', 'embedding', 'non_embedding'}; an untied output projection counts as
+  non-embedding (it is a matmul every token pays for), the input embedding table does not.
+  """
+  d, hd = cfg.embed_dim, cfg.resolved_head_dim
+  attn = d * hd * (2 * cfg.num_heads + 2 * cfg.num_kv_heads)
+  if cfg.qkv_bias:
+    attn += hd * (cfg.num_heads + 2 * cfg.num_kv_heads)
+  mlp = 3 * d * cfg.mlp_dim
+  norm = d if cfg.norm_scale == "channel" else 1
+  extra = sum(attention_extra_params(cfg.for_layer(i)) for i in range(cfg.num_layers))
+  embedding = cfg.vocab_size * d
+  lm_head = 0 if cfg.tie_embeddings else cfg.vocab_size * d
+  projection = d * d if cfg.embed_projection else 0
+  non_embedding = cfg.num_layers * (attn + mlp + 2 * norm) + extra + norm + lm_head + projection
+  return {"total": embedding + non_embedding, "embedding": embedding,
+          "non_embedding": non_embedding}
+
+
+def attention_extra_params(cfg: ModelConfig) -> int:
+  """Per-layer parameters of 'linear'/'hybrid' beyond q/k/v/o: hedgehog maps, decay, mixing
+  (for cfg.attention_impl; pass cfg.for_layer(i) for a model with layer_attention_impls)."""
+  if cfg.attention_impl not in ("linear", "hybrid"):
+    return 0
+  n = 0
+  if cfg.linear_feature == "hedgehog":  # one map for queries [heads], one for keys [kv_heads]
+    n += (cfg.num_heads + cfg.num_kv_heads) * cfg.resolved_head_dim * cfg.linear_feature_dim
+  if cfg.attention_impl == "hybrid":
+    n += cfg.num_heads  # window factor
+  if cfg.linear_decay:
+    n += cfg.num_heads
+  return n
 
 
 def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:

@@ -25,9 +25,10 @@ from absl import logging
 from flax import traverse_util
 
 from pretrainx import storage
-from pretrainx.model.config import ModelConfig
+from pretrainx.config import ModelConfig
 from pretrainx.model.transformer import Transformer
-from pretrainx.sharding import MeshConfig, logical_to_shardings
+from pretrainx.config import MeshConfig
+from pretrainx.sharding import logical_to_shardings
 
 ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral",
                  "Qwen2ForCausalLM": "qwen2"}

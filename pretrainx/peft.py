@@ -20,7 +20,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from pretrainx.model.config import ModelConfig
+from pretrainx.config import ModelConfig
+from pretrainx.config import LoraConfig
 
 Params = Any  # a nested dict of arrays (unboxed), as TrainState.params holds
 LORA_A, LORA_B = "lora_a", "lora_b"
@@ -78,46 +79,6 @@ def _match_all(patterns: Sequence[str], paths: Sequence[str], what: str) -> dict
 
 
 # ----------------------------------------------------------------------------- LoRA
-
-
-@dataclasses.dataclass(frozen=True)
-class LoraConfig:
-  """Low-rank adapters W + (alpha / rank) * A @ B on the params whose path matches a target.
-
-  Factorisation convention: a kernel's dims split into leading layer axis (scanned blocks only,
-  kept as a batch axis), input dims (those the layer contracts with its activations) and output
-  dims. `o_proj` [heads, head_dim, embed] has inputs (heads, head_dim) and output (embed,); every
-  other kernel has its first dim as input: q/k/v_proj [embed | heads, head_dim], gate/up_proj
-  [embed | mlp], down_proj [mlp | embed]. Then A: [layers?, *in, rank], B: [layers?, rank, *out].
-
-  Attributes:
-    rank: r, the adapter rank (>= 1).
-    alpha: the adapter output is scaled by alpha / rank.
-    targets: regexes (re.search) over param paths; each must match at least one param with 2 or
-      more non-layer dims (vectors such as norm scales, and biases, are never adapted).
-    init_std: std of A's normal init; None means 1 / sqrt(fan_in) (fan_in = product of the input
-      dims). B starts at zero, so the adapted model equals the base model at init.
-  """
-
-  rank: int = 8
-  alpha: float = 16.0
-  targets: tuple[str, ...] = (r"attention/(q|k|v|o)_proj",)
-  init_std: float | None = None
-
-  def __post_init__(self):
-    if isinstance(self.targets, list):  # gin gives lists; keep configs comparable
-      object.__setattr__(self, "targets", tuple(self.targets))
-    if self.rank < 1:
-      raise ValueError(f"LoraConfig.rank={self.rank}; use a positive integer rank.")
-    if not self.targets or isinstance(self.targets, str):
-      raise ValueError(f"LoraConfig.targets={self.targets!r}; give a tuple of one or more regexes "
-                       "over param paths, e.g. (r'attention/(q|k|v|o)_proj',).")
-    if self.init_std is not None and self.init_std <= 0:
-      raise ValueError(f"LoraConfig.init_std={self.init_std}; use a positive std or None.")
-
-  @property
-  def scale(self) -> float:
-    return self.alpha / self.rank
 
 
 def _split_dims(path: str, shape: tuple[int, ...]) -> tuple[tuple, tuple, tuple]:

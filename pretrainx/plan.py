@@ -25,7 +25,8 @@ from pretrainx.config import Experiment, parse_gin
 from pretrainx.data.pipeline import BATCH_KEYS
 from pretrainx.flops import flops_per_token
 from pretrainx import topology as tpu_topology
-from pretrainx.sharding import MESH_AXES, batch_sharding
+from pretrainx.config.mesh import MESH_AXES
+from pretrainx.sharding import batch_sharding
 from pretrainx.train.runtime import build_runtime
 
 GIB = 2**30
@@ -112,7 +113,7 @@ def _xla_flops(compiled) -> float | None:
 def _xla_counts_every_flop(exp: Experiment) -> bool:
   """XLA's cost analysis counts a loop body once: trust it only for loop-free steps."""
   model = exp.model
-  return (not model.scan_layers and exp.run.microbatches == 1
+  return (not model.scan_layers and exp.accumulation.microbatches == 1
           and set(model.layer_impls) == {"reference"})
 
 
@@ -141,7 +142,7 @@ def _plan_compiled(exp: Experiment, devices, hbm_gib: float | None, topology: st
                    ) -> PlanReport:
   start = time.perf_counter()
   rt = build_runtime(exp, devices)
-  exp = rt.exp.resolved()
+  exp = rt.exp
   eval_temp = None
   with rt.scope():
     batch = abstract_batch(exp, rt.mesh)

@@ -17,7 +17,9 @@ from flax import traverse_util
 from flax.core import meta
 
 from pallas_kernels.reference import attention_mask
-from pretrainx.model import ModelConfig, Transformer, count_params
+from pretrainx.config import ModelConfig
+from pretrainx.model import Transformer
+from pretrainx.flops import count_params
 from pretrainx.model import attention as attn
 from pretrainx.model import config as model_config
 

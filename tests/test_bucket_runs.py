@@ -282,7 +282,7 @@ def test_glob_without_matches_in_a_bucket_exits_2(gcs_dir, tmp_path):
 def test_a_second_prepare_of_the_same_store_is_refused(gcs_dir):
   from pretrainx.data import store as token_store
   from pretrainx.data.tasks import SourceDocument
-  from pretrainx.data.vocab import ByteVocabulary
+  from pretrainx.vocab import ByteVocabulary
   path = f"{gcs_dir}/stores/web/train"
   with storage.exclusive(token_store.lock_path(path), "preparing"):
     with pytest.raises(storage.StorageError, match=r"is writing the token store .*Wait for it"):
@@ -293,7 +293,7 @@ def test_a_second_prepare_of_the_same_store_is_refused(gcs_dir):
 
 def test_corpus_stores_in_a_bucket_are_built_once(gcs_dir):
   from pretrainx.data import store as token_store
-  from pretrainx.data.vocab import ByteVocabulary
+  from pretrainx.vocab import ByteVocabulary
   first = token_store.ensure_corpus_store(gcs_dir, "prose", "validation", ByteVocabulary(), 0.05)
   again = token_store.ensure_corpus_store(gcs_dir, "prose", "validation", ByteVocabulary(), 0.05)
   assert first.manifest == again.manifest and first.num_docs > 0

@@ -9,10 +9,13 @@ import pytest
 from jax.sharding import NamedSharding, PartitionSpec
 
 from pretrainx import checkpoint
-from pretrainx.checkpoint import CheckpointConfig, Checkpointer, CheckpointError
+from pretrainx.config import CheckpointConfig
+from pretrainx.checkpoint import Checkpointer, CheckpointError
 from pretrainx.model import Transformer
-from pretrainx.optim import OptimizerConfig, make_optimizer
-from pretrainx.sharding import MeshConfig, make_mesh, mesh_scope
+from pretrainx.config import OptimizerConfig
+from pretrainx.optim import make_optimizer
+from pretrainx.config import MeshConfig
+from pretrainx.sharding import make_mesh, mesh_scope
 from pretrainx.train.state import create_train_state, state_shardings
 
 

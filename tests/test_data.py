@@ -4,8 +4,9 @@ import numpy as np
 import pytest
 
 from pretrainx.data.corpus import corpus_stats, load_documents
-from pretrainx.data.pipeline import DataConfig, TrainBatches, eval_batches, unigram_entropy
-from pretrainx.data.vocab import ByteVocabulary
+from pretrainx.config import DataConfig
+from pretrainx.data.pipeline import TrainBatches, eval_batches, unigram_entropy
+from pretrainx.vocab import ByteVocabulary
 
 
 def test_byte_vocabulary_round_trip_and_seqio_ids():

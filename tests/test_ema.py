@@ -5,7 +5,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pretrainx.ema import EmaConfig, ema_as_params, ema_decay, ema_init, ema_update
+from pretrainx.config import EmaConfig
+from pretrainx.ema import ema_as_params, ema_decay, ema_init, ema_update
 
 
 def _params(value):

@@ -13,10 +13,11 @@ import pytest
 from flax.core import meta
 
 from pretrainx import generate as gen
-from pretrainx.generate import (_buffer_decoder, decode_step, generate, generate_batch, prefill,
-                                sample_logits)
-from pretrainx.model import ModelConfig, Transformer
-from pretrainx.sharding import MeshConfig, logical_to_shardings, make_mesh, mesh_scope
+from pretrainx.generate import (_buffer_decoder, decode_step, generate, generate_batch, prefill, sample_logits)
+from pretrainx.config import ModelConfig
+from pretrainx.model import Transformer
+from pretrainx.config import MeshConfig
+from pretrainx.sharding import logical_to_shardings, make_mesh, mesh_scope
 
 
 def test_greedy_generation_matches_forward_argmax():

@@ -4,7 +4,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pretrainx.train.guard import GuardConfig, GuardState, guard_update
+from pretrainx.config import GuardConfig
+from pretrainx.train.guard import GuardState, guard_update
 
 
 def _run(losses, cfg):

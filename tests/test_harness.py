@@ -18,11 +18,12 @@ import jax.numpy as jnp  # noqa: E402
 from flax.core import meta  # noqa: E402
 
 from pretrainx import hf  # noqa: E402
-from pretrainx.data.vocab import HFTokenizerVocabulary  # noqa: E402
+from pretrainx.vocab import HFTokenizerVocabulary  # noqa: E402
 from pretrainx.harness import runner  # noqa: E402
 from pretrainx.harness.lm import make_lm  # noqa: E402
 from pretrainx.harness.scoring import TokenScorer, rolling_windows  # noqa: E402
-from pretrainx.model import ModelConfig, Transformer  # noqa: E402
+from pretrainx.config import ModelConfig
+from pretrainx.model import Transformer
 
 TEXTS = ["the cat sat on the mat", "a dog ran in the park", "the sun is hot and bright",
          "one two three four five six", "red green blue yellow", "def add(a, b): return a + b"]

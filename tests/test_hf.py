@@ -22,8 +22,11 @@ import jax.numpy as jnp  # noqa: E402
 from jax.sharding import NamedSharding, PartitionSpec  # noqa: E402
 
 from pretrainx import hf  # noqa: E402
-from pretrainx.model import ModelConfig, Transformer, count_params  # noqa: E402
-from pretrainx.sharding import MeshConfig, make_mesh, mesh_scope  # noqa: E402
+from pretrainx.config import ModelConfig
+from pretrainx.model import Transformer
+from pretrainx.flops import count_params
+from pretrainx.config import MeshConfig
+from pretrainx.sharding import make_mesh, mesh_scope
 
 TINY = dict(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
@@ -254,7 +257,7 @@ def test_convert_both_directions(sharded_llama, tmp_path):
 
 def test_hf_tokenizer_vocabulary(tmp_path):
   tokenizers = pytest.importorskip("tokenizers")
-  from pretrainx.data.vocab import HFTokenizerVocabulary  # pylint: disable=import-outside-toplevel
+  from pretrainx.vocab import HFTokenizerVocabulary  # pylint: disable=import-outside-toplevel
 
   texts = ["def add(a, b):\n  return a + b\n", "the quick brown fox jumps over the lazy dog",
            "héllo wörld, ünïcode 你好"] * 20

@@ -9,7 +9,8 @@ import pytest
 
 from pretrainx import checkpoint
 from pretrainx.config import experiment_to_gin
-from pretrainx.train.init import InitConfig, initial_state, source_kind
+from pretrainx.config import InitConfig
+from pretrainx.train.init import initial_state, source_kind
 from pretrainx.train.loop import train
 from pretrainx.train.runtime import build_runtime, load_trained
 
@@ -82,7 +83,7 @@ def test_bad_sources_are_clear_errors(source_run, tmp_path):
 
 
 def test_ema_is_kept_in_the_state_used_for_eval_and_resumed(tiny_exp):
-  from pretrainx.ema import EmaConfig
+  from pretrainx.config import EmaConfig
 
   exp = dataclasses.replace(tiny_exp(run={"steps": 4, "sample_tokens": 0, "eval_batches": 1}),
                             ema=EmaConfig(decay=0.5))

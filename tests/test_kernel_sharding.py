@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from pretrainx.model import kernels
-from pretrainx.sharding import MeshConfig, make_mesh, mesh_scope
+from pretrainx.config import MeshConfig
+from pretrainx.sharding import make_mesh, mesh_scope
 
 
 def _step_metrics(tiny_exp, impl, mesh, interpret=True, **model):

@@ -17,8 +17,10 @@ from pretrainx.generate import generate
 from pretrainx.linearize import convert as C
 from pretrainx.linearize import transfer as T
 from pretrainx.linearize.pipeline import linearize
-from pretrainx.model import ModelConfig, Transformer
-from pretrainx.train.init import InitConfig, initial_state
+from pretrainx.config import ModelConfig
+from pretrainx.model import Transformer
+from pretrainx.config import InitConfig
+from pretrainx.train.init import initial_state
 from pretrainx.train.loop import train
 from pretrainx.train.runtime import build_runtime, load_trained
 
@@ -242,7 +244,7 @@ def test_linearize_gin_files_parse(name):
 
 def test_mixed_stack_counts_params_and_flops_per_layer():
   from pretrainx.flops import flops_per_token
-  from pretrainx.model import count_params
+  from pretrainx.flops import count_params
 
   src, params = _random_model(scan=False)
   mixed = C.linearized_config(src, C.LinearizeConfig(layers=(1,), window=8))

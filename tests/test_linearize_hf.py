@@ -12,10 +12,11 @@ transformers = pytest.importorskip("transformers")
 
 import conftest  # noqa: E402
 from pretrainx.config import parse_gin_with  # noqa: E402
-from pretrainx.linearize.convert import LinearizeConfig  # noqa: E402
+from pretrainx.config import LinearizeConfig  # noqa: E402
 from pretrainx.linearize.pipeline import linearize  # noqa: E402
 from pretrainx.model import Transformer  # noqa: E402
-from pretrainx.train.init import InitConfig, initial_state, source_model_config  # noqa: E402
+from pretrainx.config import InitConfig
+from pretrainx.train.init import initial_state, source_model_config
 from pretrainx.train.runtime import build_runtime  # noqa: E402
 
 GIN = os.path.join(conftest.REPO, "gin_configs/linearize/llama_hf.gin")

@@ -5,7 +5,9 @@ import collections
 import numpy as np
 import pytest
 
-from pretrainx.data.mixture import MixtureSchedule, Stage, check_stages
+from pretrainx.data.mixture import MixtureSchedule
+from pretrainx.config import Stage
+from pretrainx.config.data import check_stages
 from pretrainx.data.packing import DomainRows, concat_layout, pack_layout
 
 DOMAINS = ("a", "b", "c")

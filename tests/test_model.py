@@ -7,7 +7,9 @@ import numpy as np
 import pytest
 
 from pallas_kernels.reference import reference_attention
-from pretrainx.model import ModelConfig, Transformer, count_params
+from pretrainx.config import ModelConfig
+from pretrainx.model import Transformer
+from pretrainx.flops import count_params
 from pretrainx.model.layers import apply_rope
 
 CFG = ModelConfig(vocab_size=259, embed_dim=32, num_layers=2, num_heads=4, num_kv_heads=2,

@@ -6,7 +6,9 @@ import numpy as np
 import pytest
 
 from pretrainx.metrics import read_metrics
-from pretrainx.model import ModelConfig, Transformer, count_params
+from pretrainx.config import ModelConfig
+from pretrainx.model import Transformer
+from pretrainx.flops import count_params
 from pretrainx.model.layers import excess_kurtosis
 from pretrainx.train import loop
 
@@ -44,15 +46,21 @@ def test_kurtosis_is_logged_per_layer(tiny_exp):
 
 
 def test_precision_policies_set_the_three_dtypes_together():
-  from pretrainx.config import Experiment
-  exp = Experiment().replace(run={"precision": "bf16_pure"}).resolved()
+  from pretrainx.config import Experiment, experiment_to_gin, parse_gin_text
+  exp = Experiment().replace(precision={"policy": "bf16_pure"})
   assert (exp.model.param_dtype, exp.model.dtype, exp.optimizer.state_dtype) == (
       "bfloat16", "bfloat16", "bfloat16")
-  mixed = Experiment().replace(run={"precision": "bf16_mixed"}).resolved()
+  # resolved once, when the Experiment is made: its gin text (config.gin, the checkpoint's
+  # config) holds the dtypes the run uses and reads back to the same Experiment
+  assert parse_gin_text(experiment_to_gin(exp))[0] == exp
+  assert "ModelConfig.param_dtype = 'bfloat16'" in experiment_to_gin(exp)
+  mixed = Experiment().replace(precision={"policy": "bf16_mixed"})
   assert (mixed.model.param_dtype, mixed.model.dtype, mixed.optimizer.state_dtype) == (
       "float32", "bfloat16", "float32")
-  with pytest.raises(ValueError, match="RunConfig.precision='fp8'"):
-    Experiment().replace(run={"precision": "fp8"}).resolved()
+  with pytest.raises(ValueError, match="PrecisionConfig.policy='fp8'"):
+    Experiment().replace(precision={"policy": "fp8"})
+  with pytest.raises(ValueError, match="ModelConfig.dtype='float16' is bound too"):
+    Experiment().replace(model={"dtype": "float16"}, precision={"policy": "bf16_mixed"})
 
 
 def test_stochastic_rounding_is_unbiased_and_keeps_tiny_updates():

@@ -4,8 +4,7 @@ import numpy as np
 import pytest
 
 from pretrainx.data import objectives as obj
-from pretrainx.data.vocab import (ByteVocabulary, extra_id_name, num_sentinels, sentinel_id,
-                                  special_id)
+from pretrainx.vocab import ByteVocabulary, extra_id_name, num_sentinels, sentinel_id, special_id
 
 VOCAB = ByteVocabulary(extra_ids=64)  # ids 259..263 named tokens, 264..322 sentinels 58..0
 CFG = obj.ObjectiveConfig()

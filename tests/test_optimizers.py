@@ -9,8 +9,11 @@ import pytest
 
 from pretrainx.metrics import read_metrics
 from pretrainx.model import Transformer
-from pretrainx.optim import OPTIMIZERS, OptimizerConfig, make_optimizer, muon_dimension_numbers
-from pretrainx.sharding import MeshConfig, make_mesh, mesh_scope
+from pretrainx.config.optim import OPTIMIZERS
+from pretrainx.config import AdafactorConfig, MuonConfig, OptimizerConfig, ScheduleConfig
+from pretrainx.optim import make_optimizer, muon_dimension_numbers
+from pretrainx.config import MeshConfig
+from pretrainx.sharding import make_mesh, mesh_scope
 from pretrainx.train import loop
 from pretrainx.train.state import create_train_state
 from pretrainx.train.step import gnb_grads
@@ -42,7 +45,7 @@ def test_newton_schulz_output_is_near_orthogonal():
 def _muon_update(exp, mesh_cfg, devices=None):
   mesh = make_mesh(mesh_cfg, devices)
   model = Transformer(exp.model)
-  tx, _ = make_optimizer(OptimizerConfig(name="muon", warmup_steps=0), 10)
+  tx, _ = make_optimizer(OptimizerConfig(name="muon"), 10, ScheduleConfig(warmup_steps=0))
   state, shardings = create_train_state(model, tx, mesh, mesh_cfg.rules, 0, 16)
   grads = jax.tree.map(lambda p: jnp.sin(jnp.arange(p.size, dtype=jnp.float32).reshape(p.shape)),
                        state.params)
@@ -72,9 +75,9 @@ def test_muon_routes_matrices_to_muon_and_the_rest_to_adamw(tiny_exp):
   assert tuple(mlp["down_proj"].reduction_axis) == (1,)
   assert dims["embed"]["embedding"] is None and dims["final_norm"]["scale"] is None
   with pytest.raises(ValueError, match=r"Muon cannot orthogonalise parameter final_norm/scale of "
-                                       r"shape \(64,\).*muon_fallback = 'adamw'"):
-    muon_dimension_numbers(params, OptimizerConfig(name="muon", muon_fallback=None,
-                                                   muon_exclude=("embed",)))
+                                       r"shape \(64,\).*MuonConfig.fallback = 'adamw'"):
+    muon_dimension_numbers(params, OptimizerConfig(name="muon", muon=MuonConfig(
+        fallback=None, exclude=("embed",))))
 
 
 def test_gnb_estimate_matches_the_exact_hessian_diagonal_in_expectation():
@@ -97,7 +100,7 @@ def test_gnb_estimate_matches_the_exact_hessian_diagonal_in_expectation():
 
 def test_adafactor_state_is_factored(tiny_exp):
   exp = tiny_exp()
-  tx, _ = make_optimizer(OptimizerConfig(name="adafactor", adafactor_min_dim=32), 10)
+  tx, _ = make_optimizer(OptimizerConfig(name="adafactor", adafactor=AdafactorConfig(min_dim=32)), 10)
   params = Transformer(exp.model).init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))["params"]
   params = jax.tree.map(lambda b: b.value, params, is_leaf=lambda b: hasattr(b, "value"))
   state = tx.init(params)

@@ -11,8 +11,10 @@ import optax
 import pytest
 
 from pretrainx import peft
-from pretrainx.model import ModelConfig, Transformer
-from pretrainx.optim import OptimizerConfig, make_optimizer
+from pretrainx.config import ModelConfig
+from pretrainx.model import Transformer
+from pretrainx.config import OptimizerConfig, ScheduleConfig
+from pretrainx.optim import make_optimizer
 
 CFG = ModelConfig(vocab_size=259, embed_dim=32, num_layers=2, num_heads=4, num_kv_heads=2,
                   mlp_dim=64, max_seq_len=32, sow_kurtosis=False)
@@ -212,7 +214,7 @@ def test_trainable_mask_freeze_with_project_optimizer():
   only_mlp = _flat(peft.trainable_mask(params, train=(r"mlp/",), freeze=(r"gate",)))
   assert {p for p, v in only_mlp.items() if v} == {"layers_0/mlp/up_proj", "layers_0/mlp/down_proj",
                                                    "layers_1/mlp/up_proj", "layers_1/mlp/down_proj"}
-  opt, _ = make_optimizer(OptimizerConfig(learning_rate=1e-2, warmup_steps=0), 10)
+  opt, _ = make_optimizer(OptimizerConfig(learning_rate=1e-2), 10, ScheduleConfig(warmup_steps=0))
   opt = peft.masked_optimizer(opt, mask)
   grads = jax.tree.map(jnp.ones_like, params)
   state = opt.init(params)

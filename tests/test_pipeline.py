@@ -6,9 +6,10 @@ import json
 import numpy as np
 import pytest
 
-from pretrainx.data.mixture import Stage
-from pretrainx.data.pipeline import DataConfig, TrainBatches, eval_batches
-from pretrainx.data.vocab import ByteVocabulary
+from pretrainx.config import Stage
+from pretrainx.config import DataConfig
+from pretrainx.data.pipeline import TrainBatches, eval_batches
+from pretrainx.vocab import ByteVocabulary
 
 SEQ, BATCH = 64, 16
 

@@ -8,9 +8,11 @@ import pytest
 from jax.sharding import PartitionSpec
 
 from pretrainx.config import parse_gin
-from pretrainx.model import Transformer, count_params
+from pretrainx.model import Transformer
+from pretrainx.flops import count_params
 from pretrainx.optim import make_optimizer
-from pretrainx.sharding import MeshConfig, make_mesh
+from pretrainx.config import MeshConfig
+from pretrainx.sharding import make_mesh
 from pretrainx.train.state import state_shardings
 
 from conftest import REPO

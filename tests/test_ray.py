@@ -20,8 +20,9 @@ import pytest
 from pretrainx import cluster
 from pretrainx.data import prepare
 from pretrainx.data import store as token_store
-from pretrainx.data.tasks import FileTask, iter_documents
-from pretrainx.data.vocab import ByteVocabulary
+from pretrainx.config import FileTask
+from pretrainx.data.tasks import iter_documents
+from pretrainx.vocab import ByteVocabulary
 from pretrainx.scaling.results import load_results
 
 from conftest import REPO

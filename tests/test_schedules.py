@@ -7,20 +7,25 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pretrainx.optim import SCHEDULES, OptimizerConfig, make_schedule, schedule_phases
+from pretrainx.config.optim import SCHEDULES
+from pretrainx.config import ScheduleConfig
+from pretrainx.optim import make_schedule, schedule_phases
 from pretrainx.schedule_plot import plot_schedule, schedule_table, schedule_values
 
 PEAK = 2.0
 
 
+def _cfg(schedule: str = "cosine", **fields) -> ScheduleConfig:
+  return ScheduleConfig(name=schedule, **fields)
+
+
 def _lr(total_steps, **fields):
-  cfg = OptimizerConfig(learning_rate=PEAK, **fields)
-  schedule = make_schedule(cfg, total_steps)
+  schedule = make_schedule(_cfg(**fields), PEAK, total_steps)
   return lambda step: float(schedule(step))
 
 
 def _values(total_steps, **fields):
-  return schedule_values(OptimizerConfig(learning_rate=PEAK, **fields), total_steps,
+  return schedule_values(_cfg(**fields), PEAK, total_steps,
                          np.arange(total_steps + 1))
 
 
@@ -60,7 +65,7 @@ def test_rewarm_wsd_from_a_kept_step_counter():
   assert lr(100) == pytest.approx(0.1 * PEAK) and lr(110) == pytest.approx(PEAK)
   assert lr(150) == pytest.approx(PEAK) and lr(180) == pytest.approx(PEAK)
   assert lr(190) == pytest.approx(PEAK / 2) and lr(200) == pytest.approx(0.0, abs=1e-6)
-  phases = schedule_phases(OptimizerConfig(**fields), 200)
+  phases = schedule_phases(_cfg(**fields), PEAK, 200)
   assert phases == [("before rewarm", 0), ("rewarm", 100), ("stable", 110), ("decay", 180)]
 
 
@@ -76,7 +81,7 @@ def test_infinite_phases_by_hand():
   assert lr(200) == pytest.approx(0.0, abs=1e-6)
   v = _values(200, **fields)
   assert np.all(np.diff(v[10:]) <= 1e-7)  # never rises after warmup
-  assert schedule_phases(OptimizerConfig(**fields), 200) == [
+  assert schedule_phases(_cfg(**fields), PEAK, 200) == [
       ("warmup", 0), ("cooldown", 10), ("constant", 30), ("anneal", 180)]
 
 
@@ -104,33 +109,33 @@ def test_existing_schedules_unchanged():
 
 @pytest.mark.parametrize("name", SCHEDULES)
 def test_every_schedule_is_jittable_and_previewable(tmp_path, name):
-  cfg = OptimizerConfig(learning_rate=PEAK, schedule=name, warmup_steps=10, cooldown_steps=10)
-  schedule = make_schedule(cfg, 100)
+  cfg = _cfg(schedule=name, warmup_steps=10, cooldown_steps=10)
+  schedule = make_schedule(cfg, PEAK, 100)
   jitted = jax.jit(schedule)(jnp.arange(101))
-  np.testing.assert_allclose(jitted, schedule_values(cfg, 100, range(101)), rtol=1e-6)
+  np.testing.assert_allclose(jitted, schedule_values(cfg, PEAK, 100, range(101)), rtol=1e-6)
   assert float(jnp.max(jitted)) == pytest.approx(PEAK) and np.all(np.asarray(jitted) >= 0)
-  path = plot_schedule(cfg, 100, str(tmp_path / f"{name}.png"))
+  path = plot_schedule(cfg, PEAK, 100, str(tmp_path / f"{name}.png"))
   with open(path, "rb") as f:
     head = f.read(8)
   assert head == b"\x89PNG\r\n\x1a\n" and (tmp_path / f"{name}.png").stat().st_size > 5000
 
 
 def test_schedule_table_lists_steps_rates_and_phases():
-  cfg = OptimizerConfig(learning_rate=PEAK, schedule="infinite", warmup_steps=10,
-                        cooldown_steps=20, decay_fraction=0.1, end_lr_ratio=0.0)
-  rows = schedule_table(cfg, 200, points=3).splitlines()
+  cfg = _cfg(schedule="infinite", warmup_steps=10, cooldown_steps=20, decay_fraction=0.1,
+             end_lr_ratio=0.0)
+  rows = schedule_table(cfg, PEAK, 200, points=3).splitlines()
   assert "'infinite'" in rows[0]
   body = {int(r.split()[0]): (float(r.split()[1]), r.split()[2]) for r in rows[2:]}
   assert sorted(body) == [0, 10, 30, 100, 180, 200]  # 3 evenly spaced + each phase start
   assert body[100] == (pytest.approx(PEAK / 2), "constant") and body[180][1] == "anneal"
-  picked = schedule_table(cfg, 200, points=[40, 5]).splitlines()[2:]
+  picked = schedule_table(cfg, PEAK, 200, points=[40, 5]).splitlines()[2:]
   assert [int(r.split()[0]) for r in picked] == [5, 40]
   with pytest.raises(ValueError, match=r"steps \[300\] are outside the schedule \[0, 200\]"):
-    schedule_table(cfg, 200, points=[300])
+    schedule_table(cfg, PEAK, 200, points=[300])
 
 
 @pytest.mark.parametrize("fields, message", [
-    ({"schedule": "step"}, r"schedule='step'; choose one of \('cosine', 'wsd', 'constant', "
+    ({"schedule": "step"}, r"ScheduleConfig.name='step'; choose one of \('cosine', 'wsd', 'constant', "
                            r"'rewarm', 'infinite', 'inverse_sqrt'\)"),
     ({"rewarm_decay": "linear"}, r"rewarm_decay='linear'; choose one of \('cosine', 'wsd'\)"),
     ({"rewarm_start_lr_ratio": 1.5}, r"rewarm_start_lr_ratio=1.5 .* in \[0, 1\]"),
@@ -145,14 +150,14 @@ def test_schedule_table_lists_steps_rates_and_phases():
 ])
 def test_bad_fields_give_clear_errors(fields, message):
   with pytest.raises(ValueError, match=message):
-    OptimizerConfig(**fields)
+    _cfg(**fields)
 
 
 def test_phases_that_do_not_fit_the_run_give_clear_errors():
-  cfg = OptimizerConfig(schedule="infinite", warmup_steps=10, cooldown_steps=80, decay_fraction=0.2)
+  cfg = _cfg(schedule="infinite", warmup_steps=10, cooldown_steps=80, decay_fraction=0.2)
   with pytest.raises(ValueError, match=r"10 \+ 80 \+ 20 > 100; shorten cooldown_steps"):
-    make_schedule(cfg, 100)
+    make_schedule(cfg, PEAK, 100)
   with pytest.raises(ValueError, match=r"rewarm_start_step=100 is not before the run's last step"):
-    make_schedule(OptimizerConfig(schedule="rewarm", rewarm_start_step=100), 100)
+    make_schedule(_cfg(schedule="rewarm", rewarm_start_step=100), PEAK, 100)
   with pytest.raises(ValueError, match=r"total_steps=0"):
-    schedule_values(OptimizerConfig(), 0, [0])
+    schedule_values(_cfg(), PEAK, 0, [0])

@@ -9,8 +9,8 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from pretrainx.data.pipeline import TrainBatches
 from pretrainx.model import Transformer
-from pretrainx.sharding import (MeshConfig, batch_sharding, check_batch_divisible, make_mesh,
-                                mesh_scope)
+from pretrainx.config import MeshConfig
+from pretrainx.sharding import batch_sharding, check_batch_divisible, make_mesh, mesh_scope
 from pretrainx.train.state import create_train_state
 from pretrainx.train.step import loss_and_grads
 

@@ -9,8 +9,10 @@ import pytest
 
 from pretrainx.data.pipeline import TrainBatches
 from pretrainx.model import Transformer
-from pretrainx.optim import OptimizerConfig, decay_mask, make_optimizer, make_schedule
-from pretrainx.sharding import MeshConfig, make_mesh
+from pretrainx.config import OptimizerConfig, ScheduleConfig
+from pretrainx.optim import decay_mask, make_optimizer, make_schedule
+from pretrainx.config import MeshConfig
+from pretrainx.sharding import make_mesh
 from pretrainx.train.state import create_train_state
 from pretrainx.train.step import cross_entropy_sums, loss_and_grads, make_train_step
 
@@ -48,7 +50,7 @@ def test_gradient_accumulation_equals_one_big_batch(tiny_exp):
 def test_train_step_updates_and_reports(tiny_exp):
   exp = tiny_exp()
   model, params, batch = _setup(exp)
-  opt, schedule = make_optimizer(OptimizerConfig(warmup_steps=0), 100)
+  opt, schedule = make_optimizer(OptimizerConfig(), 100, ScheduleConfig(warmup_steps=0))
   from pretrainx.train.guard import GuardState
   from pretrainx.train.state import TrainState
   state = TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=opt.init(params),
@@ -64,16 +66,16 @@ def test_train_step_updates_and_reports(tiny_exp):
 
 
 def test_schedules():
-  cos = make_schedule(OptimizerConfig(learning_rate=1.0, warmup_steps=10, end_lr_ratio=0.1), 100)
+  cos = make_schedule(ScheduleConfig(warmup_steps=10, end_lr_ratio=0.1), 1.0, 100)
   assert float(cos(0)) == 0.0 and float(cos(10)) == pytest.approx(1.0)
   assert float(cos(100)) == pytest.approx(0.1, abs=1e-6)
   assert float(cos(50)) < float(cos(30))
-  wsd = make_schedule(OptimizerConfig(learning_rate=1.0, warmup_steps=10, schedule="wsd",
-                                      decay_fraction=0.2, end_lr_ratio=0.0), 100)
+  wsd = make_schedule(ScheduleConfig(warmup_steps=10, name="wsd", decay_fraction=0.2,
+                                     end_lr_ratio=0.0), 1.0, 100)
   assert [float(wsd(s)) for s in (10, 50, 80)] == pytest.approx([1.0, 1.0, 1.0])
   assert float(wsd(90)) == pytest.approx(0.5, abs=1e-6) and float(wsd(100)) == pytest.approx(0.0)
-  with pytest.raises(ValueError, match="schedule='step'"):
-    OptimizerConfig(schedule="step")
+  with pytest.raises(ValueError, match="ScheduleConfig.name='step'"):
+    ScheduleConfig(name="step")
 
 
 def test_weight_decay_mask_skips_norms_and_embeddings(tiny_exp):

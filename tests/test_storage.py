@@ -262,7 +262,8 @@ def test_no_module_but_storage_touches_files_directly():
 def test_file_tasks_stream_jsonl_text_and_parquet_from_a_bucket(s3_dir):
   import pyarrow as pa
   import pyarrow.parquet as pq
-  from pretrainx.data.tasks import FileTask, iter_documents
+  from pretrainx.config import FileTask
+  from pretrainx.data.tasks import iter_documents
   table = pa.table({"text": [f"doc {i}" for i in range(2500)], "q": [i / 10 for i in range(2500)]})
   sink = pa.BufferOutputStream()
   pq.write_table(table, sink, row_group_size=700)

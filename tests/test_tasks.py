@@ -10,9 +10,9 @@ import pytest
 
 from pretrainx.data import store as token_store
 from pretrainx.data import prepare as data_prepare
-from pretrainx.data.tasks import (CorpusTask, FileTask, MixtureSpec, SourceDocument, has_validation,
-                                  iter_documents, register_seqio, seqio_documents)
-from pretrainx.data.vocab import ByteVocabulary
+from pretrainx.config import CorpusTask, FileTask, MixtureSpec
+from pretrainx.data.tasks import (SourceDocument, has_validation, iter_documents, register_seqio, seqio_documents)
+from pretrainx.vocab import ByteVocabulary
 
 
 def _jsonl(path, records):

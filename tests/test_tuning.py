@@ -7,11 +7,12 @@ import jax
 import numpy as np
 import pytest
 
-from pretrainx.peft import LoraConfig
-from pretrainx.train.init import InitConfig, initial_state
+from pretrainx.config import LoraConfig
+from pretrainx.config import InitConfig
+from pretrainx.train.init import initial_state
 from pretrainx.train.loop import train
 from pretrainx.train.runtime import build_runtime, load_trained
-from pretrainx.train.tuning import TuneConfig
+from pretrainx.config import TuneConfig
 
 
 @pytest.fixture(scope="module")

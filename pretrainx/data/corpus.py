@@ -12,8 +12,8 @@ import functools
 import hashlib
 import os
 import sysconfig
+from pretrainx.config.data import DOMAINS
 
-DOMAINS = ("prose", "code")
 SPLITS = ("train", "validation")
 
 

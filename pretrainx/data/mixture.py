@@ -9,58 +9,13 @@ closed form, so the batch at step k is a pure function of (seed, schedule, k).
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Mapping, Sequence
 
 import numpy as np
+from pretrainx.config import Stage
+from pretrainx.config.data import check_stages
 
-OBJECTIVES = ("causal", "ul2")
 _CHECKPOINT_EVERY = 4096  # steps between cached cumulative counts
-
-
-@dataclasses.dataclass(frozen=True)
-class Stage:
-  """From `start_step` on, domains are drawn with `weights` (normalised) and these objectives.
-
-  Attributes:
-    start_step: first step of the stage; the first stage starts at 0.
-    weights: {domain: weight >= 0}; domains left out get 0. Empty means natural proportions (by
-      training tokens).
-    objective: 'causal' or 'ul2' (mixture of denoisers with a bidirectional prefix).
-    metadata_prefix: prepend each document's metadata (URL/source) as MeCo does.
-    control_tokens: prepend a control token chosen from the document's score.
-  """
-
-  start_step: int = 0
-  weights: Mapping[str, float] = dataclasses.field(default_factory=dict)
-  objective: str = "causal"
-  metadata_prefix: bool = False
-  control_tokens: bool = False
-
-
-def check_stages(stages: Sequence[Stage], domains: Sequence[str]) -> None:
-  """Clear errors for schedules that cannot be meant."""
-  if not stages:
-    raise ValueError("the mixture schedule has no stages; give at least one Stage(start_step=0).")
-  if stages[0].start_step != 0:
-    raise ValueError(f"the first stage starts at step {stages[0].start_step}; it must start at 0.")
-  starts = [s.start_step for s in stages]
-  if starts != sorted(set(starts)):
-    raise ValueError(f"stage start steps {starts} must be strictly increasing.")
-  for s in stages:
-    unknown = sorted(set(s.weights) - set(domains))
-    if unknown:
-      raise ValueError(f"stage at step {s.start_step} weights unknown domain(s) {unknown}; the "
-                       f"data has {list(domains)} (add them to DataConfig.domains or tasks).")
-    bad = {d: w for d, w in s.weights.items() if not np.isfinite(w) or w < 0}
-    if bad:
-      raise ValueError(f"stage at step {s.start_step} has negative or non-finite weights {bad}; "
-                       "weights must be >= 0.")
-    if s.weights and sum(s.weights.values()) <= 0:
-      raise ValueError(f"stage at step {s.start_step} gives every domain weight 0.")
-    if s.objective not in OBJECTIVES:
-      raise ValueError(f"stage at step {s.start_step} has objective {s.objective!r}; choose one "
-                       f"of {OBJECTIVES}.")
 
 
 def _splitmix64(x: np.ndarray) -> np.ndarray:

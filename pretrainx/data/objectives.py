@@ -13,12 +13,9 @@ from typing import Sequence
 
 import numpy as np
 
-from pretrainx.data.vocab import (SPECIAL_TOKENS, ByteVocabulary, num_sentinels, sentinel_id,
-                                  special_id)
-
-OBJECTIVES = ("causal", "ul2")
-MODES = ("R", "S", "X")
-MODE_TOKENS = tuple(f"<|{m}|>" for m in MODES)
+from pretrainx.vocab import ByteVocabulary, num_sentinels, sentinel_id, special_id
+from pretrainx.config import Denoiser, ObjectiveConfig
+from pretrainx.config.data import MODE_TOKENS, OBJECTIVES
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,71 +30,6 @@ class Example:
   tokens: np.ndarray
   loss_mask: np.ndarray
   prefix_mask: np.ndarray
-
-
-@dataclasses.dataclass(frozen=True)
-class Denoiser:
-  """One UL2 denoiser.
-
-  mode 'R' (regular) / 'X' (extreme): spans of about `mean_span` tokens, `corruption_rate` of the
-  piece in all, are each replaced by a sentinel and predicted after the corrupted input.
-  mode 'S' (sequential, prefix-LM): the last `corruption_rate` of the piece is predicted from the
-  rest (`mean_span` is unused). `weight`: relative frequency in the mixture.
-  """
-
-  mode: str = "R"
-  mean_span: float = 3.0
-  corruption_rate: float = 0.15
-  weight: float = 1.0
-
-  def __post_init__(self):
-    if self.mode not in MODES:
-      raise ValueError(f"Denoiser.mode={self.mode!r}; choose one of {MODES}.")
-    if not 0 < self.corruption_rate < 1 or self.mean_span < 1 or self.weight < 0:
-      raise ValueError(f"bad {self}: need 0 < corruption_rate < 1, mean_span >= 1, weight >= 0.")
-
-
-# UL2's mixture (Tay et al. 2022): R = regular, S = sequential, X = extreme denoising.
-UL2_DENOISERS = (
-    Denoiser("R", 3, 0.15, 1.0), Denoiser("R", 8, 0.15, 1.0), Denoiser("S", 1, 0.25, 2.0),
-    Denoiser("X", 3, 0.5, 0.5), Denoiser("X", 8, 0.5, 0.5), Denoiser("X", 64, 0.15, 0.5),
-    Denoiser("X", 64, 0.5, 0.5))
-
-
-@dataclasses.dataclass(frozen=True)
-class ObjectiveConfig:
-  """Settings of the UL2 objective and of conditioning prefixes.
-
-  Attributes:
-    denoisers: the UL2 mixture; each piece draws one denoiser with probability weight / sum.
-    metadata_template: the MeCo line put before a document, '{}' standing for its metadata.
-    control_thresholds: ((threshold, token), ...) with distinct thresholds. A document whose score
-      is NaN or missing gets no control token; otherwise it gets the token of the highest
-      threshold <= score, and if no threshold is <= score, `control_default`.
-    control_default: the token for scores below every threshold; None gives no token then.
-  Control tokens must be SPECIAL_TOKENS names other than the UL2 mode tokens.
-  """
-
-  denoisers: tuple[Denoiser, ...] = UL2_DENOISERS
-  metadata_template: str = "URL: {}\n\n"
-  control_thresholds: tuple[tuple[float, str], ...] = ((0.5, "<|good|>"),)
-  control_default: str | None = "<|bad|>"
-
-  def __post_init__(self):
-    object.__setattr__(self, "denoisers", tuple(self.denoisers))
-    thresholds = tuple((float(t), str(name)) for t, name in self.control_thresholds)
-    object.__setattr__(self, "control_thresholds", thresholds)
-    if not self.denoisers or sum(d.weight for d in self.denoisers) <= 0:
-      raise ValueError("ObjectiveConfig.denoisers needs at least one denoiser of positive weight.")
-    names = [name for _, name in thresholds] + [self.control_default] * bool(self.control_default)
-    allowed = tuple(t for t in SPECIAL_TOKENS if t not in MODE_TOKENS)
-    for name in names:
-      if name not in allowed:
-        raise ValueError(f"control token {name!r} in ObjectiveConfig; choose one of {allowed}.")
-    values = [t for t, _ in thresholds]
-    if len(set(values)) != len(values) or not all(np.isfinite(values)):
-      raise ValueError(f"ObjectiveConfig.control_thresholds={thresholds}: thresholds must be "
-                       "finite and distinct.")
 
 
 # -- conditioning prefixes ----------------------------------------------------------------------

@@ -18,9 +18,9 @@ from typing import Any
 import numpy as np
 
 from pretrainx.data import objectives as obj
-from pretrainx.data.mixture import Stage
+from pretrainx.config import Stage
+from pretrainx.config.data import PACKING_MODES
 
-PACKING_MODES = ("pack", "concat")
 ROW_KEYS = ("inputs", "targets", "segment_ids", "positions", "loss_mask", "prefix_mask")
 
 

@@ -9,9 +9,8 @@ Validation is kept per domain. Batches are dicts of int32 [batch, seq] arrays pl
 
 from __future__ import annotations
 
-import dataclasses
 import math
-from typing import Any, Iterator, Sequence
+from typing import Iterator, Sequence
 
 import grain
 import numpy as np
@@ -20,65 +19,12 @@ from absl import logging
 from pretrainx import storage
 from pretrainx.data import store as token_store
 from pretrainx.data import tasks as tasks_lib
-from pretrainx.data.corpus import DOMAINS
-from pretrainx.data.mixture import MixtureSchedule, Stage
-from pretrainx.data.objectives import ObjectiveConfig
-from pretrainx.data.packing import PACKING_MODES, DomainRows
-from pretrainx.data.vocab import ByteVocabulary
+from pretrainx.config.data import DOMAINS
+from pretrainx.data.mixture import MixtureSchedule
+from pretrainx.data.packing import DomainRows
+from pretrainx.config import DataConfig
 
 BATCH_KEYS = ("inputs", "targets", "segment_ids", "positions", "loss_mask")
-
-
-@dataclasses.dataclass(frozen=True)
-class DataConfig:
-  """Where tokens come from, how they are mixed over training, packed and shuffled.
-
-  Attributes:
-    domains: the mixture's domains: embedded-corpus domains ('prose', 'code') or names of `tasks`.
-    tasks: FileTask specs (pretrainx.data.tasks) for user data; prepare their token stores first
-      with `python -m pretrainx data prepare NAME --gin_file=...`.
-    stages: the mixture schedule, Stage(start_step, weights, objective, metadata_prefix,
-      control_tokens) in order; empty means one stage of natural proportions (by training tokens).
-    packing: 'pack' (whole pieces per row, padded) or 'concat' (concatenate and split).
-    objective: UL2 denoisers, metadata template and control-token thresholds.
-    store_dir: where token stores live (a local directory, gs://... or s3://...); '' means
-      $PRETRAINX_DATA_DIR or ~/.cache/pretrainx/stores.
-    validation_fraction: share of each embedded-corpus domain's bytes held out for evaluation.
-    vocabulary: any object with encode/decode/vocab_size/eos_id/pad_id/name (bytes by default).
-    seed: shuffle and mixture seed; the batch at step k depends on (seed, stages, k) only.
-    prefetch: batches prepared ahead of the training step by grain's reader threads.
-  """
-
-  domains: tuple[str, ...] = DOMAINS
-  tasks: tuple[Any, ...] = ()
-  stages: tuple[Stage, ...] = ()
-  packing: str = "pack"
-  objective: ObjectiveConfig = ObjectiveConfig()
-  store_dir: str = ""
-  validation_fraction: float = 0.05
-  vocabulary: Any = ByteVocabulary()
-  seed: int = 0
-  prefetch: int = 2
-
-  def __post_init__(self):
-    for name in ("domains", "tasks", "stages"):  # gin gives lists; keep configs comparable
-      object.__setattr__(self, name, tuple(getattr(self, name)))
-    if self.packing not in PACKING_MODES:
-      raise ValueError(f"DataConfig.packing={self.packing!r}; choose one of {PACKING_MODES}.")
-    if not self.domains:
-      raise ValueError("DataConfig.domains is empty; name at least one domain.")
-
-  @property
-  def store_root(self) -> str:
-    return storage.resolve(self.store_dir) if self.store_dir else token_store.default_store_root()
-
-  @property
-  def schedule_stages(self) -> tuple[Stage, ...]:
-    return tuple(self.stages) or (Stage(),)
-
-  @property
-  def uses_prefix_lm(self) -> bool:
-    return any(s.objective == "ul2" for s in self.schedule_stages)
 
 
 def open_domain_store(cfg: DataConfig, domain: str, split: str):

@@ -21,8 +21,8 @@ from pretrainx import cluster as cluster_lib
 from pretrainx import storage
 from pretrainx.data import corpus
 from pretrainx.data import store as token_store
-from pretrainx.data.tasks import (CorpusTask, FileTask, MixtureSpec, Shard, has_validation,
-                                  iter_shard, shards)
+from pretrainx.config import CorpusTask, FileTask, MixtureSpec
+from pretrainx.data.tasks import Shard, has_validation, iter_shard, shards
 
 PARTS = ".parts"  # inside the store directory, removed once the store is complete
 COPY_CHUNKS = 16  # store chunks one copy task writes (16M elements)

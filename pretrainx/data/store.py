@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from typing import Any, Iterable
 
 import numpy as np
@@ -33,10 +32,6 @@ CORPUS_WAIT_SECONDS = 900.0  # how long a process waits for another to build a c
 
 class StoreError(ValueError):
   """A token store that is missing, half-written, corrupt or made for another vocabulary."""
-
-
-def default_store_root() -> str:
-  return storage.resolve(os.environ.get("PRETRAINX_DATA_DIR", "~/.cache/pretrainx/stores"))
 
 
 def vocabulary_identity(vocab) -> dict[str, Any]:

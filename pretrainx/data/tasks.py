@@ -14,12 +14,13 @@ import hashlib
 import json
 import math
 import os
-from typing import Any, Iterator, Mapping
+from typing import Any, Iterator
 
 from pretrainx import storage
 from pretrainx.data import corpus
+from pretrainx.config import CorpusTask, FileTask, MixtureSpec
+from pretrainx.config.data import FORMATS
 
-FORMATS = ("text", "jsonl", "parquet")
 _EXTENSIONS = {".txt": "text", ".md": "text", ".jsonl": "jsonl", ".json": "jsonl",
                ".parquet": "parquet"}
 
@@ -31,65 +32,6 @@ class SourceDocument:
   text: str
   metadata: str | None = None  # e.g. its URL or source, for metadata conditioning
   score: float | None = None   # e.g. a quality score, for control tokens
-
-
-@dataclasses.dataclass(frozen=True)
-class FileTask:
-  """Documents from files matched by glob patterns.
-
-  Attributes:
-    name: the task (and mixture domain) name.
-    train_patterns / validation_patterns: globs per split, local or over a bucket prefix
-      (gs://bucket/data/*.jsonl, s3://...); files are streamed, never copied whole.
-    format: 'text' (a document per file), 'jsonl' (per line), 'parquet' (per row) or 'auto'
-      (from the file extension).
-    text_field / metadata_field / score_field: record fields (jsonl and parquet).
-    validation_fraction: without validation_patterns, hold out this share of the training
-      documents, chosen by a hash of (file, index), never at random.
-  """
-
-  name: str = ""
-  train_patterns: tuple[str, ...] = ()
-  validation_patterns: tuple[str, ...] = ()
-  format: str = "auto"
-  text_field: str = "text"
-  metadata_field: str | None = None
-  score_field: str | None = None
-  validation_fraction: float = 0.0
-
-  def __post_init__(self):
-    for f in ("train_patterns", "validation_patterns"):
-      value = getattr(self, f)
-      object.__setattr__(self, f, (value,) if isinstance(value, str) else tuple(value))
-    if self.format not in FORMATS + ("auto",):
-      raise ValueError(f"FileTask {self.name!r}: unknown format {self.format!r}; choose one of "
-                       f"{FORMATS} or 'auto'.")
-    if not self.name:
-      raise ValueError("FileTask needs a name.")
-
-
-@dataclasses.dataclass(frozen=True)
-class CorpusTask:
-  """One domain of the embedded default corpus; metadata is the document's name.
-
-  `validation_fraction` is the share of the domain's bytes held out (whole documents, by a hash
-  of their names); it must match DataConfig.validation_fraction for training to reuse the store.
-  """
-
-  domain: str = "prose"
-  validation_fraction: float = 0.05
-
-  @property
-  def name(self) -> str:
-    return self.domain
-
-
-@dataclasses.dataclass(frozen=True)
-class MixtureSpec:
-  """A named SeqIO mixture of tasks with sampling rates."""
-
-  name: str = ""
-  rates: Mapping[str, float] = dataclasses.field(default_factory=dict)
 
 
 # -- reading ------------------------------------------------------------------------------------

@@ -8,7 +8,6 @@ loop. Tasks come from lm-eval's registry or from local YAML files in its task fo
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import os
@@ -17,46 +16,10 @@ from typing import Any
 from absl import logging
 
 from pretrainx import storage
+from pretrainx.config import HarnessConfig
 
 # Hugging Face libraries read these when lm-eval loads a task's data: stay offline.
 OFFLINE_ENV = {"HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-
-
-@dataclasses.dataclass(frozen=True)
-class HarnessConfig:
-  """Downstream tasks of lm-evaluation-harness.
-
-  Attributes:
-    tasks: lm-eval task (or group) names; empty runs none.
-    include_path: a directory of task YAML files (lm-eval's format) to add to its registry.
-    every_steps: in training, evaluate every this many steps and at the end (0: not in training).
-    num_fewshot: few-shot examples (None: each task's default).
-    limit: documents per task (None: all), for quick checks.
-    max_length: positions per scored row and the generation context (0: RunConfig.seq_len).
-    batch_rows: rows per device batch (0: RunConfig.global_batch_size).
-    max_gen_toks: the default generation budget of generate_until requests.
-    seed: lm-eval's seeds (few-shot sampling) and the sampling key of generations.
-  """
-
-  tasks: tuple[str, ...] = ()
-  include_path: str | None = None
-  every_steps: int = 0
-  num_fewshot: int | None = None
-  limit: int | None = None
-  max_length: int = 0
-  batch_rows: int = 0
-  max_gen_toks: int = 256
-  seed: int = 1234
-
-  def __post_init__(self):
-    tasks = (self.tasks,) if isinstance(self.tasks, str) else tuple(self.tasks)
-    object.__setattr__(self, "tasks", tuple(t for task in tasks for t in task.split(",") if t))
-    if self.every_steps < 0 or self.max_length < 0 or self.batch_rows < 0:
-      raise ValueError(f"HarnessConfig: every_steps={self.every_steps}, max_length="
-                       f"{self.max_length} and batch_rows={self.batch_rows} must be >= 0.")
-    if self.every_steps and not self.tasks:
-      raise ValueError("HarnessConfig.every_steps is set but HarnessConfig.tasks is empty; name "
-                       "the lm-eval tasks to run.")
 
 
 def _task_manager(cfg: HarnessConfig):

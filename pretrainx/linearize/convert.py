@@ -19,67 +19,13 @@ import jax
 import jax.numpy as jnp
 
 from pretrainx.model.attention import Attention
-from pretrainx.model.config import ModelConfig
-from pretrainx.peft import LoraConfig
+from pretrainx.config import ModelConfig
+from pretrainx.config import LinearizeConfig
+from pretrainx.config.cpt import SOFTMAX_IMPLS
 
-SOFTMAX_IMPLS = ("reference", "flash")
-LINEARIZED_IMPLS = ("hybrid", "linear")
 # Attention params that exist in the source model; anything else under a converted layer's
 # attention is new (feature maps, window factor) and is what stage 1 trains.
 SOURCE_ATTENTION_PARAMS = ("q_proj", "k_proj", "v_proj", "o_proj", "q_bias", "k_bias", "v_bias")
-
-
-@dataclasses.dataclass(frozen=True)
-class LinearizeConfig:
-  """How to linearize a model and train it back (LoLCATs: attention transfer, then LoRA).
-
-  Attributes:
-    layers: indices of the layers to convert; None converts every softmax layer.
-    attention_impl: what the converted layers use: 'hybrid' (LoLCATs) or 'linear'.
-    window: softmax keys per query of 'hybrid' (ModelConfig.attention_window).
-    feature_dim: F of each head's Hedgehog feature map (phi has 2F features).
-    transfer_steps: stage 1 optimizer steps (attention transfer: only the feature maps and window
-      factors train, to match each layer's softmax output; 0 skips the stage).
-    transfer_lr: stage 1 AdamW learning rate (no weight decay).
-    transfer_mode: 'joint' (all layers' MSE summed, one optimizer) or 'layerwise' (one layer
-      after another, transfer_steps split between them).
-    lora_steps: stage 2 optimizer steps (LoRA on the attention projections, next-token loss,
-      everything else frozen; 0 skips the stage).
-    lora_lr: stage 2 peak learning rate (the run's OptimizerConfig, schedule and all, otherwise).
-    lora: the stage 2 adapters.
-    eval_batches: validation batches per domain for the report (None: the whole split).
-    sample_prompt / sample_tokens: the report's generation with the recurrent form.
-  """
-
-  layers: tuple[int, ...] | None = None
-  attention_impl: str = "hybrid"
-  window: int = 64
-  feature_dim: int = 32
-  transfer_steps: int = 100
-  transfer_lr: float = 1e-2
-  transfer_mode: str = "joint"
-  lora_steps: int = 100
-  lora_lr: float = 1e-3
-  lora: LoraConfig = LoraConfig(rank=8, alpha=16.0, targets=(r"attention/(q|k|v|o)_proj",))
-  eval_batches: int | None = 8
-  sample_prompt: str = "def "
-  sample_tokens: int = 64
-
-  def __post_init__(self):
-    if self.layers is not None:
-      object.__setattr__(self, "layers", tuple(int(i) for i in self.layers))
-    if self.attention_impl not in LINEARIZED_IMPLS:
-      raise ValueError(f"LinearizeConfig.attention_impl={self.attention_impl!r}; choose one of "
-                       f"{LINEARIZED_IMPLS}.")
-    if self.transfer_mode not in ("joint", "layerwise"):
-      raise ValueError(f"LinearizeConfig.transfer_mode={self.transfer_mode!r}; choose 'joint' "
-                       "or 'layerwise'.")
-    for name in ("window", "feature_dim"):
-      if getattr(self, name) < 1:
-        raise ValueError(f"LinearizeConfig.{name}={getattr(self, name)} must be positive.")
-    for name in ("transfer_steps", "lora_steps"):
-      if getattr(self, name) < 0:
-        raise ValueError(f"LinearizeConfig.{name}={getattr(self, name)} must be >= 0.")
 
 
 def layers_to_convert(src: ModelConfig, lin: LinearizeConfig) -> list[int]:

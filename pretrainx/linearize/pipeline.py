@@ -27,18 +27,18 @@ from pretrainx import storage
 from pretrainx.checkpoint import check_directory, save_params
 from pretrainx.config import Experiment, experiment_to_gin
 from pretrainx.data.pipeline import TrainBatches, eval_batches
-from pretrainx.ema import EmaConfig
+from pretrainx.config import EmaConfig
 from pretrainx.generate import RECURRENT_IMPLS, generate
-from pretrainx.linearize.convert import (LinearizeConfig, convert_params, layers_to_convert,
-                                         linearized_config, new_param_paths, teacher_config)
+from pretrainx.config import LinearizeConfig
+from pretrainx.linearize.convert import (convert_params, layers_to_convert, linearized_config, new_param_paths, teacher_config)
 from pretrainx.linearize.transfer import run_transfer
 from pretrainx.metrics import MetricWriter, save_figure
 from pretrainx.train.eval import evaluate_domains
-from pretrainx.train.init import (InitConfig, check_param_shapes, initial_state,
-                                  source_model_config)
+from pretrainx.config import InitConfig
+from pretrainx.train.init import check_param_shapes, initial_state, source_model_config
 from pretrainx.train.loop import train
 from pretrainx.train.runtime import build_runtime, load_trained
-from pretrainx.train.tuning import TuneConfig
+from pretrainx.config import TuneConfig
 
 
 @dataclasses.dataclass
@@ -97,7 +97,7 @@ def _stage1(lin: LinearizeConfig, exp: Experiment, rt, params, src_cfg, out: str
 
 def _stage2(lin: LinearizeConfig, exp: Experiment, stage1_dir: str, out: str, restart: bool):
   """LoRA with the next-token loss from the stage-1 params; returns the merged params."""
-  exp2 = exp.replace(run={"run_dir": out, "steps": lin.lora_steps, "sample_tokens": 0},
+  exp2 = exp.replace(run={"run_dir": out, "steps": lin.lora_steps}, sample={"tokens": 0},
                      optimizer={"learning_rate": lin.lora_lr})
   exp2 = dataclasses.replace(exp2, init=InitConfig(source=stage1_dir),
                              tune=TuneConfig(lora=lin.lora))

@@ -20,7 +20,7 @@ import optax
 from flax import traverse_util
 
 from pretrainx.model.attention import Attention
-from pretrainx.model.config import ModelConfig
+from pretrainx.config import ModelConfig
 from pretrainx.model.transformer import Transformer
 
 Params = Any

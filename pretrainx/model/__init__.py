@@ -1,6 +1,7 @@
 """The model layer: Flax Linen modules of the decoder LM, configured by ModelConfig."""
 
-from pretrainx.model.config import ModelConfig, count_params
+from pretrainx.config import ModelConfig
+from pretrainx.flops import count_params
 from pretrainx.model.transformer import Transformer
 
 __all__ = ["ModelConfig", "Transformer", "count_params"]

@@ -30,7 +30,7 @@ from pallas_kernels import linear_attention as la
 from pallas_kernels.hybrid_attention import hybrid_attention
 from pallas_kernels.reference import MASK_VALUE, reference_attention
 from pretrainx.model import kernels
-from pretrainx.model.config import ModelConfig
+from pretrainx.config import ModelConfig
 from pretrainx.model.layers import apply_rope, dense_init, param_with_axes
 
 _WARNED: set[tuple[str, ...]] = set()  # fallbacks already announced in this process

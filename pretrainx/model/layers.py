@@ -9,7 +9,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from pretrainx.model.config import ModelConfig
+from pretrainx.config import ModelConfig
 
 
 def dense_init(in_axes: tuple[int, ...], out_axes: tuple[int, ...]):

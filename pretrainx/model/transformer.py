@@ -14,9 +14,8 @@ import jax
 import jax.numpy as jnp
 
 from pretrainx.model.attention import Attention
-from pretrainx.model.config import ModelConfig
-from pretrainx.model.layers import (Embedding, RMSNorm, SwiGLU, dense_init, excess_kurtosis,
-                                    param_with_axes)
+from pretrainx.config import ModelConfig
+from pretrainx.model.layers import (Embedding, RMSNorm, SwiGLU, dense_init, excess_kurtosis, param_with_axes)
 
 _RESIDUAL_AXES = ("activation_batch", "activation_length", "activation_embed")
 _REMAT_POLICIES = {

@@ -237,7 +237,7 @@ def result_row(run: SweepRun, result, seconds: float, ratio_domain: str | None =
                status: str = "done") -> dict[str, Any]:
   """The results-table row of a run (result: its TrainResult, or None if it failed)."""
   from pretrainx.flops import flops_per_token  # pylint: disable=import-outside-toplevel
-  from pretrainx.model.config import count_params  # pylint: disable=import-outside-toplevel
+  from pretrainx.flops import count_params  # pylint: disable=import-outside-toplevel
 
   exp = run.experiment
   tokens = exp.run.steps * exp.run.global_batch_size * exp.run.seq_len

@@ -7,39 +7,11 @@ is the loop's decision by GuardConfig.policy.
 
 from __future__ import annotations
 
-import dataclasses
 
 import flax.struct
 import jax
 import jax.numpy as jnp
-
-POLICIES = ("skip", "rollback", "raise")
-
-
-@dataclasses.dataclass(frozen=True)
-class GuardConfig:
-  """What counts as a bad step and what happens then.
-
-  Attributes:
-    policy: 'skip' (drop the update, go on), 'rollback' (restore the last checkpoint and skip the
-      batches since), or 'raise' (stop at the first bad step). The state is never updated with a
-      bad step's update under any policy.
-    spike_zscore: a loss more than this many standard deviations above its running mean is bad
-      (None: only non-finite values are bad).
-    spike_warmup: steps of statistics gathered before spikes are judged.
-    ema_decay: decay of the running loss mean and variance.
-    max_consecutive: this many bad steps in a row stop the run with an error.
-  """
-
-  policy: str = "skip"
-  spike_zscore: float | None = 6.0
-  spike_warmup: int = 50
-  ema_decay: float = 0.98
-  max_consecutive: int = 5
-
-  def __post_init__(self):
-    if self.policy not in POLICIES:
-      raise ValueError(f"GuardConfig.policy={self.policy!r}; choose one of {POLICIES}.")
+from pretrainx.config import GuardConfig
 
 
 @flax.struct.dataclass

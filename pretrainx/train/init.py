@@ -23,38 +23,7 @@ from pretrainx import storage
 from pretrainx.checkpoint import Checkpointer, load_params
 from pretrainx.train.state import TrainState, new_state
 from pretrainx.train.tuning import params_view, with_adapters
-
-
-@dataclasses.dataclass(frozen=True)
-class InitConfig:
-  """How a run starts when its run directory holds no checkpoint yet.
-
-  Attributes:
-    source: '' for random init; else a Hugging Face model directory (config.json + safetensors),
-      a pretrainx run directory, its checkpoints/ directory, or a params export (`export`),
-      local or in a bucket (gs://...; s3:// for Hugging Face directories).
-    step: the checkpoint step of a pretrainx source (None: its newest).
-    keep_optimizer: continue the source's optimizer state (same model and optimizer only).
-    keep_step: continue the source's step counter, and so its place in the LR schedule.
-    expand_every: Llama-Pro block expansion: after every this many source blocks insert a copy
-      whose output projections are zero, so the grown model computes the same function (0: off).
-    stack_factor: G_stack depth growth: repeat the source's whole layer stack this many times.
-  """
-
-  source: str = ""
-  step: int | None = None
-  keep_optimizer: bool = False
-  keep_step: bool = False
-  expand_every: int = 0
-  stack_factor: int = 1
-
-  def __post_init__(self):
-    if self.stack_factor < 1 or self.expand_every < 0:
-      raise ValueError("InitConfig.stack_factor must be >= 1 and expand_every >= 0.")
-    growth = self.stack_factor > 1 or self.expand_every > 0
-    if growth and self.keep_optimizer:
-      raise ValueError("InitConfig.keep_optimizer cannot be combined with growth "
-                       "(expand_every / stack_factor): the optimizer state has the old shapes.")
+from pretrainx.config import InitConfig
 
 
 def source_kind(path: str) -> str:
@@ -165,7 +134,7 @@ def source_model_config(source: str, like=None, step: int | None = None):
 
 def _softmax_twin(cfg):
   """cfg with every layer's attention softmax: the layout a linearized run's source has."""
-  from pretrainx.linearize.convert import SOFTMAX_IMPLS  # pylint: disable=import-outside-toplevel
+  from pretrainx.config.cpt import SOFTMAX_IMPLS  # pylint: disable=import-outside-toplevel
 
   if all(impl in SOFTMAX_IMPLS for impl in cfg.layer_impls):
     return cfg

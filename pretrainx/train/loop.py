@@ -19,8 +19,7 @@ from tqdm.auto import tqdm
 
 from pretrainx import storage
 from pretrainx.checkpoint import Checkpointer, check_directory
-from pretrainx.config import (Experiment, RunPaths, config_differences, experiment_to_gin,
-                              parse_gin)
+from pretrainx.config import Experiment, RunPaths, config_differences, experiment_to_gin, parse_gin
 from pretrainx.data.pipeline import TrainBatches, eval_batches
 from pretrainx.harness import runner as harness
 from pretrainx.flops import flops_per_token, machine_peak_flops, measure_peak_flops, mfu
@@ -285,7 +284,7 @@ class _Driver:
                if latest is not None else "no checkpoint was saved yet")
       raise FloatingPointError(
           f"training diverged: {new_bad} bad step(s) by step {step} ({consecutive} in a row; "
-          f"{what}); {where}. Lower OptimizerConfig.learning_rate, lengthen warmup_steps, or "
+          f"{what}); {where}. Lower OptimizerConfig.learning_rate, lengthen ScheduleConfig.warmup_steps, or "
           "enable clip_grad_norm, then rerun (the run resumes from its last checkpoint).")
     if guard.policy == "skip":
       logging.warning("skipped %d bad step(s) by step %d (%s)", new_bad, step, what)
@@ -342,9 +341,9 @@ def train(exp: Experiment, restart: bool = False) -> TrainResult:
       if exp.harness.every_steps:
         driver.evaluate_harness()
       path = driver.save(block=True)
-      sample = sample_text(rt, rt.inference_params(driver.state), run.sample_prompt,
-                           run.sample_tokens, seed=run.seed, temperature=run.sample_temperature,
-                           top_k=run.sample_top_k) if run.sample_tokens else ""
+      sample = sample_text(rt, rt.inference_params(driver.state), exp.sample.prompt,
+                           exp.sample.tokens, seed=run.seed, temperature=exp.sample.temperature,
+                           top_k=exp.sample.top_k) if exp.sample.tokens else ""
   finally:
     ckpt.close()
     writer.close()

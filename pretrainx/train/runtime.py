@@ -66,20 +66,19 @@ def build_runtime(exp: Experiment, devices: list | tuple | None = None) -> Runti
   `devices` (default: this process's) may be another platform's, e.g. a TPU topology's devices
   for an ahead-of-time compile on a CPU host."""
   validate(exp)
-  exp = exp.resolved()
   run = exp.run
   mesh = make_mesh(exp.mesh, None if devices is None else list(devices))
-  check_batch_divisible(run.global_batch_size, mesh, run.microbatches)
+  check_batch_divisible(run.global_batch_size, mesh, exp.accumulation.microbatches)
   model = Transformer(exp.model)
-  optimizer, schedule = make_optimizer(exp.optimizer, run.steps)
+  optimizer, schedule = make_optimizer(exp.optimizer, run.steps, exp.schedule)
   mask = trainable(abstract_params(model, run.seq_len, exp.tune), exp.tune, exp.model,
                    exp.init.expand_every)
   optimizer = tuned_optimizer(optimizer, mask)
   abstract, shardings = state_shardings(model, optimizer, mesh, exp.mesh.rules, run.seq_len,
                                         ema=exp.ema.enabled, tune=exp.tune)
   viewed = ViewedModel(model, params_view(exp.tune))  # LoRA: the model sees merged params
-  step_fn = make_train_step(viewed, optimizer, schedule, z_loss=run.z_loss,
-                            microbatches=run.microbatches, guard=exp.guard,
+  step_fn = make_train_step(viewed, optimizer, schedule, z_loss=exp.loss.z_loss,
+                            microbatches=exp.accumulation.microbatches, guard=exp.guard,
                             hessian_estimate=exp.optimizer.name == "sophia", seed=run.seed,
                             stochastic_rounding=exp.optimizer.stochastic_rounding,
                             num_domains=len(exp.data.domains), ema=exp.ema)

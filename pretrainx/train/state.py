@@ -18,7 +18,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from pretrainx.ema import ema_init
 from pretrainx.sharding import logical_to_shardings, mesh_scope
 from pretrainx.train.guard import GuardState
-from pretrainx.train.tuning import TuneConfig, with_adapters
+from pretrainx.config import TuneConfig
+from pretrainx.train.tuning import with_adapters
 
 
 @flax.struct.dataclass

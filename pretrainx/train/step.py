@@ -14,10 +14,12 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from pretrainx.ema import EmaConfig, ema_update
+from pretrainx.config import EmaConfig
+from pretrainx.ema import ema_update
 from pretrainx.model.transformer import sown_kurtosis
 from pretrainx.optim import apply_updates_stochastic
-from pretrainx.train.guard import GuardConfig, guard_update
+from pretrainx.config import GuardConfig
+from pretrainx.train.guard import guard_update
 from pretrainx.train.state import TrainState
 
 Batch = dict[str, jax.Array]  # int32 [batch, seq] arrays

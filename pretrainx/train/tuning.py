@@ -8,40 +8,13 @@ Evaluation, sampling and export see the merged params, so an exported model need
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any, Callable
 
 import jax
 import optax
 
 from pretrainx import peft
-from pretrainx.peft import LoraConfig
-
-
-@dataclasses.dataclass(frozen=True)
-class TuneConfig:
-  """What trains.
-
-  Attributes:
-    lora: low-rank adapters on the params LoraConfig.targets match; only they train.
-    train: regexes over param paths ('layers/attention/q_proj'): only matching params train
-      (empty: all).
-    freeze: regexes of params that do not train.
-    new_blocks_only: with InitConfig.expand_every, train only the inserted blocks (Llama-Pro).
-  """
-
-  lora: LoraConfig | None = None
-  train: tuple[str, ...] = ()
-  freeze: tuple[str, ...] = ()
-  new_blocks_only: bool = False
-
-  def __post_init__(self):
-    for name in ("train", "freeze"):
-      value = getattr(self, name)
-      object.__setattr__(self, name, (value,) if isinstance(value, str) else tuple(value))
-    if self.lora is not None and (self.train or self.freeze or self.new_blocks_only):
-      raise ValueError("TuneConfig.lora trains the adapters only; leave train, freeze and "
-                       "new_blocks_only unset with it.")
+from pretrainx.config import TuneConfig
 
 
 class ViewedModel:

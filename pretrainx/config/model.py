@@ -13,8 +13,14 @@ import jax.numpy as jnp
 from pallas_kernels.linear_attention import FEATURE_MAPS
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
 REMAT_POLICIES = ("none", "full", "dots", "dots_with_no_batch_dims")
+
+
 ATTENTION_IMPLS = ("reference", "flash", "linear", "hybrid")
+
+
 ROPE_SCALINGS = (None, "llama3")
 
 
@@ -205,39 +211,3 @@ class ModelConfig:
   @property
   def storage_dtype(self):
     return _DTYPES[self.param_dtype]
-
-
-def count_params(cfg: ModelConfig) -> dict[str, int]:
-  """Parameter counts from the config alone (unpadded vocab), split as scaling laws need them.
-
-  Returns {'total', 'embedding', 'non_embedding'}; an untied output projection counts as
-  non-embedding (it is a matmul every token pays for), the input embedding table does not.
-  """
-  d, hd = cfg.embed_dim, cfg.resolved_head_dim
-  attn = d * hd * (2 * cfg.num_heads + 2 * cfg.num_kv_heads)
-  if cfg.qkv_bias:
-    attn += hd * (cfg.num_heads + 2 * cfg.num_kv_heads)
-  mlp = 3 * d * cfg.mlp_dim
-  norm = d if cfg.norm_scale == "channel" else 1
-  extra = sum(attention_extra_params(cfg.for_layer(i)) for i in range(cfg.num_layers))
-  embedding = cfg.vocab_size * d
-  lm_head = 0 if cfg.tie_embeddings else cfg.vocab_size * d
-  projection = d * d if cfg.embed_projection else 0
-  non_embedding = cfg.num_layers * (attn + mlp + 2 * norm) + extra + norm + lm_head + projection
-  return {"total": embedding + non_embedding, "embedding": embedding,
-          "non_embedding": non_embedding}
-
-
-def attention_extra_params(cfg: ModelConfig) -> int:
-  """Per-layer parameters of 'linear'/'hybrid' beyond q/k/v/o: hedgehog maps, decay, mixing
-  (for cfg.attention_impl; pass cfg.for_layer(i) for a model with layer_attention_impls)."""
-  if cfg.attention_impl not in ("linear", "hybrid"):
-    return 0
-  n = 0
-  if cfg.linear_feature == "hedgehog":  # one map for queries [heads], one for keys [kv_heads]
-    n += (cfg.num_heads + cfg.num_kv_heads) * cfg.resolved_head_dim * cfg.linear_feature_dim
-  if cfg.attention_impl == "hybrid":
-    n += cfg.num_heads  # window factor
-  if cfg.linear_decay:
-    n += cfg.num_heads
-  return n

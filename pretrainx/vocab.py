@@ -10,8 +10,13 @@ T5 (sentinel k = vocab_size - 1 - k).
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
+import os
 
 import numpy as np
+
+from pretrainx import storage
 
 
 # Named special tokens, in order, on the first extra ids: with ByteVocabulary(extra_ids=E),
@@ -129,8 +134,6 @@ _TOKENIZERS: dict[tuple[str, str], tuple] = {}  # (file, version) -> _load_token
 
 
 def _tokenizer_file(path: str) -> str:
-  from pretrainx import storage  # pylint: disable=import-outside-toplevel
-
   file = storage.join(path, "tokenizer.json") if storage.isdir(path) else path
   if not storage.isfile(file):
     raise FileNotFoundError(f"no Hugging Face tokenizer at {file}; pass a tokenizer.json (local "
@@ -142,13 +145,7 @@ def _tokenizer_file(path: str) -> str:
 def _load_tokenizer(path: str) -> tuple:
   """(tokenizers.Tokenizer, sha256 of the file, tokenizer_config.json next to it or {}), cached
   per file and version (local modification time; in a bucket, per process)."""
-  import hashlib  # pylint: disable=import-outside-toplevel
-  import json  # pylint: disable=import-outside-toplevel
-  import os  # pylint: disable=import-outside-toplevel
-
   from tokenizers import Tokenizer  # pylint: disable=import-outside-toplevel
-
-  from pretrainx import storage  # pylint: disable=import-outside-toplevel
 
   file = _tokenizer_file(path)
   key = (file, "" if storage.is_remote(file) else str(os.stat(file).st_mtime_ns))

@@ -1,0 +1,67 @@
+"""Configuration, the bottom layer: every section of a run as a frozen dataclass, the Experiment
+that bundles them, gin text in and out, and the run directory layout.
+
+It imports nothing of pretrainx but storage and vocab; everything that builds from a config
+(models, optimizers, data pipelines, runtimes) imports it. The sections live in submodules by
+topic: model, optim, data, mesh, run, cpt.
+"""
+
+from pretrainx.config.cpt import InitConfig, LinearizeConfig, LoraConfig, TuneConfig
+from pretrainx.config.data import (CorpusTask, DataConfig, Denoiser, FileTask, MixtureSpec,
+                                   ObjectiveConfig, Stage)
+from pretrainx.config.experiment import (IDENTITY_SECTIONS, RENAMED, Experiment,
+                                         config_differences, validate)
+from pretrainx.config.gin_io import (CONFIGURABLES, experiment_to_gin, parse_gin, parse_gin_text,
+                                     parse_gin_with, read_gin_file, register_gin_readers)
+from pretrainx.config.mesh import MeshConfig
+from pretrainx.config.model import ModelConfig
+from pretrainx.config.optim import (AdafactorConfig, MuonConfig, OptimizerConfig, ScheduleConfig,
+                                    SophiaConfig)
+from pretrainx.config.paths import RunPaths, load_run_experiment
+from pretrainx.config.run import (AccumulationConfig, CheckpointConfig, EmaConfig, GuardConfig,
+                                  HarnessConfig, LossConfig, PrecisionConfig, RunConfig,
+                                  SampleConfig)
+
+__all__ = [
+    "AccumulationConfig",
+    "AdafactorConfig",
+    "CONFIGURABLES",
+    "CheckpointConfig",
+    "CorpusTask",
+    "DataConfig",
+    "Denoiser",
+    "EmaConfig",
+    "Experiment",
+    "FileTask",
+    "GuardConfig",
+    "HarnessConfig",
+    "IDENTITY_SECTIONS",
+    "InitConfig",
+    "LinearizeConfig",
+    "LoraConfig",
+    "LossConfig",
+    "MeshConfig",
+    "MixtureSpec",
+    "ModelConfig",
+    "MuonConfig",
+    "ObjectiveConfig",
+    "OptimizerConfig",
+    "PrecisionConfig",
+    "RENAMED",
+    "RunConfig",
+    "RunPaths",
+    "SampleConfig",
+    "ScheduleConfig",
+    "SophiaConfig",
+    "Stage",
+    "TuneConfig",
+    "config_differences",
+    "experiment_to_gin",
+    "load_run_experiment",
+    "parse_gin",
+    "parse_gin_text",
+    "parse_gin_with",
+    "read_gin_file",
+    "register_gin_readers",
+    "validate",
+]

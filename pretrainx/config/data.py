@@ -1,0 +1,257 @@
+"""What a run trains on: DataConfig and the values it nests (tasks, mixture stages, objectives).
+
+The functions that read, tokenize, mix and pack live in pretrainx.data; these are only the
+settings, checked as they are made.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+from pretrainx import storage
+from pretrainx.vocab import SPECIAL_TOKENS, ByteVocabulary
+
+DOMAINS = ("prose", "code")  # the embedded corpus's domains (pretrainx.data.corpus)
+PACKING_MODES = ("pack", "concat")
+
+
+def default_store_root() -> str:
+  """Where token stores live when DataConfig.store_dir is '': $PRETRAINX_DATA_DIR, else
+  ~/.cache/pretrainx/stores."""
+  return storage.resolve(os.environ.get("PRETRAINX_DATA_DIR", "~/.cache/pretrainx/stores"))
+
+FORMATS = ("text", "jsonl", "parquet")
+
+
+@dataclasses.dataclass(frozen=True)
+class FileTask:
+  """Documents from files matched by glob patterns.
+
+  Attributes:
+    name: the task (and mixture domain) name.
+    train_patterns / validation_patterns: globs per split, local or over a bucket prefix
+      (gs://bucket/data/*.jsonl, s3://...); files are streamed, never copied whole.
+    format: 'text' (a document per file), 'jsonl' (per line), 'parquet' (per row) or 'auto'
+      (from the file extension).
+    text_field / metadata_field / score_field: record fields (jsonl and parquet).
+    validation_fraction: without validation_patterns, hold out this share of the training
+      documents, chosen by a hash of (file, index), never at random.
+  """
+
+  name: str = ""
+  train_patterns: tuple[str, ...] = ()
+  validation_patterns: tuple[str, ...] = ()
+  format: str = "auto"
+  text_field: str = "text"
+  metadata_field: str | None = None
+  score_field: str | None = None
+  validation_fraction: float = 0.0
+
+  def __post_init__(self):
+    for f in ("train_patterns", "validation_patterns"):
+      value = getattr(self, f)
+      object.__setattr__(self, f, (value,) if isinstance(value, str) else tuple(value))
+    if self.format not in FORMATS + ("auto",):
+      raise ValueError(f"FileTask {self.name!r}: unknown format {self.format!r}; choose one of "
+                       f"{FORMATS} or 'auto'.")
+    if not self.name:
+      raise ValueError("FileTask needs a name.")
+
+
+@dataclasses.dataclass(frozen=True)
+class CorpusTask:
+  """One domain of the embedded default corpus; metadata is the document's name.
+
+  `validation_fraction` is the share of the domain's bytes held out (whole documents, by a hash
+  of their names); it must match DataConfig.validation_fraction for training to reuse the store.
+  """
+
+  domain: str = "prose"
+  validation_fraction: float = 0.05
+
+  @property
+  def name(self) -> str:
+    return self.domain
+
+
+@dataclasses.dataclass(frozen=True)
+class MixtureSpec:
+  """A named SeqIO mixture of tasks with sampling rates."""
+
+  name: str = ""
+  rates: Mapping[str, float] = dataclasses.field(default_factory=dict)
+
+
+OBJECTIVES = ("causal", "ul2")
+
+
+@dataclasses.dataclass(frozen=True)
+class Stage:
+  """From `start_step` on, domains are drawn with `weights` (normalised) and these objectives.
+
+  Attributes:
+    start_step: first step of the stage; the first stage starts at 0.
+    weights: {domain: weight >= 0}; domains left out get 0. Empty means natural proportions (by
+      training tokens).
+    objective: 'causal' or 'ul2' (mixture of denoisers with a bidirectional prefix).
+    metadata_prefix: prepend each document's metadata (URL/source) as MeCo does.
+    control_tokens: prepend a control token chosen from the document's score.
+  """
+
+  start_step: int = 0
+  weights: Mapping[str, float] = dataclasses.field(default_factory=dict)
+  objective: str = "causal"
+  metadata_prefix: bool = False
+  control_tokens: bool = False
+
+
+def check_stages(stages: Sequence[Stage], domains: Sequence[str]) -> None:
+  """Clear errors for schedules that cannot be meant."""
+  if not stages:
+    raise ValueError("the mixture schedule has no stages; give at least one Stage(start_step=0).")
+  if stages[0].start_step != 0:
+    raise ValueError(f"the first stage starts at step {stages[0].start_step}; it must start at 0.")
+  starts = [s.start_step for s in stages]
+  if starts != sorted(set(starts)):
+    raise ValueError(f"stage start steps {starts} must be strictly increasing.")
+  for s in stages:
+    unknown = sorted(set(s.weights) - set(domains))
+    if unknown:
+      raise ValueError(f"stage at step {s.start_step} weights unknown domain(s) {unknown}; the "
+                       f"data has {list(domains)} (add them to DataConfig.domains or tasks).")
+    bad = {d: w for d, w in s.weights.items() if not np.isfinite(w) or w < 0}
+    if bad:
+      raise ValueError(f"stage at step {s.start_step} has negative or non-finite weights {bad}; "
+                       "weights must be >= 0.")
+    if s.weights and sum(s.weights.values()) <= 0:
+      raise ValueError(f"stage at step {s.start_step} gives every domain weight 0.")
+    if s.objective not in OBJECTIVES:
+      raise ValueError(f"stage at step {s.start_step} has objective {s.objective!r}; choose one "
+                       f"of {OBJECTIVES}.")
+
+
+MODES = ("R", "S", "X")
+
+
+MODE_TOKENS = tuple(f"<|{m}|>" for m in MODES)
+
+
+@dataclasses.dataclass(frozen=True)
+class Denoiser:
+  """One UL2 denoiser.
+
+  mode 'R' (regular) / 'X' (extreme): spans of about `mean_span` tokens, `corruption_rate` of the
+  piece in all, are each replaced by a sentinel and predicted after the corrupted input.
+  mode 'S' (sequential, prefix-LM): the last `corruption_rate` of the piece is predicted from the
+  rest (`mean_span` is unused). `weight`: relative frequency in the mixture.
+  """
+
+  mode: str = "R"
+  mean_span: float = 3.0
+  corruption_rate: float = 0.15
+  weight: float = 1.0
+
+  def __post_init__(self):
+    if self.mode not in MODES:
+      raise ValueError(f"Denoiser.mode={self.mode!r}; choose one of {MODES}.")
+    if not 0 < self.corruption_rate < 1 or self.mean_span < 1 or self.weight < 0:
+      raise ValueError(f"bad {self}: need 0 < corruption_rate < 1, mean_span >= 1, weight >= 0.")
+
+
+# UL2's mixture (Tay et al. 2022): R = regular, S = sequential, X = extreme denoising.
+UL2_DENOISERS = (
+    Denoiser("R", 3, 0.15, 1.0), Denoiser("R", 8, 0.15, 1.0), Denoiser("S", 1, 0.25, 2.0),
+    Denoiser("X", 3, 0.5, 0.5), Denoiser("X", 8, 0.5, 0.5), Denoiser("X", 64, 0.15, 0.5),
+    Denoiser("X", 64, 0.5, 0.5))
+
+
+@dataclasses.dataclass(frozen=True)
+class ObjectiveConfig:
+  """Settings of the UL2 objective and of conditioning prefixes.
+
+  Attributes:
+    denoisers: the UL2 mixture; each piece draws one denoiser with probability weight / sum.
+    metadata_template: the MeCo line put before a document, '{}' standing for its metadata.
+    control_thresholds: ((threshold, token), ...) with distinct thresholds. A document whose score
+      is NaN or missing gets no control token; otherwise it gets the token of the highest
+      threshold <= score, and if no threshold is <= score, `control_default`.
+    control_default: the token for scores below every threshold; None gives no token then.
+  Control tokens must be SPECIAL_TOKENS names other than the UL2 mode tokens.
+  """
+
+  denoisers: tuple[Denoiser, ...] = UL2_DENOISERS
+  metadata_template: str = "URL: {}\n\n"
+  control_thresholds: tuple[tuple[float, str], ...] = ((0.5, "<|good|>"),)
+  control_default: str | None = "<|bad|>"
+
+  def __post_init__(self):
+    object.__setattr__(self, "denoisers", tuple(self.denoisers))
+    thresholds = tuple((float(t), str(name)) for t, name in self.control_thresholds)
+    object.__setattr__(self, "control_thresholds", thresholds)
+    if not self.denoisers or sum(d.weight for d in self.denoisers) <= 0:
+      raise ValueError("ObjectiveConfig.denoisers needs at least one denoiser of positive weight.")
+    names = [name for _, name in thresholds] + [self.control_default] * bool(self.control_default)
+    allowed = tuple(t for t in SPECIAL_TOKENS if t not in MODE_TOKENS)
+    for name in names:
+      if name not in allowed:
+        raise ValueError(f"control token {name!r} in ObjectiveConfig; choose one of {allowed}.")
+    values = [t for t, _ in thresholds]
+    if len(set(values)) != len(values) or not all(np.isfinite(values)):
+      raise ValueError(f"ObjectiveConfig.control_thresholds={thresholds}: thresholds must be "
+                       "finite and distinct.")
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+  """Where tokens come from, how they are mixed over training, packed and shuffled.
+
+  Attributes:
+    domains: the mixture's domains: embedded-corpus domains ('prose', 'code') or names of `tasks`.
+    tasks: FileTask specs (pretrainx.data.tasks) for user data; prepare their token stores first
+      with `python -m pretrainx data prepare NAME --gin_file=...`.
+    stages: the mixture schedule, Stage(start_step, weights, objective, metadata_prefix,
+      control_tokens) in order; empty means one stage of natural proportions (by training tokens).
+    packing: 'pack' (whole pieces per row, padded) or 'concat' (concatenate and split).
+    objective: UL2 denoisers, metadata template and control-token thresholds.
+    store_dir: where token stores live (a local directory, gs://... or s3://...); '' means
+      $PRETRAINX_DATA_DIR or ~/.cache/pretrainx/stores.
+    validation_fraction: share of each embedded-corpus domain's bytes held out for evaluation.
+    vocabulary: any object with encode/decode/vocab_size/eos_id/pad_id/name (bytes by default).
+    seed: shuffle and mixture seed; the batch at step k depends on (seed, stages, k) only.
+    prefetch: batches prepared ahead of the training step by grain's reader threads.
+  """
+
+  domains: tuple[str, ...] = DOMAINS
+  tasks: tuple[Any, ...] = ()
+  stages: tuple[Stage, ...] = ()
+  packing: str = "pack"
+  objective: ObjectiveConfig = ObjectiveConfig()
+  store_dir: str = ""
+  validation_fraction: float = 0.05
+  vocabulary: Any = ByteVocabulary()
+  seed: int = 0
+  prefetch: int = 2
+
+  def __post_init__(self):
+    for name in ("domains", "tasks", "stages"):  # gin gives lists; keep configs comparable
+      object.__setattr__(self, name, tuple(getattr(self, name)))
+    if self.packing not in PACKING_MODES:
+      raise ValueError(f"DataConfig.packing={self.packing!r}; choose one of {PACKING_MODES}.")
+    if not self.domains:
+      raise ValueError("DataConfig.domains is empty; name at least one domain.")
+
+  @property
+  def store_root(self) -> str:
+    return default_store_root() if not self.store_dir else storage.resolve(self.store_dir)
+
+  @property
+  def schedule_stages(self) -> tuple[Stage, ...]:
+    return tuple(self.stages) or (Stage(),)
+
+  @property
+  def uses_prefix_lm(self) -> bool:
+    return any(s.objective == "ul2" for s in self.schedule_stages)

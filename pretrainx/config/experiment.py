@@ -1,0 +1,167 @@
+"""The Experiment: every section of a run's configuration in one frozen bundle.
+
+Notebooks build it directly (`Experiment().replace(run={'steps': 10})`); gin_io fills it from gin
+files. Making one applies the precision policy, so every copy of a config holds the dtypes used.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from pretrainx.config.cpt import InitConfig, TuneConfig
+from pretrainx.config.data import DataConfig, check_stages
+from pretrainx.config.mesh import MeshConfig
+from pretrainx.config.model import ModelConfig
+from pretrainx.config.optim import (AdafactorConfig, MuonConfig, OptimizerConfig, ScheduleConfig,
+                                    SophiaConfig)
+from pretrainx.config.run import (AccumulationConfig, CheckpointConfig, EmaConfig, GuardConfig,
+                                  HarnessConfig, LossConfig, PrecisionConfig, RunConfig,
+                                  SampleConfig)
+
+
+@dataclasses.dataclass(frozen=True)
+class Experiment:
+  """One run's configuration; each field is a section that says one thing."""
+
+  model: ModelConfig = ModelConfig()
+  optimizer: OptimizerConfig = OptimizerConfig()
+  schedule: ScheduleConfig = ScheduleConfig()
+  mesh: MeshConfig = MeshConfig()
+  data: DataConfig = DataConfig()
+  run: RunConfig = RunConfig()
+  loss: LossConfig = LossConfig()
+  accumulation: AccumulationConfig = AccumulationConfig()
+  sample: SampleConfig = SampleConfig()
+  precision: PrecisionConfig = PrecisionConfig()
+  checkpoint: CheckpointConfig = CheckpointConfig()
+  guard: GuardConfig = GuardConfig()
+  init: InitConfig = InitConfig()
+  ema: EmaConfig = EmaConfig()
+  tune: TuneConfig = TuneConfig()
+  harness: HarnessConfig = HarnessConfig()
+
+  def __post_init__(self):
+    dtypes = self.precision.dtypes
+    if dtypes is None:
+      return
+    wanted = {("model", "param_dtype"): dtypes[0], ("model", "dtype"): dtypes[1],
+              ("optimizer", "state_dtype"): dtypes[2]}
+    clashes = [f"{type(getattr(self, s)).__name__}.{f}={getattr(getattr(self, s), f)!r}"
+               for (s, f), v in wanted.items()
+               if getattr(getattr(self, s), f) not in (v, _default(s, f))]
+    if clashes:
+      raise ValueError(f"PrecisionConfig.policy={self.precision.policy!r} sets the dtypes, but "
+                       f"{', '.join(clashes)} is bound too; unset one of them.")
+    for section in ("model", "optimizer"):
+      fields = {f: v for (s, f), v in wanted.items() if s == section}
+      object.__setattr__(self, section, dataclasses.replace(getattr(self, section), **fields))
+
+  def replace(self, **sections: dict[str, Any]) -> "Experiment":
+    """exp.replace(run={'steps': 10}) -> a copy with those fields of those sections changed.
+
+    Field names from before a section split (run={'z_loss': ...}) go to their new section."""
+    changes: dict[tuple[str, ...], dict[str, Any]] = {}
+    for name, fields in sections.items():
+      for key, value in fields.items():
+        where, field = _route(name, type(getattr(self, name)), key)
+        changes.setdefault(where, {})[field] = value
+    new = {name: dict(fields) for (name, *group), fields in changes.items() if not group}
+    for (name, *group), fields in changes.items():
+      if group:
+        current = new.get(name, {}).get(group[0], getattr(getattr(self, name), group[0]))
+        new.setdefault(name, {})[group[0]] = dataclasses.replace(current, **fields)
+    return dataclasses.replace(self, **{
+        name: dataclasses.replace(getattr(self, name), **fields) for name, fields in new.items()})
+
+
+def _default(section: str, field: str) -> Any:
+  return getattr(SECTION_CLASSES[section](), field)
+
+
+SECTION_CLASSES = {f.name: type(f.default) for f in dataclasses.fields(Experiment)}
+# Settings groups nested in a section; in gin they are bound on their own class.
+GROUPS: dict[type, tuple[tuple[str, type], ...]] = {
+    OptimizerConfig: (("muon", MuonConfig), ("sophia", SophiaConfig),
+                      ("adafactor", AdafactorConfig)),
+}
+# class -> where its object lives in an Experiment: (section,) or (section, group).
+LOCATIONS: dict[type, tuple[str, ...]] = {cls: (name,) for name, cls in SECTION_CLASSES.items()}
+for _section_cls, _groups in GROUPS.items():
+  _section = LOCATIONS[_section_cls][0]
+  for _field, _cls in _groups:
+    LOCATIONS[_cls] = (_section, _field)
+
+# Bindings renamed when RunConfig and OptimizerConfig were split into sections: old gin files,
+# run directories and checkpoints written before still read (gin_io rewrites the names).
+RENAMED = {
+    "RunConfig.z_loss": "LossConfig.z_loss",
+    "RunConfig.microbatches": "AccumulationConfig.microbatches",
+    "RunConfig.sample_prompt": "SampleConfig.prompt",
+    "RunConfig.sample_tokens": "SampleConfig.tokens",
+    "RunConfig.sample_temperature": "SampleConfig.temperature",
+    "RunConfig.sample_top_k": "SampleConfig.top_k",
+    "RunConfig.precision": "PrecisionConfig.policy",
+    "OptimizerConfig.schedule": "ScheduleConfig.name",
+    **{f"OptimizerConfig.{f}": f"ScheduleConfig.{f}" for f in (
+        "warmup_steps", "end_lr_ratio", "decay_fraction", "decay_shape", "rewarm_start_lr_ratio",
+        "rewarm_decay", "rewarm_start_step", "cooldown_steps", "infinite_constant_ratio")},
+    "OptimizerConfig.muon_exclude": "MuonConfig.exclude",
+    "OptimizerConfig.muon_fallback": "MuonConfig.fallback",
+    "OptimizerConfig.muon_consistent_rms": "MuonConfig.consistent_rms",
+    "OptimizerConfig.sophia_gamma": "SophiaConfig.gamma",
+    "OptimizerConfig.sophia_interval": "SophiaConfig.interval",
+    "OptimizerConfig.adafactor_min_dim": "AdafactorConfig.min_dim",
+}
+_BY_NAME = {cls.__name__: cls for cls in LOCATIONS}
+
+
+def _route(section: str, cls: type, field: str) -> tuple[tuple[str, ...], str]:
+  """(location, field) a replace() key names: its own section's, or where a renamed one went."""
+  if field in {f.name for f in dataclasses.fields(cls)}:
+    return (section,), field
+  renamed = RENAMED.get(f"{cls.__name__}.{field}")
+  if renamed is None:
+    return (section,), field  # dataclasses.replace names the unknown field
+  new_cls, new_field = renamed.split(".")
+  return LOCATIONS[_BY_NAME[new_cls]], new_field
+
+
+# Sections whose change makes an existing run directory a different experiment.
+IDENTITY_SECTIONS = ("model", "data")
+
+
+def validate(exp: Experiment) -> None:
+  """Cross-section checks that no single dataclass can make on its own."""
+  run, model = exp.run, exp.model
+  if run.seq_len > model.max_seq_len:
+    raise ValueError(
+        f"RunConfig.seq_len={run.seq_len} exceeds ModelConfig.max_seq_len={model.max_seq_len}; "
+        "lower seq_len or raise max_seq_len.")
+  vocab_size = exp.data.vocabulary.vocab_size
+  if vocab_size > model.vocab_size:
+    raise ValueError(
+        f"the vocabulary has {vocab_size} ids but ModelConfig.vocab_size={model.vocab_size}; "
+        f"set ModelConfig.vocab_size >= {vocab_size}.")
+  if run.steps < 1 or run.global_batch_size < 1 or exp.accumulation.microbatches < 1:
+    raise ValueError("RunConfig.steps, RunConfig.global_batch_size and "
+                     "AccumulationConfig.microbatches must be positive.")
+  check_stages(exp.data.schedule_stages, exp.data.domains)
+  causal_only = sorted({i for i in model.layer_impls if i in ("linear", "hybrid")})
+  if exp.data.uses_prefix_lm and causal_only:
+    raise ValueError(
+        f"a 'ul2' stage needs a bidirectional prefix, which attention_impl "
+        f"{', '.join(map(repr, causal_only))} cannot give; use 'reference' or 'flash'.")
+
+
+def config_differences(old: Experiment, new: Experiment,
+                       sections: tuple[str, ...] = IDENTITY_SECTIONS) -> list[str]:
+  """'Class.field: old -> new' for every differing field of the given sections."""
+  out = []
+  for name in sections:
+    a, b = getattr(old, name), getattr(new, name)
+    for f in dataclasses.fields(a):
+      va, vb = getattr(a, f.name), getattr(b, f.name)
+      if va != vb:
+        out.append(f"{type(a).__name__}.{f.name}: {va!r} -> {vb!r}")
+  return out

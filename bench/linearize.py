@@ -26,7 +26,7 @@ configure_cpu_devices("auto")  # as the CLI does, before jax is imported
 
 from pretrainx.config import parse_gin, parse_gin_with  # noqa: E402  pylint: disable=wrong-import-position
 from pretrainx.config import LinearizeConfig
-from pretrainx.linearize.convert import linearized_config
+from pretrainx.cpt.linearize import linearized_config
 from pretrainx.linearize.pipeline import linearize  # noqa: E402  pylint: disable=wrong-import-position
 from pretrainx.config import InitConfig  # noqa: E402  pylint: disable=wrong-import-position
 from pretrainx.config import TuneConfig  # noqa: E402  pylint: disable=wrong-import-position

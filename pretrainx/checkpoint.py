@@ -18,6 +18,7 @@ from absl import logging
 
 from pretrainx import storage
 from pretrainx.config import CheckpointConfig
+from pretrainx.tree import shape_differences
 
 COMMIT_MARKER = "commit_success.txt"
 
@@ -26,24 +27,10 @@ class CheckpointError(ValueError):
   """A checkpoint that exists but cannot be used as asked (shapes differ, not a checkpoint)."""
 
 
-def _path_str(path) -> str:
-  return "/".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
-
-
 def _shape_mismatches(saved: Any, abstract: Any) -> list[str]:
   """'path: saved shape -> expected shape' for every leaf that differs or exists on one side only."""
-  saved_leaves = {_path_str(p): tuple(getattr(v, "shape", ()))
-                  for p, v in jax.tree_util.tree_flatten_with_path(saved)[0]}
-  want_leaves = {_path_str(p): tuple(v.shape)
-                 for p, v in jax.tree_util.tree_flatten_with_path(abstract)[0]}
-  out = []
-  params_first = lambda k: (not k.startswith("params"), k)
-  for key in sorted(set(saved_leaves) | set(want_leaves), key=params_first):
-    a, b = saved_leaves.get(key), want_leaves.get(key)
-    if a != b:
-      out.append(f"{key}: checkpoint {a if a is not None else 'missing'} -> "
-                 f"model {b if b is not None else 'missing'}")
-  return out
+  return shape_differences(saved, abstract, "checkpoint", "model",
+                           order=lambda k: (not k.startswith("params"), k))
 
 
 def check_directory(directory: str, action: str = "checkpoint to") -> str:

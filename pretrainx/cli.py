@@ -391,9 +391,9 @@ def _sweep_on_ray(args, cfg) -> None:
 
 def cmd_linearize(args) -> None:
   from pretrainx import config  # pylint: disable=import-outside-toplevel
-  from pretrainx.linearize import convert, pipeline  # pylint: disable=import-outside-toplevel
+  from pretrainx.linearize import pipeline  # pylint: disable=import-outside-toplevel
 
-  exp, extra = config.parse_gin_with(args.gin_file, args.gin_param, (convert.LinearizeConfig,))
+  exp, extra = config.parse_gin_with(args.gin_file, args.gin_param, (config.LinearizeConfig,))
   report = pipeline.linearize(args.source, exp, extra["LinearizeConfig"], args.out_dir,
                               restart=args.restart)
   _out(pipeline.report_markdown(report, args.source) +

@@ -13,7 +13,6 @@ import contextlib
 import dataclasses
 import json
 import math
-import os
 from typing import Any, Callable
 
 import flax.linen as nn
@@ -25,13 +24,15 @@ from absl import logging
 from flax import traverse_util
 
 from pretrainx import storage
-from pretrainx.config import ModelConfig
+from pretrainx.checkpoint import load_params, save_params
+from pretrainx.config import Experiment, MeshConfig, ModelConfig, RunConfig, experiment_to_gin
+from pretrainx.config.hf_config import (ARCHITECTURES, check_hf_compatible, hf_config_dict,
+                                        load_hf_config, read_config_json)
+from pretrainx.config.hf_config import architecture as architecture_of
+from pretrainx.config.sources import read_meta, saved_experiment
 from pretrainx.model.transformer import Transformer
-from pretrainx.config import MeshConfig
-from pretrainx.sharding import logical_to_shardings
+from pretrainx.sharding import logical_to_shardings, make_mesh
 
-ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral",
-                 "Qwen2ForCausalLM": "qwen2"}
 DIRECTIONS = ("hf-to-pretrainx", "pretrainx-to-hf")
 SINGLE_FILE, INDEX_FILE = "model.safetensors", "model.safetensors.index.json"
 DEFAULT_SHARD_SIZE = 4 * 2**30  # bytes per exported safetensors file
@@ -39,104 +40,6 @@ _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)  # buffers some old checkpoints sto
 
 
 # ----------------------------------------------------------------------------- config.json
-
-
-def _read_config_json(path: str) -> dict[str, Any]:
-  file = storage.join(path, "config.json")
-  storage.check_bucket(file, "read")
-  if not storage.isfile(file):
-    raise FileNotFoundError(f"{file} does not exist; point at a Hugging Face model directory "
-                            "(config.json + model.safetensors or its sharded index).")
-  return json.loads(storage.read_text(file))
-
-
-def _architecture(hf: dict[str, Any]) -> str:
-  archs = hf.get("architectures") or [
-      a for a, t in ARCHITECTURES.items() if t == hf.get("model_type")][:1]
-  if len(archs) != 1 or archs[0] not in ARCHITECTURES:
-    found = archs or hf.get("model_type")
-    raise ValueError(f"unsupported Hugging Face architecture {found!r}; pretrainx converts "
-                     f"{', '.join(ARCHITECTURES)} (the Llama family).")
-  return archs[0]
-
-
-def _rope_fields(hf: dict[str, Any]) -> dict[str, Any]:
-  """rope_theta and the llama3 scaling from `rope_parameters` (transformers 5) or the older
-  top-level `rope_theta` + `rope_scaling`."""
-  old, new = hf.get("rope_scaling") or {}, hf.get("rope_parameters") or {}
-  kind_of = lambda p: p.get("rope_type", p.get("type", "default"))
-  if old and new and kind_of(old) != kind_of(new):
-    raise ValueError(f"config.json has rope_scaling of type {kind_of(old)!r} and rope_parameters "
-                     f"of type {kind_of(new)!r}; keep the one the model was trained with.")
-  params = {**old, **new}
-  kind = kind_of(params)
-  out = {"rope_theta": float(params.get("rope_theta", hf.get("rope_theta", 10_000.0)))}
-  if kind == "llama3":
-    out.update(rope_scaling="llama3", rope_scaling_factor=float(params["factor"]),
-               rope_low_freq_factor=float(params["low_freq_factor"]),
-               rope_high_freq_factor=float(params["high_freq_factor"]),
-               rope_original_max_len=int(params["original_max_position_embeddings"]))
-  elif kind != "default":
-    raise ValueError(f"rope scaling type {kind!r} (config.json rope_scaling/rope_parameters) is "
-                     "not supported; pretrainx implements 'default' and 'llama3'.")
-  return out
-
-
-def _check_features(hf: dict[str, Any], arch: str) -> None:
-  """Refuses config.json options whose computation pretrainx does not implement."""
-  if hf.get("hidden_act", "silu") != "silu":
-    raise ValueError(f"hidden_act={hf['hidden_act']!r} is not supported; pretrainx's MLP is SwiGLU "
-                     "(hidden_act 'silu').")
-  if hf.get("mlp_bias") or (arch != "Qwen2ForCausalLM" and hf.get("attention_bias")):
-    raise ValueError("config.json sets attention_bias/mlp_bias; pretrainx supports only the q/k/v "
-                     "biases of Qwen2ForCausalLM.")
-
-
-def _check_sliding_window(hf: dict[str, Any], arch: str, max_seq_len: int) -> None:
-  window = hf.get("sliding_window")
-  if arch == "Qwen2ForCausalLM" and not hf.get("use_sliding_window", False):
-    window = None
-  if window is not None and window < max_seq_len:
-    raise ValueError(
-        f"{arch} here attends within a sliding window of {window} tokens (config.json "
-        f"sliding_window), shorter than max_seq_len={max_seq_len}; pretrainx has no pure sliding-"
-        f"window softmax attention. Import with max_seq_len <= {window} (load_hf_config(path, "
-        f"max_seq_len={window}) or import_hf(..., overrides={{'max_seq_len': {window}}})), where "
-        "the window never binds and the model is exact.")
-
-
-def load_hf_config(path: str, **overrides: Any) -> ModelConfig:
-  """The ModelConfig of the HF model directory `path`; `overrides` set pretrainx-only fields
-  (scan_layers, dtype, attention_impl, remat_policy, ...) or a shorter max_seq_len."""
-  hf = _read_config_json(path)
-  arch = _architecture(hf)
-  _check_features(hf, arch)
-  heads = hf["num_attention_heads"]
-  fields = dict(
-      vocab_size=hf["vocab_size"], embed_dim=hf["hidden_size"], mlp_dim=hf["intermediate_size"],
-      num_layers=hf["num_hidden_layers"], num_heads=heads,
-      num_kv_heads=hf.get("num_key_value_heads") or heads,
-      head_dim=hf.get("head_dim") or hf["hidden_size"] // heads,
-      max_seq_len=hf["max_position_embeddings"], norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
-      tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
-      qkv_bias=arch == "Qwen2ForCausalLM", **_rope_fields(hf))
-  cfg = ModelConfig(**{**fields, **overrides})
-  _check_sliding_window(hf, arch, cfg.max_seq_len)
-  return cfg
-
-
-def check_hf_compatible(cfg: ModelConfig) -> None:
-  """Every pretrainx parameter of `cfg` must have a Hugging Face Llama-family counterpart."""
-  problems = []
-  if any(impl not in ("reference", "flash") for impl in cfg.layer_impls):
-    problems.append(f"attention {sorted(set(cfg.layer_impls))} (use 'reference' or 'flash')")
-  if cfg.norm_scale != "channel":
-    problems.append(f"norm_scale={cfg.norm_scale!r} (use 'channel')")
-  if cfg.embed_projection:
-    problems.append("embed_projection=True (use False)")
-  if problems:
-    raise ValueError("this ModelConfig has no Hugging Face Llama-family equivalent: "
-                     + "; ".join(problems) + ".")
 
 
 # ----------------------------------------------------------------------------- layouts
@@ -247,11 +150,6 @@ def _abstract_params(cfg: ModelConfig) -> Any:
                         jax.random.key(0))["params"]
 
 
-def _unbox(tree: Any) -> Any:
-  return jax.tree.map(lambda x: x.value if isinstance(x, nn.Partitioned) else x, tree,
-                      is_leaf=lambda x: isinstance(x, nn.Partitioned))
-
-
 # ----------------------------------------------------------------------------- reading
 
 
@@ -347,7 +245,7 @@ def import_hf(path: str, *, mesh: jax.sharding.Mesh | None = None, rules=None,
     cfg = dataclasses.replace(cfg, param_dtype=dtype)
   check_hf_compatible(cfg)
   boxed = _abstract_params(cfg)
-  abstract = traverse_util.flatten_dict(_unbox(boxed))
+  abstract = traverse_util.flatten_dict(nn.unbox(boxed))
   if mesh is None:
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     shardings = {p: device for p in abstract}
@@ -367,36 +265,10 @@ def import_hf(path: str, *, mesh: jax.sharding.Mesh | None = None, rules=None,
 # ----------------------------------------------------------------------------- writing
 
 
-def hf_config_dict(cfg: ModelConfig, architecture: str, dtype: str) -> dict[str, Any]:
-  """config.json for `cfg` (rope as top-level rope_theta/rope_scaling, which transformers 4 and 5
-  both read)."""
-  rope_scaling = None
-  if cfg.rope_scaling == "llama3":
-    rope_scaling = {"rope_type": "llama3", "factor": cfg.rope_scaling_factor,
-                    "low_freq_factor": cfg.rope_low_freq_factor,
-                    "high_freq_factor": cfg.rope_high_freq_factor,
-                    "original_max_position_embeddings": cfg.rope_original_max_len}
-  out = {
-      "architectures": [architecture], "model_type": ARCHITECTURES[architecture],
-      "hidden_size": cfg.embed_dim, "intermediate_size": cfg.mlp_dim,
-      "num_hidden_layers": cfg.num_layers, "num_attention_heads": cfg.num_heads,
-      "num_key_value_heads": cfg.num_kv_heads, "head_dim": cfg.resolved_head_dim,
-      "hidden_act": "silu", "rms_norm_eps": cfg.norm_eps, "rope_theta": cfg.rope_theta,
-      "rope_scaling": rope_scaling, "max_position_embeddings": cfg.max_seq_len,
-      "vocab_size": cfg.vocab_size, "tie_word_embeddings": cfg.tie_embeddings,
-      "torch_dtype": dtype, "use_cache": True, "initializer_range": cfg.init_std,
-  }
-  if architecture == "LlamaForCausalLM":
-    out.update(attention_bias=False, mlp_bias=False)
-  else:
-    out.update(sliding_window=None, use_sliding_window=False)
-  return out
-
-
 def _export_plan(cfg: ModelConfig, flat: dict) -> list[tuple[str, tuple, int | None, str, int]]:
   """(HF name, our path, layer index or None, layout, HF element count), in HF order."""
   expected = {p: tuple(a.shape) for p, a in
-              traverse_util.flatten_dict(_unbox(_abstract_params(cfg))).items()}
+              traverse_util.flatten_dict(nn.unbox(_abstract_params(cfg))).items()}
   if set(flat) != set(expected):
     raise ValueError(f"params do not fit the ModelConfig: extra {sorted(set(flat) - set(expected))}"
                      f", missing {sorted(set(expected) - set(flat))}.")
@@ -445,7 +317,7 @@ def export_hf(params: Any, cfg: ModelConfig, out_dir: str, *,
   check_hf_compatible(cfg)
   dtype = cfg.param_dtype if dtype is None else dtype
   np_dtype = np.dtype(ModelConfig(param_dtype=dtype).storage_dtype)
-  flat = traverse_util.flatten_dict(_unbox(params))
+  flat = traverse_util.flatten_dict(nn.unbox(params))
   plan = _export_plan(cfg, flat)
   sizes = [count * np_dtype.itemsize for *_, count in plan]
   groups = _group_shards(sizes, shard_size)
@@ -478,41 +350,22 @@ def export_hf(params: Any, cfg: ModelConfig, out_dir: str, *,
 
 def _read_export(path: str) -> tuple[dict[str, Any], ModelConfig]:
   """(meta, ModelConfig) of a pretrainx params export, read without reading the params."""
-  import tempfile  # pylint: disable=import-outside-toplevel
-
-  import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
-
-  from pretrainx.config import parse_gin  # pylint: disable=import-outside-toplevel
-
   storage.check_bucket(path, "read")
   if not storage.isdir(path):
     raise FileNotFoundError(f"pretrainx params directory {path} does not exist; write one with "
                             "`python -m pretrainx export` or convert an HF model into it.")
-  meta = dict(ocp.Checkpointer(ocp.CompositeCheckpointHandler()).restore(
-      storage.resolve(path), args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"])
-  if "config_gin" not in meta:
-    raise ValueError(f"{path} has no 'config_gin' in its meta; it was not written by "
-                     "`pretrainx export` or `pretrainx convert`.")
-  with tempfile.TemporaryDirectory() as tmp:
-    with open(os.path.join(tmp, "config.gin"), "w", encoding="utf-8") as f:
-      f.write(meta["config_gin"])
-    return meta, parse_gin([os.path.join(tmp, "config.gin")]).model
+  meta = read_meta(storage.resolve(path))
+  return meta, saved_experiment(meta, path).model
 
 
 def _spread_mesh(cfg: ModelConfig) -> jax.sharding.Mesh:
   """All local devices, params split over 'fsdp' as far as embed_dim divides: no device holds
   the whole model while converting."""
-  from pretrainx.sharding import make_mesh  # pylint: disable=import-outside-toplevel
-
   fsdp = math.gcd(jax.device_count(), cfg.embed_dim)
   return make_mesh(MeshConfig(data=jax.device_count() // fsdp, fsdp=fsdp, tensor=1))
 
 
 def _hf_to_pretrainx(src: str, out: str, dtype: str | None) -> str:
-  from pretrainx.checkpoint import save_params  # pylint: disable=import-outside-toplevel
-  # pylint: disable-next=import-outside-toplevel
-  from pretrainx.config import Experiment, RunConfig, experiment_to_gin
-
   cfg = load_hf_config(src)
   cfg, params = import_hf(src, mesh=_spread_mesh(cfg), cfg=cfg, dtype=dtype)
   # RunConfig.seq_len must fit the model for the gin file to validate.
@@ -520,22 +373,20 @@ def _hf_to_pretrainx(src: str, out: str, dtype: str | None) -> str:
   gin_text = experiment_to_gin(exp)
   path = save_params(out, params, {"step": 0, "config_gin": gin_text,
                                    "source": storage.resolve(src),
-                                   "architecture": _architecture(_read_config_json(src))})
+                                   "architecture": architecture_of(read_config_json(src))})
   storage.write_text(storage.join(path, "config.gin"), gin_text)
   return path
 
 
 def _pretrainx_to_hf(src: str, out: str, architecture: str | None, dtype: str | None,
                      shard_size: int) -> str:
-  from pretrainx.checkpoint import load_params  # pylint: disable=import-outside-toplevel
-
   meta, cfg = _read_export(src)
   architecture = architecture or meta.get("architecture") or (
       "Qwen2ForCausalLM" if cfg.qkv_bias else "LlamaForCausalLM")
   boxed = _abstract_params(cfg)
   shardings = logical_to_shardings(boxed, _spread_mesh(cfg), MeshConfig().rules)
   abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                          _unbox(boxed), shardings)
+                          nn.unbox(boxed), shardings)
   params, _ = load_params(src, abstract)
   return export_hf(params, cfg, out, architecture=architecture, shard_size=shard_size,
                    dtype=dtype)

@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import optax
 
 from pretrainx.config import OptimizerConfig, ScheduleConfig
+from pretrainx.tree import layer_axes, path_name
 
 _STATE_DTYPES = {"float32": jax.numpy.float32, "bfloat16": jax.numpy.bfloat16}
 
@@ -137,21 +138,12 @@ def decay_mask(params: Any, cfg: OptimizerConfig) -> Any:
   patterns = [re.compile(p) for p in cfg.no_decay_patterns]
 
   def wants_decay(path, leaf) -> bool:
-    name = _path_name(path)
+    name = path_name(path)
     if any(p.search(name) for p in patterns):
       return False
-    return cfg.decay_vectors or leaf.ndim >= 2 + _layer_axes(name)
+    return cfg.decay_vectors or leaf.ndim >= 2 + layer_axes(name)
 
   return jax.tree_util.tree_map_with_path(wants_decay, params)
-
-
-def _layer_axes(name: str) -> int:
-  """Scanned blocks stack a leading 'layers' axis; a stacked vector has ndim 2, not 1."""
-  return 1 if name.startswith("layers/") else 0
-
-
-def _path_name(path) -> str:
-  return "/".join(str(getattr(k, "key", getattr(k, "name", k))) for k in path)
 
 
 def muon_dimension_numbers(params: Any, cfg: OptimizerConfig) -> Any:
@@ -164,8 +156,8 @@ def muon_dimension_numbers(params: Any, cfg: OptimizerConfig) -> Any:
   excluded = [re.compile(p) for p in cfg.muon.exclude]
 
   def dims(path, leaf):
-    name = _path_name(path)
-    lead = _layer_axes(name)
+    name = path_name(path)
+    lead = layer_axes(name)
     if any(p.search(name) for p in excluded):
       return None
     if leaf.ndim - lead < 2:

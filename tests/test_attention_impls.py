@@ -21,7 +21,7 @@ from pretrainx.config import ModelConfig
 from pretrainx.model import Transformer
 from pretrainx.flops import count_params
 from pretrainx.model import attention as attn
-from pretrainx.model import config as model_config
+from pretrainx.config import model as model_config
 
 SEQ = 32
 CFG = ModelConfig(vocab_size=259, embed_dim=32, num_layers=2, num_heads=4, num_kv_heads=2,

@@ -10,7 +10,8 @@ import pytest
 from pretrainx import checkpoint
 from pretrainx.config import experiment_to_gin
 from pretrainx.config import InitConfig
-from pretrainx.train.init import initial_state, source_kind
+from pretrainx.config.sources import source_kind
+from pretrainx.train.init import initial_state
 from pretrainx.train.loop import train
 from pretrainx.train.runtime import build_runtime, load_trained
 

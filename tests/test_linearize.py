@@ -14,7 +14,7 @@ import pytest
 
 import conftest
 from pretrainx.generate import generate
-from pretrainx.linearize import convert as C
+from pretrainx.cpt import linearize as C
 from pretrainx.linearize import transfer as T
 from pretrainx.linearize.pipeline import linearize
 from pretrainx.config import ModelConfig

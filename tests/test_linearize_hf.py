@@ -16,7 +16,8 @@ from pretrainx.config import LinearizeConfig  # noqa: E402
 from pretrainx.linearize.pipeline import linearize  # noqa: E402
 from pretrainx.model import Transformer  # noqa: E402
 from pretrainx.config import InitConfig
-from pretrainx.train.init import initial_state, source_model_config
+from pretrainx.config.sources import source_model_config
+from pretrainx.train.init import initial_state
 from pretrainx.train.runtime import build_runtime  # noqa: E402
 
 GIN = os.path.join(conftest.REPO, "gin_configs/linearize/llama_hf.gin")

@@ -52,7 +52,7 @@ def test_precision_policies_set_the_three_dtypes_together():
       "bfloat16", "bfloat16", "bfloat16")
   # resolved once, when the Experiment is made: its gin text (config.gin, the checkpoint's
   # config) holds the dtypes the run uses and reads back to the same Experiment
-  assert parse_gin_text(experiment_to_gin(exp))[0] == exp
+  assert parse_gin_text(experiment_to_gin(exp)) == exp
   assert "ModelConfig.param_dtype = 'bfloat16'" in experiment_to_gin(exp)
   mixed = Experiment().replace(precision={"policy": "bf16_mixed"})
   assert (mixed.model.param_dtype, mixed.model.dtype, mixed.optimizer.state_dtype) == (

@@ -10,7 +10,7 @@ import numpy as np
 import optax
 import pytest
 
-from pretrainx import peft
+from pretrainx.cpt import growth, peft
 from pretrainx.config import ModelConfig
 from pretrainx.model import Transformer
 from pretrainx.config import OptimizerConfig, ScheduleConfig
@@ -30,7 +30,7 @@ def _model(scan, num_layers=2):
   tokens = jnp.asarray(rng.integers(3, cfg.vocab_size, (2, 8)), jnp.int32)
   shapes = jax.eval_shape(model.init, jax.random.key(0), tokens)["params"]  # no init compile
   params = jax.tree.map(lambda x: jnp.asarray(0.2 * rng.standard_normal(x.value.shape),
-                                              jnp.float32), shapes, is_leaf=peft._is_box)
+                                              jnp.float32), shapes, is_leaf=peft.is_box)
   return cfg, model, params, tokens
 
 
@@ -259,7 +259,7 @@ def _non_blocks(params):
 @LAYOUTS
 def test_expanded_model_is_exact_and_only_new_blocks_train(scan):
   cfg, model, params, tokens = _model(scan, num_layers=3)
-  big, big_cfg, new = peft.expand_blocks(params, cfg, every=2)  # [0, 1, 1', 2]
+  big, big_cfg, new = growth.expand_blocks(params, cfg, every=2)  # [0, 1, 1', 2]
   assert new == [2] and big_cfg.num_layers == 4 and big_cfg.scan_layers == scan
   big_model = Transformer(big_cfg)
   np.testing.assert_array_equal(np.asarray(_logits(big_model, big, tokens)),
@@ -270,7 +270,7 @@ def test_expanded_model_is_exact_and_only_new_blocks_train(scan):
   _assert_tree_equal(copy["mlp"]["up_proj"], _block(params, cfg, 1)["mlp"]["up_proj"])
   _assert_tree_equal(copy["attention"]["q_proj"], _block(params, cfg, 1)["attention"]["q_proj"])
 
-  mask = peft.new_block_mask(big, new, big_cfg)
+  mask = growth.new_block_mask(big, new, big_cfg)
   opt = peft.masked_optimizer(optax.adamw(1e-2, weight_decay=0.1), mask)
   grads = jax.jit(jax.grad(lambda p: _loss(big_model, p, tokens)))(big)
   updates, _ = jax.jit(opt.update)(grads, opt.init(big), big)
@@ -285,38 +285,38 @@ def test_expanded_model_is_exact_and_only_new_blocks_train(scan):
 @LAYOUTS
 def test_expand_positions_order_and_errors(scan):
   cfg, _, params, _ = _model(scan, num_layers=3)
-  big, big_cfg, new = peft.expand_blocks(params, cfg, positions=[2, 0])
+  big, big_cfg, new = growth.expand_blocks(params, cfg, positions=[2, 0])
   assert new == [1, 4] and big_cfg.num_layers == 5
   for j, i in enumerate([0, 0, 1, 2, 2]):
     np.testing.assert_array_equal(_block(big, big_cfg, j)["mlp"]["up_proj"],
                                   _block(params, cfg, i)["mlp"]["up_proj"])
   for bad in ([3], [-1], [1, 1], []):
     with pytest.raises(ValueError, match=r"positions=.* in \[0, 2\]"):
-      peft.expand_blocks(params, cfg, positions=bad)
+      growth.expand_blocks(params, cfg, positions=bad)
   with pytest.raises(ValueError, match="positive int"):
-    peft.expand_blocks(params, cfg, every=0)
+    growth.expand_blocks(params, cfg, every=0)
   with pytest.raises(ValueError, match="exactly one"):
-    peft.expand_blocks(params, cfg, every=1, positions=[0])
+    growth.expand_blocks(params, cfg, every=1, positions=[0])
   with pytest.raises(ValueError, match="num_layers=4"):
-    peft.expand_blocks(params, dataclasses.replace(cfg, num_layers=4), every=1)
+    growth.expand_blocks(params, dataclasses.replace(cfg, num_layers=4), every=1)
   with pytest.raises(ValueError, match="new_block_indices"):
-    peft.new_block_mask(big, [5], big_cfg)
+    growth.new_block_mask(big, [5], big_cfg)
 
 
 @LAYOUTS
 def test_stack_layers_order(scan):
   cfg, _, params, tokens = _model(scan, num_layers=2)
-  deep, deep_cfg = peft.stack_layers(params, cfg, factor=3)
+  deep, deep_cfg = growth.stack_layers(params, cfg, factor=3)
   assert deep_cfg.num_layers == 6
   for j in range(6):
     _assert_tree_equal(_block(deep, deep_cfg, j), _block(params, cfg, j % 2))
   _assert_tree_equal(_non_blocks(deep), _non_blocks(params))
   assert _logits(Transformer(deep_cfg), deep, tokens).shape == (2, 8, 384)
-  same, same_cfg = peft.stack_layers(params, cfg, factor=1)
+  same, same_cfg = growth.stack_layers(params, cfg, factor=1)
   assert same_cfg == cfg
   _assert_tree_equal(same, params)
   for bad in (0, -2, 1.5):
     with pytest.raises(ValueError, match="factor"):
-      peft.stack_layers(params, cfg, factor=bad)
+      growth.stack_layers(params, cfg, factor=bad)
   with pytest.raises(ValueError, match="scan_layers"):
-    peft.stack_layers(params, dataclasses.replace(cfg, scan_layers=not scan), factor=2)
+    growth.stack_layers(params, dataclasses.replace(cfg, scan_layers=not scan), factor=2)

@@ -228,17 +228,15 @@ def test_results_rows_many_writers_one_bucket(gcs_dir):
 
 # Where pretrainx may still touch the local file system directly, and why: none of these is a
 # path a user gives (staging and temporary directories, the embedded corpus, gin's local search
-# path, the local-only legacy SQLite table).
+# path, the local-only legacy SQLite table). Gin text no longer goes through temporary files.
 _LOCAL_ONLY = {
-    "pretrainx/config.py": 2,         # gin search paths, for local gin files
+    "pretrainx/config/gin_io.py": 1,  # gin search paths, for local gin files
     "pretrainx/metrics.py": 2,        # the local staging copy that StagedDir uploads
-    "pretrainx/train/init.py": 1,     # a temporary gin file
     "pretrainx/data/corpus.py": 3,    # the embedded corpus is Python's own stdlib
     "pretrainx/scaling/results.py": 4,  # legacy SQLite tables, refused for buckets
     "pretrainx/scaling/ray_sweep.py": 4,  # a run's local log file and work directory
     "pretrainx/multihost.py": 6,      # TPU devices under /dev and /sys: machine facts
     "pretrainx/harness/score_docs.py": 1,  # the local staging copy that StagedDir uploads
-    "pretrainx/hf.py": 1,             # a temporary gin file
 }
 
 

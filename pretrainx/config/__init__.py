@@ -1,5 +1,5 @@
 """Configuration, the bottom layer: every section of a run as a frozen dataclass, the Experiment
-that bundles them, gin text in and out, and the run directory layout.
+that bundles them, gin text in and out, the run directory layout, and the architecture a run's source fixes.
 
 It imports nothing of pretrainx but storage and vocab; everything that builds from a config
 (models, optimizers, data pipelines, runtimes) imports it. The sections live in submodules by
@@ -11,13 +11,16 @@ from pretrainx.config.data import (CorpusTask, DataConfig, Denoiser, FileTask, M
                                    ObjectiveConfig, Stage)
 from pretrainx.config.experiment import (IDENTITY_SECTIONS, RENAMED, Experiment,
                                          config_differences, validate)
-from pretrainx.config.gin_io import (CONFIGURABLES, experiment_to_gin, parse_gin, parse_gin_text,
-                                     parse_gin_with, read_gin_file, register_gin_readers)
+from pretrainx.config.gin_io import (CONFIGURABLES, experiment_to_gin, read_gin_file,
+                                     register_gin_readers, rename_legacy_bindings)
+from pretrainx.config.hf_config import load_hf_config
+from pretrainx.config.load import parse_gin, parse_gin_text, parse_gin_with
 from pretrainx.config.mesh import MeshConfig
 from pretrainx.config.model import ModelConfig
 from pretrainx.config.optim import (AdafactorConfig, MuonConfig, OptimizerConfig, ScheduleConfig,
                                     SophiaConfig)
 from pretrainx.config.paths import RunPaths, load_run_experiment
+from pretrainx.config.sources import source_experiment, source_kind, with_source_architecture
 from pretrainx.config.run import (AccumulationConfig, CheckpointConfig, EmaConfig, GuardConfig,
                                   HarnessConfig, LossConfig, PrecisionConfig, RunConfig,
                                   SampleConfig)
@@ -57,11 +60,16 @@ __all__ = [
     "TuneConfig",
     "config_differences",
     "experiment_to_gin",
+    "load_hf_config",
     "load_run_experiment",
     "parse_gin",
     "parse_gin_text",
     "parse_gin_with",
     "read_gin_file",
     "register_gin_readers",
+    "rename_legacy_bindings",
+    "source_experiment",
+    "source_kind",
     "validate",
+    "with_source_architecture",
 ]

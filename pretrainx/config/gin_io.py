@@ -1,5 +1,5 @@
-"""Gin text in and out: parse gin files, text and `--gin_param` bindings into an Experiment,
-and write any Experiment back as gin text (the operative config saved with every run).
+"""Gin text in and out: gin files, text and `--gin_param` bindings into Experiment sections, and
+any Experiment back as gin text (the operative config saved with every run).
 
 Includes are expanded here, through pretrainx.storage, so gin files may live in buckets, and
 bindings renamed by a section split (experiment.RENAMED) are rewritten to their new names.
@@ -19,7 +19,7 @@ from absl import logging
 from pretrainx import storage
 from pretrainx.config.cpt import LinearizeConfig, LoraConfig
 from pretrainx.config.data import CorpusTask, Denoiser, FileTask, MixtureSpec, ObjectiveConfig, Stage
-from pretrainx.config.experiment import GROUPS, RENAMED, SECTION_CLASSES, Experiment, validate
+from pretrainx.config.experiment import GROUPS, RENAMED, SECTION_CLASSES, Experiment
 from pretrainx.vocab import ByteVocabulary, HFTokenizerVocabulary
 
 # Gin files include others by repo-relative path ('gin_configs/models/tiny.gin').
@@ -134,17 +134,23 @@ def _build(cls: type) -> Any:
   return _GIN_CLASSES[cls.__name__](**groups)
 
 
-def parse_gin_text(texts: str | list[str] | tuple[str, ...],
-                   gin_params: list[str] | tuple[str, ...] = (), extra: tuple[type, ...] = ()
-                   ) -> tuple[Experiment, dict[str, Any]]:
-  """Gin texts (includes already expanded) then bindings -> (validated Experiment, {class name:
-  object} for the configurables `extra`, e.g. LinearizeConfig, built from the same bindings)."""
+_MODEL_BINDING = re.compile(r"^\s*ModelConfig\.(\w+)\s*=", re.MULTILINE)
+
+
+def parse_gin_bindings(texts: list[str], gin_params: list[str] | tuple[str, ...] = (),
+                       extra: tuple[type, ...] = ()
+                       ) -> tuple[Experiment, dict[str, Any], set[str]]:
+  """Gin texts (includes already expanded) then bindings -> (Experiment, {class name: object}
+  for the configurables `extra` built from the same bindings, the ModelConfig fields bound).
+
+  Nothing is validated across sections and InitConfig.source is not consulted: that is
+  pretrainx.config.load's job."""
   gin = _gin()
-  texts = [texts] if isinstance(texts, str) else list(texts)
+  texts = [rename_legacy_bindings(t) for t in [*texts, "\n".join(gin_params)]]
   gin.clear_config()
   try:
-    for text in [*texts, "\n".join(gin_params)]:
-      gin.parse_config(rename_legacy_bindings(text))
+    for text in texts:
+      gin.parse_config(text)
     gin.finalize()  # refuses macros left at %gin.REQUIRED
     exp = Experiment(**{name: _build(cls) for name, cls in SECTION_CLASSES.items()})
     extras = {cls.__name__: _build(cls) for cls in extra}
@@ -152,22 +158,7 @@ def parse_gin_text(texts: str | list[str] | tuple[str, ...],
     raise ValueError(_explain_gin_error(err)) from err
   finally:
     gin.clear_config()
-  validate(exp)
-  return exp, extras
-
-
-def parse_gin(gin_files: list[str] | tuple[str, ...] = (), gin_params: list[str] | tuple[str, ...] = (),
-              search_paths: tuple[str, ...] = ()) -> Experiment:
-  """Reads gin files then `--gin_param` overrides into a validated Experiment."""
-  return parse_gin_with(gin_files, gin_params, (), search_paths)[0]
-
-
-def parse_gin_with(gin_files: list[str] | tuple[str, ...], gin_params: list[str] | tuple[str, ...],
-                   extra: tuple[type, ...], search_paths: tuple[str, ...] = ()
-                   ) -> tuple[Experiment, dict[str, Any]]:
-  """parse_gin, plus the configurables `extra` built from the same bindings."""
-  texts = [read_gin_file(f, tuple(search_paths)) for f in gin_files]
-  return parse_gin_text(texts, gin_params, extra)
+  return exp, extras, {m.group(1) for t in texts for m in _MODEL_BINDING.finditer(t)}
 
 
 # ---------------------------------------------------------------------------------- writing

@@ -6,7 +6,7 @@ import dataclasses
 
 from pretrainx import storage
 from pretrainx.config.experiment import Experiment
-from pretrainx.config.gin_io import parse_gin
+from pretrainx.config.load import parse_gin
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,7 +1,5 @@
-"""The model layer: Flax Linen modules of the decoder LM, configured by ModelConfig."""
+"""The decoder-only LM as Flax Linen modules (its ModelConfig lives in pretrainx.config)."""
 
-from pretrainx.config import ModelConfig
-from pretrainx.flops import count_params
 from pretrainx.model.transformer import Transformer
 
-__all__ = ["ModelConfig", "Transformer", "count_params"]
+__all__ = ["Transformer"]

@@ -13,7 +13,8 @@ from typing import Any, Callable
 import jax
 import optax
 
-from pretrainx import peft
+from pretrainx.cpt import growth, peft
+from pretrainx.tree import path_name
 from pretrainx.config import TuneConfig
 
 
@@ -55,12 +56,12 @@ def trainable(params: Any, tune: TuneConfig, model_cfg, expand_every: int = 0) -
   """A mask of what the optimizer updates (None: everything)."""
   if tune.lora is not None:
     return jax.tree_util.tree_map_with_path(
-        lambda path, _: peft.path_name(path).startswith("lora/"), params)
+        lambda path, _: path_name(path).startswith("lora/"), params)
   if tune.new_blocks_only:
     if not expand_every:
       raise ValueError("TuneConfig.new_blocks_only needs InitConfig.expand_every (the blocks "
                        "to train are the ones expansion inserts).")
-    return peft.new_block_mask(params, _new_block_indices(model_cfg.num_layers, expand_every),
+    return growth.new_block_mask(params, _new_block_indices(model_cfg.num_layers, expand_every),
                                model_cfg)
   if tune.train or tune.freeze:
     return peft.trainable_mask(params, train=tune.train, freeze=tune.freeze)

@@ -1,0 +1,154 @@
+"""What a run's starting point (InitConfig.source) is, and the architecture it fixes.
+
+A source is a Hugging Face model directory (its config.json), a pretrainx run directory, its
+checkpoints/ directory or a params export (their saved config_gin). Only configs are read here,
+never weights (train/init.py loads those). `with_source_architecture` fills the ModelConfig
+fields a source decides and refuses explicit bindings that disagree.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Any
+
+from pretrainx import storage
+from pretrainx.config.experiment import Experiment
+from pretrainx.config.gin_io import parse_gin_bindings
+from pretrainx.config.hf_config import load_hf_config
+from pretrainx.config.model import ModelConfig
+
+# ModelConfig fields that say how a model runs, not what its weights are: the run's own.
+RUNTIME_MODEL_FIELDS = ("dtype", "param_dtype", "remat_policy", "scan_layers", "kernel_interpret",
+                        "flash_block_q", "flash_block_k", "sow_kurtosis", "vocab_multiple")
+# Attention fields a linearized run sets for itself (its source is a softmax model).
+_ATTENTION_FIELDS = ("attention_impl", "layer_attention_impls", "linear_feature",
+                     "linear_feature_dim", "linear_decay", "linear_chunk", "attention_window")
+# What a source decides: every other field but init_std (used only by a random init) and
+# max_seq_len (a run may use a shorter context than its source).
+SOURCE_FIELDS = tuple(f.name for f in dataclasses.fields(ModelConfig) if f.name not in (
+    *RUNTIME_MODEL_FIELDS, *_ATTENTION_FIELDS, "init_std", "max_seq_len"))
+_META = ("meta", "metadata")  # where checkpoint.py's JSON meta item lands in an Orbax directory
+_COMMIT = "commit_success.txt"
+
+
+def source_kind(path: str) -> str:
+  """'hf', 'run', 'checkpoints' or 'export' for what `path` holds."""
+  storage.check_bucket(path, "read InitConfig.source")
+  entries = set(storage.listdir(path))
+  if not entries and not storage.exists(path):
+    raise FileNotFoundError(f"InitConfig.source {path} does not exist.")
+  if "config.json" in entries and any(e.endswith(".safetensors") or
+                                      e.endswith(".safetensors.index.json") for e in entries):
+    return "hf"
+  if "checkpoints" in entries and "config.gin" in entries:
+    return "run"
+  if any(e.isdigit() for e in entries):
+    return "checkpoints"
+  if "params" in entries and "meta" in entries:
+    return "export"
+  raise ValueError(f"InitConfig.source {path} is neither a Hugging Face model directory, a "
+                   "pretrainx run directory, a checkpoints directory nor a params export.")
+
+
+def read_meta(directory: str) -> dict[str, Any]:
+  """The JSON meta of a params export or of one checkpoint step directory."""
+  file = storage.join(directory, *_META)
+  if not storage.isfile(file):
+    raise FileNotFoundError(f"{directory} has no saved meta ({file}); it was not written by "
+                            "pretrainx (export, convert or a training checkpoint).")
+  return json.loads(storage.read_text(file))
+
+
+def newest_step(checkpoints: str) -> int:
+  steps = sorted(int(e) for e in storage.listdir(checkpoints)
+                 if e.isdigit() and storage.exists(storage.join(checkpoints, e, _COMMIT)))
+  if not steps:
+    raise FileNotFoundError(f"{checkpoints} holds no finished checkpoint.")
+  return steps[-1]
+
+
+def saved_experiment(meta: dict[str, Any], where: str) -> Experiment:
+  """The Experiment a checkpoint or export was written with (its meta's config_gin: complete,
+  so its own InitConfig.source is not consulted)."""
+  if "config_gin" not in meta:
+    raise ValueError(f"{where} has no config_gin in its meta; re-export it with pretrainx.")
+  return parse_gin_bindings([meta["config_gin"]])[0]
+
+
+def source_experiment(source: str, step: int | None = None) -> tuple[Experiment, int | None]:
+  """(the Experiment a pretrainx source was trained with, its checkpoint step or None)."""
+  kind = source_kind(source)
+  path = storage.resolve(source)
+  if kind == "export":
+    return saved_experiment(read_meta(path), path), None
+  if kind == "hf":
+    raise ValueError(f"{source} is a Hugging Face model directory, not a pretrainx run.")
+  directory = storage.join(path, "checkpoints") if kind == "run" else path
+  step = newest_step(directory) if step is None else step
+  return saved_experiment(read_meta(storage.join(directory, str(step))),
+                          storage.join(directory, str(step))), step
+
+
+def source_model(source: str, step: int | None = None) -> ModelConfig:
+  """The ModelConfig of what `source` holds (for a Hugging Face directory, from config.json)."""
+  if source_kind(source) == "hf":
+    return load_hf_config(source)
+  return source_experiment(source, step)[0].model
+
+
+def _grown_layers(num_layers: int, init) -> int:
+  num_layers *= init.stack_factor
+  return num_layers + (num_layers // init.expand_every if init.expand_every else 0)
+
+
+def with_source_architecture(exp: Experiment, bound: set[str] | None = None) -> Experiment:
+  """`exp` with the ModelConfig fields its InitConfig.source decides taken from the source.
+
+  bound: the ModelConfig fields set explicitly (by gin bindings); None counts those that differ
+  from ModelConfig's defaults. A bound field that disagrees with the source is refused, with
+  every difference listed. The source is read only when some field it decides is unbound.
+  """
+  if not exp.init.source:
+    return exp
+  model, default = exp.model, ModelConfig()
+  if bound is None:
+    bound = {f for f in SOURCE_FIELDS + ("max_seq_len",) if getattr(model, f) != getattr(default, f)}
+  if set(SOURCE_FIELDS) <= bound:
+    return exp
+  src = source_model(exp.init.source, exp.init.step)
+  wanted = {f: getattr(src, f) for f in SOURCE_FIELDS}
+  wanted["num_layers"] = _grown_layers(src.num_layers, exp.init)
+  if wanted["head_dim"] is None:
+    wanted["head_dim"] = src.resolved_head_dim
+  clashes = [f"ModelConfig.{f}: bound {getattr(model, f)!r}, the source has {v!r}"
+             for f, v in wanted.items() if f in bound and getattr(model, f) != v
+             and not (f == "head_dim" and model.resolved_head_dim == v)]
+  if "max_seq_len" in bound and model.max_seq_len > src.max_seq_len:
+    clashes.append(f"ModelConfig.max_seq_len: bound {model.max_seq_len}, longer than the "
+                   f"source's {src.max_seq_len}")
+  if clashes:
+    raise ValueError(f"InitConfig.source={exp.init.source} fixes the architecture, and this "
+                     "config disagrees with it:\n  " + "\n  ".join(clashes) +
+                     "\nRemove those ModelConfig bindings (the source sets them) or pick another "
+                     "source.")
+  fields = {f: v for f, v in wanted.items() if f not in bound}
+  if "max_seq_len" not in bound:
+    fields["max_seq_len"] = src.max_seq_len
+  if exp.model.layer_attention_impls and "num_layers" in fields:
+    fields.pop("num_layers")  # a per-layer attention list already fixes the depth
+  return dataclasses.replace(exp, model=dataclasses.replace(model, **fields))
+
+
+def source_model_config(source: str, like: ModelConfig | None = None, step: int | None = None
+                        ) -> tuple[ModelConfig, Experiment | None, int | None]:
+  """(ModelConfig, Experiment or None, step or None) of what `source` holds, without loading
+  its params. For a Hugging Face directory the architecture comes from config.json, the
+  RUNTIME_MODEL_FIELDS (and a shorter max_seq_len) from `like`."""
+  if source_kind(source) == "hf":
+    overrides = {f: getattr(like, f) for f in RUNTIME_MODEL_FIELDS} if like is not None else {}
+    if like is not None and like.max_seq_len < load_hf_config(source).max_seq_len:
+      overrides["max_seq_len"] = like.max_seq_len
+    return load_hf_config(source, **overrides), None, None
+  exp, step = source_experiment(source, step)
+  return exp.model, exp, step

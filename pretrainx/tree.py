@@ -1,0 +1,56 @@
+"""Small helpers for parameter pytrees, used everywhere params are inspected: '/'-joined path
+names, Flax `nn.Partitioned` boxes, the leading layer axis of scanned blocks, and a readable
+report of where two trees' shapes differ."""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+
+
+def key_name(key) -> str:
+  """One jax path key (dict key, attribute, sequence index) as a string."""
+  return str(getattr(key, "key", getattr(key, "name", getattr(key, "idx", key))))
+
+
+def path_name(path) -> str:
+  """A jax key path (or a tuple of dict keys) as the '/'-joined string regexes match."""
+  return "/".join(key_name(k) for k in path)
+
+
+def is_box(x) -> bool:
+  return isinstance(x, nn.Partitioned)
+
+
+def unbox(x):
+  """A leaf's value without its logical-axis box (any tree: nn.unbox)."""
+  return x.value if is_box(x) else x
+
+
+def flat(tree: Any) -> dict[str, Any]:
+  """{'/'-joined path: leaf}; nn.Partitioned boxes count as leaves."""
+  leaves = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_box)[0]
+  return {path_name(p): leaf for p, leaf in leaves}
+
+
+def layer_axes(path: str) -> int:
+  """Scanned blocks stack a leading 'layers' axis on every param under 'layers/'."""
+  return 1 if path.startswith("layers/") else 0
+
+
+def _shape(x) -> tuple[int, ...]:
+  return tuple(getattr(unbox(x), "shape", ()))
+
+
+def shape_differences(got: Any, want: Any, got_name: str = "source", want_name: str = "model",
+                      order: Callable[[str], Any] | None = None) -> list[str]:
+  """'path: got shape -> want shape' for every leaf whose shape differs or that one tree lacks."""
+  a, b = ({k: _shape(v) for k, v in flat(t).items()} for t in (got, want))
+  out = []
+  for key in sorted(set(a) | set(b), key=order):
+    if a.get(key) != b.get(key):
+      out.append(f"{key}: {got_name} {a.get(key, 'missing')} -> {want_name} "
+                 f"{b.get(key, 'missing')}")
+  return out

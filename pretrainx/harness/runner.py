@@ -16,6 +16,7 @@ from typing import Any
 from absl import logging
 
 from pretrainx import storage
+from pretrainx.sharding import batch_sharding, check_batch_divisible
 from pretrainx.config import HarnessConfig
 
 # Hugging Face libraries read these when lm-eval loads a task's data: stay offline.
@@ -114,7 +115,6 @@ def table(results: dict[str, Any]) -> str:
 def harness_lm(rt, params: Any, cfg: HarnessConfig):
   """A PretrainxLM for a run's Runtime `rt` (its model, mesh and vocabulary) and `params`."""
   from pretrainx.harness.lm import make_lm  # pylint: disable=import-outside-toplevel
-  from pretrainx.sharding import batch_sharding, check_batch_divisible  # pylint: disable=import-outside-toplevel
 
   exp = rt.exp
   rows = cfg.batch_rows or exp.run.global_batch_size

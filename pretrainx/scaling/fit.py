@@ -19,6 +19,7 @@ from scipy import optimize, special
 
 from pretrainx import storage
 from pretrainx.metrics import save_figure
+from pretrainx.scaling.results import load_results
 
 CHINCHILLA_GRID = {  # initial values of (a=log A, b=log B, e=log E, alpha, beta)
     "a": (0.0, 5.0, 10.0, 15.0, 20.0, 25.0), "b": (0.0, 5.0, 10.0, 15.0, 20.0, 25.0),
@@ -426,7 +427,6 @@ def _loss_column(rows: list[dict[str, Any]]) -> str:
 def fit_main(results_path: str, out_dir: str, *, target_compute: float | None = None,
              n_boot: int = 100, heldout: int = 3, seed: int = 0) -> str:
   """Fits every law the table supports, writes PNGs and fit.json to out_dir, returns a report."""
-  from pretrainx.scaling.results import load_results  # pylint: disable=import-outside-toplevel
 
   rows = [r for r in load_results(results_path) if r.get("status") == "done"]
   if not rows:

@@ -20,6 +20,10 @@ from typing import Any, Callable, Mapping, Sequence
 from absl import logging
 
 from pretrainx import storage
+from pretrainx.config import Experiment, experiment_to_gin, parse_gin, register_gin_readers
+from pretrainx.flops import count_params, flops_per_token
+from pretrainx.topology import parse as parse_topology
+from pretrainx.train.loop import train as train_loop
 from pretrainx.scaling.results import append_result, load_results
 
 # Statuses a run's row can have: only 'done' rows are fitted; 'diverged' (NaN loss, a result of
@@ -100,9 +104,8 @@ class SweepConfig:
       raise ValueError(f"SweepConfig.cpus_per_run={self.cpus_per_run} must be positive and "
                        f"max_retries={self.max_retries} at least 0.")
     if self.tpu is not None:
-      from pretrainx.topology import parse  # pylint: disable=import-outside-toplevel
 
-      parse(self.tpu)  # a clear error for a slice type that does not exist
+      parse_topology(self.tpu)  # a clear error for a slice type that does not exist
 
 
 @dataclasses.dataclass(frozen=True)
@@ -124,7 +127,6 @@ def parse_sweep(path: str) -> SweepConfig:
 
   if not storage.exists(path):
     raise FileNotFoundError(f"sweep file {path} not found.")
-  from pretrainx.config import register_gin_readers  # pylint: disable=import-outside-toplevel
 
   register_gin_readers()
   if not _GIN_SWEEP:
@@ -145,7 +147,6 @@ def config_hash(exp) -> str:
   """What makes two runs the same experiment: the settings that differ from Experiment()'s
   defaults (where and how a run is shown left out). A field added to pretrainx later, at its
   default, leaves the hashes of finished runs, and so their skipping, as they were."""
-  from pretrainx.config import Experiment, experiment_to_gin  # pylint: disable=import-outside-toplevel
 
   run = dataclasses.replace(exp.run, run_dir=Experiment().run.run_dir,
                             progress_bar=Experiment().run.progress_bar)
@@ -156,7 +157,6 @@ def config_hash(exp) -> str:
 
 def _budget_steps(exp, tokens: float | None, flops: float | None) -> int | None:
   """RunConfig.steps meeting a token or FLOP budget (None: no budget axis)."""
-  from pretrainx.flops import flops_per_token  # pylint: disable=import-outside-toplevel
 
   per_step = exp.run.global_batch_size * exp.run.seq_len
   if flops is not None:
@@ -185,7 +185,6 @@ def _axes(sweep: SweepConfig) -> list[list[tuple[str, tuple[str, ...], dict]]]:
 
 def expand(sweep: SweepConfig) -> list[SweepRun]:
   """Every grid point as a validated experiment; raises on the first bad binding."""
-  from pretrainx.config import parse_gin  # pylint: disable=import-outside-toplevel
 
   axes = _axes(sweep)
   if not axes:
@@ -236,8 +235,6 @@ def _mixture_ratio(exp, domain: str | None) -> float | None:
 def result_row(run: SweepRun, result, seconds: float, ratio_domain: str | None = None,
                status: str = "done") -> dict[str, Any]:
   """The results-table row of a run (result: its TrainResult, or None if it failed)."""
-  from pretrainx.flops import flops_per_token  # pylint: disable=import-outside-toplevel
-  from pretrainx.flops import count_params  # pylint: disable=import-outside-toplevel
 
   exp = run.experiment
   tokens = exp.run.steps * exp.run.global_batch_size * exp.run.seq_len
@@ -289,7 +286,7 @@ def run_one(sweep: SweepConfig, run: SweepRun, train_fn: Callable | None = None)
   A preempted run records nothing (its checkpoint lets the next sweep resume it).
   """
   if train_fn is None:
-    from pretrainx.train.loop import train as train_fn  # pylint: disable=import-outside-toplevel
+    train_fn = train_loop
   logging.info("sweep run %s: %s", run.name, run.bindings)
   start = time.time()
   try:

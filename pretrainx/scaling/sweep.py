@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import itertools
+import re
 import sys
 import time
 from typing import Any, Callable, Mapping, Sequence
@@ -20,7 +21,8 @@ from typing import Any, Callable, Mapping, Sequence
 from absl import logging
 
 from pretrainx import storage
-from pretrainx.config import Experiment, experiment_to_gin, parse_gin, register_gin_readers
+from pretrainx.config import (RENAMED, Experiment, experiment_to_gin, parse_gin,
+                              register_gin_readers)
 from pretrainx.flops import count_params, flops_per_token
 from pretrainx.topology import parse as parse_topology
 from pretrainx.train.loop import train as train_loop
@@ -143,15 +145,20 @@ def parse_sweep(path: str) -> SweepConfig:
     gin.clear_config()
 
 
+_OLD_NAMES = {new: old for old, new in RENAMED.items()}
+_OLD_BINDING = re.compile(r"^(\w+\.\w+)(?= = )")
+
+
 def config_hash(exp) -> str:
   """What makes two runs the same experiment: the settings that differ from Experiment()'s
   defaults (where and how a run is shown left out). A field added to pretrainx later, at its
-  default, leaves the hashes of finished runs, and so their skipping, as they were."""
-
+  default, leaves the hashes of finished runs, and so their skipping, as they were; so do the
+  sections split out of RunConfig and OptimizerConfig (bindings are hashed by their old names)."""
   run = dataclasses.replace(exp.run, run_dir=Experiment().run.run_dir,
                             progress_bar=Experiment().run.progress_bar)
   lines = set(experiment_to_gin(dataclasses.replace(exp, run=run)).splitlines())
-  changed = sorted(lines - set(experiment_to_gin(Experiment()).splitlines()))
+  changed = sorted(_OLD_BINDING.sub(lambda m: _OLD_NAMES.get(m.group(1), m.group(1)), line)
+                   for line in lines - set(experiment_to_gin(Experiment()).splitlines()))
   return hashlib.sha256("\n".join(changed).encode()).hexdigest()[:12]
 
 

@@ -1,7 +1,7 @@
 """Previewing a learning-rate schedule before training: a PNG plot and a plain-text table.
 
-Both evaluate `optim.make_schedule` exactly as the train step will, and mark the phases named by
-`optim.schedule_phases`; `python -m pretrainx schedule` is the command-line front end.
+Both evaluate `schedules.make_schedule` exactly as the train step will, and mark the phases named
+by `schedules.schedule_phases`; `python -m pretrainx schedule` is the command-line front end.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import numpy as np
 
 from pretrainx.metrics import save_figure
 from pretrainx.config import ScheduleConfig
-from pretrainx.optim import make_schedule, schedule_phases
+from pretrainx.schedules import make_schedule, schedule_phases
 
 _MAX_PLOT_POINTS = 4000  # longer runs are sampled evenly (phase boundaries always included)
 

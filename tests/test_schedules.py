@@ -9,7 +9,7 @@ import pytest
 
 from pretrainx.config.optim import SCHEDULES
 from pretrainx.config import ScheduleConfig
-from pretrainx.optim import make_schedule, schedule_phases
+from pretrainx.schedules import make_schedule, schedule_phases
 from pretrainx.schedule_plot import plot_schedule, schedule_table, schedule_values
 
 PEAK = 2.0

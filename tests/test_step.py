@@ -10,7 +10,8 @@ import pytest
 from pretrainx.data.pipeline import TrainBatches
 from pretrainx.model import Transformer
 from pretrainx.config import OptimizerConfig, ScheduleConfig
-from pretrainx.optim import decay_mask, make_optimizer, make_schedule
+from pretrainx.optim import decay_mask, make_optimizer
+from pretrainx.schedules import make_schedule
 from pretrainx.config import MeshConfig
 from pretrainx.sharding import make_mesh
 from pretrainx.train.state import create_train_state

@@ -112,3 +112,10 @@ def test_a_run_directory_from_before_the_split_resumes_bit_for_bit(tmp_path):
   evals = [r["eval/loss"] for r in rows if r["step"] == 4 and "eval/loss" in r]
   assert evals == [expected["eval_at_4"]]
   assert "LossConfig.z_loss = 0.001" in (run_dir / "config.gin").read_text()
+
+
+def test_a_source_that_is_not_there_leaves_the_config_as_bound(tmp_path):
+  """A resumed run needs no source and a preview (schedule, plan) may come first: parsing goes
+  on with the bindings as they are; starting from a missing source fails when it is loaded."""
+  exp = parse_gin([_cpt_gin(tmp_path, tmp_path / "gone")], ["ModelConfig.num_layers = 3"])
+  assert exp.model == ModelConfig(num_layers=3, scan_layers=False)

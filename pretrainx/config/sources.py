@@ -12,6 +12,8 @@ import dataclasses
 import json
 from typing import Any
 
+from absl import logging
+
 from pretrainx import storage
 from pretrainx.config.experiment import Experiment
 from pretrainx.config.gin_io import parse_gin_bindings
@@ -107,7 +109,9 @@ def with_source_architecture(exp: Experiment, bound: set[str] | None = None) -> 
 
   bound: the ModelConfig fields set explicitly (by gin bindings); None counts those that differ
   from ModelConfig's defaults. A bound field that disagrees with the source is refused, with
-  every difference listed. The source is read only when some field it decides is unbound.
+  every difference listed. The source is read only when some field it decides is unbound; one
+  that is not there (yet, or any more: a resumed run no longer needs it) leaves `exp` as it is,
+  and starting from it fails later with its own clear error.
   """
   if not exp.init.source:
     return exp
@@ -116,14 +120,16 @@ def with_source_architecture(exp: Experiment, bound: set[str] | None = None) -> 
     bound = {f for f in SOURCE_FIELDS + ("max_seq_len",) if getattr(model, f) != getattr(default, f)}
   if set(SOURCE_FIELDS) <= bound:
     return exp
-  src = source_model(exp.init.source, exp.init.step)
+  try:
+    src = source_model(exp.init.source, exp.init.step)
+  except FileNotFoundError as err:
+    logging.info("the architecture is not taken from InitConfig.source: %s", err)
+    return exp
   wanted = {f: getattr(src, f) for f in SOURCE_FIELDS}
   wanted["num_layers"] = _grown_layers(src.num_layers, exp.init)
-  if wanted["head_dim"] is None:
-    wanted["head_dim"] = src.resolved_head_dim
   clashes = [f"ModelConfig.{f}: bound {getattr(model, f)!r}, the source has {v!r}"
              for f, v in wanted.items() if f in bound and getattr(model, f) != v
-             and not (f == "head_dim" and model.resolved_head_dim == v)]
+             and not (f == "head_dim" and model.resolved_head_dim == src.resolved_head_dim)]
   if "max_seq_len" in bound and model.max_seq_len > src.max_seq_len:
     clashes.append(f"ModelConfig.max_seq_len: bound {model.max_seq_len}, longer than the "
                    f"source's {src.max_seq_len}")
@@ -132,7 +138,8 @@ def with_source_architecture(exp: Experiment, bound: set[str] | None = None) -> 
                      "config disagrees with it:\n  " + "\n  ".join(clashes) +
                      "\nRemove those ModelConfig bindings (the source sets them) or pick another "
                      "source.")
-  fields = {f: v for f, v in wanted.items() if f not in bound}
+  fields = {f: v for f, v in wanted.items() if f not in bound and not (
+      f == "head_dim" and model.resolved_head_dim == src.resolved_head_dim)}
   if "max_seq_len" not in bound:
     fields["max_seq_len"] = src.max_seq_len
   if exp.model.layer_attention_impls and "num_layers" in fields:

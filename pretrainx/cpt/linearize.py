@@ -19,8 +19,7 @@ import jax
 import jax.numpy as jnp
 
 from pretrainx.model.attention import Attention
-from pretrainx.config import ModelConfig
-from pretrainx.config import LinearizeConfig
+from pretrainx.config import LinearizeConfig, ModelConfig
 from pretrainx.config.cpt import SOFTMAX_IMPLS
 
 # Attention params that exist in the source model; anything else under a converted layer's

@@ -25,21 +25,18 @@ from absl import logging
 
 from pretrainx import storage
 from pretrainx.checkpoint import check_directory, save_params
-from pretrainx.config import Experiment, experiment_to_gin
+from pretrainx.config import (EmaConfig, Experiment, InitConfig, LinearizeConfig, TuneConfig,
+                              experiment_to_gin)
 from pretrainx.data.pipeline import TrainBatches, eval_batches
-from pretrainx.config import EmaConfig
 from pretrainx.generate import RECURRENT_IMPLS, generate
-from pretrainx.config import LinearizeConfig
 from pretrainx.cpt.linearize import (convert_params, layers_to_convert, linearized_config, new_param_paths, teacher_config)
 from pretrainx.linearize.transfer import run_transfer
 from pretrainx.metrics import MetricWriter, save_figure
 from pretrainx.train.eval import evaluate_domains
-from pretrainx.config import InitConfig
 from pretrainx.config.sources import source_model_config
 from pretrainx.train.init import check_param_shapes, initial_state
 from pretrainx.train.loop import train
 from pretrainx.train.runtime import build_runtime, load_trained
-from pretrainx.config import TuneConfig
 
 
 @dataclasses.dataclass

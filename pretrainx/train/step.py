@@ -14,11 +14,10 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from pretrainx.config import EmaConfig
+from pretrainx.config import EmaConfig, GuardConfig
 from pretrainx.ema import ema_update
 from pretrainx.model.transformer import sown_kurtosis
 from pretrainx.optim import apply_updates_stochastic
-from pretrainx.config import GuardConfig
 from pretrainx.train.guard import guard_update
 from pretrainx.train.state import TrainState
 

@@ -15,7 +15,6 @@ import json
 import math
 from typing import Any, Callable
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_dtypes  # noqa: F401  (registers bfloat16 with numpy, so safetensors reads bf16 weights)
@@ -32,6 +31,7 @@ from pretrainx.config.hf_config import architecture as architecture_of
 from pretrainx.config.sources import read_meta, saved_experiment
 from pretrainx.model.transformer import Transformer
 from pretrainx.sharding import logical_to_shardings, make_mesh
+from pretrainx.tree import unbox_tree
 
 DIRECTIONS = ("hf-to-pretrainx", "pretrainx-to-hf")
 SINGLE_FILE, INDEX_FILE = "model.safetensors", "model.safetensors.index.json"
@@ -245,7 +245,7 @@ def import_hf(path: str, *, mesh: jax.sharding.Mesh | None = None, rules=None,
     cfg = dataclasses.replace(cfg, param_dtype=dtype)
   check_hf_compatible(cfg)
   boxed = _abstract_params(cfg)
-  abstract = traverse_util.flatten_dict(nn.unbox(boxed))
+  abstract = traverse_util.flatten_dict(unbox_tree(boxed))
   if mesh is None:
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     shardings = {p: device for p in abstract}
@@ -268,7 +268,7 @@ def import_hf(path: str, *, mesh: jax.sharding.Mesh | None = None, rules=None,
 def _export_plan(cfg: ModelConfig, flat: dict) -> list[tuple[str, tuple, int | None, str, int]]:
   """(HF name, our path, layer index or None, layout, HF element count), in HF order."""
   expected = {p: tuple(a.shape) for p, a in
-              traverse_util.flatten_dict(nn.unbox(_abstract_params(cfg))).items()}
+              traverse_util.flatten_dict(unbox_tree(_abstract_params(cfg))).items()}
   if set(flat) != set(expected):
     raise ValueError(f"params do not fit the ModelConfig: extra {sorted(set(flat) - set(expected))}"
                      f", missing {sorted(set(expected) - set(flat))}.")
@@ -317,7 +317,7 @@ def export_hf(params: Any, cfg: ModelConfig, out_dir: str, *,
   check_hf_compatible(cfg)
   dtype = cfg.param_dtype if dtype is None else dtype
   np_dtype = np.dtype(ModelConfig(param_dtype=dtype).storage_dtype)
-  flat = traverse_util.flatten_dict(nn.unbox(params))
+  flat = traverse_util.flatten_dict(unbox_tree(params))
   plan = _export_plan(cfg, flat)
   sizes = [count * np_dtype.itemsize for *_, count in plan]
   groups = _group_shards(sizes, shard_size)
@@ -386,7 +386,7 @@ def _pretrainx_to_hf(src: str, out: str, architecture: str | None, dtype: str | 
   boxed = _abstract_params(cfg)
   shardings = logical_to_shardings(boxed, _spread_mesh(cfg), MeshConfig().rules)
   abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                          nn.unbox(boxed), shardings)
+                          unbox_tree(boxed), shardings)
   params, _ = load_params(src, abstract)
   return export_hf(params, cfg, out, architecture=architecture, shard_size=shard_size,
                    dtype=dtype)

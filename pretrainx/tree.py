@@ -29,6 +29,12 @@ def unbox(x):
   return x.value if is_box(x) else x
 
 
+def unbox_tree(tree: Any) -> Any:
+  """Every boxed leaf of `tree` replaced by its value. Unlike nn.unbox, no logical sharding
+  constraint is applied, so it is safe inside a mesh context."""
+  return jax.tree.map(unbox, tree, is_leaf=is_box)
+
+
 def flat(tree: Any) -> dict[str, Any]:
   """{'/'-joined path: leaf}; nn.Partitioned boxes count as leaves."""
   leaves = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_box)[0]

@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 
+from pretrainx.config.data import UL2_DENOISERS
 from pretrainx.data import objectives as obj
 from pretrainx.vocab import ByteVocabulary, extra_id_name, num_sentinels, sentinel_id, special_id
 
@@ -180,7 +181,7 @@ def test_random_spans_follow_t5_counts():
 
 
 def test_fit_length_is_the_longest_that_fits():
-  for d in obj.UL2_DENOISERS:
+  for d in UL2_DENOISERS:
     if d.mode == "S":
       continue
     cost = lambda n: n + 2 * obj.span_counts(n, d.corruption_rate, d.mean_span, 59)[1]

@@ -54,12 +54,19 @@ def source_kind(path: str) -> str:
 
 
 def read_meta(directory: str) -> dict[str, Any]:
-  """The JSON meta of a params export or of one checkpoint step directory."""
-  file = storage.join(directory, *_META)
-  if not storage.isfile(file):
-    raise FileNotFoundError(f"{directory} has no saved meta ({file}); it was not written by "
-                            "pretrainx (export, convert or a training checkpoint).")
-  return json.loads(storage.read_text(file))
+  """The JSON meta of a params export or of one checkpoint step directory (the JSON object in
+  its meta/ item; Orbax names the file 'metadata')."""
+  meta_dir = storage.join(directory, _META[0])
+  names = storage.listdir(meta_dir) if storage.isdir(meta_dir) else []
+  for name in sorted(names, key=lambda n: n != _META[1]):
+    try:
+      meta = json.loads(storage.read_text(storage.join(meta_dir, name)))
+    except (ValueError, UnicodeDecodeError, IsADirectoryError):
+      continue
+    if isinstance(meta, dict) and "step" in meta:
+      return meta
+  raise FileNotFoundError(f"{directory} has no saved meta ({meta_dir}); it was not written by "
+                          "pretrainx (export, convert or a training checkpoint).")
 
 
 def newest_step(checkpoints: str) -> int:

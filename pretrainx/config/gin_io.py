@@ -92,19 +92,21 @@ def _find(path: str, search_paths: tuple[str, ...], included_from: str | None) -
                           f"{', '.join(search_paths)}).")
 
 
-def read_gin_file(path: str, search_paths: tuple[str, ...] = (),
-                  _included_from: str | None = None, _stack: tuple[str, ...] = ()) -> str:
+def read_gin_file(path: str, search_paths: tuple[str, ...] = ()) -> str:
   """The text of a gin file with its includes expanded in place (local or bucket paths, found
   relative to the working directory, the repository and `search_paths`)."""
-  search_paths = (os.getcwd(), REPO_ROOT, *search_paths)
-  found = _find(path, tuple(dict.fromkeys(search_paths)), _included_from)
-  if found in _stack:
-    raise ValueError(f"gin file {found} includes itself (through {' -> '.join(_stack)}).")
+  return _expand(path, tuple(dict.fromkeys((os.getcwd(), REPO_ROOT, *search_paths))), None, ())
+
+
+def _expand(path: str, search_paths: tuple[str, ...], included_from: str | None,
+            stack: tuple[str, ...]) -> str:
+  found = _find(path, search_paths, included_from)
+  if found in stack:
+    raise ValueError(f"gin file {found} includes itself (through {' -> '.join(stack)}).")
   lines = []
   for line in storage.read_text(found).splitlines():
     m = _INCLUDE.match(line)
-    lines.append(read_gin_file(m.group(2), search_paths[2:], found, (*_stack, found)) if m
-                 else line)
+    lines.append(_expand(m.group(2), search_paths, found, (*stack, found)) if m else line)
   return "\n".join(lines)
 
 

@@ -1,7 +1,8 @@
 """Parameter counts and FLOPs per token, this machine's measured matmul peak, and model FLOPs utilisation (MFU).
 
 FLOPs/token = 6 * N + attention, where N counts the non-embedding params plus the output
-projection (a tied head is still a matmul every token pays for). Softmax attention ('reference',
+projection (a tied head is still a matmul every token pays for); in a mixture-of-experts model N
+counts the active params only (the router, top_k routed experts and the shared experts). Softmax attention ('reference',
 'flash') costs 6 * L * seq * heads * head_dim (QK^T and AV, forward and backward, causal counted as
 half); linear attention costs its state products plus the intra-chunk part, and 'hybrid' adds a
 full window of softmax attention.
@@ -20,22 +21,39 @@ from pretrainx.config.model import ModelConfig
 def count_params(cfg: ModelConfig) -> dict[str, int]:
   """Parameter counts from the config alone (unpadded vocab), split as scaling laws need them.
 
-  Returns {'total', 'embedding', 'non_embedding'}; an untied output projection counts as
-  non-embedding (it is a matmul every token pays for), the input embedding table does not.
+  Returns {'total', 'embedding', 'non_embedding', 'active_non_embedding'}; an untied output
+  projection counts as non-embedding (it is a matmul every token pays for), the input embedding
+  table does not. 'active_non_embedding' is what one token runs through: in MoE layers the router,
+  top_k of the routed experts and the shared experts (equal to 'non_embedding' when dense).
   """
   d, hd = cfg.embed_dim, cfg.resolved_head_dim
   attn = d * hd * (2 * cfg.num_heads + 2 * cfg.num_kv_heads)
   if cfg.qkv_bias:
     attn += hd * (cfg.num_heads + 2 * cfg.num_kv_heads)
-  mlp = 3 * d * cfg.mlp_dim
+  mlp_total = mlp_active = 0
+  for i in range(cfg.num_layers):
+    total, active = mlp_params(cfg.for_layer(i))
+    mlp_total, mlp_active = mlp_total + total, mlp_active + active
   norm = d if cfg.norm_scale == "channel" else 1
   extra = sum(attention_extra_params(cfg.for_layer(i)) for i in range(cfg.num_layers))
   embedding = cfg.vocab_size * d
   lm_head = 0 if cfg.tie_embeddings else cfg.vocab_size * d
   projection = d * d if cfg.embed_projection else 0
-  non_embedding = cfg.num_layers * (attn + mlp + 2 * norm) + extra + norm + lm_head + projection
+  rest = cfg.num_layers * (attn + 2 * norm) + extra + norm + lm_head + projection
+  non_embedding = rest + mlp_total
   return {"total": embedding + non_embedding, "embedding": embedding,
-          "non_embedding": non_embedding}
+          "non_embedding": non_embedding, "active_non_embedding": rest + mlp_active}
+
+
+def mlp_params(cfg: ModelConfig) -> tuple[int, int]:
+  """(total, active per token) params of one layer's MLP (pass cfg.for_layer(i))."""
+  d = cfg.embed_dim
+  if not cfg.moe.enabled:
+    return 3 * d * cfg.mlp_dim, 3 * d * cfg.mlp_dim
+  expert, moe = 3 * d * cfg.expert_mlp_dim, cfg.moe
+  shared = 3 * d * cfg.shared_mlp_dim + (d if moe.shared_gate else 0)
+  router = d * moe.num_experts
+  return router + moe.num_experts * expert + shared, router + moe.top_k * expert + shared
 
 
 def attention_extra_params(cfg: ModelConfig) -> int:
@@ -54,8 +72,8 @@ def attention_extra_params(cfg: ModelConfig) -> int:
 
 
 def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
-  """Training FLOPs (forward + backward) per token."""
-  n = count_params(cfg)["non_embedding"]
+  """Training FLOPs (forward + backward) per token (active params only in an MoE model)."""
+  n = count_params(cfg)["active_non_embedding"]
   if cfg.tie_embeddings:
     n += cfg.vocab_size * cfg.embed_dim
   attention = sum(attention_flops_per_head(cfg.for_layer(i), seq_len)

@@ -1,6 +1,6 @@
 """Meshes and logical-axis rules: the only place that maps model axis names to devices.
 
-A mesh has axes ('data', 'fsdp', 'tensor'). Parameters and activations carry logical names
+A mesh has axes ('data', 'fsdp', 'expert', 'tensor'). Parameters and activations carry logical names
 ('embed', 'mlp', 'heads', ..., 'activation_batch', ...); MeshConfig.rules maps each to mesh axes.
 """
 
@@ -19,7 +19,7 @@ from pretrainx.config.mesh import BATCH_AXES, MESH_AXES
 
 
 def make_mesh(cfg: MeshConfig, devices: list | None = None) -> Mesh:
-  """A ('data', 'fsdp', 'tensor') mesh with Auto axis types (what Linen's logical rules need)."""
+  """A ('data', 'fsdp', 'expert', 'tensor') mesh with Auto axis types (what Linen's logical rules need)."""
   axis_types = (AxisType.Auto,) * len(MESH_AXES)
   if devices is None:
     return jax.make_mesh(cfg.resolved_shape(jax.device_count()), MESH_AXES, axis_types=axis_types)
@@ -46,7 +46,8 @@ def check_batch_divisible(global_batch_size: int, mesh: Mesh, microbatches: int 
   if micro % dp:
     raise ValueError(
         f"global batch {global_batch_size} (microbatch {micro}) is not divisible by the "
-        f"data-parallel size {dp} (mesh data={mesh.shape['data']} x fsdp={mesh.shape['fsdp']}); "
+        f"data-parallel size {dp} (mesh "
+        f"{' x '.join(f'{a}={mesh.shape[a]}' for a in BATCH_AXES)}); "
         f"use a batch that is a multiple of {dp * microbatches} or change the mesh.")
 
 

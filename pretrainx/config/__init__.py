@@ -16,7 +16,7 @@ from pretrainx.config.gin_io import (CONFIGURABLES, experiment_to_gin, read_gin_
 from pretrainx.config.hf_config import load_hf_config
 from pretrainx.config.load import parse_gin, parse_gin_text, parse_gin_with
 from pretrainx.config.mesh import MeshConfig
-from pretrainx.config.model import ModelConfig
+from pretrainx.config.model import ModelConfig, MoeConfig
 from pretrainx.config.optim import (AdafactorConfig, MuonConfig, OptimizerConfig, ScheduleConfig,
                                     SophiaConfig)
 from pretrainx.config.paths import RunPaths, load_run_experiment
@@ -46,6 +46,7 @@ __all__ = [
     "MeshConfig",
     "MixtureSpec",
     "ModelConfig",
+    "MoeConfig",
     "MuonConfig",
     "ObjectiveConfig",
     "OptimizerConfig",

@@ -87,20 +87,27 @@ class TuneConfig:
       (empty: all).
     freeze: regexes of params that do not train.
     new_blocks_only: with InitConfig.expand_every, train only the inserted blocks (Llama-Pro).
+    frozen_experts: Lifelong-MoE: the first this many routed experts of every MoE layer and their
+      router columns do not train (the experts a source had before more were added; 0: off).
   """
 
   lora: LoraConfig | None = None
   train: tuple[str, ...] = ()
   freeze: tuple[str, ...] = ()
   new_blocks_only: bool = False
+  frozen_experts: int = 0
 
   def __post_init__(self):
+    if self.frozen_experts < 0:
+      raise ValueError(f"TuneConfig.frozen_experts={self.frozen_experts}; use 0 (off) or the "
+                       "number of old experts to freeze.")
     for name in ("train", "freeze"):
       value = getattr(self, name)
       object.__setattr__(self, name, (value,) if isinstance(value, str) else tuple(value))
-    if self.lora is not None and (self.train or self.freeze or self.new_blocks_only):
-      raise ValueError("TuneConfig.lora trains the adapters only; leave train, freeze and "
-                       "new_blocks_only unset with it.")
+    if self.lora is not None and (self.train or self.freeze or self.new_blocks_only
+                                  or self.frozen_experts):
+      raise ValueError("TuneConfig.lora trains the adapters only; leave train, freeze, "
+                       "new_blocks_only and frozen_experts unset with it.")
 
 
 SOFTMAX_IMPLS = ("reference", "flash")

@@ -12,7 +12,7 @@ from typing import Any
 from pretrainx.config.cpt import InitConfig, TuneConfig
 from pretrainx.config.data import DataConfig, check_stages
 from pretrainx.config.mesh import MeshConfig
-from pretrainx.config.model import ModelConfig
+from pretrainx.config.model import ModelConfig, MoeConfig
 from pretrainx.config.optim import (AdafactorConfig, MuonConfig, OptimizerConfig, ScheduleConfig,
                                     SophiaConfig)
 from pretrainx.config.run import (AccumulationConfig, CheckpointConfig, EmaConfig, GuardConfig,
@@ -60,13 +60,18 @@ class Experiment:
   def replace(self, **sections: dict[str, Any]) -> "Experiment":
     """exp.replace(run={'steps': 10}) -> a copy with those fields of those sections changed.
 
-    Field names from before a section split (run={'z_loss': ...}) go to their new section."""
+    Field names from before a section split (run={'z_loss': ...}) go to their new section; a
+    settings group may be given as a dict of its fields (model={'moe': {'num_experts': 4}})."""
     changes: dict[tuple[str, ...], dict[str, Any]] = {}
     for name, fields in sections.items():
       for key, value in fields.items():
         where, field = _route(name, type(getattr(self, name)), key)
         changes.setdefault(where, {})[field] = value
     new = {name: dict(fields) for (name, *group), fields in changes.items() if not group}
+    for name, fields in new.items():  # a group given as a dict: model={'moe': {'top_k': 1}}
+      for group, _ in GROUPS.get(type(getattr(self, name)), ()):
+        if isinstance(fields.get(group), dict):
+          fields[group] = dataclasses.replace(getattr(getattr(self, name), group), **fields[group])
     for (name, *group), fields in changes.items():
       if group:
         current = new.get(name, {}).get(group[0], getattr(getattr(self, name), group[0]))
@@ -82,6 +87,7 @@ def _default(section: str, field: str) -> Any:
 SECTION_CLASSES = {f.name: type(f.default) for f in dataclasses.fields(Experiment)}
 # Settings groups nested in a section; in gin they are bound on their own class.
 GROUPS: dict[type, tuple[tuple[str, type], ...]] = {
+    ModelConfig: (("moe", MoeConfig),),
     OptimizerConfig: (("muon", MuonConfig), ("sophia", SophiaConfig),
                       ("adafactor", AdafactorConfig)),
 }
@@ -147,11 +153,26 @@ def validate(exp: Experiment) -> None:
     raise ValueError("RunConfig.steps, RunConfig.global_batch_size and "
                      "AccumulationConfig.microbatches must be positive.")
   check_stages(exp.data.schedule_stages, exp.data.domains)
+  _check_experts(exp)
   causal_only = sorted({i for i in model.layer_impls if i in ("linear", "hybrid")})
   if exp.data.uses_prefix_lm and causal_only:
     raise ValueError(
         f"a 'ul2' stage needs a bidirectional prefix, which attention_impl "
         f"{', '.join(map(repr, causal_only))} cannot give; use 'reference' or 'flash'.")
+
+
+def _check_experts(exp: Experiment) -> None:
+  moe, expert, frozen = exp.model.moe, exp.mesh.expert, exp.tune.frozen_experts
+  if moe.enabled and expert > 1 and moe.num_experts % expert:
+    raise ValueError(
+        f"MoeConfig.num_experts={moe.num_experts} is not divisible by MeshConfig.expert={expert} "
+        f"(each device of the expert axis holds num_experts / expert of them); use a multiple of "
+        f"{expert} experts or set MeshConfig.expert to a divisor of {moe.num_experts}.")
+  if frozen and not (moe.enabled and frozen < moe.num_experts):
+    raise ValueError(
+        f"TuneConfig.frozen_experts={frozen} needs an MoE model with more experts than that "
+        f"(MoeConfig.num_experts={moe.num_experts}); it freezes the first experts of each layer "
+        "(Lifelong-MoE: the source's experts) while the added ones train.")
 
 
 def config_differences(old: Experiment, new: Experiment,

@@ -1,4 +1,5 @@
-"""Hugging Face config.json <-> ModelConfig for the Llama family (Llama 2/3, Mistral, Qwen2).
+"""Hugging Face config.json <-> ModelConfig for the Llama family (Llama 2/3, Mistral, Qwen2) and
+its mixture-of-experts relatives (Mixtral, Qwen2-MoE).
 
 Only the architecture: reading and writing weights is pretrainx.hf's job.
 """
@@ -8,11 +9,19 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from absl import logging
+
 from pretrainx import storage
-from pretrainx.config.model import ModelConfig
+from pretrainx.config.model import ModelConfig, MoeConfig
 
 ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral",
-                 "Qwen2ForCausalLM": "qwen2"}
+                 "Qwen2ForCausalLM": "qwen2", "MixtralForCausalLM": "mixtral",
+                 "Qwen2MoeForCausalLM": "qwen2_moe"}
+MOE_ARCHITECTURES = ("MixtralForCausalLM", "Qwen2MoeForCausalLM")
+# architectures with q/k/v biases (Qwen2-MoE's config.json may turn them off with qkv_bias)
+_QKV_BIAS = ("Qwen2ForCausalLM", "Qwen2MoeForCausalLM")
+# architectures whose sliding window applies only with use_sliding_window
+_OPT_IN_WINDOW = ("Qwen2ForCausalLM", "Qwen2MoeForCausalLM")
 
 
 def read_config_json(path: str) -> dict[str, Any]:
@@ -30,7 +39,7 @@ def architecture(hf: dict[str, Any]) -> str:
   if len(archs) != 1 or archs[0] not in ARCHITECTURES:
     found = archs or hf.get("model_type")
     raise ValueError(f"unsupported Hugging Face architecture {found!r}; pretrainx converts "
-                     f"{', '.join(ARCHITECTURES)} (the Llama family).")
+                     f"{', '.join(ARCHITECTURES)} (the Llama family and its MoE relatives).")
   return archs[0]
 
 
@@ -61,14 +70,19 @@ def _check_features(hf: dict[str, Any], arch: str) -> None:
   if hf.get("hidden_act", "silu") != "silu":
     raise ValueError(f"hidden_act={hf['hidden_act']!r} is not supported; pretrainx's MLP is SwiGLU "
                      "(hidden_act 'silu').")
-  if hf.get("mlp_bias") or (arch != "Qwen2ForCausalLM" and hf.get("attention_bias")):
+  if hf.get("mlp_bias") or (arch not in _QKV_BIAS and hf.get("attention_bias")):
     raise ValueError("config.json sets attention_bias/mlp_bias; pretrainx supports only the q/k/v "
-                     "biases of Qwen2ForCausalLM.")
+                     "biases of Qwen2ForCausalLM and Qwen2MoeForCausalLM.")
+  if arch == "Qwen2MoeForCausalLM" and hf.get("mlp_only_layers"):
+    raise ValueError(
+        f"config.json sets mlp_only_layers={hf['mlp_only_layers']} (dense MLPs in chosen layers); "
+        "pretrainx places dense layers only by decoder_sparse_step (MoeConfig.every): convert "
+        "models whose mlp_only_layers is empty.")
 
 
 def _check_sliding_window(hf: dict[str, Any], arch: str, max_seq_len: int) -> None:
   window = hf.get("sliding_window")
-  if arch == "Qwen2ForCausalLM" and not hf.get("use_sliding_window", False):
+  if arch in _OPT_IN_WINDOW and not hf.get("use_sliding_window", False):
     window = None
   if window is not None and window < max_seq_len:
     raise ValueError(
@@ -79,9 +93,45 @@ def _check_sliding_window(hf: dict[str, Any], arch: str, max_seq_len: int) -> No
         "the window never binds and the model is exact.")
 
 
+def _moe_fields(hf: dict[str, Any], arch: str) -> dict[str, Any]:
+  """The MoeConfig (and Qwen2-MoE's q/k/v biases) of a Mixtral or Qwen2-MoE config.json."""
+  if arch == "MixtralForCausalLM":
+    # every layer is MoE, its experts as wide as intermediate_size (our mlp_dim); top-k renormalised
+    return {"moe": MoeConfig(
+        num_experts=hf.get("num_local_experts", 8), top_k=hf.get("num_experts_per_tok", 2),
+        norm_topk=True, balance_loss=float(hf.get("router_aux_loss_coef", 0.001)))}
+  if arch != "Qwen2MoeForCausalLM":
+    return {}
+  out = {"qkv_bias": bool(hf.get("qkv_bias", True))}  # older config.json: always biased
+  if not hf.get("num_experts", 60):
+    return out
+  shared = hf.get("shared_expert_intermediate_size", 5632)
+  if not shared:
+    raise ValueError("config.json has shared_expert_intermediate_size=0; pretrainx converts "
+                     "Qwen2MoeForCausalLM only with its gated shared expert (a positive width).")
+  out["moe"] = MoeConfig(
+      num_experts=hf.get("num_experts", 60), top_k=hf.get("num_experts_per_tok", 4),
+      expert_mlp_dim=hf.get("moe_intermediate_size", 1408), shared_experts=1,
+      shared_mlp_dim=shared, shared_gate=True, every=hf.get("decoder_sparse_step", 1),
+      norm_topk=bool(hf.get("norm_topk_prob", False)),
+      balance_loss=float(hf.get("router_aux_loss_coef", 0.001)))
+  return out
+
+
+def default_architecture(cfg: ModelConfig) -> str:
+  """The HF architecture that holds `cfg`: Qwen2-MoE for MoE models with shared experts, q/k/v
+  biases or dense layers, Mixtral for other MoE models; Qwen2 / Llama for dense ones."""
+  if cfg.moe.enabled:
+    qwen = cfg.moe.shared_experts or cfg.qkv_bias or cfg.moe.every > 1
+    return "Qwen2MoeForCausalLM" if qwen else "MixtralForCausalLM"
+  return "Qwen2ForCausalLM" if cfg.qkv_bias else "LlamaForCausalLM"
+
+
 def load_hf_config(path: str, **overrides: Any) -> ModelConfig:
   """The ModelConfig of the HF model directory `path`; `overrides` set pretrainx-only fields
-  (scan_layers, dtype, attention_impl, remat_policy, ...) or a shorter max_seq_len."""
+  (scan_layers, dtype, attention_impl, remat_policy, MoeConfig.impl via moe=...) or a shorter
+  max_seq_len. Qwen2-MoE with decoder_sparse_step > 1 (dense and MoE layers) gets
+  scan_layers=False."""
   hf = read_config_json(path)
   arch = architecture(hf)
   _check_features(hf, arch)
@@ -94,14 +144,56 @@ def load_hf_config(path: str, **overrides: Any) -> ModelConfig:
       max_seq_len=hf["max_position_embeddings"], norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
       tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
       qkv_bias=arch == "Qwen2ForCausalLM", **_rope_fields(hf))
+  fields.update(_moe_fields(hf, arch))
+  if "moe" in fields and fields["moe"].every > 1:
+    fields["scan_layers"] = False  # dense and MoE layers differ: no scan over one structure
   cfg = ModelConfig(**{**fields, **overrides})
   _check_sliding_window(hf, arch, cfg.max_seq_len)
   return cfg
 
 
-def check_hf_compatible(cfg: ModelConfig) -> None:
-  """Every pretrainx parameter of `cfg` must have a Hugging Face Llama-family counterpart."""
-  problems = []
+def _moe_problems(cfg: ModelConfig, architecture: str | None) -> list[str]:
+  """What of cfg.moe the HF architecture cannot express (None: any MoE architecture)."""
+  moe, problems = cfg.moe, []
+  if architecture is None:
+    architecture = default_architecture(cfg) if moe.enabled else None
+  if architecture not in MOE_ARCHITECTURES:
+    if moe.enabled:
+      problems.append(f"MoeConfig.num_experts={moe.num_experts} ({architecture} is dense; export "
+                      "as MixtralForCausalLM or Qwen2MoeForCausalLM)")
+    return problems
+  if not moe.enabled:
+    return [f"MoeConfig.num_experts=0 ({architecture} is a mixture of experts; export a dense "
+            "model as LlamaForCausalLM or Qwen2ForCausalLM)"]
+  if architecture == "MixtralForCausalLM":
+    if moe.shared_experts:
+      problems.append(f"MoeConfig.shared_experts={moe.shared_experts} (Mixtral has none; export "
+                      "as Qwen2MoeForCausalLM)")
+    if moe.shared_gate:
+      problems.append("MoeConfig.shared_gate=True (Mixtral has no shared expert; use False)")
+    if moe.every != 1:
+      problems.append(f"MoeConfig.every={moe.every} (every Mixtral layer is MoE; use 1 or export "
+                      "as Qwen2MoeForCausalLM)")
+    if not moe.norm_topk:
+      problems.append("MoeConfig.norm_topk=False (Mixtral renormalises the top-k weights; use "
+                      "True or export as Qwen2MoeForCausalLM)")
+  else:
+    if moe.shared_experts < 1 or not moe.shared_gate:
+      problems.append(f"MoeConfig.shared_experts={moe.shared_experts}, shared_gate="
+                      f"{moe.shared_gate} (Qwen2-MoE always has a sigmoid-gated shared expert; "
+                      "set shared_experts >= 1 and shared_gate=True, or export as "
+                      "MixtralForCausalLM)")
+  if moe.capacity_factor > 0:
+    logging.warning("MoeConfig.capacity_factor=%s drops tokens over an expert's capacity; %s is "
+                    "dropless, so its outputs differ wherever this model drops tokens.",
+                    moe.capacity_factor, architecture)
+  return problems
+
+
+def check_hf_compatible(cfg: ModelConfig, architecture: str | None = None) -> None:
+  """Every pretrainx parameter of `cfg` must have a Hugging Face counterpart (in `architecture`,
+  when given; otherwise in some Llama-family or MoE architecture)."""
+  problems = _moe_problems(cfg, architecture)
   if any(impl not in ("reference", "flash") for impl in cfg.layer_impls):
     problems.append(f"attention {sorted(set(cfg.layer_impls))} (use 'reference' or 'flash')")
   if cfg.norm_scale != "channel":
@@ -109,8 +201,8 @@ def check_hf_compatible(cfg: ModelConfig) -> None:
   if cfg.embed_projection:
     problems.append("embed_projection=True (use False)")
   if problems:
-    raise ValueError("this ModelConfig has no Hugging Face Llama-family equivalent: "
-                     + "; ".join(problems) + ".")
+    raise ValueError(f"this ModelConfig has no Hugging Face {architecture or 'Llama-family'} "
+                     "equivalent: " + "; ".join(problems) + ".")
 
 
 def hf_config_dict(cfg: ModelConfig, architecture: str, dtype: str) -> dict[str, Any]:
@@ -136,4 +228,16 @@ def hf_config_dict(cfg: ModelConfig, architecture: str, dtype: str) -> dict[str,
     out.update(attention_bias=False, mlp_bias=False)
   else:
     out.update(sliding_window=None, use_sliding_window=False)
+  moe = cfg.moe
+  if architecture == "MixtralForCausalLM":
+    out.update(intermediate_size=cfg.expert_mlp_dim, num_local_experts=moe.num_experts,
+               num_experts_per_tok=moe.top_k, router_aux_loss_coef=moe.balance_loss,
+               router_jitter_noise=0.0, output_router_logits=False)
+  elif architecture == "Qwen2MoeForCausalLM":
+    out.update(num_experts=moe.num_experts, num_experts_per_tok=moe.top_k,
+               moe_intermediate_size=cfg.expert_mlp_dim,
+               shared_expert_intermediate_size=cfg.shared_mlp_dim,
+               decoder_sparse_step=moe.every, norm_topk_prob=moe.norm_topk,
+               router_aux_loss_coef=moe.balance_loss, mlp_only_layers=[],
+               qkv_bias=cfg.qkv_bias, output_router_logits=False)
   return out

@@ -24,6 +24,77 @@ ATTENTION_IMPLS = ("reference", "flash", "linear", "hybrid")
 ROPE_SCALINGS = (None, "llama3")
 
 
+MOE_IMPLS = ("auto", "ragged", "einsum")
+
+
+@dataclasses.dataclass(frozen=True)
+class MoeConfig:
+  """Mixture-of-experts MLPs (ModelConfig.moe); num_experts=0 keeps every MLP dense.
+
+  Each token's router picks top_k of num_experts SwiGLU experts; their outputs are summed with
+  the router's softmax probabilities as weights (renormalised over the top k with norm_topk, as
+  Mixtral does; Qwen2-MoE's norm_topk_prob=False keeps them). See pretrainx.model.moe.
+
+  Attributes:
+    num_experts: routed experts per MoE layer (0: a dense model).
+    top_k: experts each token is sent to (<= num_experts).
+    expert_mlp_dim: hidden width of each expert; None: ModelConfig.mlp_dim (what upcycling from
+      a dense model needs).
+    shared_experts: always-on experts every token also passes through (DeepSeek/Qwen2-MoE); they
+      are one SwiGLU of width shared_mlp_dim.
+    shared_mlp_dim: the shared experts' total width; None: shared_experts * expert_mlp_dim.
+    shared_gate: scale the shared experts' output by sigmoid(x @ w) per token (Qwen2-MoE).
+    every: layer i is an MoE layer when (i + 1) % every == 0 (1: all; 2: every second one, the
+      rest dense; Qwen2-MoE's decoder_sparse_step). every > 1 needs scan_layers=False.
+    capacity_factor: each expert takes at most ceil(capacity_factor * tokens * top_k /
+      num_experts) of one device's tokens (GShard groups); later ones are dropped (their weight
+      is zero, the residual carries them). 0: dropless.
+    norm_topk: renormalise the top-k probabilities to sum to 1.
+    balance_loss: weight of the Switch load-balancing loss num_experts * sum_e f_e * p_e (f_e:
+      the fraction of routed slots that go to e, p_e: e's mean router probability).
+    router_z_loss: weight of the router z-loss mean(logsumexp(router logits)^2) (ST-MoE).
+    impl: the grouped matmul: 'ragged' (tokens sorted by expert, jax.lax.ragged_dot), 'einsum'
+      (every expert on every received row, masked: exact, plain, E/k x the FLOPs) or 'auto'
+      (ragged on TPU/GPU, einsum on CPU).
+  """
+
+  num_experts: int = 0
+  top_k: int = 2
+  expert_mlp_dim: int | None = None
+  shared_experts: int = 0
+  shared_mlp_dim: int | None = None
+  shared_gate: bool = False
+  every: int = 1
+  capacity_factor: float = 0.0
+  norm_topk: bool = True
+  balance_loss: float = 0.01
+  router_z_loss: float = 0.001
+  impl: str = "auto"
+
+  def __post_init__(self):
+    if self.num_experts < 0 or self.shared_experts < 0:
+      raise ValueError("MoeConfig.num_experts and shared_experts must be >= 0.")
+    if not self.enabled:
+      return
+    if not 1 <= self.top_k <= self.num_experts:
+      raise ValueError(f"MoeConfig.top_k={self.top_k} must be between 1 and num_experts="
+                       f"{self.num_experts}; lower top_k or add experts.")
+    if self.every < 1:
+      raise ValueError(f"MoeConfig.every={self.every}; use 1 (every layer is MoE) or more.")
+    if self.capacity_factor < 0:
+      raise ValueError(f"MoeConfig.capacity_factor={self.capacity_factor}; use 0 (dropless) or "
+                       "a positive factor such as 1.25.")
+    if self.impl not in MOE_IMPLS:
+      raise ValueError(f"MoeConfig.impl={self.impl!r}; choose one of {MOE_IMPLS}.")
+    for name in ("expert_mlp_dim", "shared_mlp_dim"):
+      if getattr(self, name) is not None and getattr(self, name) < 1:
+        raise ValueError(f"MoeConfig.{name}={getattr(self, name)}; use a positive width or None.")
+
+  @property
+  def enabled(self) -> bool:
+    return self.num_experts > 0
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
   """A Llama-style decoder-only transformer.
@@ -70,6 +141,7 @@ class ModelConfig:
     rope_scaling_factor / rope_low_freq_factor / rope_high_freq_factor / rope_original_max_len:
       the 'llama3' parameters (Hugging Face `rope_scaling` factor, low_freq_factor,
       high_freq_factor, original_max_position_embeddings); ignored when rope_scaling is None.
+    moe: mixture-of-experts MLPs (MoeConfig; bound in gin as MoeConfig.num_experts = 8, ...).
   """
 
   vocab_size: int = 259
@@ -108,6 +180,7 @@ class ModelConfig:
   rope_low_freq_factor: float = 1.0
   rope_high_freq_factor: float = 4.0
   rope_original_max_len: int = 8192
+  moe: MoeConfig = MoeConfig()
 
   def __post_init__(self):
     if self.norm_scale not in ("channel", "scalar"):
@@ -128,6 +201,10 @@ class ModelConfig:
       raise ValueError(f"head_dim={self.resolved_head_dim} must be even for RoPE.")
     self._check_attention()
     self._check_rope()
+    if self.moe.enabled and self.moe.every > 1 and self.scan_layers:
+      raise ValueError(f"MoeConfig.every={self.moe.every} mixes MoE and dense layers, which "
+                       "scanned layers cannot (they share one structure); set "
+                       "ModelConfig.scan_layers=False or MoeConfig.every=1.")
 
   def _check_rope(self):
     if self.rope_scaling not in ROPE_SCALINGS:
@@ -181,11 +258,30 @@ class ModelConfig:
     return self.layer_attention_impls or (self.attention_impl,) * self.num_layers
 
   def for_layer(self, index: int) -> "ModelConfig":
-    """The config layer `index` is built with: its own attention_impl, no per-layer list."""
-    if not self.layer_attention_impls:
-      return self
-    return dataclasses.replace(self, attention_impl=self.layer_attention_impls[index],
-                               layer_attention_impls=())
+    """The config layer `index` is built with: its own attention_impl, no per-layer list, and
+    no experts when MoeConfig.every makes it a dense layer."""
+    fields = {}
+    if self.layer_attention_impls:
+      fields.update(attention_impl=self.layer_attention_impls[index], layer_attention_impls=())
+    if self.moe.enabled and not self.is_moe_layer(index):
+      fields["moe"] = MoeConfig()
+    return dataclasses.replace(self, **fields) if fields else self
+
+  def is_moe_layer(self, index: int) -> bool:
+    """Whether layer `index` has a mixture-of-experts MLP (MoeConfig.every)."""
+    return self.moe.enabled and (index + 1) % self.moe.every == 0
+
+  @property
+  def expert_mlp_dim(self) -> int:
+    """Hidden width of one routed expert."""
+    return self.moe.expert_mlp_dim or self.mlp_dim
+
+  @property
+  def shared_mlp_dim(self) -> int:
+    """Total hidden width of the shared experts (0: none)."""
+    if not self.moe.shared_experts:
+      return 0
+    return self.moe.shared_mlp_dim or self.moe.shared_experts * self.expert_mlp_dim
 
   @property
   def resolved_head_dim(self) -> int:

@@ -26,10 +26,11 @@ RUNTIME_MODEL_FIELDS = ("dtype", "param_dtype", "remat_policy", "scan_layers", "
 # Attention fields a linearized run sets for itself (its source is a softmax model).
 _ATTENTION_FIELDS = ("attention_impl", "layer_attention_impls", "linear_feature",
                      "linear_feature_dim", "linear_decay", "linear_chunk", "attention_window")
-# What a source decides: every other field but init_std (used only by a random init) and
-# max_seq_len (a run may use a shorter context than its source).
+# What a source decides: every other field but init_std (used only by a random init),
+# max_seq_len (a run may use a shorter context than its source) and moe (a run may upcycle a dense
+# source into experts, or add experts to an MoE source: a dense run takes the source's experts).
 SOURCE_FIELDS = tuple(f.name for f in dataclasses.fields(ModelConfig) if f.name not in (
-    *RUNTIME_MODEL_FIELDS, *_ATTENTION_FIELDS, "init_std", "max_seq_len"))
+    *RUNTIME_MODEL_FIELDS, *_ATTENTION_FIELDS, "init_std", "max_seq_len", "moe"))
 _META = ("meta", "metadata")  # where checkpoint.py's JSON meta item lands in an Orbax directory
 _COMMIT = "commit_success.txt"
 
@@ -149,6 +150,8 @@ def with_source_architecture(exp: Experiment, bound: set[str] | None = None) -> 
       f == "head_dim" and model.resolved_head_dim == src.resolved_head_dim)}
   if "max_seq_len" not in bound:
     fields["max_seq_len"] = src.max_seq_len
+  if src.moe.enabled and not model.moe.enabled:
+    fields["moe"] = src.moe
   if exp.model.layer_attention_impls and "num_layers" in fields:
     fields.pop("num_layers")  # a per-layer attention list already fixes the depth
   return dataclasses.replace(exp, model=dataclasses.replace(model, **fields))

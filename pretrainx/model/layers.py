@@ -12,10 +12,12 @@ import jax.numpy as jnp
 from pretrainx.config import ModelConfig
 
 
-def dense_init(in_axes: tuple[int, ...], out_axes: tuple[int, ...]):
-  """Fan-in scaled truncated normal for an einsum kernel with the given input/output axes."""
-  return nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal",
-                                          in_axis=in_axes, out_axis=out_axes)
+def dense_init(in_axes: tuple[int, ...], out_axes: tuple[int, ...],
+               batch_axes: tuple[int, ...] = ()):
+  """Fan-in scaled truncated normal for an einsum kernel with the given input/output axes
+  (batch_axes: independent kernels stacked, such as experts)."""
+  return nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal", in_axis=in_axes,
+                                          out_axis=out_axes, batch_axis=batch_axes)
 
 
 def param_with_axes(module: nn.Module, name: str, init, shape: tuple[int, ...],

@@ -15,7 +15,9 @@ import jax.numpy as jnp
 
 from pretrainx.model.attention import Attention
 from pretrainx.config import ModelConfig
-from pretrainx.model.layers import (Embedding, RMSNorm, SwiGLU, dense_init, excess_kurtosis, param_with_axes)
+from pretrainx.model.layers import (Embedding, RMSNorm, SwiGLU, dense_init, excess_kurtosis,
+                                    param_with_axes)
+from pretrainx.model.moe import MoeMLP
 
 _RESIDUAL_AXES = ("activation_batch", "activation_length", "activation_embed")
 _REMAT_POLICIES = {
@@ -26,7 +28,8 @@ _REMAT_POLICIES = {
 
 
 class DecoderBlock(nn.Module):
-  """x + attn(norm(x)), then + mlp(norm(.)); signature fits nn.scan (carry, None)."""
+  """x + attn(norm(x)), then + mlp(norm(.)); signature fits nn.scan (carry, None). The MLP is
+  a mixture of experts ('moe') when cfg.moe is enabled (for_layer disables it in dense layers)."""
 
   cfg: ModelConfig
   decode: bool = False
@@ -38,7 +41,8 @@ class DecoderBlock(nn.Module):
     x = nn.with_logical_constraint(x, _RESIDUAL_AXES)  # x: [batch, seq, embed]
     attention = Attention(self.cfg, decode=self.decode, cache_len=self.cache_len, name="attention")
     h = x + attention(RMSNorm(self.cfg, name="input_norm")(x), positions, segment_ids, prefix_mask)
-    out = h + SwiGLU(self.cfg, name="mlp")(RMSNorm(self.cfg, name="post_attention_norm")(h))
+    mlp = MoeMLP(self.cfg, name="moe") if self.cfg.moe.enabled else SwiGLU(self.cfg, name="mlp")
+    out = h + mlp(RMSNorm(self.cfg, name="post_attention_norm")(h))
     if self.cfg.sow_kurtosis and self.is_mutable_collection("intermediates"):
       self.sow("intermediates", "kurtosis", excess_kurtosis(out),
                reduce_fn=lambda _, new: new, init_fn=lambda: jnp.zeros((), jnp.float32))

@@ -3,7 +3,8 @@
 `InitConfig.source` names a Hugging Face model directory, a pretrainx run directory, checkpoint
 directory or step, or a params export (pretrainx.config.sources reads what each holds). Its
 params are placed into the run's shardings, optionally grown (Llama-Pro block expansion, G_stack
-layer stacking) or linearized (a softmax source into a run whose ModelConfig uses
+layer stacking), upcycled into experts (a dense source into an MoE run, or an MoE source into
+one with more experts), or linearized (a softmax source into a run whose ModelConfig uses
 'hybrid'/'linear' attention: the new feature maps start at their init); the optimizer state and
 step counter are reset unless asked to be kept. Used only when the run directory has no
 checkpoint of its own.
@@ -24,6 +25,7 @@ from pretrainx.config.cpt import SOFTMAX_IMPLS
 from pretrainx.config.sources import read_meta, saved_experiment, source_kind
 from pretrainx.cpt.growth import expand_blocks, stack_layers
 from pretrainx.cpt.linearize import convert_params
+from pretrainx.cpt.upcycle import needs_upcycling, upcycle
 from pretrainx.train.runtime import Runtime, build_runtime
 from pretrainx.train.state import TrainState, new_state
 from pretrainx.train.tuning import params_view, with_adapters
@@ -70,8 +72,10 @@ _HF_SHAPE_FIELDS = ("vocab_size", "embed_dim", "num_layers", "num_heads", "num_k
 
 def _hf_import_config(source: str, run_cfg: ModelConfig) -> ModelConfig:
   """The config to import a Hugging Face source into: the run's own, with softmax attention
-  (a linearized run converts after loading), after checking its shapes against config.json."""
-  hf_cfg, target = load_hf_config(source), _softmax_twin(run_cfg)
+  (a linearized run converts after loading) and the source's experts (an upcycled run converts
+  after loading), after checking its shapes against config.json."""
+  hf_cfg = load_hf_config(source)
+  target = dataclasses.replace(_softmax_twin(run_cfg), moe=hf_cfg.moe)
   diffs = [f"{f}: config.json {getattr(hf_cfg, f)}, this run {getattr(target, f)}"
            for f in _HF_SHAPE_FIELDS if getattr(hf_cfg, f) != getattr(target, f)]
   if diffs:
@@ -97,6 +101,17 @@ def _grow(params: Any, cfg: ModelConfig, init: InitConfig) -> tuple[Any, ModelCo
   return params, cfg
 
 
+def _upcycle(params: Any, cfg: ModelConfig, run_cfg: ModelConfig, rng: jax.Array
+             ) -> tuple[Any, ModelConfig]:
+  """A source's MLPs turned into the run's experts, when their MoeConfigs differ."""
+  target = dataclasses.replace(cfg, moe=run_cfg.moe, scan_layers=run_cfg.scan_layers)
+  if not needs_upcycling(cfg, target):
+    return params, cfg
+  logging.info("upcycling the source: %d -> %d experts per MoE layer", cfg.moe.num_experts,
+               run_cfg.moe.num_experts)
+  return upcycle(params, cfg, target, rng), target
+
+
 def check_param_shapes(params: Any, abstract: Any, source: str) -> None:
   diffs = shape_differences(params, abstract)
   if diffs:
@@ -119,6 +134,7 @@ def initial_state(rt: Runtime, init: InitConfig) -> tuple[TrainState, int]:
   else:
     cfg, params, opt_state, step = _load_pretrainx(rt, init, kind)
   params, cfg = _grow(params, cfg, init)
+  params, cfg = _upcycle(params, cfg, rt.exp.model, jax.random.key(rt.exp.run.seed + 2))
   params = _linearize(params, cfg, rt.exp.model, jax.random.key(rt.exp.run.seed + 1))
   params = with_adapters(params, rt.exp.tune, jax.random.key(rt.exp.run.seed))
   check_param_shapes(params, rt.abstract_state.params, init.source)

@@ -1,6 +1,7 @@
 """The pure train step: (state, batch) -> (state, metrics). No I/O, no host sync, no logging.
 
-Loss is token-weighted cross-entropy over `loss_mask` plus an optional z-loss; gradients may be
+Loss is token-weighted cross-entropy over `loss_mask` plus an optional z-loss (and, for a
+mixture-of-experts model, its router's balance and z losses); gradients may be
 accumulated over microbatches with lax.scan (sums, then one division, so the result equals the
 full batch); the update is the optax chain from pretrainx.optim.
 """
@@ -16,6 +17,7 @@ import optax
 
 from pretrainx.config import EmaConfig, GuardConfig
 from pretrainx.ema import ema_update
+from pretrainx.model.moe import sown_moe
 from pretrainx.model.transformer import sown_kurtosis
 from pretrainx.optim import apply_updates_stochastic
 from pretrainx.train.guard import guard_update
@@ -51,14 +53,25 @@ def model_logits(model: nn.Module, params: Any, batch: Batch, **kwargs):
 
 
 def batch_loss_sums(model: nn.Module, params: Any, batch: Batch, z_loss: float,
-                    kurtosis: bool = False, num_domains: int = 0) -> dict[str, jax.Array]:
-  """Loss sums of one batch; with `kurtosis`, also the blocks' activation kurtosis [layers]."""
+                    kurtosis: bool = False, num_domains: int = 0,
+                    router: bool = False) -> dict[str, jax.Array]:
+  """Loss sums of one batch; with `kurtosis`, also the blocks' activation kurtosis [layers].
+
+  With `router` (an MoE model), also 'moe_aux' (the router losses of all MoE layers) and each
+  router statistic as 'moe/<name>' ([moe_layers], 'moe/load' [moe_layers, experts]), all
+  multiplied by the batch's token count so that sums over microbatches stay token-weighted.
+  """
   labels = (batch["targets"], batch["loss_mask"], z_loss, batch.get("domain"), num_domains)
-  if not kurtosis:
+  if not (kurtosis or router):
     return cross_entropy_sums(model_logits(model, params, batch), *labels)
   logits, variables = model_logits(model, params, batch, mutable=["intermediates"])
   sums = cross_entropy_sums(logits, *labels)
-  sums["kurtosis"] = sown_kurtosis(variables["intermediates"], model.cfg.num_layers)
+  if kurtosis:
+    sums["kurtosis"] = sown_kurtosis(variables["intermediates"], model.cfg.num_layers)
+  if router:
+    stats = sown_moe(variables["intermediates"])
+    sums["moe_aux"] = jnp.sum(stats.pop("aux_loss")) * sums["tokens"]
+    sums.update({f"moe/{name}": value * sums["tokens"] for name, value in stats.items()})
   return sums
 
 
@@ -78,10 +91,11 @@ def loss_and_grads(model: nn.Module, params: Any, batch: Batch, *, z_loss: float
   """(sums, grads of the mean loss) for the whole batch, accumulated over microbatches."""
 
   kurtosis = bool(getattr(model.cfg, "sow_kurtosis", False))
+  router = bool(getattr(getattr(model.cfg, "moe", None), "enabled", False))
 
   def objective(p, mb):
-    sums = batch_loss_sums(model, p, mb, z_loss, kurtosis, num_domains)
-    return sums["ce"] + sums["z"], sums
+    sums = batch_loss_sums(model, p, mb, z_loss, kurtosis, num_domains, router)
+    return sums["ce"] + sums["z"] + sums.get("moe_aux", 0.0), sums
 
   grad_fn = jax.grad(objective, has_aux=True)
   if microbatches == 1:
@@ -92,18 +106,36 @@ def loss_and_grads(model: nn.Module, params: Any, batch: Batch, *, z_loss: float
       g, s = grad_fn(params, mb)
       return (jax.tree.map(jnp.add, g_acc, g), jax.tree.map(jnp.add, s_acc, s)), None
 
+    microbatched = _split_microbatches(batch, microbatches)
     zeros_g = jax.tree.map(jnp.zeros_like, params)
-    zeros_s = {k: jnp.zeros((), jnp.float32) for k in ("ce", "z", "tokens")}
-    if num_domains:
-      zeros_s["domain_ce"] = zeros_s["domain_tokens"] = jnp.zeros((num_domains,), jnp.float32)
-    if kurtosis:
-      zeros_s["kurtosis"] = jnp.zeros((model.cfg.num_layers,), jnp.float32)
-    (grads, sums), _ = jax.lax.scan(body, (zeros_g, zeros_s),
-                                    _split_microbatches(batch, microbatches))
+    shapes = jax.eval_shape(lambda mb: objective(params, mb)[1],
+                            jax.tree.map(lambda x: x[0], microbatched))
+    zeros_s = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+    (grads, sums), _ = jax.lax.scan(body, (zeros_g, zeros_s), microbatched)
     if kurtosis:  # a mean over microbatches, not a sum
       sums["kurtosis"] = sums["kurtosis"] / microbatches
   denom = jnp.maximum(sums["tokens"], 1.0)
   return sums, jax.tree.map(lambda g: g / denom, grads)
+
+
+def router_metrics(cfg, sums: dict[str, jax.Array], denom: jax.Array) -> dict[str, jax.Array]:
+  """Per-layer expert load, dropped fraction and router entropy, and their means, from sums.
+
+  'moe/layer_{i}/load_max' is the busiest expert's share of the routed slots times the expert
+  count (1.0: perfectly balanced, num_experts: one expert takes everything).
+  """
+  layers = [i for i in range(cfg.num_layers) if cfg.is_moe_layer(i)]
+  mean = {name[len("moe/"):]: v / denom for name, v in sums.items() if name.startswith("moe/")}
+  out = {"moe/aux_loss": sums["moe_aux"] / denom,
+         "moe/load_max": jnp.max(mean["load"]) * cfg.moe.num_experts}
+  out.update({f"moe/{name}": jnp.mean(v) for name, v in mean.items() if name != "load"})
+  for row, layer in enumerate(layers):
+    out[f"moe/layer_{layer}/load_max"] = jnp.max(mean["load"][row]) * cfg.moe.num_experts
+    out[f"moe/layer_{layer}/dropped"] = mean["dropped"][row]
+    out[f"moe/layer_{layer}/router_entropy"] = mean["router_entropy"][row]
+    out.update({f"moe/layer_{layer}/load/expert_{e}": load
+                for e, load in enumerate(mean["load"][row])})
+  return out
 
 
 def gnb_grads(logits_fn: Callable[[Any], jax.Array], params: Any, loss_mask: jax.Array,
@@ -178,6 +210,8 @@ def make_train_step(model: nn.Module, optimizer: optax.GradientTransformation,
     if "kurtosis" in sums:  # excess kurtosis of each block's output (outlier growth)
       metrics["kurtosis/max"] = jnp.max(sums["kurtosis"])
       metrics.update({f"kurtosis/layer_{i}": k for i, k in enumerate(sums["kurtosis"])})
+    if "moe_aux" in sums:
+      metrics.update(router_metrics(model.cfg, sums, denom))
     return TrainState(step=state.step + 1, params=params, opt_state=opt_state,
                       guard=guard_state, ema=new_ema), metrics
 

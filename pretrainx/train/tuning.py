@@ -1,4 +1,5 @@
-"""Which parameters a run trains: all of them, a regex selection, LoRA adapters, or new blocks.
+"""Which parameters a run trains: all of them, a regex selection, LoRA adapters, new blocks, or
+all but the old experts (Lifelong-MoE).
 
 With LoRA the state's params are {'base': model params, 'lora': adapters}; the model sees
 `lora_merge(base, lora)` (the base under stop_gradient), and the optimizer holds state for the
@@ -13,7 +14,10 @@ from typing import Any, Callable
 import jax
 import optax
 
+import numpy as np
+
 from pretrainx.cpt import growth, peft
+from pretrainx.cpt.upcycle import frozen_expert_mask
 from pretrainx.tree import path_name
 from pretrainx.config import TuneConfig
 
@@ -63,9 +67,13 @@ def trainable(params: Any, tune: TuneConfig, model_cfg, expand_every: int = 0) -
                        "to train are the ones expansion inserts).")
     return growth.new_block_mask(params, _new_block_indices(model_cfg.num_layers, expand_every),
                                model_cfg)
+  mask = None
   if tune.train or tune.freeze:
-    return peft.trainable_mask(params, train=tune.train, freeze=tune.freeze)
-  return None
+    mask = peft.trainable_mask(params, train=tune.train, freeze=tune.freeze)
+  if tune.frozen_experts:  # Lifelong-MoE: the old experts stay as they were
+    experts = frozen_expert_mask(params, tune.frozen_experts)
+    mask = experts if mask is None else jax.tree.map(np.logical_and, mask, experts)
+  return mask
 
 
 def tuned_optimizer(optimizer: optax.GradientTransformation, mask: Any | None

@@ -68,7 +68,7 @@ def test_plan_refuses_a_mesh_of_another_size():
   out = _plan("--gin_file=gin_configs/tiny.gin", "--topology=v5p-8", "--mesh=data=2,fsdp=1,tensor=1")
   assert out.returncode == 2
   assert out.stderr.strip().splitlines()[-1].startswith(
-      "pretrainx plan: error: topology v5p-8 has 4 devices: mesh axes data=2 x fsdp=1 x tensor=1")
+      "pretrainx plan: error: topology v5p-8 has 4 devices: mesh axes data=2 x fsdp=1 x expert=1 x tensor=1")
 
 
 def test_plan_without_libtpu_says_how_to_install(tmp_path):

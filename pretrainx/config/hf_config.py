@@ -18,8 +18,8 @@ ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral",
                  "Qwen2ForCausalLM": "qwen2", "MixtralForCausalLM": "mixtral",
                  "Qwen2MoeForCausalLM": "qwen2_moe"}
 MOE_ARCHITECTURES = ("MixtralForCausalLM", "Qwen2MoeForCausalLM")
-# architectures with q/k/v biases (Qwen2-MoE's config.json may turn them off with qkv_bias)
-_QKV_BIAS = ("Qwen2ForCausalLM", "Qwen2MoeForCausalLM")
+# architectures with q/k/v biases (transformers 5 reads Qwen2-MoE's qkv_bias; earlier ones do not)
+QKV_BIAS_ARCHITECTURES = ("Qwen2ForCausalLM", "Qwen2MoeForCausalLM")
 # architectures whose sliding window applies only with use_sliding_window
 _OPT_IN_WINDOW = ("Qwen2ForCausalLM", "Qwen2MoeForCausalLM")
 
@@ -70,7 +70,7 @@ def _check_features(hf: dict[str, Any], arch: str) -> None:
   if hf.get("hidden_act", "silu") != "silu":
     raise ValueError(f"hidden_act={hf['hidden_act']!r} is not supported; pretrainx's MLP is SwiGLU "
                      "(hidden_act 'silu').")
-  if hf.get("mlp_bias") or (arch not in _QKV_BIAS and hf.get("attention_bias")):
+  if hf.get("mlp_bias") or (arch not in QKV_BIAS_ARCHITECTURES and hf.get("attention_bias")):
     raise ValueError("config.json sets attention_bias/mlp_bias; pretrainx supports only the q/k/v "
                      "biases of Qwen2ForCausalLM and Qwen2MoeForCausalLM.")
   if arch == "Qwen2MoeForCausalLM" and hf.get("mlp_only_layers"):
@@ -93,13 +93,20 @@ def _check_sliding_window(hf: dict[str, Any], arch: str, max_seq_len: int) -> No
         "the window never binds and the model is exact.")
 
 
+def _balance_loss(hf: dict[str, Any], top_k: int) -> float:
+  """MoeConfig.balance_loss for router_aux_loss_coef: transformers' per-expert token fraction sums
+  to top_k where pretrainx's sums to 1, so the same pull needs top_k times the coefficient
+  (transformers also pools all layers into one loss; pretrainx adds one per layer)."""
+  return float(hf.get("router_aux_loss_coef", 0.001)) * top_k
+
+
 def _moe_fields(hf: dict[str, Any], arch: str) -> dict[str, Any]:
   """The MoeConfig (and Qwen2-MoE's q/k/v biases) of a Mixtral or Qwen2-MoE config.json."""
   if arch == "MixtralForCausalLM":
     # every layer is MoE, its experts as wide as intermediate_size (our mlp_dim); top-k renormalised
     return {"moe": MoeConfig(
         num_experts=hf.get("num_local_experts", 8), top_k=hf.get("num_experts_per_tok", 2),
-        norm_topk=True, balance_loss=float(hf.get("router_aux_loss_coef", 0.001)))}
+        norm_topk=True, balance_loss=_balance_loss(hf, hf.get("num_experts_per_tok", 2)))}
   if arch != "Qwen2MoeForCausalLM":
     return {}
   out = {"qkv_bias": bool(hf.get("qkv_bias", True))}  # older config.json: always biased
@@ -114,7 +121,7 @@ def _moe_fields(hf: dict[str, Any], arch: str) -> dict[str, Any]:
       expert_mlp_dim=hf.get("moe_intermediate_size", 1408), shared_experts=1,
       shared_mlp_dim=shared, shared_gate=True, every=hf.get("decoder_sparse_step", 1),
       norm_topk=bool(hf.get("norm_topk_prob", False)),
-      balance_loss=float(hf.get("router_aux_loss_coef", 0.001)))
+      balance_loss=_balance_loss(hf, hf.get("num_experts_per_tok", 4)))
   return out
 
 
@@ -231,13 +238,13 @@ def hf_config_dict(cfg: ModelConfig, architecture: str, dtype: str) -> dict[str,
   moe = cfg.moe
   if architecture == "MixtralForCausalLM":
     out.update(intermediate_size=cfg.expert_mlp_dim, num_local_experts=moe.num_experts,
-               num_experts_per_tok=moe.top_k, router_aux_loss_coef=moe.balance_loss,
+               num_experts_per_tok=moe.top_k, router_aux_loss_coef=moe.balance_loss / moe.top_k,
                router_jitter_noise=0.0, output_router_logits=False)
   elif architecture == "Qwen2MoeForCausalLM":
     out.update(num_experts=moe.num_experts, num_experts_per_tok=moe.top_k,
                moe_intermediate_size=cfg.expert_mlp_dim,
                shared_expert_intermediate_size=cfg.shared_mlp_dim,
                decoder_sparse_step=moe.every, norm_topk_prob=moe.norm_topk,
-               router_aux_loss_coef=moe.balance_loss, mlp_only_layers=[],
+               router_aux_loss_coef=moe.balance_loss / moe.top_k, mlp_only_layers=[],
                qkv_bias=cfg.qkv_bias, output_router_logits=False)
   return out

@@ -50,7 +50,7 @@ def _upcycle_block(block: Params, src: ModelConfig, cfg: ModelConfig, layer: int
   e, d, m = cfg.moe.num_experts, cfg.embed_dim, cfg.expert_mlp_dim
   dtype = jax.tree.leaves(block)[0].dtype
   keys = jax.random.split(key, 4)
-  fresh_router = _fresh(dense_init((0,), (1,)), keys[0], (d, e), dtype)
+  fresh_router = _fresh(jax.nn.initializers.normal(cfg.init_std), keys[0], (d, e), dtype)
   if "mlp" in block:  # sparse upcycling: every expert a copy of the dense MLP
     if src.mlp_dim != m:
       raise ValueError(f"cannot upcycle layer {layer}: its MLP is {src.mlp_dim} wide but "

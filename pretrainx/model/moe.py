@@ -163,8 +163,9 @@ class MoeMLP(nn.Module):
   def __call__(self, x: jax.Array) -> jax.Array:
     cfg, moe = self.cfg, self.cfg.moe
     e, d, m, dt = moe.num_experts, cfg.embed_dim, cfg.expert_mlp_dim, cfg.compute_dtype
-    router = param_with_axes(self, "router", dense_init((0,), (1,)), (d, e), ("embed", None),
-                             cfg.storage_dtype)
+    # A small router init (as Mixtral's): near-uniform routing at the start.
+    router = param_with_axes(self, "router", nn.initializers.normal(cfg.init_std), (d, e),
+                             ("embed", None), cfg.storage_dtype)
     init_in, init_out = dense_init((1,), (2,), (0,)), dense_init((1,), (2,), (0,))
     w_gate = param_with_axes(self, "gate_proj", init_in, (e, d, m), ("experts", "embed", "mlp"),
                              cfg.storage_dtype)

@@ -1,0 +1,279 @@
+"""Mixture-of-experts: the routed MLP against the dense one, expert parallelism against one device,
+the balance loss, capacity drops, sparse upcycling and Lifelong-MoE, active-param accounting, the
+TPU compile with an expert axis, and the errors bad MoE settings give."""
+
+import dataclasses
+import functools
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import conftest
+from pretrainx.checkpoint import Checkpointer
+from pretrainx.config import MeshConfig, ModelConfig, MoeConfig
+from pretrainx.cpt.upcycle import upcycle
+from pretrainx.flops import count_params, flops_per_token
+from pretrainx.model import Transformer
+from pretrainx.sharding import make_mesh, mesh_scope
+from pretrainx.train.init import initial_state
+from pretrainx.train.loop import train
+from pretrainx.train.runtime import build_runtime
+from pretrainx.train.step import loss_and_grads
+from pretrainx.tree import unbox_tree
+
+REPO = conftest.REPO
+DENSE = ModelConfig(vocab_size=259, embed_dim=32, num_layers=2, num_heads=4, num_kv_heads=2,
+                    mlp_dim=64, max_seq_len=32, sow_kurtosis=False)
+
+
+def _moe(cfg=DENSE, **moe):
+  return dataclasses.replace(cfg, moe=MoeConfig(**moe))
+
+
+@functools.lru_cache(maxsize=None)
+def _params(cfg: ModelConfig, seed: int = 0):
+  tokens = jnp.zeros((1, 8), jnp.int32)
+  return jax.jit(lambda k: unbox_tree(Transformer(cfg).init(k, tokens)["params"]))(
+      jax.random.key(seed))
+
+
+def _tokens(shape=(8, 16), seed=1):
+  return jnp.asarray(np.random.default_rng(seed).integers(3, 259, shape), jnp.int32)
+
+
+def _logits(cfg, params, tokens):
+  return np.asarray(jax.jit(lambda p, t: Transformer(cfg).apply({"params": p}, t))(params, tokens))
+
+
+@pytest.mark.parametrize("impl", ["einsum", "ragged"])
+def test_one_expert_with_top1_equals_the_dense_mlp(impl):
+  cfg = _moe(num_experts=1, top_k=1, impl=impl)
+  dense = _params(DENSE)
+  params = {**dense, "layers": {k: v for k, v in dense["layers"].items() if k != "mlp"}}
+  params["layers"]["moe"] = {name: w[:, None] for name, w in dense["layers"]["mlp"].items()}
+  params["layers"]["moe"]["router"] = jnp.ones((DENSE.num_layers, DENSE.embed_dim, 1))
+  tokens = _tokens()
+  np.testing.assert_allclose(_logits(cfg, params, tokens), _logits(DENSE, dense, tokens),
+                             atol=1e-5, rtol=1e-5)
+
+
+def test_ragged_and_einsum_dispatch_compute_the_same_function():
+  cfg = _moe(num_experts=4, top_k=2, impl="einsum", capacity_factor=1.0)
+  params, tokens = _params(cfg), _tokens()
+  ragged = dataclasses.replace(cfg, moe=dataclasses.replace(cfg.moe, impl="ragged"))
+  np.testing.assert_allclose(_logits(ragged, params, tokens), _logits(cfg, params, tokens),
+                             atol=1e-5, rtol=1e-5)
+
+
+def _batch(shape=(8, 16), seed=1):
+  tokens = _tokens((shape[0], shape[1] + 1), seed)
+  return {"inputs": tokens[:, :-1], "targets": tokens[:, 1:],
+          "loss_mask": jnp.ones(shape, jnp.int32), "segment_ids": jnp.ones(shape, jnp.int32),
+          "positions": jnp.broadcast_to(jnp.arange(shape[1], dtype=jnp.int32), shape)}
+
+
+def _sums_and_grads(cfg, params, batch, mesh_cfg=None):
+  model = Transformer(cfg)
+  fn = jax.jit(lambda p, b: loss_and_grads(model, p, b))
+  if mesh_cfg is None:
+    return jax.device_get(fn(params, batch))
+  with mesh_scope(make_mesh(mesh_cfg), mesh_cfg.rules):
+    return jax.device_get(fn(params, batch))
+
+
+@pytest.mark.parametrize("mesh", [dict(data=2, expert=4), dict(fsdp=2, expert=2, tensor=2),
+                                  dict(expert=8)], ids=["data2-expert4", "fsdp2-expert2-tensor2",
+                                                        "expert8"])
+@pytest.mark.parametrize("impl", ["einsum", "ragged"])
+def test_expert_parallel_on_8_devices_equals_one_device(mesh, impl):
+  """Loss, router losses and every gradient: the all_to_all exchange computes what one device
+  computes (dropless; with a capacity, drops are per device group, as in GShard)."""
+  cfg = _moe(num_experts=8, top_k=2, impl=impl, shared_experts=1, shared_gate=True)
+  params, batch = _params(cfg), _batch()
+  one_sums, one_grads = _sums_and_grads(cfg, params, batch)
+  ep_sums, ep_grads = _sums_and_grads(cfg, params, batch, MeshConfig(**{"data": 1, **mesh}))
+  for key in ("ce", "moe_aux", "moe/load", "moe/dropped"):
+    np.testing.assert_allclose(ep_sums[key], one_sums[key], rtol=1e-5, atol=1e-6, err_msg=key)
+  flat_one, flat_ep = jax.tree.leaves(one_grads), jax.tree.leaves(ep_grads)
+  for a, b in zip(flat_ep, flat_one):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6 * float(np.max(np.abs(b))) + 1e-8)
+
+
+def test_capacity_drops_late_tokens_and_a_large_capacity_drops_none():
+  tokens = _tokens()
+  tight = _moe(num_experts=4, top_k=2, capacity_factor=0.5, impl="einsum")
+  params = _params(tight)
+  sums = _sums_and_grads(tight, params, _batch())[0]
+  dropped = sums["moe/dropped"] / sums["tokens"]
+  assert np.all(dropped >= 0.5 - 1e-6)  # half the slots at most, so at least half dropped
+  loose = _moe(num_experts=4, top_k=2, capacity_factor=4.0, impl="einsum")
+  dropless = _moe(num_experts=4, top_k=2, impl="einsum")
+  np.testing.assert_array_equal(_logits(loose, params, tokens), _logits(dropless, params, tokens))
+  assert not np.allclose(_logits(tight, params, tokens), _logits(dropless, params, tokens))
+
+
+def _final_metric(run_dir, name):
+  import json
+  rows = [json.loads(l) for l in open(os.path.join(run_dir, "metrics.jsonl"))]
+  rows = [r for r in rows if f"train/{name}" in r]
+  return float(np.mean([r[f"train/{name}"] for r in rows[-10:]]))
+
+
+def test_the_balance_loss_lowers_load_imbalance(tmp_path):
+  """Same data and init, 60 steps: over the last 10, the busiest expert's share with the Switch
+  loss is below the share without it (which collapses onto one expert within 10 steps here)."""
+  imbalance = {}
+  for weight in (0.0, 0.1):
+    exp = conftest.tiny_experiment(
+        tmp_path / f"balance_{weight}",
+        run={"steps": 60, "log_every": 1, "eval_every": 0, "eval_batches": 1},
+        sample={"tokens": 0}, checkpoint={"every_steps": 0}, optimizer={"learning_rate": 3e-3},
+        model={"moe": {"num_experts": 4, "top_k": 2, "balance_loss": weight,
+                       "router_z_loss": 0.0}})
+    train(exp)
+    imbalance[weight] = _final_metric(exp.run.run_dir, "moe/load_max")
+  # 1.0 is perfectly balanced; with top-2 of 4, 2.0 means one expert takes a slot of every token
+  assert imbalance[0.0] > 1.9 and imbalance[0.1] < imbalance[0.0] - 0.2, imbalance
+
+
+@pytest.fixture(scope="module")
+def dense_run(tmp_path_factory):
+  """A dense tiny run trained 2 steps: the source of the upcycling tests."""
+  exp = conftest.tiny_experiment(tmp_path_factory.mktemp("dense") / "run",
+                                 run={"steps": 2, "eval_every": 0, "eval_batches": 1},
+                                 sample={"tokens": 0})
+  train(exp)
+  return exp
+
+
+def _restore_params(exp):
+  rt = build_runtime(exp)
+  ckpt = Checkpointer(os.path.join(exp.run.run_dir, "checkpoints"), create=False)
+  try:
+    with rt.scope():
+      state, _, _ = ckpt.restore(rt.abstract_state)
+  finally:
+    ckpt.close()
+  return rt.inference_params(state)
+
+
+@pytest.mark.parametrize("moe", [dict(num_experts=4, top_k=2),
+                                 dict(num_experts=4, top_k=1, shared_experts=1, shared_gate=True),
+                                 dict(num_experts=2, top_k=2, every=2)],
+                         ids=["top2", "top1-shared", "every2-unrolled"])
+def test_the_upcycled_model_computes_the_dense_function_at_step_0(dense_run, tmp_path, moe):
+  dense_params = _restore_params(dense_run)
+  model = {"moe": moe, **({"scan_layers": False} if moe.get("every", 1) > 1 else {})}
+  exp = conftest.tiny_experiment(tmp_path / "up", init={"source": dense_run.run.run_dir},
+                                 model=model)
+  rt = build_runtime(exp)
+  state, step = initial_state(rt, exp.init)
+  assert step == 0
+  tokens = _tokens((4, 32))
+  up = _logits(exp.model, jax.device_get(state.params), tokens)
+  np.testing.assert_allclose(up, _logits(dense_run.model, jax.device_get(dense_params), tokens),
+                             atol=2e-5, rtol=2e-5)
+  layer = state.params["layers"]["moe"] if exp.model.scan_layers else state.params["layers_1"]["moe"]
+  assert layer["gate_proj"].shape[-3] == moe["num_experts"]
+
+
+def test_added_experts_train_while_the_frozen_old_ones_stay(tmp_path):
+  """Lifelong-MoE: a 2-expert run grows to 4 experts with the first 2 frozen."""
+  small = conftest.tiny_experiment(tmp_path / "small", run={"steps": 2, "eval_every": 0,
+                                                            "eval_batches": 1},
+                                   sample={"tokens": 0}, model={"moe": {"num_experts": 2}})
+  train(small)
+  old = jax.device_get(_restore_params(small))["layers"]["moe"]
+  grown = conftest.tiny_experiment(
+      tmp_path / "grown", run={"steps": 3, "eval_every": 0, "eval_batches": 1},
+      sample={"tokens": 0}, init={"source": small.run.run_dir},
+      model={"moe": {"num_experts": 4}}, tune={"frozen_experts": 2})
+  train(grown)
+  new = jax.device_get(_restore_params(grown))["layers"]["moe"]
+  for name in ("gate_proj", "up_proj", "down_proj"):
+    np.testing.assert_array_equal(new[name][:, :2], old[name])
+    assert not np.allclose(new[name][:, 2:], 0) and new[name].shape[1] == 4
+  np.testing.assert_array_equal(new["router"][..., :2], old["router"])
+  assert new["router"].shape[-1] == 4
+
+
+def test_upcycling_a_source_without_an_mlp_says_what_it_needs():
+  src = DENSE
+  params = _params(src)
+  broken = {**params, "layers": {k: v for k, v in params["layers"].items() if k != "mlp"}}
+  with pytest.raises(ValueError, match=r"layer 0 of the source has no MLP to upcycle .*copies a "
+                                       r"dense SwiGLU MLP \('mlp'\) into every expert"):
+    upcycle(broken, src, _moe(num_experts=4), jax.random.key(0))
+  with pytest.raises(ValueError, match="leave expert_mlp_dim unset"):
+    upcycle(params, src, _moe(num_experts=4, expert_mlp_dim=32), jax.random.key(0))
+
+
+def test_active_parameters_drive_flops():
+  moe = _moe(num_experts=8, top_k=2)
+  counts, dense = count_params(moe), count_params(DENSE)
+  mlp = 3 * DENSE.embed_dim * DENSE.mlp_dim * DENSE.num_layers
+  router = DENSE.embed_dim * 8 * DENSE.num_layers
+  assert counts["non_embedding"] == dense["non_embedding"] + 7 * mlp + router
+  assert counts["active_non_embedding"] == dense["non_embedding"] + mlp + router
+  assert flops_per_token(moe, 32) - flops_per_token(DENSE, 32) == 6 * (mlp + router)
+  n = sum(x.size for x in jax.tree.leaves(_params(moe)))
+  assert n == counts["total"] + (DENSE.padded_vocab_size - DENSE.vocab_size) * DENSE.embed_dim
+
+
+def test_top_k_larger_than_the_expert_count_is_refused():
+  with pytest.raises(ValueError, match=r"MoeConfig.top_k=3 must be between 1 and num_experts=2; "
+                                       "lower top_k or add experts."):
+    MoeConfig(num_experts=2, top_k=3)
+
+
+def _cli(*args):
+  return subprocess.run([sys.executable, "-m", "pretrainx", *args], cwd=REPO,
+                        capture_output=True, text=True, timeout=300,
+                        env={**os.environ, "JAX_PLATFORMS": "cpu"})
+
+
+@pytest.mark.parametrize("bindings, message", [
+    (["MoeConfig.num_experts = 2", "MoeConfig.top_k = 3"],
+     "MoeConfig.top_k=3 must be between 1 and num_experts=2"),
+    (["MoeConfig.num_experts = 6", "MeshConfig.expert = 4", "MeshConfig.data = 2"],
+     "MoeConfig.num_experts=6 is not divisible by MeshConfig.expert=4"),
+])
+def test_bad_moe_settings_exit_2_with_one_line(tmp_path, bindings, message):
+  params = [f"--gin_param={b}" for b in bindings]
+  out = _cli("train", "--gin_file=gin_configs/tiny.gin", f"--run_dir={tmp_path / 'run'}", *params)
+  assert out.returncode == 2, out.stderr[-2000:]
+  assert message in out.stderr.strip().splitlines()[-1]
+  assert "Traceback" not in out.stderr
+  assert not (tmp_path / "run").exists()
+
+
+def test_an_expert_axis_that_does_not_divide_the_experts_is_refused_in_the_model():
+  cfg = _moe(num_experts=6, top_k=2)
+  mesh_cfg = MeshConfig(data=2, expert=4)
+  with pytest.raises(ValueError, match=r"MoeConfig.num_experts=6 is not divisible by the 'expert' "
+                                       r"mesh axis \(4 devices\)"):
+    _sums_and_grads(cfg, _params(cfg), _batch(), mesh_cfg)
+
+
+@pytest.mark.skipif(not __import__("pretrainx.topology").topology.libtpu_available(),
+                    reason="needs libtpu (pip install 'pretrainx[tpu]')")
+def test_moe_train_step_compiles_for_v5p_with_an_expert_axis():
+  """The real TPU compiler: experts split over 'expert', tokens exchanged with all-to-all, the
+  grouped matmul as ragged dots."""
+  from pretrainx import topology
+  from pretrainx.config import parse_gin
+  from pretrainx.plan import abstract_batch
+  exp = parse_gin([os.path.join(REPO, "gin_configs/moe_tiny.gin")],
+                  ["MeshConfig.data = 1", "MeshConfig.fsdp = 2", "MeshConfig.expert = 4"])
+  rt = build_runtime(exp, topology.load("v5p-16").devices)
+  with rt.scope():
+    compiled = rt.train_step.lower(rt.abstract_state, abstract_batch(rt.exp, rt.mesh)).compile()
+  text = compiled.as_text()
+  assert {d.platform for d in rt.mesh.devices.flat} == {"tpu"}
+  assert "all-to-all" in text
+  assert "ragged" in text

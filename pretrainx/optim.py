@@ -16,7 +16,7 @@ import optax
 
 from pretrainx.config import OptimizerConfig, ScheduleConfig
 from pretrainx.schedules import make_schedule
-from pretrainx.tree import layer_axes, path_name
+from pretrainx.tree import layer_axes, path_name, stacked_axes
 
 _STATE_DTYPES = {"float32": jax.numpy.float32, "bfloat16": jax.numpy.bfloat16}
 
@@ -37,7 +37,8 @@ def decay_mask(params: Any, cfg: OptimizerConfig) -> Any:
 def muon_dimension_numbers(params: Any, cfg: OptimizerConfig) -> Any:
   """Per param: MuonDimensionNumbers for hidden matrices, None for what AdamW handles.
 
-  The leading 'layers' axis of scanned blocks is a batch axis. For o_proj [heads, head_dim,
+  The leading 'layers' axis of scanned blocks and the 'experts' axis of routed experts are batch
+  axes. For o_proj [heads, head_dim,
   embed] the reduction axes are all but the last; for every other projection the reduction axis
   is the first and the output axes are the rest.
   """
@@ -45,7 +46,7 @@ def muon_dimension_numbers(params: Any, cfg: OptimizerConfig) -> Any:
 
   def dims(path, leaf):
     name = path_name(path)
-    lead = layer_axes(name)
+    lead = stacked_axes(name)  # scanned layers and routed experts: each matrix on its own
     if any(p.search(name) for p in excluded):
       return None
     if leaf.ndim - lead < 2:

@@ -46,6 +46,14 @@ def layer_axes(path: str) -> int:
   return 1 if path.startswith("layers/") else 0
 
 
+def stacked_axes(path: str) -> int:
+  """Leading axes that stack independent matrices: the 'layers' axis of scanned blocks, then the
+  'experts' axis of routed experts (moe/gate_proj, up_proj, down_proj: [layers?, experts, in,
+  out])."""
+  return layer_axes(path) + (1 if path.rsplit("/", 2)[-2:-1] == ["moe"] and path.endswith(
+      ("/gate_proj", "/up_proj", "/down_proj")) else 0)
+
+
 def _shape(x) -> tuple[int, ...]:
   return tuple(getattr(unbox(x), "shape", ()))
 

@@ -86,11 +86,12 @@ def _sums_and_grads(cfg, params, batch, mesh_cfg=None):
     return jax.device_get(fn(params, batch))
 
 
-@pytest.mark.parametrize("mesh", [dict(data=2, expert=4), dict(fsdp=2, expert=2, tensor=2),
-                                  dict(expert=8)], ids=["data2-expert4", "fsdp2-expert2-tensor2",
-                                                        "expert8"])
-@pytest.mark.parametrize("impl", ["einsum", "ragged"])
-def test_expert_parallel_on_8_devices_equals_one_device(mesh, impl):
+@pytest.mark.parametrize("impl, mesh", [
+    ("einsum", dict(data=2, expert=4)), ("ragged", dict(expert=8)),
+    ("einsum", dict(fsdp=2, expert=2, tensor=2)), ("ragged", dict(fsdp=2, expert=2, tensor=2))],
+    ids=["einsum-data2-expert4", "ragged-expert8", "einsum-fsdp2-expert2-tensor2",
+         "ragged-fsdp2-expert2-tensor2"])
+def test_expert_parallel_on_8_devices_equals_one_device(impl, mesh):
   """Loss, router losses and every gradient: the all_to_all exchange computes what one device
   computes (dropless; with a capacity, drops are per device group, as in GShard)."""
   cfg = _moe(num_experts=8, top_k=2, impl=impl, shared_experts=1, shared_gate=True)
@@ -277,3 +278,36 @@ def test_moe_train_step_compiles_for_v5p_with_an_expert_axis():
   assert {d.platform for d in rt.mesh.devices.flat} == {"tpu"}
   assert "all-to-all" in text
   assert "ragged" in text
+
+
+def test_muon_orthogonalises_each_expert_on_its_own():
+  from pretrainx.config import OptimizerConfig
+  from pretrainx.optim import muon_dimension_numbers
+  cfg = _moe(num_experts=4, top_k=2)
+  dims = muon_dimension_numbers(_params(cfg), OptimizerConfig(name="muon"))["layers"]["moe"]
+  # [layers, experts, embed, mlp]: layers and experts are batch axes, embed is reduced
+  assert dims["gate_proj"].reduction_axis == (2,) and dims["gate_proj"].output_axis == (3,)
+  assert dims["down_proj"].reduction_axis == (2,) and dims["down_proj"].output_axis == (3,)
+  assert dims["router"].reduction_axis == (1,) and dims["router"].output_axis == (2,)
+
+
+def test_a_hugging_face_dense_model_upcycles_through_gin(tmp_path):
+  """The gin file binds only the experts; config.json sets the rest, the MLPs become experts."""
+  from pretrainx import hf
+  from pretrainx.config import parse_gin
+  src = dataclasses.replace(DENSE, num_layers=2, tie_embeddings=False, max_seq_len=64)
+  params = _params(src)
+  directory = str(tmp_path / "llama")
+  hf.export_hf(params, src, directory, architecture="LlamaForCausalLM", dtype="float32")
+  gin = tmp_path / "up.gin"
+  gin.write_text("\n".join([
+      "include 'gin_configs/runs/pretrain.gin'", "STEPS = 1", "BATCH_SIZE = 8", "SEQ_LEN = 32",
+      "LEARNING_RATE = 1e-3", f"InitConfig.source = '{directory}'", "SampleConfig.tokens = 0",
+      f"RunConfig.run_dir = '{tmp_path / 'run'}'", "MoeConfig.num_experts = 4",
+      "MoeConfig.top_k = 2"]))
+  exp = parse_gin([str(gin)])
+  assert exp.model.mlp_dim == src.mlp_dim and exp.model.moe.num_experts == 4
+  state, _ = initial_state(build_runtime(exp), exp.init)
+  tokens = _tokens((2, 32))
+  np.testing.assert_allclose(_logits(exp.model, jax.device_get(state.params), tokens)[..., :259],
+                             _logits(src, params, tokens)[..., :259], atol=2e-5, rtol=2e-5)

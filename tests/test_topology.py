@@ -49,7 +49,7 @@ def test_plan_compiles_train_and_eval_steps_for_v5p_with_the_tpu_compiler():
               "--mesh=data=1,fsdp=2,tensor=2")
   assert out.returncode == 0, out.stderr[-3000:]
   lines = out.stdout.splitlines()
-  assert lines[0].startswith("AOT plan: 4 devices, mesh data=1 x fsdp=2 x tensor=2, 512 tokens "
+  assert lines[0].startswith("AOT plan: 4 devices, mesh data=1 x fsdp=2 x expert=1 x tensor=2, 512 tokens "
                              "per step (compiled for TPU v5p-8 (v5p:2x2x1), TPU compiler in ")
   assert any(l.startswith("eval step: compiles, ") for l in lines)
   assert lines[-1].startswith("HBM 95 GiB per device: fits (")

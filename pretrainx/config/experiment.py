@@ -9,6 +9,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+from absl import logging
+
 from pretrainx.config.cpt import InitConfig, TuneConfig
 from pretrainx.config.data import DataConfig, check_stages
 from pretrainx.config.mesh import MeshConfig
@@ -168,6 +170,10 @@ def _check_experts(exp: Experiment) -> None:
         f"MoeConfig.num_experts={moe.num_experts} is not divisible by MeshConfig.expert={expert} "
         f"(each device of the expert axis holds num_experts / expert of them); use a multiple of "
         f"{expert} experts or set MeshConfig.expert to a divisor of {moe.num_experts}.")
+  if moe.enabled and moe.top_k == 1 and moe.norm_topk and not exp.init.source:
+    logging.warning("MoeConfig.top_k=1 with norm_topk=True: every routing weight is 1, so the "
+                    "router learns from the balance and z losses only; set norm_topk=False "
+                    "(Switch Transformer style) to weight each expert by its probability.")
   if frozen and not (moe.enabled and frozen < moe.num_experts):
     raise ValueError(
         f"TuneConfig.frozen_experts={frozen} needs an MoE model with more experts than that "

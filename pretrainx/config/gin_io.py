@@ -116,6 +116,9 @@ def _known_bindings() -> list[str]:
 
 def _explain_gin_error(err: Exception) -> str:
   text = str(err)
+  m = re.search(r"In call to configurable '(\w+)'", text)
+  if m and isinstance(err, ValueError):  # a section refused its values: its message says why
+    return f"{text.splitlines()[0]} (gin bindings of {m.group(1)})"
   hint = ""
   m = re.search(r"Configurable '(\w+)' doesn't have a parameter named '(\w+)'", text)
   if m:

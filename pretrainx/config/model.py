@@ -55,7 +55,8 @@ class MoeConfig:
     router_z_loss: weight of the router z-loss mean(logsumexp(router logits)^2) (ST-MoE).
     impl: the grouped matmul: 'ragged' (tokens sorted by expert, jax.lax.ragged_dot), 'einsum'
       (every expert on every received row, masked: exact, plain, E/k x the FLOPs) or 'auto'
-      (ragged on TPU/GPU, einsum on CPU).
+      (ragged: on TPU/GPU a grouped matmul; on CPU jax masks it into a dense product, still
+      1.3-1.5x faster than einsum in bench/moe.py).
   """
 
   num_experts: int = 0

@@ -4,7 +4,7 @@ SwiGLU experts, and expert parallelism over the 'expert' mesh axis.
 Routing runs on the whole (sharded) batch. Dispatch runs per device under shard_map: a device
 sorts its own (token, expert) pairs by the device that holds the expert, exchanges them with one
 all_to_all over 'expert', runs its local experts as a grouped matmul (jax.lax.ragged_dot, or a
-masked einsum on CPU), and sends the results back with a second all_to_all. The auxiliary losses
+masked einsum), and sends the results back with a second all_to_all. The auxiliary losses
 and the router statistics are sown into the 'intermediates' collection (see sown_moe).
 """
 
@@ -20,7 +20,7 @@ from jax.sharding import PartitionSpec as P
 
 from pretrainx.config import ModelConfig
 from pretrainx.model.layers import SwiGLU, dense_init, param_with_axes
-from pretrainx.sharding import activation_axes, axes_size, current_mesh, mesh_platform
+from pretrainx.sharding import activation_axes, axes_size, current_mesh
 
 # What each MoE layer sows (one scalar, or [experts] for the load); stacked over MoE layers.
 SOWN = ("aux_loss", "balance_loss", "router_z_loss", "load", "dropped", "router_entropy")
@@ -148,12 +148,6 @@ def _spec_axes(mesh, logical: str, dim: int):
   return axes if axes is not None and dim % axes_size(mesh, axes) == 0 else None
 
 
-def _resolve_impl(impl: str, mesh) -> str:
-  if impl != "auto":
-    return impl
-  return "einsum" if mesh_platform(mesh) == "cpu" else "ragged"
-
-
 class MoeMLP(nn.Module):
   """Top-k routed SwiGLU experts (+ shared experts): x [batch, seq, embed] -> same shape."""
 
@@ -166,12 +160,12 @@ class MoeMLP(nn.Module):
     # A small router init (as Mixtral's): near-uniform routing at the start.
     router = param_with_axes(self, "router", nn.initializers.normal(cfg.init_std), (d, e),
                              ("embed", None), cfg.storage_dtype)
-    init_in, init_out = dense_init((1,), (2,), (0,)), dense_init((1,), (2,), (0,))
-    w_gate = param_with_axes(self, "gate_proj", init_in, (e, d, m), ("experts", "embed", "mlp"),
+    init = dense_init((1,), (2,), (0,))  # [experts, in, out]: fan-in per expert
+    w_gate = param_with_axes(self, "gate_proj", init, (e, d, m), ("experts", "embed", "mlp"),
                              cfg.storage_dtype)
-    w_up = param_with_axes(self, "up_proj", init_in, (e, d, m), ("experts", "embed", "mlp"),
+    w_up = param_with_axes(self, "up_proj", init, (e, d, m), ("experts", "embed", "mlp"),
                            cfg.storage_dtype)
-    w_down = param_with_axes(self, "down_proj", init_out, (e, m, d), ("experts", "mlp", "embed"),
+    w_down = param_with_axes(self, "down_proj", init, (e, m, d), ("experts", "mlp", "embed"),
                              cfg.storage_dtype)
     batch, seq, _ = x.shape
     logits = jnp.einsum("bsd,de->bse", x, router.astype(dt)).astype(jnp.float32)
@@ -201,7 +195,7 @@ class MoeMLP(nn.Module):
     """dispatch() on each device's tokens under shard_map, or directly without a mesh."""
     moe, mesh = self.cfg.moe, current_mesh()
     kwargs = dict(num_experts=moe.num_experts, capacity_factor=moe.capacity_factor,
-                  impl=_resolve_impl(moe.impl, mesh))
+                  impl="ragged" if moe.impl == "auto" else moe.impl)
     batch, seq, d = x.shape
     if mesh is None:
       out, kept = dispatch(x.reshape(-1, d), experts.reshape(batch * seq, -1),

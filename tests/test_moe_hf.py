@@ -9,7 +9,6 @@ sharded over the 'expert' mesh axis; configs HF cannot express are refused.
 import dataclasses
 import json
 import os
-import shutil
 
 import numpy as np
 import pytest
@@ -30,6 +29,7 @@ from pretrainx.flops import count_params  # noqa: E402
 from pretrainx.model import Transformer  # noqa: E402
 from pretrainx.sharding import make_mesh, mesh_scope  # noqa: E402
 from pretrainx.tree import unbox_tree  # noqa: E402
+from test_hf import _assert_close, _edited_copy  # noqa: E402  (the same checks as for Llama)
 
 TINY = dict(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
@@ -72,13 +72,6 @@ def _hf_logits(model, tokens=TOKENS):
 
 def _our_logits(cfg, params, tokens=TOKENS):
   return np.asarray(Transformer(cfg).apply({"params": params}, jnp.asarray(tokens)))[..., :300]
-
-
-def _assert_close(ours, theirs):
-  assert np.std(theirs) > 0.3  # logits of substance, so a layout error cannot hide under 1e-4
-  diff = float(np.max(np.abs(ours - theirs)))
-  print(f"max |logit diff| = {diff:.2e}")
-  np.testing.assert_allclose(ours, theirs, atol=1e-4, rtol=0)
 
 
 def _moe_fields(cfg):
@@ -178,17 +171,6 @@ def test_experts_import_sharded_over_the_expert_axis(mixtral_dir):
   with mesh_scope(mesh, rules):
     logits = jax.jit(Transformer(cfg).apply)({"params": params}, jnp.asarray(TOKENS))
   _assert_close(np.asarray(logits)[..., :300], hf_logits)
-
-
-def _edited_copy(src, dst, **config_changes):
-  shutil.copytree(src, dst)
-  path = os.path.join(dst, "config.json")
-  with open(path, encoding="utf-8") as f:
-    config = json.load(f)
-  config.update(config_changes)
-  with open(path, "w", encoding="utf-8") as f:
-    json.dump(config, f)
-  return str(dst)
 
 
 def test_bad_moe_checkpoints_fail_with_clear_messages(mixtral_dir, tmp_path):

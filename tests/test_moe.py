@@ -190,6 +190,11 @@ def test_added_experts_train_while_the_frozen_old_ones_stay(tmp_path):
                                    sample={"tokens": 0}, model={"moe": {"num_experts": 2}})
   train(small)
   old = jax.device_get(_restore_params(small))["layers"]["moe"]
+  keep = conftest.tiny_experiment(tmp_path / "keep", init={"source": small.run.run_dir,
+                                                           "keep_optimizer": True},
+                                  model={"moe": {"num_experts": 4}})
+  with pytest.raises(ValueError, match="keep_optimizer cannot be combined with upcycling"):
+    initial_state(build_runtime(keep), keep.init)
   grown = conftest.tiny_experiment(
       tmp_path / "grown", run={"steps": 3, "eval_every": 0, "eval_batches": 1},
       sample={"tokens": 0}, init={"source": small.run.run_dir},

@@ -45,6 +45,10 @@ def _load_pretrainx(rt: Runtime, init: InitConfig, kind: str) -> tuple[Any, Any,
   try:
     meta = ckpt.read_meta(init.step)
     src_exp = saved_experiment(meta, directory)
+    if init.keep_optimizer and src_exp.model.moe != rt.exp.model.moe:
+      raise ValueError("InitConfig.keep_optimizer cannot be combined with upcycling or added "
+                       "experts: the source's optimizer state has the old expert shapes; unset "
+                       "keep_optimizer (or keep the source's MoeConfig).")
     # The source's own state layout (model, optimizer, EMA, adapters) restores it; keeping its
     # optimizer state needs that layout to be this run's.
     src = rt if init.keep_optimizer else build_runtime(src_exp.replace(

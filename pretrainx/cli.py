@@ -85,19 +85,41 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--harness_report", default=None,
                  help="where the JSON report goes (default: RUN_DIR/harness/step_N.json)")
 
-  p = sub.add_parser("score", help="per-token log-probs of documents as JSON lines (Min-K%%)")
+  p = sub.add_parser(
+      "score", help="a score per document into its token store (TASK --by=...), or per-token "
+      "log-probs as JSON lines (--input/--domain --out, Min-K%%)")
+  p.add_argument("task", nargs="?", default=None,
+                 help="with --by: a DataConfig domain (a task or 'prose'/'code') whose token "
+                      "store gets a score per document, as a named, versioned score set")
+  p.add_argument("--by", choices=("perplexity", "reference_ratio", "file"), default=None,
+                 help="perplexity: exp(mean NLL per token) under the run's checkpoint; "
+                      "reference_ratio: mean NLL under --reference_run_dir's model / mean NLL "
+                      "under the run's (high: the run's model finds the document much easier "
+                      "than the reference); file: values from --scores_file")
+  p.add_argument("--name", default=None, help="with --by: the score set's name (default: --by)")
   _add_gin_flags(p, "run directory whose config.gin and checkpoints to use")
   p.add_argument("--checkpoint_dir", default=None, help="default: RUN_DIR/checkpoints")
   p.add_argument("--step", type=int, default=None, help="default: the latest checkpoint")
-  source = p.add_mutually_exclusive_group(required=True)
+  p.add_argument("--reference_run_dir", default=None,
+                 help="with --by=reference_ratio: the reference model's run directory")
+  p.add_argument("--reference_step", type=int, default=None,
+                 help="with --by=reference_ratio: its checkpoint (default: the latest)")
+  p.add_argument("--scores_file", default=None,
+                 help="with --by=file: JSON lines (local or in a bucket), one per document: a "
+                      "number (line k scores document k) or an object with --index_field and "
+                      "--score_field")
+  p.add_argument("--index_field", default="doc", help="with --scores_file: the document index")
+  p.add_argument("--score_field", default="score", help="with --scores_file: the score")
+  source = p.add_mutually_exclusive_group()
   source.add_argument("--input", help="a JSON-lines file of documents (local or in a bucket)")
   source.add_argument("--domain", help="a DataConfig domain: score its token store's documents")
-  p.add_argument("--split", default="validation", help="with --domain: train or validation")
+  p.add_argument("--split", default=None,
+                 help="train or validation (default: train with TASK, validation with --domain)")
   p.add_argument("--text_field", default="text", help="with --input: the documents' field")
   p.add_argument("--id_field", default=None, help="with --input: an id field (default: line)")
   p.add_argument("--limit", type=int, default=None, help="score at most this many documents")
   p.add_argument("--min_k", type=float, default=0.2, help="the K of the Min-K%% score")
-  p.add_argument("--out", required=True, help="the JSON-lines file to write")
+  p.add_argument("--out", default=None, help="with --input/--domain: the JSON-lines file to write")
 
   p = sub.add_parser("generate", help="sample text from a checkpoint")
   _add_gin_flags(p, "run directory whose config.gin and checkpoints to use")
@@ -260,14 +282,41 @@ def _is_main() -> bool:
   return jax.process_index() == 0
 
 
+def _check_score_flags(args) -> None:
+  """The store mode (TASK --by=...) and the JSON-lines mode (--input/--domain --out) apart."""
+  if args.task is None and args.by is None:
+    if not (args.input or args.domain) or not args.out:
+      raise ValueError("pass --input or --domain with --out (per-token log-probs as JSON "
+                       "lines), or TASK --by=perplexity|reference_ratio|file (a score per "
+                       "document into the token store).")
+    return
+  if args.task is None or args.by is None:
+    raise ValueError("a score into a token store needs both TASK and --by, e.g. `pretrainx "
+                     "score web --by=perplexity --run_dir=RUN`.")
+  mixed = [f for f in ("input", "domain", "out", "limit") if getattr(args, f) is not None]
+  if mixed:
+    raise ValueError(f"TASK --by=... writes into the token store; --{', --'.join(mixed)} belong "
+                     "to the JSON-lines mode (--input/--domain --out): use one or the other.")
+  for flag, by in (("reference_run_dir", "reference_ratio"),
+                   ("reference_step", "reference_ratio"), ("scores_file", "file")):
+    if getattr(args, flag) is not None and args.by != by:
+      raise ValueError(f"--{flag} goes with --by={by}, not --by={args.by}.")
+  if args.by == "reference_ratio" and not args.reference_run_dir:
+    raise ValueError("--by=reference_ratio needs --reference_run_dir, the run of the reference "
+                     "model (score = its mean NLL / the run's).")
+  if args.by == "file" and not args.scores_file:
+    raise ValueError("--by=file needs --scores_file, JSON lines with one score per document.")
+
+
 def cmd_score(args) -> None:
+  _check_score_flags(args)
+  if args.by is not None:
+    _score_store(args)
+    return
   import itertools  # pylint: disable=import-outside-toplevel
 
   from pretrainx.data import pipeline  # pylint: disable=import-outside-toplevel
   from pretrainx.harness import score_docs  # pylint: disable=import-outside-toplevel
-  from pretrainx.harness.scoring import TokenScorer  # pylint: disable=import-outside-toplevel
-  from pretrainx.sharding import batch_sharding  # pylint: disable=import-outside-toplevel
-  from pretrainx.train import runtime  # pylint: disable=import-outside-toplevel
 
   exp = _experiment(args, for_training=False)
   vocab = exp.data.vocabulary
@@ -275,15 +324,80 @@ def cmd_score(args) -> None:
     docs = ((i, vocab.encode(text)) for i, text in
             score_docs.jsonl_documents(args.input, args.text_field, args.id_field))
   else:
-    opened = pipeline.open_domain_store(exp.data, args.domain, args.split)
+    opened = pipeline.open_domain_store(exp.data, args.domain, args.split or "validation")
     docs = ((str(i), opened.document(i)[:-1]) for i in range(opened.num_docs))  # without eos
   if args.limit is not None:
     docs = itertools.islice(docs, args.limit)
-  rt, state, step = runtime.load_trained(exp, args.checkpoint_dir, args.step)
-  scorer = TokenScorer(rt.model, rt.inference_params(state), exp.run.seq_len,
-                       exp.run.global_batch_size, batch_sharding(rt.mesh), rt.scope)
+  (scorer,), (step,) = _scorers([(exp, args.checkpoint_dir, args.step)], exp.run.seq_len)
   count = score_docs.score_documents(scorer, docs, args.out, int(vocab.eos_id), args.min_k)
   _out(f"step {step}: scored {count:,} documents into {args.out}")
+
+
+def _scorers(models, seq_len: int):
+  """TokenScorers (sharded over each run's mesh) and restored steps of (exp, checkpoint_dir,
+  step) triples, all scoring rows of seq_len."""
+  from pretrainx.harness.scoring import TokenScorer  # pylint: disable=import-outside-toplevel
+  from pretrainx.sharding import batch_sharding  # pylint: disable=import-outside-toplevel
+  from pretrainx.train import runtime  # pylint: disable=import-outside-toplevel
+
+  scorers, steps = [], []
+  for exp, checkpoint_dir, step in models:
+    rt, state, step = runtime.load_trained(exp, checkpoint_dir, step)
+    scorers.append(TokenScorer(rt.model, rt.inference_params(state), seq_len,
+                               exp.run.global_batch_size, batch_sharding(rt.mesh), rt.scope))
+    steps.append(step)
+  return scorers, steps
+
+
+def _score_store(args) -> None:
+  from pretrainx import config  # pylint: disable=import-outside-toplevel
+  from pretrainx.data import pipeline  # pylint: disable=import-outside-toplevel
+  from pretrainx.data import score_sets  # pylint: disable=import-outside-toplevel
+  from pretrainx.harness import store_scores  # pylint: disable=import-outside-toplevel
+
+  name = score_sets.check_name(args.name or args.by)
+  if args.by == "file" and args.run_dir is None and not args.gin_file:
+    exp = config.parse_gin([], args.gin_param)  # embedded-corpus domains need no gin file
+  else:
+    exp = _experiment(args, for_training=False)
+  opened = pipeline.open_domain_store(exp.data, args.task, args.split or "train")
+  if args.by == "file":
+    given, params = store_scores.file_scores(args.scores_file, opened.num_docs,
+                                             args.index_field, args.score_field)
+    chunk = lambda start, stop: given[start:stop]
+  else:
+    chunk, params = _model_scores(args, exp, opened)
+  version, values = store_scores.write_score_set(opened, name, args.by, params, chunk)
+  if values is not None:
+    _out(store_scores.summary(opened.path, name, version, values))
+
+
+def _model_scores(args, exp, opened):
+  """The score of --by=perplexity|reference_ratio per chunk of documents, and its params."""
+  from pretrainx import config  # pylint: disable=import-outside-toplevel
+  from pretrainx.data import store  # pylint: disable=import-outside-toplevel
+  from pretrainx.harness import store_scores  # pylint: disable=import-outside-toplevel
+
+  models = [(exp, args.checkpoint_dir, args.step)]
+  if args.by == "reference_ratio":
+    ref_dir = args.reference_run_dir
+    ref = config.load_run_experiment(ref_dir, (f"RunConfig.run_dir = {ref_dir!r}",))
+    if (store.vocabulary_identity(ref.data.vocabulary) !=
+        store.vocabulary_identity(exp.data.vocabulary)):
+      raise ValueError(f"the reference run {ref_dir} has another vocabulary than the run; "
+                       "both models must read the same token ids.")
+    models.append((ref, None, args.reference_step))
+  seq_len = min(e.run.seq_len for e, _, _ in models)  # both models score the same windows
+  scorers, steps = _scorers(models, seq_len)
+  params = {"run_dir": storage.resolve(exp.run.run_dir), "step": steps[0], "seq_len": seq_len}
+  if args.checkpoint_dir:
+    params["checkpoint_dir"] = storage.resolve(args.checkpoint_dir)
+  eos = int(exp.data.vocabulary.eos_id)
+  if args.by == "perplexity":
+    return store_scores.perplexity(opened, scorers[0], eos), params
+  params.update(reference_run_dir=storage.resolve(args.reference_run_dir),
+                reference_step=steps[1])
+  return store_scores.reference_ratio(opened, scorers[0], scorers[1], eos), params
 
 
 def cmd_generate(args) -> None:

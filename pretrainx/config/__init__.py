@@ -8,7 +8,7 @@ topic: model, optim, data, mesh, run, cpt.
 
 from pretrainx.config.cpt import InitConfig, LinearizeConfig, LoraConfig, TuneConfig
 from pretrainx.config.data import (CorpusTask, DataConfig, Denoiser, FileTask, MixtureSpec,
-                                   ObjectiveConfig, Stage)
+                                   ObjectiveConfig, ReweightConfig, Selection, Stage)
 from pretrainx.config.experiment import (IDENTITY_SECTIONS, RENAMED, Experiment,
                                          config_differences, validate)
 from pretrainx.config.gin_io import (CONFIGURABLES, experiment_to_gin, read_gin_file,
@@ -57,6 +57,8 @@ __all__ = [
     "SampleConfig",
     "ScheduleConfig",
     "SophiaConfig",
+    "ReweightConfig",
+    "Selection",
     "Stage",
     "TuneConfig",
     "config_differences",

@@ -87,6 +87,71 @@ class MixtureSpec:
 
 
 OBJECTIVES = ("causal", "ul2")
+SCORE_ORDERS = ("shuffle", "ascending", "descending")
+
+
+@dataclasses.dataclass(frozen=True)
+class Selection:
+  """Which documents of some domains a stage trains on, in what order, by a stored score.
+
+  Filters apply in this order: [min_score, max_score], then `sample`, then `top_fraction`. The
+  subset and its order are a pure function of (DataConfig.seed, domain, stage, epoch), so the
+  batch at step k stays a function of (seed, stages, k). With a selection, a stage's epochs of
+  a domain count from the stage's start (a curriculum starts at its beginning).
+
+  Attributes:
+    score: the score set in each domain's token store: 'source' (FileTask.score_field at prepare
+      time) or a name written by `pretrainx score --name=...`.
+    version: that score's version (None: the newest complete one).
+    domains: the domains it applies to (empty: every domain).
+    min_score / max_score: keep documents whose score lies in [min_score, max_score] (None: no
+      bound). Whenever a filter is set, documents without a score (NaN) are dropped.
+    sample: keep each document with probability clip(score, 0, 1) (a classifier's probability),
+      drawn again every epoch.
+    top_fraction: keep this share of the (remaining) documents with the highest scores (the
+      lowest when `lowest`). With `temperature`, draw that many without replacement with
+      probability proportional to exp(score / temperature) (Gumbel top-k) instead.
+    order: 'shuffle' (a new permutation per epoch) or 'ascending' / 'descending' by score (a
+      curriculum; ties broken by the shuffle).
+    repeat: each epoch goes over the chosen subset this many times (repeating a chosen subset).
+    loss_weight: weight each kept document's tokens by its score (self-normalised to mean 1 over
+      the batch's tokens; NaN scores weigh 1).
+  """
+
+  score: str = "source"
+  version: int | None = None
+  domains: tuple[str, ...] = ()
+  min_score: float | None = None
+  max_score: float | None = None
+  sample: bool = False
+  top_fraction: float | None = None
+  lowest: bool = False
+  temperature: float | None = None
+  order: str = "shuffle"
+  repeat: int = 1
+  loss_weight: bool = False
+
+  def __post_init__(self):
+    domains = (self.domains,) if isinstance(self.domains, str) else tuple(self.domains)
+    object.__setattr__(self, "domains", domains)
+    if self.order not in SCORE_ORDERS:
+      raise ValueError(f"Selection.order={self.order!r}; choose one of {SCORE_ORDERS}.")
+    if self.top_fraction is not None and not 0 < self.top_fraction <= 1:
+      raise ValueError(f"Selection.top_fraction={self.top_fraction}; it must lie in (0, 1].")
+    if self.temperature is not None and (self.temperature <= 0 or self.top_fraction is None):
+      raise ValueError(f"Selection.temperature={self.temperature} needs to be > 0 and to come "
+                       "with a top_fraction (it samples that many documents).")
+    if (self.min_score is not None and self.max_score is not None and
+        self.min_score > self.max_score):
+      raise ValueError(f"Selection.min_score={self.min_score} > max_score={self.max_score}: "
+                       "that keeps no documents.")
+    if self.repeat < 1:
+      raise ValueError(f"Selection.repeat={self.repeat}; it must be >= 1.")
+
+  @property
+  def filters(self) -> bool:
+    return (self.min_score is not None or self.max_score is not None or self.sample or
+            self.top_fraction is not None)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -100,6 +165,8 @@ class Stage:
     objective: 'causal' or 'ul2' (mixture of denoisers with a bidirectional prefix).
     metadata_prefix: prepend each document's metadata (URL/source) as MeCo does.
     control_tokens: prepend a control token chosen from the document's score.
+    selections: Selection(...)s that filter, order, repeat or loss-weight documents of some
+      domains by a stored score; at most one per domain.
   """
 
   start_step: int = 0
@@ -107,6 +174,19 @@ class Stage:
   objective: str = "causal"
   metadata_prefix: bool = False
   control_tokens: bool = False
+  selections: tuple[Selection, ...] = ()
+
+  def __post_init__(self):
+    value = self.selections
+    object.__setattr__(self, "selections",
+                       (value,) if isinstance(value, Selection) else tuple(value))
+
+  def selection_for(self, domain: str) -> Selection | None:
+    """The selection that applies to `domain` in this stage, if any."""
+    for sel in self.selections:
+      if not sel.domains or domain in sel.domains:
+        return sel
+    return None
 
 
 def check_stages(stages: Sequence[Stage], domains: Sequence[str]) -> None:
@@ -129,6 +209,15 @@ def check_stages(stages: Sequence[Stage], domains: Sequence[str]) -> None:
                        "weights must be >= 0.")
     if s.weights and sum(s.weights.values()) <= 0:
       raise ValueError(f"stage at step {s.start_step} gives every domain weight 0.")
+    for sel in s.selections:
+      unknown = sorted(set(sel.domains) - set(domains))
+      if unknown:
+        raise ValueError(f"stage at step {s.start_step}: a Selection names unknown domain(s) "
+                         f"{unknown}; the data has {list(domains)}.")
+    for d in domains:
+      if sum(1 for sel in s.selections if not sel.domains or d in sel.domains) > 1:
+        raise ValueError(f"stage at step {s.start_step} has more than one Selection for domain "
+                         f"{d!r}; give each domain at most one.")
     if s.objective not in OBJECTIVES:
       raise ValueError(f"stage at step {s.start_step} has objective {s.objective!r}; choose one "
                        f"of {OBJECTIVES}.")
@@ -205,6 +294,56 @@ class ObjectiveConfig:
                        "finite and distinct.")
 
 
+REWEIGHT_METHODS = ("none", "excess_loss", "loss_slope")
+PACKING_ORDERS = ("shuffle", "neighbours")
+
+
+@dataclasses.dataclass(frozen=True)
+class ReweightConfig:
+  """Online domain reweighting: the mixture's weights follow the per-domain training loss.
+
+  Every `every_steps` steps (a multiple of RunConfig.log_every, where the losses are read) the
+  weights take an exponentiated-gradient step, w <- w * exp(learning_rate * signal) normalised,
+  then mixed with the stage's weights by `smoothing` (DoReMi). The signal per domain is
+    'excess_loss': the mean training loss since the last update minus `reference_losses[d]`
+      (clipped at 0), as DoReMi against a reference model;
+    'loss_slope': how fast the domain's loss falls (the negated slope over the window, per step),
+      so domains still being learned gain weight (Skill-It / learnability style).
+  The weights apply from two steps after the update (the losses are read one step late), are
+  saved in the checkpoint so a resumed run reproduces them, and are logged as
+  data/<domain>/weight and plotted to RUN_DIR/domain_weights.png.
+
+  Attributes:
+    method: 'none', 'excess_loss' or 'loss_slope'.
+    every_steps: steps between updates.
+    start_step: no update before this step.
+    learning_rate: the exponentiated-gradient step size.
+    smoothing: the share of the stage's own weights mixed into every update (keeps all domains
+      sampled).
+    reference_losses: {domain: loss} of a reference model, for 'excess_loss' (missing: 0).
+  """
+
+  method: str = "none"
+  every_steps: int = 10
+  start_step: int = 0
+  learning_rate: float = 1.0
+  smoothing: float = 0.1
+  reference_losses: Mapping[str, float] = dataclasses.field(default_factory=dict)
+
+  def __post_init__(self):
+    object.__setattr__(self, "reference_losses", dict(self.reference_losses))
+    if self.method not in REWEIGHT_METHODS:
+      raise ValueError(f"ReweightConfig.method={self.method!r}; choose one of "
+                       f"{REWEIGHT_METHODS}.")
+    if self.every_steps < 1 or not 0 <= self.smoothing <= 1 or self.learning_rate < 0:
+      raise ValueError(f"bad {self}: need every_steps >= 1, 0 <= smoothing <= 1, "
+                       "learning_rate >= 0.")
+
+  @property
+  def enabled(self) -> bool:
+    return self.method != "none"
+
+
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
   """Where tokens come from, how they are mixed over training, packed and shuffled.
@@ -223,6 +362,12 @@ class DataConfig:
     vocabulary: any object with encode/decode/vocab_size/eos_id/pad_id/name (bytes by default).
     seed: shuffle and mixture seed; the batch at step k depends on (seed, stages, k) only.
     prefetch: batches prepared ahead of the training step by grain's reader threads.
+    packing_order: 'shuffle' (documents packed in a random order) or 'neighbours' (in-context
+      pretraining: each document is packed next to its nearest neighbours by a hashed n-gram
+      embedding).
+    cross_document_attention: let the pieces of a row attend to each other (one segment per
+      row, positions running through it); False keeps packed documents apart.
+    reweight: online domain reweighting (ReweightConfig).
   """
 
   domains: tuple[str, ...] = DOMAINS
@@ -235,6 +380,9 @@ class DataConfig:
   vocabulary: Any = ByteVocabulary()
   seed: int = 0
   prefetch: int = 2
+  packing_order: str = "shuffle"
+  cross_document_attention: bool = False
+  reweight: ReweightConfig = ReweightConfig()
 
   def __post_init__(self):
     for name in ("domains", "tasks", "stages"):  # gin gives lists; keep configs comparable
@@ -243,6 +391,9 @@ class DataConfig:
       raise ValueError(f"DataConfig.packing={self.packing!r}; choose one of {PACKING_MODES}.")
     if not self.domains:
       raise ValueError("DataConfig.domains is empty; name at least one domain.")
+    if self.packing_order not in PACKING_ORDERS:
+      raise ValueError(f"DataConfig.packing_order={self.packing_order!r}; choose one of "
+                       f"{PACKING_ORDERS}.")
 
   @property
   def store_root(self) -> str:
@@ -255,3 +406,8 @@ class DataConfig:
   @property
   def uses_prefix_lm(self) -> bool:
     return any(s.objective == "ul2" for s in self.schedule_stages)
+
+  @property
+  def uses_loss_weights(self) -> bool:
+    """Batches carry `loss_weight` (float32 [batch, seq]) when a stage weights by score."""
+    return any(sel.loss_weight for s in self.schedule_stages for sel in s.selections)

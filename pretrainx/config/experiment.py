@@ -12,7 +12,7 @@ from typing import Any
 from absl import logging
 
 from pretrainx.config.cpt import InitConfig, TuneConfig
-from pretrainx.config.data import DataConfig, check_stages
+from pretrainx.config.data import DataConfig, ReweightConfig, check_stages
 from pretrainx.config.mesh import MeshConfig
 from pretrainx.config.model import ModelConfig, MoeConfig
 from pretrainx.config.optim import (AdafactorConfig, MuonConfig, OptimizerConfig, ScheduleConfig,
@@ -90,6 +90,7 @@ SECTION_CLASSES = {f.name: type(f.default) for f in dataclasses.fields(Experimen
 # Settings groups nested in a section; in gin they are bound on their own class.
 GROUPS: dict[type, tuple[tuple[str, type], ...]] = {
     ModelConfig: (("moe", MoeConfig),),
+    DataConfig: (("reweight", ReweightConfig),),
     OptimizerConfig: (("muon", MuonConfig), ("sophia", SophiaConfig),
                       ("adafactor", AdafactorConfig)),
 }
@@ -155,12 +156,33 @@ def validate(exp: Experiment) -> None:
     raise ValueError("RunConfig.steps, RunConfig.global_batch_size and "
                      "AccumulationConfig.microbatches must be positive.")
   check_stages(exp.data.schedule_stages, exp.data.domains)
+  _check_reweighting(exp)
   _check_experts(exp)
   causal_only = sorted({i for i in model.layer_impls if i in ("linear", "hybrid")})
   if exp.data.uses_prefix_lm and causal_only:
     raise ValueError(
         f"a 'ul2' stage needs a bidirectional prefix, which attention_impl "
         f"{', '.join(map(repr, causal_only))} cannot give; use 'reference' or 'flash'.")
+
+
+def _check_reweighting(exp: Experiment) -> None:
+  rw, log_every, domains = exp.data.reweight, exp.run.log_every, exp.data.domains
+  unknown = sorted(set(rw.reference_losses) - set(domains))
+  if unknown:
+    raise ValueError(f"ReweightConfig.reference_losses names unknown domain(s) {unknown}; the "
+                     f"data has {list(domains)}.")
+  if not rw.enabled:
+    return
+  if rw.every_steps % log_every:
+    raise ValueError(f"ReweightConfig.every_steps={rw.every_steps} is not a multiple of "
+                     f"RunConfig.log_every={log_every} (the losses are read at log points); use "
+                     f"a multiple such as {max(rw.every_steps // log_every, 1) * log_every}.")
+  if rw.method == "loss_slope" and rw.every_steps < 2 * log_every:
+    raise ValueError(f"ReweightConfig.method='loss_slope' fits a slope to the window's log "
+                     f"points, so every_steps={rw.every_steps} needs to be at least "
+                     f"2 * RunConfig.log_every = {2 * log_every}.")
+  if rw.start_step < 0:
+    raise ValueError(f"ReweightConfig.start_step={rw.start_step} is negative.")
 
 
 def _check_experts(exp: Experiment) -> None:

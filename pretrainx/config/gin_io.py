@@ -18,7 +18,8 @@ from absl import logging
 
 from pretrainx import storage
 from pretrainx.config.cpt import LinearizeConfig, LoraConfig
-from pretrainx.config.data import CorpusTask, Denoiser, FileTask, MixtureSpec, ObjectiveConfig, Stage
+from pretrainx.config.data import (CorpusTask, Denoiser, FileTask, MixtureSpec, ObjectiveConfig,
+                                   Selection, Stage)
 from pretrainx.config.experiment import GROUPS, RENAMED, SECTION_CLASSES, Experiment
 from pretrainx.vocab import ByteVocabulary, HFTokenizerVocabulary
 
@@ -26,8 +27,8 @@ from pretrainx.vocab import ByteVocabulary, HFTokenizerVocabulary
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 _GROUP_CLASSES = tuple(cls for groups in GROUPS.values() for _, cls in groups)
 CONFIGURABLES = (tuple(SECTION_CLASSES.values()) + _GROUP_CLASSES + (
-    LoraConfig, ByteVocabulary, HFTokenizerVocabulary, Stage, ObjectiveConfig, Denoiser, FileTask,
-    CorpusTask, MixtureSpec, LinearizeConfig))
+    LoraConfig, ByteVocabulary, HFTokenizerVocabulary, Stage, Selection, ObjectiveConfig, Denoiser,
+    FileTask, CorpusTask, MixtureSpec, LinearizeConfig))
 
 _GIN_CLASSES: dict[str, Any] = {}  # name -> gin-wrapped class (calling it applies the bindings)
 _GIN_READERS: list[bool] = []

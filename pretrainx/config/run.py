@@ -40,13 +40,26 @@ class LossConfig:
   Attributes:
     z_loss: weight of the log(Z)^2 auxiliary loss that keeps the softmax normaliser near 1
       (PaLM); 0 disables it.
+    example_weighting: 'none', or 'loss': each row's tokens are weighted by
+      softmax(row loss / example_temperature) over the batch, times the number of rows, with no
+      gradient through the weights (dynamic loss-based sample reweighting). Weights from scores
+      come from the data (Selection.loss_weight); the two multiply.
+    example_temperature: the softmax temperature of 'loss' weighting (larger: closer to uniform;
+      negative: down-weights hard rows).
   """
 
   z_loss: float = 1e-4
+  example_weighting: str = "none"
+  example_temperature: float = 1.0
 
   def __post_init__(self):
     if self.z_loss < 0:
       raise ValueError(f"LossConfig.z_loss={self.z_loss} is negative; use 0 to disable it.")
+    if self.example_weighting not in ("none", "loss"):
+      raise ValueError(f"LossConfig.example_weighting={self.example_weighting!r}; choose "
+                       "'none' or 'loss'.")
+    if self.example_temperature == 0:
+      raise ValueError("LossConfig.example_temperature must not be 0.")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -18,7 +18,7 @@ import numpy as np
 import tensorstore as ts
 
 from pretrainx import storage
-from pretrainx.data import corpus
+from pretrainx.data import corpus, score_sets
 from pretrainx.data.tasks import SourceDocument
 
 FORMAT_VERSION = 1
@@ -199,6 +199,7 @@ class TokenStore:
 
   def __init__(self, path: str, manifest: dict):
     self.path, self.manifest = path, manifest
+    self._score_cache: dict[tuple, np.ndarray] = {}
     self.num_docs, self.num_tokens = int(manifest["num_docs"]), int(manifest["num_tokens"])
     try:
       arrays = {n: open_array(path, n) for n in ARRAYS}
@@ -244,6 +245,21 @@ class TokenStore:
 
   def metadata_all(self) -> list[str | None]:
     return [self.metadata(i) for i in range(self.num_docs)]
+
+  def score(self, name: str = score_sets.SOURCE, version: int | None = None) -> np.ndarray:
+    """float32 [num_docs]: the prepared `scores` ('source') or a score set written later by
+    `pretrainx score` (the newest version when None); NaN where a document has none."""
+    if name == score_sets.SOURCE:
+      return self.scores
+    key = (name, version)
+    if key not in self._score_cache:
+      self._score_cache[key] = score_sets.read_scores(self.path, name, version,
+                                                      self.num_docs)[0]
+    return self._score_cache[key]
+
+  def score_names(self) -> dict[str, list[int]]:
+    """{name: [complete versions]} of the score sets this store holds, 'source' included."""
+    return {score_sets.SOURCE: [0], **score_sets.list_scores(self.path)}
 
 
 def open_store(path: str, vocabulary=None, fingerprint: dict | None = None,

@@ -10,7 +10,7 @@ and data selection.
 from __future__ import annotations
 
 import json
-from typing import Iterable, Iterator
+from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 
@@ -46,6 +46,21 @@ def jsonl_documents(path: str, text_field: str = "text", id_field: str | None = 
       yield str(rec.get(id_field, line_no) if id_field else line_no), rec[text_field]
 
 
+def document_logprobs(scorer: TokenScorer, documents: Sequence[np.ndarray], prefix_id: int
+                      ) -> list[np.ndarray]:
+  """log p of every token of each document (float32 [len]), in one batched scorer call: the
+  first token given `prefix_id`, later ones in rolling windows of the scorer's row length."""
+  windows, owner = [], []
+  for i, ids in enumerate(documents):
+    for pair in rolling_windows([int(t) for t in ids], prefix_id, scorer.seq_len):
+      windows.append(pair)
+      owner.append(i)
+  parts: list[list[np.ndarray]] = [[] for _ in documents]
+  for i, scored in zip(owner, scorer.score(windows)):
+    parts[i].append(scored.logprobs)
+  return [np.concatenate(p) if p else np.zeros(0, np.float32) for p in parts]
+
+
 def score_documents(scorer: TokenScorer, documents: Iterable[tuple[str, np.ndarray]],
                     out_path: str, prefix_id: int, min_k: float = 0.2) -> int:
   """Writes one JSON line per (id, token ids) document to out_path; returns the count."""
@@ -56,16 +71,8 @@ def score_documents(scorer: TokenScorer, documents: Iterable[tuple[str, np.ndarr
     batch: list[tuple[str, np.ndarray]] = []
 
     def flush():
-      windows, owner = [], []
-      for i, (_, ids) in enumerate(batch):
-        for pair in rolling_windows([int(t) for t in ids], prefix_id, scorer.seq_len):
-          windows.append(pair)
-          owner.append(i)
-      parts: list[list[np.ndarray]] = [[] for _ in batch]
-      for i, scored in zip(owner, scorer.score(windows)):
-        parts[i].append(scored.logprobs)
-      for (doc_id, ids), pieces in zip(batch, parts):
-        logprobs = np.concatenate(pieces) if pieces else np.zeros(0, np.float32)
+      scored = document_logprobs(scorer, [ids for _, ids in batch], prefix_id)
+      for (doc_id, ids), logprobs in zip(batch, scored):
         out.write(json.dumps({
             "id": doc_id, "num_tokens": int(len(ids)), "tokens": [int(t) for t in ids],
             "logprobs": [round(float(x), 6) for x in logprobs],

@@ -3,8 +3,10 @@
 Each domain (an embedded-corpus domain or a prepared task) is a token store read at random; its
 documents are shuffled per epoch and packed into rows (pretrainx.data.packing); a MixtureSchedule
 says which domain fills each row of each global batch, so the batch at step k is a pure function
-of (seed, schedule, k) and resuming needs only k. Grain reads batches ahead on worker threads.
-Validation is kept per domain. Batches are dicts of int32 [batch, seq] arrays plus `domain` [batch].
+of (seed, schedule, k) and resuming needs only k. A stage's Selection chooses and orders a
+domain's documents by score, its rows counted from the stage's start. Grain reads batches ahead
+on worker threads. Validation is kept per domain. Batches are dicts of int32 [batch, seq] arrays
+plus `domain` [batch] (and float32 `loss_weight` [batch, seq] when a Selection weights by score).
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from pretrainx.data import store as token_store
 from pretrainx.data import tasks as tasks_lib
 from pretrainx.config.data import DOMAINS
 from pretrainx.data.mixture import MixtureSchedule
-from pretrainx.data.packing import DomainRows
+from pretrainx.data.packing import DomainRows, stage_view
 from pretrainx.config import DataConfig
 
 BATCH_KEYS = ("inputs", "targets", "segment_ids", "positions", "loss_mask")
@@ -60,22 +62,49 @@ class TrainBatches:
                process_index: int = 0, process_count: int = 1):
     self.cfg, self.seq_len, self.global_batch_size = cfg, seq_len, global_batch_size
     self.domains = tuple(cfg.domains)
+    if cfg.cross_document_attention and cfg.uses_prefix_lm:
+      raise ValueError("DataConfig.cross_document_attention=True works with the causal "
+                       "objective only; drop it or the 'ul2' stages.")
     stores = [open_domain_store(cfg, d, "train") for d in self.domains]
     self.rows = [DomainRows(s, seq_len=seq_len, seed=cfg.seed, domain_index=i, mode=cfg.packing,
-                            vocab=cfg.vocabulary, objective_cfg=cfg.objective)
-                 for i, s in enumerate(stores)]
+                            vocab=cfg.vocabulary, objective_cfg=cfg.objective,
+                            packing_order=cfg.packing_order,
+                            cross_document_attention=cfg.cross_document_attention, name=d)
+                 for i, (d, s) in enumerate(zip(self.domains, stores))]
     natural = {d: float(s.num_tokens) for d, s in zip(self.domains, stores)}
     self.schedule = MixtureSchedule(cfg.schedule_stages, self.domains, global_batch_size,
                                     cfg.seed, natural)
     self.local = host_slice(global_batch_size, process_index, process_count)
-    self.keys = BATCH_KEYS + (("prefix_mask",) if cfg.uses_prefix_lm else ())
+    self.keys = (BATCH_KEYS + (("prefix_mask",) if cfg.uses_prefix_lm else ()) +
+                 (("loss_weight",) if cfg.uses_loss_weights else ()))
+    self._check_selections()
+
+  def _check_selections(self) -> None:
+    """Every stage's selections read their scores and keep documents in epoch 0: a missing score
+    or an empty filter fails here, before training, not at the stage's first step."""
+    for si, stage in enumerate(self.schedule.stages):
+      for rows in self.rows:
+        view = stage_view(stage, si, rows.name)
+        if view.selection is not None:
+          rows.rows_in_epoch(0, view)
+
+  def _row_index(self, stage_index: int, domain: int, index: int) -> int:
+    """A domain's row index counted from its stage's start when the stage selects its rows."""
+    stage = self.schedule.stages[stage_index]
+    if stage.selection_for(self.domains[domain]) is None:
+      return index
+    # Not cached: online reweighting may replace the weight history (MixtureSchedule caches its
+    # own counts and drops them when the history changes).
+    return index - int(self.schedule.offsets(stage.start_step)[domain])
 
   def batch_at(self, step: int) -> dict[str, np.ndarray]:
     """This host's rows of the global batch of `step`, with each row's `domain` index."""
-    stage = self.schedule.stage(step)
+    si = self.schedule.stage_index(step)
+    stage = self.schedule.stages[si]
     domain, index = self.schedule.assignment(step)
     domain, index = domain[self.local], index[self.local]
-    rows = [self.rows[d].row(i, stage) for d, i in zip(domain.tolist(), index.tolist())]
+    rows = [self.rows[d].row(self._row_index(si, d, i), stage, si)
+            for d, i in zip(domain.tolist(), index.tolist())]
     batch = _stack(rows, self.keys)
     batch["domain"] = domain.astype(np.int32)
     return batch
@@ -87,13 +116,16 @@ class TrainBatches:
     return iter(steps.to_iter_dataset(options))
 
   def epochs(self, step: int) -> dict[str, float]:
-    """How many passes over each domain the batches before `step` made (fractional)."""
+    """How many passes over each domain the batches before `step` made (fractional); a domain
+    its stage selects counts the passes over its selection since the stage's start."""
     out = {}
-    flags_of = lambda s: (s.metadata_prefix, s.control_tokens)
-    flags = flags_of(self.schedule.stage(max(step - 1, 0)))
-    for name, rows, used in zip(self.domains, self.rows, self.schedule.offsets(step)):
-      epoch, r = rows.locate(int(used), flags)
-      out[name] = epoch + r / max(rows.rows_in_epoch(epoch, flags), 1)
+    si = self.schedule.stage_index(max(step - 1, 0))
+    stage = self.schedule.stages[si]
+    for d, (name, rows, used) in enumerate(zip(self.domains, self.rows,
+                                               self.schedule.offsets(step))):
+      view = stage_view(stage, si, name)
+      epoch, r = rows.locate(max(self._row_index(si, d, int(used)), 0), view)
+      out[name] = epoch + r / max(rows.rows_in_epoch(epoch, view), 1)
     return out
 
 

@@ -1,4 +1,5 @@
-"""Where metrics go: a JSON-lines file, TensorBoard event files, and the loss plot at the end.
+"""Where metrics go: a JSON-lines file, TensorBoard event files, and the loss and domain-weight
+plots at the end.
 
 The loop hands finished host-side dicts to `MetricWriter.write`; nothing here touches devices.
 In a bucket (which cannot append) both are written locally and uploaded whole at every write, so
@@ -16,6 +17,7 @@ from typing import Any
 from pretrainx import storage
 
 METRICS_FILE = "metrics.jsonl"
+DOMAIN_WEIGHTS_PLOT = "domain_weights.png"
 TENSORBOARD_DIR = "tensorboard"
 EVENT_FILE_BYTES = 4 << 20  # a new TensorBoard event file after this many bytes
 
@@ -117,3 +119,13 @@ def plot_losses(metrics_path: str, out_png: str, baseline: float | None = None) 
                                       ("eval/loss", "validation", "o-"))]
   hline = (baseline, "unigram entropy (validation)") if baseline is not None else None
   return plot_curves(curves, out_png, hline=hline)
+
+
+def plot_domain_weights(metrics_path: str, out_png: str) -> str:
+  """Each domain's mixture weight (the 'data/<domain>/weight' metrics) vs step, as a PNG."""
+  rows = read_metrics(metrics_path)
+  names = sorted({k.split("/")[1] for r in rows for k in r
+                  if k.startswith("data/") and k.endswith("/weight")})
+  curves = [(name, [(r["step"], r[f"data/{name}/weight"]) for r in rows
+                    if f"data/{name}/weight" in r], "-") for name in names]
+  return plot_curves(curves, out_png, ylabel="domain weight")

@@ -4,7 +4,9 @@ A schedule is a list of `Stage`s, each starting at a step with its own {domain: 
 training upsampling, curricula and replay are then configuration only. Every global batch gets
 exact per-domain row counts (systematic rounding, so each domain's expected share is its weight)
 and the rows are shuffled by (seed, step); how many rows each domain gave before step k has a
-closed form, so the batch at step k is a pure function of (seed, schedule, k).
+closed form, so the batch at step k is a pure function of (seed, schedule, k). Online reweighting
+(pretrainx.data.reweighting) adds a weight history, (from_step, weights) entries that act like
+extra stages within the stage they start in; k's batch then depends on (seed, stages, history, k).
 """
 
 from __future__ import annotations
@@ -35,11 +37,21 @@ def hash_uniform(seed: int, stream: int, counters: np.ndarray) -> np.ndarray:
   return (x >> np.uint64(11)).astype(np.float64) / float(1 << 53)
 
 
+class _Plan:
+  """The weights in effect from each change point on (stage starts and history entries), with
+  the cumulative row counts computed so far; replaced whole, never edited, when the history
+  changes (reader threads may still hold the old one)."""
+
+  def __init__(self, steps: np.ndarray, table: np.ndarray, history: tuple, cum: dict):
+    self.steps, self.table, self.history, self.cum = steps, table, history, cum
+
+
 class MixtureSchedule:
   """Which domain each row of each global batch comes from, and each domain's row offsets."""
 
   def __init__(self, stages: Sequence[Stage], domains: Sequence[str], batch_size: int, seed: int,
-               natural_weights: Mapping[str, float] | None = None):
+               natural_weights: Mapping[str, float] | None = None,
+               history: Sequence[tuple[int, Sequence[float]]] = ()):
     check_stages(stages, domains)
     self.stages, self.domains = tuple(stages), tuple(domains)
     self.batch_size, self.seed = int(batch_size), int(seed)
@@ -50,7 +62,40 @@ class MixtureSchedule:
       w = np.asarray([float((s.weights or natural).get(d, 0.0)) for d in domains])
       table.append(w / w.sum())
     self.weights = np.stack(table)  # [stages, domains], rows sum to 1
-    self._cum = {0: np.zeros(len(domains), np.int64)}  # step -> rows each domain gave before it
+    self._plan = _Plan(self.starts, self.weights, (), {0: np.zeros(len(domains), np.int64)})
+    if history:
+      self.set_history(history)
+
+  @property
+  def history(self) -> tuple[tuple[int, np.ndarray], ...]:
+    return self._plan.history
+
+  def set_history(self, history: Sequence[tuple[int, Sequence[float]]]) -> None:
+    """Domain weights from online reweighting: entry (from_step, weights [domains]) applies from
+    that step until the next entry or the next stage start, whichever comes first (an entry at a
+    stage's start step wins over the stage's own weights). Cached counts past the first step
+    where the new history differs from the old one are dropped."""
+    entries = []
+    for step, w in history:
+      w = np.asarray(w, np.float64)
+      if w.shape != (len(self.domains),) or not np.all(np.isfinite(w)) or (w < 0).any() or \
+          w.sum() <= 0:
+        raise ValueError(f"weight history entry at step {step}: need {len(self.domains)} finite "
+                         f"weights >= 0 with a positive sum, got {w.tolist()}.")
+      entries.append((int(step), w / w.sum()))
+    steps = [s for s, _ in entries]
+    if steps != sorted(set(steps)) or (steps and steps[0] < 0):
+      raise ValueError(f"weight history steps {steps} must be >= 0 and strictly increasing.")
+    old = self._plan
+    changed = _first_difference(old.history, entries)
+    events = sorted([(int(s), 0, w) for s, w in zip(self.starts, self.weights)] +
+                    [(s, 1, w) for s, w in entries], key=lambda e: (e[0], e[1]))
+    last = {}
+    for s, _, w in events:  # at a shared step the history entry (kind 1) comes last and wins
+      last[s] = w
+    cum = {a: c for a, c in old.cum.items() if changed is None or a <= changed}
+    self._plan = _Plan(np.asarray(list(last), np.int64), np.stack(list(last.values())),
+                       tuple(entries), cum)
 
   def stage_index(self, step: int) -> int:
     return int(np.searchsorted(self.starts, step, side="right") - 1)
@@ -58,14 +103,24 @@ class MixtureSchedule:
   def stage(self, step: int) -> Stage:
     return self.stages[self.stage_index(step)]
 
-  def counts(self, steps: np.ndarray) -> np.ndarray:
+  def stage_weights(self, step: int) -> np.ndarray:
+    """The stage's own normalised weights at `step` -> float64 [domains]."""
+    return self.weights[self.stage_index(step)]
+
+  def weights_at(self, step: int, plan: _Plan | None = None) -> np.ndarray:
+    """The weights the batch of `step` is drawn with (history included) -> float64 [domains]."""
+    plan = plan or self._plan
+    return plan.table[int(np.searchsorted(plan.steps, step, side="right") - 1)]
+
+  def counts(self, steps: np.ndarray, plan: _Plan | None = None) -> np.ndarray:
     """Rows per domain in the batches of `steps` -> int64 [len(steps), domains].
 
     floor(w * B) each, and the remaining rows go to domains by systematic sampling over the
     fractional parts, so every domain's expected count is exactly w * B.
     """
+    plan = plan or self._plan
     steps = np.asarray(steps, np.int64)
-    w = self.weights[np.searchsorted(self.starts, steps, side="right") - 1]  # [n, domains]
+    w = plan.table[np.searchsorted(plan.steps, steps, side="right") - 1]  # [n, domains]
     exact = w * self.batch_size
     base = np.floor(exact).astype(np.int64)
     frac_cum = np.cumsum(exact - base, axis=1)
@@ -76,19 +131,22 @@ class MixtureSchedule:
     lower = np.concatenate([np.zeros_like(upper[:, :1]), upper[:, :-1]], axis=1)
     return base + (upper - lower).astype(np.int64)
 
-  def offsets(self, step: int) -> np.ndarray:
+  def offsets(self, step: int, plan: _Plan | None = None) -> np.ndarray:
     """Rows each domain contributed to the batches of steps [0, step) -> int64 [domains]."""
+    plan = plan or self._plan
+    cum = plan.cum
     anchor = (int(step) // _CHECKPOINT_EVERY) * _CHECKPOINT_EVERY
-    if anchor not in self._cum:
-      known = max(k for k in self._cum if k <= anchor)
+    if anchor not in cum:
+      known = max(k for k in cum if k <= anchor)
       for a in range(known, anchor, _CHECKPOINT_EVERY):
-        self._cum[a + _CHECKPOINT_EVERY] = self._cum[a] + self.counts(
-            np.arange(a, a + _CHECKPOINT_EVERY)).sum(axis=0)
-    return self._cum[anchor] + self.counts(np.arange(anchor, int(step))).sum(axis=0)
+        cum[a + _CHECKPOINT_EVERY] = cum[a] + self.counts(
+            np.arange(a, a + _CHECKPOINT_EVERY), plan).sum(axis=0)
+    return cum[anchor] + self.counts(np.arange(anchor, int(step)), plan).sum(axis=0)
 
   def assignment(self, step: int) -> tuple[np.ndarray, np.ndarray]:
     """(domain [B], row index within that domain [B]) for the rows of the batch of `step`."""
-    counts = self.counts(np.asarray([step]))[0]
+    plan = self._plan  # one plan throughout, whatever another thread sets meanwhile
+    counts = self.counts(np.asarray([step]), plan)[0]
     domain = np.repeat(np.arange(len(self.domains)), counts)
     slots = int(step) * self.batch_size + np.arange(self.batch_size, dtype=np.int64)
     order = np.argsort(hash_uniform(self.seed, 2, slots), kind="stable")
@@ -97,4 +155,15 @@ class MixtureSchedule:
     for d in range(len(self.domains)):
       where = np.flatnonzero(domain == d)
       rank[where] = np.arange(len(where))
-    return domain, self.offsets(step)[domain] + rank
+    return domain, self.offsets(step, plan)[domain] + rank
+
+
+def _first_difference(old: Sequence[tuple[int, np.ndarray]],
+                      new: Sequence[tuple[int, np.ndarray]]) -> int | None:
+  """The first step from which two weight histories may give different weights (None: equal)."""
+  for (s_old, w_old), (s_new, w_new) in zip(old, new):
+    if s_old != s_new or not np.array_equal(w_old, w_new):
+      return min(s_old, s_new)
+  if len(old) == len(new):
+    return None
+  return (old[len(new)] if len(old) > len(new) else new[len(old)])[0]

@@ -3,7 +3,9 @@
 Metrics stay on device and are read every `log_every` steps, one step late (after the next step is
 dispatched), so the host never waits on the accelerator between log points. The loop resumes from
 the newest readable checkpoint, saves asynchronously by the checkpoint policy, stops cleanly on
-SIGTERM/SIGINT, and applies the bad-step policy (skip, roll back, or stop).
+SIGTERM/SIGINT, and applies the bad-step policy (skip, roll back, or stop). With online domain
+reweighting, each update's weights apply from the batch after the one in flight (see
+_Driver._reweight), and the batch iterator restarts so that prefetched batches are redrawn.
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ import time
 from typing import Any
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 from absl import logging
 from tqdm.auto import tqdm
 
@@ -21,9 +25,10 @@ from pretrainx import storage
 from pretrainx.checkpoint import Checkpointer, check_directory
 from pretrainx.config import Experiment, RunPaths, config_differences, experiment_to_gin, parse_gin
 from pretrainx.data.pipeline import TrainBatches, eval_batches
+from pretrainx.data.reweighting import Reweighter, floats_from_json, floats_to_json
 from pretrainx.harness import runner as harness
 from pretrainx.flops import flops_per_token, machine_peak_flops, measure_peak_flops, mfu
-from pretrainx.metrics import MetricWriter, plot_losses
+from pretrainx.metrics import DOMAIN_WEIGHTS_PLOT, MetricWriter, plot_domain_weights, plot_losses
 from pretrainx.train.eval import evaluate_domains
 from pretrainx.train.init import initial_state
 from pretrainx.train.preemption import PreemptionWatcher
@@ -77,7 +82,7 @@ def prepare_run_dir(exp: Experiment, restart: bool) -> RunPaths:
     if restart:
       for p in (paths.checkpoints, paths.tensorboard):
         storage.rmtree(p)
-      for p in (paths.metrics, paths.loss_plot):
+      for p in (paths.metrics, paths.loss_plot, storage.join(paths.root, DOMAIN_WEIGHTS_PLOT)):
         storage.remove(p)
     storage.makedirs(paths.root)
     storage.write_text(paths.config, experiment_to_gin(exp))
@@ -111,6 +116,12 @@ class _Throughput:
 _PER_DOMAIN = ("domain_loss", "domain_tokens")
 
 
+@jax.jit
+def _add_domain_sums(acc: jax.Array, loss: jax.Array, tokens: jax.Array) -> jax.Array:
+  """acc [2, domains] + (loss sums, tokens) of one step, for online reweighting."""
+  return acc + jnp.stack([loss * tokens, tokens])
+
+
 class _Driver:
   """One training run's mutable state: the train state, data position, pending metrics."""
 
@@ -123,11 +134,14 @@ class _Driver:
                              jax.process_index(), jax.process_count())
     self.state: TrainState | None = None
     self.step, self.data_offset = 0, 0  # the batch of step k is batch k + data_offset
-    self.pending: tuple[int, Any, Any] | None = None
+    self.pending: tuple[int, Any, Any, Any] | None = None  # (step, metrics, tokens, sums)
     # Tokens trained on per domain: summed on device every step and handed to the host with the
     # metrics at each log point (so the float32 sums stay small and exact).
     self.domain_tokens = {d: 0.0 for d in self.data.domains}  # through the last metrics read
     self.tokens_acc = self._zero_tokens()
+    self.reweighter = Reweighter(exp.data.reweight, self.data.domains)
+    self.sums_acc = jnp.zeros((2, len(self.data.domains)), jnp.float32)  # reweighting's window
+    self.restart_batches = True  # (re)start the batch iterator before the next step
     self.last: dict[str, float] = {}
     self.skipped_seen, self.compile_seconds = 0, 0.0
 
@@ -139,6 +153,7 @@ class _Driver:
       self.state, meta, self.step = self.ckpt.restore(self.rt.abstract_state)
       self.data_offset = int(meta.get("data", {}).get("offset", 0))
       self.domain_tokens.update(meta.get("data", {}).get("domain_tokens", {}))
+      self._restore_reweighting(meta.get("data", {}).get("reweight"))
       logging.info("resumed from %s", self.ckpt.step_path(self.step))
     elif exp.init.source:  # continued pretraining: the data starts at its first batch
       self.state, self.step = initial_state(self.rt, exp.init)
@@ -152,11 +167,27 @@ class _Driver:
 
   def meta(self) -> dict[str, Any]:
     finite = {k: v for k, v in self.last.items() if isinstance(v, float) and math.isfinite(v)}
-    return {"step": self.step, "config_gin": experiment_to_gin(self.rt.exp),
-            "data": {"seed": self.rt.exp.data.seed, "offset": self.data_offset,
-                     "next_batch": self.step + self.data_offset,
-                     "domain_tokens": self._domain_tokens_now()},
+    data = {"seed": self.rt.exp.data.seed, "offset": self.data_offset,
+            "next_batch": self.step + self.data_offset,
+            "domain_tokens": self._domain_tokens_now()}
+    if self.reweighter.cfg.enabled:
+      data["reweight"] = self._reweighting_state()
+    return {"step": self.step, "config_gin": experiment_to_gin(self.rt.exp), "data": data,
             "metrics": finite}
+
+  def _reweighting_state(self) -> dict[str, Any]:
+    """The weight history, the window and the unread loss sums (exact, float.hex)."""
+    unread = self.sums_acc + (self.pending[3] if self.pending else 0.0)
+    weights = self.data.schedule.weights_at(self.step + self.data_offset)
+    return {**self.reweighter.state(), "partial": floats_to_json(jax.device_get(unread)),
+            "weights": dict(zip(self.data.domains, map(float, weights)))}
+
+  def _restore_reweighting(self, saved: dict[str, Any] | None) -> None:
+    if not (saved and self.reweighter.cfg.enabled):
+      return
+    self.reweighter.load(saved, self.data.schedule)
+    partial = floats_from_json(saved["partial"]).astype(np.float32)
+    self.sums_acc = jnp.asarray(partial.reshape(self.sums_acc.shape))
 
   def save(self, block: bool = False) -> str:
     path = self.ckpt.save(self.step, self.state, self.meta(), block=block)
@@ -170,12 +201,16 @@ class _Driver:
     run = self.rt.exp.run
     bar = tqdm(total=run.steps, initial=self.step, desc="train", unit="step", dynamic_ncols=True,
                disable=not (run.progress_bar and jax.process_index() == 0))
-    batches = self.data.iterate(self.step + self.data_offset)
-    first = True
+    batches, first, reweight = None, True, self.reweighter.cfg.enabled
     while self.step < run.steps:
+      if self.restart_batches:
+        batches = self._restart_batches(batches)
       t0 = time.perf_counter()
       self.state, metrics = self.rt.train_step(self.state, self.rt.put_batch(next(batches)))
       self.tokens_acc = self.tokens_acc + metrics["domain_tokens"]
+      if reweight:
+        self.sums_acc = _add_domain_sums(self.sums_acc, metrics["domain_loss"],
+                                         metrics["domain_tokens"])
       self.step += 1
       if first:  # the first call compiles: time it and start the throughput clock after
         jax.block_until_ready(metrics)
@@ -183,10 +218,12 @@ class _Driver:
         self.meter.restart_clock(self.step)
       rolled_back = self._read_pending(bar)
       if not rolled_back and (self.step % run.log_every == 0 or self.step == run.steps):
-        self.pending = (self.step, metrics, self.tokens_acc)
+        self.pending = (self.step, metrics, self.tokens_acc, self.sums_acc if reweight else None)
         self.tokens_acc = self._zero_tokens()
+        if reweight:
+          self.sums_acc = jnp.zeros_like(self.sums_acc)
       if rolled_back:
-        batches = self.data.iterate(self.step + self.data_offset)
+        self.restart_batches = True
         bar.n = self.step
       bar.update(0 if rolled_back else 1)
       if watcher.should_stop(self.step):
@@ -197,6 +234,13 @@ class _Driver:
     self._read_pending(bar)
     bar.close()
     return False
+
+  def _restart_batches(self, old):
+    """A fresh batch iterator from the next batch to train on (the old one is closed)."""
+    if old is not None and hasattr(old, "close"):
+      old.close()
+    self.restart_batches = False
+    return self.data.iterate(self.step + self.data_offset)
 
   def _pause_for_eval_and_checkpoint(self, bar) -> None:
     run = self.rt.exp.run
@@ -221,16 +265,34 @@ class _Driver:
     """Reads the pending metrics; returns True if the bad-step policy rolled the state back."""
     if self.pending is None:
       return False
-    step, metrics, tokens = self.pending
+    step, metrics, tokens, sums = self.pending
     self.pending = None
-    values = self._named_metrics(step, *jax.device_get((metrics, tokens)))
+    metrics, tokens, sums = jax.device_get((metrics, tokens, sums))
+    values = self._named_metrics(step, metrics, tokens)
     values.update(self.meter.read(step))
     self.writer.write(step, values)
     self.last = values
     bar.set_postfix(loss=f"{values['train/loss']:.3f}",
                     tok_s=f"{values['perf/tokens_per_second']:.0f}",
                     mfu=f"{100 * values['perf/mfu']:.1f}%", refresh=False)
-    return self._apply_bad_step_policy(step, values)
+    rolled_back = self._apply_bad_step_policy(step, values)
+    if sums is not None and not rolled_back:
+      self._reweight(step, sums)
+    return rolled_back
+
+  def _reweight(self, step: int, sums: np.ndarray) -> None:
+    """Feeds the interval ending at `step` to the reweighter and, at an update, sets new weights.
+
+    The metrics of step t (the t-th update, which trained on batch t - 1 + data_offset) are read
+    once update t + 1 is in flight at the latest, so the new weights apply from batch
+    t + 1 + data_offset: that of step t + 2, wherever the read happened. Batches already
+    prefetched are drawn again."""
+    self.reweighter.observe(step, sums[0], sums[1])
+    if self.reweighter.due(step):
+      new = self.reweighter.update(step + 1 + self.data_offset, self.data.schedule)
+      self.restart_batches = True
+      logging.info("step %d: domain weights %s", step, dict(zip(self.data.domains,
+                                                              np.round(new, 4).tolist())))
 
   def _named_metrics(self, step: int, metrics: dict[str, Any], tokens) -> dict[str, float]:
     """Device metrics -> named floats; per-domain arrays become one value per domain."""
@@ -244,6 +306,9 @@ class _Driver:
       values[f"data/{name}/tokens"] = self.domain_tokens[name]
     for name, epochs in self.data.epochs(step).items():
       values[f"data/{name}/epochs"] = epochs
+    weights = self.data.schedule.weights_at(step - 1 + self.data_offset)  # step's own batch
+    for name, w in zip(domains, weights):
+      values[f"data/{name}/weight"] = float(w)
     return values
 
   def _zero_tokens(self) -> jax.Array:
@@ -349,6 +414,8 @@ def train(exp: Experiment, restart: bool = False) -> TrainResult:
     writer.close()
   if is_main:
     plot_losses(paths.metrics, paths.loss_plot, baseline)
+    if exp.data.reweight.enabled or len(exp.data.schedule_stages) > 1:
+      plot_domain_weights(paths.metrics, storage.join(paths.root, DOMAIN_WEIGHTS_PLOT))
   per_domain = {k.split("/")[1]: v for k, v in final_eval.items() if k.count("/") == 2}
   return _result(driver, eval_loss, baseline, sample, checkpoint=path,
                  eval_domain_losses=per_domain)

@@ -81,8 +81,12 @@ def build_runtime(exp: Experiment, devices: list | tuple | None = None) -> Runti
                             microbatches=exp.accumulation.microbatches, guard=exp.guard,
                             hessian_estimate=exp.optimizer.name == "sophia", seed=run.seed,
                             stochastic_rounding=exp.optimizer.stochastic_rounding,
-                            num_domains=len(exp.data.domains), ema=exp.ema)
-  # Batches arrive sharded by put_batch ([batch, seq] and per-row [batch] arrays alike).
+                            num_domains=len(exp.data.domains), ema=exp.ema,
+                            example_temperature=(exp.loss.example_temperature
+                                                 if exp.loss.example_weighting == "loss"
+                                                 else None))
+  # Batches arrive sharded by put_batch ([batch, seq] arrays, `loss_weight` included, and
+  # per-row [batch] arrays alike).
   train_step = jax.jit(step_fn, in_shardings=(shardings, None), out_shardings=(shardings, None),
                        donate_argnums=0)
   eval_step = jax.jit(make_eval_step(model), in_shardings=(None, None))

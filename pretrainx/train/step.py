@@ -1,9 +1,10 @@
 """The pure train step: (state, batch) -> (state, metrics). No I/O, no host sync, no logging.
 
 Loss is token-weighted cross-entropy over `loss_mask` plus an optional z-loss (and, for a
-mixture-of-experts model, its router's balance and z losses); gradients may be
-accumulated over microbatches with lax.scan (sums, then one division, so the result equals the
-full batch); the update is the optax chain from pretrainx.optim.
+mixture-of-experts model, its router's balance and z losses), optionally with per-token loss
+weights (a batch's `loss_weight`, 'loss' example weighting); gradients may be accumulated over
+microbatches with lax.scan (sums, then one division, so the result equals the full batch); the
+update is the optax chain from pretrainx.optim.
 """
 
 from __future__ import annotations
@@ -23,15 +24,39 @@ from pretrainx.optim import apply_updates_stochastic
 from pretrainx.train.guard import guard_update
 from pretrainx.train.state import TrainState
 
-Batch = dict[str, jax.Array]  # int32 [batch, seq] arrays
+Batch = dict[str, jax.Array]  # int32 [batch, seq] arrays (float32 `loss_weight`)
+
+
+def example_weights(ce: jax.Array, mask: jax.Array, token_weight: jax.Array,
+                    temperature: float | None = None) -> jax.Array:
+  """Per-token loss weights [b, s], 0 off the loss mask, with no gradient through them.
+
+  `token_weight` comes scaled to mean 1 over the whole batch's loss tokens (see loss_and_grads).
+  With `temperature`, each row's tokens are multiplied by rows * softmax(row mean loss /
+  temperature) over the rows that have loss tokens, then rescaled so that this (micro)batch
+  keeps the weight total it had: the 'loss' weights are decided within each microbatch.
+  """
+  w = token_weight.astype(jnp.float32) * mask
+  if temperature is None:
+    return w
+  row_tokens = jnp.sum(mask, axis=1)
+  has = row_tokens > 0
+  x = jax.lax.stop_gradient(jnp.sum(ce, axis=1) / jnp.maximum(row_tokens, 1.0)) / temperature
+  e = jnp.where(has, jnp.exp(x - jnp.max(jnp.where(has, x, -jnp.inf))), 0.0)
+  rows = jnp.sum(has.astype(jnp.float32))
+  scored = w * (rows * e / jnp.maximum(jnp.sum(e), 1e-30))[:, None]
+  return jax.lax.stop_gradient(scored * (jnp.sum(w) / jnp.maximum(jnp.sum(scored), 1e-30)))
 
 
 def cross_entropy_sums(logits: jax.Array, targets: jax.Array, loss_mask: jax.Array,
                        z_loss: float = 0.0, domain: jax.Array | None = None,
-                       num_domains: int = 0) -> dict[str, jax.Array]:
+                       num_domains: int = 0, token_weight: jax.Array | None = None,
+                       example_temperature: float | None = None) -> dict[str, jax.Array]:
   """Sums over masked tokens: {'ce', 'z', 'tokens'}; logits [b, s, vocab] fp32, targets [b, s].
 
   With `num_domains` and each row's `domain` [b], also 'domain_ce' and 'domain_tokens' [domains].
+  With `token_weight` [b, s] (and `example_temperature`, see example_weights), also
+  'weighted_ce' and the weights' 'weight', 'weight_sq', 'weight_min', 'weight_max'.
   """
   log_z = jax.nn.logsumexp(logits, axis=-1)  # [b, s]
   target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
@@ -42,6 +67,12 @@ def cross_entropy_sums(logits: jax.Array, targets: jax.Array, loss_mask: jax.Arr
   if num_domains:
     sums["domain_ce"] = jax.ops.segment_sum(jnp.sum(ce, 1), domain, num_domains)
     sums["domain_tokens"] = jax.ops.segment_sum(jnp.sum(mask, 1), domain, num_domains)
+  if token_weight is not None:
+    w = example_weights(ce, mask, token_weight, example_temperature)
+    on = mask > 0
+    sums.update(weighted_ce=jnp.sum(ce * w), weight=jnp.sum(w), weight_sq=jnp.sum(w * w),
+                weight_min=jnp.min(jnp.where(on, w, jnp.inf)),
+                weight_max=jnp.max(jnp.where(on, w, -jnp.inf)))
   return sums
 
 
@@ -53,15 +84,19 @@ def model_logits(model: nn.Module, params: Any, batch: Batch, **kwargs):
 
 
 def batch_loss_sums(model: nn.Module, params: Any, batch: Batch, z_loss: float,
-                    kurtosis: bool = False, num_domains: int = 0,
-                    router: bool = False) -> dict[str, jax.Array]:
+                    kurtosis: bool = False, num_domains: int = 0, router: bool = False,
+                    weighted: bool = False, example_temperature: float | None = None
+                    ) -> dict[str, jax.Array]:
   """Loss sums of one batch; with `kurtosis`, also the blocks' activation kurtosis [layers].
+
+  With `weighted`, the batch's (scaled) `loss_weight` weighs the tokens (cross_entropy_sums).
 
   With `router` (an MoE model), also 'moe_aux' (the router losses of all MoE layers) and each
   router statistic as 'moe/<name>' ([moe_layers], 'moe/load' [moe_layers, experts]), all
   multiplied by the batch's token count so that sums over microbatches stay token-weighted.
   """
-  labels = (batch["targets"], batch["loss_mask"], z_loss, batch.get("domain"), num_domains)
+  labels = (batch["targets"], batch["loss_mask"], z_loss, batch.get("domain"), num_domains,
+            batch["loss_weight"] if weighted else None, example_temperature)
   if not (kurtosis or router):
     return cross_entropy_sums(model_logits(model, params, batch), *labels)
   logits, variables = model_logits(model, params, batch, mutable=["intermediates"])
@@ -85,17 +120,43 @@ def _split_microbatches(batch: Batch, microbatches: int) -> Batch:
   return jax.tree.map(split, batch)
 
 
+def scaled_loss_weight(batch: Batch) -> jax.Array:
+  """The batch's `loss_weight` (ones without one) scaled so that its mean over the batch's loss
+  tokens is 1 [b, s]: the weighted loss keeps the scale of the plain one."""
+  mask = batch["loss_mask"].astype(jnp.float32)
+  weight = batch.get("loss_weight", jnp.ones(mask.shape, jnp.float32)).astype(jnp.float32)
+  return weight * (jnp.sum(mask) / jnp.maximum(jnp.sum(weight * mask), 1e-30))
+
+
+def _accumulate(acc: dict[str, jax.Array], sums: dict[str, jax.Array]) -> dict[str, jax.Array]:
+  """Sums over microbatches add, except the weights' extremes ('*_min', '*_max')."""
+  combine = lambda k: (jnp.minimum if k.endswith("_min") else
+                       jnp.maximum if k.endswith("_max") else jnp.add)
+  return {k: combine(k)(acc[k], v) for k, v in sums.items()}
+
+
 def loss_and_grads(model: nn.Module, params: Any, batch: Batch, *, z_loss: float = 0.0,
-                   microbatches: int = 1, num_domains: int = 0
+                   microbatches: int = 1, num_domains: int = 0,
+                   example_temperature: float | None = None
                    ) -> tuple[dict[str, jax.Array], Any]:
-  """(sums, grads of the mean loss) for the whole batch, accumulated over microbatches."""
+  """(sums, grads of the mean loss) for the whole batch, accumulated over microbatches.
+
+  The loss is weighted when the batch has `loss_weight` (scaled over the whole batch first, so
+  accumulation equals one batch) or with `example_temperature` ('loss' example weighting, whose
+  softmax runs within each microbatch); 'ce' stays the unweighted sum either way.
+  """
 
   kurtosis = bool(getattr(model.cfg, "sow_kurtosis", False))
   router = bool(getattr(getattr(model.cfg, "moe", None), "enabled", False))
+  weighted = "loss_weight" in batch or example_temperature is not None
+  if weighted:
+    batch = dict(batch, loss_weight=scaled_loss_weight(batch))
 
   def objective(p, mb):
-    sums = batch_loss_sums(model, p, mb, z_loss, kurtosis, num_domains, router)
-    return sums["ce"] + sums["z"] + sums.get("moe_aux", 0.0), sums
+    sums = batch_loss_sums(model, p, mb, z_loss, kurtosis, num_domains, router, weighted,
+                           example_temperature)
+    ce = sums["weighted_ce"] if weighted else sums["ce"]
+    return ce + sums["z"] + sums.get("moe_aux", 0.0), sums
 
   grad_fn = jax.grad(objective, has_aux=True)
   if microbatches == 1:
@@ -104,18 +165,28 @@ def loss_and_grads(model: nn.Module, params: Any, batch: Batch, *, z_loss: float
     def body(carry, mb):
       g_acc, s_acc = carry
       g, s = grad_fn(params, mb)
-      return (jax.tree.map(jnp.add, g_acc, g), jax.tree.map(jnp.add, s_acc, s)), None
+      return (jax.tree.map(jnp.add, g_acc, g), _accumulate(s_acc, s)), None
 
     microbatched = _split_microbatches(batch, microbatches)
     zeros_g = jax.tree.map(jnp.zeros_like, params)
     shapes = jax.eval_shape(lambda mb: objective(params, mb)[1],
                             jax.tree.map(lambda x: x[0], microbatched))
-    zeros_s = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+    start = lambda k: jnp.inf if k.endswith("_min") else -jnp.inf if k.endswith("_max") else 0
+    zeros_s = {k: jnp.full(s.shape, start(k), s.dtype) for k, s in shapes.items()}
     (grads, sums), _ = jax.lax.scan(body, (zeros_g, zeros_s), microbatched)
     if kurtosis:  # a mean over microbatches, not a sum
       sums["kurtosis"] = sums["kurtosis"] / microbatches
   denom = jnp.maximum(sums["tokens"], 1.0)
   return sums, jax.tree.map(lambda g: g / denom, grads)
+
+
+def example_weight_metrics(sums: dict[str, jax.Array], denom: jax.Array
+                           ) -> dict[str, jax.Array]:
+  """'weighted_loss' and the token-weighted mean, std, min and max of the loss weights."""
+  mean = sums["weight"] / denom
+  return {"weighted_loss": sums["weighted_ce"] / denom, "example_weight/mean": mean,
+          "example_weight/std": jnp.sqrt(jnp.maximum(sums["weight_sq"] / denom - mean**2, 0.0)),
+          "example_weight/min": sums["weight_min"], "example_weight/max": sums["weight_max"]}
 
 
 def router_metrics(cfg, sums: dict[str, jax.Array], denom: jax.Array) -> dict[str, jax.Array]:
@@ -156,7 +227,7 @@ def make_train_step(model: nn.Module, optimizer: optax.GradientTransformation,
                     schedule: optax.Schedule, *, z_loss: float = 0.0, microbatches: int = 1,
                     guard: GuardConfig = GuardConfig(), hessian_estimate: bool = False,
                     seed: int = 0, stochastic_rounding: bool = False, num_domains: int = 0,
-                    ema: EmaConfig = EmaConfig()
+                    ema: EmaConfig = EmaConfig(), example_temperature: float | None = None
                     ) -> Callable[[TrainState, Batch], tuple[TrainState, dict[str, jax.Array]]]:
   """Returns the pure step function; the loop jits it with shardings and donates the state.
 
@@ -165,12 +236,16 @@ def make_train_step(model: nn.Module, optimizer: optax.GradientTransformation,
   `hessian_estimate` (Sophia) the optimizer gets a GNB Hessian-diagonal callable, whose labels
   are sampled with a key folded from (seed, step). With `num_domains`, batches carry each row's
   `domain` and the metrics include 'domain_loss' and 'domain_tokens' [domains]. With `ema`
-  enabled, the state's EMA of the params is updated after every good step.
+  enabled, the state's EMA of the params is updated after every good step. With per-token loss
+  weights (a batch's `loss_weight`, or `example_temperature` for 'loss' example weighting) the
+  gradient is the weighted loss's; 'loss' stays the unweighted mean cross-entropy (so runs
+  compare) and 'weighted_loss' and 'example_weight/{mean,std,min,max}' (over loss tokens) join.
   """
 
   def train_step(state: TrainState, batch: Batch):
     sums, grads = loss_and_grads(model, state.params, batch, z_loss=z_loss,
-                                 microbatches=microbatches, num_domains=num_domains)
+                                 microbatches=microbatches, num_domains=num_domains,
+                                 example_temperature=example_temperature)
     denom = jnp.maximum(sums["tokens"], 1.0)
     loss, grad_norm = sums["ce"] / denom, optax.tree.norm(grads)
     ok, zscore, guard_state = guard_update(state.guard, loss, grad_norm, guard)
@@ -207,6 +282,8 @@ def make_train_step(model: nn.Module, optimizer: optax.GradientTransformation,
     if num_domains:
       metrics["domain_loss"] = sums["domain_ce"] / jnp.maximum(sums["domain_tokens"], 1.0)
       metrics["domain_tokens"] = sums["domain_tokens"]
+    if "weighted_ce" in sums:
+      metrics.update(example_weight_metrics(sums, denom))
     if "kurtosis" in sums:  # excess kurtosis of each block's output (outlier growth)
       metrics["kurtosis/max"] = jnp.max(sums["kurtosis"])
       metrics.update({f"kurtosis/layer_{i}": k for i, k in enumerate(sums["kurtosis"])})

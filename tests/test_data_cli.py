@@ -64,6 +64,10 @@ def test_prepare_inspect_and_train_on_a_user_task(tmp_path, capsys):
     ("DataConfig.stages = [@Stage()]\nStage.weights = {'poetry': 1.0}", "unknown domain"),
     ("DataConfig.stages = [@Stage()]\nStage.objective = 'ul2'\nModelConfig.attention_impl = "
      "'linear'", "bidirectional prefix"),
+    ("DataConfig.stages = [@Stage()]\nStage.selections = [@Selection()]\nSelection.score = "
+     "'quality'", "holds no score 'quality'"),
+    ("DataConfig.stages = [@Stage()]\nStage.selections = [@Selection()]\nSelection.domains = "
+     "['prose']\nSelection.min_score = 0.5", "keeps no documents of domain 'prose'"),
 ])
 def test_bad_data_config_is_one_clear_line(binding, message, tmp_path, capsys):
   gin_file = tmp_path / "bad.gin"
@@ -71,7 +75,10 @@ def test_bad_data_config_is_one_clear_line(binding, message, tmp_path, capsys):
   code = cli.main(["train", f"--gin_file={TINY}", f"--gin_file={gin_file}",
                    f"--run_dir={tmp_path / 'run'}", "--gin_param=RunConfig.steps=1"])
   assert code == 2
-  assert message in capsys.readouterr().err
+  err = capsys.readouterr().err
+  assert message in err and err.count("\n") == 1, err
+  ckpts = tmp_path / "run" / "checkpoints"
+  assert not ckpts.exists() or not os.listdir(ckpts)  # refused before the first step
 
 
 def test_a_store_of_another_vocabulary_is_refused(tmp_path, capsys):

@@ -28,7 +28,6 @@ from pretrainx.cli import configure_cpu_devices
 configure_cpu_devices("auto")  # as the CLI does, before jax is imported
 
 import jax  # noqa: E402  pylint: disable=wrong-import-position
-import jax.numpy as jnp  # noqa: E402  pylint: disable=wrong-import-position
 import numpy as np  # noqa: E402  pylint: disable=wrong-import-position
 
 from pretrainx.config import (DataConfig, FileTask, Selection, Stage,  # noqa: E402
@@ -37,9 +36,7 @@ from pretrainx.data import corpus  # noqa: E402  pylint: disable=wrong-import-po
 from pretrainx.data import prepare as data_prepare  # noqa: E402
 from pretrainx.data.packing import View  # noqa: E402  pylint: disable=wrong-import-position
 from pretrainx.data.pipeline import TrainBatches, eval_batches  # noqa: E402
-from pretrainx.train.eval import evaluate  # noqa: E402  pylint: disable=wrong-import-position
-from pretrainx.train.runtime import build_runtime  # noqa: E402
-from pretrainx.train.state import create_train_state  # noqa: E402
+from pretrainx.train.ablation import continuation_batches, train_and_evaluate  # noqa: E402
 from pretrainx.vocab import ByteVocabulary  # noqa: E402  pylint: disable=wrong-import-position
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -82,25 +79,6 @@ def _experiment(root: str, steps: int, seq_len: int = 64, **schedule):
   run = {"run_dir": os.path.join(root, "run"), "steps": steps, "seq_len": seq_len,
          "progress_bar": False}
   return exp.replace(run=run, **({"schedule": schedule} if schedule else {}))
-
-
-def train_and_evaluate(exp, data_cfgs, eval_sets) -> list[dict[str, float]]:
-  """One compile and one initial state; each DataConfig trained for exp.run.steps steps."""
-  rt = build_runtime(dataclasses.replace(exp, data=data_cfgs[0]))
-  out = []
-  with rt.scope():
-    device_sets = {n: [rt.put_batch(b) for b in bs] for n, bs in eval_sets.items()}
-    init, _ = create_train_state(rt.model, rt.optimizer, rt.mesh, exp.mesh.rules, exp.run.seed,
-                                 exp.run.seq_len, ema=False, tune=exp.tune)
-    for cfg in data_cfgs:
-      batches = TrainBatches(cfg, exp.run.seq_len, exp.run.global_batch_size)
-      state = jax.tree.map(jnp.copy, init)
-      for k in range(exp.run.steps):
-        state, metrics = rt.train_step(state, rt.put_batch(batches.batch_at(k)))
-        jax.block_until_ready(metrics)  # one program at a time: XLA's CPU collectives
-      out.append({n: evaluate(rt.eval_step, state.params, d)["loss"]
-                  for n, d in device_sets.items()})
-  return out
 
 
 def _clean_prose(root: str) -> dict[str, list]:
@@ -162,24 +140,6 @@ def _windows(split: str, width: int, per_file: int) -> list[tuple[str, str]]:
   return pairs
 
 
-def _second_halves(pairs, seq_len: int, with_first: bool) -> list[dict[str, np.ndarray]]:
-  half, rows = seq_len // 2, []
-  enc = lambda t: np.append(np.asarray(VOCAB.encode(t), np.int32), np.int32(VOCAB.eos_id))
-  for a, b in pairs:
-    a, b = enc(a), enc(b)
-    ins = [a[:-1][-half:]] * with_first + [b[:-1][:half]]
-    outs = [a[1:][-half:]] * with_first + [b[1:][:half]]
-    row = {k: np.zeros(seq_len, np.int32)
-           for k in ("inputs", "targets", "segment_ids", "positions", "loss_mask")}
-    n = sum(len(x) for x in ins)
-    row["inputs"][:n], row["targets"][:n] = np.concatenate(ins), np.concatenate(outs)
-    row["loss_mask"][n - len(ins[-1]):n] = 1
-    row["segment_ids"][:n], row["positions"][:n] = 1, np.arange(n)
-    rows.append(row)
-  return [{**{k: np.stack([r[k] for r in rows[i:i + 8]]) for k in rows[0]},
-           "domain": np.zeros(8, np.int32)} for i in range(0, len(rows) // 8 * 8, 8)]
-
-
 def bench_incontext(root: str, seeds: int, steps: int) -> list[str]:
   train = _windows("train", 400, 4)
   task = _task(root, "halves", [h for p in train for h in p], [0.0] * 2 * len(train))
@@ -195,8 +155,10 @@ def bench_incontext(root: str, seeds: int, steps: int) -> list[str]:
   before = dict(zip(lay.doc[1:][starts].tolist(), lay.doc[:-1][starts].tolist()))
   share = np.mean([before.get(2 * i + 1) == 2 * i for i in range(len(train))])
   held_out = _windows("validation", 400, 40)
-  sets = {"after": _second_halves(held_out, 128, True), "alone": _second_halves(held_out, 128,
-                                                                                  False)}
+  enc = lambda t: np.append(np.asarray(VOCAB.encode(t), np.int32), np.int32(VOCAB.eos_id))
+  held_out = [(enc(a), enc(b)) for a, b in held_out]
+  sets = {"after": continuation_batches(held_out, 128, True),
+          "alone": continuation_batches(held_out, 128, False)}
   rows, got = [], {name: [] for name in runs}
   for seed in range(seeds):
     cfgs = [dataclasses.replace(c, seed=seed) for c in runs.values()]

@@ -11,9 +11,10 @@ from pretrainx.data import corpus, neighbours
 from pretrainx.data import prepare as data_prepare
 from pretrainx.data.packing import DomainRows
 from pretrainx.data.pipeline import TrainBatches
+from pretrainx.train.ablation import continuation_batches, train_and_evaluate
 from pretrainx.vocab import ByteVocabulary
 from test_mixture import FakeStore  # noqa: E402  (the in-memory token store)
-from test_selection import _write_task, train_and_evaluate  # noqa: E402
+from test_selection import _write_task  # noqa: E402
 
 VOCAB = ByteVocabulary()
 
@@ -135,26 +136,6 @@ def _file_windows(split, width, per_file):
   return pairs
 
 
-def _second_half_batches(pairs, seq_len, with_first_half):
-  """Held-out second halves, their first seq_len / 2 targets scored: after the last seq_len / 2
-  tokens of their first half in one segment, or alone."""
-  half = seq_len // 2
-  rows = []
-  for a, b in pairs:
-    a, b = _encode(a), _encode(b)
-    ins = [a[:-1][-half:]] * with_first_half + [b[:-1][:half]]
-    outs = [a[1:][-half:]] * with_first_half + [b[1:][:half]]
-    row = {k: np.zeros(seq_len, np.int32) for k in ("inputs", "targets", "segment_ids",
-                                                    "positions", "loss_mask")}
-    n = sum(len(x) for x in ins)
-    row["inputs"][:n], row["targets"][:n] = np.concatenate(ins), np.concatenate(outs)
-    row["loss_mask"][n - len(ins[-1]):n] = 1
-    row["segment_ids"][:n], row["positions"][:n] = 1, np.arange(n)
-    rows.append(row)
-  return [{**{k: np.stack([r[k] for r in rows[i:i + 8]]) for k in rows[0]},
-           "domain": np.zeros(8, np.int32)} for i in range(0, len(rows) // 8 * 8, 8)]
-
-
 def test_neighbour_packing_with_cross_attention_lowers_the_loss_on_second_halves(tmp_path,
                                                                                  tiny_exp):
   # Windows of code files, each split into two documents of 200 characters; 'concat' rows of 128
@@ -171,8 +152,9 @@ def test_neighbour_packing_with_cross_attention_lowers_the_loss_on_second_halves
   before = dict(zip(lay.doc[1:][starts].tolist(), lay.doc[:-1][starts].tolist()))
   assert np.mean([before.get(2 * i + 1) == 2 * i for i in range(len(train))]) > 0.15
   held_out = _file_windows("validation", 400, 40)
-  sets = {"after": _second_half_batches(held_out, 128, True),
-          "alone": _second_half_batches(held_out, 128, False)}
+  held_out = [(_encode(a), _encode(b)) for a, b in held_out]
+  sets = {"after": continuation_batches(held_out, 128, True),
+          "alone": continuation_batches(held_out, 128, False)}
   exp = tiny_exp(run={"steps": 200, "seq_len": 128})
   packed_random, packed_incontext = train_and_evaluate(exp, [random, incontext], sets)
   # Each model as its packing serves a second half: after its first half, or among strangers.

@@ -15,6 +15,7 @@ from pretrainx.data import selection as select
 from pretrainx.data.packing import DomainRows, View
 from pretrainx.data.pipeline import TrainBatches, eval_batches
 from pretrainx.data.store import StoreError
+from pretrainx.train.ablation import train_and_evaluate
 from pretrainx.vocab import ByteVocabulary
 from test_mixture import FakeStore  # noqa: E402  (the in-memory token store)
 
@@ -241,34 +242,6 @@ def _noisy(text, rate, rng):
 
 def _chunks(text, size):
   return [text[i:i + size] for i in range(0, len(text), size) if len(text[i:i + size]) > size // 4]
-
-
-def train_and_evaluate(exp, data_cfgs, eval_sets):
-  """Trains exp's model from one initial state on each DataConfig for exp.run.steps steps (one
-  compiled step) -> for each, {name: loss of the trained model on the host batches of
-  eval_sets[name]}."""
-  import jax  # pylint: disable=import-outside-toplevel
-  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
-
-  from pretrainx.train.eval import evaluate  # pylint: disable=import-outside-toplevel
-  from pretrainx.train.runtime import build_runtime  # pylint: disable=import-outside-toplevel
-  from pretrainx.train.state import create_train_state  # pylint: disable=import-outside-toplevel
-
-  rt = build_runtime(dataclasses.replace(exp, data=data_cfgs[0]))
-  losses = []
-  with rt.scope():
-    device_sets = {name: [rt.put_batch(b) for b in batches] for name, batches in eval_sets.items()}
-    init, _ = create_train_state(rt.model, rt.optimizer, rt.mesh, exp.mesh.rules, exp.run.seed,
-                                 exp.run.seq_len, ema=False, tune=exp.tune)
-    for cfg in data_cfgs:
-      batches = TrainBatches(cfg, exp.run.seq_len, exp.run.global_batch_size)
-      state = jax.tree.map(jnp.copy, init)
-      for k in range(exp.run.steps):  # one program in flight at a time: XLA's CPU collectives
-        state, metrics = rt.train_step(state, rt.put_batch(batches.batch_at(k)))
-        jax.block_until_ready(metrics)  # can deadlock with several on a loaded machine
-      losses.append({name: evaluate(rt.eval_step, state.params, device)["loss"]
-                     for name, device in device_sets.items()})
-  return losses
 
 
 def _noisy_prose_task(tmp_path, name, chunk, total, max_rate, clean_copies):

@@ -254,15 +254,16 @@ def make_train_step(model: nn.Module, optimizer: optax.GradientTransformation,
       logits_fn = lambda p: model_logits(model, p, batch)
       rng = jax.random.fold_in(jax.random.key(seed), state.step)
       extra["gnb_grads"] = lambda p: gnb_grads(logits_fn, p, batch["loss_mask"], rng)
-    updates, opt_state = optimizer.update(grads, state.opt_state, state.params, **extra)
-    if stochastic_rounding:
-      rounding_key = jax.random.fold_in(jax.random.key(seed + 1), state.step)
-      params = apply_updates_stochastic(state.params, updates, rounding_key)
-    else:
-      params = optax.apply_updates(state.params, updates)
-    keep_if_bad = lambda new, old: jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)
-    params = keep_if_bad(params, state.params)
-    opt_state = keep_if_bad(opt_state, state.opt_state)
+    with jax.named_scope("optimizer"):  # names these ops in profiles (bench/profile_step)
+      updates, opt_state = optimizer.update(grads, state.opt_state, state.params, **extra)
+      if stochastic_rounding:
+        rounding_key = jax.random.fold_in(jax.random.key(seed + 1), state.step)
+        params = apply_updates_stochastic(state.params, updates, rounding_key)
+      else:
+        params = optax.apply_updates(state.params, updates)
+      keep_if_bad = lambda new, old: jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)
+      params = keep_if_bad(params, state.params)
+      opt_state = keep_if_bad(opt_state, state.opt_state)
     new_ema = state.ema
     if ema.enabled:
       new_ema = keep_if_bad(ema_update(state.ema, params, state.step, ema), state.ema)

@@ -16,7 +16,8 @@ import pytest
 from flax import traverse_util
 from flax.core import meta
 
-from pallas_kernels.reference import attention_mask
+from pallas_kernels.reference import attention_mask, reference_attention
+from pallas_kernels.softmax_vjp import softmax_attention
 from pretrainx.config import ModelConfig
 from pretrainx.model import Transformer
 from pretrainx.flops import count_params
@@ -240,3 +241,22 @@ def test_bad_inputs():
   with pytest.raises(ValueError, match="decoding 32 tokens at once into a KV cache of cache_len=16"):
     Transformer(model.cfg, cache_len=16).apply({"params": params}, tokens, pos, decode=True,
                                                mutable=["cache"])
+
+
+@pytest.mark.parametrize("dtype,tol", [(jnp.float32, 2e-6), (jnp.bfloat16, 2e-2)])
+def test_softmax_vjp_equals_the_reference_forward_and_gradients(dtype, tol):
+  rng = np.random.default_rng(3)
+  q, w = (jnp.asarray(rng.standard_normal((2, 16, 4, 8)), dtype) for _ in range(2))
+  k, v = (jnp.asarray(rng.standard_normal((2, 16, 2, 8)), dtype) for _ in range(2))
+  seg = jnp.asarray([[1] * 5 + [2] * 9 + [0] * 2, [1] * 16], jnp.int32)  # padding, two documents
+  prefix = jnp.asarray([[True] * 3 + [False] * 13, [False] * 16])
+  for kw in ({}, {"segment_ids": seg}, {"segment_ids": seg, "prefix_mask": prefix}):
+    ref = lambda q, k, v, kw=kw: jnp.sum(w * reference_attention(
+        q, k, v, causal=True, q_segment_ids=kw.get("segment_ids"),
+        kv_segment_ids=kw.get("segment_ids"), prefix_mask=kw.get("prefix_mask")))
+    ours = lambda q, k, v, kw=kw: jnp.sum(w * softmax_attention(q, k, v, **kw))
+    np.testing.assert_allclose(np.float32(ours(q, k, v)), np.float32(ref(q, k, v)), rtol=tol,
+                               atol=tol)
+    for a, b in zip(jax.jit(jax.grad(ours, (0, 1, 2)))(q, k, v), jax.grad(ref, (0, 1, 2))(q, k, v)):
+      assert a.dtype == b.dtype == dtype
+      np.testing.assert_allclose(np.float32(a), np.float32(b), rtol=tol, atol=tol)

@@ -10,7 +10,7 @@ from pallas_kernels.reference import reference_attention
 from pretrainx.config import ModelConfig
 from pretrainx.model import Transformer
 from pretrainx.flops import count_params
-from pretrainx.model.layers import apply_rope
+from pretrainx.model.layers import apply_rope, project
 
 CFG = ModelConfig(vocab_size=259, embed_dim=32, num_layers=2, num_heads=4, num_kv_heads=2,
                   mlp_dim=64, max_seq_len=64)
@@ -125,3 +125,24 @@ def test_bad_model_config():
     ModelConfig(num_heads=4, num_kv_heads=3)
   with pytest.raises(ValueError, match="unknown attention_impl 'nope'; choose one of reference"):
     ModelConfig(**{**CFG.__dict__, "attention_impl": "nope"})
+
+
+@pytest.mark.parametrize("spec,x_shape,w_shape,contract,transposed", [
+    ("bsd,dm->bsm", (2, 5, 8), (8, 12), 1, False),
+    ("bsd,dhk->bshk", (2, 5, 8), (8, 3, 4), 1, False),
+    ("bshk,hkd->bsd", (2, 5, 3, 4), (3, 4, 8), 2, False),
+    ("bsd,vd->bsv", (2, 5, 8), (11, 8), 1, True),
+])
+def test_project_equals_the_einsum_forward_and_gradients(spec, x_shape, w_shape, contract,
+                                                         transposed):
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.standard_normal(x_shape), jnp.float32)
+  w = jnp.asarray(rng.standard_normal(w_shape), jnp.float32)
+  y = jnp.einsum(spec, x, w)
+  g = jnp.asarray(rng.standard_normal(y.shape), jnp.float32)
+  ours = lambda x, w: jnp.sum(g * project(x, w, contract, transposed))
+  ref = lambda x, w: jnp.sum(g * jnp.einsum(spec, x, w))
+  np.testing.assert_allclose(project(x, w, contract, transposed), y, rtol=1e-5, atol=1e-5)
+  for a, b in zip(jax.jit(jax.grad(ours, (0, 1)))(x, w), jax.grad(ref, (0, 1))(x, w)):
+    assert a.shape == b.shape
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)

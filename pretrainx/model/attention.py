@@ -2,7 +2,8 @@
 
 The layer projects, applies RoPE and calls `dot_product_attention(..., cfg=cfg)`, which picks
 ATTENTION_IMPLS[cfg.attention_impl]:
-  'reference'  materialised softmax (pallas_kernels.reference), prefix-LM masks included;
+  'reference'  materialised softmax (pallas_kernels.reference's math, with the hand-written
+               backward of pallas_kernels.softmax_vjp), prefix-LM masks included;
   'flash'      the blockwise Pallas kernel (pallas_kernels.flash_attention, imported lazily);
   'linear'     causal linear attention with a learned hedgehog (or fixed) feature map and optional
                per-head decay; packed documents reset the state at segment starts;
@@ -28,10 +29,11 @@ from absl import logging
 from pallas_kernels import flash_attention as fa
 from pallas_kernels import linear_attention as la
 from pallas_kernels.hybrid_attention import hybrid_attention
-from pallas_kernels.reference import MASK_VALUE, reference_attention
+from pallas_kernels.reference import MASK_VALUE
+from pallas_kernels.softmax_vjp import softmax_attention
 from pretrainx.model import kernels
 from pretrainx.config import ModelConfig
-from pretrainx.model.layers import apply_rope, dense_init, param_with_axes
+from pretrainx.model.layers import apply_rope, dense_init, param_with_axes, project
 
 _WARNED: set[tuple[str, ...]] = set()  # fallbacks already announced in this process
 
@@ -63,9 +65,8 @@ def _warn_fallback(impl: str, used: str, reason: str | None = None) -> None:
 
 
 def _reference(q, k, v, segment_ids, prefix_mask, cfg, learned):
-  del cfg, learned
-  return reference_attention(q, k, v, causal=True, q_segment_ids=segment_ids,
-                             kv_segment_ids=segment_ids, prefix_mask=prefix_mask)
+  del cfg, learned  # reference_attention's math with a hand-written backward (fewer [q, k] passes)
+  return softmax_attention(q, k, v, segment_ids=segment_ids, prefix_mask=prefix_mask)
 
 
 def _flash(q, k, v, segment_ids, prefix_mask, cfg, learned):
@@ -140,8 +141,9 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array,
     raise ValueError(f"prefix_mask (a bidirectional prefix, prefix-LM/UL2) is not supported by "
                      f"attention_impl={impl!r}, which is causal by construction; use 'reference' "
                      "or 'flash'.")
-  return ATTENTION_IMPLS[impl](q, k, v, segment_ids, prefix_mask, cfg,
-                               LearnedAttention() if learned is None else learned)
+  with jax.named_scope("attention_core"):  # names the core's ops in profiles (bench/profile_step)
+    return ATTENTION_IMPLS[impl](q, k, v, segment_ids, prefix_mask, cfg,
+                                 LearnedAttention() if learned is None else learned)
 
 
 # ----------------------------------------------------------------------------- the layer
@@ -215,9 +217,9 @@ class Attention(nn.Module):
                           ("heads", "head_dim", "embed"), pdt)
     learned = _learned(self, cfg)
 
-    q = jnp.einsum("bsd,dhk->bshk", x, w_q.astype(dt))  # [batch, seq, heads, head_dim]
-    k = jnp.einsum("bsd,dhk->bshk", x, w_k.astype(dt))  # [batch, seq, kv_heads, head_dim]
-    v = jnp.einsum("bsd,dhk->bshk", x, w_v.astype(dt))
+    q = project(x, w_q.astype(dt))  # [batch, seq, heads, head_dim]
+    k = project(x, w_k.astype(dt))  # [batch, seq, kv_heads, head_dim]
+    v = project(x, w_v.astype(dt))
     if cfg.qkv_bias:
       q, k, v = _add_qkv_bias(self, cfg, q, k, v)
     q = apply_rope(q, positions, cfg.rope_theta, cfg.rope_llama3)
@@ -240,7 +242,7 @@ class Attention(nn.Module):
       out = dot_product_attention(q, k, v, segment_ids, prefix_mask=prefix_mask, cfg=cfg,
                                   learned=learned)
     out = nn.with_logical_constraint(out, axes_q)
-    return jnp.einsum("bshk,hkd->bsd", out, w_o.astype(dt))
+    return project(out, w_o.astype(dt), contract=2)  # [batch, seq, embed]
 
 
 # ----------------------------------------------------------------------------- decoding

@@ -5,6 +5,9 @@ Every parameter is declared with logical axis names; pretrainx.sharding maps the
 
 from __future__ import annotations
 
+import functools
+import math
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -18,6 +21,51 @@ def dense_init(in_axes: tuple[int, ...], out_axes: tuple[int, ...],
   (batch_axes: independent kernels stacked, such as experts)."""
   return nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal", in_axis=in_axes,
                                           out_axis=out_axes, batch_axis=batch_axes)
+
+
+_NN = (((1,), (0,)), ((), ()))  # [m, k] x [k, n]
+_NT = (((1,), (1,)), ((), ()))  # [m, k] x [n, k]
+_TN = (((0,), (0,)), ((), ()))  # [k, m] x [k, n]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _matmul(x2: jax.Array, w2: jax.Array, transposed: bool) -> jax.Array:
+  """x2 [tokens, in] x w2 [in, out] (`transposed`: w2 is [out, in]) -> [tokens, out]."""
+  return jax.lax.dot_general(x2, w2, _NT if transposed else _NN)
+
+
+def _matmul_fwd(x2, w2, transposed):
+  return _matmul(x2, w2, transposed), (x2, w2)
+
+
+def _matmul_bwd(transposed, res, g):  # g: [tokens, out]
+  x2, w2 = res
+  dx = jax.lax.dot_general(g, w2, _NN if transposed else _NT)  # [tokens, in]
+  # The weight gradient in the weight's own layout, [out, in] or [in, out]: a plain contraction
+  # over tokens, with nothing to transpose before or after it.
+  dw = jax.lax.dot_general(g, x2, _TN) if transposed else jax.lax.dot_general(x2, g, _TN)
+  return dx.astype(x2.dtype), dw.astype(w2.dtype)
+
+
+_matmul.defvjp(_matmul_fwd, _matmul_bwd)
+
+
+def project(x: jax.Array, w: jax.Array, contract: int = 1, transposed: bool = False
+            ) -> jax.Array:
+  """x [..., *in] times a kernel w [*in, *out] -> [..., *out], as one 2-D matmul
+  [tokens, in] x [in, out] (`transposed`: w is [*out, *in], as a tied embedding table).
+
+  `contract` is how many trailing dims of x the kernel's leading (trailing) dims contract. Same
+  math as the einsum; the gradient is written out so that XLA:CPU needs no transposed copies:
+  autodiff of an einsum with batch and seq free forms the weight gradient as g^T x followed by
+  a transpose, and XLA:CPU then copies g and the gradient in transposed layout
+  (bench/profile_step.py, issue 22). dw = x^T g is one contraction over tokens.
+  """
+  lead, ins = x.shape[:x.ndim - contract], x.shape[x.ndim - contract:]
+  size_in = math.prod(ins)
+  outs = w.shape[:w.ndim - contract] if transposed else w.shape[contract:]
+  w2 = w.reshape(-1, size_in) if transposed else w.reshape(size_in, -1)
+  return _matmul(x.reshape(-1, size_in), w2, transposed).reshape(*lead, *outs)
 
 
 def param_with_axes(module: nn.Module, name: str, init, shape: tuple[int, ...],
@@ -102,11 +150,11 @@ class SwiGLU(nn.Module):
     w_up = param_with_axes(self, "up_proj", init, shape_in, ("embed", "mlp"), cfg.storage_dtype)
     w_down = param_with_axes(self, "down_proj", init, shape_out, ("mlp", "embed"), cfg.storage_dtype)
     dt = cfg.compute_dtype
-    gate = jnp.einsum("bsd,dm->bsm", x, w_gate.astype(dt))
-    up = jnp.einsum("bsd,dm->bsm", x, w_up.astype(dt))
+    gate = project(x, w_gate.astype(dt))  # [batch, seq, mlp]
+    up = project(x, w_up.astype(dt))
     hidden = nn.with_logical_constraint(
         jax.nn.silu(gate) * up, ("activation_batch", "activation_length", "activation_mlp"))
-    return jnp.einsum("bsm,md->bsd", hidden, w_down.astype(dt))
+    return project(hidden, w_down.astype(dt))  # [batch, seq, embed]
 
 
 class Embedding(nn.Module):
@@ -124,4 +172,4 @@ class Embedding(nn.Module):
     return jnp.take(self.table, tokens, axis=0).astype(self.cfg.compute_dtype)
 
   def attend(self, x: jax.Array) -> jax.Array:  # x: [batch, seq, embed] -> [b, s, vocab]
-    return jnp.einsum("bsd,vd->bsv", x, self.table.astype(self.cfg.compute_dtype))
+    return project(x, self.table.astype(self.cfg.compute_dtype), transposed=True)

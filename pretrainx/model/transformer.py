@@ -16,7 +16,7 @@ import jax.numpy as jnp
 from pretrainx.model.attention import Attention
 from pretrainx.config import ModelConfig
 from pretrainx.model.layers import (Embedding, RMSNorm, SwiGLU, dense_init, excess_kurtosis,
-                                    param_with_axes)
+                                    param_with_axes, project)
 from pretrainx.model.moe import MoeMLP
 
 _RESIDUAL_AXES = ("activation_batch", "activation_length", "activation_embed")
@@ -100,7 +100,7 @@ class Transformer(nn.Module):
       identity = lambda _, shape, dtype: jnp.eye(*shape, dtype=dtype)
       w = param_with_axes(self, "embed_projection", identity, (cfg.embed_dim, cfg.embed_dim),
                           ("embed", "embed_out"), cfg.storage_dtype)
-      x = jnp.einsum("bsd,de->bse", x, w.astype(cfg.compute_dtype))
+      x = project(x, w.astype(cfg.compute_dtype))
     x = nn.with_logical_constraint(x, _RESIDUAL_AXES)
     blocks = _block_stack(cfg, decode, self.cache_len)
     if cfg.scan_layers:
@@ -116,7 +116,7 @@ class Transformer(nn.Module):
       w = param_with_axes(self, "lm_head", dense_init((0,), (1,)),
                           (cfg.embed_dim, cfg.padded_vocab_size), ("embed", "vocab"),
                           cfg.storage_dtype)
-      logits = jnp.einsum("bsd,dv->bsv", x, w.astype(cfg.compute_dtype))
+      logits = project(x, w.astype(cfg.compute_dtype))  # [batch, seq, vocab]
     logits = logits.astype(jnp.float32)
     if cfg.padded_vocab_size != cfg.vocab_size:
       valid = jnp.arange(cfg.padded_vocab_size) < cfg.vocab_size

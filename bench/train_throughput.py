@@ -29,6 +29,12 @@ from pretrainx.train.runtime import build_runtime
 from pretrainx.train.state import create_train_state
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# Configs beyond the gin files: a name -> (gin file, bindings). 'd512' is issue 22's second model
+# (embed 512, 8 layers, seq 512, batch 8), on the quickstart's data and optimizer.
+VARIANTS = {"d512": ("quickstart", [
+    "ModelConfig.embed_dim = 512", "ModelConfig.num_layers = 8", "ModelConfig.num_heads = 8",
+    "ModelConfig.num_kv_heads = 4", "ModelConfig.mlp_dim = 1536", "SEQ_LEN = 512",
+    "BATCH_SIZE = 8"])}
 
 
 def bench_pretrainx(exp: Experiment, batches: list[dict], peak: float) -> dict:
@@ -88,7 +94,7 @@ def bench_torch(exp: Experiment, batches: list[dict]) -> dict | None:
     loss = step(b)
   step_s = (time.perf_counter() - t0) / (len(batches) - 1)
   return {"tokens/s": exp.run.global_batch_size * exp.run.seq_len / step_s, "step_s": step_s,
-          "loss": float(loss)}
+          "loss": float(loss.detach())}
 
 
 def _torch_threads() -> str:
@@ -102,14 +108,16 @@ def _torch_threads() -> str:
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--steps", type=int, default=10)
-  parser.add_argument("--configs", default="tiny,quickstart")
+  parser.add_argument("--configs", default="tiny,quickstart,d512",
+                      help=f"gin files under gin_configs/, or {', '.join(VARIANTS)}")
   parser.add_argument("--cpu_devices", default="auto", help="as in `python -m pretrainx`")
   args = parser.parse_args()
   peak = machine_peak_flops(measure_peak_flops())
   rows = []
   for name in args.configs.split(","):
-    exp = parse_gin([os.path.join(REPO, f"gin_configs/{name}.gin")],
-                    ["RunConfig.progress_bar = False"])
+    gin_name, bindings = VARIANTS.get(name, (name, []))
+    exp = parse_gin([os.path.join(REPO, f"gin_configs/{gin_name}.gin")],
+                    ["RunConfig.progress_bar = False", *bindings])
     data = TrainBatches(exp.data, exp.run.seq_len, exp.run.global_batch_size)
     batches = [data.batch_at(k) for k in range(args.steps + 1)]
     ours = bench_pretrainx(exp, batches, peak)

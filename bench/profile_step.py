@@ -166,7 +166,7 @@ def profile(config: str, steps: int, gin_params: list[str], top: int) -> list[st
     ms = per_cat.get(cat, 0.0) / 1e3 / steps
     lines.append(f"| {cat} | {ms:.1f} | {100 * per_cat.get(cat, 0.0) / max(total, 1):.1f}% |")
   if top:
-    lines += ["", f"| heaviest ops | ms a step | category | op_name |", "|---|---|---|---|"]
+    lines += ["", "| heaviest ops | ms a step | category | op_name |", "|---|---|---|---|"]
     for us, name, cat, op_name in sorted(per_op, reverse=True)[:top]:
       lines.append(f"| {name} | {us / 1e3 / steps:.2f} | {cat} | {op_name[-70:]} |")
   return lines

@@ -2,8 +2,8 @@
 
 The layer projects, applies RoPE and calls `dot_product_attention(..., cfg=cfg)`, which picks
 ATTENTION_IMPLS[cfg.attention_impl]:
-  'reference'  materialised softmax (pallas_kernels.reference's math, with the hand-written
-               backward of pallas_kernels.softmax_vjp), prefix-LM masks included;
+  'reference'  materialised softmax (pallas_kernels.reference; on CPU the same math with the
+               hand-written backward of pallas_kernels.softmax_vjp), prefix-LM masks included;
   'flash'      the blockwise Pallas kernel (pallas_kernels.flash_attention, imported lazily);
   'linear'     causal linear attention with a learned hedgehog (or fixed) feature map and optional
                per-head decay; packed documents reset the state at segment starts;
@@ -29,7 +29,7 @@ from absl import logging
 from pallas_kernels import flash_attention as fa
 from pallas_kernels import linear_attention as la
 from pallas_kernels.hybrid_attention import hybrid_attention
-from pallas_kernels.reference import MASK_VALUE
+from pallas_kernels.reference import MASK_VALUE, reference_attention
 from pallas_kernels.softmax_vjp import softmax_attention
 from pretrainx.model import kernels
 from pretrainx.config import ModelConfig
@@ -65,8 +65,12 @@ def _warn_fallback(impl: str, used: str, reason: str | None = None) -> None:
 
 
 def _reference(q, k, v, segment_ids, prefix_mask, cfg, learned):
-  del cfg, learned  # reference_attention's math with a hand-written backward (fewer [q, k] passes)
-  return softmax_attention(q, k, v, segment_ids=segment_ids, prefix_mask=prefix_mask)
+  del cfg, learned
+  if kernels.platform() == "cpu":  # the same math with a hand-written backward (fewer [q, k]
+    return softmax_attention(q, k, v, segment_ids=segment_ids, prefix_mask=prefix_mask)  # passes)
+  # elsewhere plain autodiff, whose dots remat policies that save dots can see
+  return reference_attention(q, k, v, causal=True, q_segment_ids=segment_ids,
+                             kv_segment_ids=segment_ids, prefix_mask=prefix_mask)
 
 
 def _flash(q, k, v, segment_ids, prefix_mask, cfg, learned):

@@ -11,8 +11,10 @@ import math
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
 from pretrainx.config import ModelConfig
+from pretrainx.model import kernels
 
 
 def dense_init(in_axes: tuple[int, ...], out_axes: tuple[int, ...],
@@ -23,6 +25,7 @@ def dense_init(in_axes: tuple[int, ...], out_axes: tuple[int, ...],
                                           out_axis=out_axes, batch_axis=batch_axes)
 
 
+PROJECTION = "projection"  # checkpoint name of project()'s written-out-gradient output
 _NN = (((1,), (0,)), ((), ()))  # [m, k] x [k, n]
 _NT = (((1,), (1,)), ((), ()))  # [m, k] x [n, k]
 _TN = (((0,), (0,)), ((), ()))  # [k, m] x [k, n]
@@ -59,13 +62,21 @@ def project(x: jax.Array, w: jax.Array, contract: int = 1, transposed: bool = Fa
   math as the einsum; the gradient is written out so that XLA:CPU needs no transposed copies:
   autodiff of an einsum with batch and seq free forms the weight gradient as g^T x followed by
   a transpose, and XLA:CPU then copies g and the gradient in transposed layout
-  (bench/profile_step.py, issue 22). dw = x^T g is one contraction over tokens.
+  (bench/profile_step.py, issue 22). dw = x^T g is one contraction over tokens. The written-out
+  gradient is used on CPU only (elsewhere a plain dot_general); its output is named PROJECTION
+  for the remat policies that save dots.
   """
   lead, ins = x.shape[:x.ndim - contract], x.shape[x.ndim - contract:]
   size_in = math.prod(ins)
   outs = w.shape[:w.ndim - contract] if transposed else w.shape[contract:]
   w2 = w.reshape(-1, size_in) if transposed else w.reshape(size_in, -1)
-  return _matmul(x.reshape(-1, size_in), w2, transposed).reshape(*lead, *outs)
+  x2 = x.reshape(-1, size_in)
+  if kernels.platform() == "cpu":
+    # named, so that remat policies that save dots save this one too (transformer.py)
+    y = checkpoint_name(_matmul(x2, w2, transposed), PROJECTION)
+  else:  # TPU/GPU compilers need no help, and remat policies that save dots must see this one
+    y = jax.lax.dot_general(x2, w2, _NT if transposed else _NN)
+  return y.reshape(*lead, *outs)
 
 
 def param_with_axes(module: nn.Module, name: str, init, shape: tuple[int, ...],

@@ -16,14 +16,19 @@ import jax.numpy as jnp
 from pretrainx.model.attention import Attention
 from pretrainx.config import ModelConfig
 from pretrainx.model.layers import (Embedding, RMSNorm, SwiGLU, dense_init, excess_kurtosis,
-                                    param_with_axes, project)
+                                    PROJECTION, param_with_axes, project)
 from pretrainx.model.moe import MoeMLP
 
 _RESIDUAL_AXES = ("activation_batch", "activation_length", "activation_embed")
 _REMAT_POLICIES = {
     "full": jax.checkpoint_policies.nothing_saveable,
-    "dots": jax.checkpoint_policies.checkpoint_dots,
-    "dots_with_no_batch_dims": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+    # project()'s CPU form hides its dot in a custom VJP: its named output counts as a dot
+    "dots": jax.checkpoint_policies.save_from_both_policies(
+        jax.checkpoint_policies.checkpoint_dots,
+        jax.checkpoint_policies.save_only_these_names(PROJECTION)),
+    "dots_with_no_batch_dims": jax.checkpoint_policies.save_from_both_policies(
+        jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+        jax.checkpoint_policies.save_only_these_names(PROJECTION)),
 }
 
 

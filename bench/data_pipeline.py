@@ -24,7 +24,7 @@ from pretrainx.data.pipeline import TrainBatches  # noqa: E402  pylint: disable=
 from pretrainx.vocab import ByteVocabulary  # noqa: E402  pylint: disable=wrong-import-position
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
-from train_throughput import bench_pretrainx  # noqa: E402  pylint: disable=wrong-import-position
+from train_throughput import pretrainx_stepper  # noqa: E402  pylint: disable=wrong-import-position
 
 
 def pipeline_tokens_per_second(data: TrainBatches, batches: int, tokens_per_batch: int
@@ -59,8 +59,8 @@ def main() -> None:
   rows["UL2 + metadata prefix"] = pipeline_tokens_per_second(
       TrainBatches(ul2, run.seq_len, run.global_batch_size), args.batches, tokens)
 
-  step = bench_pretrainx(exp, [data.batch_at(s) for s in range(args.steps + 1)], peak=1.0)
-  consumed = step["tokens/s"]
+  _, timed = pretrainx_stepper(exp, [data.batch_at(s) for s in range(args.steps + 1)])
+  consumed = run.global_batch_size * run.seq_len / timed()[0]
   print(f"quickstart train step consumes {consumed:,.0f} tokens/s "
         f"({run.global_batch_size} x {run.seq_len} per step)\n")
   print(f"{'pipeline':<30} {'reader':<16} {'tokens/s':>12} {'x step':>8}")

@@ -1,9 +1,10 @@
 """Training throughput of pretrainx on this machine, optionally against PyTorch/transformers.
 
-For the tiny and quickstart configs: tokens/s, MFU against the measured matmul peak, step time and
-compile time. Where torch and transformers are installed, LlamaForCausalLM of the same config is
-trained on the same batches for the same steps, and the tokens/s ratio is printed.
-Run: .venv/bin/python bench/train_throughput.py [--steps 10]
+For the tiny, quickstart and d512 configs: tokens/s, MFU against the measured matmul peak, step
+time and compile time. Where torch and transformers are installed, LlamaForCausalLM of the same
+config is trained on the same batches in rounds that alternate with pretrainx's, and the tokens/s
+ratio of the median rounds is printed.
+Run: .venv/bin/python bench/train_throughput.py [--steps 10] [--rounds 3] [--configs tiny,...]
 """
 
 from __future__ import annotations
@@ -37,27 +38,34 @@ VARIANTS = {"d512": ("quickstart", [
     "BATCH_SIZE = 8"])}
 
 
-def bench_pretrainx(exp: Experiment, batches: list[dict], peak: float) -> dict:
+def pretrainx_stepper(exp: Experiment, batches: list[dict]):
+  """Compiles the train step on batches[0]; -> (compile_s, timed(k) -> (s a step over batches[1:],
+  last loss))."""
   rt = build_runtime(exp)
+  box = {}
   with rt.scope():
     state, _ = create_train_state(rt.model, rt.optimizer, rt.mesh, exp.mesh.rules, 0,
                                   exp.run.seq_len)
     device_batches = [rt.put_batch(b) for b in batches]
     t0 = time.perf_counter()
-    state, m = rt.train_step(state, device_batches[0])
+    box["state"], m = rt.train_step(state, device_batches[0])
     jax.block_until_ready(m)
     compile_s = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    for b in device_batches[1:]:
-      state, m = rt.train_step(state, b)
-    jax.block_until_ready(m)
-    step_s = (time.perf_counter() - t0) / (len(batches) - 1)
-  tps = exp.run.global_batch_size * exp.run.seq_len / step_s
-  return {"tokens/s": tps, "mfu": tps * flops_per_token(exp.model, exp.run.seq_len) / peak,
-          "step_s": step_s, "compile_s": compile_s, "loss": float(m["loss"])}
+
+  def timed():
+    with rt.scope():
+      t0 = time.perf_counter()
+      for b in device_batches[1:]:
+        box["state"], m = rt.train_step(box["state"], b)
+      jax.block_until_ready(m)
+    return (time.perf_counter() - t0) / (len(batches) - 1), float(m["loss"])
+
+  return compile_s, timed
 
 
-def bench_torch(exp: Experiment, batches: list[dict]) -> dict | None:
+def torch_stepper(exp: Experiment, batches: list[dict]):
+  """LlamaForCausalLM of the same config, AdamW, clip 1.0, fp32; -> timed() as above, or None
+  where torch or transformers is not installed."""
   try:
     import torch  # pylint: disable=import-outside-toplevel
     import transformers  # pylint: disable=import-outside-toplevel
@@ -89,12 +97,37 @@ def bench_torch(exp: Experiment, batches: list[dict]) -> dict | None:
     return loss
 
   step(batches[0])
-  t0 = time.perf_counter()
-  for b in batches[1:]:
-    loss = step(b)
-  step_s = (time.perf_counter() - t0) / (len(batches) - 1)
-  return {"tokens/s": exp.run.global_batch_size * exp.run.seq_len / step_s, "step_s": step_s,
-          "loss": float(loss.detach())}
+
+  def timed():
+    t0 = time.perf_counter()
+    for b in batches[1:]:
+      loss = step(b)
+    return (time.perf_counter() - t0) / (len(batches) - 1), float(loss.detach())
+
+  return timed
+
+
+def bench(exp: Experiment, batches: list[dict], peak: float, rounds: int) -> tuple[dict, dict]:
+  """Times both frameworks in alternating rounds, so that a host whose speed drifts (a shared
+  VM) slows both alike; each side's step time is its median round."""
+  compile_s, ours = pretrainx_stepper(exp, batches)
+  theirs = torch_stepper(exp, batches)
+  times = {"pretrainx": [], "torch": []}
+  for _ in range(rounds):
+    times["pretrainx"].append(ours())
+    if theirs is not None:
+      times["torch"].append(theirs())
+  tokens = exp.run.global_batch_size * exp.run.seq_len
+
+  def summary(rows):
+    step_s = sorted(r[0] for r in rows)[len(rows) // 2]
+    return {"tokens/s": tokens / step_s, "step_s": step_s, "loss": rows[-1][1],
+            "rounds": [tokens / r[0] for r in rows]}
+
+  result = summary(times["pretrainx"])
+  result.update(compile_s=compile_s,
+                mfu=result["tokens/s"] * flops_per_token(exp.model, exp.run.seq_len) / peak)
+  return result, (summary(times["torch"]) if times["torch"] else None)
 
 
 def _torch_threads() -> str:
@@ -107,7 +140,9 @@ def _torch_threads() -> str:
 
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--steps", type=int, default=10)
+  parser.add_argument("--steps", type=int, default=10, help="timed steps a round")
+  parser.add_argument("--rounds", type=int, default=3,
+                      help="rounds, alternating pretrainx and PyTorch; the median round counts")
   parser.add_argument("--configs", default="tiny,quickstart,d512",
                       help=f"gin files under gin_configs/, or {', '.join(VARIANTS)}")
   parser.add_argument("--cpu_devices", default="auto", help="as in `python -m pretrainx`")
@@ -120,21 +155,27 @@ def main() -> None:
                     ["RunConfig.progress_bar = False", *bindings])
     data = TrainBatches(exp.data, exp.run.seq_len, exp.run.global_batch_size)
     batches = [data.batch_at(k) for k in range(args.steps + 1)]
-    ours = bench_pretrainx(exp, batches, peak)
-    theirs = bench_torch(exp, batches)
+    ours, theirs = bench(exp, batches, peak, args.rounds)
     rows.append((name, exp, ours, theirs))
   print(f"\nmeasured matmul peak: {peak / 1e9:.1f} GFLOP/s on {jax.devices()[0].device_kind} "
-        f"({jax.default_backend()}, {jax.device_count()} devices, data-parallel); {args.steps} "
-        f"timed steps after one compile step; PyTorch with {_torch_threads()} threads\n")
+        f"({jax.default_backend()}, {jax.device_count()} devices, data-parallel); {args.rounds} "
+        f"rounds of {args.steps} timed steps after one compile step, alternating with PyTorch "
+        f"({_torch_threads()} threads); the median round\n")
   print("| config | tokens/step | pretrainx tok/s | MFU | step (s) | compile (s) "
         "| PyTorch tok/s | pretrainx / PyTorch |")
   print("|---|---|---|---|---|---|---|---|")
+  ratios = {}
   for name, exp, ours, theirs in rows:
     t_tps = f"{theirs['tokens/s']:,.0f}" if theirs else "n/a"
     ratio = f"{ours['tokens/s'] / theirs['tokens/s']:.2f}x" if theirs else "n/a"
     print(f"| {name} | {exp.run.global_batch_size * exp.run.seq_len} | {ours['tokens/s']:,.0f} "
           f"| {100 * ours['mfu']:.1f}% | {ours['step_s']:.3f} | {ours['compile_s']:.1f} "
           f"| {t_tps} | {ratio} |")
+    if theirs:
+      ratios[name] = [f"{a / b:.2f}" for a, b in zip(ours["rounds"], theirs["rounds"])]
+  if ratios:
+    print("\npretrainx / PyTorch in each round: " + "; ".join(
+        f"{name} {', '.join(r)}" for name, r in ratios.items()))
 
 
 if __name__ == "__main__":

@@ -250,7 +250,11 @@ def test_softmax_vjp_equals_the_reference_forward_and_gradients(dtype, tol):
   k, v = (jnp.asarray(rng.standard_normal((2, 16, 2, 8)), dtype) for _ in range(2))
   seg = jnp.asarray([[1] * 5 + [2] * 9 + [0] * 2, [1] * 16], jnp.int32)  # padding, two documents
   prefix = jnp.asarray([[True] * 3 + [False] * 13, [False] * 16])
-  for kw in ({}, {"segment_ids": seg}, {"segment_ids": seg, "prefix_mask": prefix}):
+  # chunk=4 or 5: causal masks run as query chunks, each against the keys up to its last row
+  # (with 5, a ragged last chunk).
+  for kw in ({}, {"segment_ids": seg}, {"segment_ids": seg, "prefix_mask": prefix},
+             {"chunk": 4}, {"segment_ids": seg, "chunk": 5},
+             {"segment_ids": seg, "prefix_mask": prefix, "chunk": 4}):
     ref = lambda q, k, v, kw=kw: jnp.sum(w * reference_attention(
         q, k, v, causal=True, q_segment_ids=kw.get("segment_ids"),
         kv_segment_ids=kw.get("segment_ids"), prefix_mask=kw.get("prefix_mask")))
@@ -260,3 +264,15 @@ def test_softmax_vjp_equals_the_reference_forward_and_gradients(dtype, tol):
     for a, b in zip(jax.jit(jax.grad(ours, (0, 1, 2)))(q, k, v), jax.grad(ref, (0, 1, 2))(q, k, v)):
       assert a.dtype == b.dtype == dtype
       np.testing.assert_allclose(np.float32(a), np.float32(b), rtol=tol, atol=tol)
+
+
+def test_causal_attention_skips_the_blocks_above_the_diagonal():
+  from pallas_kernels.softmax_vjp import chunk_plan  # pylint: disable=import-outside-toplevel
+  assert chunk_plan(512, 512, causal_only=True) == tuple((i, i + 64, i + 64)
+                                                         for i in range(0, 512, 64))
+  assert chunk_plan(100, 100, causal_only=True) == ((0, 32, 32), (32, 64, 64), (64, 96, 96),
+                                                    (96, 100, 100))  # a ragged last chunk
+  # A prefix sees later keys, a cache offsets the queries, a short sequence is one chunk: each
+  # runs as one chunk over all keys.
+  for args in ((512, 512, False), (128, 512, True), (32, 32, True)):
+    assert chunk_plan(*args) == ((0, args[0], args[1]),)

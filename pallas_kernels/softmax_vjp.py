@@ -4,7 +4,9 @@ The forward is reference_attention's math (causal, packed segments, prefix-LM, g
 scores in fp32). The backward uses flash attention's identity rowsum(P * dP) = rowsum(dO * O),
 a [q, head_dim] reduction in place of a [q, k] one, and skips the mask's select: on CPU, where
 short sequences make the [batch, heads, q, k] passes a fifth of a train step, fewer passes over
-them pay (bench/profile_step.py). Tested against reference_attention, forward and gradients.
+them pay (bench/profile_step.py). A causal mask without a prefix runs as query chunks, each
+against the keys up to its own end (chunk_plan). Tested against reference_attention, forward and
+gradients.
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ def chunk_plan(q_len: int, kv_len: int, causal_only: bool,
   return tuple((i, min(i + chunk, q_len), min(i + chunk, q_len)) for i in range(0, q_len, chunk))
 
 
-def _chunk_forward(qg, k, v, mask):
+def _chunk_forward(qg, k, v, mask, every_row_sees_itself: bool):
   """qg [b, q, kvh, g, d] (scaled), k/v [b, kv, kvh, d], mask [b or 1, q, kv] ->
   out [b, q, kvh, g, d] fp32, probs [b, kvh, q, g, kv] fp32.
 
@@ -45,7 +47,8 @@ def _chunk_forward(qg, k, v, mask):
   scores = jnp.einsum("bqhgd,bkhd->bhqgk", qg, k, preferred_element_type=jnp.float32)
   mask = mask[:, None, :, None]  # [b or 1, 1, q, 1, kv]
   probs = jax.nn.softmax(jnp.where(mask, scores, MASK_VALUE), axis=-1)
-  probs = probs * jnp.any(mask, axis=-1, keepdims=True)  # empty rows: zeros
+  if not every_row_sees_itself:  # rows with no visible key: zeros, not a uniform average
+    probs = probs * jnp.any(mask, axis=-1, keepdims=True)
   out = jnp.einsum("bhqgk,bkhd->bqhgd", probs.astype(v.dtype), v,
                    preferred_element_type=jnp.float32)
   return out, probs
@@ -59,7 +62,9 @@ def _forward(q, k, v, mask, scale, plan):
                                                 num_heads // num_kv_heads, head_dim)
   outs, probs = [], []
   for q0, q1, kv1 in plan:
-    out, p = _chunk_forward(qg[:, q0:q1], k[:, :kv1], v[:, :kv1], mask[:, q0:q1, :kv1])
+    # With q_len == kv_len, query i sits at key i, in its own segment: a causal row is never empty.
+    out, p = _chunk_forward(qg[:, q0:q1], k[:, :kv1], v[:, :kv1], mask[:, q0:q1, :kv1],
+                            every_row_sees_itself=q_len == k.shape[1])
     outs.append(out)
     probs.append(p)
   out = outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=1)

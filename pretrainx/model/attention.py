@@ -3,7 +3,8 @@
 The layer projects, applies RoPE and calls `dot_product_attention(..., cfg=cfg)`, which picks
 ATTENTION_IMPLS[cfg.attention_impl]:
   'reference'  materialised softmax (pallas_kernels.reference; on CPU the same math with the
-               hand-written backward of pallas_kernels.softmax_vjp), prefix-LM masks included;
+               hand-written backward of pallas_kernels.softmax_vjp, which runs a causal mask as
+               query chunks that skip the blocks above the diagonal), prefix-LM masks included;
   'flash'      the blockwise Pallas kernel (pallas_kernels.flash_attention, imported lazily);
   'linear'     causal linear attention with a learned hedgehog (or fixed) feature map and optional
                per-head decay; packed documents reset the state at segment starts;

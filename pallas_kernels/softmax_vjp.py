@@ -21,7 +21,7 @@ from pallas_kernels.reference import MASK_VALUE, attention_mask, check_attention
 
 # Causal attention with q_len == kv_len runs as about CHUNKS query chunks (of at least MIN_CHUNK
 # rows), each against only the keys up to its last row: the blocks above the diagonal are never
-# computed (36 of 64 blocks are), and each chunk's [chunk, keys] scores stay in cache. On this
+# computed (in 8 chunks, 36 of 64 blocks are), and each chunk's scores stay in cache. On this
 # 2-core host a layer's attention forward and backward at 512 tokens took 82 ms in 8 chunks
 # against 138 ms unchunked, and at 128 tokens 9 ms in 4 chunks against 21 ms.
 CHUNKS, MIN_CHUNK = 8, 32

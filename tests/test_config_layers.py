@@ -90,9 +90,11 @@ def test_a_pretrainx_run_as_source_sets_the_architecture_too(tmp_path):
   assert grown.model.num_layers == 2  # the grown depth, not the source's
 
 
-def test_a_run_directory_from_before_the_split_resumes_bit_for_bit(tmp_path):
+def test_a_run_directory_from_before_the_split_resumes_as_the_old_code_did(tmp_path):
   """Written by the code before the config sections split (steps 1-2); resuming it to step 4
-  gives the losses the old code gave when it resumed the same directory."""
+  gives the losses the old code gave when it resumed the same directory, to fp32 round-off: the
+  CPU attention has since changed its summation order (query chunks), which moves the 7th digit.
+  A binding read wrongly (the z-loss, the schedule, the model) moves them by far more."""
   run_dir = tmp_path / "old_run"
   shutil.copytree(BEFORE_SPLIT, run_dir, ignore=shutil.ignore_patterns("expected_resume.json"))
   with open(os.path.join(BEFORE_SPLIT, "expected_resume.json")) as f:
@@ -107,10 +109,11 @@ def test_a_run_directory_from_before_the_split_resumes_bit_for_bit(tmp_path):
   rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
   train = {r["step"]: r for r in rows if "train/loss" in r}
   for step in ("3", "4"):
-    assert train[int(step)]["train/loss"] == expected[step]["train/loss"]
-    assert train[int(step)]["train/grad_norm"] == expected[step]["train/grad_norm"]
+    assert train[int(step)]["train/loss"] == pytest.approx(expected[step]["train/loss"], rel=1e-6)
+    assert train[int(step)]["train/grad_norm"] == pytest.approx(
+        expected[step]["train/grad_norm"], rel=1e-6)
   evals = [r["eval/loss"] for r in rows if r["step"] == 4 and "eval/loss" in r]
-  assert evals == [expected["eval_at_4"]]
+  assert evals == [pytest.approx(expected["eval_at_4"], rel=1e-6)]
   assert "LossConfig.z_loss = 0.001" in (run_dir / "config.gin").read_text()
 
 

@@ -174,7 +174,9 @@ def test_a_run_can_start_from_a_softmax_checkpoint_with_hybrid_attention(pretrai
   tokens = _batch()["inputs"]
   want = Transformer(exp.model).apply({"params": source_state.params}, tokens)
   got = Transformer(hybrid.model).apply({"params": state.params}, tokens)
-  np.testing.assert_allclose(got, want, atol=2e-5, rtol=0)
+  # fp32 round-off only: the CPU softmax runs as causal query chunks, the hybrid in one pass, so
+  # their sums run in different orders (logits up to ~5 differ by up to ~1e-5 relative).
+  np.testing.assert_allclose(got, want, atol=2e-5, rtol=2e-5)
 
 
 def test_linearize_end_to_end_report_and_frozen_stages(pretrained, tmp_path):

@@ -39,24 +39,24 @@ VARIANTS = {"d512": ("quickstart", [
 
 
 def pretrainx_stepper(exp: Experiment, batches: list[dict]):
-  """Compiles the train step on batches[0]; -> (compile_s, timed(k) -> (s a step over batches[1:],
-  last loss))."""
+  """Compiles the train step on batches[0]; -> (compile_s, timed), where timed() trains on
+  batches[1:] and returns (seconds a step, last loss)."""
   rt = build_runtime(exp)
-  box = {}
   with rt.scope():
     state, _ = create_train_state(rt.model, rt.optimizer, rt.mesh, exp.mesh.rules, 0,
                                   exp.run.seq_len)
     device_batches = [rt.put_batch(b) for b in batches]
     t0 = time.perf_counter()
-    box["state"], m = rt.train_step(state, device_batches[0])
+    state, m = rt.train_step(state, device_batches[0])
     jax.block_until_ready(m)
     compile_s = time.perf_counter() - t0
 
   def timed():
+    nonlocal state
     with rt.scope():
       t0 = time.perf_counter()
       for b in device_batches[1:]:
-        box["state"], m = rt.train_step(box["state"], b)
+        state, m = rt.train_step(state, b)
       jax.block_until_ready(m)
     return (time.perf_counter() - t0) / (len(batches) - 1), float(m["loss"])
 
@@ -107,7 +107,8 @@ def torch_stepper(exp: Experiment, batches: list[dict]):
   return timed
 
 
-def bench(exp: Experiment, batches: list[dict], peak: float, rounds: int) -> tuple[dict, dict]:
+def bench(exp: Experiment, batches: list[dict], peak: float, rounds: int
+          ) -> tuple[dict, dict | None]:
   """Times both frameworks in alternating rounds, so that a host whose speed drifts (a shared
   VM) slows both alike; each side's step time is its median round."""
   compile_s, ours = pretrainx_stepper(exp, batches)

@@ -5,8 +5,8 @@ scores in fp32). The backward uses flash attention's identity rowsum(P * dP) = r
 a [q, head_dim] reduction in place of a [q, k] one, and skips the mask's select: on CPU, where
 short sequences make the [batch, heads, q, k] passes a fifth of a train step, fewer passes over
 them pay (bench/profile_step.py). A causal mask without a prefix runs as query chunks, each
-against the keys up to its own end (chunk_plan). Tested against reference_attention, forward and
-gradients.
+against the keys up to its own end (chunk_plan). Each chunk's [rows, keys] arrays are written
+once each, head-major and unnormalised. Tested against reference_attention, forward and gradients.
 """
 
 from __future__ import annotations
@@ -37,38 +37,55 @@ def chunk_plan(q_len: int, kv_len: int, causal_only: bool,
   return tuple((i, min(i + chunk, q_len), min(i + chunk, q_len)) for i in range(0, q_len, chunk))
 
 
-def _chunk_forward(qg, k, v, mask, every_row_sees_itself: bool):
-  """qg [b, q, kvh, g, d] (scaled), k/v [b, kv, kvh, d], mask [b or 1, q, kv] ->
-  out [b, q, kvh, g, d] fp32, probs [b, kvh, q, g, kv] fp32.
+def _head_major(x):
+  """[b, q, kvh, g, d] -> [b, kvh, q * g, d]: a chunk's rows as a dot general's free dims."""
+  b, q, kvh, g, d = x.shape
+  return jnp.transpose(x, (0, 2, 1, 3, 4)).reshape(b, kvh, q * g, d)
 
-  The scores keep the order a dot general gives them (batch dims, then q's free dims, then k's),
-  [b, kvh, q, g, kv], so no [q, kv]-sized array is transposed on the way to the softmax.
+
+def _token_major(x, groups: int):
+  """[b, kvh, q * g, d] -> [b, q, kvh, g, d]."""
+  b, kvh, rows, d = x.shape
+  return jnp.transpose(x.reshape(b, kvh, rows // groups, groups, d), (0, 2, 1, 3, 4))
+
+
+def _chunk_forward(q_rows, k, v, mask, groups: int, every_row_sees_itself: bool):
+  """q_rows [b, kvh, rows, d] (scaled; rows = q * g), k/v [b, kv, kvh, d], mask [b or 1, q, kv]
+  -> out [b, kvh, rows, d] fp32, exps [b, kvh, rows, kv] fp32, inv_sums [b, kvh, rows] fp32.
+
+  Every [rows, kv] array is in the order a dot general gives and takes it (batch dims, then the
+  free dims), so none of them is transposed or copied on the way between the dots and the
+  softmax. The exponentials stay unnormalised, exps * inv_sums being the probabilities: the
+  output scales the [rows, head_dim] product instead, and the backward scales its own [rows, kv]
+  pass, so no normalised copy of them is written.
   """
-  scores = jnp.einsum("bqhgd,bkhd->bhqgk", qg, k, preferred_element_type=jnp.float32)
-  mask = mask[:, None, :, None]  # [b or 1, 1, q, 1, kv]
-  probs = jax.nn.softmax(jnp.where(mask, scores, MASK_VALUE), axis=-1)
+  scores = jnp.einsum("bhrd,bkhd->bhrk", q_rows, k, preferred_element_type=jnp.float32)
+  mask = jnp.repeat(mask, groups, axis=1)[:, None]  # [b or 1, 1, rows, kv]
+  scores = jnp.where(mask, scores, MASK_VALUE)
+  exps = jnp.exp(scores - jnp.max(scores, axis=-1, keepdims=True))
+  inv_sums = 1.0 / jnp.sum(exps, axis=-1)
   if not every_row_sees_itself:  # rows with no visible key: zeros, not a uniform average
-    probs = probs * jnp.any(mask, axis=-1, keepdims=True)
-  out = jnp.einsum("bhqgk,bkhd->bqhgd", probs.astype(v.dtype), v,
-                   preferred_element_type=jnp.float32)
-  return out, probs
+    inv_sums = jnp.where(jnp.any(mask, axis=-1), inv_sums, 0.0)
+  out = jnp.einsum("bhrk,bkhd->bhrd", exps.astype(v.dtype), v, preferred_element_type=jnp.float32)
+  return out * inv_sums[..., None], exps, inv_sums
 
 
 def _forward(q, k, v, mask, scale, plan):
-  """-> out [b, q, kvh, g, d] fp32, probs per chunk, q_grouped (scaled)."""
+  """-> out [b, q, kvh, g, d] fp32, (exps, inv_sums) per chunk, q_grouped (scaled)."""
   num_heads, num_kv_heads = check_attention_shapes(q, k, v)
   batch, q_len, _, head_dim = q.shape
-  qg = (q * jnp.asarray(scale, q.dtype)).reshape(batch, q_len, num_kv_heads,
-                                                num_heads // num_kv_heads, head_dim)
-  outs, probs = [], []
+  groups = num_heads // num_kv_heads
+  qg = (q * jnp.asarray(scale, q.dtype)).reshape(batch, q_len, num_kv_heads, groups, head_dim)
+  outs, softmax = [], []
   for q0, q1, kv1 in plan:
     # With q_len == kv_len, query i sits at key i, in its own segment: a causal row is never empty.
-    out, p = _chunk_forward(qg[:, q0:q1], k[:, :kv1], v[:, :kv1], mask[:, q0:q1, :kv1],
-                            every_row_sees_itself=q_len == k.shape[1])
+    out, exps, inv_sums = _chunk_forward(_head_major(qg[:, q0:q1]), k[:, :kv1], v[:, :kv1],
+                                         mask[:, q0:q1, :kv1], groups,
+                                         every_row_sees_itself=q_len == k.shape[1])
     outs.append(out)
-    probs.append(p)
-  out = outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=1)
-  return out, tuple(probs), qg
+    softmax.append((exps, inv_sums))
+  out = outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=2)
+  return _token_major(out, groups), tuple(softmax), qg
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
@@ -78,30 +95,38 @@ def _attention(q, k, v, mask, scale, plan):
 
 
 def _attention_fwd(q, k, v, mask, scale, plan):
-  out, probs, qg = _forward(q, k, v, mask, scale, plan)
-  return out.reshape(q.shape).astype(q.dtype), (qg, k, v, mask, scale, out, probs)
+  out, softmax, qg = _forward(q, k, v, mask, scale, plan)
+  return out.reshape(q.shape).astype(q.dtype), (qg, k, v, mask, scale, out, softmax)
 
 
 def _attention_bwd(plan, res, d_out):
-  qg, k, v, mask, scale, out, probs = res  # out: [b, q, kvh, g, d] fp32
-  do = d_out.reshape(out.shape)  # [b, q, kvh, g, d]
-  kv_len = k.shape[1]
-  dqs, dk, dv = [], 0.0, 0.0
-  for (q0, q1, kv1), p in zip(plan, probs):  # p: [b, kvh, chunk, g, kv1]
-    do_c, k_c, v_c, qg_c = do[:, q0:q1], k[:, :kv1], v[:, :kv1], qg[:, q0:q1]
-    d_probs = jnp.einsum("bqhgd,bkhd->bhqgk", do_c, v_c, preferred_element_type=jnp.float32)
-    delta = jnp.einsum("bqhgd,bqhgd->bhqg", do_c.astype(jnp.float32), out[:, q0:q1])[..., None]
-    d_scores = p * (d_probs - delta)  # 0 where masked: p is 0 there
-    dqs.append(jnp.einsum("bhqgk,bkhd->bqhgd", d_scores.astype(k.dtype), k_c,
-                          preferred_element_type=jnp.float32))
-    pad = ((0, 0), (0, kv_len - kv1), (0, 0), (0, 0))
-    dk = dk + jnp.pad(jnp.einsum("bhqgk,bqhgd->bkhd", d_scores.astype(qg.dtype), qg_c,
-                                 preferred_element_type=jnp.float32), pad)
-    dv = dv + jnp.pad(jnp.einsum("bhqgk,bqhgd->bkhd", p.astype(do.dtype), do_c,
-                                 preferred_element_type=jnp.float32), pad)
-  dq = (dqs[0] if len(dqs) == 1 else jnp.concatenate(dqs, axis=1)) * scale
+  qg, k, v, mask, scale, out, softmax = res  # out: [b, q, kvh, g, d] fp32
   batch, q_len, kvh, groups, head_dim = qg.shape
+  kv_len = k.shape[1]
+  do = d_out.reshape(out.shape)  # [b, q, kvh, g, d]
+  # rowsum(P * dP) = rowsum(dO * O), a [q, head_dim] reduction: [b, kvh, q * g].
+  delta = jnp.transpose(jnp.sum(do.astype(jnp.float32) * out, axis=-1),
+                        (0, 2, 1, 3)).reshape(batch, kvh, q_len * groups)
+  # dk_t, dv_t: [b, kvh, d, kv], so the [rows, kv] operands go into their dots untransposed.
+  dqs, dk_t, dv_t = [], 0.0, 0.0
+  for (q0, q1, kv1), (exps, inv_sums) in zip(plan, softmax):  # exps: [b, kvh, rows, kv1]
+    do_c, q_c = _head_major(do[:, q0:q1]), _head_major(qg[:, q0:q1])  # [b, kvh, rows, d]
+    k_c, v_c = k[:, :kv1], v[:, :kv1]
+    d_probs = jnp.einsum("bhrd,bkhd->bhrk", do_c, v_c, preferred_element_type=jnp.float32)
+    # P * (dP - delta) with P = exps * inv_sums; 0 where masked, exps being 0 there.
+    delta_c = delta[:, :, q0 * groups:q1 * groups, None]
+    d_scores = exps * ((d_probs - delta_c) * inv_sums[..., None])
+    dqs.append(jnp.einsum("bhrk,bkhd->bhrd", d_scores.astype(k.dtype), k_c,
+                          preferred_element_type=jnp.float32))
+    pad = ((0, 0), (0, 0), (0, 0), (0, kv_len - kv1))
+    dk_t = dk_t + jnp.pad(jnp.einsum("bhrd,bhrk->bhdk", q_c, d_scores.astype(qg.dtype),
+                                     preferred_element_type=jnp.float32), pad)
+    do_scaled = (do_c * inv_sums[..., None]).astype(do.dtype)  # P^T dO = exps^T (dO / sums)
+    dv_t = dv_t + jnp.pad(jnp.einsum("bhrd,bhrk->bhdk", do_scaled, exps.astype(do.dtype),
+                                     preferred_element_type=jnp.float32), pad)
+  dq = _token_major(dqs[0] if len(dqs) == 1 else jnp.concatenate(dqs, axis=2), groups) * scale
   dq = dq.reshape(batch, q_len, kvh * groups, head_dim).astype(qg.dtype)
+  dk, dv = (jnp.transpose(x, (0, 3, 1, 2)) for x in (dk_t, dv_t))  # -> [b, kv, kvh, d]
   return dq, dk.astype(k.dtype), dv.astype(v.dtype), None, None
 
 

@@ -129,6 +129,18 @@ def rope_inv_freq(head_dim: int, theta: float,
   return jnp.where((wavelen <= original / low) & (wavelen >= original / high), medium, scaled)
 
 
+def _computed_once(table: jax.Array) -> jax.Array:
+  """table [batch, seq, ...] read back through a gather of its own rows along seq (the identity).
+
+  XLA:CPU fuses RoPE's sin and cos into the rotation's loop, computing each once per head, half
+  and pass (forward and backward); it never fuses into a gather's operand, so the table is then
+  written once. A q rotation's forward and backward at the quickstart's shapes: 3.5 -> 0.9 ms
+  (bench/RESULTS.md, issue 22). Gathering along seq keeps the batch dim, the data-parallel one,
+  a passthrough dim that stays on its shard.
+  """
+  return jnp.take(table, jnp.arange(table.shape[1]), axis=1)
+
+
 def apply_rope(x: jax.Array, positions: jax.Array, theta: float,
                llama3: tuple[float, float, float, int] | None = None) -> jax.Array:
   """Rotary position embedding in the rotate-half layout (as Hugging Face Llama stores q/k).
@@ -142,6 +154,8 @@ def apply_rope(x: jax.Array, positions: jax.Array, theta: float,
   freqs = rope_inv_freq(head_dim, theta, llama3)  # [head_dim/2]
   angles = positions.astype(jnp.float32)[:, :, None, None] * freqs  # [batch, seq, 1, head_dim/2]
   sin, cos = jnp.sin(angles), jnp.cos(angles)
+  if kernels.platform() == "cpu":
+    sin, cos = _computed_once(sin), _computed_once(cos)
   x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
   out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
   return out.astype(x.dtype)

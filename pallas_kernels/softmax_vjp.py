@@ -71,37 +71,39 @@ def _chunk_forward(q_rows, k, v, mask, groups: int, every_row_sees_itself: bool)
 
 
 def _forward(q, k, v, mask, scale, plan):
-  """-> out [b, q, kvh, g, d] fp32, (exps, inv_sums) per chunk, q_grouped (scaled)."""
+  """-> out [b, q, kvh, g, d] fp32, and per chunk (q_rows (scaled), exps, inv_sums), what the
+  backward reads."""
   num_heads, num_kv_heads = check_attention_shapes(q, k, v)
   batch, q_len, _, head_dim = q.shape
   groups = num_heads // num_kv_heads
   qg = (q * jnp.asarray(scale, q.dtype)).reshape(batch, q_len, num_kv_heads, groups, head_dim)
-  outs, softmax = [], []
+  outs, chunks = [], []
   for q0, q1, kv1 in plan:
     # With q_len == kv_len, query i sits at key i, in its own segment: a causal row is never empty.
-    out, exps, inv_sums = _chunk_forward(_head_major(qg[:, q0:q1]), k[:, :kv1], v[:, :kv1],
-                                         mask[:, q0:q1, :kv1], groups,
-                                         every_row_sees_itself=q_len == k.shape[1])
+    q_rows = _head_major(qg[:, q0:q1])
+    out, exps, inv_sums = _chunk_forward(q_rows, k[:, :kv1], v[:, :kv1], mask[:, q0:q1, :kv1],
+                                         groups, every_row_sees_itself=q_len == k.shape[1])
     outs.append(out)
-    softmax.append((exps, inv_sums))
+    chunks.append((q_rows, exps, inv_sums))
   out = outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=2)
-  return _token_major(out, groups), tuple(softmax), qg
+  return _token_major(out, groups), tuple(chunks)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
 def _attention(q, k, v, mask, scale, plan):
-  out, _, _ = _forward(q, k, v, mask, scale, plan)
+  out, _ = _forward(q, k, v, mask, scale, plan)
   return out.reshape(q.shape).astype(q.dtype)
 
 
 def _attention_fwd(q, k, v, mask, scale, plan):
-  out, softmax, qg = _forward(q, k, v, mask, scale, plan)
-  return out.reshape(q.shape).astype(q.dtype), (qg, k, v, mask, scale, out, softmax)
+  out, chunks = _forward(q, k, v, mask, scale, plan)
+  return out.reshape(q.shape).astype(q.dtype), (k, v, scale, out, chunks)
 
 
 def _attention_bwd(plan, res, d_out):
-  qg, k, v, mask, scale, out, softmax = res  # out: [b, q, kvh, g, d] fp32
-  batch, q_len, kvh, groups, head_dim = qg.shape
+  k, v, scale, out, chunks = res  # out: [b, q, kvh, g, d] fp32
+  batch, q_len, kvh, groups, head_dim = out.shape
+  q_dtype = chunks[0][0].dtype
   kv_len = k.shape[1]
   do = d_out.reshape(out.shape)  # [b, q, kvh, g, d]
   # rowsum(P * dP) = rowsum(dO * O), a [q, head_dim] reduction: [b, kvh, q * g].
@@ -109,8 +111,8 @@ def _attention_bwd(plan, res, d_out):
                         (0, 2, 1, 3)).reshape(batch, kvh, q_len * groups)
   # dk_t, dv_t: [b, kvh, d, kv], so the [rows, kv] operands go into their dots untransposed.
   dqs, dk_t, dv_t = [], 0.0, 0.0
-  for (q0, q1, kv1), (exps, inv_sums) in zip(plan, softmax):  # exps: [b, kvh, rows, kv1]
-    do_c, q_c = _head_major(do[:, q0:q1]), _head_major(qg[:, q0:q1])  # [b, kvh, rows, d]
+  for (q0, q1, kv1), (q_c, exps, inv_sums) in zip(plan, chunks):  # exps: [b, kvh, rows, kv1]
+    do_c = _head_major(do[:, q0:q1])  # [b, kvh, rows, d], as q_c
     k_c, v_c = k[:, :kv1], v[:, :kv1]
     d_probs = jnp.einsum("bhrd,bkhd->bhrk", do_c, v_c, preferred_element_type=jnp.float32)
     # P * (dP - delta) with P = exps * inv_sums; 0 where masked, exps being 0 there.
@@ -119,13 +121,13 @@ def _attention_bwd(plan, res, d_out):
     dqs.append(jnp.einsum("bhrk,bkhd->bhrd", d_scores.astype(k.dtype), k_c,
                           preferred_element_type=jnp.float32))
     pad = ((0, 0), (0, 0), (0, 0), (0, kv_len - kv1))
-    dk_t = dk_t + jnp.pad(jnp.einsum("bhrd,bhrk->bhdk", q_c, d_scores.astype(qg.dtype),
+    dk_t = dk_t + jnp.pad(jnp.einsum("bhrd,bhrk->bhdk", q_c, d_scores.astype(q_dtype),
                                      preferred_element_type=jnp.float32), pad)
     do_scaled = (do_c * inv_sums[..., None]).astype(do.dtype)  # P^T dO = exps^T (dO / sums)
     dv_t = dv_t + jnp.pad(jnp.einsum("bhrd,bhrk->bhdk", do_scaled, exps.astype(do.dtype),
                                      preferred_element_type=jnp.float32), pad)
   dq = _token_major(dqs[0] if len(dqs) == 1 else jnp.concatenate(dqs, axis=2), groups) * scale
-  dq = dq.reshape(batch, q_len, kvh * groups, head_dim).astype(qg.dtype)
+  dq = dq.reshape(batch, q_len, kvh * groups, head_dim).astype(q_dtype)
   dk, dv = (jnp.transpose(x, (0, 3, 1, 2)) for x in (dk_t, dv_t))  # -> [b, kv, kvh, d]
   return dq, dk.astype(k.dtype), dv.astype(v.dtype), None, None
 

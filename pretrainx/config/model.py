@@ -113,6 +113,9 @@ class ModelConfig:
     dtype / param_dtype: compute and storage dtypes ('float32', 'bfloat16').
     remat_policy: 'none', 'full', 'dots' or 'dots_with_no_batch_dims' (jax.checkpoint policies).
     scan_layers: stack the blocks with nn.scan (fast compiles for deep models).
+    scan_unroll: blocks each iteration of that scan runs (nn.scan's unroll); num_layers or more
+      unrolls the stack fully but keeps its stacked [layers, ...] parameters. That runs shallow
+      models faster on CPU: no while loop, and no per-iteration slicing and stacking.
     attention_impl: 'reference' (materialised softmax), 'flash' (blockwise softmax kernel),
       'linear' (causal linear attention, O(1)-memory decoding) or 'hybrid' (LoLCATs: sliding-window
       softmax + linear attention for older keys); see pretrainx.model.attention.
@@ -161,6 +164,7 @@ class ModelConfig:
   param_dtype: str = "float32"
   remat_policy: str = "none"
   scan_layers: bool = True
+  scan_unroll: int = 1
   attention_impl: str = "reference"
   linear_feature: str = "hedgehog"
   linear_feature_dim: int = 32
@@ -200,6 +204,9 @@ class ModelConfig:
           "set ModelConfig.head_dim explicitly.")
     if self.resolved_head_dim % 2:
       raise ValueError(f"head_dim={self.resolved_head_dim} must be even for RoPE.")
+    if self.scan_unroll < 1:
+      raise ValueError(f"ModelConfig.scan_unroll={self.scan_unroll} must be at least 1 (blocks a "
+                       "scan iteration runs; num_layers unrolls them all).")
     self._check_attention()
     self._check_rope()
     if self.moe.enabled and self.moe.every > 1 and self.scan_layers:

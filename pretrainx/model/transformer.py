@@ -57,11 +57,15 @@ class DecoderBlock(nn.Module):
 def _block_stack(cfg: ModelConfig, decode: bool, cache_len: int):
   block = DecoderBlock
   if cfg.remat_policy != "none" and not decode:
-    block = nn.remat(block, policy=_REMAT_POLICIES[cfg.remat_policy], prevent_cse=not cfg.scan_layers)
+    # A scan's body runs once per iteration, so XLA cannot merge its recomputation with the
+    # forward; unrolled blocks (a Python loop, or scan_unroll > 1) need the barrier.
+    rolled = cfg.scan_layers and cfg.scan_unroll == 1
+    block = nn.remat(block, policy=_REMAT_POLICIES[cfg.remat_policy], prevent_cse=not rolled)
   if cfg.scan_layers:
     return nn.scan(block, variable_axes={"params": 0, "intermediates": 0, "cache": 0},
                    split_rngs={"params": True},
                    in_axes=(nn.broadcast, nn.broadcast, nn.broadcast), length=cfg.num_layers,
+                   unroll=cfg.scan_unroll,
                    metadata_params={nn.PARTITION_NAME: "layers"})(cfg, decode, cache_len,
                                                                   name="layers")
   return [block(cfg.for_layer(i), decode, cache_len, name=f"layers_{i}")

@@ -4,7 +4,8 @@ For the tiny, quickstart and d512 configs: tokens/s, MFU against the measured ma
 time and compile time. Where torch and transformers are installed, LlamaForCausalLM of the same
 config is trained on the same batches in rounds that alternate with pretrainx's, and the tokens/s
 ratio of the median rounds is printed.
-Run: .venv/bin/python bench/train_throughput.py [--steps 10] [--rounds 3] [--configs tiny,...]
+Run: .venv/bin/python bench/train_throughput.py [--steps 10] [--rounds 3] [--min_round_seconds 2]
+     [--configs tiny,...]
 """
 
 from __future__ import annotations
@@ -107,12 +108,30 @@ def torch_stepper(exp: Experiment, batches: list[dict]):
   return timed
 
 
-def bench(exp: Experiment, batches: list[dict], peak: float, rounds: int
-          ) -> tuple[dict, dict | None]:
+def at_least(timed, seconds: float):
+  """timed() repeated back to back until `seconds` have passed; -> the same (seconds a step, last
+  loss), over all its passes. A round of the tiny model's 10 ms steps is otherwise a few dozen
+  milliseconds, shorter than the stalls of a shared VM."""
+
+  def round_():
+    t0, per_step, loss = time.perf_counter(), [], None
+    while not per_step or time.perf_counter() - t0 < seconds:
+      step_s, loss = timed()
+      per_step.append(step_s)
+    return sum(per_step) / len(per_step), loss
+
+  return round_
+
+
+def bench(exp: Experiment, batches: list[dict], peak: float, rounds: int,
+          min_round_s: float = 0.0) -> tuple[dict, dict | None]:
   """Times both frameworks in alternating rounds, so that a host whose speed drifts (a shared
-  VM) slows both alike; each side's step time is its median round."""
+  VM) slows both alike; each side's step time is its median round, and a round lasts at least
+  min_round_s (the batches again, as often as needed)."""
   compile_s, ours = pretrainx_stepper(exp, batches)
   theirs = torch_stepper(exp, batches)
+  ours = at_least(ours, min_round_s)
+  theirs = at_least(theirs, min_round_s) if theirs is not None else None
   times = {"pretrainx": [], "torch": []}
   for _ in range(rounds):
     times["pretrainx"].append(ours())
@@ -141,7 +160,9 @@ def _torch_threads() -> str:
 
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--steps", type=int, default=10, help="timed steps a round")
+  parser.add_argument("--steps", type=int, default=10, help="timed steps a round (at least)")
+  parser.add_argument("--min_round_seconds", type=float, default=2.0,
+                      help="a round repeats its steps until it has lasted this long")
   parser.add_argument("--rounds", type=int, default=3,
                       help="rounds, alternating pretrainx and PyTorch; the median round counts")
   parser.add_argument("--configs", default="tiny,quickstart,d512",
@@ -156,11 +177,12 @@ def main() -> None:
                     ["RunConfig.progress_bar = False", *bindings])
     data = TrainBatches(exp.data, exp.run.seq_len, exp.run.global_batch_size)
     batches = [data.batch_at(k) for k in range(args.steps + 1)]
-    ours, theirs = bench(exp, batches, peak, args.rounds)
+    ours, theirs = bench(exp, batches, peak, args.rounds, args.min_round_seconds)
     rows.append((name, exp, ours, theirs))
   print(f"\nmeasured matmul peak: {peak / 1e9:.1f} GFLOP/s on {jax.devices()[0].device_kind} "
         f"({jax.default_backend()}, {jax.device_count()} devices, data-parallel); {args.rounds} "
-        f"rounds of {args.steps} timed steps after one compile step, alternating with PyTorch "
+        f"rounds of {args.steps} timed steps (repeated to {args.min_round_seconds:g} s) after one "
+        f"compile step, alternating with PyTorch "
         f"({_torch_threads()} threads); the median round\n")
   print("| config | tokens/step | pretrainx tok/s | MFU | step (s) | compile (s) "
         "| PyTorch tok/s | pretrainx / PyTorch |")

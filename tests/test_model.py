@@ -53,6 +53,21 @@ def test_untied_embeddings_and_remat_match():
   assert "lm_head" in params
 
 
+@pytest.mark.parametrize("unroll,remat", [(2, "none"), (2, "full"), (3, "none")],
+                         ids=["all", "all-remat", "past-depth"])
+def test_unrolled_scan_keeps_the_stacked_params_and_the_function(unroll, remat):
+  base = ModelConfig(**{**CFG.__dict__, "remat_policy": remat})
+  model, params, tokens = _init(base)
+  unrolled = Transformer(ModelConfig(**{**base.__dict__, "scan_unroll": unroll}))
+  assert jax.tree.structure(unrolled.init(jax.random.key(0), tokens)["params"]) == \
+      jax.tree.structure(params)  # still stacked: params["layers"][...] is [layers, ...]
+  loss = lambda m, p: jnp.mean(jax.nn.logsumexp(m.apply({"params": p}, tokens), -1))
+  l1, g1 = jax.value_and_grad(lambda p: loss(model, p))(params)
+  l2, g2 = jax.value_and_grad(lambda p: loss(unrolled, p))(params)
+  np.testing.assert_allclose(l1, l2, rtol=1e-6)
+  chex.assert_trees_all_close(g1, g2, atol=1e-6)
+
+
 def test_causality():
   model, params, tokens = _init(CFG)
   changed = tokens.at[:, 10].set((tokens[:, 10] + 7) % CFG.vocab_size)
@@ -125,6 +140,8 @@ def test_bad_model_config():
     ModelConfig(num_heads=4, num_kv_heads=3)
   with pytest.raises(ValueError, match="unknown attention_impl 'nope'; choose one of reference"):
     ModelConfig(**{**CFG.__dict__, "attention_impl": "nope"})
+  with pytest.raises(ValueError, match="scan_unroll=0 must be at least 1"):
+    ModelConfig(**{**CFG.__dict__, "scan_unroll": 0})
 
 
 @pytest.mark.parametrize("spec,x_shape,w_shape,contract,transposed", [

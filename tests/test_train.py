@@ -98,8 +98,10 @@ def test_nan_step_is_skipped_and_the_run_finishes(tiny_exp, poison):
   assert np.isnan(rows[4]["train/loss"]) and rows[4]["train/bad_step"] == 1.0
   assert rows[5]["train/bad_step"] == 0.0 and rows[10]["train/skipped_steps"] == 1.0
   assert result.skipped_steps == 1 and np.isfinite(result.eval_loss)
-  # the skipped step changed nothing: params after step 4 equal params after step 3
+  # the skipped step changed nothing (the optimizer did not run): params after step 4 equal
+  # params after step 3, and it reports no update
   assert rows[4]["train/param_norm"] == rows[3]["train/param_norm"]
+  assert rows[4]["train/update_norm"] == 0.0 and rows[5]["train/update_norm"] > 0.0
 
 
 def test_bad_step_rolls_back_and_skips_the_batches(tiny_exp, poison):

@@ -113,7 +113,8 @@ def _xla_flops(compiled) -> float | None:
 def _xla_counts_every_flop(exp: Experiment) -> bool:
   """XLA's cost analysis counts a loop body once: trust it only for loop-free steps."""
   model = exp.model
-  return (not model.scan_layers and exp.accumulation.microbatches == 1
+  unrolled = not model.scan_layers or model.scan_unroll >= model.num_layers
+  return (unrolled and exp.accumulation.microbatches == 1
           and set(model.layer_impls) == {"reference"})
 
 

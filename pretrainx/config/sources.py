@@ -21,8 +21,9 @@ from pretrainx.config.hf_config import load_hf_config
 from pretrainx.config.model import ModelConfig
 
 # ModelConfig fields that say how a model runs, not what its weights are: the run's own.
-RUNTIME_MODEL_FIELDS = ("dtype", "param_dtype", "remat_policy", "scan_layers", "kernel_interpret",
-                        "flash_block_q", "flash_block_k", "sow_kurtosis", "vocab_multiple")
+RUNTIME_MODEL_FIELDS = ("dtype", "param_dtype", "remat_policy", "scan_layers", "scan_unroll",
+                        "kernel_interpret", "flash_block_q", "flash_block_k", "sow_kurtosis",
+                        "vocab_multiple")
 # Attention fields a linearized run sets for itself (its source is a softmax model).
 _ATTENTION_FIELDS = ("attention_impl", "layer_attention_impls", "linear_feature",
                      "linear_feature_dim", "linear_decay", "linear_chunk", "attention_window")

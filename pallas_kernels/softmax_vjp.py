@@ -109,8 +109,11 @@ def _attention_bwd(plan, res, d_out):
   # rowsum(P * dP) = rowsum(dO * O), a [q, head_dim] reduction: [b, kvh, q * g].
   delta = jnp.transpose(jnp.sum(do.astype(jnp.float32) * out, axis=-1),
                         (0, 2, 1, 3)).reshape(batch, kvh, q_len * groups)
-  # dk_t, dv_t: [b, kvh, d, kv], so the [rows, kv] operands go into their dots untransposed.
-  dqs, dk_t, dv_t = [], 0.0, 0.0
+  # dk_t, dv_t: [b, kvh, d, kv], so the [rows, kv] operands go into their dots untransposed. A
+  # chunk adds into its own keys in place; summing zero-padded chunks made XLA fuse every pad
+  # into the RoPE backward, a loop that tested each chunk's bounds per element.
+  dqs = []
+  dk_t = dv_t = jnp.zeros((batch, kvh, head_dim, kv_len), jnp.float32)
   for (q0, q1, kv1), (q_c, exps, inv_sums) in zip(plan, chunks):  # exps: [b, kvh, rows, kv1]
     do_c = _head_major(do[:, q0:q1])  # [b, kvh, rows, d], as q_c
     k_c, v_c = k[:, :kv1], v[:, :kv1]
@@ -120,12 +123,11 @@ def _attention_bwd(plan, res, d_out):
     d_scores = exps * ((d_probs - delta_c) * inv_sums[..., None])
     dqs.append(jnp.einsum("bhrk,bkhd->bhrd", d_scores.astype(k.dtype), k_c,
                           preferred_element_type=jnp.float32))
-    pad = ((0, 0), (0, 0), (0, 0), (0, kv_len - kv1))
-    dk_t = dk_t + jnp.pad(jnp.einsum("bhrd,bhrk->bhdk", q_c, d_scores.astype(q_dtype),
-                                     preferred_element_type=jnp.float32), pad)
+    dk_t = dk_t.at[..., :kv1].add(jnp.einsum("bhrd,bhrk->bhdk", q_c, d_scores.astype(q_dtype),
+                                             preferred_element_type=jnp.float32))
     do_scaled = (do_c * inv_sums[..., None]).astype(do.dtype)  # P^T dO = exps^T (dO / sums)
-    dv_t = dv_t + jnp.pad(jnp.einsum("bhrd,bhrk->bhdk", do_scaled, exps.astype(do.dtype),
-                                     preferred_element_type=jnp.float32), pad)
+    dv_t = dv_t.at[..., :kv1].add(jnp.einsum("bhrd,bhrk->bhdk", do_scaled, exps.astype(do.dtype),
+                                             preferred_element_type=jnp.float32))
   dq = _token_major(dqs[0] if len(dqs) == 1 else jnp.concatenate(dqs, axis=2), groups) * scale
   dq = dq.reshape(batch, q_len, kvh * groups, head_dim).astype(q_dtype)
   dk, dv = (jnp.transpose(x, (0, 3, 1, 2)) for x in (dk_t, dv_t))  # -> [b, kv, kvh, d]

@@ -66,12 +66,17 @@ def test_flops_positive_and_near_analytic(plans):
 
 
 def test_scanned_layers_fall_back_to_analytic_flops(tmp_path):
-  exp = tiny_experiment(tmp_path, mesh={"data": 1, "fsdp": 8, "tensor": 1})
+  mesh = {"data": 1, "fsdp": 8, "tensor": 1}
+  exp = tiny_experiment(tmp_path, mesh=mesh, model={"scan_unroll": 1})
   assert exp.model.scan_layers
   report = plan(exp)
   assert report.flops_source == "analytic"
   assert report.flops_per_step == report.analytic_flops_per_step > 0
   assert report.fits is None and "HBM" not in plan_text(report)
+  # a fully unrolled scan (tiny.gin's scan_unroll = 2 for 2 layers) is loop-free: XLA's count
+  unrolled = tiny_experiment(tmp_path, mesh=mesh)
+  assert unrolled.model.scan_unroll >= unrolled.model.num_layers
+  assert plan(unrolled).flops_source == "xla"
 
 
 def test_more_devices_than_the_process_has_runs_in_a_subprocess(capsys):

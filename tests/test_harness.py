@@ -9,9 +9,9 @@ import os
 import numpy as np
 import pytest
 
-lm_eval = pytest.importorskip("lm_eval")
-tokenizers = pytest.importorskip("tokenizers")
-pytest.importorskip("transformers")
+import lm_eval
+import tokenizers
+import transformers  # noqa: F401  pylint: disable=unused-import
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402

@@ -13,9 +13,9 @@ import flax
 import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
-pytest.importorskip("safetensors")
+import safetensors  # noqa: F401  pylint: disable=unused-import
+import torch
+import transformers
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -256,7 +256,7 @@ def test_convert_both_directions(sharded_llama, tmp_path):
 
 
 def test_hf_tokenizer_vocabulary(tmp_path):
-  tokenizers = pytest.importorskip("tokenizers")
+  import tokenizers  # pylint: disable=import-outside-toplevel
   from pretrainx.vocab import HFTokenizerVocabulary  # pylint: disable=import-outside-toplevel
 
   texts = ["def add(a, b):\n  return a + b\n", "the quick brown fox jumps over the lazy dog",

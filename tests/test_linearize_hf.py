@@ -7,8 +7,8 @@ import os
 import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
+import torch
+import transformers
 
 import conftest  # noqa: E402
 from pretrainx.config import parse_gin_with  # noqa: E402

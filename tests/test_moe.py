@@ -265,8 +265,6 @@ def test_an_expert_axis_that_does_not_divide_the_experts_is_refused_in_the_model
     _sums_and_grads(cfg, _params(cfg), _batch(), mesh_cfg)
 
 
-@pytest.mark.skipif(not __import__("pretrainx.topology").topology.libtpu_available(),
-                    reason="needs libtpu (pip install 'pretrainx[tpu]')")
 def test_moe_train_step_compiles_for_v5p_with_an_expert_axis():
   """The real TPU compiler: experts split over 'expert', tokens exchanged with all-to-all, the
   grouped matmul as ragged dots."""

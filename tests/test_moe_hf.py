@@ -13,9 +13,9 @@ import os
 import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
-pytest.importorskip("safetensors")
+import safetensors  # noqa: F401  pylint: disable=unused-import
+import torch
+import transformers
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402

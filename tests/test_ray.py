@@ -28,7 +28,7 @@ from pretrainx.scaling.results import load_results
 from conftest import REPO
 
 pytestmark = pytest.mark.xdist_group("ray")  # one cluster per module, on one test process
-ray = pytest.importorskip("ray")
+import ray  # noqa: E402
 
 VOCAB = ByteVocabulary()
 TINY = os.path.join(REPO, "gin_configs/tiny.gin")
@@ -43,6 +43,10 @@ def ray_address():
   flags = os.environ.pop("XLA_FLAGS", None)
   try:
     ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
+  except Exception as err:  # pylint: disable=broad-except
+    pytest.fail(f"cannot start a local Ray cluster ({type(err).__name__}: "
+                f"{str(err).splitlines()[0] if str(err) else ''}): run `make install` for "
+                "ray[default], and stop stale clusters with `ray stop --force`.", pytrace=False)
   finally:
     if flags is not None:
       os.environ["XLA_FLAGS"] = flags

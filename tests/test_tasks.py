@@ -57,7 +57,7 @@ def test_jsonl_with_metadata_and_score_fields(tmp_path):
 
 
 def test_parquet_rows(tmp_path):
-  pq = pytest.importorskip("pyarrow.parquet")
+  import pyarrow.parquet as pq  # pylint: disable=import-outside-toplevel
   import pyarrow as pa  # pylint: disable=import-outside-toplevel
 
   path = tmp_path / "rows.parquet"
@@ -181,7 +181,7 @@ def test_corpus_task_documents():
 
 
 def test_seqio_registration_matches_iter_documents(tmp_path):
-  seqio = pytest.importorskip("seqio")  # imports TensorFlow: ~15 s
+  import seqio  # imports TensorFlow: ~15 s  # pylint: disable=import-outside-toplevel
   tag = uuid.uuid4().hex[:8]  # seqio registries are process-wide
   path = _jsonl(tmp_path / "d.jsonl", [
       {"text": f"doc {i} ✓ {'é' * i}", **({"url": f"u/{i}"} if i % 3 else {}),

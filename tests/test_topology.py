@@ -12,10 +12,6 @@ from pretrainx import topology
 
 from conftest import REPO
 
-needs_libtpu = pytest.mark.skipif(not topology.libtpu_available(),
-                                  reason="libtpu is not installed (pip install 'pretrainx[tpu]')")
-
-
 @pytest.mark.parametrize("name, gen, grid", [
     ("v5p-8", "v5p", (2, 2, 1)), ("v5p-16", "v5p", (2, 2, 2)), ("v5p-256", "v5p", (4, 4, 8)),
     ("v5p-512", "v5p", (4, 8, 8)), ("v4-64", "v4", (2, 4, 4)), ("v5e-1", "v5e", (1, 1)),
@@ -43,7 +39,6 @@ def _plan(*args):
                         capture_output=True, text=True, timeout=600)
 
 
-@needs_libtpu
 def test_plan_compiles_train_and_eval_steps_for_v5p_with_the_tpu_compiler():
   out = _plan("--gin_file=gin_configs/tiny.gin", "--topology=v5p-8",
               "--mesh=data=1,fsdp=2,tensor=2")
@@ -56,14 +51,12 @@ def test_plan_compiles_train_and_eval_steps_for_v5p_with_the_tpu_compiler():
   assert "fake CPU devices" not in out.stdout
 
 
-@needs_libtpu
 def test_plan_exits_1_when_the_run_does_not_fit():
   out = _plan("--gin_file=gin_configs/tiny.gin", "--topology=v5p-8", "--hbm_gib=0.001")
   assert out.returncode == 1
   assert "HBM 0.001 GiB per device: does not fit by " in out.stdout
 
 
-@needs_libtpu
 def test_plan_refuses_a_mesh_of_another_size():
   out = _plan("--gin_file=gin_configs/tiny.gin", "--topology=v5p-8", "--mesh=data=2,fsdp=1,tensor=1")
   assert out.returncode == 2
@@ -90,7 +83,6 @@ def test_plan_without_libtpu_says_how_to_install(tmp_path):
 IMPLS = ("reference", "flash", "linear", "hybrid")
 
 
-@needs_libtpu
 @pytest.mark.parametrize("preset, impl", [(p, i) for p in ("tiny", "quickstart") for i in IMPLS])
 def test_train_step_compiles_for_v5p_over_data_fsdp_tensor(preset, impl):
   """Forward and backward (the whole train step) with the TPU compiler; flash and linear run as
@@ -114,7 +106,6 @@ def test_train_step_compiles_for_v5p_over_data_fsdp_tensor(preset, impl):
   assert mosaic == 0 or impl in ("flash", "linear")
 
 
-@needs_libtpu
 @pytest.mark.parametrize("impl, binding, message", [
     ("flash", "ModelConfig.flash_block_q = 200",
      "block_q=200 cannot be tiled by the TPU (Mosaic needs a multiple of 128 here); the nearest "

@@ -2,9 +2,10 @@
 
 The layer projects, applies RoPE and calls `dot_product_attention(..., cfg=cfg)`, which picks
 ATTENTION_IMPLS[cfg.attention_impl]:
-  'reference'  materialised softmax (pallas_kernels.reference; on CPU the same math with the
-               hand-written backward of pallas_kernels.softmax_vjp, which runs a causal mask as
-               query chunks that skip the blocks above the diagonal), prefix-LM masks included;
+  'reference'  materialised softmax (pallas_kernels.reference; in the CPU-tuned graph,
+               kernels.cpu_tuned_graph, the same math with the hand-written backward of
+               pallas_kernels.softmax_vjp, which runs a causal mask as query chunks that skip
+               the blocks above the diagonal), prefix-LM masks included;
   'flash'      the blockwise Pallas kernel (pallas_kernels.flash_attention, imported lazily);
   'linear'     causal linear attention with a learned hedgehog (or fixed) feature map and optional
                per-head decay; packed documents reset the state at segment starts;
@@ -67,7 +68,7 @@ def _warn_fallback(impl: str, used: str, reason: str | None = None) -> None:
 
 def _reference(q, k, v, segment_ids, prefix_mask, cfg, learned):
   del cfg, learned
-  if kernels.platform() == "cpu":  # the same math with a hand-written backward (fewer [q, k]
+  if kernels.cpu_tuned_graph():  # the same math with a hand-written backward (fewer [q, k]
     return softmax_attention(q, k, v, segment_ids=segment_ids, prefix_mask=prefix_mask)  # passes)
   # elsewhere plain autodiff, whose dots remat policies that save dots can see
   return reference_attention(q, k, v, causal=True, q_segment_ids=segment_ids,

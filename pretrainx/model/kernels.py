@@ -2,11 +2,18 @@
 kernel runs under `jax.shard_map`, split over the mesh axes that the logical rules give the
 activations' batch and heads (sharding.py's table); sequence and head_dim stay whole per shard.
 The same model code then compiles on one device and on any mesh, TPU topologies included.
+
+Also the one switch between the two graphs of the same math: the CPU-tuned one (cpu_tuned_graph)
+and the one TPUs and GPUs run, which `graph('accelerator')` or PRETRAINX_GRAPH=accelerator
+trace on CPU too, so that tests there execute it.
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable
+import contextlib
+import contextvars
+import os
+from typing import Any, Callable, Iterator
 
 import jax
 from jax.sharding import PartitionSpec as P
@@ -19,6 +26,44 @@ def platform() -> str:
   planning from a CPU host), else jax's default backend."""
   mesh = current_mesh()
   return mesh_platform(mesh) if mesh is not None else jax.default_backend()
+
+
+GRAPH_ENV = "PRETRAINX_GRAPH"
+GRAPHS = ("auto", "cpu", "accelerator")
+_graph = contextvars.ContextVar("pretrainx_graph", default=None)  # the innermost graph(kind)
+
+
+def cpu_tuned_graph() -> bool:
+  """Whether the model traces its CPU-tuned graph: project()'s written-out gradient, RoPE's
+  tables computed once, and 'reference' attention's hand-written backward (softmax_vjp). The
+  other graph, plain dot_generals and reference_attention under autodiff, is what TPUs and GPUs
+  run; both compute the same math.
+
+  Decided, first to last, by the innermost `graph(kind)` around the tracing, the environment
+  variable PRETRAINX_GRAPH ('auto', 'cpu' or 'accelerator'; e.g. PRETRAINX_GRAPH=accelerator
+  runs a whole program with the TPU/GPU graph on CPU), and else (`auto`) by platform() == 'cpu'.
+  """
+  kind = _graph.get() or os.environ.get(GRAPH_ENV) or "auto"
+  if kind not in GRAPHS:
+    raise ValueError(f"{GRAPH_ENV}={kind!r}; choose one of {GRAPHS}.")
+  return platform() == "cpu" if kind == "auto" else kind == "cpu"
+
+
+@contextlib.contextmanager
+def graph(kind: str) -> Iterator[None]:
+  """Traces the model's 'cpu' (tuned) or 'accelerator' (TPU/GPU) graph on any platform, or
+  'auto' (by platform) within the block, whatever PRETRAINX_GRAPH says (see cpu_tuned_graph).
+
+  The choice is made while tracing: a function that jax has already traced and cached keeps its
+  graph, so jit a fresh function inside the block.
+  """
+  if kind not in GRAPHS:
+    raise ValueError(f"graph kind {kind!r}; choose one of {GRAPHS}.")
+  token = _graph.set(kind)
+  try:
+    yield
+  finally:
+    _graph.reset(token)
 
 
 def shard_attention(kernel: Callable, q: jax.Array, k: jax.Array, v: jax.Array,

@@ -63,15 +63,15 @@ def project(x: jax.Array, w: jax.Array, contract: int = 1, transposed: bool = Fa
   autodiff of an einsum with batch and seq free forms the weight gradient as g^T x followed by
   a transpose, and XLA:CPU then copies g and the gradient in transposed layout
   (bench/profile_step.py, issue 22). dw = x^T g is one contraction over tokens. The written-out
-  gradient is used on CPU only (elsewhere a plain dot_general); its output is named PROJECTION
-  for the remat policies that save dots.
+  gradient is used in the CPU-tuned graph only (kernels.cpu_tuned_graph; elsewhere a plain
+  dot_general); its output is named PROJECTION for the remat policies that save dots.
   """
   lead, ins = x.shape[:x.ndim - contract], x.shape[x.ndim - contract:]
   size_in = math.prod(ins)
   outs = w.shape[:w.ndim - contract] if transposed else w.shape[contract:]
   w2 = w.reshape(-1, size_in) if transposed else w.reshape(size_in, -1)
   x2 = x.reshape(-1, size_in)
-  if kernels.platform() == "cpu":
+  if kernels.cpu_tuned_graph():
     # named, so that remat policies that save dots save this one too (transformer.py)
     y = checkpoint_name(_matmul(x2, w2, transposed), PROJECTION)
   else:  # TPU/GPU compilers need no help, and remat policies that save dots must see this one
@@ -154,7 +154,7 @@ def apply_rope(x: jax.Array, positions: jax.Array, theta: float,
   freqs = rope_inv_freq(head_dim, theta, llama3)  # [head_dim/2]
   angles = positions.astype(jnp.float32)[:, :, None, None] * freqs  # [batch, seq, 1, head_dim/2]
   sin, cos = jnp.sin(angles), jnp.cos(angles)
-  if kernels.platform() == "cpu":
+  if kernels.cpu_tuned_graph():
     sin, cos = _computed_once(sin), _computed_once(cos)
   x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
   out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)

@@ -1,5 +1,6 @@
-"""Choosing a stage's documents by score: filters, orders, repeats, loss weights, and what they do
-to training (a score filter against noise, an ascending-quality curriculum)."""
+"""Choosing a stage's documents by score: filters, orders, repeats, loss weights, and data
+ablations that train one model per choice from the same initial state. What a filter or a
+curriculum does to the loss is a finding of bench/data_selection.py, not a test."""
 
 import dataclasses
 import json
@@ -262,34 +263,32 @@ def _noisy_prose_task(tmp_path, name, chunk, total, max_rate, clean_copies):
   return task
 
 
-def test_top_half_by_noise_score_gives_lower_clean_loss_at_equal_tokens(tmp_path, tiny_exp):
-  task = _noisy_prose_task(tmp_path, "noisy", 2000, 10**7, 0.6, clean_copies=True)
+def test_top_half_by_noise_score_keeps_the_clean_copies(tmp_path):
+  task = _noisy_prose_task(tmp_path, "noisy", 2000, 200_000, 0.6, clean_copies=True)
   base = DataConfig(domains=("noisy",), tasks=(task,), store_dir=str(tmp_path / "stores"))
   top = dataclasses.replace(base, stages=(Stage(0, selections=(Selection(top_fraction=0.5),)),))
   kept = TrainBatches(top, 64, 8).rows[0]
   view = View(selection=top.stages[0].selections[0])
-  assert (kept.scores(view.selection)[kept.layout(0, view).doc] == 0).all()  # the clean half
-  clean = eval_batches(dataclasses.replace(base, domains=("prose",), tasks=()), 64, 8, 16)["prose"]
-  exp = tiny_exp(run={"steps": 100})
-  unfiltered, filtered = (r["clean"] for r in train_and_evaluate(exp, [base, top],
-                                                                 {"clean": clean}))
-  assert filtered < unfiltered - 0.05, (filtered, unfiltered)
+  doc = kept.layout(0, view).doc
+  assert (kept.scores(view.selection)[doc] == 0).all()  # the clean half, and only it
+  assert len(np.unique(doc)) == len(kept.scores(view.selection)) // 2
 
 
-def test_ascending_quality_curriculum_beats_a_shuffle_under_a_constant_lr(tmp_path, tiny_exp):
-  # One pass over 120-character chunks, noisier first: the run ends on the cleanest text.
-  task = _noisy_prose_task(tmp_path, "graded", 120, 100_000, 0.4, clean_copies=False)
+def test_ablations_train_each_data_config_from_one_initial_state(tmp_path, tiny_exp):
+  """train_and_evaluate: the same data gives the same model bit for bit, and another order of
+  the same documents another model. (What a filter or a curriculum does to the loss is measured
+  in bench/data_selection.py: a few hundred steps, not a test's verdict.)"""
+  task = _noisy_prose_task(tmp_path, "graded", 120, 20_000, 0.4, clean_copies=False)
   make = lambda order: DataConfig(domains=("graded",), tasks=(task,),
                                   store_dir=str(tmp_path / "stores"),
                                   stages=(Stage(0, selections=(Selection(order=order),)),))
-  data = TrainBatches(make("ascending"), 64, 8)
-  steps = data.rows[0].rows_in_epoch(0, View(selection=Selection(order="ascending"))) // 8
   clean = eval_batches(DataConfig(domains=("prose",), store_dir=str(tmp_path / "stores")), 64, 8,
-                       16)["prose"]
-  exp = tiny_exp(run={"steps": steps}, schedule={"name": "constant"})
-  ascending, shuffled = (r["clean"] for r in train_and_evaluate(
-      exp, [make("ascending"), make("shuffle")], {"clean": clean}))
-  assert ascending < shuffled - 0.05, (ascending, shuffled)
+                       2)["prose"]
+  exp = tiny_exp(run={"steps": 3}, schedule={"name": "constant"})
+  ascending, again, shuffled = (r["clean"] for r in train_and_evaluate(
+      exp, [make("ascending"), make("ascending"), make("shuffle")], {"clean": clean}))
+  assert ascending == again and np.isfinite(ascending)
+  assert ascending != shuffled
 
 
 def test_the_gin_example_parses_into_a_filter_then_a_curriculum():

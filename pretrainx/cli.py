@@ -195,6 +195,8 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("results", help="the SQLite results table a sweep writes")
   p.add_argument("--out_dir", default=None, help="where plots and fit.json go (default: beside it)")
   p.add_argument("--target_compute", type=float, default=None, help="FLOPs to extrapolate to")
+  p.add_argument("--bootstrap", type=int, default=100,
+                 help="resamples behind the 95%% intervals (each refits the law; default 100)")
 
   sub.add_parser("plan", help="AOT-compile the train step for N devices; memory per device "
                  "(flags: --gin_file, --gin_param, --devices, --mesh, --hbm_gib, --json)",
@@ -518,7 +520,10 @@ def cmd_fit(args) -> None:
   from pretrainx.scaling import fit  # pylint: disable=import-outside-toplevel
 
   out_dir = args.out_dir or storage.join(storage.parent(args.results), "fit")
-  _out(fit.fit_main(args.results, out_dir, target_compute=args.target_compute))
+  if args.bootstrap < 2:
+    raise ValueError(f"--bootstrap={args.bootstrap}: intervals need at least 2 resamples.")
+  _out(fit.fit_main(args.results, out_dir, target_compute=args.target_compute,
+                    n_boot=args.bootstrap))
 
 
 def cmd_plan(args) -> None:

@@ -1,5 +1,6 @@
 """Two processes on 127.0.0.1 (jax.distributed, 2 CPU devices each) train like one process with the
-same 4 devices and global batch, and their checkpoint restores in a single process."""
+same 4 devices and global batch, writing one run directory in a bucket (the GCS emulator), and
+their checkpoint restores in a single process."""
 
 import json
 import os
@@ -7,6 +8,8 @@ import subprocess
 import sys
 
 import pytest
+
+from pretrainx import storage
 
 from conftest import REPO
 
@@ -21,12 +24,12 @@ def _env():
 
 
 def _losses(run_dir):
-  rows = [json.loads(l) for l in open(os.path.join(run_dir, "metrics.jsonl"))]
+  rows = [json.loads(l) for l in storage.read_text(f"{run_dir}/metrics.jsonl").splitlines()]
   return [r["train/loss"] for r in rows if "train/loss" in r]
 
 
-def test_two_processes_equal_one_and_restore_in_one(tmp_path):
-  two, one = str(tmp_path / "two"), str(tmp_path / "one")
+def test_two_processes_equal_one_and_restore_in_one(tmp_path, gcs_dir):
+  two, one = f"{gcs_dir}/two", str(tmp_path / "one")
   out = subprocess.run(["bash", "launch/local_multiprocess.sh", "2", "--devices_per_process", "2",
                         "train", *ARGS, f"--run_dir={two}"], cwd=REPO, env=_env(),
                        capture_output=True, text=True, timeout=600)
@@ -38,6 +41,7 @@ def test_two_processes_equal_one_and_restore_in_one(tmp_path):
   assert out1.returncode == 0, out1.stderr
   assert _losses(two) == pytest.approx(_losses(one), rel=1e-5)
   assert len(_losses(two)) == 12
+  assert storage.exists(f"{two}/checkpoints/12/commit_success.txt")
   # the 2-process checkpoint restores in one process (1 device: resharded on restore)
   ev = subprocess.run([sys.executable, "-m", "pretrainx", "--cpu_devices=1", "eval",
                        f"--run_dir={two}", "--gin_param=MeshConfig.data=1",

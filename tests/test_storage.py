@@ -165,6 +165,18 @@ def test_exclusive_refuses_a_second_holder_and_frees_on_exit(where, request, tmp
     assert not storage.exists(lock)
 
 
+def test_a_second_prepare_of_the_same_store_in_a_bucket_is_refused(gcs_dir):
+  from pretrainx.data import store as token_store
+  from pretrainx.data.tasks import SourceDocument
+  from pretrainx.vocab import ByteVocabulary
+  path = f"{gcs_dir}/stores/web/train"
+  with storage.exclusive(token_store.lock_path(path), "preparing"):
+    with pytest.raises(storage.StorageError, match=r"is writing the token store .*Wait for it"):
+      token_store.write_store(path, [SourceDocument("x")], ByteVocabulary())
+  manifest = token_store.write_store(path, [SourceDocument("x")], ByteVocabulary())
+  assert manifest["complete"] and not storage.exists(token_store.lock_path(path))
+
+
 @pytest.mark.parametrize("where", ["gs", "s3"])
 def test_exclusive_waits_for_the_holder(where, request):
   lock = storage.join(request.getfixturevalue("gcs_dir" if where == "gs" else "s3_dir"), "l")
@@ -273,6 +285,23 @@ def test_file_tasks_stream_jsonl_text_and_parquet_from_a_bucket(s3_dir):
   assert [d.text for d in docs[:2]] == ["doc 0", "doc 1"] and docs[2499].score == 249.9
   assert [d.text for d in docs[2500:]] == ["a whole text file", "json doc"]  # sorted paths
   assert docs[2500].metadata == "c.txt"
+
+
+def test_fit_reads_a_csv_the_user_brings_from_a_bucket(gcs_dir, capsys):
+  """`pretrainx fit gs://.../runs.csv`: the table read from the bucket, the report written there."""
+  from pretrainx import cli
+  rng = np.random.default_rng(0)
+  lines = ["N,D,loss"]
+  for n in (1e5, 3e5, 1e6, 3e6):
+    for d in (1e7, 3e7, 1e8):
+      loss = 1.7 + 400 / n ** 0.34 + 410 / d ** 0.28 + rng.normal(0, 1e-3)
+      lines.append(f"{int(n)},{int(d)},{loss:.5f}")
+  storage.write_text(f"{gcs_dir}/runs.csv", "\n".join(lines) + "\n")
+  assert cli.main(["fit", f"{gcs_dir}/runs.csv", "--bootstrap=4"]) == 0
+  assert capsys.readouterr().out.startswith(f"12 runs from {gcs_dir}/runs.csv (loss: eval_loss)")
+  assert "fit.json" in storage.listdir(f"{gcs_dir}/fit")
+  report = json.loads(storage.read_text(f"{gcs_dir}/fit/fit.json"))
+  assert report["chinchilla"]["E"] == pytest.approx(1.7, abs=0.15)
 
 
 def test_fit_reads_parquet_and_csv_tables(tmp_path):

@@ -9,6 +9,7 @@ import errno
 import fcntl
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -294,71 +295,87 @@ def _children(config_hash):
   return pids
 
 
-def _wait_for_checkpoint(run_dir, config_hash, proc, timeout=240.0):
-  """The pid of the run's process once its first checkpoint is final."""
+def _checkpoints(run_dir):
+  ckpts = os.path.join(run_dir, "checkpoints")
+  return sorted(int(n) for n in os.listdir(ckpts) if n.isdigit()) if os.path.isdir(ckpts) else []
+
+
+def _wait_for_checkpoint(run_dir, config_hash, proc, after=0, timeout=240.0):
+  """The pid of the run's process once it has a final checkpoint past step `after`."""
   deadline = time.monotonic() + timeout
   while time.monotonic() < deadline:
     assert proc.poll() is None, proc.communicate()
-    ckpts = os.path.join(run_dir, "checkpoints")
-    if os.path.isdir(ckpts) and any(n.isdigit() for n in os.listdir(ckpts)):
+    if any(step > after for step in _checkpoints(run_dir)):
       pids = _children(config_hash)
       if pids:
         return pids[0]
     time.sleep(0.05)
-  raise AssertionError(f"no checkpoint in {run_dir} within {timeout} s")
+  raise AssertionError(f"no checkpoint past step {after} in {run_dir} within {timeout} s")
 
 
-def test_sweep_on_two_workers_retries_a_crashed_run_and_trains_nothing_twice(tmp_path,
-                                                                             ray_address):
+def _logs(tmp_path, run):
+  folder = tmp_path / "runs" / "logs"
+  names = os.listdir(folder) if folder.is_dir() else []
+  return sorted(folder / n for n in names if n.startswith(run.name + "."))
+
+
+def test_sweep_on_two_workers_survives_ctrl_c_and_a_crashed_run_and_trains_nothing_twice(
+    tmp_path, ray_address):
+  """One sweep, on one cluster: Ctrl-C cancels it and its runs (exit 130, each stopped at a
+  checkpoint, only finished runs have rows); run again, it resumes them, retries a run killed
+  mid-training from its own checkpoint, and writes one row per grid point; a third call trains
+  nothing."""
   from pretrainx.scaling import sweep as S
 
-  sweep_file = _sweep_file(tmp_path, [1e-3, 2e-3, 3e-3], steps=60)
+  sweep_file = _sweep_file(tmp_path, [1e-3, 2e-3, 3e-3], steps=200)  # time to stop them
   runs = S.expand(S.parse_sweep(sweep_file))
   victim = runs[0]
   dry = _cli("sweep", sweep_file, "--ray", "--dry_run")
   assert dry.returncode == 0, dry.stderr
   assert "3 to run, each with 1 CPU, retried up to 2 times" in dry.stdout
   assert dry.stdout.count("pending") == 3 and not os.path.exists(tmp_path / "results")
-  proc = subprocess.Popen([sys.executable, "-m", "pretrainx", "sweep", sweep_file,
-                           f"--ray={ray_address}", f"--workdir={REPO}"], cwd=REPO,
-                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-  pid = _wait_for_checkpoint(victim.experiment.run.run_dir, victim.config_hash, proc)
-  os.kill(pid, signal.SIGKILL)  # the run crashes mid-training
-  out, err = proc.communicate(timeout=600)
-  assert proc.returncode == 0, out + err
-  rows = load_results(str(tmp_path / "results"))
-  assert sorted(r["config_hash"] for r in rows) == sorted(r.config_hash for r in runs)
-  assert all(r["status"] == "done" for r in rows)  # one row per run: none trained twice
-  logs = os.listdir(tmp_path / "runs" / "logs")
-  for run in runs:
-    mine = sorted(n for n in logs if n.startswith(run.name + "."))
-    assert len(mine) == (2 if run is victim else 1), logs
-    resumed = ["resumed from" in (tmp_path / "runs" / "logs" / n).read_text() for n in mine]
-    assert any(resumed) == (run is victim)  # the retry resumed from its checkpoint
-  again = _cli("sweep", sweep_file, f"--ray={ray_address}")
-  assert again.returncode == 0 and again.stdout.count("done before, skipped") == 3
+  cmd = [sys.executable, "-m", "pretrainx", "sweep", sweep_file, f"--ray={ray_address}",
+         f"--workdir={REPO}"]
 
-
-def test_ctrl_c_cancels_the_sweep_and_its_runs(tmp_path, ray_address):
-  from pretrainx.scaling import sweep as S
-
-  sweep_file = _sweep_file(tmp_path, [1e-3], steps=100000)
-  (run,) = S.expand(S.parse_sweep(sweep_file))
-  proc = subprocess.Popen([sys.executable, "-m", "pretrainx", "sweep", sweep_file,
-                           f"--ray={ray_address}"], cwd=REPO, stdout=subprocess.PIPE,
-                          stderr=subprocess.PIPE, text=True)
-  _wait_for_checkpoint(run.experiment.run.run_dir, run.config_hash, proc)
+  # Ctrl-C once a run has its first checkpoint: the driver and every run stop.
+  proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  _wait_for_checkpoint(victim.experiment.run.run_dir, victim.config_hash, proc)
   proc.send_signal(signal.SIGINT)
   _, err = proc.communicate(timeout=120)
   assert proc.returncode == 130, err
   assert "cancelled; the runs that were training stopped at a checkpoint" in err
   assert "again to resume" in err
   deadline = time.monotonic() + 60
-  while _children(run.config_hash):  # the run's process stops too
-    assert time.monotonic() < deadline, "the run kept training after Ctrl-C"
+  while any(_children(run.config_hash) for run in runs):  # the runs' processes stop too
+    assert time.monotonic() < deadline, "a run kept training after Ctrl-C"
     time.sleep(0.2)
-  assert not os.path.exists(tmp_path / "results") or not load_results(
-      str(tmp_path / "results"), allow_empty=True)
+  finished = [] if not os.path.exists(tmp_path / "results") else load_results(
+      str(tmp_path / "results"), allow_empty=True)  # the runs done before the victim started
+  assert all(r["status"] == "done" for r in finished)
+  finished = {r["config_hash"] for r in finished}
+  assert victim.config_hash not in finished and len(finished) < len(runs)
+  stopped_at = _checkpoints(victim.experiment.run.run_dir)[-1]
+  logs_before = {run.name: len(_logs(tmp_path, run)) for run in runs}
+
+  # Again: the victim resumes, is killed past its next checkpoint, and Ray retries it.
+  proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  pid = _wait_for_checkpoint(victim.experiment.run.run_dir, victim.config_hash, proc,
+                             after=stopped_at)
+  os.kill(pid, signal.SIGKILL)  # the run crashes mid-training
+  out, err = proc.communicate(timeout=600)
+  assert proc.returncode == 0, out + err
+  rows = load_results(str(tmp_path / "results"))
+  assert sorted(r["config_hash"] for r in rows) == sorted(r.config_hash for r in runs)
+  assert all(r["status"] == "done" for r in rows)  # one row per run: none trained twice
+  for run in runs:
+    new = _logs(tmp_path, run)[logs_before[run.name]:]
+    assert len(new) == (2 if run is victim else 0 if run.config_hash in finished else 1), new
+    resumed = [int(m) for log in new
+               for m in re.findall(r"resumed from \S*checkpoints/(\d+)", log.read_text())]
+    if run is victim:  # the retry resumed from the checkpoint that the crashed try wrote
+      assert max(resumed) > stopped_at, resumed
+  again = _cli("sweep", sweep_file, f"--ray={ray_address}")
+  assert again.returncode == 0 and again.stdout.count("done before, skipped") == 3
 
 
 def test_tpu_sweep_plan_asks_for_whole_slices(tmp_path):

@@ -49,6 +49,26 @@ def tiny_exp(tmp_path):
   return lambda **sections: tiny_experiment(tmp_path / "run", **sections)
 
 
+@pytest.fixture
+def run_cli(capsys, monkeypatch):
+  """`pretrainx ARGS` in this process (8 fake devices), from the repository root ->
+  .returncode, .stdout, .stderr. For tests of what a command does; a subprocess stays where the
+  process boundary is the point (signals, exit of the interpreter, several processes)."""
+  import types
+
+  from pretrainx import cli
+
+  monkeypatch.chdir(REPO)
+
+  def run(*args):
+    capsys.readouterr()
+    code = cli.main(list(args))
+    out = capsys.readouterr()
+    return types.SimpleNamespace(returncode=code, stdout=out.out, stderr=out.err)
+
+  return run
+
+
 # -- object storage on loopback: a GCS emulator and an S3 server, one of each per test process --
 # The endpoints are fixed at import, so that every module (and every subprocess a test starts)
 # sees the same environment a user would set; the servers start on first use.

@@ -97,6 +97,17 @@ def reference_run(bucket_data):
   return run_dir
 
 
+@pytest.fixture
+def cli(run_cli):
+  """`pretrainx ARGS` in this process (conftest.run_cli); exit 0 is asserted unless check=False."""
+  def run(*args, check=True):
+    out = run_cli(*args)
+    if check:
+      assert out.returncode == 0, out.stderr[-4000:]
+    return out
+  return run
+
+
 def test_a_run_directory_in_the_bucket_holds_everything(reference_run):
   names = storage.listdir(reference_run)
   assert names == ["checkpoints", "config.gin", "loss.png", "metrics.jsonl", "tensorboard"]
@@ -108,10 +119,10 @@ def test_a_run_directory_in_the_bucket_holds_everything(reference_run):
   assert storage.read_bytes(f"{reference_run}/loss.png")[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_garbled_newest_checkpoint_in_the_bucket_is_skipped_and_kept(bucket_data, tmp_path):
+def test_garbled_newest_checkpoint_in_the_bucket_is_skipped_and_kept(bucket_data, tmp_path, cli):
   root, gin = bucket_data
   run_dir = f"{root}/garbled"
-  _cli("train", f"--gin_file={gin}", "--gin_param=RunConfig.steps=10", f"--run_dir={run_dir}",
+  cli("train", f"--gin_file={gin}", "--gin_param=RunConfig.steps=10", f"--run_dir={run_dir}",
        "--gin_param=RunConfig.sample_tokens=0")
   ckpts = f"{run_dir}/checkpoints"
   assert storage.listdir(ckpts) == ["10", "5"]
@@ -119,7 +130,7 @@ def test_garbled_newest_checkpoint_in_the_bucket_is_skipped_and_kept(bucket_data
   assert garbled, storage.glob(f"{ckpts}/10/**/*")
   for p in garbled:
     storage.write_bytes(p, b"\x00garbage" * 64)
-  out = _cli("eval", f"--run_dir={run_dir}", "--eval_batches=1")
+  out = cli("eval", f"--run_dir={run_dir}", "--eval_batches=1")
   assert "step 5: validation loss" in out.stdout
   assert "checkpoint step 10" in out.stderr and "moved it to" in out.stderr
   names = storage.listdir(ckpts)
@@ -131,21 +142,21 @@ def test_garbled_newest_checkpoint_in_the_bucket_is_skipped_and_kept(bucket_data
   assert not storage.exists(f"{ckpts}/10")
 
 
-def test_eval_generate_export_convert_from_a_bucket_run(reference_run, bucket_data):
+def test_eval_generate_export_convert_from_a_bucket_run(reference_run, bucket_data, cli):
   root, _ = bucket_data
-  out = _cli("eval", f"--run_dir={reference_run}", "--eval_batches=1")
+  out = cli("eval", f"--run_dir={reference_run}", "--eval_batches=1")
   assert out.stdout.startswith("step 20: validation loss ")
-  out = _cli("generate", f"--run_dir={reference_run}", "--max_new_tokens=8", "--temperature=0")
+  out = cli("generate", f"--run_dir={reference_run}", "--max_new_tokens=8", "--temperature=0")
   assert out.stdout.strip()
   export = f"{root}/export"
-  out = _cli("export", f"--run_dir={reference_run}", f"--out={export}")
+  out = cli("export", f"--run_dir={reference_run}", f"--out={export}")
   assert f"exported the params of step 20 to {export}" in out.stdout
   hf_dir = f"{root}/hf"
-  out = _cli("convert", export, hf_dir)
+  out = cli("convert", export, hf_dir)
   assert f"pretrainx-to-hf: wrote {hf_dir}" in out.stdout
   assert set(storage.listdir(hf_dir)) == {"config.json", "model.safetensors"}
   back = f"{root}/back"
-  out = _cli("convert", hf_dir, back)
+  out = cli("convert", hf_dir, back)
   assert f"hf-to-pretrainx: wrote {back}" in out.stdout
   from pretrainx.checkpoint import load_params
   import jax
@@ -165,31 +176,31 @@ def test_eval_generate_export_convert_from_a_bucket_run(reference_run, bucket_da
     np.testing.assert_array_equal(a, b)
 
 
-def test_continue_from_a_hugging_face_directory_in_the_bucket(reference_run, bucket_data):
+def test_continue_from_a_hugging_face_directory_in_the_bucket(reference_run, bucket_data, cli):
   root, gin = bucket_data
   hf_dir = f"{root}/hf-source"
-  _cli("export", f"--run_dir={reference_run}", f"--out={root}/export-src")
-  _cli("convert", f"{root}/export-src", hf_dir)
-  out = _cli("train", f"--gin_file={gin}", "--gin_param=RunConfig.steps=3",
+  cli("export", f"--run_dir={reference_run}", f"--out={root}/export-src")
+  cli("convert", f"{root}/export-src", hf_dir)
+  out = cli("train", f"--gin_file={gin}", "--gin_param=RunConfig.steps=3",
              f"--gin_param=InitConfig.source='{hf_dir}'", f"--run_dir={root}/continued",
              "--gin_param=RunConfig.sample_tokens=0")
   first = _losses(f"{root}/continued/metrics.jsonl")[1]
   assert first < _losses(f"{reference_run}/metrics.jsonl")[1] - 0.2  # it started trained
 
 
-def test_token_stores_and_data_files_on_s3(s3_dir, tmp_path):
+def test_token_stores_and_data_files_on_s3(s3_dir, tmp_path, cli):
   _write_corpus(f"{s3_dir}/data")
   gin = _experiment_file(s3_dir, f"{s3_dir}/stores", tmp_path)
-  out = _cli("data", "prepare", "web", f"--gin_file={gin}")
+  out = cli("data", "prepare", "web", f"--gin_file={gin}")
   assert f"web/validation: 10 documents" in out.stdout
   assert storage.exists(f"{s3_dir}/stores/web/train/manifest.json")
-  out = _cli("train", f"--gin_file={gin}", "--gin_param=RunConfig.steps=4",
+  out = cli("train", f"--gin_file={gin}", "--gin_param=RunConfig.steps=4",
              f"--run_dir={tmp_path / 'run'}", "--gin_param=RunConfig.sample_tokens=0")
   assert "final validation loss" in out.stdout
 
 
-def test_an_s3_run_directory_is_refused_up_front(s3_dir, tmp_path):
-  out = _cli("train", "--gin_file=gin_configs/tiny.gin", f"--run_dir={s3_dir}/run", check=False)
+def test_an_s3_run_directory_is_refused_up_front(s3_dir, tmp_path, cli):
+  out = cli("train", "--gin_file=gin_configs/tiny.gin", f"--run_dir={s3_dir}/run", check=False)
   assert out.returncode == 2
   assert out.stderr.strip().splitlines()[-1] == (
       f"pretrainx train: error: cannot write the run directory {s3_dir}/run/checkpoints: "
@@ -200,7 +211,7 @@ def test_an_s3_run_directory_is_refused_up_front(s3_dir, tmp_path):
 
 
 @pytest.mark.parametrize("what", ["run_dir", "store_dir", "data"])
-def test_missing_bucket_exits_2_and_writes_nothing(what, gcs_server, tmp_path):
+def test_missing_bucket_exits_2_and_writes_nothing(what, gcs_server, tmp_path, cli):
   missing = "gs://no-such-bucket/x"
   params = {"run_dir": [f"--run_dir={missing}"],
             "store_dir": [f"--gin_param=DataConfig.store_dir='{missing}'",
@@ -212,7 +223,7 @@ def test_missing_bucket_exits_2_and_writes_nothing(what, gcs_server, tmp_path):
     args = ["data", "prepare", "web", f"--gin_file={gin}"]
   else:
     args = ["train", "--gin_file=gin_configs/tiny.gin", *params]
-  out = _cli(*args, check=False, timeout=300)
+  out = cli(*args, check=False)
   assert out.returncode == 2, out.stderr[-3000:]
   last = out.stderr.strip().splitlines()[-1]
   assert "bucket gs://no-such-bucket does not exist; create it (`gcloud storage buckets create " \
@@ -220,10 +231,10 @@ def test_missing_bucket_exits_2_and_writes_nothing(what, gcs_server, tmp_path):
   assert not os.path.exists(tmp_path / "run" / "config.gin")
 
 
-def test_glob_without_matches_in_a_bucket_exits_2(gcs_dir, tmp_path):
+def test_glob_without_matches_in_a_bucket_exits_2(gcs_dir, tmp_path, cli):
   gin = tmp_path / "t.gin"
   gin.write_text(TASK_GIN.format(stores=f"{gcs_dir}/stores", data=f"{gcs_dir}/empty"))
-  out = _cli("data", "prepare", "web", f"--gin_file={gin}", check=False)
+  out = cli("data", "prepare", "web", f"--gin_file={gin}", check=False)
   assert out.returncode == 2
   assert out.stderr.strip().splitlines()[-1] == (
       f"pretrainx data: error: task 'web': no files match ['{gcs_dir}/empty/train-*.jsonl']; "
@@ -240,7 +251,7 @@ def test_corpus_stores_in_a_bucket_are_built_once(gcs_dir):
   assert storage.listdir(f"{gcs_dir}/prose") == ["validation"]  # the lease is gone
 
 
-def test_sweep_and_fit_with_results_in_the_bucket(gcs_server, tmp_path):
+def test_sweep_and_fit_with_results_in_the_bucket(gcs_server, tmp_path, cli):
   root = f"gs://runs/sweep-{os.getpid()}-{time.time_ns()}"
   sweep = tmp_path / "sweep.gin"
   sweep.write_text(f"""
@@ -252,14 +263,10 @@ SweepConfig.grid = {{'OptimizerConfig.learning_rate': [1e-2, 3e-3]}}
 SweepConfig.run_root = '{root}/runs'
 SweepConfig.results = '{root}/results'
 """)
-  out = subprocess.run([sys.executable, "-m", "pretrainx", "--cpu_devices=1", "sweep", str(sweep)],
-                       cwd=REPO, env=_env(), capture_output=True, text=True, timeout=600)
-  assert out.returncode == 0, out.stderr[-3000:]
+  out = cli("sweep", str(sweep))
   from pretrainx.scaling.results import load_results
   rows = load_results(f"{root}/results")
   assert [r["status"] for r in rows] == ["done", "done"]
   assert len(storage.listdir(f"{root}/runs")) == 2
-  again = subprocess.run([sys.executable, "-m", "pretrainx", "--cpu_devices=1", "sweep",
-                          str(sweep), "--dry_run"], cwd=REPO, env=_env(), capture_output=True,
-                         text=True, timeout=300)
+  again = cli("sweep", str(sweep), "--dry_run")
   assert again.stdout.count(" done ") == 2

@@ -1,4 +1,5 @@
-"""The command line end to end (train -> eval -> generate on tiny) and its error messages."""
+"""The command line end to end (train -> eval -> generate on tiny) and its error messages: in
+this process (8 fake devices) through pretrainx.cli.main, and once as `python -m pretrainx`."""
 
 import os
 import subprocess
@@ -9,22 +10,16 @@ import pytest
 from conftest import REPO
 
 
-def run_cli(*args, timeout=300):
-  """Runs the CLI as a user would, on a CPU host split into 2 devices (--cpu_devices=2)."""
-  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-  return subprocess.run([sys.executable, "-m", "pretrainx", "--cpu_devices=2", *args], cwd=REPO,
-                        env=env,
-                        capture_output=True, text=True, timeout=timeout)
-
-
 def test_help_lists_subcommands():
-  out = run_cli("--help")
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  out = subprocess.run([sys.executable, "-m", "pretrainx", "--help"], cwd=REPO, env=env,
+                       capture_output=True, text=True, timeout=300)
   assert out.returncode == 0
   for cmd in ("train", "eval", "generate", "peak"):
     assert cmd in out.stdout
 
 
-def test_train_eval_generate(tmp_path):
+def test_train_eval_generate(tmp_path, run_cli):
   run_dir = str(tmp_path / "tiny")
   out = run_cli("train", "--gin_file=gin_configs/tiny.gin", f"--run_dir={run_dir}",
                 "--gin_param=RunConfig.steps=30", "--gin_param=RunConfig.progress_bar=False",
@@ -37,7 +32,7 @@ def test_train_eval_generate(tmp_path):
   out = run_cli("eval", f"--run_dir={run_dir}", "--eval_batches=2")
   assert out.returncode == 0, out.stderr
   assert out.stdout.startswith("step 30: validation loss")
-  # the whole split: hundreds of eval batches over 2 devices (once deadlocked XLA CPU collectives)
+  # the whole split: hundreds of eval batches over 8 devices (once deadlocked XLA CPU collectives)
   whole = run_cli("eval", f"--run_dir={run_dir}")
   assert whole.returncode == 0, whole.stderr[-2000:]
   tokens = lambda s: float(s.split(" over ")[1].split()[0])
@@ -63,9 +58,9 @@ def test_train_eval_generate(tmp_path):
     (["train", "--gin_file=gin_configs/tiny.gin", "--gin_param=ModelConfig.num_layer=3"],
      "Did you mean ModelConfig.num_layers"),
     (["train", "--gin_file=gin_configs/tiny.gin", "--gin_param=MeshConfig.data=3"],
-     "= 3 devices, but 2 devices are available"),
+     "= 3 devices, but 8 devices are available"),
     (["train", "--gin_file=gin_configs/tiny.gin", "--gin_param=RunConfig.global_batch_size=7"],
-     "global batch 7 (microbatch 7) is not divisible by the data-parallel size 2"),
+     "global batch 7 (microbatch 7) is not divisible by the data-parallel size 8"),
     (["train", "--gin_file=gin_configs/tiny.gin", "--gin_param=RunConfig.microbatches=3"],
      "global_batch_size=8 is not divisible by microbatches=3"),
     (["train", "--gin_file=gin_configs/tiny.gin", "--gin_param=RunConfig.seq_len=1024"],
@@ -74,7 +69,7 @@ def test_train_eval_generate(tmp_path):
     (["eval", "--gin_file=gin_configs/tiny.gin", "--checkpoint_dir=/nonexistent/ckpt"],
      "checkpoint directory /nonexistent/ckpt does not exist"),
 ])
-def test_bad_input_gets_a_clear_message(args, message, tmp_path):
+def test_bad_input_gets_a_clear_message(args, message, tmp_path, run_cli):
   run_dir = tmp_path / "run"
   if args[0] == "train":
     args = [*args, f"--run_dir={run_dir}"]
@@ -85,7 +80,7 @@ def test_bad_input_gets_a_clear_message(args, message, tmp_path):
   assert not run_dir.exists()  # refused before anything was written
 
 
-def test_peak_reports_flops():
+def test_peak_reports_flops(run_cli):
   out = run_cli("peak", "--size=256")
   assert out.returncode == 0, out.stderr
   assert "GFLOP/s" in out.stdout and "--peak_tflops=" in out.stdout

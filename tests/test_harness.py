@@ -205,11 +205,8 @@ def test_in_loop_harness_of_a_continual_pretraining_run_survives_resume(tmp_path
   assert _metric_steps(run_dir, "harness/px_mc/acc") == [2, 4, 6]  # the earlier ones are kept
 
 
-def test_cli_eval_harness_and_score(tmp_path, exported):
-  import subprocess
-  import sys
-
-  from conftest import REPO, tiny_experiment
+def test_cli_eval_harness_and_score(tmp_path, exported, run_cli):
+  from conftest import tiny_experiment
 
   from pretrainx.train.loop import train
 
@@ -217,11 +214,8 @@ def test_cli_eval_harness_and_score(tmp_path, exported):
   train(tiny_experiment(tmp_path / "run", run={"steps": 2, "sample_tokens": 0,
                                                "eval_batches": 1}))
   run_dir = str(tmp_path / "run")
-  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-  out = subprocess.run([sys.executable, "-m", "pretrainx", "eval", f"--run_dir={run_dir}",
-                        "--harness_tasks=px_mc,px_ppl", f"--harness_include={include}",
-                        "--harness_limit=4"], cwd=REPO, capture_output=True, text=True, env=env,
-                       timeout=600)
+  out = run_cli("eval", f"--run_dir={run_dir}", "--harness_tasks=px_mc,px_ppl",
+                f"--harness_include={include}", "--harness_limit=4")
   assert out.returncode == 0, out.stderr
   assert "harness/px_mc/acc = " in out.stdout and "harness/px_ppl/word_perplexity" in out.stdout
   assert _metric_steps(run_dir, "harness/px_mc/acc") == [2]
@@ -230,9 +224,8 @@ def test_cli_eval_harness_and_score(tmp_path, exported):
   docs.write_text("".join(json.dumps({"text": t, "name": f"d{i}"}) + "\n"
                           for i, t in enumerate(TEXTS)))
   scores = tmp_path / "scores.jsonl"
-  out = subprocess.run([sys.executable, "-m", "pretrainx", "score", f"--run_dir={run_dir}",
-                        f"--input={docs}", "--id_field=name", f"--out={scores}"], cwd=REPO,
-                       capture_output=True, text=True, env=env, timeout=600)
+  out = run_cli("score", f"--run_dir={run_dir}", f"--input={docs}", "--id_field=name",
+                f"--out={scores}")
   assert out.returncode == 0, out.stderr
   lines = [json.loads(line) for line in scores.read_text().splitlines()]
   assert [r["id"] for r in lines] == [f"d{i}" for i in range(len(TEXTS))]
@@ -240,7 +233,6 @@ def test_cli_eval_harness_and_score(tmp_path, exported):
     assert row["num_tokens"] == len(text.encode()) == len(row["logprobs"])  # byte vocabulary
     assert all(lp <= 0 for lp in row["logprobs"])
     assert row["min_20_logprob"] <= row["mean_logprob"]
-  bad = subprocess.run([sys.executable, "-m", "pretrainx", "eval", f"--run_dir={run_dir}",
-                        "--harness_tasks=px_nope", f"--harness_include={include}"], cwd=REPO,
-                       capture_output=True, text=True, env=env, timeout=600)
+  bad = run_cli("eval", f"--run_dir={run_dir}", "--harness_tasks=px_nope",
+                f"--harness_include={include}")
   assert bad.returncode == 2 and "unknown harness task 'px_nope'" in bad.stderr

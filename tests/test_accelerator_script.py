@@ -5,9 +5,12 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from conftest import REPO
 
 
+@pytest.mark.slow
 def test_accelerator_script_dry_run_reports_every_section():
   env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
   out = subprocess.run(["bash", "bench/accelerator.sh", "--dry"], cwd=REPO, capture_output=True,

@@ -77,6 +77,7 @@ def assert_close(a, b, tol):
   np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=tol, rtol=tol)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("impl", IMPLS)
 def test_packed_documents_equal_documents_alone(impl):
   """Each impl: finite logits of the right shape; a packed document's logits equal its logits
@@ -160,6 +161,7 @@ def test_linear_kernel_path_equals_pure_jax_path():
   assert_close(forward(kernel, params, tokens), forward(model, params, tokens), 2e-5)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("impl", IMPLS)
 def test_tiny_model_trains(impl):
   """From model.init, a few Adam steps on one packed batch reduce the loss."""
@@ -243,6 +245,7 @@ def test_bad_inputs():
                                                mutable=["cache"])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype,tol", [(jnp.float32, 2e-6), (jnp.bfloat16, 2e-2)])
 def test_softmax_vjp_equals_the_reference_forward_and_gradients(dtype, tol):
   rng = np.random.default_rng(3)

@@ -108,6 +108,7 @@ def cli(run_cli):
   return run
 
 
+@pytest.mark.slow
 def test_a_run_directory_in_the_bucket_holds_everything(reference_run):
   names = storage.listdir(reference_run)
   assert names == ["checkpoints", "config.gin", "loss.png", "metrics.jsonl", "tensorboard"]
@@ -119,6 +120,7 @@ def test_a_run_directory_in_the_bucket_holds_everything(reference_run):
   assert storage.read_bytes(f"{reference_run}/loss.png")[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+@pytest.mark.slow
 def test_garbled_newest_checkpoint_in_the_bucket_is_skipped_and_kept(bucket_data, tmp_path, cli):
   root, gin = bucket_data
   run_dir = f"{root}/garbled"
@@ -142,6 +144,7 @@ def test_garbled_newest_checkpoint_in_the_bucket_is_skipped_and_kept(bucket_data
   assert not storage.exists(f"{ckpts}/10")
 
 
+@pytest.mark.slow
 def test_eval_generate_export_convert_from_a_bucket_run(reference_run, bucket_data, cli):
   root, _ = bucket_data
   out = cli("eval", f"--run_dir={reference_run}", "--eval_batches=1")
@@ -176,6 +179,7 @@ def test_eval_generate_export_convert_from_a_bucket_run(reference_run, bucket_da
     np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.slow
 def test_continue_from_a_hugging_face_directory_in_the_bucket(reference_run, bucket_data, cli):
   root, gin = bucket_data
   hf_dir = f"{root}/hf-source"
@@ -188,6 +192,7 @@ def test_continue_from_a_hugging_face_directory_in_the_bucket(reference_run, buc
   assert first < _losses(f"{reference_run}/metrics.jsonl")[1] - 0.2  # it started trained
 
 
+@pytest.mark.slow
 def test_token_stores_and_data_files_on_s3(s3_dir, tmp_path, cli):
   _write_corpus(f"{s3_dir}/data")
   gin = _experiment_file(s3_dir, f"{s3_dir}/stores", tmp_path)
@@ -210,6 +215,7 @@ def test_an_s3_run_directory_is_refused_up_front(s3_dir, tmp_path, cli):
   assert not storage.exists(f"{s3_dir}/run")  # nothing half-written
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("what", ["run_dir", "store_dir", "data"])
 def test_missing_bucket_exits_2_and_writes_nothing(what, gcs_server, tmp_path, cli):
   missing = "gs://no-such-bucket/x"
@@ -251,6 +257,7 @@ def test_corpus_stores_in_a_bucket_are_built_once(gcs_dir):
   assert storage.listdir(f"{gcs_dir}/prose") == ["validation"]  # the lease is gone
 
 
+@pytest.mark.slow
 def test_sweep_and_fit_with_results_in_the_bucket(gcs_server, tmp_path, cli):
   root = f"gs://runs/sweep-{os.getpid()}-{time.time_ns()}"
   sweep = tmp_path / "sweep.gin"

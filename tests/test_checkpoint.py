@@ -32,6 +32,7 @@ def _close(a, b):
   jax.tree.map(lambda x, y: np.testing.assert_array_equal(np.asarray(x), np.asarray(y)), a, b)
 
 
+@pytest.mark.slow
 def test_restore_onto_a_different_mesh_reshards(tiny_exp, tmp_path):
   exp = tiny_exp()
   saved, _, _ = _state(exp, MeshConfig(data=8, fsdp=1, tensor=1))
@@ -102,6 +103,7 @@ def test_corrupted_or_unfinalised_latest_falls_back_to_the_newest_valid(tmp_path
   assert ckpt2.finalised_steps() == [5, 10]
 
 
+@pytest.mark.slow
 def test_shape_mismatch_lists_the_parameters(tiny_exp, tmp_path):
   exp = tiny_exp()
   state, _, _ = _state(exp, MeshConfig(data=1, fsdp=8, tensor=1))

@@ -19,6 +19,7 @@ def test_help_lists_subcommands():
     assert cmd in out.stdout
 
 
+@pytest.mark.slow
 def test_train_eval_generate(tmp_path, run_cli):
   run_dir = str(tmp_path / "tiny")
   out = run_cli("train", "--gin_file=gin_configs/tiny.gin", f"--run_dir={run_dir}",
@@ -54,6 +55,7 @@ def test_train_eval_generate(tmp_path, run_cli):
                 if os.path.isdir(os.path.join(export_dir, n))) == ["meta", "params"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("args,message", [
     (["train", "--gin_file=gin_configs/tiny.gin", "--gin_param=ModelConfig.num_layer=3"],
      "Did you mean ModelConfig.num_layers"),

@@ -49,6 +49,7 @@ def _cpt_gin(tmp_path, source, *extra):
   return str(path)
 
 
+@pytest.mark.slow
 def test_a_hugging_face_source_sets_the_architecture(hf_source, tmp_path):
   directory, params = hf_source
   exp = parse_gin([_cpt_gin(tmp_path, directory)])
@@ -90,6 +91,7 @@ def test_a_pretrainx_run_as_source_sets_the_architecture_too(tmp_path):
   assert grown.model.num_layers == 2  # the grown depth, not the source's
 
 
+@pytest.mark.slow
 def test_a_run_directory_from_before_the_split_resumes_as_the_old_code_did(tmp_path):
   """Written by the code before the config sections split (steps 1-2); resuming it to step 4
   gives the losses the old code gave when it resumed the same directory, to fp32 round-off: the

@@ -9,6 +9,7 @@ from pretrainx.data.pipeline import TrainBatches, eval_batches, unigram_entropy
 from pretrainx.vocab import ByteVocabulary
 
 
+@pytest.mark.slow
 def test_byte_vocabulary_round_trip_and_seqio_ids():
   vocab = ByteVocabulary()
   text = "déjà vu — λ x: x ** 2\n"

@@ -36,6 +36,7 @@ def _write_web_task(tmp_path):
   return str(gin_file)
 
 
+@pytest.mark.slow
 def test_prepare_inspect_and_train_on_a_user_task(tmp_path, capsys):
   gin_file = _write_web_task(tmp_path)
   args = ["--cpu_devices=1", "data", "inspect", "web", f"--gin_file={gin_file}"]

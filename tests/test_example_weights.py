@@ -45,6 +45,7 @@ def _grads(model, **kw):
   return jax.jit(lambda p, b: loss_and_grads(model, p, b, **kw))
 
 
+@pytest.mark.slow
 def test_loss_weighting_favours_high_loss_rows_and_its_gradient_is_the_weighted_loss(setup):
   model, params, batch = setup
   temperature = 0.05  # row losses at init differ by ~0.1 nats
@@ -73,6 +74,7 @@ def test_loss_weighting_favours_high_loss_rows_and_its_gradient_is_the_weighted_
   chex.assert_trees_all_close(grads, manual, atol=1e-6, rtol=1e-4)
 
 
+@pytest.mark.slow
 def test_a_loss_weight_of_ones_changes_nothing(setup):
   model, params, batch = setup
   plain, g_plain = _grads(model, z_loss=1e-4)(params, batch)
@@ -90,6 +92,7 @@ def _step(model, params, **kw):
   return jax.jit(make_train_step(model, opt, schedule, **kw)), state
 
 
+@pytest.mark.slow
 def test_weighted_loss_metrics_match_a_manual_computation(setup):
   model, params, batch = setup
   rng = np.random.default_rng(0)
@@ -124,6 +127,7 @@ def test_score_weights_accumulate_like_one_batch(setup):
   chex.assert_trees_all_close(g4, g1, atol=1e-6, rtol=1e-4)
 
 
+@pytest.mark.slow
 def test_loss_weighting_runs_in_the_loop_and_is_logged(tiny_exp):
   exp = tiny_exp(run={"steps": 2, "log_every": 1, "sample_tokens": 0, "eval_batches": 1},
                  loss={"example_weighting": "loss", "example_temperature": 2.0})

@@ -87,6 +87,7 @@ def _start_and_signal(run_dir, sig, at_step):
   return proc.returncode, stdout, stderr
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("where", ["local", "gs"])
 def test_sigkill_then_resume_is_bit_identical(reference, where, tmp_path, request):
   run_dir = str(tmp_path / "run") if where == "local" else request.getfixturevalue("gcs_dir")
@@ -101,6 +102,7 @@ def test_sigkill_then_resume_is_bit_identical(reference, where, tmp_path, reques
     np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.slow
 def test_sigterm_saves_the_step_reached_and_exits_zero(reference, tmp_path):
   run_dir = str(tmp_path / "run")
   code, stdout, stderr = _start_and_signal(run_dir, signal.SIGTERM, at_step=25)

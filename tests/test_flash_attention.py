@@ -110,6 +110,7 @@ CASES = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("options,groups,batch,seq,blocks", CASES)
 def test_matches_reference_fp32(options, groups, batch, seq, blocks):
   q, k, v, ct, segs = make_inputs(batch=batch, seq=seq, groups=groups, seed=seq + groups)
@@ -124,6 +125,7 @@ def test_matches_reference_fp32(options, groups, batch, seq, blocks):
   assert_close(flash[0], dense, 2e-5)  # the mask semantics from their definition, not the reference
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("groups,options", [(2, (("causal", True), ("segments", True))),
                                             (4, (("causal", False), ("logit_softcap", 3.0)))])
 def test_bf16_matches_fp32_reference(groups, options):

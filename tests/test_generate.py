@@ -20,6 +20,7 @@ from pretrainx.config import MeshConfig
 from pretrainx.sharding import logical_to_shardings, make_mesh, mesh_scope
 
 
+@pytest.mark.slow
 def test_greedy_generation_matches_forward_argmax():
   cfg = ModelConfig(embed_dim=32, num_layers=2, num_heads=4, num_kv_heads=2, mlp_dim=64,
                     max_seq_len=32)
@@ -50,6 +51,7 @@ def _random_params(model, seed=0):
                       shapes)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("impl,scan_layers", [("linear", True), ("hybrid", False)])
 def test_recurrent_generation_matches_full_recompute(impl, scan_layers):
   """'linear'/'hybrid' decode with constant-size state; the greedy tokens equal those of
@@ -105,6 +107,7 @@ def _cache_layers(cache, cfg):
                                                      for i in range(cfg.num_layers)]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("impl,scan_layers", [
     ("reference", True), ("reference", False), ("flash", True), ("linear", False),
     ("hybrid", True), ("mixed", False)])
@@ -151,6 +154,7 @@ def test_sampled_cached_generation_follows_the_same_rng_stream():
 PROMPTS = [np.array(p, np.int32) for p in ([5, 6, 7], [9, 8, 7, 6, 5, 4, 3], [42], [1, 2, 3, 4, 5])]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("impl", ["reference", "hybrid"])
 def test_batched_prompts_of_different_lengths_equal_each_alone(impl):
   """Prompts of different lengths decoded together (softmax: one left-padded batch) give each
@@ -191,6 +195,7 @@ def test_left_padding_is_cached_as_invalid():
     linear.apply({"params": linear_params}, tokens, positions, seg, decode=True, mutable=["cache"])
 
 
+@pytest.mark.slow
 def test_stop_eos_and_the_token_budget_end_rows():
   """stop(row, ids) ends its row after that token, eos cuts before itself, the budget is capped
   by max_seq_len / cache_len, and the reference decoder applies the same rules."""

@@ -56,6 +56,7 @@ def _train(exp, kind: str, steps: int = 2):
   return str(traced.jaxpr), history, jax.device_get(state.params)
 
 
+@pytest.mark.slow
 def test_accelerator_graph_on_cpu_matches_cpu_graph(tiny_exp):
   exp = tiny_exp(model={"remat_policy": "dots"}, accumulation={"microbatches": 2})
   assert exp.model.attention_impl == "reference" and exp.run.global_batch_size == 8

@@ -103,6 +103,7 @@ def _by_doc(results, task):
   return {s["doc_id"]: s for s in results["samples"][task]}
 
 
+@pytest.mark.slow
 def test_results_equal_lm_eval_hf_backend(exported):
   model, params, vocab, hf_dir, tasks, include = exported
   cfg = runner.HarnessConfig(tasks=tuple(tasks), include_path=include)
@@ -135,6 +136,7 @@ def test_results_equal_lm_eval_hf_backend(exported):
   assert "harness/px_mc/acc" in values and "harness/px_ppl/word_perplexity" in values
 
 
+@pytest.mark.slow
 def test_packed_scoring_equals_one_request_per_row(exported):
   model, params, vocab, *_ = exported
   rng = np.random.default_rng(1)
@@ -163,6 +165,7 @@ def test_rolling_windows_equal_lm_eval(n):
   assert sum(len(c) for _, c in ours) == n
 
 
+@pytest.mark.slow
 def test_a_task_without_offline_data_is_one_clear_error(tmp_path, exported):
   (tmp_path / "remote.yaml").write_text(
       "task: px_remote\ndataset_path: some-org/absent-dataset\ntest_split: test\n"
@@ -181,6 +184,7 @@ def _metric_steps(run_dir, name):
     return [json.loads(line)["step"] for line in f if f'"{name}"' in line]
 
 
+@pytest.mark.slow
 def test_in_loop_harness_of_a_continual_pretraining_run_survives_resume(tmp_path, exported):
   from conftest import tiny_experiment
 
@@ -205,6 +209,7 @@ def test_in_loop_harness_of_a_continual_pretraining_run_survives_resume(tmp_path
   assert _metric_steps(run_dir, "harness/px_mc/acc") == [2, 4, 6]  # the earlier ones are kept
 
 
+@pytest.mark.slow
 def test_cli_eval_harness_and_score(tmp_path, exported, run_cli):
   from conftest import tiny_experiment
 

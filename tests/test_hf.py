@@ -70,6 +70,7 @@ def _assert_close(ours, theirs):
   np.testing.assert_allclose(ours, theirs, atol=1e-4, rtol=0)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind,overrides,pretrainx_overrides", [
     ("llama", {}, {}),
     ("llama", {"tie_word_embeddings": True}, {"scan_layers": False}),

@@ -98,6 +98,7 @@ def test_cross_document_rows_are_one_segment_with_positions_through_the_row(mode
   assert several  # rows that did hold several documents
 
 
+@pytest.mark.slow
 def test_one_segment_lets_a_document_attend_to_the_one_before_it():
   import jax  # pylint: disable=import-outside-toplevel
 

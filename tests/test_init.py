@@ -32,6 +32,7 @@ def _continued(exp, tmp_path, **init):
                              init=InitConfig(**init))
 
 
+@pytest.mark.slow
 def test_continue_from_a_run_keeps_params_and_resets_or_keeps_the_rest(source_run, tmp_path):
   _, trained, step = load_trained(source_run)
   assert step == 4 and source_kind(source_run.run.run_dir) == "run"
@@ -51,6 +52,7 @@ def test_continue_from_a_run_keeps_params_and_resets_or_keeps_the_rest(source_ru
   chex.assert_trees_all_equal(jax.device_get(state.opt_state), jax.device_get(trained.opt_state))
 
 
+@pytest.mark.slow
 def test_training_continues_from_an_export(source_run, tmp_path):
   _, trained, step = load_trained(source_run)
   out = checkpoint.save_params(str(tmp_path / "export"), trained.params,
@@ -83,6 +85,7 @@ def test_bad_sources_are_clear_errors(source_run, tmp_path):
     InitConfig(source="x", keep_optimizer=True, stack_factor=2)
 
 
+@pytest.mark.slow
 def test_ema_is_kept_in_the_state_used_for_eval_and_resumed(tiny_exp):
   from pretrainx.config import EmaConfig
 

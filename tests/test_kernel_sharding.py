@@ -28,6 +28,7 @@ def _step_metrics(tiny_exp, impl, mesh, interpret=True, **model):
   return jax.device_get(metrics), jax.tree.leaves(jax.device_get(state.params))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mesh", [{"data": 2, "fsdp": 2, "tensor": 2},
                                   {"data": 1, "fsdp": 4, "tensor": 2}])
 def test_sharded_flash_matches_the_reference(tiny_exp, mesh):
@@ -39,6 +40,7 @@ def test_sharded_flash_matches_the_reference(tiny_exp, mesh):
     np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-6)
 
 
+@pytest.mark.slow
 def test_sharded_linear_kernel_with_packed_segments_matches_its_pure_jax_twin(tiny_exp):
   """The linear kernel (hedgehog maps and a decay per head, split with the heads) resets its
   state at segment starts: one train step equals the pure-JAX chunked scan."""

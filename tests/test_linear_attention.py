@@ -60,6 +60,7 @@ FORWARD_CASES = [("elu+1", False, 1), ("elu+1", True, 2), ("relu", False, 2), ("
                  ("taylor", True, 2)]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("feature,use_decay,groups", FORWARD_CASES)
 def test_chunked_equals_quadratic_equals_recurrent(feature, use_decay, groups):
   q, k, v, w, decay = make_inputs(groups=groups)
@@ -88,6 +89,7 @@ def _grads(fn, q, k, v, w, decay, feature):
   return jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3, 4)))(q, k, v, w, decay)
 
 
+@pytest.mark.slow
 def test_gradients_match_quadratic():
   feature = "hedgehog"
   q, k, v, w, decay = make_inputs(groups=2, seq=29)

@@ -44,6 +44,7 @@ def _flat(tree):
   return {jax.tree_util.keystr(k): v for k, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("scan, layers", [(True, None), (True, (1,)), (False, (0,))])
 def test_window_covering_the_sequence_reproduces_the_original_logits(scan, layers):
   src, params = _random_model(scan)
@@ -85,6 +86,7 @@ def _transfer(mode, steps=30, layers=None):
   return converted, result, dst
 
 
+@pytest.mark.slow
 def test_stage1_lowers_every_layer_mse_monotonically_and_changes_only_feature_maps():
   converted, result, dst = _transfer("joint")
   assert [h["step"] for h in result.history] == [0, 5, 10, 15, 20, 25, 30]
@@ -100,6 +102,7 @@ def test_stage1_lowers_every_layer_mse_monotonically_and_changes_only_feature_ma
   assert dst.attention_impl == "hybrid"
 
 
+@pytest.mark.slow
 def test_layerwise_transfer_trains_one_layer_at_a_time():
   _, result, _ = _transfer("layerwise", steps=20)
   first, mid, last = result.history[0], result.history[2], result.history[-1]  # steps 0, 10, 20
@@ -110,6 +113,7 @@ def test_layerwise_transfer_trains_one_layer_at_a_time():
   assert last["mse/layer_0"] == pytest.approx(mid["mse/layer_0"], rel=1e-6)  # done: untouched
 
 
+@pytest.mark.slow
 def test_linearized_model_generates_the_same_tokens_recurrent_and_chunked():
   _, result, dst = _transfer("joint", steps=10)
   model = Transformer(dst)
@@ -161,6 +165,7 @@ def pretrained(tmp_path_factory):
   return exp
 
 
+@pytest.mark.slow
 def test_a_run_can_start_from_a_softmax_checkpoint_with_hybrid_attention(pretrained, tmp_path):
   exp = pretrained
   hybrid = dataclasses.replace(exp, model=dataclasses.replace(
@@ -179,6 +184,7 @@ def test_a_run_can_start_from_a_softmax_checkpoint_with_hybrid_attention(pretrai
   np.testing.assert_allclose(got, want, atol=2e-5, rtol=2e-5)
 
 
+@pytest.mark.slow
 def test_linearize_end_to_end_report_and_frozen_stages(pretrained, tmp_path):
   exp = pretrained.replace(run={"log_every": 5})
   lin = C.LinearizeConfig(window=16, feature_dim=16, transfer_steps=10, lora_steps=6,
@@ -215,6 +221,7 @@ def test_linearize_end_to_end_report_and_frozen_stages(pretrained, tmp_path):
     linearize(pretrained.run.run_dir, exp, dataclasses.replace(lin, window=8), str(out))
 
 
+@pytest.mark.slow
 def test_cli_linearize_errors(pretrained, tmp_path, capsys):
   from pretrainx.cli import main
 

@@ -23,6 +23,7 @@ def _init(cfg, seq=16, batch=2):
   return model, params, tokens
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 @pytest.mark.parametrize("scan_layers", [True, False])
 def test_shapes_and_dtypes(dtype, scan_layers):
@@ -42,6 +43,7 @@ def test_shapes_and_dtypes(dtype, scan_layers):
   assert float(jnp.max(logits[..., cfg.vocab_size:])) < -1e8
 
 
+@pytest.mark.slow
 def test_untied_embeddings_and_remat_match():
   cfg = ModelConfig(**{**CFG.__dict__, "tie_embeddings": False})
   model, params, tokens = _init(cfg)
@@ -53,6 +55,7 @@ def test_untied_embeddings_and_remat_match():
   assert "lm_head" in params
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("unroll,remat", [(2, "none"), (2, "full"), (3, "none")],
                          ids=["all", "all-remat", "past-depth"])
 def test_unrolled_scan_keeps_the_stacked_params_and_the_function(unroll, remat):
@@ -77,6 +80,7 @@ def test_causality():
   assert not np.allclose(np.asarray(a[:, 10:]), np.asarray(b[:, 10:]))
 
 
+@pytest.mark.slow
 def test_packed_segments_do_not_leak():
   """Logits of document 2 are the same whether or not document 1 precedes it in the pack."""
   model, params, _ = _init(CFG)

@@ -62,6 +62,7 @@ def test_one_expert_with_top1_equals_the_dense_mlp(impl):
                              atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_ragged_and_einsum_dispatch_compute_the_same_function():
   cfg = _moe(num_experts=4, top_k=2, impl="einsum", capacity_factor=1.0)
   params, tokens = _params(cfg), _tokens()
@@ -86,6 +87,7 @@ def _sums_and_grads(cfg, params, batch, mesh_cfg=None):
     return jax.device_get(fn(params, batch))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("impl, mesh", [
     ("einsum", dict(data=2, expert=4)), ("ragged", dict(expert=8)),
     ("ragged", dict(fsdp=2, expert=2, tensor=2))],
@@ -104,6 +106,7 @@ def test_expert_parallel_on_8_devices_equals_one_device(impl, mesh):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6 * float(np.max(np.abs(b))) + 1e-8)
 
 
+@pytest.mark.slow
 def test_capacity_drops_late_tokens_and_a_large_capacity_drops_none():
   tokens = _tokens()
   tight = _moe(num_experts=4, top_k=2, capacity_factor=0.5, impl="einsum")
@@ -124,6 +127,7 @@ def _final_metric(run_dir, name):
   return float(np.mean([r[f"train/{name}"] for r in rows[-10:]]))
 
 
+@pytest.mark.slow
 def test_the_balance_loss_lowers_load_imbalance(tmp_path):
   """Same data and init, 60 steps: over the last 10, the busiest expert's share with the Switch
   loss is below the share without it (which collapses onto one expert within 10 steps here)."""
@@ -162,6 +166,7 @@ def _restore_params(exp):
   return rt.inference_params(state)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("moe", [dict(num_experts=4, top_k=2),
                                  dict(num_experts=4, top_k=1, shared_experts=1, shared_gate=True),
                                  dict(num_experts=2, top_k=2, every=2)],
@@ -182,6 +187,7 @@ def test_the_upcycled_model_computes_the_dense_function_at_step_0(dense_run, tmp
   assert layer["gate_proj"].shape[-3] == moe["num_experts"]
 
 
+@pytest.mark.slow
 def test_added_experts_train_while_the_frozen_old_ones_stay(tmp_path):
   """Lifelong-MoE: a 2-expert run grows to 4 experts with the first 2 frozen."""
   small = conftest.tiny_experiment(tmp_path / "small", run={"steps": 2, "eval_every": 0,
@@ -265,6 +271,7 @@ def test_an_expert_axis_that_does_not_divide_the_experts_is_refused_in_the_model
     _sums_and_grads(cfg, _params(cfg), _batch(), mesh_cfg)
 
 
+@pytest.mark.slow
 def test_moe_train_step_compiles_for_v5p_with_an_expert_axis():
   """The real TPU compiler: experts split over 'expert', tokens exchanged with all-to-all, the
   grouped matmul as ragged dots."""

@@ -84,6 +84,7 @@ def _moe_fields(cfg):
   return {**{n: getattr(cfg, n) for n in names}, "moe": moe}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind,overrides,save_kw,pretrainx_overrides", [
     ("mixtral", {}, {}, {}),
     ("mixtral", {"tie_word_embeddings": True}, {"save_original_format": False},

@@ -68,6 +68,7 @@ def test_launcher_dry_run_prints_the_commands():
     assert f"--process_id={i} train --gin_file=gin_configs/tiny.gin" in line
 
 
+@pytest.mark.slow
 def test_sigterm_to_one_process_stops_both_at_the_same_step(tmp_path):
   import signal
   import time

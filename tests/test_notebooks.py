@@ -32,6 +32,7 @@ def test_quickstart_notebook_trains_and_plots(tmp_path, monkeypatch):
   assert os.path.exists(tmp_path / "notebook_quickstart" / "checkpoints" / "60")
 
 
+@pytest.mark.slow
 def test_scaling_notebook_fits_a_results_table(tmp_path, monkeypatch):
   rng = np.random.default_rng(0)
   db = str(tmp_path / "results.sqlite")

@@ -36,6 +36,7 @@ def test_single_scale_norm_and_embedding_projection():
     ModelConfig(norm_scale="per-head")
 
 
+@pytest.mark.slow
 def test_kurtosis_is_logged_per_layer(tiny_exp):
   result = loop.train(tiny_exp(run={"steps": 4, "log_every": 1, "sample_tokens": 0,
                                     "eval_batches": 1, "microbatches": 2,
@@ -80,6 +81,7 @@ def test_stochastic_rounding_is_unbiased_and_keeps_tiny_updates():
   assert stochastic["w"].dtype == jnp.bfloat16
 
 
+@pytest.mark.slow
 def test_bf16_pure_training_with_stochastic_rounding_learns(tiny_exp):
   exp = tiny_exp(run={"steps": 30, "log_every": 1, "sample_tokens": 0, "eval_batches": 1,
                       "precision": "bf16_pure"},

@@ -21,6 +21,7 @@ from pretrainx.train.step import gnb_grads
 LEARNING_RATES = {"adamw": 1e-2, "adafactor": 1e-2, "lion": 1e-3, "muon": 2e-2, "sophia": 1e-2}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", OPTIMIZERS)
 def test_each_optimizer_decreases_the_loss(tiny_exp, name):
   exp = tiny_exp(run={"steps": 40, "log_every": 1, "sample_tokens": 0, "eval_batches": 1},
@@ -55,6 +56,7 @@ def _muon_update(exp, mesh_cfg, devices=None):
   return jax.device_get(updates)
 
 
+@pytest.mark.slow
 def test_muon_step_is_the_same_sharded_and_unsharded(tiny_exp):
   exp = tiny_exp()
   one = _muon_update(exp, MeshConfig(data=1, fsdp=1, tensor=1), jax.devices()[:1])

@@ -92,6 +92,7 @@ def test_unknown_domain_and_bad_packing_are_clear_errors():
     DataConfig(packing="zip")
 
 
+@pytest.mark.slow
 def test_training_logs_per_domain_losses_and_tokens_and_resumes_the_counts(tiny_exp):
   from pretrainx.train.loop import train
 

@@ -32,6 +32,7 @@ def plans(tmp_path_factory):
   return exp({"data": 1, "fsdp": 8, "tensor": 1}), fsdp, data
 
 
+@pytest.mark.slow
 def test_param_and_optimizer_bytes_match_hand_count(plans):
   exp, fsdp, data = plans
   total = hand_param_count(exp.model) * 4  # fp32
@@ -65,6 +66,7 @@ def test_flops_positive_and_near_analytic(plans):
   assert f"{fsdp.flops_per_step:.3e}" in plan_text(fsdp)
 
 
+@pytest.mark.slow
 def test_scanned_layers_fall_back_to_analytic_flops(tmp_path):
   mesh = {"data": 1, "fsdp": 8, "tensor": 1}
   exp = tiny_experiment(tmp_path, mesh=mesh, model={"scan_unroll": 1})

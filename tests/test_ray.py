@@ -100,6 +100,7 @@ def _cli(*args, env=None, **kwargs):
                         capture_output=True, text=True, env=env, timeout=300, **kwargs)
 
 
+@pytest.mark.slow
 def test_prepare_on_two_workers_equals_in_process_byte_for_byte(tmp_path, ray_address):
   data = tmp_path / "data"
   _write_files(data)
@@ -187,6 +188,7 @@ def _replace_fifo(data, contents):
   (data / "f4.jsonl").write_text(contents, encoding="utf-8")
 
 
+@pytest.mark.slow
 def test_worker_killed_mid_prepare_is_retried_and_the_store_is_the_same(tmp_path, ray_address):
   data = tmp_path / "data"
   contents = _make_fifo_input(data)
@@ -222,6 +224,7 @@ def test_worker_killed_mid_prepare_is_retried_and_the_store_is_the_same(tmp_path
   assert _tree(tmp_path / "ray") == _tree(tmp_path / "here")
 
 
+@pytest.mark.slow
 def test_killed_prepare_reruns_only_unfinished_shards(tmp_path, ray_address):
   data = tmp_path / "data"
   contents = _make_fifo_input(data)
@@ -319,6 +322,7 @@ def _logs(tmp_path, run):
   return sorted(folder / n for n in names if n.startswith(run.name + "."))
 
 
+@pytest.mark.slow
 def test_sweep_on_two_workers_survives_ctrl_c_and_a_crashed_run_and_trains_nothing_twice(
     tmp_path, ray_address):
   """One sweep, on one cluster: Ctrl-C cancels it and its runs (exit 130, each stopped at a

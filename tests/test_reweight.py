@@ -130,6 +130,7 @@ def test_online_reweighting_moves_weight_to_the_under_trained_domain(tiny_exp, m
   assert os.path.getsize(os.path.join(result.paths.root, "domain_weights.png")) > 0
 
 
+@pytest.mark.slow
 def test_a_resumed_run_reproduces_the_weights_bit_for_bit(tiny_exp):
   exp = tiny_exp(run={"steps": 12, "log_every": 2, "sample_tokens": 0, "eval_batches": 1},
                  checkpoint={"every_steps": 5},  # not a log point: the unread sums are saved

@@ -274,6 +274,7 @@ def test_top_half_by_noise_score_keeps_the_clean_copies(tmp_path):
   assert len(np.unique(doc)) == len(kept.scores(view.selection)) // 2
 
 
+@pytest.mark.slow
 def test_ablations_train_each_data_config_from_one_initial_state(tmp_path, tiny_exp):
   """train_and_evaluate: the same data gives the same model bit for bit, and another order of
   the same documents another model. (What a filter or a curriculum does to the loss is measured

@@ -29,6 +29,7 @@ def _loss_and_grads(exp, mesh_cfg, devices=None):
   return float(sums["ce"] / sums["tokens"]), grads, state.params
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("shape", [(8, 1, 1), (2, 2, 2), (1, 4, 2)])
 def test_sharded_equals_unsharded(tiny_exp, shape):
   exp = tiny_exp()

@@ -48,6 +48,7 @@ def test_gradient_accumulation_equals_one_big_batch(tiny_exp):
   chex.assert_trees_all_close(g4, g1, atol=1e-6, rtol=1e-4)
 
 
+@pytest.mark.slow
 def test_train_step_updates_and_reports(tiny_exp):
   exp = tiny_exp()
   model, params, batch = _setup(exp)

@@ -44,6 +44,7 @@ def _score(run, *args) -> int:
   return cli.main(["score", "web", f"--run_dir={run['run_dir']}", *args])
 
 
+@pytest.mark.slow
 def test_perplexity_equals_the_jsonl_mode_and_versions_add_up(run, capsys):
   assert _score(run, "--by=perplexity") == 0
   out = capsys.readouterr().out
@@ -81,6 +82,7 @@ def test_reference_ratio_is_the_ratio_of_mean_nlls(run, capsys):
   assert info["params"]["reference_step"] == 1 and info["params"]["step"] == 2
 
 
+@pytest.mark.slow
 def test_file_scores_round_trip_without_a_model(run, capsys):
   values = np.round(np.random.default_rng(0).normal(size=20), 4)
   plain = run["tmp"] / "plain.jsonl"

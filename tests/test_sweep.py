@@ -185,6 +185,7 @@ def _logged_steps(run_dir):
     return [json.loads(line)["step"] for line in f if '"train/loss"' in line]
 
 
+@pytest.mark.slow
 def test_real_sweep_crashed_run_resumes_from_its_checkpoint(tmp_path):
   from pretrainx.train.loop import train
 

@@ -83,6 +83,7 @@ def test_plan_without_libtpu_says_how_to_install(plan_cli, monkeypatch):
       "(--devices=N).")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("preset, impl", [("tiny", "flash"), ("tiny", "linear"),
                                           ("tiny", "reference")])
 def test_train_step_compiles_for_v5p_over_data_fsdp_tensor(preset, impl):

@@ -18,6 +18,7 @@ def _losses(path):
   return {r["step"]: r["train/loss"] for r in read_metrics(path) if "train/loss" in r}
 
 
+@pytest.mark.slow
 def test_tiny_model_learns_in_100_steps(tiny_exp):
   exp = tiny_exp(run={"steps": 100, "log_every": 1, "eval_every": 50, "sample_tokens": 16})
   result = loop.train(exp)
@@ -43,6 +44,7 @@ def test_tiny_model_learns_in_100_steps(tiny_exp):
   assert result.sample.startswith("def ") and result.tokens_per_second > 0
 
 
+@pytest.mark.slow
 def test_resume_from_checkpoint_reproduces_the_uninterrupted_run(tiny_exp):
   exp = tiny_exp(run={"log_every": 1, "sample_tokens": 0, "eval_batches": 1, "steps": 12},
                  checkpoint={"every_steps": 6})
@@ -58,6 +60,7 @@ def test_resume_from_checkpoint_reproduces_the_uninterrupted_run(tiny_exp):
   assert resumed.eval_loss == full.eval_loss
 
 
+@pytest.mark.slow
 def test_a_run_directory_of_another_config_is_refused(tiny_exp):
   exp = tiny_exp(run={"steps": 2, "sample_tokens": 0, "eval_batches": 1})
   loop.train(exp)
@@ -89,6 +92,7 @@ def poison(monkeypatch):
   return install
 
 
+@pytest.mark.slow
 def test_nan_step_is_skipped_and_the_run_finishes(tiny_exp, poison):
   poison({3})
   result = loop.train(tiny_exp(run={"log_every": 1, "steps": 10, "sample_tokens": 0,
@@ -103,6 +107,7 @@ def test_nan_step_is_skipped_and_the_run_finishes(tiny_exp, poison):
   assert rows[4]["train/update_norm"] == 0.0 and rows[5]["train/update_norm"] > 0.0
 
 
+@pytest.mark.slow
 def test_bad_step_rolls_back_and_skips_the_batches(tiny_exp, poison):
   seen = poison({5})
   exp = tiny_exp(run={"log_every": 1, "steps": 10, "sample_tokens": 0, "eval_batches": 1},
@@ -118,6 +123,7 @@ def test_bad_step_rolls_back_and_skips_the_batches(tiny_exp, poison):
   assert meta["data"]["offset"] == 3 and meta["data"]["next_batch"] == 13
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("policy,bad,message", [
     ("raise", {3}, r"1 bad step\(s\) by step 4 \(1 in a row"),
     ("skip", set(range(3, 100)), r"by step \d+ \(5 in a row"),
@@ -129,6 +135,7 @@ def test_diverging_runs_stop_with_a_clear_error(tiny_exp, poison, policy, bad, m
     loop.train(exp)
 
 
+@pytest.mark.slow
 def test_restart_discards_previous_outputs(tiny_exp):
   exp = tiny_exp(run={"steps": 3, "log_every": 1, "sample_tokens": 0, "eval_batches": 1})
   loop.train(exp)

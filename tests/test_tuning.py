@@ -31,6 +31,7 @@ def _continue(exp, tmp_path, tune, **init):
                              init=InitConfig(source=exp.run.run_dir, **init))
 
 
+@pytest.mark.slow
 def test_lora_trains_only_adapters_and_exports_merged_weights(source, tmp_path):
   exp, base = source
   cpt = _continue(exp, tmp_path, TuneConfig(lora=LoraConfig(rank=4)))
@@ -47,6 +48,7 @@ def test_lora_trains_only_adapters_and_exports_merged_weights(source, tmp_path):
   chex.assert_trees_all_equal(merged["layers"]["mlp"], base["layers"]["mlp"])  # not targeted
 
 
+@pytest.mark.slow
 def test_frozen_params_do_not_move(source, tmp_path):
   exp, base = source
   cpt = _continue(exp, tmp_path, TuneConfig(freeze=("embed", "norm")))
@@ -57,6 +59,7 @@ def test_frozen_params_do_not_move(source, tmp_path):
   assert not np.array_equal(params["layers"]["mlp"]["up_proj"], base["layers"]["mlp"]["up_proj"])
 
 
+@pytest.mark.slow
 def test_block_expansion_starts_identical_and_trains_only_new_blocks(source, tmp_path):
   exp, base = source
   grown = _continue(exp, tmp_path, TuneConfig(new_blocks_only=True), expand_every=2)

@@ -22,9 +22,13 @@ training runs use impl='ragged'):
    timed in interleaved rounds on the same batches, so load from other processes spreads over
    all of them; einsum and ragged start from the same init and batches, and their losses after
    the timed steps are printed as a check that both compute the same function.
+4. The balance loss: 4 experts top-2 with the Switch balance loss at weight 0 and 0.1 (router
+   z-loss off, lr 3e-3), the same init and data for --balance_steps steps; the busiest expert's
+   load over the last 10 logged steps (a router left alone collapses onto one expert here).
+--parts picks among equal, upcycle, timing and balance (default: all).
 Runs go under --out (default /tmp/bench_moe), with a persistent XLA compilation cache there (runs
 of one shape compile once). Prints the tables as markdown and writes them to OUT/results.md.
-Run: .venv/bin/python bench/moe.py [--steps 300] [--cont_steps 150] [--quick]
+Run: .venv/bin/python bench/moe.py [--steps 300] [--cont_steps 150] [--quick] [--parts balance]
 """
 
 from __future__ import annotations
@@ -99,7 +103,8 @@ def train_run(base, out: str, name: str, steps: int, moe: dict | None = None, so
           "tokens": steps * exp.run.global_batch_size * exp.run.seq_len,
           "total": params["total"], "active": params["embedding"] + params["active_non_embedding"],
           "flops": flops_per_token(exp.model, exp.run.seq_len),
-          "load_max": load[-1] if load else None, "wall": time.perf_counter() - t0}
+          "load_max": load[-1] if load else None, "load_last10": load[-10:],
+          "wall": time.perf_counter() - t0}
 
 
 def time_steps(base, rounds: int, steps_per_round: int) -> dict[str, dict]:
@@ -147,6 +152,9 @@ def main() -> None:
   parser.add_argument("--timing_rounds", type=int, default=3)
   parser.add_argument("--timing_steps", type=int, default=10, help="timed steps per round")
   parser.add_argument("--quick", action="store_true", help="a smoke run: 30 + 15 steps")
+  parser.add_argument("--balance_steps", type=int, default=60)
+  parser.add_argument("--parts", default="equal,upcycle,timing,balance",
+                      help="comma-separated: equal, upcycle, timing, balance")
   parser.add_argument("--out", default="/tmp/bench_moe")
   parser.add_argument("--cpu_devices", default="auto")
   args = parser.parse_args()
@@ -161,47 +169,66 @@ def main() -> None:
   if not os.environ.get("JAX_COMPILATION_CACHE_DIR"):  # runs of one shape compile once
     jax.config.update("jax_compilation_cache_dir", os.path.join(args.out, "jax_cache"))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+  parts = set(args.parts.split(","))
+  if parts - {"equal", "upcycle", "timing", "balance"}:
+    parser.error(f"--parts: unknown {sorted(parts - {'equal', 'upcycle', 'timing', 'balance'})}")
   start = time.perf_counter()
   base = base_experiment(args)
   n, k = args.steps, args.cont_steps
-  dense = train_run(base, args.out, "dense", n)
-  switch = train_run(base, args.out, "switch_e4k1", n, SWITCH)
-  upcycled = train_run(base, args.out, "upcycled_e4k2", k, UPCYCLE, source=dense["dir"],
-                       data_seed=1)
-  scratch_k = train_run(base, args.out, "scratch_e4k2_K", k, UPCYCLE, data_seed=1)
-  scratch_nk = train_run(base, args.out, "scratch_e4k2_NK", n + k, UPCYCLE)
-  dense_k = train_run(base, args.out, "dense_continued", k, source=dense["dir"], data_seed=1)
-  timing = time_steps(base.replace(run={"steps": n}), args.timing_rounds, args.timing_steps)
-  wall = time.perf_counter() - start
+  per_step = args.batch * args.seq_len
+  lines = []
 
   def load(r):
     return f"{r['load_max']:.2f}" if r["load_max"] is not None else "–"
 
-  lines = [f"{jax.device_count()} {jax.default_backend()} device(s), jax {jax.__version__}; "
-           f"{args.batch}x{args.seq_len} tokens/step, lr {args.lr:g} cosine, warmup "
-           f"{args.warmup}; N={n}, K={k}; wall {wall / 60:.1f} min", "",
-           "| model | params total / active | FLOPs/token | tokens | val loss | busiest expert load ×E |",
-           "|---|---|---|---|---|---|"]
-  for label, r in (("dense", dense), ("4 experts, top-1 (Switch, norm_topk=False)", switch)):
-    lines.append(f"| {label} | {r['total']:,} / {r['active']:,} | {r['flops']:,.0f} "
-                 f"| {r['tokens']:,} | {r['eval']:.4f} | {load(r)} |")
-  lines += ["", "| run | steps (tokens) in the MoE phase | total tokens | FLOPs/token (phase) "
-            "| val loss | busiest expert load ×E |", "|---|---|---|---|---|---|"]
-  rows = ((f"dense, {n} steps (the upcycling source)", dense, 0, n),
-          (f"upcycled: dense {n} + MoE {k}", upcycled, k, n + k),
-          (f"MoE from scratch, {k} steps", scratch_k, k, k),
-          (f"MoE from scratch, {n + k} steps", scratch_nk, n + k, n + k),
-          (f"dense {n} + dense continued {k}", dense_k, 0, n + k))
-  per_step = args.batch * args.seq_len
-  for label, r, moe_steps, total in rows:
-    phase = f"{moe_steps} ({moe_steps * per_step:,})" if moe_steps else "–"
-    lines.append(f"| {label} | {phase} | {total * per_step:,} | {r['flops']:,.0f} "
-                 f"| {r['eval']:.4f} | {load(r)} |")
-  ref = timing["dense"]["step"]
-  lines += ["", f"Median of {args.timing_rounds}x{args.timing_steps} steps, interleaved:", "",
-            "| model | step (ms) | × dense | loss after the timed steps |", "|---|---|---|---|"]
-  for name, t in timing.items():
-    lines.append(f"| {name} | {1e3 * t['step']:.1f} | {t['step'] / ref:.2f}x | {t['loss']:.5f} |")
+  if parts & {"equal", "upcycle"}:
+    dense = train_run(base, args.out, "dense", n)
+  if "equal" in parts:
+    switch = train_run(base, args.out, "switch_e4k1", n, SWITCH)
+    lines += ["", "| model | params total / active | FLOPs/token | tokens | val loss "
+              "| busiest expert load ×E |", "|---|---|---|---|---|---|"]
+    for label, r in (("dense", dense), ("4 experts, top-1 (Switch, norm_topk=False)", switch)):
+      lines.append(f"| {label} | {r['total']:,} / {r['active']:,} | {r['flops']:,.0f} "
+                   f"| {r['tokens']:,} | {r['eval']:.4f} | {load(r)} |")
+  if "upcycle" in parts:
+    upcycled = train_run(base, args.out, "upcycled_e4k2", k, UPCYCLE, source=dense["dir"],
+                         data_seed=1)
+    scratch_k = train_run(base, args.out, "scratch_e4k2_K", k, UPCYCLE, data_seed=1)
+    scratch_nk = train_run(base, args.out, "scratch_e4k2_NK", n + k, UPCYCLE)
+    dense_k = train_run(base, args.out, "dense_continued", k, source=dense["dir"], data_seed=1)
+    lines += ["", "| run | steps (tokens) in the MoE phase | total tokens | FLOPs/token (phase) "
+              "| val loss | busiest expert load ×E |", "|---|---|---|---|---|---|"]
+    rows = ((f"dense, {n} steps (the upcycling source)", dense, 0, n),
+            (f"upcycled: dense {n} + MoE {k}", upcycled, k, n + k),
+            (f"MoE from scratch, {k} steps", scratch_k, k, k),
+            (f"MoE from scratch, {n + k} steps", scratch_nk, n + k, n + k),
+            (f"dense {n} + dense continued {k}", dense_k, 0, n + k))
+    for label, r, moe_steps, total in rows:
+      phase = f"{moe_steps} ({moe_steps * per_step:,})" if moe_steps else "–"
+      lines.append(f"| {label} | {phase} | {total * per_step:,} | {r['flops']:,.0f} "
+                   f"| {r['eval']:.4f} | {load(r)} |")
+  if "timing" in parts:
+    timing = time_steps(base.replace(run={"steps": n}), args.timing_rounds, args.timing_steps)
+    ref = timing["dense"]["step"]
+    lines += ["", f"Median of {args.timing_rounds}x{args.timing_steps} steps, interleaved:", "",
+              "| model | step (ms) | × dense | loss after the timed steps |", "|---|---|---|---|"]
+    for name, t in timing.items():
+      lines.append(f"| {name} | {1e3 * t['step']:.1f} | {t['step'] / ref:.2f}x "
+                   f"| {t['loss']:.5f} |")
+  if "balance" in parts:
+    lines += ["", f"The balance loss, 4 experts top-2, {args.balance_steps} steps, lr 3e-3, "
+              "router z-loss off:", "", "| balance loss weight | busiest expert load ×E, mean "
+              "of the last 10 logged steps | val loss |", "|---|---|---|"]
+    every_step = base.replace(optimizer={"learning_rate": 3e-3}, run={"log_every": 1})
+    for weight in (0.0, 0.1):
+      r = train_run(every_step, args.out, f"balance_{weight:g}", args.balance_steps,
+                    {"num_experts": 4, "top_k": 2, "balance_loss": weight, "router_z_loss": 0.0})
+      lines.append(f"| {weight:g} | {statistics.mean(r['load_last10']):.2f} | {r['eval']:.4f} |")
+  wall = time.perf_counter() - start
+  lines.insert(0, f"{jax.device_count()} {jax.default_backend()} device(s), jax "
+               f"{jax.__version__}; {args.batch}x{args.seq_len} tokens/step, lr {args.lr:g} "
+               f"cosine, warmup {args.warmup}; N={n}, K={k}; parts {args.parts}; wall "
+               f"{wall / 60:.1f} min")
   text = "\n".join(lines)
   os.makedirs(args.out, exist_ok=True)
   with open(os.path.join(args.out, "results.md"), "w", encoding="utf-8") as f:

@@ -120,29 +120,37 @@ def test_capacity_drops_late_tokens_and_a_large_capacity_drops_none():
   assert not np.allclose(_logits(tight, params, tokens), _logits(dropless, params, tokens))
 
 
-def _final_metric(run_dir, name):
-  import json
-  rows = [json.loads(l) for l in open(os.path.join(run_dir, "metrics.jsonl"))]
-  rows = [r for r in rows if f"train/{name}" in r]
-  return float(np.mean([r[f"train/{name}"] for r in rows[-10:]]))
+def test_the_balance_loss_is_lowest_when_balanced_and_its_gradient_unloads_the_busiest_expert():
+  """The Switch loss E * sum_e load_e * importance_e: 1 for uniform routing, E for a collapse,
+  and descending it through the router's probabilities moves tokens off the busiest expert.
+  (What it does to a training run's load is measured in bench/moe.py.)"""
+  from pretrainx.model.moe import router_statistics
 
+  num_experts, top_k = 4, 2
 
-@pytest.mark.slow
-def test_the_balance_loss_lowers_load_imbalance(tmp_path):
-  """Same data and init, 60 steps: over the last 10, the busiest expert's share with the Switch
-  loss is below the share without it (which collapses onto one expert within 10 steps here)."""
-  imbalance = {}
-  for weight in (0.0, 0.1):
-    exp = conftest.tiny_experiment(
-        tmp_path / f"balance_{weight}",
-        run={"steps": 60, "log_every": 1, "eval_every": 0, "eval_batches": 1},
-        sample={"tokens": 0}, checkpoint={"every_steps": 0}, optimizer={"learning_rate": 3e-3},
-        model={"moe": {"num_experts": 4, "top_k": 2, "balance_loss": weight,
-                       "router_z_loss": 0.0}})
-    train(exp)
-    imbalance[weight] = _final_metric(exp.run.run_dir, "moe/load_max")
-  # 1.0 is perfectly balanced; with top-2 of 4, 2.0 means one expert takes a slot of every token
-  assert imbalance[0.0] > 1.9 and imbalance[0.1] < imbalance[0.0] - 0.2, imbalance
+  def stats(w, x):
+    logits = x @ w  # [tokens, experts]
+    experts = jax.lax.top_k(logits, top_k)[1]  # [tokens, k]
+    return router_statistics(logits, jax.nn.softmax(logits), experts, num_experts)
+
+  uniform = router_statistics(jnp.zeros((8, 4)), jnp.full((8, 4), 0.25),
+                              jnp.tile(jnp.arange(4).reshape(4, 1), (2, 2)) % 4, num_experts)
+  assert float(uniform["balance_loss"]) == pytest.approx(1.0)
+  collapsed = router_statistics(jnp.zeros((8, 4)), jnp.eye(4)[jnp.zeros(8, int)],
+                                jnp.zeros((8, 1), int), num_experts)
+  assert float(collapsed["balance_loss"]) == pytest.approx(num_experts)
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.normal(size=(256, 8)), jnp.float32).at[:, 0].set(1.0)  # a bias feature
+  w = jnp.asarray(rng.normal(size=(8, 4)) * 0.3, jnp.float32).at[0, 0].set(2.0)  # favours e0
+  grad = jax.jit(jax.grad(lambda w: stats(w, x)["balance_loss"]))
+  first = stats(w, x)
+  for _ in range(50):
+    w = w - 0.5 * grad(w)
+  last = stats(w, x)
+  busiest = int(jnp.argmax(first["load"]))
+  assert float(first["load"][busiest]) * num_experts > 1.5  # the router starts collapsed
+  assert float(last["load"][busiest]) < float(first["load"][busiest]) - 0.1
+  assert float(last["balance_loss"]) < float(first["balance_loss"])
 
 
 @pytest.fixture(scope="module")

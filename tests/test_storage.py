@@ -3,6 +3,7 @@ results, and one clear line for a missing bucket, a denied bucket or a glob with
 
 import json
 import os
+import socket
 import subprocess
 import sys
 import threading
@@ -13,7 +14,7 @@ import pytest
 
 from pretrainx import storage
 
-from servers import free_port
+from servers import ServerError, free_port, start_gcs, start_s3
 
 
 @pytest.fixture(params=["local", "gs", "s3"])
@@ -319,3 +320,15 @@ def test_fit_reads_parquet_and_csv_tables(tmp_path):
     load_results(str(tmp_path / "bad.csv"))
   with pytest.raises(FileNotFoundError, match="results table .*missing.csv not found"):
     load_results(str(tmp_path / "missing.csv"))
+
+
+def test_a_test_server_that_cannot_start_says_what_to_free():
+  """The fixtures' servers: a taken port is one line naming it, not a time-out."""
+  with socket.socket() as held:
+    held.bind(("127.0.0.1", 0))
+    held.listen()
+    port = held.getsockname()[1]
+    for start in (start_gcs, start_s3):
+      with pytest.raises(ServerError, match=rf"cannot listen on 127\.0\.0\.1:{port} .*free the "
+                                            "port"):
+        start(port, ("x",))

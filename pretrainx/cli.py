@@ -383,7 +383,7 @@ def _model_scores(args, exp, opened):
   models = [(exp, args.checkpoint_dir, args.step)]
   if args.by == "reference_ratio":
     ref_dir = args.reference_run_dir
-    ref = config.load_run_experiment(ref_dir, (f"RunConfig.run_dir = {ref_dir!r}",))
+    ref = config.load_run_experiment(ref_dir)
     if (store.vocabulary_identity(ref.data.vocabulary) !=
         store.vocabulary_identity(exp.data.vocabulary)):
       raise ValueError(f"the reference run {ref_dir} has another vocabulary than the run; "

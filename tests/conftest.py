@@ -128,6 +128,22 @@ def s3_dir(s3_server, request):
   return f"s3://{S3_BUCKET}/{_prefix(request)}"
 
 
+# -- xdist groups: a module whose fixtures are expensive runs on one worker ----------------------
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_collection_modifyitems(config, items):
+  """Under --dist loadgroup, xdist tags each grouped test's id with '@group' (after the other
+  hooks); a pytest/xdist pair on which that has no effect would silently spread a group's tests
+  (and build its fixtures) over every worker."""
+  if getattr(config.option, "loadgroup", False):
+    lost = [i.nodeid for i in items if i.get_closest_marker("xdist_group") and "@" not in i.nodeid]
+    if lost:
+      raise pytest.UsageError(f"xdist_group did not apply to {lost[0]} (and {len(lost) - 1} "
+                              "more): install the pytest and pytest-xdist that pyproject.toml "
+                              "pins (`make install`).")
+
+
 # -- nothing skipped silently: `make test` passes --expected-skips (README.md says how many) -------
 
 

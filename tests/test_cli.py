@@ -86,3 +86,24 @@ def test_peak_reports_flops(run_cli):
   out = run_cli("peak", "--size=256")
   assert out.returncode == 0, out.stderr
   assert "GFLOP/s" in out.stdout and "--peak_tflops=" in out.stdout
+
+
+def test_a_run_is_read_from_the_directory_named_not_its_stored_relative_path(tmp_path, run_cli,
+                                                                              monkeypatch):
+  """config.gin keeps RunConfig.run_dir as it was given ('runs/x'); eval and export, run from
+  another folder, read the run named on the command line, not ./runs/x."""
+  (tmp_path / "a").mkdir()
+  (tmp_path / "b" / "runs" / "x").mkdir(parents=True)  # another folder's run of the same name
+  monkeypatch.chdir(tmp_path / "a")
+  out = run_cli("train", f"--gin_file={os.path.join(REPO, 'gin_configs/tiny.gin')}",
+                "--run_dir=runs/x", "--gin_param=RunConfig.steps=2",
+                "--gin_param=SampleConfig.tokens=0", "--gin_param=RunConfig.eval_batches=1",
+                "--gin_param=RunConfig.progress_bar=False")
+  assert out.returncode == 0, out.stderr
+  monkeypatch.chdir(tmp_path / "b")
+  run = str(tmp_path / "a" / "runs" / "x")
+  out = run_cli("eval", f"--run_dir={run}", "--eval_batches=1")
+  assert out.returncode == 0 and out.stdout.startswith("step 2: validation loss"), out.stderr
+  out = run_cli("export", f"--run_dir={run}", f"--out={tmp_path / 'export'}")
+  assert out.returncode == 0, out.stderr
+  assert f"exported the params of step 2 to {tmp_path / 'export'}" in out.stdout

@@ -104,6 +104,11 @@ def test_a_selection_that_keeps_nothing_says_the_range_and_what_to_change():
   with pytest.raises(select.SelectionError, match=r"keeps no documents of domain 'web' "
                      r"\(scores range 0.1..0.9\); lower min_score"):
     _docs(Selection(min_score=2.0))
+  for sample, hint in ((False, "lower min_score or raise max_score."),  # sample is off already
+                       (True, "lower min_score or raise max_score or set sample=False.")):
+    with pytest.raises(select.SelectionError) as err:
+      _docs(Selection(min_score=2.0, sample=sample))
+    assert str(err.value).endswith(hint)
   with pytest.raises(select.SelectionError, match="all NaN"):
     _docs(Selection(top_fraction=0.5), np.full(4, np.nan, np.float32))
 

@@ -1,5 +1,6 @@
 """The loop: the tiny model learns, outputs land in the run directory, resume, bad-step policies."""
 
+import dataclasses
 import json
 import os
 import shutil
@@ -142,3 +143,14 @@ def test_restart_discards_previous_outputs(tiny_exp):
   result = loop.train(exp, restart=True)
   steps = [r["step"] for r in read_metrics(result.paths.metrics) if "train/loss" in r]
   assert steps == [1, 2, 3]
+
+
+def test_the_summary_says_worse_when_the_loss_is_above_the_baseline():
+  from pretrainx.config import RunPaths
+
+  result = loop.TrainResult(run_dir="r", steps=2, train_loss=3.0, eval_loss=3.1,
+                            unigram_entropy=3.0778, tokens_per_second=1.0, mfu=0.1,
+                            compile_seconds=1.0, sample="", paths=RunPaths.under("r"))
+  assert "baseline 3.0778 (0.0222 worse)" in loop.result_summary(result)
+  better = dataclasses.replace(result, eval_loss=2.0)
+  assert "baseline 3.0778 (1.0778 better)" in loop.result_summary(better)

@@ -29,11 +29,15 @@ class RunPaths:
 
 
 def load_run_experiment(run_dir: str, gin_params: tuple[str, ...] = ()) -> Experiment:
-  """The Experiment a run directory was trained with (its config.gin), with optional overrides."""
+  """The Experiment a run directory was trained with (its config.gin), with optional overrides.
+
+  The directory named here is the run's: its config.gin may hold a relative RunConfig.run_dir
+  (say 'runs/cpt'), which must not resolve against the current directory, where another run may
+  live under the same name."""
   paths = RunPaths.under(run_dir)
   storage.check_bucket(paths.root, "read")
   if not storage.exists(paths.config):
     raise FileNotFoundError(
         f"{paths.config} does not exist: {run_dir} is not a pretrainx run directory "
         "(train first, or pass --gin_file to describe the model).")
-  return parse_gin([paths.config], gin_params)
+  return parse_gin([paths.config], (*gin_params, f"RunConfig.run_dir = {run_dir!r}"))

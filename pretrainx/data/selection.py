@@ -38,7 +38,7 @@ def _no_documents(sel: Selection, scores: np.ndarray, domain: str) -> SelectionE
   if sel.sample and finite.max() <= 0:
     hint = "`sample` keeps a document with probability clip(score, 0, 1): use scores in (0, 1]"
   else:
-    hint = "lower min_score, raise max_score or set sample=False"
+    hint = "lower min_score or raise max_score" + (" or set sample=False" if sel.sample else "")
   return SelectionError(
       f"{describe(sel)} keeps no documents of domain {domain!r} (scores range "
       f"{finite.min():.4g}..{finite.max():.4g}); {hint}.")

@@ -435,9 +435,10 @@ def result_summary(result: TrainResult) -> str:
   if result.preempted:
     return (f"preempted at step {result.steps}; checkpoint {result.checkpoint} is complete. "
             "Run the same command again to resume.")
+  gain = result.unigram_entropy - result.eval_loss
   lines = [
       f"final validation loss {result.eval_loss:.4f} nats/token vs unigram-entropy baseline "
-      f"{result.unigram_entropy:.4f} ({result.unigram_entropy - result.eval_loss:+.4f} better)",
+      f"{result.unigram_entropy:.4f} ({abs(gain):.4f} {'better' if gain >= 0 else 'worse'})",
       "per-domain validation loss: " + ", ".join(
           f"{d} {v:.4f}" for d, v in result.eval_domain_losses.items()),
       f"throughput {result.tokens_per_second:,.0f} tokens/s, MFU {100 * result.mfu:.1f}%, "

@@ -19,6 +19,8 @@ from pretrainx.model import Transformer
 from pretrainx.train.init import initial_state
 from pretrainx.train.runtime import build_runtime
 
+pytestmark = pytest.mark.xdist_group("config_layers")  # its module fixtures are built once
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BEFORE_SPLIT = os.path.join(REPO, "tests", "data", "run_before_sections")
 # Shapes unlike ModelConfig's defaults, so that a filled field cannot pass by accident.

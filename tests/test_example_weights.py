@@ -18,6 +18,8 @@ from pretrainx.train.guard import GuardState
 from pretrainx.train.state import TrainState, create_train_state
 from pretrainx.train.step import loss_and_grads, make_train_step, model_logits
 
+pytestmark = pytest.mark.xdist_group("example_weights")  # its module fixtures are built once
+
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):

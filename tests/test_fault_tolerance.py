@@ -18,7 +18,7 @@ from conftest import REPO
 
 pytestmark = pytest.mark.xdist_group("fault_tolerance")  # one reference run per suite
 
-STEPS = 120
+STEPS = 80
 ARGS = ["--gin_file=gin_configs/tiny.gin", f"--gin_param=RunConfig.steps={STEPS}",
         "--gin_param=RunConfig.global_batch_size=32", "--gin_param=RunConfig.log_every=1",
         "--gin_param=RunConfig.progress_bar=False", "--gin_param=RunConfig.sample_tokens=0",

@@ -15,6 +15,8 @@ from pretrainx.train.init import initial_state
 from pretrainx.train.loop import train
 from pretrainx.train.runtime import build_runtime, load_trained
 
+pytestmark = pytest.mark.xdist_group("init")  # its module fixtures are built once
+
 
 @pytest.fixture(scope="module")
 def source_run(tmp_path_factory):

@@ -166,6 +166,7 @@ def pretrained(tmp_path_factory):
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("linearize_pretrained")  # `pretrained` is built once
 def test_a_run_can_start_from_a_softmax_checkpoint_with_hybrid_attention(pretrained, tmp_path):
   exp = pretrained
   hybrid = dataclasses.replace(exp, model=dataclasses.replace(
@@ -185,6 +186,7 @@ def test_a_run_can_start_from_a_softmax_checkpoint_with_hybrid_attention(pretrai
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("linearize_pretrained")  # `pretrained` is built once
 def test_linearize_end_to_end_report_and_frozen_stages(pretrained, tmp_path):
   exp = pretrained.replace(run={"log_every": 5})
   lin = C.LinearizeConfig(window=16, feature_dim=16, transfer_steps=10, lora_steps=6,
@@ -222,6 +224,7 @@ def test_linearize_end_to_end_report_and_frozen_stages(pretrained, tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("linearize_pretrained")  # `pretrained` is built once
 def test_cli_linearize_errors(pretrained, tmp_path, capsys):
   from pretrainx.cli import main
 

@@ -175,6 +175,7 @@ def _restore_params(exp):
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("moe_dense_run")  # `dense_run` is built once
 @pytest.mark.parametrize("moe", [dict(num_experts=4, top_k=2),
                                  dict(num_experts=4, top_k=1, shared_experts=1, shared_gate=True),
                                  dict(num_experts=2, top_k=2, every=2)],

@@ -28,7 +28,7 @@ def _losses(run_dir):
   return [r["train/loss"] for r in rows if "train/loss" in r]
 
 
-def test_two_processes_equal_one_and_restore_in_one(tmp_path, gcs_dir):
+def test_two_processes_equal_one_and_restore_in_one(tmp_path, gcs_dir, run_cli):
   two, one = f"{gcs_dir}/two", str(tmp_path / "one")
   out = subprocess.run(["bash", "launch/local_multiprocess.sh", "2", "--devices_per_process", "2",
                         "train", *ARGS, f"--run_dir={two}"], cwd=REPO, env=_env(),
@@ -42,16 +42,10 @@ def test_two_processes_equal_one_and_restore_in_one(tmp_path, gcs_dir):
   assert _losses(two) == pytest.approx(_losses(one), rel=1e-5)
   assert len(_losses(two)) == 12
   assert storage.exists(f"{two}/checkpoints/12/commit_success.txt")
-  # the 2-process checkpoint restores in one process (1 device: resharded on restore)
-  ev = subprocess.run([sys.executable, "-m", "pretrainx", "--cpu_devices=1", "eval",
-                       f"--run_dir={two}", "--gin_param=MeshConfig.data=1",
-                       "--gin_param=MeshConfig.fsdp=1", "--eval_batches=2"],
-                      cwd=REPO, env=_env(), capture_output=True, text=True, timeout=600)
-  assert ev.returncode == 0, ev.stderr
-  ev1 = subprocess.run([sys.executable, "-m", "pretrainx", "--cpu_devices=1", "eval",
-                        f"--run_dir={one}", "--gin_param=MeshConfig.data=1",
-                        "--gin_param=MeshConfig.fsdp=1", "--eval_batches=2"],
-                       cwd=REPO, env=_env(), capture_output=True, text=True, timeout=600)
+  # the 2-process checkpoint restores in one process (this one: 8 devices, resharded on restore)
+  ev, ev1 = (run_cli("eval", f"--run_dir={run}", "--gin_param=MeshConfig.data=-1",
+                     "--gin_param=MeshConfig.fsdp=1", "--eval_batches=2") for run in (two, one))
+  assert ev.returncode == 0 and ev1.returncode == 0, ev.stderr + ev1.stderr
   loss = lambda s: float(s.split("validation loss ")[1].split()[0])
   assert loss(ev.stdout) == pytest.approx(loss(ev1.stdout), rel=1e-4)
 

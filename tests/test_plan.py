@@ -10,6 +10,8 @@ from conftest import REPO, tiny_experiment
 from pretrainx.flops import flops_per_token
 from pretrainx.plan import parse_mesh, plan, plan_main, plan_text
 
+pytestmark = pytest.mark.xdist_group("plan")  # its module fixtures are built once
+
 TINY_GIN = os.path.join(REPO, "gin_configs/tiny.gin")
 
 

@@ -13,6 +13,8 @@ from pretrainx.data import score_sets
 from pretrainx.data.store import open_store
 from pretrainx.harness import store_scores
 
+pytestmark = pytest.mark.xdist_group("store_scores")  # its module fixtures are built once
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(REPO, "gin_configs/tiny.gin")
 QUIET = ["--gin_param=RunConfig.sample_tokens=0", "--gin_param=RunConfig.eval_batches=1",

@@ -14,6 +14,8 @@ from pretrainx.train.loop import train
 from pretrainx.train.runtime import build_runtime, load_trained
 from pretrainx.config import TuneConfig
 
+pytestmark = pytest.mark.xdist_group("tuning")  # its module fixtures are built once
+
 
 @pytest.fixture(scope="module")
 def source(tmp_path_factory):

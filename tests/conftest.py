@@ -20,8 +20,9 @@ os.environ["HF_DATASETS_CACHE"] = tempfile.mkdtemp(prefix="pretrainx-test-hf-dat
 # test processes, the CLI subprocesses they start and the Ray workers of sweeps, so that the same
 # tiny model is compiled once per run, not once per process. Never the user's ~/.cache.
 _OWN_JAX_CACHE = "PRETRAINX_TEST_JAX_CACHE" not in os.environ  # removed at the end, by its maker
-JAX_CACHE_DIR = os.environ.setdefault("PRETRAINX_TEST_JAX_CACHE",
-                                      tempfile.mkdtemp(prefix="pretrainx-test-jax-cache-"))
+if _OWN_JAX_CACHE:
+  os.environ["PRETRAINX_TEST_JAX_CACHE"] = tempfile.mkdtemp(prefix="pretrainx-test-jax-cache-")
+JAX_CACHE_DIR = os.environ["PRETRAINX_TEST_JAX_CACHE"]
 os.environ["PRETRAINX_JAX_CACHE_DIR"] = os.environ["JAX_COMPILATION_CACHE_DIR"] = JAX_CACHE_DIR
 os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
 

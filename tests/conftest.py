@@ -67,7 +67,10 @@ def run_cli(capsys, monkeypatch):
 
   def run(*args):
     capsys.readouterr()
-    code = cli.main(list(args))
+    try:
+      code = cli.main(list(args))
+    except SystemExit as exit_:  # `plan` exits with its verdict, argparse with its usage errors
+      code = exit_.code
     out = capsys.readouterr()
     return types.SimpleNamespace(returncode=code, stdout=out.out, stderr=out.err)
 

@@ -3,7 +3,6 @@ and eval steps for a v5p slice on this CPU machine; bad names, meshes and a miss
 get one line."""
 
 import os
-import types
 
 import pytest
 
@@ -32,20 +31,9 @@ def test_bad_names_list_the_valid_ones(name, why):
 
 
 @pytest.fixture
-def plan_cli(capsys, monkeypatch):
-  """`pretrainx plan ARGS` in this process (from the repository root) -> (exit code, stdout,
-  stderr)."""
-  from pretrainx.plan import plan_main
-
-  monkeypatch.chdir(REPO)
-
-  def run(*args):
-    capsys.readouterr()
-    code = plan_main(list(args))
-    out = capsys.readouterr()
-    return types.SimpleNamespace(returncode=code, stdout=out.out, stderr=out.err)
-
-  return run
+def plan_cli(run_cli):
+  """`pretrainx plan ARGS` in this process (conftest.run_cli)."""
+  return lambda *args: run_cli("plan", *args)
 
 
 def test_plan_compiles_train_and_eval_steps_for_v5p_with_the_tpu_compiler(plan_cli):

@@ -15,6 +15,9 @@ import re
 
 # generation: (cores per chip in the accelerator name, HBM GiB per chip, grid dimensions)
 GENERATIONS = {"v4": (2, 32.0, 3), "v5p": (2, 95.0, 3), "v5e": (1, 16.0, 2), "v6e": (1, 32.0, 2)}
+# How TPU VMs name each generation's accelerator types, and the chips one host holds.
+_TYPE_PREFIX = {"v4": "v4", "v5p": "v5p", "v5e": "v5litepod", "v6e": "v6e"}
+_HOST_CHIPS = {"v4": 4, "v5p": 4, "v5e": 8, "v6e": 8}
 ALIASES = {"v5litepod": "v5e", "v5lite": "v5e", "v6": "v6e"}
 MAX_CHIPS = 8192
 INSTALL_HINT = ("the TPU compiler comes with libtpu: pip install 'pretrainx[tpu]' (or "
@@ -103,6 +106,22 @@ def libtpu_available() -> bool:
   return importlib.util.find_spec("libtpu") is not None
 
 
+def _describe_this_host_to_libtpu(gen: str, grid: tuple[int, ...]) -> None:
+  """On a host without TPU chips, libtpu asks the GCE metadata server what this host is and
+  prints a page of errors when none answers. It is told instead that this is one host of the
+  target slice (the whole slice when that fits on one host), which is what a host of the target
+  would be told: the compiled program is the same."""
+  from pretrainx import multihost  # pylint: disable=import-outside-toplevel  # (no jax import)
+
+  if multihost.tpu_chips_attached() > 0:
+    return
+  chips = min(math.prod(grid), _HOST_CHIPS[gen])
+  per_chip = GENERATIONS[gen][0]
+  os.environ.setdefault("TPU_ACCELERATOR_TYPE", f"{_TYPE_PREFIX[gen]}-{chips * per_chip}")
+  os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
+  os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
+
+
 def load(name: str) -> Topology:
   """The Topology for `name`, its devices from libtpu (no TPU needed); ValueError if libtpu is
   missing or the name is not a slice."""
@@ -112,11 +131,15 @@ def load(name: str) -> Topology:
   # Compiling needs no TPU, so several planners (or a planner beside a training run) may load
   # libtpu at once instead of waiting on its single-process lock file.
   os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+  _describe_this_host_to_libtpu(gen, grid)
   from jax.experimental import topologies  # pylint: disable=import-outside-toplevel
 
   spec = f"{gen}:{'x'.join(map(str, grid))}"
   try:
-    devices = topologies.get_topology_desc(platform="tpu", topology_name=spec).devices
+    # A slice smaller than libtpu's default host (2x2x1 chips) is one host of its own shape.
+    small = {"chips_per_host_bounds": tuple(grid) + (1,) * (3 - len(grid))} if math.prod(
+        grid) < 4 else {}
+    devices = topologies.get_topology_desc(platform="tpu", topology_name=spec, **small).devices
   except Exception as err:  # pylint: disable=broad-except  # libtpu's own words
     raise _bad(name, f"libtpu rejects {spec} ({str(err).splitlines()[0][:200]})") from err
   return Topology(name, gen, grid, tuple(devices))

@@ -140,6 +140,7 @@ _attention.defvjp(_attention_fwd, _attention_bwd)
 def softmax_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
                       segment_ids: jax.Array | None = None,
                       prefix_mask: jax.Array | None = None,
+                      sliding_window: int | None = None,
                       scale: float | None = None, chunk: int | None = None) -> jax.Array:
   """Causal softmax attention within segments, materialising the scores.
 
@@ -147,6 +148,7 @@ def softmax_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
     q: [batch, seq, heads, head_dim]; k, v: [batch, seq, kv_heads, head_dim].
     segment_ids: [batch, seq] packed-document ids, or None.
     prefix_mask: [batch, seq] bool, True on a bidirectional prefix (prefix-LM), or None.
+    sliding_window: query i sees keys j with i - j < sliding_window; None: no window.
     scale: score scale; default head_dim ** -0.5.
     chunk: query rows a chunk where the mask allows chunking (see chunk_plan); None: automatic.
   Returns:
@@ -154,7 +156,8 @@ def softmax_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
   """
   seq = q.shape[1]
   mask = attention_mask(seq, k.shape[1], causal=True, q_segment_ids=segment_ids,
-                        kv_segment_ids=segment_ids, prefix_mask=prefix_mask)  # [b or 1, q, k]
+                        kv_segment_ids=segment_ids, prefix_mask=prefix_mask,
+                        sliding_window=sliding_window)  # [b or 1, q, k]
   scale = q.shape[-1]**-0.5 if scale is None else scale
   plan = chunk_plan(seq, k.shape[1], causal_only=prefix_mask is None, chunk=chunk)
   return _attention(q, k, v, mask, jnp.asarray(scale, jnp.float32), plan)

@@ -120,6 +120,46 @@ def _same_fields(a, b):
   return {n: getattr(a, n) for n in names} == {n: getattr(b, n) for n in names}
 
 
+@pytest.mark.parametrize("impl", ["reference", "flash"])
+def test_windowed_mistral_matches_transformers(tmp_path, impl):
+  """A Mistral whose sliding window (16) is shorter than the sequence (48): the same logits, with
+  'reference' and with the flash kernel (interpret mode, blocks that skip what the window hides)."""
+  model = _hf_model("mistral", sliding_window=16)
+  overrides = {"attention_impl": impl}
+  if impl == "flash":
+    overrides.update(kernel_interpret=True, flash_block_q=16, flash_block_k=16)
+  cfg, params = hf.import_hf(_save(model, tmp_path), overrides=overrides)
+  assert cfg.sliding_window == 16 and TOKENS.shape[1] > 16
+  _assert_close(_our_logits(cfg, params), _hf_logits(model))
+  # the window binds: the logits without it are another model's
+  unwindowed = _our_logits(dataclasses.replace(cfg, sliding_window=None), params)
+  assert np.max(np.abs(unwindowed - _hf_logits(model))) > 1e-2
+
+
+def test_convert_round_trip_keeps_the_window_and_the_source_context(tmp_path):
+  """Mistral (window 16, max_position_embeddings 64) -> pretrainx -> HF: a MistralForCausalLM
+  with the window and the source's max_position_embeddings, and the same logits."""
+  model = _hf_model("mistral", sliding_window=16)
+  ours = hf.convert_main(_save(model, tmp_path / "src"), str(tmp_path / "px"), "hf-to-pretrainx")
+  back = hf.convert_main(ours, str(tmp_path / "hf"), "pretrainx-to-hf")
+  with open(os.path.join(back, "config.json"), encoding="utf-8") as f:
+    config = json.load(f)
+  assert config["architectures"] == ["MistralForCausalLM"]
+  assert (config["sliding_window"], config["max_position_embeddings"]) == (16, 64)
+  loaded = transformers.AutoModelForCausalLM.from_pretrained(back).eval()
+  np.testing.assert_allclose(_hf_logits(loaded), _hf_logits(model), atol=1e-5, rtol=0)
+  # a run's shorter context is not what the export declares: the source's is
+  cfg = hf.load_hf_config(back, max_seq_len=32)
+  for arch in ("MistralForCausalLM", "Qwen2ForCausalLM"):
+    written = hf.hf_config_dict(cfg, arch, "float32")
+    assert (written["max_position_embeddings"], written["sliding_window"]) == (64, 16), arch
+  assert hf.hf_config_dict(cfg, "Qwen2ForCausalLM", "float32")["use_sliding_window"]
+  assert hf.hf_config_dict(dataclasses.replace(cfg, sliding_window=None), "LlamaForCausalLM",
+                           "float32")["max_position_embeddings"] == 64
+  with pytest.raises(ValueError, match=r"sliding_window=16 \(LlamaForCausalLM has no window"):
+    hf.check_hf_compatible(cfg, "LlamaForCausalLM")
+
+
 @pytest.mark.parametrize("kind,architecture", [("llama", "LlamaForCausalLM"),
                                                ("qwen2", "Qwen2ForCausalLM")])
 def test_export_round_trip_loads_in_transformers(tmp_path, kind, architecture):
@@ -202,7 +242,9 @@ def test_bad_checkpoints_fail_with_clear_messages(sharded_llama, tmp_path):
 
 
 @pytest.mark.parametrize("changes,match", [
-    ({"sliding_window": 16}, r"sliding window of 16 tokens.*max_seq_len <= 16"),
+    ({"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "use_sliding_window": True,
+      "sliding_window": 16, "max_window_layers": 1},
+     r"sliding window of 16 tokens in layers \[1\] only.*max_seq_len <= 16"),
     ({"rope_parameters": {"rope_type": "yarn", "factor": 4.0}},
      r"'yarn' .* 'default' and 'llama3'"),
     ({"rope_scaling": {"type": "linear", "factor": 4.0}}, r"rope_scaling of type 'linear' and "
@@ -218,12 +260,42 @@ def test_unsupported_config_options_are_refused(tmp_path, changes, match):
     hf.load_hf_config(str(tmp_path))
 
 
-def test_sliding_window_that_never_binds_is_accepted(tmp_path):
-  config = transformers.MistralConfig(**TINY, sliding_window=16).to_dict()
-  config.update(architectures=["MistralForCausalLM"])
-  with open(tmp_path / "config.json", "w", encoding="utf-8") as f:
+def _write_config(directory, config_cls, **fields):
+  config = getattr(transformers, config_cls)(**{**TINY, **fields}).to_dict()
+  config.update(architectures=[config_cls.replace("Config", "ForCausalLM")])
+  os.makedirs(directory, exist_ok=True)
+  with open(os.path.join(directory, "config.json"), "w", encoding="utf-8") as f:
     json.dump(config, f)
-  assert hf.load_hf_config(str(tmp_path), max_seq_len=16).max_seq_len == 16
+  return str(directory)
+
+
+def test_sliding_windows_import_as_transformers_applies_them(tmp_path):
+  """Mistral's window, Qwen2's only with use_sliding_window and in every layer (max_window_layers
+  0); a window in some layers only is refused where it binds, dropped where it never does."""
+  mistral = hf.load_hf_config(_write_config(tmp_path / "m", "MistralConfig", sliding_window=16))
+  assert (mistral.sliding_window, mistral.max_seq_len) == (16, 64)
+  assert mistral.source_max_position_embeddings == 64
+  assert hf.load_hf_config(str(tmp_path / "m"), max_seq_len=16).sliding_window == 16
+  qwen = lambda name, **kw: hf.load_hf_config(
+      _write_config(tmp_path / name, "Qwen2Config", sliding_window=16, **kw))
+  assert qwen("off").sliding_window is None  # use_sliding_window=False
+  assert qwen("all", use_sliding_window=True, max_window_layers=0).sliding_window == 16
+  partial = _write_config(tmp_path / "part", "Qwen2Config", sliding_window=16,
+                          use_sliding_window=True, max_window_layers=1)
+  assert hf.load_hf_config(partial, max_seq_len=16).sliding_window is None  # never binds
+
+
+def test_a_windowed_source_under_a_shorter_bound_context(tmp_path):
+  """InitConfig.source = a Mistral with a window: the run gets the window and its own shorter
+  max_seq_len (the source's 64 is not held against the bound 32)."""
+  from pretrainx.config import (  # pylint: disable=import-outside-toplevel
+      Experiment, InitConfig, with_source_architecture)
+  source = _write_config(tmp_path / "src", "MistralConfig", sliding_window=16)
+  open(os.path.join(source, "model.safetensors"), "wb").close()  # an HF directory by its names
+  exp = Experiment(model=ModelConfig(max_seq_len=32), init=InitConfig(source=source))
+  model = with_source_architecture(exp, bound={"max_seq_len"}).model
+  assert (model.sliding_window, model.max_seq_len, model.source_max_position_embeddings) == (
+      16, 32, 64)
 
 
 def test_export_refuses_what_hf_cannot_hold(tmp_path):

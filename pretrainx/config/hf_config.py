@@ -22,6 +22,8 @@ MOE_ARCHITECTURES = ("MixtralForCausalLM", "Qwen2MoeForCausalLM")
 QKV_BIAS_ARCHITECTURES = ("Qwen2ForCausalLM", "Qwen2MoeForCausalLM")
 # architectures whose sliding window applies only with use_sliding_window
 _OPT_IN_WINDOW = ("Qwen2ForCausalLM", "Qwen2MoeForCausalLM")
+# architectures that cannot put one sliding window on every layer (Qwen2-MoE: even layers only)
+_NO_WINDOW = ("LlamaForCausalLM", "Qwen2MoeForCausalLM")
 
 
 def read_config_json(path: str) -> dict[str, Any]:
@@ -80,17 +82,44 @@ def _check_features(hf: dict[str, Any], arch: str) -> None:
         "models whose mlp_only_layers is empty.")
 
 
-def _check_sliding_window(hf: dict[str, Any], arch: str, max_seq_len: int) -> None:
+def _window_layers(hf: dict[str, Any], arch: str, num_layers: int) -> list[int]:
+  """The layers transformers runs with config.json's sliding window (its layer_types, else the
+  architecture's rule: Mistral and Mixtral every layer, Qwen2 layers >= max_window_layers,
+  Qwen2-MoE the even layers below max_window_layers)."""
+  if hf.get("layer_types"):
+    return [i for i, t in enumerate(hf["layer_types"]) if t == "sliding_attention"]
+  limit = hf.get("max_window_layers", 28)
+  if arch == "Qwen2ForCausalLM":
+    return list(range(limit, num_layers))
+  if arch == "Qwen2MoeForCausalLM":
+    return [i for i in range(min(limit, num_layers)) if i % 2 == 0]
+  return list(range(num_layers))
+
+
+def _sliding_window(hf: dict[str, Any], arch: str, num_layers: int,
+                    max_seq_len: int) -> int | None:
+  """ModelConfig.sliding_window of config.json: its sliding_window when every layer uses it.
+
+  A window in some layers only is refused where it binds (shorter than max_seq_len) and dropped
+  where it never does."""
   window = hf.get("sliding_window")
-  if arch in _OPT_IN_WINDOW and not hf.get("use_sliding_window", False):
-    window = None
-  if window is not None and window < max_seq_len:
+  if arch == "LlamaForCausalLM" or not window or (
+      arch in _OPT_IN_WINDOW and not hf.get("use_sliding_window", False)):
+    return None
+  layers = _window_layers(hf, arch, num_layers)
+  if len(layers) == num_layers:
+    return int(window)
+  if layers and window < max_seq_len:
     raise ValueError(
-        f"{arch} here attends within a sliding window of {window} tokens (config.json "
-        f"sliding_window), shorter than max_seq_len={max_seq_len}; pretrainx has no pure sliding-"
-        f"window softmax attention. Import with max_seq_len <= {window} (load_hf_config(path, "
-        f"max_seq_len={window}) or import_hf(..., overrides={{'max_seq_len': {window}}})), where "
-        "the window never binds and the model is exact.")
+        f"{arch} here attends within a sliding window of {window} tokens in layers {layers} only "
+        f"(config.json layer_types / max_window_layers), and pretrainx's ModelConfig."
+        f"sliding_window covers every layer; bind ModelConfig.max_seq_len <= {window} (then the "
+        "window never binds) or convert a model whose layers all use the window.")
+  if layers:
+    logging.warning("config.json's sliding window of %d tokens (layers %s) never binds at "
+                    "max_seq_len=%d; it is dropped (exports write use_sliding_window=false).",
+                    window, layers, max_seq_len)
+  return None
 
 
 def _balance_loss(hf: dict[str, Any], top_k: int) -> float:
@@ -127,18 +156,23 @@ def _moe_fields(hf: dict[str, Any], arch: str) -> dict[str, Any]:
 
 def default_architecture(cfg: ModelConfig) -> str:
   """The HF architecture that holds `cfg`: Qwen2-MoE for MoE models with shared experts, q/k/v
-  biases or dense layers, Mixtral for other MoE models; Qwen2 / Llama for dense ones."""
+  biases or dense layers, Mixtral for other MoE models; for dense ones Qwen2 (q/k/v biases),
+  Mistral (a sliding window) or Llama."""
   if cfg.moe.enabled:
     qwen = cfg.moe.shared_experts or cfg.qkv_bias or cfg.moe.every > 1
     return "Qwen2MoeForCausalLM" if qwen else "MixtralForCausalLM"
-  return "Qwen2ForCausalLM" if cfg.qkv_bias else "LlamaForCausalLM"
+  if cfg.qkv_bias:
+    return "Qwen2ForCausalLM"
+  return "LlamaForCausalLM" if cfg.sliding_window is None else "MistralForCausalLM"
 
 
 def load_hf_config(path: str, **overrides: Any) -> ModelConfig:
   """The ModelConfig of the HF model directory `path`; `overrides` set pretrainx-only fields
   (scan_layers, dtype, attention_impl, remat_policy, MoeConfig.impl via moe=...) or a shorter
   max_seq_len. Qwen2-MoE with decoder_sparse_step > 1 (dense and MoE layers) gets
-  scan_layers=False."""
+  scan_layers=False. A sliding window (Mistral, Mixtral; Qwen2 with use_sliding_window) becomes
+  ModelConfig.sliding_window; config.json's max_position_embeddings is remembered as
+  source_max_position_embeddings, which exports write back."""
   hf = read_config_json(path)
   arch = architecture(hf)
   _check_features(hf, arch)
@@ -154,9 +188,10 @@ def load_hf_config(path: str, **overrides: Any) -> ModelConfig:
   fields.update(_moe_fields(hf, arch))
   if "moe" in fields and fields["moe"].every > 1:
     fields["scan_layers"] = False  # dense and MoE layers differ: no scan over one structure
-  cfg = ModelConfig(**{**fields, **overrides})
-  _check_sliding_window(hf, arch, cfg.max_seq_len)
-  return cfg
+  max_seq_len = overrides.get("max_seq_len", fields["max_seq_len"])
+  fields.update(sliding_window=_sliding_window(hf, arch, fields["num_layers"], max_seq_len),
+                source_max_position_embeddings=hf["max_position_embeddings"])
+  return ModelConfig(**{**fields, **overrides})
 
 
 def _moe_problems(cfg: ModelConfig, architecture: str | None) -> list[str]:
@@ -207,6 +242,9 @@ def check_hf_compatible(cfg: ModelConfig, architecture: str | None = None) -> No
     problems.append(f"norm_scale={cfg.norm_scale!r} (use 'channel')")
   if cfg.embed_projection:
     problems.append("embed_projection=True (use False)")
+  if cfg.sliding_window is not None and architecture in _NO_WINDOW:
+    problems.append(f"sliding_window={cfg.sliding_window} ({architecture} has no window in every "
+                    "layer; export as MistralForCausalLM, Qwen2ForCausalLM or MixtralForCausalLM)")
   if problems:
     raise ValueError(f"this ModelConfig has no Hugging Face {architecture or 'Llama-family'} "
                      "equivalent: " + "; ".join(problems) + ".")
@@ -214,7 +252,7 @@ def check_hf_compatible(cfg: ModelConfig, architecture: str | None = None) -> No
 
 def hf_config_dict(cfg: ModelConfig, architecture: str, dtype: str) -> dict[str, Any]:
   """config.json for `cfg` (rope as top-level rope_theta/rope_scaling, which transformers 4 and 5
-  both read)."""
+  both read; max_position_embeddings the imported source's, if longer than max_seq_len)."""
   rope_scaling = None
   if cfg.rope_scaling == "llama3":
     rope_scaling = {"rope_type": "llama3", "factor": cfg.rope_scaling_factor,
@@ -227,14 +265,19 @@ def hf_config_dict(cfg: ModelConfig, architecture: str, dtype: str) -> dict[str,
       "num_hidden_layers": cfg.num_layers, "num_attention_heads": cfg.num_heads,
       "num_key_value_heads": cfg.num_kv_heads, "head_dim": cfg.resolved_head_dim,
       "hidden_act": "silu", "rms_norm_eps": cfg.norm_eps, "rope_theta": cfg.rope_theta,
-      "rope_scaling": rope_scaling, "max_position_embeddings": cfg.max_seq_len,
+      "rope_scaling": rope_scaling,
+      "max_position_embeddings": max(cfg.source_max_position_embeddings or 0, cfg.max_seq_len),
       "vocab_size": cfg.vocab_size, "tie_word_embeddings": cfg.tie_embeddings,
       "torch_dtype": dtype, "use_cache": True, "initializer_range": cfg.init_std,
   }
+  window = cfg.sliding_window
   if architecture == "LlamaForCausalLM":
     out.update(attention_bias=False, mlp_bias=False)
+  elif architecture == "Qwen2ForCausalLM" and window is not None:  # the window in every layer
+    out.update(sliding_window=window, use_sliding_window=True, max_window_layers=0,
+               layer_types=["sliding_attention"] * cfg.num_layers)
   else:
-    out.update(sliding_window=None, use_sliding_window=False)
+    out.update(sliding_window=window, use_sliding_window=False)
   moe = cfg.moe
   if architecture == "MixtralForCausalLM":
     out.update(intermediate_size=cfg.expert_mlp_dim, num_local_experts=moe.num_experts,

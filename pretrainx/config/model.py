@@ -126,6 +126,9 @@ class ModelConfig:
       'hybrid' refuses it, 'reference'/'flash' ignore it.
     linear_chunk: chunk length of the chunked linear-attention scan.
     attention_window: 'hybrid' only: softmax keys per query (itself included); <= max_seq_len.
+    sliding_window: 'reference'/'flash' only: softmax keys per query, itself included (query i
+      sees keys j with i - sliding_window < j <= i, Mistral's `sliding_window`); None: every
+      earlier key. Not 'hybrid''s window (that is attention_window, with linear attention beyond).
     layer_attention_impls: one attention_impl per layer, overriding attention_impl (e.g. a model
       linearized in some layers only); empty: every layer uses attention_impl. Needs
       scan_layers=False (scanned layers share one structure).
@@ -146,6 +149,8 @@ class ModelConfig:
       the 'llama3' parameters (Hugging Face `rope_scaling` factor, low_freq_factor,
       high_freq_factor, original_max_position_embeddings); ignored when rope_scaling is None.
     moe: mixture-of-experts MLPs (MoeConfig; bound in gin as MoeConfig.num_experts = 8, ...).
+    source_max_position_embeddings: the max_position_embeddings of the Hugging Face config.json
+      this model was imported from (None: not imported); exports write it back, not max_seq_len.
   """
 
   vocab_size: int = 259
@@ -171,6 +176,7 @@ class ModelConfig:
   linear_decay: bool = False
   linear_chunk: int = 64
   attention_window: int = 64
+  sliding_window: int | None = None
   layer_attention_impls: tuple[str, ...] = ()
   kernel_interpret: bool = False
   flash_block_q: int | None = None
@@ -186,6 +192,7 @@ class ModelConfig:
   rope_high_freq_factor: float = 4.0
   rope_original_max_len: int = 8192
   moe: MoeConfig = MoeConfig()
+  source_max_position_embeddings: int | None = None
 
   def __post_init__(self):
     if self.norm_scale not in ("channel", "scalar"):
@@ -209,6 +216,9 @@ class ModelConfig:
                        "scan iteration runs; num_layers unrolls them all).")
     self._check_attention()
     self._check_rope()
+    if self.source_max_position_embeddings is not None and self.source_max_position_embeddings < 1:
+      raise ValueError(f"ModelConfig.source_max_position_embeddings="
+                       f"{self.source_max_position_embeddings}; use a positive length or None.")
     if self.moe.enabled and self.moe.every > 1 and self.scan_layers:
       raise ValueError(f"MoeConfig.every={self.moe.every} mixes MoE and dense layers, which "
                        "scanned layers cannot (they share one structure); set "
@@ -256,9 +266,23 @@ class ModelConfig:
           f"ModelConfig.attention_window={self.attention_window} exceeds max_seq_len="
           f"{self.max_seq_len}; a window that long is plain softmax attention: lower the window or "
           "use attention_impl='reference' or 'flash'.")
+    self._check_sliding_window()
     if self.linear_decay and "hybrid" in self.layer_impls:
       raise ValueError("ModelConfig.linear_decay=True is not supported by attention_impl='hybrid' "
                        "(its linear part has no decay); set linear_decay=False or use 'linear'.")
+
+  def _check_sliding_window(self):
+    if self.sliding_window is None:
+      return
+    if self.sliding_window < 1:
+      raise ValueError(f"ModelConfig.sliding_window={self.sliding_window}; use a positive number "
+                       "of keys per query or None (no window).")
+    recurrent = sorted({i for i in self.layer_impls if i in ("linear", "hybrid")})
+    if recurrent:
+      raise ValueError(
+          f"ModelConfig.sliding_window={self.sliding_window} applies to softmax attention "
+          f"('reference', 'flash'), not attention_impl {recurrent}; set sliding_window=None "
+          "('hybrid' has its own softmax window, attention_window).")
 
   @property
   def layer_impls(self) -> tuple[str, ...]:

@@ -17,7 +17,7 @@ from absl import logging
 from pretrainx import storage
 from pretrainx.config.experiment import Experiment
 from pretrainx.config.gin_io import parse_gin_bindings
-from pretrainx.config.hf_config import load_hf_config
+from pretrainx.config.hf_config import load_hf_config, read_config_json
 from pretrainx.config.model import ModelConfig
 
 # ModelConfig fields that say how a model runs, not what its weights are: the run's own.
@@ -101,10 +101,21 @@ def source_experiment(source: str, step: int | None = None) -> tuple[Experiment,
                           storage.join(directory, str(step))), step
 
 
-def source_model(source: str, step: int | None = None) -> ModelConfig:
-  """The ModelConfig of what `source` holds (for a Hugging Face directory, from config.json)."""
+def _hf_model(source: str, max_seq_len: int | None = None, **overrides: Any) -> ModelConfig:
+  """load_hf_config at `max_seq_len` where that is shorter than config.json's context (a
+  sliding window of some layers only is refused only where it binds)."""
+  full = read_config_json(source)["max_position_embeddings"]
+  if max_seq_len is not None and max_seq_len < full:
+    overrides["max_seq_len"] = max_seq_len
+  return load_hf_config(source, **overrides)
+
+
+def source_model(source: str, step: int | None = None,
+                 max_seq_len: int | None = None) -> ModelConfig:
+  """The ModelConfig of what `source` holds (for a Hugging Face directory, from config.json, at
+  the run's `max_seq_len` when that is shorter)."""
   if source_kind(source) == "hf":
-    return load_hf_config(source)
+    return _hf_model(source, max_seq_len)
   return source_experiment(source, step)[0].model
 
 
@@ -130,7 +141,8 @@ def with_source_architecture(exp: Experiment, bound: set[str] | None = None) -> 
   if set(SOURCE_FIELDS) <= bound:
     return exp
   try:
-    src = source_model(exp.init.source, exp.init.step)
+    src = source_model(exp.init.source, exp.init.step,
+                       model.max_seq_len if "max_seq_len" in bound else None)
   except FileNotFoundError as err:
     logging.info("the architecture is not taken from InitConfig.source: %s", err)
     return exp
@@ -165,8 +177,7 @@ def source_model_config(source: str, like: ModelConfig | None = None, step: int 
   RUNTIME_MODEL_FIELDS (and a shorter max_seq_len) from `like`."""
   if source_kind(source) == "hf":
     overrides = {f: getattr(like, f) for f in RUNTIME_MODEL_FIELDS} if like is not None else {}
-    if like is not None and like.max_seq_len < load_hf_config(source).max_seq_len:
-      overrides["max_seq_len"] = like.max_seq_len
-    return load_hf_config(source, **overrides), None, None
+    cfg = _hf_model(source, like.max_seq_len if like is not None else None, **overrides)
+    return cfg, None, None
   exp, step = source_experiment(source, step)
   return exp.model, exp, step

@@ -10,6 +10,8 @@ ATTENTION_IMPLS[cfg.attention_impl]:
   'linear'     causal linear attention with a learned hedgehog (or fixed) feature map and optional
                per-head decay; packed documents reset the state at segment starts;
   'hybrid'     LoLCATs: sliding-window softmax plus linear attention for older keys.
+Both softmax impls take `ModelConfig.sliding_window` (query i sees keys i - window < j <= i, as
+Mistral; the flash kernels skip the key blocks wholly outside it), the KV-cache decoder too.
 A Pallas kernel runs when the backend can lower it or `ModelConfig.kernel_interpret` is set;
 otherwise the pure-JAX twin of the same computation runs, announced by ONE warning per process.
 'hybrid' is pure JAX on every backend (no fallback). Decoding (`Attention(decode=True)`) keeps
@@ -67,16 +69,20 @@ def _warn_fallback(impl: str, used: str, reason: str | None = None) -> None:
 
 
 def _reference(q, k, v, segment_ids, prefix_mask, cfg, learned):
-  del cfg, learned
+  del learned
+  window = cfg.sliding_window
   if kernels.cpu_tuned_graph():  # the same math with a hand-written backward (fewer [q, k]
-    return softmax_attention(q, k, v, segment_ids=segment_ids, prefix_mask=prefix_mask)  # passes)
+    return softmax_attention(q, k, v, segment_ids=segment_ids, prefix_mask=prefix_mask,  # passes)
+                             sliding_window=window)
   # elsewhere plain autodiff, whose dots remat policies that save dots can see
   return reference_attention(q, k, v, causal=True, q_segment_ids=segment_ids,
-                             kv_segment_ids=segment_ids, prefix_mask=prefix_mask)
+                             kv_segment_ids=segment_ids, prefix_mask=prefix_mask,
+                             sliding_window=window)
 
 
 def _flash(q, k, v, segment_ids, prefix_mask, cfg, learned):
-  blocks = dict(block_q=cfg.flash_block_q, block_k=cfg.flash_block_k)
+  blocks = dict(block_q=cfg.flash_block_q, block_k=cfg.flash_block_k,
+                sliding_window=cfg.sliding_window)
   backend = kernels.platform()
   if cfg.kernel_interpret or fa.can_lower(backend):
     interpret = True if cfg.kernel_interpret else None
@@ -258,7 +264,8 @@ def _kv_cache_decode(module, q, k, v, segment_ids, cache_len, cfg):
   """Softmax attention of the new tokens against the KV cache, which they join.
 
   q [b, t, h, d], k/v [b, t, kvh, d]; segment_ids [b, t] (0: padding) or None -> [b, t, h, d].
-  New query i sits at slot index + i and sees the valid slots s <= index + i.
+  New query i sits at slot index + i and sees the valid slots s <= index + i (and, with
+  cfg.sliding_window, s > index + i - sliding_window).
   """
   batch, t, heads, hd = q.shape
   kv_heads, dt = k.shape[2], cfg.compute_dtype
@@ -279,7 +286,10 @@ def _kv_cache_decode(module, q, k, v, segment_ids, cache_len, cfg):
   values = nn.with_logical_constraint(
       jax.lax.dynamic_update_slice(v_cache.value, v.astype(dt), (0, idx, 0, 0)), axes)
   filled = jax.lax.dynamic_update_slice(valid.value, new_valid, (0, idx))  # [b, cache_len]
-  causal = jnp.arange(cache_len)[None, :] <= idx + jnp.arange(t)[:, None]  # [t, cache_len]
+  slot, query = jnp.arange(cache_len)[None, :], idx + jnp.arange(t)[:, None]
+  causal = slot <= query  # [t, cache_len]
+  if cfg.sliding_window is not None:
+    causal &= slot > query - cfg.sliding_window
   mask = causal[None] & filled[:, None, :]  # [b, t, cache_len]
 
   # q grouped: [b, t, kvh, groups, d]; kv heads are shared by their group, never repeated

@@ -38,6 +38,7 @@ from pretrainx.config.hf_config import (ARCHITECTURES, QKV_BIAS_ARCHITECTURES, c
                                         read_config_json)
 from pretrainx.config.hf_config import architecture as architecture_of
 from pretrainx.config.sources import read_meta, saved_experiment
+from pretrainx.hf_tokenizer import write_tokenizer
 from pretrainx.model.transformer import Transformer
 from pretrainx.sharding import logical_to_shardings, make_mesh
 from pretrainx.tree import unbox_tree
@@ -515,8 +516,11 @@ def _pretrainx_to_hf(src: str, out: str, architecture: str | None, dtype: str | 
   abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                           unbox_tree(boxed), shardings)
   params, _ = load_params(src, abstract)
-  return export_hf(params, cfg, out, architecture=architecture, shard_size=shard_size,
-                   dtype=dtype)
+  out = export_hf(params, cfg, out, architecture=architecture, shard_size=shard_size,
+                  dtype=dtype)
+  write_tokenizer(saved_experiment(meta, src).data.vocabulary, out,
+                  model_max_length=cfg.max_seq_len, source=meta.get("source"))
+  return out
 
 
 def convert_main(src: str, out: str, direction: str, *, architecture: str | None = None,
@@ -525,9 +529,9 @@ def convert_main(src: str, out: str, direction: str, *, architecture: str | None
 
   'hf-to-pretrainx': an HF model directory -> pretrainx params (checkpoint.save_params, meta with
   'config_gin') plus config.gin of the model. 'pretrainx-to-hf': such params (or `pretrainx export`
-  output) -> an HF directory; architecture defaults to the one imported from, else
-  hf_config.default_architecture (Llama, Qwen2 with q/k/v biases, Mixtral / Qwen2-MoE with
-  experts).
+  output) -> an HF directory with the run's tokenizer (hf_tokenizer.write_tokenizer);
+  architecture defaults to the one imported from, else hf_config.default_architecture (Llama,
+  Qwen2 with q/k/v biases, Mixtral / Qwen2-MoE with experts).
   """
   if direction == "hf-to-pretrainx":
     return _hf_to_pretrainx(src, out, dtype)

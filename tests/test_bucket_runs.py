@@ -157,7 +157,8 @@ def test_eval_generate_export_convert_from_a_bucket_run(reference_run, bucket_da
   hf_dir = f"{root}/hf"
   out = cli("convert", export, hf_dir)
   assert f"pretrainx-to-hf: wrote {hf_dir}" in out.stdout
-  assert set(storage.listdir(hf_dir)) == {"config.json", "model.safetensors"}
+  assert set(storage.listdir(hf_dir)) == {"config.json", "model.safetensors", "tokenizer.json",
+                                          "tokenizer_config.json"}  # the byte tokenizer
   back = f"{root}/back"
   out = cli("convert", hf_dir, back)
   assert f"hf-to-pretrainx: wrote {back}" in out.stdout

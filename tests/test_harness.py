@@ -18,11 +18,13 @@ import jax.numpy as jnp  # noqa: E402
 from flax.core import meta  # noqa: E402
 
 from pretrainx import hf  # noqa: E402
-from pretrainx.vocab import HFTokenizerVocabulary  # noqa: E402
+from pretrainx.checkpoint import save_params  # noqa: E402
+from pretrainx.hf_tokenizer import write_byte_tokenizer, write_tokenizer  # noqa: E402
+from pretrainx.vocab import ByteVocabulary, HFTokenizerVocabulary  # noqa: E402
 from pretrainx.harness import runner  # noqa: E402
 from pretrainx.harness.lm import make_lm  # noqa: E402
 from pretrainx.harness.scoring import TokenScorer, rolling_windows  # noqa: E402
-from pretrainx.config import ModelConfig
+from pretrainx.config import Experiment, ModelConfig, RunConfig, experiment_to_gin
 from pretrainx.model import Transformer
 
 TEXTS = ["the cat sat on the mat", "a dog ran in the park", "the sun is hot and bright",
@@ -85,22 +87,92 @@ def _random_params(model, std=0.2, seed=0):
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
-  """A random fp32 pretrainx model, exported to HF with its tokenizer, and the task files."""
+  """A random fp32 byte-level pretrainx model, converted to HF by `convert` (with the byte
+  tokenizer it writes), and the task files."""
   root = tmp_path_factory.mktemp("harness")
-  hf_dir = str(root / "hf")
-  vocab_size = _tokenizer(hf_dir)
-  cfg = ModelConfig(vocab_size=vocab_size, embed_dim=32, num_layers=2, num_heads=4,
-                    num_kv_heads=2, mlp_dim=64, max_seq_len=64, dtype="float32",
-                    tie_embeddings=False)
+  cfg = ModelConfig(vocab_size=259, embed_dim=32, num_layers=2, num_heads=4, num_kv_heads=2,
+                    mlp_dim=64, max_seq_len=64, dtype="float32", tie_embeddings=False)
   model = Transformer(cfg)
   params = _random_params(model)
-  hf.export_hf(params, cfg, hf_dir)
-  return model, params, HFTokenizerVocabulary(hf_dir), hf_dir, _write_tasks(str(root / "tasks")), \
+  exp = Experiment(model=cfg, run=RunConfig(seq_len=MAX_LENGTH))
+  save_params(str(root / "export"), params, {"step": 0, "config_gin": experiment_to_gin(exp)})
+  hf_dir = hf.convert_main(str(root / "export"), str(root / "hf"), "pretrainx-to-hf")
+  return model, params, ByteVocabulary(), hf_dir, _write_tasks(str(root / "tasks")), \
       str(root / "tasks")
+
+
+TRICKY = ["", " ", "a", "the cat\n", "\n\n\t\r\n", "  two  spaces ", "héllo wörld", "日本語のテキスト",
+          "emoji 🎉👩‍👩‍👧", "\x00\x01\x7f", "Ġ Ċ ĉ", "</s><pad><unk>", "<|R|><extra_id_0>",
+          "def f(x):\n    return x  # ok", "\u200b\ufeff\u00a0", "a" * 300]
+
+
+@pytest.mark.parametrize("extra_ids", [0, 8])
+def test_byte_tokenizer_encodes_like_the_byte_vocabulary(tmp_path, extra_ids):
+  vocab = ByteVocabulary(extra_ids=extra_ids)
+  write_byte_tokenizer(vocab, str(tmp_path), model_max_length=512)
+  tok = transformers.AutoTokenizer.from_pretrained(str(tmp_path))
+  assert (tok.eos_token_id, tok.pad_token_id, tok.unk_token_id, tok.bos_token_id) == (
+      vocab.eos_id, vocab.pad_id, vocab.unk_id, None)
+  assert len(tok) == vocab.vocab_size and not tok.add_bos_token and not tok.add_eos_token
+  for text in TRICKY:
+    want = vocab.encode(text).tolist()
+    assert tok.encode(text) == want, text  # lm-eval's hf backend: encode() with no arguments
+    assert tok(text)["input_ids"] == want and tok([text, "x"])["input_ids"][0] == want
+    assert tok.decode(want) == text == vocab.decode(want)
+  assert tok.decode([*vocab.encode("ab").tolist(), vocab.eos_id], skip_special_tokens=True) == "ab"
+  bad_utf8 = [0xE6 + 3, 0x97 + 3, ord("x") + 3]  # a truncated character, then 'x'
+  assert tok.decode(bad_utf8) == vocab.decode(bad_utf8)
+  if extra_ids:
+    assert tok.convert_ids_to_tokens([259, 259 + extra_ids - 1]) == ["<|R|>", "<extra_id_0>"]
+
+
+def test_convert_copies_a_hugging_face_tokenizer(tmp_path):
+  source, out = tmp_path / "tokenizer", tmp_path / "out"
+  _tokenizer(str(source))
+  out.mkdir()
+  vocab = HFTokenizerVocabulary(str(source))
+  written = write_tokenizer(vocab, str(out), model_max_length=64)
+  assert sorted(os.path.basename(f) for f in written) == ["tokenizer.json",
+                                                          "tokenizer_config.json"]
+  tok = transformers.AutoTokenizer.from_pretrained(str(out))
+  assert (tok.eos_token_id, tok.pad_token_id) == (vocab.eos_id, vocab.pad_id)
+  for text in TEXTS:
+    assert tok.encode(text) == vocab.encode(text).tolist()
+  (source / "tokenizer_config.json").unlink()  # a bare tokenizer.json: a config is written
+  write_tokenizer(HFTokenizerVocabulary(str(source)), str(tmp_path / "bare"), model_max_length=64)
+  tok = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "bare"))
+  assert tok.eos_token == "</s>" and tok.pad_token == "<pad>" and tok.model_max_length == 64
+  assert tok.encode(TEXTS[0]) == vocab.encode(TEXTS[0]).tolist()
 
 
 def _by_doc(results, task):
   return {s["doc_id"]: s for s in results["samples"][task]}
+
+
+def _lm_eval_hf(hf_dir, cfg, **model_args):
+  """lm-eval's own hf backend on an HF directory, its tokenizer as it loads by default."""
+  manager = runner._task_manager(cfg)  # pylint: disable=protected-access
+  return lm_eval.simple_evaluate(
+      model="hf", model_args={"pretrained": hf_dir, "dtype": "float32", "device": "cpu",
+                              **model_args},
+      tasks=list(cfg.tasks), task_manager=manager, limit=cfg.limit, batch_size=4,
+      bootstrap_iters=0, log_samples=True, random_seed=cfg.seed, numpy_random_seed=cfg.seed,
+      torch_random_seed=cfg.seed, fewshot_random_seed=cfg.seed)
+
+
+def _loglikelihoods(results, task):
+  """doc id -> the log-likelihood of each of its requests (lm-eval's samples or our report)."""
+  return {d: [float(r[0] if isinstance(r, (list, tuple)) else r) for resp in s["resps"]
+              for r in resp] for d, s in _by_doc(results, task).items()}
+
+
+def _assert_same_loglikelihoods(ours, theirs, tasks, atol=1e-4):
+  for task in tasks:
+    a, b = _loglikelihoods(ours, task), _loglikelihoods(theirs, task)
+    assert sorted(a) == sorted(b) and a
+    for doc in sorted(a):
+      np.testing.assert_allclose(a[doc], b[doc], atol=atol, rtol=0, err_msg=f"{task} {doc}")
+    assert min(min(x) for x in a.values()) < -5  # log-likelihoods of substance
 
 
 @pytest.mark.slow
@@ -108,24 +180,9 @@ def test_results_equal_lm_eval_hf_backend(exported):
   model, params, vocab, hf_dir, tasks, include = exported
   cfg = runner.HarnessConfig(tasks=tuple(tasks), include_path=include)
   ours = runner.evaluate(make_lm(model, params, vocab, max_length=MAX_LENGTH, batch_rows=4), cfg)
-  manager = runner._task_manager(cfg)  # pylint: disable=protected-access
-  theirs = lm_eval.simple_evaluate(
-      model="hf", model_args={"pretrained": hf_dir, "dtype": "float32", "device": "cpu",
-                              "max_length": MAX_LENGTH},
-      tasks=tasks, task_manager=manager, batch_size=4, bootstrap_iters=0, log_samples=True,
-      random_seed=cfg.seed, numpy_random_seed=cfg.seed, torch_random_seed=cfg.seed,
-      fewshot_random_seed=cfg.seed)
+  theirs = _lm_eval_hf(hf_dir, cfg, max_length=MAX_LENGTH)  # the tokenizer `convert` wrote
   assert ours["results"]["px_mc"]["acc,none"] == theirs["results"]["px_mc"]["acc,none"]
-  for task in ("px_mc", "px_ppl"):
-    a, b = _by_doc(ours, task), _by_doc(theirs, task)
-    assert sorted(a) == sorted(b)
-    ll_a = np.array([[float(r[0] if isinstance(r, (list, tuple)) else r) for r in a[d]["resps"]
-                      for r in r] for d in sorted(a)], dtype=object)
-    ll_b = np.array([[float(r[0] if isinstance(r, (list, tuple)) else r) for r in b[d]["resps"]
-                      for r in r] for d in sorted(b)], dtype=object)
-    for x, y in zip(ll_a, ll_b):
-      np.testing.assert_allclose(np.array(x, float), np.array(y, float), atol=1e-4, rtol=0)
-    assert min(min(x) for x in ll_a) < -5  # log-likelihoods of substance
+  _assert_same_loglikelihoods(ours, theirs, ("px_mc", "px_ppl"))
   for metric in ("word_perplexity,none", "bits_per_byte,none"):
     assert math.isclose(ours["results"]["px_ppl"][metric], theirs["results"]["px_ppl"][metric],
                         rel_tol=1e-4)
@@ -211,20 +268,35 @@ def test_in_loop_harness_of_a_continual_pretraining_run_survives_resume(tmp_path
 
 @pytest.mark.slow
 def test_cli_eval_harness_and_score(tmp_path, exported, run_cli):
+  """`eval --harness_tasks` of a tiny byte-level run, and lm-eval's hf backend on its `convert`
+  output with default settings (max_length: max_position_embeddings) give the same per-request
+  log-likelihoods when --harness_max_length is ModelConfig.max_seq_len; then `score`."""
   from conftest import tiny_experiment
 
   from pretrainx.train.loop import train
 
   *_, include = exported
-  train(tiny_experiment(tmp_path / "run", run={"steps": 2, "sample_tokens": 0,
-                                               "eval_batches": 1}))
+  exp = tiny_experiment(tmp_path / "run", run={"steps": 2, "sample_tokens": 0,
+                                               "eval_batches": 1})
+  train(exp)
   run_dir = str(tmp_path / "run")
   out = run_cli("eval", f"--run_dir={run_dir}", "--harness_tasks=px_mc,px_ppl",
-                f"--harness_include={include}", "--harness_limit=4")
+                f"--harness_include={include}", "--harness_limit=4",
+                f"--harness_max_length={exp.model.max_seq_len}")
   assert out.returncode == 0, out.stderr
   assert "harness/px_mc/acc = " in out.stdout and "harness/px_ppl/word_perplexity" in out.stdout
   assert _metric_steps(run_dir, "harness/px_mc/acc") == [2]
-  assert os.path.exists(os.path.join(run_dir, "harness", "step_00000002.json"))
+  report = os.path.join(run_dir, "harness", "step_00000002.json")
+  with open(report, encoding="utf-8") as f:
+    ours = json.load(f)
+  for command in (("export", f"--run_dir={run_dir}", f"--out={tmp_path / 'export'}"),
+                  ("convert", str(tmp_path / "export"), str(tmp_path / "hf"))):
+    out = run_cli(*command)
+    assert out.returncode == 0, out.stderr
+  assert exp.run.seq_len < exp.model.max_seq_len  # the two defaults differ
+  cfg = runner.HarnessConfig(tasks=("px_mc", "px_ppl"), include_path=include, limit=4)
+  theirs = _lm_eval_hf(str(tmp_path / "hf"), cfg)
+  _assert_same_loglikelihoods(ours, theirs, cfg.tasks)
   docs = tmp_path / "docs.jsonl"
   docs.write_text("".join(json.dumps({"text": t, "name": f"d{i}"}) + "\n"
                           for i, t in enumerate(TEXTS)))
@@ -241,3 +313,6 @@ def test_cli_eval_harness_and_score(tmp_path, exported, run_cli):
   bad = run_cli("eval", f"--run_dir={run_dir}", "--harness_tasks=px_nope",
                 f"--harness_include={include}")
   assert bad.returncode == 2 and "unknown harness task 'px_nope'" in bad.stderr
+  bad = run_cli("eval", f"--run_dir={run_dir}", "--harness_tasks=px_mc",
+                f"--harness_include={include}", f"--harness_max_length={exp.model.max_seq_len + 1}")
+  assert bad.returncode == 2 and "--harness_max_length" in bad.stderr

@@ -78,7 +78,8 @@ class TokenScorer:
                scope: Callable[[], Any] | None = None):
     if seq_len > model.cfg.max_seq_len:
       raise ValueError(f"scoring rows of {seq_len} positions exceed the model's max_seq_len="
-                       f"{model.cfg.max_seq_len}; lower the harness max_length.")
+                       f"{model.cfg.max_seq_len}; lower the harness max_length "
+                       "(--harness_max_length, HarnessConfig.max_length).")
     self.model, self.params, self.seq_len, self.batch_rows = model, params, seq_len, batch_rows
     self.sharding, self.scope = sharding, scope or contextlib.nullcontext
     self._fn = jax.jit(self._score_rows)

@@ -9,6 +9,7 @@ bucket has no atomic rename); s3:// is refused up front, as Orbax cannot write i
 
 from __future__ import annotations
 
+import re
 import time
 from typing import Any
 
@@ -25,6 +26,19 @@ COMMIT_MARKER = "commit_success.txt"
 
 class CheckpointError(ValueError):
   """A checkpoint that exists but cannot be used as asked (shapes differ, not a checkpoint)."""
+
+
+def describe_error(err: BaseException) -> str:
+  """'Type: first line of the message', readable: some tensorstore errors carry the repr of a
+  bound pybind11 method (`<bound method pybind11_detail_function_record_v1_...>`) where their
+  text should be; that is left out."""
+  texts = [a for a in err.args if isinstance(a, str)] or [str(err)]
+  text = " ".join(_BOUND_METHOD.sub("", t).strip() for t in texts).strip()
+  first = text.splitlines()[0][:200].strip() if text else "no message"
+  return f"{type(err).__name__}: {first}"
+
+
+_BOUND_METHOD = re.compile(r"<bound method [^<>]*(<[^<>]*>[^<>]*)*>")
 
 
 def _shape_mismatches(saved: Any, abstract: Any) -> list[str]:
@@ -141,9 +155,9 @@ class Checkpointer:
         raise
       except Exception as err:  # pylint: disable=broad-except
         moved = self._move_aside(candidate)
-        logging.warning("checkpoint step %d in %s is unreadable (%s: %s); moved it to %s and "
-                        "trying an older one", candidate, self.directory, type(err).__name__,
-                        str(err).splitlines()[0][:200] if str(err) else "", moved)
+        logging.warning("checkpoint step %d in %s is unreadable (%s); moved it to %s and "
+                        "trying an older one", candidate, self.directory, describe_error(err),
+                        moved)
     raise FileNotFoundError(f"no readable checkpoint in {self.directory}: every step was corrupt "
                             "(moved aside as corrupt-*); restart with --restart.")
 

@@ -82,6 +82,11 @@ def build_parser() -> argparse.ArgumentParser:
                  help="a directory of task YAML files in lm-eval's format (local data files)")
   p.add_argument("--harness_limit", type=int, default=None, help="documents per task")
   p.add_argument("--harness_fewshot", type=int, default=None, help="few-shot examples per task")
+  p.add_argument("--harness_max_length", type=int, default=None,
+                 help="tokens of context per scored row and generation (default: "
+                      "HarnessConfig.max_length, else RunConfig.seq_len); lm-eval's hf backend "
+                      "uses max_position_embeddings (ModelConfig.max_seq_len): pass that to get "
+                      "its numbers")
   p.add_argument("--harness_report", default=None,
                  help="where the JSON report goes (default: RUN_DIR/harness/step_N.json)")
 
@@ -151,14 +156,16 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--num_docs", type=int, default=3, help="documents shown by inspect")
   _add_ray_flags(p, "tokenize each input file as a Ray task")
 
-  p = sub.add_parser("convert", help="Hugging Face <-> pretrainx checkpoints (Llama, Mistral, Qwen2)")
+  p = sub.add_parser("convert", help="Hugging Face <-> pretrainx checkpoints (Llama, Mistral, "
+                     "Qwen2, Mixtral, Qwen2-MoE)")
   p.add_argument("src", help="an HF model directory, or a pretrainx params export")
   p.add_argument("out", help="directory to write")
   p.add_argument("--direction", choices=("hf-to-pretrainx", "pretrainx-to-hf"), default=None,
                  help="default: from what SRC holds")
   p.add_argument("--architecture", default=None,
                  help="HF architecture to write (LlamaForCausalLM, MistralForCausalLM, "
-                      "Qwen2ForCausalLM); default: the one imported from")
+                      "Qwen2ForCausalLM, MixtralForCausalLM, Qwen2MoeForCausalLM); default: "
+                      "the one imported from")
   p.add_argument("--dtype", default=None, help="dtype of the written weights (default: as stored)")
 
   p = sub.add_parser("schedule", help="preview a run's learning-rate schedule as a PNG and table")
@@ -192,7 +199,9 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--restart", action="store_true", help="start stage 2 over instead of resuming")
 
   p = sub.add_parser("fit", help="fit scaling laws to a sweep's results table")
-  p.add_argument("results", help="the SQLite results table a sweep writes")
+  p.add_argument("results", help="a sweep's results table: the directory of JSON row files "
+                                 "(SweepConfig.results, local or in a bucket), or a CSV/Parquet "
+                                 "file of N, D, loss (also an older SQLite file)")
   p.add_argument("--out_dir", default=None, help="where plots and fit.json go (default: beside it)")
   p.add_argument("--target_compute", type=float, default=None, help="FLOPs to extrapolate to")
   p.add_argument("--bootstrap", type=int, default=100,
@@ -203,7 +212,8 @@ def build_parser() -> argparse.ArgumentParser:
                  add_help=False)
 
   p = sub.add_parser("peak", help="measure this machine's jitted matmul FLOP/s (MFU denominator)")
-  p.add_argument("--size", type=int, default=2048)
+  p.add_argument("--size", type=int, default=None,
+                 help="matrix size (default: 512 on CPU, 4096 on accelerators)")
   p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
   return parser
 
@@ -248,8 +258,12 @@ def cmd_eval(args) -> None:
     _eval_harness(args, rt, state, step)
     return
   r = runtime.evaluate_checkpoint(rt, state, args.eval_batches)
+  which = ("the whole validation split" if args.eval_batches is None else
+           f"{args.eval_batches} batches per domain")
+  domains = {k[:-len("/loss")]: v for k, v in r.items() if k.endswith("/loss")}
   _out(f"step {step}: validation loss {r['loss']:.4f} nats/token over {r['tokens']:.0f} tokens "
-       f"(unigram-entropy baseline {r['unigram_entropy']:.4f})")
+       f"of {which} (unigram-entropy baseline {r['unigram_entropy']:.4f})\n"
+       "per-domain validation loss: " + ", ".join(f"{d} {v:.4f}" for d, v in domains.items()))
 
 
 def _eval_harness(args, rt, state, step: int) -> None:
@@ -260,7 +274,8 @@ def _eval_harness(args, rt, state, step: int) -> None:
 
   cfg = dataclasses.replace(rt.exp.harness, tasks=(args.harness_tasks,))
   for field, value in (("include_path", args.harness_include), ("limit", args.harness_limit),
-                       ("num_fewshot", args.harness_fewshot)):
+                       ("num_fewshot", args.harness_fewshot),
+                       ("max_length", args.harness_max_length)):
     if value is not None:
       cfg = dataclasses.replace(cfg, **{field: value})
   run_dir = rt.exp.run.run_dir
@@ -541,8 +556,10 @@ def cmd_peak(args) -> None:
   from pretrainx.flops import measure_peak_flops  # pylint: disable=import-outside-toplevel
 
   flops = measure_peak_flops(args.size, getattr(jnp, args.dtype))
+  size = args.size or (512 if jax.default_backend() == "cpu" else 4096)
   _out(f"{jax.devices()[0].device_kind} ({jax.default_backend()}): {flops / 1e9:.1f} GFLOP/s "
-       f"per device ({args.size}x{args.size} {args.dtype} matmul); pass "
+       f"per device, all {jax.local_device_count()} busy ({size}x{size} {args.dtype} matmuls); "
+       "pass "
        f"--peak_tflops={flops * jax.device_count() / 1e12:.4g} to train for the whole job.")
 
 

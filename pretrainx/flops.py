@@ -14,6 +14,7 @@ import time
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from pretrainx.config.model import ModelConfig
 
@@ -84,8 +85,8 @@ def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
 def attention_flops_per_head(cfg: ModelConfig, seq_len: int) -> float:
   """Training FLOPs of one layer's attention (cfg.attention_impl), per query head and token."""
   hd = cfg.resolved_head_dim
-  if cfg.attention_impl in ("reference", "flash"):
-    return 6.0 * seq_len * hd
+  if cfg.attention_impl in ("reference", "flash"):  # keys per query: at most the sliding window
+    return 6.0 * min(seq_len, cfg.sliding_window or seq_len) * hd
   feature = {"hedgehog": 2 * cfg.linear_feature_dim, "taylor": 1 + hd + hd * hd}.get(
       cfg.linear_feature, hd)
   chunk = min(cfg.linear_chunk, seq_len)
@@ -97,29 +98,37 @@ def attention_flops_per_head(cfg: ModelConfig, seq_len: int) -> float:
   return linear
 
 
-def measure_peak_flops(size: int = 2048, dtype=jnp.float32, iters: int = 10,
-                       device: jax.Device | None = None) -> float:
-  """FLOP/s of a jitted [size, size] @ [size, size] matmul chain on one device (best of 3)."""
-  device = device or jax.devices()[0]
-  a = jax.device_put(jnp.ones((size, size), dtype) / size, device)
+def measure_peak_flops(size: int | None = None, dtype=jnp.float32, iters: int = 10,
+                       devices: list[jax.Device] | None = None) -> float:
+  """FLOP/s per device of a jitted [size, size] @ [size, size] matmul chain run on every one of
+  `devices` (default: this process's) at once, best of 3.
+
+  At once, because fake CPU devices share the host's cores: one device alone would be timed
+  with every core to itself, a peak the training step (all devices busy) can never reach."""
+  devices = list(devices or jax.local_devices())
+  size = size or (512 if devices[0].platform == "cpu" else 4096)
+  mesh = jax.sharding.Mesh(np.array(devices), ("d",))
+  rows = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("d"))  # [devices * size, size]
+  a = jax.device_put(jnp.ones((size, size), dtype) / size,
+                     jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
+  x = jax.device_put(jnp.ones((len(devices) * size, size), dtype) / size, rows)
 
   @jax.jit
-  def chain(x):
+  def chain(x, a):  # each device multiplies its own rows: no communication
     return jax.lax.fori_loop(0, iters, lambda _, y: y @ a, x)
 
-  chain(a).block_until_ready()
+  chain(x, a).block_until_ready()
   best = float("inf")
   for _ in range(3):
     start = time.perf_counter()
-    chain(a).block_until_ready()
+    chain(x, a).block_until_ready()
     best = min(best, time.perf_counter() - start)
   return 2.0 * size**3 * iters / best
 
 
 def machine_peak_flops(per_device: float) -> float:
-  """Whole-job peak. Fake CPU devices share the host's cores, so on CPU the host peak is the total."""
-  if jax.default_backend() == "cpu":
-    return per_device * jax.process_count()
+  """Whole-job peak: every device of the job at the per-device peak measured with all of this
+  host's devices busy."""
   return per_device * jax.device_count()
 
 

@@ -24,22 +24,30 @@ EVENT_FILE_BYTES = 4 << 20  # a new TensorBoard event file after this many bytes
 
 class MetricWriter:
   """Appends {'step': k, name: value, ...} to DIRECTORY/metrics.jsonl and to TensorBoard scalars
-  in DIRECTORY/tensorboard; `metrics_name` renames the JSON-lines file."""
+  in DIRECTORY/tensorboard; `metrics_name` renames the JSON-lines file.
 
-  def __init__(self, directory: str, enabled: bool = True, metrics_name: str = METRICS_FILE):
+  `resumed_at`: the step a resumed run restarts from. Rows logged past it by the interrupted run
+  are dropped from the JSON lines, and TensorBoard is told to purge its events past it, so each
+  step appears once."""
+
+  def __init__(self, directory: str, enabled: bool = True, metrics_name: str = METRICS_FILE,
+               resumed_at: int | None = None):
     self.enabled = enabled
     if not enabled:
       return
     self._dir = storage.StagedDir(directory, pull=(metrics_name,))
+    if resumed_at is not None:
+      _drop_rows_after(self._dir.path(metrics_name), resumed_at)
     self._jsonl = open(self._dir.path(metrics_name), "a", encoding="utf-8")
     self._events = 0
-    self._tb = self._new_event_writer()
+    self._tb = self._new_event_writer(None if resumed_at is None else resumed_at + 1)
 
-  def _new_event_writer(self):
+  def _new_event_writer(self, purge_step: int | None = None):
     from tensorboardX import SummaryWriter  # pylint: disable=import-outside-toplevel
 
     self._events += 1
-    return SummaryWriter(self._dir.path(TENSORBOARD_DIR), filename_suffix=f".{self._events}")
+    return SummaryWriter(self._dir.path(TENSORBOARD_DIR), filename_suffix=f".{self._events}",
+                         purge_step=purge_step)
 
   def write(self, step: int, values: dict[str, Any]) -> None:
     if not self.enabled:
@@ -67,6 +75,25 @@ class MetricWriter:
       self._jsonl.close()
       self._tb.close()
       self._dir.close()
+
+
+def _drop_rows_after(local_path: str, step: int) -> None:
+  """Rewrites a local metrics.jsonl without the rows of steps past `step` (and torn lines)."""
+  if not os.path.exists(local_path):
+    return
+  with open(local_path, encoding="utf-8") as f:
+    lines = f.read().splitlines()
+  kept = []
+  for line in lines:
+    try:
+      row = json.loads(line)
+    except ValueError:  # a line torn by a crash mid-write
+      continue
+    if isinstance(row, dict) and row.get("step", 0) <= step:
+      kept.append(line)
+  if len(kept) != len(lines):
+    with open(local_path, "w", encoding="utf-8") as f:
+      f.write("".join(line + "\n" for line in kept))
 
 
 def read_metrics(path: str) -> list[dict[str, float]]:

@@ -5,7 +5,6 @@ Detection reads environment variables first and asks the GCE metadata server onl
 
 from __future__ import annotations
 
-import glob
 import importlib.util
 import os
 import re
@@ -14,6 +13,8 @@ import urllib.request
 from typing import Callable, Mapping
 
 from absl import logging
+
+from pretrainx.platforms import tpu_chips_attached
 
 # What JAX's own TPU cluster detection reads (jax/_src/clusters/cloud_tpu_cluster.py): on GKE the
 # worker list comes from TPU_PROCESS_ADDRESSES or TPU_WORKER_HOSTNAMES (that order); on a GCE TPU
@@ -28,9 +29,6 @@ OPT_OUT_VAR = "PRETRAINX_NO_DISTRIBUTED"
 HOST_CHIPS = {"v2": 4, "v3": 4, "v4": 4, "v5p": 4, "v5e": 8, "v6e": 8}
 CHIPS_PER_MULTIHOST_HOST = 4
 
-# jax/_src/hardware_utils.py: TPU chips are PCI devices of Google's vendor id with these ids.
-_GOOGLE_PCI_VENDOR_ID = "0x1ae0"
-_TPU_PCI_DEVICE_IDS = ("0x0027", "0x0056", "0x005e", "0x0062", "0x0063", "0x006f", "0x0076")
 
 
 def _slice_hosts(accelerator_type: str) -> int | None:
@@ -103,26 +101,6 @@ def _libtpu_present(environ: Mapping[str, str]) -> bool:
   if path and os.path.isfile(path):
     return True
   return importlib.util.find_spec("libtpu") is not None
-
-
-def tpu_chips_attached(root: str = "/") -> int:
-  """TPU chips this machine has: Google TPU PCI devices under `root`/sys (as JAX counts them),
-  else /dev/accel* (v4, v5p) or /dev/vfio/N (v5e, v6e) device nodes."""
-  chips = 0
-  for vendor in glob.glob(os.path.join(root, "sys/bus/pci/devices/*/vendor")):
-    try:
-      with open(vendor, encoding="ascii") as f:
-        if f.read().strip() != _GOOGLE_PCI_VENDOR_ID:
-          continue
-      with open(os.path.join(os.path.dirname(vendor), "device"), encoding="ascii") as f:
-        chips += f.read().strip() in _TPU_PCI_DEVICE_IDS
-    except OSError:
-      continue
-  if chips:
-    return chips
-  nodes = glob.glob(os.path.join(root, "dev/accel[0-9]*"))
-  nodes += [p for p in glob.glob(os.path.join(root, "dev/vfio/*")) if os.path.basename(p).isdigit()]
-  return len(nodes)
 
 
 def looks_like_tpu_vm(environ: Mapping[str, str] = os.environ, root: str = "/") -> bool:

@@ -8,6 +8,7 @@ the backends this host can run (a GPU plugin's platform where one is installed, 
 
 from __future__ import annotations
 
+import glob
 import importlib.metadata
 import importlib.util
 import os
@@ -15,8 +16,29 @@ import pkgutil
 import sys
 from typing import Mapping, MutableMapping
 
-from pretrainx import multihost
+# jax/_src/hardware_utils.py: TPU chips are PCI devices of Google's vendor id with these ids.
+_GOOGLE_PCI_VENDOR_ID = "0x1ae0"
+_TPU_PCI_DEVICE_IDS = ("0x0027", "0x0056", "0x005e", "0x0062", "0x0063", "0x006f", "0x0076")
 
+
+def tpu_chips_attached(root: str = "/") -> int:
+  """TPU chips this machine has: Google TPU PCI devices under `root`/sys (as JAX counts them),
+  else /dev/accel* (v4, v5p) or /dev/vfio/N (v5e, v6e) device nodes."""
+  chips = 0
+  for vendor in glob.glob(os.path.join(root, "sys/bus/pci/devices/*/vendor")):
+    try:
+      with open(vendor, encoding="ascii") as f:
+        if f.read().strip() != _GOOGLE_PCI_VENDOR_ID:
+          continue
+      with open(os.path.join(os.path.dirname(vendor), "device"), encoding="ascii") as f:
+        chips += f.read().strip() in _TPU_PCI_DEVICE_IDS
+    except OSError:
+      continue
+  if chips:
+    return chips
+  nodes = glob.glob(os.path.join(root, "dev/accel[0-9]*"))
+  nodes += [p for p in glob.glob(os.path.join(root, "dev/vfio/*")) if os.path.basename(p).isdigit()]
+  return len(nodes)
 # The platform each known PJRT plugin package registers (jax_plugins.<name> or an entry point).
 _PLUGIN_PLATFORMS = (("cuda", "cuda"), ("rocm", "rocm"))
 
@@ -55,7 +77,7 @@ def choose_platforms(environ: MutableMapping[str, str] = os.environ, root: str =
   libtpu, and hosts with TPU chips attached."""
   if "JAX_PLATFORMS" in environ or "JAX_FORCE_TPU_INIT" in environ:
     return None
-  if not _libtpu_installed(environ) or multihost.tpu_chips_attached(root) > 0:
+  if not _libtpu_installed(environ) or tpu_chips_attached(root) > 0:
     return None
   value = platforms_without_tpu(installed_plugins() if plugins is None else plugins)
   if value is not None:

@@ -13,6 +13,8 @@ import math
 import os
 import re
 
+from pretrainx import platforms
+
 # generation: (cores per chip in the accelerator name, HBM GiB per chip, grid dimensions)
 GENERATIONS = {"v4": (2, 32.0, 3), "v5p": (2, 95.0, 3), "v5e": (1, 16.0, 2), "v6e": (1, 32.0, 2)}
 # How TPU VMs name each generation's accelerator types, and the chips one host holds.
@@ -111,9 +113,7 @@ def _describe_this_host_to_libtpu(gen: str, grid: tuple[int, ...]) -> None:
   prints a page of errors when none answers. It is told instead that this is one host of the
   target slice (the whole slice when that fits on one host), which is what a host of the target
   would be told: the compiled program is the same."""
-  from pretrainx import multihost  # pylint: disable=import-outside-toplevel  # (no jax import)
-
-  if multihost.tpu_chips_attached() > 0:
+  if platforms.tpu_chips_attached() > 0:
     return
   chips = min(math.prod(grid), _HOST_CHIPS[gen])
   per_chip = GENERATIONS[gen][0]

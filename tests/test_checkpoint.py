@@ -144,3 +144,13 @@ def test_export_writes_params_only(tmp_path):
   loaded, meta = checkpoint.load_params(path, {"w": jax.ShapeDtypeStruct((2, 3), jnp.float32)})
   _close(loaded, params)
   assert meta == {"step": 7}
+
+
+def test_an_unreadable_checkpoint_is_described_in_words():
+  """The corrupt-checkpoint warning names the error, without the repr of a pybind11 method
+  that some tensorstore errors carry in place of their text."""
+  err = ValueError("DATA_LOSS: Error reading \"x/.zarray\" <bound method pybind11_detail_function_"
+                   "record_v1_system_libstdcpp_gxx_abi_1xxx_use_cxx11_abi_1.read of "
+                   "<tensorstore.KvStore object at 0x7f>>\nsecond line")
+  assert checkpoint.describe_error(err) == 'ValueError: DATA_LOSS: Error reading "x/.zarray"'
+  assert checkpoint.describe_error(OSError()) == "OSError: no message"

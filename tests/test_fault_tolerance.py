@@ -42,7 +42,7 @@ def _train(run_dir):
   return out
 
 
-def _losses(run_dir):
+def _loss_rows(run_dir):
   out = {}
   path = storage.join(run_dir, "metrics.jsonl")
   if not storage.exists(path):
@@ -52,8 +52,17 @@ def _losses(run_dir):
       break
     row = json.loads(line)
     if "train/loss" in row:
-      out[row["step"]] = row["train/loss"]  # a resumed run rewrites steps: the last one counts
+      out.setdefault(row["step"], []).append(row["train/loss"])
   return out
+
+
+def _losses(run_dir):
+  """{step: train loss}; a resumed run drops the rows logged past its checkpoint, so each step
+  is there once."""
+  rows = _loss_rows(run_dir)
+  twice = sorted(step for step, losses in rows.items() if len(losses) > 1)
+  assert not twice, f"metrics.jsonl holds steps {twice} more than once"
+  return {step: losses[0] for step, losses in rows.items()}
 
 
 def _params(run_dir, step):

@@ -172,6 +172,12 @@ def test_bad_reweighting_settings_are_refused_in_one_line(tiny_exp):
                                        r"domain\(s\) \['poetry'\]; the data has \['prose', "
                                        r"'code'\]\.$"):
     validate(exp)
+  exp = tiny_exp(data={"reweight": {"method": "excess_loss", "every_steps": 10,
+                                    "reference_losses": {"prose": 2.0}}})
+  with pytest.raises(ValueError, match=r"^ReweightConfig.method='excess_loss' needs "
+                                       r"ReweightConfig.reference_losses for every domain "
+                                       r"\(missing \['code'\]\)"):
+    validate(exp)
   exp = tiny_exp(run={"log_every": 10}, data={"reweight": {"method": "loss_slope",
                                                             "every_steps": 10}})
   with pytest.raises(ValueError, match="at least 2 \\* RunConfig.log_every = 20"):

@@ -174,3 +174,14 @@ def test_fit_main_writes_report_and_plots(tmp_path):
     report = json.load(f)
   assert report["chinchilla"]["alpha"] == pytest.approx(TRUE.alpha, rel=0.05)
   assert abs(report["isoflop"]["a"] - TRUE.a) < 0.02
+
+
+def test_a_fit_at_the_edge_of_its_search_box_is_flagged():
+  """Loss that falls faster in N than any exponent the search allows (alpha 6 > 5): the fit
+  stops at the bound, and says so instead of reporting alpha = 5 as a finding."""
+  steep = F.ChinchillaFit(E=1.7, A=1e36, B=410.7, alpha=6.0, beta=0.28)
+  N, D = (a.ravel() for a in np.meshgrid(np.geomspace(1e6, 1e9, 4), np.geomspace(1e8, 1e11, 4)))
+  fit = F.fit_chinchilla(N, D, steep.predict(N, D), n_starts=4)
+  assert fit.alpha == pytest.approx(5.0, rel=1e-3)
+  assert any(s.startswith("alpha = 5 (the upper bound") for s in F.at_search_bounds(fit))
+  assert F.at_search_bounds(TRUE) == []

@@ -21,9 +21,14 @@ def _losses(path):
 
 @pytest.mark.slow
 def test_tiny_model_learns_in_100_steps(tiny_exp):
-  exp = tiny_exp(run={"steps": 100, "log_every": 1, "eval_every": 50, "sample_tokens": 16})
+  exp = tiny_exp(run={"steps": 100, "log_every": 1, "eval_every": 50, "sample_tokens": 16,
+                      "peak_tflops": None})  # MFU against this machine's measured peak
   result = loop.train(exp)
   rows = read_metrics(result.paths.metrics)
+  # Throughput over whole synchronised windows: finite from the first window on, and possible.
+  mfus = [r["perf/mfu"] for r in rows if "perf/mfu" in r]
+  assert len(mfus) == 100 and all(0 < m <= 1 for m in mfus), max(mfus)
+  assert 0 < result.mfu <= 1 and "throughput nothing" not in loop.result_summary(result)
   losses = [r["train/loss"] for r in rows if "train/loss" in r]
   assert losses[0] > 5.0  # starts near log(259) = 5.56
   assert np.mean(losses[-3:]) < losses[0] - 2.0, losses

@@ -183,6 +183,14 @@ def _check_reweighting(exp: Experiment) -> None:
                      f"2 * RunConfig.log_every = {2 * log_every}.")
   if rw.start_step < 0:
     raise ValueError(f"ReweightConfig.start_step={rw.start_step} is negative.")
+  missing = [d for d in domains if d not in rw.reference_losses]
+  if rw.method == "excess_loss" and missing:
+    raise ValueError(
+        f"ReweightConfig.method='excess_loss' needs ReweightConfig.reference_losses for every "
+        f"domain (missing {missing}): without a reference the excess is the raw loss, and the "
+        "weight drifts to the noisiest domain. Bind each domain's validation loss under a "
+        "reference model (`pretrainx eval --run_dir=REFERENCE` prints them), or use "
+        "method='loss_slope'.")
 
 
 def _check_experts(exp: Experiment) -> None:

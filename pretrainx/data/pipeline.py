@@ -43,6 +43,21 @@ def open_domain_store(cfg: DataConfig, domain: str, split: str):
                    f"the name of a task in DataConfig.tasks {sorted(tasks)}.")
 
 
+def open_task_stores(cfg: DataConfig, splits: tuple[str, ...] = ("train", "validation")) -> None:
+  """Opens (reads the manifests of) the prepared stores of every task domain a run reads, so a
+  store that is missing, half-written or of another vocabulary is reported before anything
+  starts. Embedded-corpus domains are made on first use and need nothing here."""
+  tasks = {t.name: t for t in cfg.tasks}
+  for domain in cfg.domains:
+    if domain not in tasks and domain not in DOMAINS:
+      open_domain_store(cfg, domain, "train")  # the unknown-domain error
+    if domain not in tasks:
+      continue
+    for split in splits:
+      if split == "train" or tasks_lib.has_validation(tasks[domain]):
+        open_domain_store(cfg, domain, split)
+
+
 def host_slice(global_batch_size: int, process_index: int, process_count: int) -> slice:
   """The rows of each global batch that this host loads."""
   if global_batch_size % process_count:

@@ -157,6 +157,21 @@ def fit_chinchilla(N, D, L, *, huber_delta: float = 1e-3, grid: dict | None = No
                        beta=float(beta))
 
 
+def at_search_bounds(fit: ChinchillaFit, rel: float = 1e-3) -> list[str]:
+  """The parameters of `fit` that ended on an edge of CHINCHILLA_BOUNDS, as 'alpha = 5 (the
+  upper bound)': the runs did not pin them down, and extrapolations from them mean little."""
+  values = {"A": math.log(fit.A), "B": math.log(fit.B), "E": math.log(fit.E),
+            "alpha": fit.alpha, "beta": fit.beta}
+  out = []
+  for (name, value), (low, high) in zip(values.items(), CHINCHILLA_BOUNDS):
+    width = rel * (high - low)
+    for edge, which in ((low, "lower"), (high, "upper")):
+      if abs(value - edge) <= width:
+        shown = f"{getattr(fit, name):.3g}" + (f" (log {edge:g})" if name in "ABE" else "")
+        out.append(f"{name} = {shown} (the {which} bound of the search)")
+  return out
+
+
 def compute_optimal(fit: ChinchillaFit, C) -> tuple[np.ndarray, np.ndarray]:
   """(N*(C), D*(C)) minimising fit.predict under C = 6 N D.
 
@@ -446,11 +461,16 @@ def fit_main(results_path: str, out_dir: str, *, target_compute: float | None = 
   for k, v in _params(fit).items():
     lo, hi = boot.intervals[k]
     lines.append(f"  {k:6s} = {v:.4g}   95% CI [{lo:.4g}, {hi:.4g}]")
+  stuck = at_search_bounds(fit)
+  if stuck:
+    lines.append(f"  warning: {'; '.join(stuck)}: {len(rows)} runs do not pin the law down; add "
+                 "runs over a wider range of N and D before trusting its extrapolation.")
   l_t = float(optimal_loss(fit, target))
   lines.append(f"compute-optimal: N* ∝ C^{fit.a:.3f}, D* ∝ C^{fit.b:.3f}; at C={target:.3g}: "
                f"N*={float(n_t):.3g}, D*={float(d_t):.3g}, L*={l_t:.4f} "
                f"[{low[0]:.4f}, {high[0]:.4f}]")
   report = {"chinchilla": _params(fit), "intervals": boot.intervals, "target_compute": target,
+            "at_search_bounds": stuck,
             "plots": [plot_fit(N, D, L, fit, storage.join(out_dir, "fit.png")),
                       plot_extrapolation(C, L, fit, boot, target,
                                          storage.join(out_dir, "extrapolation.png"))]}

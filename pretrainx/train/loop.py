@@ -22,8 +22,8 @@ from absl import logging
 from tqdm.auto import tqdm
 
 from pretrainx import storage
-from pretrainx.checkpoint import Checkpointer, check_directory
-from pretrainx.config import Experiment, RunPaths, config_differences, experiment_to_gin, parse_gin
+from pretrainx.checkpoint import Checkpointer
+from pretrainx.config import Experiment, RunPaths, experiment_to_gin
 from pretrainx.data.pipeline import TrainBatches, eval_batches
 from pretrainx.data.reweighting import Reweighter, floats_from_json, floats_to_json
 from pretrainx.harness import runner as harness
@@ -33,6 +33,7 @@ from pretrainx.train.eval import evaluate_domains
 from pretrainx.train.init import initial_state
 from pretrainx.train.preemption import PreemptionWatcher
 from pretrainx.train.runtime import Runtime, build_runtime, global_unigram_entropy, sample_text
+from pretrainx.train.start import preflight, prepare_run_dir
 from pretrainx.train.state import TrainState, create_train_state
 
 
@@ -52,58 +53,33 @@ class TrainResult:
   skipped_steps: int = 0
   checkpoint: str = ""
   eval_domain_losses: dict[str, float] = dataclasses.field(default_factory=dict)
-
-
-def check_run_dir(exp: Experiment, paths: RunPaths, restart: bool) -> None:
-  """A run directory that holds another experiment is refused unless restart is asked for."""
-  if restart or not storage.exists(paths.config):
-    return
-  try:
-    old = parse_gin([paths.config])
-  except (ValueError, OSError) as err:
-    raise ValueError(f"{paths.config} cannot be read ({err}); pass --restart to start over "
-                     "in this directory, or use another --run_dir.") from err
-  diffs = config_differences(old, exp)
-  if diffs:
-    raise ValueError(
-        f"run directory {paths.root} holds a run of another configuration:\n  " +
-        "\n  ".join(diffs) + "\nPass --restart to discard it, or use another --run_dir.")
-
-
-def prepare_run_dir(exp: Experiment, restart: bool) -> RunPaths:
-  """Creates the run directory (wiping a previous run's outputs if restart) and writes config.gin.
-
-  A missing or denied bucket, or a place Orbax cannot checkpoint to, fails here, before anything
-  is written."""
-  paths = RunPaths.under(exp.run.run_dir)
-  check_directory(paths.checkpoints, "write the run directory")
-  check_run_dir(exp, paths, restart)
-  if jax.process_index() == 0:
-    if restart:
-      for p in (paths.checkpoints, paths.tensorboard):
-        storage.rmtree(p)
-      for p in (paths.metrics, paths.loss_plot, storage.join(paths.root, DOMAIN_WEIGHTS_PLOT)):
-        storage.remove(p)
-    storage.makedirs(paths.root)
-    storage.write_text(paths.config, experiment_to_gin(exp))
-  return paths
+  eval_batches: int | None = None  # per domain, of the final validation loss (None: all)
 
 
 class _Throughput:
-  """Tokens/s and MFU between reads, with eval/checkpoint pauses excluded."""
+  """Tokens/s and MFU over whole windows of steps, each window opened and closed with the device
+  idle (every dispatched step finished), with eval/checkpoint pauses left out. Until a window
+  closes (a one-step run: its only step compiles) there is nothing to time, and both are NaN."""
 
   def __init__(self, tokens_per_step: int, flops_token: float, peak: float):
     self.tokens_per_step, self.flops_token, self.peak = tokens_per_step, flops_token, peak
     self.last_time, self.last_step = None, None
     self.tokens_per_second = float("nan")
+    self.timed_steps, self.timed_seconds = 0, 0.0  # inside closed windows, over the whole run
 
-  def restart_clock(self, step: int) -> None:
+  def restart_clock(self, state: Any, step: int) -> None:
+    """Opens a window at `step`, once `state` (that of step `step`) is computed."""
+    jax.block_until_ready(state)
     self.last_time, self.last_step = time.perf_counter(), step
 
-  def read(self, step: int) -> dict[str, float]:
+  def read(self, state: Any, step: int) -> dict[str, float]:
+    """Closes the window at `step` (waiting for `state`) and opens the next one there."""
+    jax.block_until_ready(state)
     now = time.perf_counter()
     if self.last_time is not None and step > self.last_step:
       self.tokens_per_second = (step - self.last_step) * self.tokens_per_step / (now - self.last_time)
+      self.timed_steps += step - self.last_step
+      self.timed_seconds += now - self.last_time
     self.last_time, self.last_step = now, step
     return {"perf/tokens_per_second": self.tokens_per_second,
             "perf/mfu": self.mfu}
@@ -111,6 +87,17 @@ class _Throughput:
   @property
   def mfu(self) -> float:
     return mfu(self.tokens_per_second, self.flops_token, self.peak)
+
+  @property
+  def run_tokens_per_second(self) -> float:
+    """Over every timed window of the run (NaN if none closed)."""
+    if not self.timed_steps:
+      return float("nan")
+    return self.timed_steps * self.tokens_per_step / self.timed_seconds
+
+  @property
+  def run_mfu(self) -> float:
+    return mfu(self.run_tokens_per_second, self.flops_token, self.peak)
 
 
 _PER_DOMAIN = ("domain_loss", "domain_tokens")
@@ -125,13 +112,13 @@ def _add_domain_sums(acc: jax.Array, loss: jax.Array, tokens: jax.Array) -> jax.
 class _Driver:
   """One training run's mutable state: the train state, data position, pending metrics."""
 
-  def __init__(self, rt: Runtime, paths: RunPaths, ckpt: Checkpointer, writer: MetricWriter,
-               meter: _Throughput, eval_device: dict[str, list]):
-    self.rt, self.paths, self.ckpt, self.writer, self.meter = rt, paths, ckpt, writer, meter
+  def __init__(self, rt: Runtime, paths: RunPaths, data: TrainBatches, meter: _Throughput,
+               eval_device: dict[str, list]):
+    self.rt, self.paths, self.data, self.meter = rt, paths, data, meter
     self.eval_device = eval_device
     exp = rt.exp
-    self.data = TrainBatches(exp.data, exp.run.seq_len, exp.run.global_batch_size,
-                             jax.process_index(), jax.process_count())
+    self.ckpt: Checkpointer | None = None  # set by attach, once the run directory is written
+    self.writer: MetricWriter | None = None
     self.state: TrainState | None = None
     self.step, self.data_offset = 0, 0  # the batch of step k is batch k + data_offset
     self.pending: tuple[int, Any, Any, Any] | None = None  # (step, metrics, tokens, sums)
@@ -147,15 +134,20 @@ class _Driver:
 
   # -- state ------------------------------------------------------------------------------------
 
-  def init_or_restore(self) -> None:
+  def restore(self, ckpt: Checkpointer) -> None:
+    """The state, data position and reweighting of the run's newest readable checkpoint."""
+    self.ckpt = ckpt
+    self.state, meta, self.step = ckpt.restore(self.rt.abstract_state)
+    self.data_offset = int(meta.get("data", {}).get("offset", 0))
+    self.domain_tokens.update(meta.get("data", {}).get("domain_tokens", {}))
+    self._restore_reweighting(meta.get("data", {}).get("reweight"))
+    self.skipped_seen = int(jax.device_get(self.state.guard.skipped))
+    logging.info("resumed from %s", ckpt.step_path(self.step))
+
+  def start(self) -> None:
+    """A fresh run's state: from InitConfig.source (continued pretraining), or a random init."""
     exp = self.rt.exp
-    if self.ckpt.latest_step() is not None:
-      self.state, meta, self.step = self.ckpt.restore(self.rt.abstract_state)
-      self.data_offset = int(meta.get("data", {}).get("offset", 0))
-      self.domain_tokens.update(meta.get("data", {}).get("domain_tokens", {}))
-      self._restore_reweighting(meta.get("data", {}).get("reweight"))
-      logging.info("resumed from %s", self.ckpt.step_path(self.step))
-    elif exp.init.source:  # continued pretraining: the data starts at its first batch
+    if exp.init.source:  # continued pretraining: the data starts at its first batch
       self.state, self.step = initial_state(self.rt, exp.init)
       self.data_offset = -self.step
     else:
@@ -164,6 +156,9 @@ class _Driver:
                                          ema=exp.ema.enabled, tune=exp.tune)
       self.step = 0
     self.skipped_seen = int(jax.device_get(self.state.guard.skipped))
+
+  def attach(self, ckpt: Checkpointer, writer: MetricWriter) -> None:
+    self.ckpt, self.writer = ckpt, writer
 
   def meta(self) -> dict[str, Any]:
     finite = {k: v for k, v in self.last.items() if isinstance(v, float) and math.isfinite(v)}
@@ -215,7 +210,7 @@ class _Driver:
       if first:  # the first call compiles: time it and start the throughput clock after
         jax.block_until_ready(metrics)
         self.compile_seconds, first = time.perf_counter() - t0, False
-        self.meter.restart_clock(self.step)
+        self.meter.restart_clock(self.state, self.step)
       rolled_back = self._read_pending(bar)
       if not rolled_back and (self.step % run.log_every == 0 or self.step == run.steps):
         self.pending = (self.step, metrics, self.tokens_acc, self.sums_acc if reweight else None)
@@ -259,7 +254,7 @@ class _Driver:
       self.evaluate_harness()
     if save_due:
       self.save()
-    self.meter.restart_clock(self.step)
+    self.meter.restart_clock(self.state, self.step)
 
   def _read_pending(self, bar) -> bool:
     """Reads the pending metrics; returns True if the bad-step policy rolled the state back."""
@@ -269,7 +264,7 @@ class _Driver:
     self.pending = None
     metrics, tokens, sums = jax.device_get((metrics, tokens, sums))
     values = self._named_metrics(step, metrics, tokens)
-    values.update(self.meter.read(step))
+    values.update(self.meter.read(self.state, self.step))
     self.writer.write(step, values)
     self.last = values
     bar.set_postfix(loss=f"{values['train/loss']:.3f}",
@@ -370,28 +365,42 @@ class _Driver:
     logging.warning("bad step by step %d (%s): rolled back to step %d; training goes on with "
                     "batch %d, skipping the batches read since that checkpoint", step, what,
                     self.step, consumed)
-    self.meter.restart_clock(self.step)
+    self.meter.restart_clock(self.state, self.step)
     return True
 
 
 def train(exp: Experiment, restart: bool = False) -> TrainResult:
-  """Runs (or resumes) the experiment to `exp.run.steps`; returns what the run reached."""
+  """Runs (or resumes) the experiment to `exp.run.steps`; returns what the run reached.
+
+  Everything that can fail at the start (the config, paths, runtime, data and the starting
+  state) is checked or built before the run directory is first written, so a failed start leaves
+  it as it was and the corrected command needs no --restart."""
+  paths, resumes = preflight(exp, restart)  # host-side checks: no JAX backend yet
   run, is_main = exp.run, jax.process_index() == 0
-  rt = build_runtime(exp)  # validates everything before the run directory is touched
-  storage.check_bucket(exp.data.store_root, "read the token stores in")
-  paths = prepare_run_dir(exp, restart)
+  rt = build_runtime(exp)
+  data = TrainBatches(exp.data, run.seq_len, run.global_batch_size, jax.process_index(),
+                      jax.process_count())
   host_eval = eval_batches(exp.data, run.seq_len, run.global_batch_size, run.eval_batches,
                            jax.process_index(), jax.process_count())
   baseline = global_unigram_entropy(exp)
   peak = run.peak_tflops * 1e12 if run.peak_tflops else machine_peak_flops(measure_peak_flops())
   meter = _Throughput(run.global_batch_size * run.seq_len, flops_per_token(exp.model, run.seq_len),
                       peak)
-  writer = MetricWriter(paths.root, enabled=is_main)
-  ckpt = Checkpointer(paths.checkpoints, exp.checkpoint)
+  driver = _Driver(rt, paths, data, meter, rt.put_domain_batches(host_eval))
+  ckpt = Checkpointer(paths.checkpoints, exp.checkpoint) if resumes else None
+  writer = None
   try:
+    with rt.scope():
+      if resumes:
+        driver.restore(ckpt)
+      else:
+        driver.start()
+    prepare_run_dir(exp, paths, restart, is_main)
+    ckpt = ckpt or Checkpointer(paths.checkpoints, exp.checkpoint)
+    writer = MetricWriter(paths.root, enabled=is_main,
+                          resumed_at=driver.step if resumes else None)
+    driver.attach(ckpt, writer)
     with rt.scope(), PreemptionWatcher(sync_every=run.log_every) as watcher:
-      driver = _Driver(rt, paths, ckpt, writer, meter, rt.put_domain_batches(host_eval))
-      driver.init_or_restore()
       preempted = driver.run(watcher)
       if preempted:
         path = driver.save(block=True)
@@ -410,8 +419,10 @@ def train(exp: Experiment, restart: bool = False) -> TrainResult:
                            exp.sample.tokens, seed=run.seed, temperature=exp.sample.temperature,
                            top_k=exp.sample.top_k) if exp.sample.tokens else ""
   finally:
-    ckpt.close()
-    writer.close()
+    if ckpt is not None:
+      ckpt.close()
+    if writer is not None:
+      writer.close()
   if is_main:
     plot_losses(paths.metrics, paths.loss_plot, baseline)
     if exp.data.reweight.enabled or len(exp.data.schedule_stages) > 1:
@@ -425,8 +436,17 @@ def _result(driver: _Driver, eval_loss: float, baseline: float, sample: str, **e
             ) -> TrainResult:
   return TrainResult(
       driver.paths.root, driver.step, driver.last.get("train/loss", float("nan")), eval_loss,
-      baseline, driver.meter.tokens_per_second, driver.meter.mfu, driver.compile_seconds, sample,
-      driver.paths, skipped_steps=driver.skipped_seen, **extra)
+      baseline, driver.meter.run_tokens_per_second, driver.meter.run_mfu, driver.compile_seconds,
+      sample,
+      driver.paths, skipped_steps=driver.skipped_seen,
+      eval_batches=driver.rt.exp.run.eval_batches, **extra)
+
+
+def _throughput(result: TrainResult) -> str:
+  if not math.isfinite(result.tokens_per_second):
+    return "throughput: nothing to time (the only step trained also compiled), "
+  return (f"throughput {result.tokens_per_second:,.0f} tokens/s, MFU {100 * result.mfu:.1f}% "
+          "(steps after the first, eval and checkpoint pauses excluded), ")
 
 
 def result_summary(result: TrainResult) -> str:
@@ -436,13 +456,16 @@ def result_summary(result: TrainResult) -> str:
     return (f"preempted at step {result.steps}; checkpoint {result.checkpoint} is complete. "
             "Run the same command again to resume.")
   gain = result.unigram_entropy - result.eval_loss
+  which = ("the whole validation split" if result.eval_batches is None else
+           f"{result.eval_batches} batches per domain, RunConfig.eval_batches; `pretrainx eval` "
+           "scores the whole split")
   lines = [
-      f"final validation loss {result.eval_loss:.4f} nats/token vs unigram-entropy baseline "
-      f"{result.unigram_entropy:.4f} ({abs(gain):.4f} {'better' if gain >= 0 else 'worse'})",
+      f"final validation loss {result.eval_loss:.4f} nats/token ({which}) vs unigram-entropy "
+      f"baseline {result.unigram_entropy:.4f} ({abs(gain):.4f} "
+      f"{'better' if gain >= 0 else 'worse'})",
       "per-domain validation loss: " + ", ".join(
           f"{d} {v:.4f}" for d, v in result.eval_domain_losses.items()),
-      f"throughput {result.tokens_per_second:,.0f} tokens/s, MFU {100 * result.mfu:.1f}%, "
-      f"compile {result.compile_seconds:.1f}s" +
+      _throughput(result) + f"compile {result.compile_seconds:.1f}s" +
       (f", {result.skipped_steps} bad steps skipped" if result.skipped_steps else ""),
       f"metrics:     {p.metrics}", f"tensorboard: {p.tensorboard}", f"loss plot:   {p.loss_plot}",
       f"config:      {p.config}", f"checkpoint:  {result.checkpoint}",

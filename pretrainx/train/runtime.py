@@ -13,6 +13,8 @@ import numpy as np
 
 from pretrainx.checkpoint import Checkpointer
 from pretrainx.config import Experiment, RunPaths, validate
+from pretrainx.config.cpt import SOFTMAX_IMPLS
+from pretrainx.config.sources import RUNTIME_MODEL_FIELDS, saved_experiment
 from pretrainx.data.pipeline import eval_batches, unigram_entropy
 from pretrainx.ema import ema_as_params
 from pretrainx.generate import generate
@@ -99,10 +101,31 @@ def load_trained(exp: Experiment, checkpoint_dir: str | None = None, step: int |
   rt = build_runtime(exp)
   directory = checkpoint_dir or RunPaths.under(exp.run.run_dir).checkpoints
   ckpt = Checkpointer(directory, exp.checkpoint, create=False)
-  with rt.scope():
-    state, _, step = ckpt.restore(rt.abstract_state, step)
-  ckpt.close()
+  try:
+    with rt.scope():
+      state, meta, step = ckpt.restore(rt.abstract_state, step)
+  finally:
+    ckpt.close()
+  check_saved_model(meta, exp, ckpt.step_path(step))
   return rt, state, step
+
+
+def check_saved_model(meta: dict[str, Any], exp: Experiment, where: str) -> None:
+  """Refuses a checkpoint written by another model than `exp`'s (its saved config differs from
+  the run's config.gin in a field that decides what the weights mean, not only their shapes)."""
+  if "config_gin" not in meta:
+    return
+  saved, model = saved_experiment(meta, where).model, exp.model
+  free = set(RUNTIME_MODEL_FIELDS) | {"max_seq_len"}  # how it runs, not what its weights mean
+  if {saved.attention_impl, model.attention_impl} <= set(SOFTMAX_IMPLS):
+    free.add("attention_impl")  # the same function, by another kernel
+  diffs = [f"ModelConfig.{f.name}: checkpoint {getattr(saved, f.name)!r}, run "
+           f"{getattr(model, f.name)!r}" for f in dataclasses.fields(saved)
+           if f.name not in free and getattr(saved, f.name) != getattr(model, f.name)]
+  if diffs:
+    raise ValueError(f"checkpoint {where} was written by another model than this run's config "
+                     f"describes ({'; '.join(diffs[:6])}); pass the --run_dir of the run that "
+                     "wrote it, or the --gin_file it was trained with.")
 
 
 def evaluate_checkpoint(rt: Runtime, state: TrainState, num_batches: int | None

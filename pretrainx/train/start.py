@@ -1,0 +1,73 @@
+"""What a run checks before it writes anything, and its run directory's first write.
+
+`preflight` runs on the host alone, before JAX starts a backend, compiles or reads data: the
+config, the run directory and its bucket, the source to continue from and the token stores, so a
+wrong binding or path is reported in about a second. The loop then builds the runtime, the data
+and the starting state, and only once all of that has passed does `prepare_run_dir` write: a
+start that fails leaves the run directory as it was.
+"""
+
+from __future__ import annotations
+
+from pretrainx import storage
+from pretrainx.checkpoint import COMMIT_MARKER, check_directory
+from pretrainx.config import (Experiment, RunPaths, config_differences, experiment_to_gin,
+                              parse_gin, validate)
+from pretrainx.config.sources import source_kind
+from pretrainx.data.pipeline import open_task_stores
+from pretrainx.metrics import DOMAIN_WEIGHTS_PLOT
+
+
+def check_run_dir(exp: Experiment, paths: RunPaths, restart: bool) -> None:
+  """A run directory that holds another experiment is refused unless restart is asked for."""
+  if restart or not storage.exists(paths.config):
+    return
+  try:
+    old = parse_gin([paths.config])
+  except (ValueError, OSError) as err:
+    raise ValueError(f"{paths.config} cannot be read ({err}); pass --restart to start over "
+                     "in this directory, or use another --run_dir.") from err
+  diffs = config_differences(old, exp)
+  if diffs:
+    raise ValueError(
+        f"run directory {paths.root} holds a run of another configuration:\n  " +
+        "\n  ".join(diffs) + "\nPass --restart to discard it, or use another --run_dir.")
+
+
+def saved_step(paths: RunPaths) -> int | None:
+  """The newest finalised checkpoint step of the run directory, read from the listing alone."""
+  if not storage.isdir(paths.checkpoints):
+    return None
+  steps = [int(e) for e in storage.listdir(paths.checkpoints) if e.isdigit() and
+           storage.exists(storage.join(paths.checkpoints, e, COMMIT_MARKER))]
+  return max(steps, default=None)
+
+
+def preflight(exp: Experiment, restart: bool) -> tuple[RunPaths, bool]:
+  """(the run's paths, whether it resumes from its own checkpoint) once every host-side check of
+  the experiment has passed; the first failure raises with what to do. Starts no JAX backend."""
+  paths = RunPaths.under(exp.run.run_dir)
+  check_directory(paths.checkpoints, "write the run directory")
+  check_run_dir(exp, paths, restart)
+  resumes = not restart and saved_step(paths) is not None
+  if exp.init.source and not resumes:
+    # Before the config checks: an unreadable source leaves the architecture unset, and the
+    # defaults it leaves would be reported instead (a vocabulary mismatch, say).
+    source_kind(exp.init.source)
+  validate(exp)
+  storage.check_bucket(exp.data.store_root, "read the token stores in")
+  open_task_stores(exp.data)
+  return paths, resumes
+
+
+def prepare_run_dir(exp: Experiment, paths: RunPaths, restart: bool, is_main: bool) -> None:
+  """The first write: wipes a previous run's outputs if restart, then writes config.gin."""
+  if not is_main:
+    return
+  if restart:
+    for p in (paths.checkpoints, paths.tensorboard):
+      storage.rmtree(p)
+    for p in (paths.metrics, paths.loss_plot, storage.join(paths.root, DOMAIN_WEIGHTS_PLOT)):
+      storage.remove(p)
+  storage.makedirs(paths.root)
+  storage.write_text(paths.config, experiment_to_gin(exp))

@@ -2,8 +2,11 @@
 plots at the end.
 
 The loop hands finished host-side dicts to `MetricWriter.write`; nothing here touches devices.
-In a bucket (which cannot append) both are written locally and uploaded whole at every write, so
-a crash loses at most one log interval; event files roll over so that each upload stays small.
+In a bucket (which cannot append) both are written locally, and at every write only their new
+bytes are uploaded, as part objects (storage.StagedDir): metrics.jsonl.parts/ beside the run's
+other files, event files' parts beside them in tensorboard/ (TensorBoard reads each). So a crash
+loses at most one log interval and the bytes per upload stay O(interval); `read_metrics` joins
+the parts.
 """
 
 from __future__ import annotations
@@ -35,9 +38,10 @@ class MetricWriter:
     self.enabled = enabled
     if not enabled:
       return
-    self._dir = storage.StagedDir(directory, pull=(metrics_name,))
-    if resumed_at is not None:
-      _drop_rows_after(self._dir.path(metrics_name), resumed_at)
+    self._dir = storage.StagedDir(directory, pull=(metrics_name,), appended={
+        metrics_name: storage.PARTS_DIR, f"{TENSORBOARD_DIR}/*tfevents*": storage.PARTS_BESIDE})
+    if resumed_at is not None and _drop_rows_after(self._dir.path(metrics_name), resumed_at):
+      self._dir.replaced(metrics_name)
     self._jsonl = open(self._dir.path(metrics_name), "a", encoding="utf-8")
     self._events = 0
     self._tb = self._new_event_writer(None if resumed_at is None else resumed_at + 1)
@@ -77,10 +81,11 @@ class MetricWriter:
       self._dir.close()
 
 
-def _drop_rows_after(local_path: str, step: int) -> None:
-  """Rewrites a local metrics.jsonl without the rows of steps past `step` (and torn lines)."""
+def _drop_rows_after(local_path: str, step: int) -> bool:
+  """Rewrites a local metrics.jsonl without the rows of steps past `step` (and torn lines);
+  True if it dropped any."""
   if not os.path.exists(local_path):
-    return
+    return False
   with open(local_path, encoding="utf-8") as f:
     lines = f.read().splitlines()
   kept = []
@@ -91,13 +96,20 @@ def _drop_rows_after(local_path: str, step: int) -> None:
       continue
     if isinstance(row, dict) and row.get("step", 0) <= step:
       kept.append(line)
-  if len(kept) != len(lines):
-    with open(local_path, "w", encoding="utf-8") as f:
-      f.write("".join(line + "\n" for line in kept))
+  if len(kept) == len(lines):
+    return False
+  with open(local_path, "w", encoding="utf-8") as f:
+    f.write("".join(line + "\n" for line in kept))
+  return True
+
+
+def read_metrics_text(path: str) -> str:
+  """A metrics.jsonl as text: the local file, or in a bucket its parts joined."""
+  return storage.read_appended(path).decode("utf-8")
 
 
 def read_metrics(path: str) -> list[dict[str, float]]:
-  return [json.loads(line) for line in storage.read_text(path).splitlines() if line.strip()]
+  return [json.loads(line) for line in read_metrics_text(path).splitlines() if line.strip()]
 
 
 def plot_curves(curves: list[tuple[str, list[tuple[float, float]], str]], out_png: str, *,

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from pretrainx import storage
+from pretrainx.metrics import read_metrics
 
 from conftest import REPO
 
@@ -67,8 +68,7 @@ def _experiment_file(root: str, stores: str, tmp_path) -> str:
 
 def _losses(metrics_path: str) -> dict[int, float]:
   out = {}
-  for line in storage.read_text(metrics_path).splitlines():
-    row = json.loads(line)
+  for row in read_metrics(metrics_path):  # in a bucket, its parts joined
     if "train/loss" in row:
       out[row["step"]] = row["train/loss"]
   return out
@@ -111,7 +111,7 @@ def cli(run_cli):
 @pytest.mark.slow
 def test_a_run_directory_in_the_bucket_holds_everything(reference_run):
   names = storage.listdir(reference_run)
-  assert names == ["checkpoints", "config.gin", "loss.png", "metrics.jsonl", "tensorboard"]
+  assert names == ["checkpoints", "config.gin", "loss.png", "metrics.jsonl.parts", "tensorboard"]
   assert storage.listdir(f"{reference_run}/checkpoints") == ["10", "15", "20"]  # keep_last 3
   assert storage.exists(f"{reference_run}/checkpoints/20/commit_success.txt")
   assert sorted(_losses(f"{reference_run}/metrics.jsonl")) == list(range(1, 21))

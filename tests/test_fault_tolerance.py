@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from pretrainx import storage
+from pretrainx.metrics import read_metrics_text
 
 from conftest import REPO
 
@@ -44,10 +45,11 @@ def _train(run_dir):
 
 def _loss_rows(run_dir):
   out = {}
-  path = storage.join(run_dir, "metrics.jsonl")
-  if not storage.exists(path):
+  try:  # in a bucket, the parts of metrics.jsonl joined
+    text = read_metrics_text(storage.join(run_dir, "metrics.jsonl"))
+  except FileNotFoundError:
     return out
-  for line in storage.read_text(path).splitlines(keepends=True):
+  for line in text.splitlines(keepends=True):
     if not line.endswith("\n"):  # the writer is mid-line (we poll a live run)
       break
     row = json.loads(line)

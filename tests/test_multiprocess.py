@@ -2,7 +2,6 @@
 same 4 devices and global batch, writing one run directory in a bucket (the GCS emulator), and
 their checkpoint restores in a single process."""
 
-import json
 import os
 import subprocess
 import sys
@@ -10,6 +9,7 @@ import sys
 import pytest
 
 from pretrainx import storage
+from pretrainx.metrics import read_metrics
 
 from conftest import REPO
 
@@ -24,7 +24,7 @@ def _env():
 
 
 def _losses(run_dir):
-  rows = [json.loads(l) for l in storage.read_text(f"{run_dir}/metrics.jsonl").splitlines()]
+  rows = read_metrics(f"{run_dir}/metrics.jsonl")  # in a bucket, its parts joined
   return [r["train/loss"] for r in rows if "train/loss" in r]
 
 

@@ -65,7 +65,8 @@ def test_kvstore_specs(tmp_path, s3_server):
   assert storage.kvstore(tmp_path) == {"driver": "file", "path": f"{tmp_path}/"}
   assert storage.kvstore("gs://runs/a/b") == {"driver": "gcs", "bucket": "runs", "path": "a/b/"}
   assert storage.kvstore("s3://data/x") == {"driver": "s3", "bucket": "data", "path": "x/",
-                                            "endpoint": s3_server, "aws_region": "us-east-1"}
+                                            "endpoint": s3_server, "aws_region": "us-east-1",
+                                            "aws_credentials": {"type": "environment"}}
 
 
 def test_tensorstore_arrays_in_buckets(gcs_dir, s3_dir):
@@ -133,20 +134,49 @@ def test_denied_bucket_says_check_credentials(denying_s3, tmp_path):
 
 def test_staged_dir_uploads_whole_files_at_each_sync(gcs_dir):
   staged = storage.StagedDir(gcs_dir)
-  with open(staged.path("m.jsonl"), "a") as f:
+  with open(staged.path("m.json"), "a") as f:
     f.write("1\n")
-  assert not storage.exists(gcs_dir + "/m.jsonl")  # nothing until a sync
+  assert not storage.exists(gcs_dir + "/m.json")  # nothing until a sync
   staged.sync()
-  assert storage.read_text(gcs_dir + "/m.jsonl") == "1\n"
-  with open(staged.path("m.jsonl"), "a") as f:
+  assert storage.read_text(gcs_dir + "/m.json") == "1\n"
+  with open(staged.path("m.json"), "a") as f:
     f.write("2\n")
   staged.close()
-  assert storage.read_text(gcs_dir + "/m.jsonl") == "1\n2\n"
-  again = storage.StagedDir(gcs_dir, pull=("m.jsonl",))  # a resumed writer goes on appending
+  assert storage.read_text(gcs_dir + "/m.json") == "1\n2\n"
+
+
+def test_staged_dir_appends_parts_of_bounded_size(gcs_dir, monkeypatch):
+  """Each sync of an appended file uploads only its new bytes; every MERGE_PARTS small parts
+  become one object; a resumed writer goes on appending; a rewritten file starts a new epoch."""
+  monkeypatch.setattr(storage, "MERGE_PARTS", 3)
+  sent = []
+  write = storage.write_bytes
+  monkeypatch.setattr(storage, "write_bytes", lambda p, d: sent.append(len(d)) or write(p, d))
+  path = gcs_dir + "/m.jsonl"
+  staged = storage.StagedDir(gcs_dir, appended={"m.jsonl": storage.PARTS_DIR})
+  for i in range(7):
+    with open(staged.path("m.jsonl"), "a") as f:
+      f.write(f"{i}\n")
+    staged.sync()
+  staged.sync()  # nothing new: nothing sent
+  assert sent == [2, 2, 2, 6, 2, 2, 2, 6, 2]  # new bytes, and a merge every 3 parts
+  assert storage.listdir(path + ".parts") == ["0000-000000000000", "0000-000000000006",
+                                              "0000-000000000012"]
+  assert storage.read_appended(path) == b"0\n1\n2\n3\n4\n5\n6\n"
+  staged.close()
+  again = storage.StagedDir(gcs_dir, pull=("m.jsonl",), appended={"m.jsonl": storage.PARTS_DIR})
   with open(again.path("m.jsonl"), "a") as f:
-    f.write("3\n")
+    f.write("7\n")
+  again.sync()
+  assert storage.read_appended(path) == b"0\n1\n2\n3\n4\n5\n6\n7\n"
+  with open(again.path("m.jsonl"), "w") as f:  # rewritten, as a resume that drops rows does
+    f.write("0\n1\n")
+  again.replaced("m.jsonl")
   again.close()
-  assert storage.read_text(gcs_dir + "/m.jsonl") == "1\n2\n3\n"
+  assert storage.listdir(path + ".parts") == ["0001-000000000000"]
+  assert storage.read_appended(path) == b"0\n1\n"
+  storage.remove(path)
+  assert not storage.exists(path + ".parts")
 
 
 @pytest.mark.parametrize("where", ["local", "gs", "s3"])
@@ -159,7 +189,7 @@ def test_exclusive_refuses_a_second_holder_and_frees_on_exit(where, request, tmp
       with storage.exclusive(lock, "preparing the store"):
         pass
     if where != "local":
-      assert f"pid {os.getpid()}" in str(err.value) and f"delete {lock}" in str(err.value)
+      assert f"pid {os.getpid()}" in str(err.value) and "when its lease expires" in str(err.value)
   with storage.exclusive(lock, "preparing the store"):  # released: free again
     pass
   if where != "local":
@@ -197,6 +227,65 @@ def test_exclusive_waits_for_the_holder(where, request):
     order.append("second in")
   t.join()
   assert order == ["first in", "first out", "second in"]
+
+
+HOLD_LEASE = """
+import sys, time
+from pretrainx import storage
+with storage.exclusive(sys.argv[1], "writing the token store"):
+  print("held", flush=True)
+  time.sleep(600)
+"""
+
+PREPARE_GIN = """
+include 'gin_configs/tiny.gin'
+DataConfig.domains = ['web']
+DataConfig.tasks = [@web/FileTask()]
+DataConfig.store_dir = '{root}/stores'
+web/FileTask.name = 'web'
+web/FileTask.train_patterns = ['{root}/data/train.jsonl']
+web/FileTask.validation_patterns = ['{root}/data/valid.jsonl']
+"""
+
+
+@pytest.mark.parametrize("where", ["gs", "s3"])
+def test_a_killed_holders_lease_is_taken_over_after_its_ttl(where, request, tmp_path):
+  """Two processes: one holds a store's lease (renewing it) and is killed with SIGKILL; a
+  `data prepare` of that store, run as users run it, takes the lease over once it is older than
+  its TTL, names the dead holder, and prints few lines (no ~/.aws: TensorStore is quiet)."""
+  from conftest import REPO
+  from pretrainx.data import store as token_store
+  root = request.getfixturevalue("gcs_dir" if where == "gs" else "s3_dir")
+  storage.write_text(f"{root}/data/train.jsonl", json.dumps({"text": "a document " * 20}) + "\n")
+  storage.write_text(f"{root}/data/valid.jsonl", json.dumps({"text": "held out"}) + "\n")
+  (tmp_path / "home").mkdir()
+  gin = tmp_path / "web.gin"
+  gin.write_text(PREPARE_GIN.format(root=root))
+  env = {**{k: v for k, v in os.environ.items() if k != "XLA_FLAGS"},
+         "PRETRAINX_LEASE_TTL_S": "2", "HOME": str(tmp_path / "home")}
+  lock = token_store.lock_path(f"{root}/stores/web/train")
+  holder = subprocess.Popen([sys.executable, "-c", HOLD_LEASE, lock], env=env, cwd=REPO,
+                            stdout=subprocess.PIPE, text=True)
+  try:
+    assert holder.stdout.readline() == "held\n"
+    first = storage.read_json(lock)
+    time.sleep(1.0)  # the holder renews its lease every TTL / 3
+    assert storage.read_json(lock)["beat"] > first["beat"]
+  finally:
+    holder.kill()
+    holder.wait()
+  time.sleep(2.0)  # the TTL
+  start = time.monotonic()
+  out = subprocess.run([sys.executable, "-m", "pretrainx", "--cpu_devices=2", "data", "prepare",
+                        "web", f"--gin_file={gin}"], cwd=REPO, env=env, capture_output=True,
+                       text=True, timeout=300)
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert f"taking over the lease {lock}: its holder (host {socket.gethostname()}, pid " \
+         f"{holder.pid}, since {first['since']}) has not renewed it" in out.stderr
+  assert "web/train: 1 documents" in out.stdout and not storage.exists(lock)
+  lines = (out.stdout + out.stderr).splitlines()
+  assert len(lines) < 20, "\n".join(lines[:40])
+  print(f"prepare with a takeover: {time.monotonic() - start:.1f} s, {len(lines)} lines")
 
 
 def test_local_copy_downloads_a_bucket_file(gcs_dir, tmp_path):
@@ -244,11 +333,13 @@ def test_results_rows_many_writers_one_bucket(gcs_dir):
 # path, the local-only legacy SQLite table). Gin text no longer goes through temporary files.
 _LOCAL_ONLY = {
     "pretrainx/config/gin_io.py": 1,  # gin search paths, for local gin files
-    "pretrainx/metrics.py": 2,        # the local staging copy that StagedDir uploads
+    "pretrainx/metrics.py": 5,        # the local staging copy that StagedDir uploads (and that a
+                                      # resumed run rewrites without the rows past its step)
     "pretrainx/data/corpus.py": 3,    # the embedded corpus is Python's own stdlib
     "pretrainx/scaling/results.py": 4,  # legacy SQLite tables, refused for buckets
     "pretrainx/scaling/ray_sweep.py": 4,  # a run's local log file and work directory
-    "pretrainx/multihost.py": 6,      # TPU devices under /dev and /sys: machine facts
+    "pretrainx/platforms.py": 6,      # TPU devices under /dev and /sys: machine facts
+    "pretrainx/multihost.py": 1,      # libtpu's own file: a machine fact
     "pretrainx/harness/score_docs.py": 1,  # the local staging copy that StagedDir uploads
 }
 

@@ -1,8 +1,8 @@
 """Ahead-of-time planning: compile the train step for a mesh from abstract shapes and report, per
 device, the memory of parameters, optimizer state and activations, the FLOPs per step, and whether
 it fits a given HBM size. Nothing is allocated. `--topology=v5p-256` compiles the train and eval
-steps with the real TPU compiler (libtpu) from any host; without it, a mesh larger than this host
-uses fake CPU devices.
+steps with the real TPU compiler (libtpu) from any host, and counts the Pallas (Mosaic) kernel
+calls in the compiled train step; without it, a mesh larger than this host uses fake CPU devices.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from pretrainx.data.pipeline import BATCH_KEYS
 from pretrainx.flops import flops_per_token
 from pretrainx import topology as tpu_topology
 from pretrainx.config.mesh import MESH_AXES
-from pretrainx.sharding import batch_sharding
+from pretrainx.sharding import batch_sharding, make_mesh
 from pretrainx.train.runtime import build_runtime
 
 GIB = 2**30
@@ -68,6 +68,8 @@ class PlanReport:
   fits: bool | None = None
   topology: str | None = None  # the TPU slice compiled for, e.g. 'v5p-256 (v5p:4x4x8)'
   eval_temp_bytes: int | None = None  # the eval step's temporaries (TPU plans)
+  attention_impl: str | None = None  # the layers' attention implementations, e.g. 'flash'
+  mosaic_kernels: int | None = None  # Pallas (Mosaic) calls in the compiled train step (TPU plans)
 
   @property
   def activation_bytes(self) -> int:
@@ -110,6 +112,16 @@ def _xla_flops(compiled) -> float | None:
   return float(flops) if flops and flops > 0 else None
 
 
+# How a Pallas TPU kernel appears in compiled HLO text: a custom call to Mosaic.
+_MOSAIC_CALL = re.compile(r'custom_call_target="tpu_custom_call"')
+
+
+def mosaic_kernel_count(compiled) -> int:
+  """Pallas (Mosaic) kernel calls in a compiled TPU program's HLO text. Call sites are counted:
+  a kernel inside a rolled layer scan counts once, not once per layer; unrolled layers each."""
+  return len(_MOSAIC_CALL.findall(compiled.as_text()))
+
+
 def _xla_counts_every_flop(exp: Experiment) -> bool:
   """XLA's cost analysis counts a loop body once: trust it only for loop-free steps."""
   model = exp.model
@@ -142,15 +154,21 @@ def plan(exp: Experiment, *, devices: int | None = None, hbm_gib: float | None =
 def _plan_compiled(exp: Experiment, devices, hbm_gib: float | None, topology: str | None
                    ) -> PlanReport:
   start = time.perf_counter()
-  rt = build_runtime(exp, devices)
+  if devices is None:
+    rt = build_runtime(exp, devices)
+  else:  # the shape-only setup (parameter shapes) traces for the target's platform too, so that
+    # a kernel the target lowers is not announced as falling back to pure JAX on this host
+    with jax.sharding.use_abstract_mesh(make_mesh(exp.mesh, list(devices)).abstract_mesh):
+      rt = build_runtime(exp, devices)
   exp = rt.exp
-  eval_temp = None
+  eval_temp = mosaic = None
   with rt.scope():
     batch = abstract_batch(exp, rt.mesh)
     compiled = rt.train_step.lower(rt.abstract_state, batch).compile()
     if topology is not None:  # the eval step must compile for the slice too
       eval_compiled = rt.eval_step.lower(rt.abstract_state.params, batch).compile()
       eval_temp = eval_compiled.memory_analysis().temp_size_in_bytes
+      mosaic = mosaic_kernel_count(compiled)
   seconds = time.perf_counter() - start
   available = rt.mesh.devices.size
   backend = rt.mesh.devices.flat[0].platform
@@ -173,7 +191,12 @@ def _plan_compiled(exp: Experiment, devices, hbm_gib: float | None, topology: st
       flops_source="xla" if use_xla else "analytic", xla_flops_per_device=xla,
       analytic_flops_per_step=analytic, compile_seconds=seconds, hbm_gib=hbm_gib,
       fits=None if hbm_gib is None else total <= hbm_gib * GIB, topology=topology,
-      eval_temp_bytes=eval_temp)
+      eval_temp_bytes=eval_temp, attention_impl=_impls(exp), mosaic_kernels=mosaic)
+
+
+def _impls(exp: Experiment) -> str:
+  """'flash', or the per-layer implementations in order of first use ('reference+hybrid')."""
+  return "+".join(dict.fromkeys(exp.model.layer_impls))
 
 
 def _size(n: float) -> str:
@@ -207,6 +230,10 @@ def plan_text(report: PlanReport) -> str:
     lines.append(f"  analytic estimate {r.analytic_flops_per_step:.3e}")
   elif r.xla_flops_per_device is not None:
     lines.append(f"  (XLA counted {r.xla_flops_per_device:.3e} per device, loop bodies once)")
+  if r.mosaic_kernels is not None:
+    lines.append(f"attention ({r.attention_impl}): {r.mosaic_kernels} Pallas (Mosaic) kernel "
+                 "calls in the compiled train step"
+                 + (" (plain XLA)" if r.mosaic_kernels == 0 else ""))
   if r.eval_temp_bytes is not None:
     lines.append(f"eval step: compiles, {_size(r.eval_temp_bytes)} temporaries per device")
   if r.hbm_gib is not None:
@@ -280,8 +307,10 @@ def plan_main(argv: list[str] | None = None) -> int:
       try:
         exp.mesh.resolved_shape(len(topo.devices))
       except ValueError as err:
-        raise ValueError(f"topology {args.topology} has {len(topo.devices)} devices: {err} "
-                         "(pass --mesh, e.g. --mesh=data=1,fsdp=-1,tensor=1)") from err
+        hint = "" if args.mesh is not None else (
+            " (pass --mesh, e.g. --mesh=data=1,fsdp=-1,tensor=1)")
+        raise ValueError(f"topology {args.topology} has {len(topo.devices)} devices: {err}"
+                         f"{hint}") from err
       report = plan(exp, hbm_gib=args.hbm_gib, topology=topo)
       return _print(report, args.json)
     devices = args.devices or jax.device_count()

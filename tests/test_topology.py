@@ -1,6 +1,6 @@
 """TPU topologies and `pretrainx plan --topology`: the real TPU compiler (libtpu) compiles the train
-and eval steps for a v5p slice on this CPU machine; bad names, meshes and a missing libtpu each
-get one line."""
+and eval steps for a v5p slice on this CPU machine and names the Mosaic kernels it compiled; bad
+names, meshes and a missing libtpu each get one line."""
 
 import os
 
@@ -36,13 +36,23 @@ def plan_cli(run_cli):
   return lambda *args: run_cli("plan", *args)
 
 
-def test_plan_compiles_train_and_eval_steps_for_v5p_with_the_tpu_compiler(plan_cli):
+def test_plan_compiles_train_and_eval_steps_for_v5p_with_the_tpu_compiler(plan_cli, monkeypatch):
+  """A flash model: the plan counts the Mosaic kernels it compiled, and no step of it (the
+  shape-only setup included) announces a pure-JAX fallback, which the TPU never runs."""
+  from pretrainx.model import attention
+  monkeypatch.setattr(attention, "_WARNED", set())  # the once-per-process fallback notices
   out = plan_cli("--gin_file=gin_configs/tiny.gin", "--topology=v5p-8",
-              "--mesh=data=1,fsdp=2,tensor=2")
+                 "--mesh=data=1,fsdp=2,tensor=2", "--gin_param=ModelConfig.attention_impl='flash'")
   assert out.returncode == 0, out.stderr[-3000:]
   lines = out.stdout.splitlines()
   assert lines[0].startswith("AOT plan: 4 devices, mesh data=1 x fsdp=2 x expert=1 x tensor=2, 512 tokens "
                              "per step (compiled for TPU v5p-8 (v5p:2x2x1), TPU compiler in ")
+  kernels = [l for l in lines if l.startswith("attention (flash): ")]
+  assert len(kernels) == 1 and kernels[0].endswith(
+      " Pallas (Mosaic) kernel calls in the compiled train step"), lines
+  assert int(kernels[0].split()[2]) >= 3  # forward, dq and dk/dv
+  assert attention._WARNED == set()  # no fallback announced
+  assert "cannot lower" not in out.stdout + out.stderr
   assert any(l.startswith("eval step: compiles, ") for l in lines)
   assert lines[-1].startswith("HBM 95 GiB per device: fits (")
   assert "fake CPU devices" not in out.stdout
@@ -57,8 +67,14 @@ def test_plan_exits_1_when_the_run_does_not_fit(plan_cli):
 def test_plan_refuses_a_mesh_of_another_size(plan_cli):
   out = plan_cli("--gin_file=gin_configs/tiny.gin", "--topology=v5p-8", "--mesh=data=2,fsdp=1,tensor=1")
   assert out.returncode == 2
-  assert out.stderr.strip().splitlines()[-1].startswith(
+  error = out.stderr.strip().splitlines()[-1]
+  assert error.startswith(
       "pretrainx plan: error: topology v5p-8 has 4 devices: mesh axes data=2 x fsdp=1 x expert=1 x tensor=1")
+  assert "pass --mesh" not in error  # it was passed
+  out = plan_cli("--gin_file=gin_configs/tiny.gin", "--topology=v5p-8",
+                 "--gin_param=MeshConfig.data=8", "--gin_param=MeshConfig.fsdp=1")
+  assert out.returncode == 2
+  assert out.stderr.strip().endswith("(pass --mesh, e.g. --mesh=data=1,fsdp=-1,tensor=1)")
 
 
 def test_plan_without_libtpu_says_how_to_install(plan_cli, monkeypatch):
@@ -79,7 +95,7 @@ def test_train_step_compiles_for_v5p_over_data_fsdp_tensor(preset, impl):
   Mosaic kernels under shard_map (GSPMD alone cannot partition them). Both kernels, and plain
   XLA attention once ('hybrid' is plain XLA too)."""
   from pretrainx.config import parse_gin
-  from pretrainx.plan import abstract_batch
+  from pretrainx.plan import abstract_batch, mosaic_kernel_count
   from pretrainx.train.runtime import build_runtime
   topo = topology.load("v5p-16")  # 8 chips
   exp = parse_gin([os.path.join(REPO, f"gin_configs/{preset}.gin")],
@@ -90,7 +106,7 @@ def test_train_step_compiles_for_v5p_over_data_fsdp_tensor(preset, impl):
     compiled = rt.train_step.lower(rt.abstract_state, abstract_batch(rt.exp, rt.mesh)).compile()
   assert compiled.memory_analysis().temp_size_in_bytes > 0
   assert {d.platform for d in rt.mesh.devices.flat} == {"tpu"}
-  mosaic = compiled.as_text().count("tpu_custom_call")
+  mosaic = mosaic_kernel_count(compiled)
   # flash: forward, dq and dk/dv kernels; linear: its forward kernel (packed rows: the state
   # resets at segment starts); reference and hybrid are plain XLA.
   assert mosaic >= {"flash": 3, "linear": 1}.get(impl, 0)

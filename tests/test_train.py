@@ -159,3 +159,19 @@ def test_the_summary_says_worse_when_the_loss_is_above_the_baseline():
   assert "baseline 3.0778 (0.0222 worse)" in loop.result_summary(result)
   better = dataclasses.replace(result, eval_loss=2.0)
   assert "baseline 3.0778 (1.0778 better)" in loop.result_summary(better)
+
+
+def test_a_window_faster_than_the_measured_peak_raises_the_peak(caplog):
+  """A peak timed while the host was busy elsewhere can be below what the run then reaches: the
+  measured peak is raised to it (MFU never above 100%), a given --peak_tflops only warned about."""
+  for measured, expected in ((True, 1.0), (False, None)):
+    meter = loop._Throughput(tokens_per_step=1000, flops_token=1e6, peak=1e3,
+                             peak_measured=measured)
+    meter.restart_clock(None, 0)
+    values = meter.read(None, 4)
+    assert np.isfinite(values["perf/mfu"]) and values["perf/tokens_per_second"] > 0
+    if expected is None:
+      assert values["perf/mfu"] > 1 and "--peak_tflops is too low" in caplog.text
+    else:
+      assert values["perf/mfu"] == expected and meter.run_mfu <= 1
+      assert "MFU is reported against what the run reached" in caplog.text

@@ -61,8 +61,10 @@ class _Throughput:
   idle (every dispatched step finished), with eval/checkpoint pauses left out. Until a window
   closes (a one-step run: its only step compiles) there is nothing to time, and both are NaN."""
 
-  def __init__(self, tokens_per_step: int, flops_token: float, peak: float):
+  def __init__(self, tokens_per_step: int, flops_token: float, peak: float,
+               peak_measured: bool = False):
     self.tokens_per_step, self.flops_token, self.peak = tokens_per_step, flops_token, peak
+    self.peak_measured, self.peak_warned = peak_measured, False
     self.last_time, self.last_step = None, None
     self.tokens_per_second = float("nan")
     self.timed_steps, self.timed_seconds = 0, 0.0  # inside closed windows, over the whole run
@@ -80,9 +82,27 @@ class _Throughput:
       self.tokens_per_second = (step - self.last_step) * self.tokens_per_step / (now - self.last_time)
       self.timed_steps += step - self.last_step
       self.timed_seconds += now - self.last_time
+      self._check_peak()
     self.last_time, self.last_step = now, step
     return {"perf/tokens_per_second": self.tokens_per_second,
             "perf/mfu": self.mfu}
+
+  def _check_peak(self) -> None:
+    """A window faster than the peak proves the peak low. A measured one (timed while the host
+    was busy with something else, say) is raised to what the run reached, so MFU stays <= 100%;
+    a peak given by --peak_tflops is the user's, and is only warned about."""
+    achieved = self.tokens_per_second * self.flops_token
+    if achieved <= self.peak:
+      return
+    if not self.peak_warned:
+      logging.warning(
+          "the run reached %.4g TFLOP/s, above the %s peak of %.4g TFLOP/s; %s", achieved / 1e12,
+          "measured" if self.peak_measured else "given", self.peak / 1e12,
+          "MFU is reported against what the run reached (pass --peak_tflops for a fixed one)"
+          if self.peak_measured else "MFU above 100% means that --peak_tflops is too low")
+      self.peak_warned = True
+    if self.peak_measured:
+      self.peak = achieved
 
   @property
   def mfu(self) -> float:
@@ -385,7 +405,7 @@ def train(exp: Experiment, restart: bool = False) -> TrainResult:
   baseline = global_unigram_entropy(exp)
   peak = run.peak_tflops * 1e12 if run.peak_tflops else machine_peak_flops(measure_peak_flops())
   meter = _Throughput(run.global_batch_size * run.seq_len, flops_per_token(exp.model, run.seq_len),
-                      peak)
+                      peak, peak_measured=not run.peak_tflops)
   driver = _Driver(rt, paths, data, meter, rt.put_domain_batches(host_eval))
   ckpt = Checkpointer(paths.checkpoints, exp.checkpoint) if resumes else None
   writer = None

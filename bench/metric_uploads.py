@@ -3,7 +3,7 @@
 MetricWriter writes one row of 17 scalars (a tiny run's train metrics over 4 domains) at each log
 point, to metrics.jsonl and TensorBoard; every upload goes through storage.write_bytes, which is
 counted. Measured for this tree's writer (metrics.jsonl and event files uploaded as parts) and
-for the writer of the last commit (`git show HEAD:...`, loaded as a separate module: whole files
+for the writer of commit 2325e43 (`git show 2325e43:...`, loaded as a separate module: whole files
 re-uploaded at every log point). The old writer at 10,000 log points would push gigabytes through
 the emulator, so it is measured up to --old_max and computed beyond from the measured row and
 event sizes (the formula is checked against the measured points).
@@ -36,12 +36,16 @@ KEYS = (["train/loss", "train/grad_norm", "train/lr", "train/param_norm", "train
         + [f"train/loss/{d}" for d in DOMAINS] + [f"data/{d}/weight" for d in DOMAINS])
 
 
+# The last commit whose writer re-uploaded whole files at every log point.
+BEFORE = "2325e43"
+
+
 def _head_module(name: str, path: str, **globals_) -> types.ModuleType:
-  """A module made from the last commit's text of `path`, with `globals_` set in it."""
-  source = subprocess.run(["git", "show", f"HEAD:{path}"], cwd=REPO, check=True,
+  """A module made from BEFORE's text of `path`, with `globals_` set in it."""
+  source = subprocess.run(["git", "show", f"{BEFORE}:{path}"], cwd=REPO, check=True,
                           capture_output=True, text=True).stdout
   module = types.ModuleType(name)
-  module.__file__ = f"HEAD:{path}"
+  module.__file__ = f"{BEFORE}:{path}"
   sys.modules[name] = module
   exec(compile(source, module.__file__, "exec"), module.__dict__)  # pylint: disable=exec-used
   module.__dict__.update(globals_)
@@ -113,9 +117,9 @@ def main() -> None:
     header = one["events_bytes"] - event
     for n in args.points:
       if n in measured_old:
-        rows.append(("HEAD (measured)", measured_old[n]))
+        rows.append(("2325e43 (measured)", measured_old[n]))
       computed = old_formula(n, row, event, header, old_metrics.EVENT_FILE_BYTES)
-      rows.append(("HEAD (computed)", computed))
+      rows.append(("2325e43 (computed)", computed))
     print(f"row {row:.0f} B, event {event:.0f} B, event file header {header:.0f} B")
     print("| writer | log points | bytes uploaded per log point (mean) | at the last log point "
           "| jsonl / events per point | wall s |")

@@ -609,7 +609,9 @@ def main(argv: list[str] | None = None) -> int:
   elif extra:
     parser.error(f"unrecognized arguments: {' '.join(extra)}")
   configure_cpu_devices(args.cpu_devices)
-  logging.set_verbosity(logging.INFO if os.environ.get("PRETRAINX_VERBOSE") else logging.WARNING)
+  verbose = os.environ.get("PRETRAINX_VERBOSE", "")  # 1: info; 2: debug (remote tracebacks too)
+  logging.set_verbosity(logging.DEBUG if verbose == "2" else logging.INFO if verbose
+                        else logging.WARNING)
   logging.use_absl_handler()
   try:
     initialize_distributed(args)

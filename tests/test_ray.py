@@ -40,7 +40,9 @@ def ray_address():
   """A local 2-CPU Ray cluster; its address for other processes, and this process joined.
 
   Its workers (and the runs they start) see this machine as a user's would: without the suite's
-  8 fake devices."""
+  8 fake devices, and with credentials in their own environment (inherited from this process, as
+  a cluster's hosts have theirs), never in a job's runtime environment. (A credentials file is the
+  other way; TensorStore 0.1.86's default AWS chain ignores AWS_SHARED_CREDENTIALS_FILE.)"""
   flags = os.environ.pop("XLA_FLAGS", None)
   try:
     ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
@@ -123,21 +125,63 @@ def test_prepare_on_two_workers_equals_in_process_byte_for_byte(tmp_path, ray_ad
     assert one == manifest and manifest["num_docs"] > 0
 
 
-def test_prepare_on_ray_from_and_into_a_bucket(tmp_path, gcs_dir, ray_address):
-  """Input files and the store in gs:// (the emulator): workers reach it through the forwarded
-  environment, and the store equals the local one."""
+SECRET_NAME = re.compile(r"KEY|SECRET|TOKEN|PASSW|CREDENTIAL|AUTH", re.IGNORECASE)
+
+
+def _job_env_vars(driver_pid):
+  """The env_vars of the runtime environment Ray keeps with the job whose driver is driver_pid,
+  as the cluster's job table holds it."""
+  from ray._private import state
+  from ray.core.generated import gcs_pb2
+
+  table = state.state._connect_and_get_accessor().get_job_table(  # pylint: disable=protected-access
+      skip_submission_job_info_field=True, skip_is_running_tasks_field=True)
+  for raw in table:
+    entry = gcs_pb2.JobTableData.FromString(raw)
+    if entry.driver_pid == driver_pid:
+      serialized = entry.config.runtime_env_info.serialized_runtime_env
+      return json.loads(serialized or "{}").get("env_vars", {})
+  raise AssertionError(f"no job of driver {driver_pid} in the cluster's job table")
+
+
+def test_prepare_on_ray_from_and_into_buckets_sends_no_secrets(tmp_path, gcs_dir, s3_dir,
+                                                               ray_address):
+  """Input files in gs:// (the emulator), the store in s3:// (moto): `data prepare --ray` joins
+  the cluster, whose workers have credentials of their own (see ray_address); the job's runtime
+  environment, read back from Ray, locates both servers but holds no secret, and the store equals
+  the local one."""
   from pretrainx import storage
 
   local = tmp_path / "data"
   for name, text in _write_files(local, files=3, docs=40).items():
     storage.write_text(f"{gcs_dir}/data/{name}", text)
-  where = cluster.connect(ray_address)
-  remote = prepare.prepare_file_split(f"{gcs_dir}/stores/web/train",
-                                      _task(f"{gcs_dir}/data"), "train", VOCAB, cluster=where)
+  gin = tmp_path / "bucket.gin"
+  gin.write_text(f"include {TINY!r}\nDataConfig.domains = ['web']\n"
+                 "DataConfig.tasks = [@web/FileTask()]\n"
+                 f"DataConfig.store_dir = '{s3_dir}/stores'\n"
+                 "web/FileTask.name = 'web'\n"
+                 f"web/FileTask.train_patterns = ['{gcs_dir}/data/*.jsonl']\n"
+                 "web/FileTask.metadata_field = 'url'\nweb/FileTask.score_field = 'quality'\n"
+                 "web/FileTask.validation_fraction = 0.1\n")
+  env = dict(os.environ, AWS_SESSION_TOKEN="session-secret", PRETRAINX_API_KEY="key-secret")
+  proc = subprocess.Popen([sys.executable, "-m", "pretrainx", "data", "prepare", "web",
+                           "--split=train", f"--gin_file={gin}", f"--ray={ray_address}"],
+                          cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          text=True)
+  out, err = proc.communicate(timeout=300)
+  assert proc.returncode == 0, err
+  assert "web/train:" in out
+  sent = _job_env_vars(proc.pid)
+  assert not [k for k in sent if SECRET_NAME.search(k)], sorted(sent)
+  assert "session-secret" not in sent.values() and os.environ["AWS_SECRET_ACCESS_KEY"] not in \
+      sent.values()
+  assert {"STORAGE_EMULATOR_HOST", "AWS_ENDPOINT_URL", "AWS_REGION"} <= set(sent), sorted(sent)
+  store = f"{s3_dir}/stores/web/train"
+  remote = json.loads(storage.read_text(f"{store}/manifest.json"))
   here = prepare.prepare_file_split(str(tmp_path / "here"), _task(str(local)), "train", VOCAB)
   assert remote["checksums"] == here["checksums"] and remote["num_docs"] == here["num_docs"]
-  assert token_store.open_store(f"{gcs_dir}/stores/web/train", VOCAB, verify=True)
-  assert not storage.glob(f"{gcs_dir}/stores/web/train/.parts/*")
+  assert token_store.open_store(store, VOCAB, verify=True)
+  assert not storage.glob(f"{store}/.parts/*")
 
 
 def _fifo_reader(fifo, timeout=120.0):
@@ -264,6 +308,94 @@ def test_unreachable_ray_address_is_one_line_and_exit_2(tmp_path):
   assert out.stderr.strip().count("\n") == 0
   assert "cannot reach a Ray cluster at 127.0.0.1:9" in out.stderr
   assert "ray start --head" in out.stderr
+
+
+def test_ray_address_without_a_ray_head_fails_in_seconds_with_one_line(ray_address):
+  """An HTTP server (what the dashboard's port is) given as --ray: exit 2 and one line in seconds,
+  where ray.init retried for 14 minutes; so does a head that wants a token this shell lacks."""
+  import http.server
+
+  class _QuietHandler(http.server.BaseHTTPRequestHandler):
+    def log_message(self, *args):  # pylint: disable=arguments-differ
+      pass
+
+  server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _QuietHandler)
+  threading.Thread(target=server.serve_forever, daemon=True).start()
+  try:
+    address = f"127.0.0.1:{server.server_address[1]}"  # (bench/ray_faults.py times ray:// too)
+    start = time.monotonic()
+    out = _cli("data", "prepare", "prose", f"--ray={address}")
+    seconds = time.monotonic() - start
+    assert out.returncode == 2 and out.stderr.strip().count("\n") == 0, out.stderr
+    assert f"{address} answers, but not as a Ray head" in out.stderr
+    assert "ray start --head" in out.stderr and "--address" not in out.stderr
+    assert seconds < 30, seconds
+  finally:
+    server.shutdown()
+  env = {k: v for k, v in os.environ.items() if k != "RAY_AUTH_MODE"}  # the fixture set it
+  out = _cli("data", "prepare", "prose", f"--ray={ray_address}", env=env)
+  assert out.returncode == 2 and out.stderr.strip().count("\n") == 0, out.stderr
+  assert "asks for its auth token: set RAY_AUTH_MODE=token" in out.stderr
+
+
+def test_auto_without_a_cluster_here_says_what_to_do(monkeypatch):
+  from ray._private import services
+
+  def none_here(*_):
+    raise ConnectionError("Could not find any running Ray instance. Please specify the one to "
+                          "connect to by setting `--address` flag or `RAY_ADDRESS` ...")
+
+  monkeypatch.delenv("RAY_ADDRESS", raising=False)
+  monkeypatch.setattr(services, "get_ray_address_from_environment", none_here)
+  with pytest.raises(cluster.ClusterError) as err:
+    cluster._resolve("auto")  # pylint: disable=protected-access
+  assert "no Ray cluster runs on this machine" in str(err.value)
+  assert "--address" not in str(err.value) and "ray start --head" in str(err.value)
+
+
+def test_a_bad_input_line_on_ray_reads_as_it_does_here(tmp_path, ray_address):
+  """A malformed JSON line, found by a task on the cluster: exit 2 and the one line that names the
+  file and line, without Ray's remote traceback or colour codes."""
+  data = tmp_path / "data"
+  _write_files(data, files=2, docs=10)
+  with open(data / "f1.jsonl", "a", encoding="utf-8") as f:
+    f.write('{"text": "cut off\n')
+  out = _cli("data", "prepare", "web", "--split=train",
+             f"--gin_file={_gin(tmp_path, data, tmp_path / 'stores')}", f"--ray={ray_address}")
+  assert out.returncode == 2, out.stderr
+  assert out.stderr.strip().count("\n") == 0, out.stderr
+  assert f"{data / 'f1.jsonl'}:11 is not JSON" in out.stderr
+  assert "\x1b[" not in out.stderr and "Traceback" not in out.stderr
+
+
+def test_driver_prints_its_workers_logs_but_not_other_processes_tpu_logs():
+  """Ray's log monitor streams each node's tpu_logs folder (any process's libtpu logs) to every
+  driver, as lines without a worker pid: connect() keeps those out of the driver's output."""
+  import types
+
+  printed = []
+  fake = types.SimpleNamespace(print_to_stdstream=lambda data, **kw: printed.append(data["pid"]))
+  cluster._print_only_job_logs(fake)  # pylint: disable=protected-access
+  cluster._print_only_job_logs(fake)  # pylint: disable=protected-access  (wrapped once)
+  for pid, job in ((None, None), (None, ""), (1234, "01000000"), ("raylet", None),
+                   ("autoscaler", None), (5678, None)):
+    fake.print_to_stdstream({"pid": pid, "job": job, "lines": ["x"], "is_err": True},
+                            ignore_prefix=False)
+  assert printed == [1234, "raylet", "autoscaler", 5678]
+
+
+def test_forwarded_environment_locates_storage_and_holds_no_secret():
+  env = {"AWS_ACCESS_KEY_ID": "a", "AWS_SECRET_ACCESS_KEY": "s", "AWS_SESSION_TOKEN": "t",
+         "AWS_SHARED_CREDENTIALS_FILE": "/f", "AWS_PROFILE": "p", "AWS_REGION": "r",
+         "AWS_DEFAULT_REGION": "r", "AWS_ENDPOINT_URL": "e", "AWS_ENDPOINT_URL_S3": "e",
+         "GOOGLE_APPLICATION_CREDENTIALS": "/g", "GOOGLE_CLOUD_PROJECT": "p",
+         "GOOGLE_AUTH_TOKEN_FOR_TESTING": "t", "STORAGE_EMULATOR_HOST": "h", "HF_TOKEN": "t",
+         "HF_HOME": "/h", "PRETRAINX_DATA_DIR": "/d", "PRETRAINX_API_KEY": "k",
+         "JAX_PLATFORMS": "cpu", "EPATH_USE_TF": "false", "HOME": "/root"}
+  assert sorted(cluster.forwarded_env(env)) == [
+      "AWS_DEFAULT_REGION", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_REGION",
+      "EPATH_USE_TF", "GOOGLE_CLOUD_PROJECT", "HF_HOME", "JAX_PLATFORMS", "PRETRAINX_DATA_DIR",
+      "STORAGE_EMULATOR_HOST"]
 
 
 # -- sweeps -----------------------------------------------------------------------------------

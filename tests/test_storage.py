@@ -69,6 +69,28 @@ def test_kvstore_specs(tmp_path, s3_server):
                                             "aws_credentials": {"type": "environment"}}
 
 
+def test_a_credentials_file_reaches_tensorstore(tmp_path, s3_server, monkeypatch):
+  """Workers that get their keys from a credentials file (AWS_SHARED_CREDENTIALS_FILE), not their
+  environment, read and write s3:// arrays: TensorStore's own chain ignores that variable."""
+  import tensorstore as ts
+  creds = tmp_path / "credentials"
+  creds.write_text(f"[default]\naws_access_key_id = {os.environ['AWS_ACCESS_KEY_ID']}\n"
+                   f"aws_secret_access_key = {os.environ['AWS_SECRET_ACCESS_KEY']}\n")
+  for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN"):
+    monkeypatch.delenv(name, raising=False)
+  monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(creds))
+  monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.aws for the default chain to find
+  spec = storage.kvstore("s3://data/creds-file")
+  assert spec["aws_credentials"] == {"type": "profile", "profile": "default",
+                                     "credentials_file": str(creds), "config_file": str(creds)}
+  store = ts.KvStore.open(spec).result()
+  store.write("k", b"v").result()
+  assert store.read("k").result().value == b"v"
+  default_chain = {k: v for k, v in spec.items() if k != "aws_credentials"}
+  with pytest.raises(ValueError):  # what it was: TensorStore's chain finds no credentials
+    ts.KvStore.open(default_chain).result().write("k", b"w").result()
+
+
 def test_tensorstore_arrays_in_buckets(gcs_dir, s3_dir):
   import tensorstore as ts
   for root in (gcs_dir, s3_dir):

@@ -400,6 +400,14 @@ def kvstore(path: Any) -> dict[str, Any]:
       # Keys in the environment: say so, or TensorStore's default chain also parses ~/.aws/config
       # and ~/.aws/credentials at every open, logging 5 lines each time they are missing.
       spec["aws_credentials"] = {"type": "environment"}
+    elif os.environ.get("AWS_SHARED_CREDENTIALS_FILE"):
+      # TensorStore's default chain reads only ~/.aws/credentials: name the file given (and a
+      # config file, which its profile reader needs to exist: AWS_CONFIG_FILE, else the same).
+      creds = os.environ["AWS_SHARED_CREDENTIALS_FILE"]
+      spec["aws_credentials"] = {"type": "profile",
+                                 "profile": os.environ.get("AWS_PROFILE") or "default",
+                                 "credentials_file": creds,
+                                 "config_file": os.environ.get("AWS_CONFIG_FILE") or creds}
   return spec
 
 

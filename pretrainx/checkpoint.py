@@ -5,12 +5,23 @@ A restore takes the newest finalised checkpoint that reads back; a newer one tha
 or unreadable is moved aside as `corrupt-<step>-<time>` with a warning naming it, never deleted.
 Directories may be local or on gs:// (Orbax's commit marker finalises a step there, since a
 bucket has no atomic rename); s3:// is refused up front, as Orbax cannot write it.
+
+A save that fails (a bucket that goes away, a full disk) stops the run with one
+CheckpointWriteError naming the step and the storage error, raised by the next call into the
+Checkpointer (check, save, wait); the previous checkpoint is untouched and the failed step never
+gets its commit marker. Orbax's and gcsfs's own tracebacks of that failure are logged only at
+debug verbosity.
 """
 
 from __future__ import annotations
 
+import logging as py_logging
+import os
 import re
+import sys
+import threading
 import time
+import traceback
 from typing import Any
 
 import jax
@@ -28,13 +39,19 @@ class CheckpointError(ValueError):
   """A checkpoint that exists but cannot be used as asked (shapes differ, not a checkpoint)."""
 
 
+class CheckpointWriteError(CheckpointError):
+  """A checkpoint that could not be written: the storage failed during the save."""
+
+
 def describe_error(err: BaseException) -> str:
-  """'Type: first line of the message', readable: some tensorstore errors carry the repr of a
-  bound pybind11 method (`<bound method pybind11_detail_function_record_v1_...>`) where their
-  text should be; that is left out."""
+  """'Type: first line of the message' (its start and end if long), readable: some tensorstore
+  errors carry the repr of a bound pybind11 method (`<bound method
+  pybind11_detail_function_record_v1_...>`) where their text should be; that is left out."""
   texts = [a for a in err.args if isinstance(a, str)] or [str(err)]
   text = " ".join(_BOUND_METHOD.sub("", t).strip() for t in texts).strip()
-  first = text.splitlines()[0][:200].strip() if text else "no message"
+  first = text.splitlines()[0].strip() if text else "no message"
+  if len(first) > 200:  # a storage error's cause ("File too large", "No space left") is its end
+    first = f"{first[:80].rstrip()} ... {first[-115:].lstrip()}"
   return f"{type(err).__name__}: {first}"
 
 
@@ -77,6 +94,10 @@ class Checkpointer:
         item_handlers={"state": ocp.StandardCheckpointHandler(),
                        "meta": ocp.JsonCheckpointHandler()})
     self._last_save = time.monotonic()
+    self._in_flight: int | None = None  # the step being written in the background
+    self._complete: int | None = None  # the newest step this process saved or restored
+    self._failed: CheckpointWriteError | None = None
+    _quiet_storage_tracebacks()
 
   # -- saving ----------------------------------------------------------------------------------
 
@@ -92,22 +113,59 @@ class Checkpointer:
 
     With async_save the call returns once the arrays are copied off the devices; `block` waits
     for the files to be finalised (preemption, end of training)."""
+    self.wait()  # the previous save: its failure is raised here, naming its step
     if step in self._mngr.all_steps():
-      self.wait()
       return self.step_path(step)
-    self._mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                                  meta=ocp.args.JsonSave(meta)))
-    self._last_save = time.monotonic()
+    try:
+      self._mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                                    meta=ocp.args.JsonSave(meta)))
+    except Exception as err:  # pylint: disable=broad-except
+      raise self._write_failed(step, err) from None
+    self._in_flight, self._last_save = step, time.monotonic()
     if block:
       self.wait()
     return self.step_path(step)
 
   def wait(self) -> None:
-    self._mngr.wait_until_finished()
+    """Blocks until the save in flight is finalised; CheckpointWriteError if it failed."""
+    if self._failed is not None:
+      raise self._failed
+    try:
+      self._mngr.wait_until_finished()
+    except Exception as err:  # pylint: disable=broad-except
+      raise self._write_failed(self._in_flight, err) from None
+    if self._in_flight is not None:
+      self._complete, self._in_flight = self._in_flight, None
+
+  def check(self) -> None:
+    """Without blocking: CheckpointWriteError if the save in flight has already failed."""
+    if self._failed is not None or (self._in_flight is not None and
+                                    not self._mngr.is_saving_in_progress()):
+      self.wait()
 
   def close(self) -> None:
-    self._mngr.wait_until_finished()
-    self._mngr.close()
+    """Waits for the save in flight and closes; a failure already raised is not raised again."""
+    if self._failed is None:
+      self.wait()
+      self._mngr.close()
+      return
+    try:
+      self._mngr.close()
+    except Exception:  # pylint: disable=broad-except
+      logging.debug("closing after a failed save", exc_info=True)
+
+  def _write_failed(self, step: int | None, err: BaseException) -> CheckpointWriteError:
+    """The one-line error of a failed save; Orbax's threads still waiting on it are released."""
+    logging.debug("checkpoint save of step %s failed", step, exc_info=err)
+    _release_waiting_threads()
+    self._in_flight = None
+    last = (f"the last complete checkpoint is step {self._complete}"
+            if self._complete is not None else "no checkpoint was completed before it")
+    self._failed = CheckpointWriteError(
+        f"checkpoint step {step} could not be written to {self.directory} "
+        f"({describe_error(err)}); it is not marked finalised and {last}. Fix the storage (space, "
+        "permissions, the bucket), then run the same command again to resume.")
+    return self._failed
 
   def step_path(self, step: int) -> str:
     return storage.join(self.directory, str(step))
@@ -144,13 +202,17 @@ class Checkpointer:
       if step not in steps:
         raise FileNotFoundError(f"no finished checkpoint for step {step} in {self.directory}; "
                                 f"it has {steps}.")
-      return (*self._restore_step(step, abstract_state), step)
+      restored = self._restore_step(step, abstract_state)
+      self._complete = max(step, self._complete or step)
+      return (*restored, step)
     if not steps:
       raise FileNotFoundError(
           f"{self.directory} holds no finished checkpoint; train first or pass another --run_dir.")
     for candidate in reversed(steps):
       try:
-        return (*self._restore_step(candidate, abstract_state), candidate)
+        restored = self._restore_step(candidate, abstract_state)
+        self._complete = candidate
+        return (*restored, candidate)
       except CheckpointError:
         raise
       except Exception as err:  # pylint: disable=broad-except
@@ -198,6 +260,69 @@ class Checkpointer:
       storage.move_tree(self.step_path(step), target, delete_first=(COMMIT_MARKER,))
     self._mngr.reload()
     return target
+
+
+def _release_waiting_threads() -> None:
+  """After a failed async save, Orbax (0.12) leaves the save's other threads waiting up to
+  300 s for a signal (the step directory's creation) that never comes, and the process cannot
+  exit until they give up. Each is cancelled and sent its signal, so it returns at once."""
+  # pylint: disable=protected-access,import-outside-toplevel
+  try:
+    from orbax.checkpoint._src.futures import future as ocp_future
+    waiting = ocp_future._SignalingThread
+  except (ImportError, AttributeError):
+    return
+  for thread in threading.enumerate():
+    if isinstance(thread, waiting) and thread.is_alive():
+      thread.cancel()
+      try:
+        ocp_future.set_signals(thread._receive_signals, operation_id=thread._operation_id)
+      except Exception:  # pylint: disable=broad-except
+        logging.debug("could not release %s", thread.name, exc_info=True)
+
+
+class _StorageTracebacks(py_logging.Filter):
+  """Drops the ERROR tracebacks logged from background threads when a checkpoint write fails
+  (Orbax's own, gcsfs's retries, asyncio's "Future exception was never retrieved" for each
+  array a full disk refused: dozens per failed save); the failure reaches the caller as one
+  CheckpointWriteError. At debug verbosity (PRETRAINX_VERBOSE=2) they are kept."""
+
+  def filter(self, record: py_logging.LogRecord) -> bool:
+    if record.levelno < py_logging.ERROR or not record.exc_info:
+      return True
+    tb = record.exc_info[2] if isinstance(record.exc_info, tuple) else None
+    ours = (record.name.startswith("gcsfs") or _ORBAX_DIR in record.pathname or
+            (tb is not None and any(_ORBAX_DIR in f.filename for f in traceback.extract_tb(tb))))
+    return not ours or py_logging.getLogger("absl").isEnabledFor(py_logging.DEBUG)
+
+
+_ORBAX_DIR = f"{os.sep}orbax{os.sep}checkpoint{os.sep}"
+_TRACEBACK_FILTER = _StorageTracebacks()
+
+
+def _quiet_storage_tracebacks() -> None:
+  for name in ("absl", "gcsfs", "asyncio"):
+    logger = py_logging.getLogger(name)
+    if _TRACEBACK_FILTER not in logger.filters:
+      logger.addFilter(_TRACEBACK_FILTER)
+  if not getattr(sys.unraisablehook, "drops_closed_loop_callbacks", False):
+    sys.unraisablehook = _closed_loop_callbacks_dropped(sys.unraisablehook)
+
+
+def _closed_loop_callbacks_dropped(previous):
+  """An unraisable-exception hook without 'RuntimeError: Event loop is closed': after a failed
+  write, the TensorStore writes still running finish once Orbax's event loop has closed, and
+  each one's callback printed that traceback (20 for a tiny model on a full disk)."""
+
+  def hook(unraisable):
+    err = unraisable.exc_value
+    if isinstance(err, RuntimeError) and str(err) == "Event loop is closed":
+      logging.debug("a storage callback after its event loop closed: %s", err)
+      return
+    previous(unraisable)
+
+  hook.drops_closed_loop_callbacks = True
+  return hook
 
 
 @jax.jit

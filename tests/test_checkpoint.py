@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec
 
-from pretrainx import checkpoint
+from pretrainx import checkpoint, storage
 from pretrainx.config import CheckpointConfig
 from pretrainx.checkpoint import Checkpointer, CheckpointError
 from pretrainx.model import Transformer
@@ -154,3 +154,155 @@ def test_an_unreadable_checkpoint_is_described_in_words():
                    "<tensorstore.KvStore object at 0x7f>>\nsecond line")
   assert checkpoint.describe_error(err) == 'ValueError: DATA_LOSS: Error reading "x/.zarray"'
   assert checkpoint.describe_error(OSError()) == "OSError: no message"
+
+
+# The bucket's server as the client sees it: a TCP proxy (a process of its own) in front of the
+# GCS emulator. SIGKILL stops it: open connections drop and new ones are refused, while the
+# emulator behind it keeps the objects for the test to inspect.
+_PROXY = r"""
+import socket, sys, threading
+listen, target = int(sys.argv[1]), int(sys.argv[2])
+server = socket.create_server(("127.0.0.1", listen))
+
+
+def pipe(a, b):
+  try:
+    while data := a.recv(65536):
+      b.sendall(data)
+  except OSError:
+    pass
+  for s in (a, b):
+    try:
+      s.shutdown(socket.SHUT_RDWR)
+    except OSError:
+      pass
+
+
+def serve(client):
+  upstream = socket.create_connection(("127.0.0.1", target))
+  threading.Thread(target=pipe, args=(client, upstream), daemon=True).start()
+  pipe(upstream, client)
+
+
+print("ready", flush=True)
+while True:
+  threading.Thread(target=serve, args=(server.accept()[0],), daemon=True).start()
+"""
+
+# A process that saves step 1, starts saving step 2 and stops the server (the proxy) while that
+# save is in flight. gcsfs retries a refused connection 6 times over ~30 s before giving up;
+# here its back-off sleeps are skipped, so the failure arrives in seconds.
+_STOPPED_MID_SAVE = r"""
+import json, os, signal, sys, time
+import gcsfs.retry
+import jax.numpy as jnp
+
+
+class _NoBackoff:
+  @staticmethod
+  async def sleep(_):
+    return None
+
+
+gcsfs.retry.asyncio = _NoBackoff
+from pretrainx import storage
+from pretrainx.checkpoint import Checkpointer, CheckpointWriteError
+
+ckpt = Checkpointer("gs://runs/" + sys.argv[2])
+ckpt.save(1, {"w": jnp.ones((64, 64))}, {"step": 1}, block=True)
+kept = sorted(storage.listdir(ckpt.step_path(1)))
+ckpt.save(2, {"w": jnp.ones((1024, 1024))}, {"step": 2})
+os.kill(int(sys.argv[1]), signal.SIGKILL)
+stopped = time.time()
+try:
+  ckpt.wait()
+  error = None
+except CheckpointWriteError as err:
+  error = str(err)
+ckpt.close()
+print(json.dumps({"error": error, "kept": kept, "stopped": stopped}))
+"""
+
+
+def test_a_server_stopped_mid_save_is_one_error_and_the_last_checkpoint_stays(gcs_server):
+  """The save fails as one CheckpointWriteError naming the step and the storage error; the
+  process exits at once (Orbax's threads waiting on the failed save are released, not left to
+  time out after 300 s); behind the stopped server, step 1 is whole and step 2 not finalised."""
+  import json
+  import subprocess
+  import sys
+  import time
+  import uuid
+
+  from conftest import GCS_PORT
+  from servers import free_port, gcs_env
+  port, prefix = free_port(), f"stopped-mid-save-{uuid.uuid4().hex[:8]}"
+  proxy = subprocess.Popen([sys.executable, "-c", _PROXY, str(port), str(GCS_PORT)],
+                           stdout=subprocess.PIPE, text=True)
+  try:
+    assert proxy.stdout.readline().strip() == "ready"
+    out = subprocess.run([sys.executable, "-c", _STOPPED_MID_SAVE, str(proxy.pid), prefix],
+                         env={**os.environ, **gcs_env(port)}, capture_output=True, text=True,
+                         timeout=240)
+    exited = time.time()
+  finally:
+    proxy.kill()
+    proxy.wait()
+  assert out.returncode == 0, out.stderr[-3000:]
+  result = json.loads(out.stdout.strip().splitlines()[-1])
+  assert result["error"] and result["error"].startswith(
+      f"checkpoint step 2 could not be written to gs://runs/{prefix} (ClientConnectorError: "
+      f"Cannot connect to host 127.0.0.1:{port}"), result
+  assert "the last complete checkpoint is step 1" in result["error"]
+  assert "\n" not in result["error"] and "Traceback" not in out.stderr, out.stderr[-3000:]
+  assert exited - result["stopped"] < 60  # not Orbax's 300 s signal timeout
+  step1 = storage.listdir(f"gs://runs/{prefix}/1")
+  assert step1 == result["kept"] and checkpoint.COMMIT_MARKER in step1
+  assert not storage.exists(f"gs://runs/{prefix}/2/{checkpoint.COMMIT_MARKER}")
+  assert Checkpointer(f"gs://runs/{prefix}", create=False).finalised_steps() == [1]
+
+
+def test_a_disk_that_fills_mid_run_stops_training_with_one_line_and_exit_2(run_cli, tmp_path,
+                                                                          monkeypatch, caplog):
+  """From the save of step 2 on, no file may grow past 32 KiB (RLIMIT_FSIZE: writes fail as on a
+  full disk; the metrics files stay smaller). The run exits 2 with one line naming step 2 and
+  the storage error, step 1 stays the newest finalised checkpoint, and step 2 is left only as
+  Orbax's unfinalised tmp directory."""
+  import gc
+  import resource
+  import sys
+
+  limit = resource.getrlimit(resource.RLIMIT_FSIZE)
+  real_save = Checkpointer.save
+
+  def save(self, step, *args, **kwargs):
+    if step == 2:
+      resource.setrlimit(resource.RLIMIT_FSIZE, (32 * 1024, limit[1]))
+    return real_save(self, step, *args, **kwargs)
+
+  monkeypatch.setattr(Checkpointer, "save", save)
+  unraisable = []  # what would reach the terminal as 'Exception ignored' tracebacks
+  monkeypatch.setattr(sys, "unraisablehook", unraisable.append)
+  run_dir = tmp_path / "run"
+  try:
+    out = run_cli("train", "--gin_file=gin_configs/tiny.gin", f"--run_dir={run_dir}",
+                  "--peak_tflops=1", "--gin_param=RunConfig.steps=3",
+                  "--gin_param=RunConfig.log_every=1", "--gin_param=RunConfig.eval_every=1",
+                  "--gin_param=RunConfig.eval_batches=1", "--gin_param=SampleConfig.tokens=0",
+                  "--gin_param=CheckpointConfig.every_steps=1")
+  finally:
+    resource.setrlimit(resource.RLIMIT_FSIZE, limit)
+  assert out.returncode == 2, out.stderr[-3000:]
+  last = out.stderr.strip().splitlines()[-1]
+  assert last.startswith(f"pretrainx train: error: checkpoint step 2 could not be written to "
+                         f"{run_dir}/checkpoints ("), last
+  assert "File too large" in last and "the last complete checkpoint is step 1" in last, last
+  assert "Traceback" not in out.stderr
+  assert not [r for r in caplog.records if r.exc_info], [r.getMessage() for r in caplog.records]
+  gc.collect()
+  assert not unraisable, [u.exc_value for u in unraisable]
+  ckpt = Checkpointer(str(run_dir / "checkpoints"), create=False)
+  assert ckpt.finalised_steps() == [1]
+  names = os.listdir(run_dir / "checkpoints")
+  assert "1" in names and "2" not in names and [n for n in names if n.startswith("2.")], names
+  ckpt.close()

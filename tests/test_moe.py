@@ -4,6 +4,7 @@ TPU compile with an expert axis, and the errors bad MoE settings give."""
 
 import dataclasses
 import functools
+import math
 import os
 import subprocess
 import sys
@@ -329,3 +330,43 @@ def test_a_hugging_face_dense_model_upcycles_through_gin(tmp_path):
   tokens = _tokens((2, 32))
   np.testing.assert_allclose(_logits(exp.model, jax.device_get(state.params), tokens)[..., :259],
                              _logits(src, params, tokens)[..., :259], atol=2e-5, rtol=2e-5)
+
+
+def test_upcycling_builds_only_each_devices_share_of_the_experts():
+  """On 8 devices with expert=4, the surgery is one program whose outputs are the run's shards:
+  per-device bytes are the sharded ones, the compiled program never holds every expert, and no
+  array with all the experts sits whole on one device."""
+  from pretrainx.cpt.upcycle import fresh_routers, upcycle_program, upcycle_sharded
+  from pretrainx.sharding import logical_to_shardings
+  mesh_cfg, cfg = MeshConfig(data=2, expert=4), _moe(num_experts=8, top_k=2)
+  mesh = make_mesh(mesh_cfg)
+
+  def shardings(c):
+    boxed = jax.eval_shape(lambda k: Transformer(c).init(k, jnp.zeros((1, 8), jnp.int32))["params"],
+                           jax.random.key(0))
+    return logical_to_shardings(boxed, mesh, mesh_cfg.rules)
+
+  dense = jax.device_put(_params(DENSE), shardings(DENSE))
+  out_shardings, rng = shardings(cfg), jax.random.key(2)
+  up = upcycle_sharded(dense, DENSE, cfg, rng, out_shardings)
+  experts = up["layers"]["moe"]["gate_proj"]
+  assert experts.shape == (2, 8, 32, 64)
+  every_expert = sum(up["layers"]["moe"][n].nbytes for n in ("gate_proj", "up_proj", "down_proj"))
+  expected = sum(math.prod(s.shard_shape(x.shape)) * x.dtype.itemsize
+                 for x, s in zip(jax.tree.leaves(up), jax.tree.leaves(out_shardings)))
+  for device in mesh.devices.flat:
+    held = sum(s.data.nbytes for x in jax.tree.leaves(up) for s in x.addressable_shards
+               if s.device == device)
+    assert held == expected
+  assert {s.data.shape for s in experts.addressable_shards} == {(2, 2, 32, 64)}
+  for x in jax.live_arrays():  # nothing holds the 8 experts whole on one device
+    if x.ndim == 4 and x.shape[:2] == (2, 8):
+      assert all(s.data.shape[1] == 2 for s in x.addressable_shards), x.sharding
+  compiled = upcycle_program(DENSE, cfg, out_shardings).lower(
+      dense, rng, fresh_routers(dense, DENSE, cfg, rng)).compile()
+  memory = compiled.memory_analysis()
+  leaves = len(jax.tree.leaves(up))  # the output tuple adds a pointer per leaf
+  assert expected <= memory.output_size_in_bytes <= expected + 8 * leaves
+  assert memory.temp_size_in_bytes + memory.output_size_in_bytes < every_expert
+  np.testing.assert_array_equal(jax.device_get(up)["layers"]["moe"]["down_proj"][:, 5],
+                                jax.device_get(dense)["layers"]["mlp"]["down_proj"])

@@ -2,6 +2,10 @@
 every expert starts as a copy of the layer's MLP, so the upcycled model computes the dense
 model's function at step 0) and Lifelong-MoE expansion (more experts appended to an MoE, the old
 ones kept and, with TuneConfig.frozen_experts, frozen).
+
+`upcycle_sharded` runs the surgery as one jitted program whose outputs land in the run's param
+shardings: each device computes only its own slice of the experts, so the num_experts copies of
+an MLP are never materialised whole on a host or a device.
 """
 
 from __future__ import annotations
@@ -37,8 +41,15 @@ def _fresh(init, key, shape, dtype):
   return init(key, shape, jnp.float32).astype(dtype)
 
 
+def _fresh_router(cfg: ModelConfig, key: jax.Array, dtype) -> jax.Array:
+  """A layer's new [embed, experts] router. Drawn outside jit: jax.random.normal's last bits
+  differ when XLA fuses it into a larger program, and these are small."""
+  return _fresh(jax.nn.initializers.normal(cfg.init_std), jax.random.split(key, 4)[0],
+                (cfg.embed_dim, cfg.moe.num_experts), dtype)
+
+
 def _upcycle_block(block: Params, src: ModelConfig, cfg: ModelConfig, layer: int,
-                   key: jax.Array) -> Params:
+                   key: jax.Array, fresh_router: jax.Array | None = None) -> Params:
   """One layer of `src` -> the same layer of `cfg` (cfg.for_layer already applied to both)."""
   if src.moe == cfg.moe:
     return block
@@ -50,7 +61,8 @@ def _upcycle_block(block: Params, src: ModelConfig, cfg: ModelConfig, layer: int
   e, d, m = cfg.moe.num_experts, cfg.embed_dim, cfg.expert_mlp_dim
   dtype = jax.tree.leaves(block)[0].dtype
   keys = jax.random.split(key, 4)
-  fresh_router = _fresh(jax.nn.initializers.normal(cfg.init_std), keys[0], (d, e), dtype)
+  if fresh_router is None:
+    fresh_router = _fresh_router(cfg, key, dtype)
   if "mlp" in block:  # sparse upcycling: every expert a copy of the dense MLP
     if src.mlp_dim != m:
       raise ValueError(f"cannot upcycle layer {layer}: its MLP is {src.mlp_dim} wide but "
@@ -91,14 +103,16 @@ def _upcycle_block(block: Params, src: ModelConfig, cfg: ModelConfig, layer: int
   return out
 
 
-def upcycle(params: Params, src: ModelConfig, cfg: ModelConfig, rng: jax.Array) -> Params:
+def upcycle(params: Params, src: ModelConfig, cfg: ModelConfig, rng: jax.Array,
+            routers: dict[int, jax.Array] | None = None) -> Params:
   """Params of Transformer(src) -> params of Transformer(cfg), whose MLPs are (more) experts.
 
   Dense MLPs are copied into every expert and get a fresh router; with MoeConfig.norm_topk the
   top-k weights sum to one, so the upcycled model computes the dense model's function exactly
   (new shared experts start with a zero down projection). An MoE layer with fewer experts keeps
   them and its router columns and gets fresh ones for the added experts. The layer layout
-  (scanned or not) follows cfg.
+  (scanned or not) follows cfg. `routers` ({layer: fresh router}, from fresh_routers) are used
+  in place of drawing them here.
   """
   fixed = {f: getattr(src, f) for f in ("embed_dim", "num_layers")}
   if fixed != {f: getattr(cfg, f) for f in fixed}:
@@ -108,7 +122,8 @@ def upcycle(params: Params, src: ModelConfig, cfg: ModelConfig, rng: jax.Array) 
     logging.warning("MoeConfig.norm_topk=False: the upcycled experts' weights do not sum to one, "
                     "so at step 0 the model scales each MLP output by its top-k probability mass.")
   keys = jax.random.split(rng, cfg.num_layers)
-  blocks = [_upcycle_block(b, src.for_layer(i), cfg.for_layer(i), i, keys[i])
+  routers = routers or {}
+  blocks = [_upcycle_block(b, src.for_layer(i), cfg.for_layer(i), i, keys[i], routers.get(i))
             for i, b in enumerate(_blocks(params, src))]
   out = {k: v for k, v in params.items() if not re.fullmatch(r"layers(_\d+)?", k)}
   if cfg.scan_layers:
@@ -116,6 +131,29 @@ def upcycle(params: Params, src: ModelConfig, cfg: ModelConfig, rng: jax.Array) 
   else:
     out.update({f"layers_{i}": b for i, b in enumerate(blocks)})
   return out
+
+
+def fresh_routers(params: Params, src: ModelConfig, cfg: ModelConfig, rng: jax.Array
+                  ) -> dict[int, jax.Array]:
+  """{layer: the new router upcycle() draws for it}, for every layer that gets experts."""
+  dtype = jax.tree.leaves(params)[0].dtype
+  keys = jax.random.split(rng, cfg.num_layers)
+  return {i: _fresh_router(cfg.for_layer(i), keys[i], dtype) for i in range(cfg.num_layers)
+          if src.for_layer(i).moe != cfg.for_layer(i).moe and cfg.for_layer(i).moe.enabled}
+
+
+def upcycle_sharded(params: Params, src: ModelConfig, cfg: ModelConfig, rng: jax.Array,
+                    out_shardings: Any) -> Params:
+  """upcycle() compiled with `out_shardings` (the shardings of Transformer(cfg)'s params on the
+  run's mesh): the same values, bit for bit, with the experts built shard by shard on the
+  devices. Only the small routers are drawn beforehand (see _fresh_router)."""
+  routers = fresh_routers(params, src, cfg, rng)
+  return upcycle_program(src, cfg, out_shardings)(params, rng, routers)
+
+
+def upcycle_program(src: ModelConfig, cfg: ModelConfig, out_shardings: Any):
+  """The jitted (params, rng, routers) -> upcycled params that upcycle_sharded runs."""
+  return jax.jit(lambda p, k, r: upcycle(p, src, cfg, k, r), out_shardings=out_shardings)
 
 
 def frozen_expert_mask(params: Params, frozen: int) -> Params:

@@ -16,6 +16,7 @@ import dataclasses
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 from absl import logging
 
 from pretrainx import hf, storage
@@ -25,7 +26,9 @@ from pretrainx.config.cpt import SOFTMAX_IMPLS
 from pretrainx.config.sources import read_meta, saved_experiment, source_kind
 from pretrainx.cpt.growth import expand_blocks, stack_layers
 from pretrainx.cpt.linearize import convert_params
-from pretrainx.cpt.upcycle import needs_upcycling, upcycle
+from pretrainx.cpt.upcycle import needs_upcycling, upcycle_sharded
+from pretrainx.model import Transformer
+from pretrainx.sharding import logical_to_shardings
 from pretrainx.train.runtime import Runtime, build_runtime
 from pretrainx.train.state import TrainState, new_state
 from pretrainx.train.tuning import params_view, with_adapters
@@ -105,15 +108,24 @@ def _grow(params: Any, cfg: ModelConfig, init: InitConfig) -> tuple[Any, ModelCo
   return params, cfg
 
 
-def _upcycle(params: Any, cfg: ModelConfig, run_cfg: ModelConfig, rng: jax.Array
+def _param_shardings(rt: Runtime, cfg: ModelConfig) -> Any:
+  """NamedShardings of Transformer(cfg)'s params on the run's mesh, from shapes alone."""
+  tokens = jnp.zeros((1, rt.exp.run.seq_len), jnp.int32)
+  boxed = jax.eval_shape(lambda r: Transformer(cfg).init(r, tokens)["params"], jax.random.key(0))
+  return logical_to_shardings(boxed, rt.mesh, rt.exp.mesh.rules)
+
+
+def _upcycle(rt: Runtime, params: Any, cfg: ModelConfig, rng: jax.Array
              ) -> tuple[Any, ModelConfig]:
-  """A source's MLPs turned into the run's experts, when their MoeConfigs differ."""
+  """A source's MLPs turned into the run's experts, when their MoeConfigs differ: built on the
+  devices, each holding only its shard of the experts (cpt.upcycle.upcycle_sharded)."""
+  run_cfg = rt.exp.model
   target = dataclasses.replace(cfg, moe=run_cfg.moe, scan_layers=run_cfg.scan_layers)
   if not needs_upcycling(cfg, target):
     return params, cfg
   logging.info("upcycling the source: %d -> %d experts per MoE layer", cfg.moe.num_experts,
                run_cfg.moe.num_experts)
-  return upcycle(params, cfg, target, rng), target
+  return upcycle_sharded(params, cfg, target, rng, _param_shardings(rt, target)), target
 
 
 def check_param_shapes(params: Any, abstract: Any, source: str) -> None:
@@ -138,7 +150,7 @@ def initial_state(rt: Runtime, init: InitConfig) -> tuple[TrainState, int]:
   else:
     cfg, params, opt_state, step = _load_pretrainx(rt, init, kind)
   params, cfg = _grow(params, cfg, init)
-  params, cfg = _upcycle(params, cfg, rt.exp.model, jax.random.key(rt.exp.run.seed + 2))
+  params, cfg = _upcycle(rt, params, cfg, jax.random.key(rt.exp.run.seed + 2))
   params = _linearize(params, cfg, rt.exp.model, jax.random.key(rt.exp.run.seed + 1))
   params = with_adapters(params, rt.exp.tune, jax.random.key(rt.exp.run.seed))
   check_param_shapes(params, rt.abstract_state.params, init.source)

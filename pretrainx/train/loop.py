@@ -22,7 +22,7 @@ from absl import logging
 from tqdm.auto import tqdm
 
 from pretrainx import storage
-from pretrainx.checkpoint import Checkpointer
+from pretrainx.checkpoint import Checkpointer, describe_error
 from pretrainx.config import Experiment, RunPaths, experiment_to_gin
 from pretrainx.data.pipeline import TrainBatches, eval_batches
 from pretrainx.data.reweighting import Reweighter, floats_from_json, floats_to_json
@@ -216,6 +216,13 @@ class _Driver:
     run = self.rt.exp.run
     bar = tqdm(total=run.steps, initial=self.step, desc="train", unit="step", dynamic_ncols=True,
                disable=not (run.progress_bar and jax.process_index() == 0))
+    try:
+      return self._steps(bar, watcher)
+    finally:  # also when a step or a save fails: the error then starts a line of its own
+      bar.close()
+
+  def _steps(self, bar, watcher: PreemptionWatcher) -> bool:
+    run = self.rt.exp.run
     batches, first, reweight = None, True, self.reweighter.cfg.enabled
     while self.step < run.steps:
       if self.restart_batches:
@@ -243,11 +250,9 @@ class _Driver:
       bar.update(0 if rolled_back else 1)
       if watcher.should_stop(self.step):
         self._read_pending(bar)
-        bar.close()
         return True
       self._pause_for_eval_and_checkpoint(bar)
     self._read_pending(bar)
-    bar.close()
     return False
 
   def _restart_batches(self, old):
@@ -259,6 +264,7 @@ class _Driver:
 
   def _pause_for_eval_and_checkpoint(self, bar) -> None:
     run = self.rt.exp.run
+    self.ckpt.check()  # a background save that failed stops the run here (CheckpointWriteError)
     if self.step >= run.steps:
       return
     eval_due = run.eval_every and self.step % run.eval_every == 0
@@ -408,7 +414,7 @@ def train(exp: Experiment, restart: bool = False) -> TrainResult:
                       peak, peak_measured=not run.peak_tflops)
   driver = _Driver(rt, paths, data, meter, rt.put_domain_batches(host_eval))
   ckpt = Checkpointer(paths.checkpoints, exp.checkpoint) if resumes else None
-  writer = None
+  writer, failing = None, True
   try:
     with rt.scope():
       if resumes:
@@ -427,6 +433,7 @@ def train(exp: Experiment, restart: bool = False) -> TrainResult:
         logging.warning("preempted (%s) at step %d; checkpoint %s is complete; rerun the same "
                         "command to resume", watcher.signal_name or "signal to another process",
                         driver.step, path)
+        failing = False
         return _result(driver, float("nan"), baseline, "", preempted=True, checkpoint=path)
       final_eval = driver.evaluate()
       eval_loss = final_eval["eval/loss"]
@@ -438,11 +445,9 @@ def train(exp: Experiment, restart: bool = False) -> TrainResult:
       sample = sample_text(rt, rt.inference_params(driver.state), exp.sample.prompt,
                            exp.sample.tokens, seed=run.seed, temperature=exp.sample.temperature,
                            top_k=exp.sample.top_k) if exp.sample.tokens else ""
+    failing = False
   finally:
-    if ckpt is not None:
-      ckpt.close()
-    if writer is not None:
-      writer.close()
+    _close(ckpt, writer, quiet=failing)
   if is_main:
     plot_losses(paths.metrics, paths.loss_plot, baseline)
     if exp.data.reweight.enabled or len(exp.data.schedule_stages) > 1:
@@ -450,6 +455,27 @@ def train(exp: Experiment, restart: bool = False) -> TrainResult:
   per_domain = {k.split("/")[1]: v for k, v in final_eval.items() if k.count("/") == 2}
   return _result(driver, eval_loss, baseline, sample, checkpoint=path,
                  eval_domain_losses=per_domain)
+
+
+def _close(ckpt: Checkpointer | None, writer: MetricWriter | None, quiet: bool) -> None:
+  """Closes both; with `quiet` (an error is on its way out) a failure to close is logged, not
+  raised, so the run's first error is the one reported (say, a bucket gone mid-save)."""
+  try:
+    if ckpt is not None:
+      _close_one(ckpt, quiet)
+  finally:
+    if writer is not None:
+      _close_one(writer, quiet)
+
+
+def _close_one(closer: Checkpointer | MetricWriter, quiet: bool) -> None:
+  try:
+    closer.close()
+  except Exception as err:  # pylint: disable=broad-except
+    if not quiet:
+      raise
+    logging.info("while stopping, %s could not be closed (%s)", type(closer).__name__,
+                 describe_error(err))
 
 
 def _result(driver: _Driver, eval_loss: float, baseline: float, sample: str, **extra

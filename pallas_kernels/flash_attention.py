@@ -8,11 +8,16 @@ mask(i, j) = same_segment & (causal_ok | prefix[j]) & (i - j < window), soft-cap
 fully masked rows give zeros. Scores, softmax statistics and accumulators are fp32.
 
 Inside: heads-major [batch, heads, seq_pad, head_dim], seq padded to a multiple of both blocks
-(padded keys masked by position). Forward grid (batch, heads, q_blocks): each program loops over
-the key blocks its queries can see (causal/window bounds; a prefix disables the causal skip) and
-saves out and the row logsumexp. Backward recomputes probabilities: a dq kernel on that grid and a
-dk/dv kernel on (batch, kv_heads, k_blocks) looping over the group's query heads and the query
-blocks that see its keys, so dk/dv are summed over the group inside the kernel.
+(padded keys masked by position). Two layouts of the same kernels. The tiled one (Mosaic on TPU,
+and the CPU interpreter) holds one (query block, key block) tile in VMEM at a time: the forward
+and dq grids are (batch, heads, q_blocks, k_blocks), the dk/dv grid (batch, kv_heads, k_blocks,
+groups, q_blocks); the trailing dimensions accumulate in fp32 VMEM scratch, steps outside the
+causal/window bounds compute nothing and fetch no new block. So VMEM depends on the blocks only,
+never on the sequence or the GQA group, and TPU block sizes are chosen to fit the chip's VMEM
+(`vmem_bytes`, `default_block_sizes`). The looped one (Triton on GPU, whose grid programs run in
+parallel) loops over the visible blocks inside each program: forward and dq on (batch, heads,
+q_blocks), dk/dv on (batch, kv_heads, k_blocks) over the group's query heads, so dk/dv are summed
+over the group inside the kernel.
 """
 
 from __future__ import annotations
@@ -28,7 +33,7 @@ from jax.experimental import pallas as pl
 from pallas_kernels.reference import MASK_VALUE, check_attention_shapes, reference_attention
 
 __all__ = ["flash_attention", "blockwise_attention_jax", "reference_attention",
-           "default_block_sizes", "can_lower"]
+           "default_block_sizes", "can_lower", "vmem_bytes", "vmem_limit_bytes", "tpu_device_kind"]
 
 _BACKENDS = {"cpu": "cpu", "gpu": "gpu", "cuda": "gpu", "rocm": "gpu", "tpu": "tpu"}
 # (block_q, block_k) for head_dim <= 64 and for larger heads; smallest block per backend
@@ -70,11 +75,99 @@ def _cap_block(block: int, seq_len: int, backend: str) -> int:
   return min(block, max(_MIN_BLOCK[backend], pl.next_power_of_2(seq_len)))
 
 
-def default_block_sizes(backend: str, seq_len: int, head_dim: int) -> tuple[int, int]:
-  """(block_q, block_k) for `backend` ('cpu', 'gpu', 'tpu'), capped to the sequence."""
+def default_block_sizes(backend: str, seq_len: int, head_dim: int, *,
+                        device_kind: str | None = None, itemsize: int = 2) -> tuple[int, int]:
+  """(block_q, block_k) for `backend` ('cpu', 'gpu', 'tpu'), capped to the sequence; on TPU
+  shrunk until the kernels fit the VMEM of `device_kind` (None: the smallest, v4's and v5e's)."""
   backend = _backend(backend)
   block_q, block_k = _DEFAULT_BLOCKS[backend][0 if head_dim <= 64 else 1]
-  return _cap_block(block_q, seq_len, backend), _cap_block(block_k, seq_len, backend)
+  blocks = _cap_block(block_q, seq_len, backend), _cap_block(block_k, seq_len, backend)
+  if backend == "tpu":
+    blocks = _shrink_to_fit(blocks, head_dim, itemsize, vmem_limit_bytes(device_kind)) or (
+        _MIN_BLOCK["tpu"],) * 2
+  return blocks
+
+
+# VMEM one Mosaic kernel may use, per TensorCore, by the device kind libtpu reports. Physical
+# VMEM, from jax's chip table (jax/_src/pallas/mosaic/tpu_info.py): 16 MiB on v4, 128 MiB on v5e,
+# 64 MiB on v5p, 128 MiB on v6e. What a kernel gets by default was measured with libtpu 0.0.42.1
+# by compiling oversized kernels for each generation, whose errors name the limit: a kernel's own
+# allocations (scratch, temporaries) stop at a scoped 16 MiB on v4, v5e and v5p ('Scoped
+# allocation with size 25.93M and limit 16.00M' on v5p; v5e's block windows count too), while
+# v6e compiled a kernel needing ~52 MiB. (--xla_tpu_scoped_vmem_limit_kib raises the scoped limit.)
+_TPU_VMEM_MIB = {"TPU v4": 16, "TPU v5 lite": 16, "TPU v5e": 16, "TPU v5": 16, "TPU v5p": 16,
+                 "TPU v6 lite": 96, "TPU v6e": 96}  # v6e: 3/4 of its 128 MiB
+_CHIP_NAMES = {"TPU v5": "TPU v5p", "TPU v5 lite": "TPU v5e", "TPU v6 lite": "TPU v6e",
+               None: "an unknown TPU"}
+
+
+def tpu_device_kind() -> str | None:
+  """The TPU kind being compiled for ('TPU v5', ...): the current mesh's devices (a TPU topology
+  when compiling ahead of time from a CPU host), else the default backend's; None if no TPU."""
+  device = getattr(jax.sharding.get_abstract_mesh(), "abstract_device", None)
+  kind = getattr(device, "device_kind", None)
+  if kind is None and jax.default_backend() == "tpu":
+    kind = jax.devices()[0].device_kind
+  return kind if kind is None or kind.startswith("TPU") else None
+
+
+def vmem_limit_bytes(device_kind: str | None) -> int:
+  """A Mosaic kernel's VMEM limit on `device_kind`; unknown kinds get the smallest (v4, v5e)."""
+  return _TPU_VMEM_MIB.get(device_kind, min(_TPU_VMEM_MIB.values())) * 2**20
+
+
+def _tile_bytes(rows: int, cols: int, itemsize: int = 4) -> int:
+  """VMEM of a [rows, cols] block: padded to (8 * 4 / itemsize, 128) tiles."""
+  sublanes = 8 * 4 // itemsize
+  return -(-rows // sublanes) * sublanes * -(-cols // 128) * 128 * itemsize
+
+
+def vmem_bytes(block_q: int, block_k: int, head_dim: int, itemsize: int = 2) -> int:
+  """Estimated VMEM of the largest tiled kernel (forward, dq, dk/dv) at these blocks: in and out
+  blocks double-buffered, fp32 scratch, and 4 live [block_q, block_k] fp32 temporaries (the TPU
+  compiler used ~3.2 in the forward at 2048 x 1024). It does not grow with the sequence or the
+  GQA group (both are grid dimensions)."""
+  q, kv = _tile_bytes(block_q, head_dim, itemsize), _tile_bytes(block_k, head_dim, itemsize)
+  rows, cols = _tile_bytes(block_q, 1), _tile_bytes(1, block_k)
+  scores = _tile_bytes(block_q, block_k)
+  aux = 2 * (rows + 2 * cols)  # segment ids and prefix, if any
+  forward = 2 * (2 * q + 2 * kv + rows) + 2 * rows + _tile_bytes(block_q, head_dim)
+  dq = 2 * (3 * q + 2 * kv + 2 * rows) + _tile_bytes(block_q, head_dim)
+  dkdv = 2 * (2 * q + 4 * kv + 2 * rows) + 2 * _tile_bytes(block_k, head_dim)
+  return aux + max(forward, dq, dkdv) + 4 * scores
+
+
+def _fits(blocks, head_dim: int, itemsize: int, limit: int) -> bool:
+  return vmem_bytes(*blocks, head_dim, itemsize) <= limit
+
+
+def _shrink_to_fit(blocks, head_dim: int, itemsize: int, limit: int):
+  """Halves the larger block (multiples of 128) until the blocks fit; None if 128 x 128 does not."""
+  block_q, block_k = blocks
+  while not _fits((block_q, block_k), head_dim, itemsize, limit):
+    if max(block_q, block_k) <= 128:
+      return None
+    if block_q > block_k:
+      block_q = max(128, block_q // 2 // 128 * 128)
+    else:
+      block_k = max(128, block_k // 2 // 128 * 128)
+  return block_q, block_k
+
+
+def _check_vmem(block_q: int, block_k: int, head_dim: int, itemsize: int,
+                device_kind: str | None) -> None:
+  """A ValueError naming the nearest blocks that fit when these cannot fit the chip's VMEM."""
+  limit = vmem_limit_bytes(device_kind)
+  if _fits((block_q, block_k), head_dim, itemsize, limit):
+    return
+  fit = _shrink_to_fit((block_q, block_k), head_dim, itemsize, limit)
+  nearest = ("no block size fits: use attention_impl='reference'" if fit is None else
+             f"the nearest sizes that fit are block_q={fit[0]}, block_k={fit[1]}")
+  raise ValueError(
+      f"flash block_q={block_q}, block_k={block_k} need about "
+      f"{vmem_bytes(block_q, block_k, head_dim, itemsize) / 2**20:.0f} MiB of VMEM at head_dim "
+      f"{head_dim}, more than a kernel gets on {_CHIP_NAMES.get(device_kind, device_kind)} "
+      f"({limit // 2**20} MiB); {nearest}.")
 
 
 def _nearest(value: int, multiple: int) -> str:
@@ -285,7 +378,7 @@ def _aux_specs(cfg: _Config, seq_pad: int, blocked: str) -> list[pl.BlockSpec]:
   return (specs if cfg.segments else []) + ([specs[1]] if cfg.prefix else [])
 
 
-def _compiler_params(cfg: _Config):
+def _compiler_params(cfg: _Config, semantics=("parallel",) * 3):
   """Triton on GPU (jax's default there is Mosaic GPU, which wants other kernels), Mosaic on TPU."""
   if cfg.interpret or cfg.backend == "cpu":
     return None
@@ -293,7 +386,7 @@ def _compiler_params(cfg: _Config):
     from jax.experimental.pallas import triton as pl_triton  # pylint: disable=g-import-not-at-top
     return pl_triton.CompilerParams(num_warps=4, num_stages=2)
   from jax.experimental.pallas import tpu as pl_tpu  # pylint: disable=g-import-not-at-top
-  return pl_tpu.CompilerParams(dimension_semantics=("parallel",) * 3)
+  return pl_tpu.CompilerParams(dimension_semantics=semantics)
 
 
 def _query_grid_specs(cfg: _Config, seq_pad: int, head_dim: int):
@@ -346,6 +439,182 @@ def _pallas_backward(cfg: _Config, q, k, v, aux, lse, do, delta):
       out_specs=(k_spec, k_spec), interpret=cfg.interpret,
       compiler_params=_compiler_params(cfg), name="flash_attention_dkdv",
   )(q, k, v, do, lse, delta, *aux)
+  return dq, dk, dv
+
+
+# --------------------------------------------------------------------------- Pallas kernels: tiled
+
+
+def _block_at(block, lo, hi):
+  """The block an index map fetches at grid step `block`: clamped into the visible [lo, hi), so
+  that a skipped step re-uses the block already in VMEM instead of copying a new one."""
+  return jnp.minimum(jnp.maximum(block, lo), hi - 1)
+
+
+def _tiled_fwd_kernel(q_ref, k_ref, v_ref, *refs, cfg: _Config):
+  """Program (b, h, i, j): q [bq, d], k/v [bk, d]; over j it fills o [bq, d] and lse [bq, 1]."""
+  (q_seg_ref, k_seg_ref, prefix_ref), (o_ref, lse_ref, m_ref, l_ref, acc_ref) = (
+      _split_aux(cfg, refs))
+  q_block, k_block = pl.program_id(2), pl.program_id(3)
+  lo, hi = _kv_block_range(q_block, cfg)
+
+  @pl.when(k_block == 0)
+  def _():
+    m_ref[...] = jnp.full(m_ref.shape, MASK_VALUE, jnp.float32)
+    l_ref[...] = jnp.zeros(l_ref.shape, jnp.float32)
+    acc_ref[...] = jnp.zeros(acc_ref.shape, jnp.float32)
+
+  @pl.when((k_block >= lo) & (k_block < hi))
+  def _():
+    v, mask = v_ref[...], _tile_mask(cfg, q_block, k_block, q_seg_ref, k_seg_ref, prefix_ref)
+    s, _ = _softcap(_dot_t(q_ref[...], k_ref[...]), cfg)
+    m, l, acc = _online_update((m_ref[...], l_ref[...], acc_ref[...]), s, mask,
+                               lambda p: _dot(p.astype(v.dtype), v))
+    m_ref[...], l_ref[...], acc_ref[...] = m, l, acc
+
+  @pl.when(k_block == pl.num_programs(3) - 1)
+  def _():
+    out, lse = _finish(m_ref[...], l_ref[...], acc_ref[...])
+    o_ref[...] = out.astype(o_ref.dtype)
+    lse_ref[...] = lse
+
+
+def _tile_mask(cfg: _Config, q_block, k_block, q_seg_ref, k_seg_ref, prefix_ref):
+  """The [bq, bk] mask of one (query block, key block) tile whose aux refs are tile-sized."""
+  q_pos = q_block * cfg.block_q + jax.lax.broadcasted_iota(jnp.int32, (cfg.block_q, 1), 0)
+  k_pos = k_block * cfg.block_k + jax.lax.broadcasted_iota(jnp.int32, (1, cfg.block_k), 1)
+  whole = (slice(None), slice(None))
+  return _mask(cfg, q_pos, k_pos, _read(q_seg_ref, *whole), _read(k_seg_ref, *whole),
+               _read(prefix_ref, *whole))
+
+
+def _tile_grads(cfg: _Config, refs, q_block, k_block):
+  """(p, ds) [bq, bk] of one tile; refs = (q, k, v, do, lse, delta, q_seg, k_seg, prefix)."""
+  q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *aux = refs
+  s, dcap = _softcap(_dot_t(q_ref[...], k_ref[...]), cfg)
+  return _probs_and_dscores(s, dcap, _tile_mask(cfg, q_block, k_block, *aux), lse_ref[...],
+                            delta_ref[...], _dot_t(do_ref[...], v_ref[...]))
+
+
+def _tiled_dq_kernel(*refs, cfg: _Config):
+  """Program (b, h, i, j): over the visible key blocks j, dq [bq, d] = scale * sum ds @ k."""
+  (q_seg_ref, k_seg_ref, prefix_ref), (dq_ref, acc_ref) = _split_aux(cfg, refs[6:])
+  q_block, k_block = pl.program_id(2), pl.program_id(3)
+  lo, hi = _kv_block_range(q_block, cfg)
+
+  @pl.when(k_block == 0)
+  def _():
+    acc_ref[...] = jnp.zeros(acc_ref.shape, jnp.float32)
+
+  @pl.when((k_block >= lo) & (k_block < hi))
+  def _():
+    _, ds = _tile_grads(cfg, (*refs[:6], q_seg_ref, k_seg_ref, prefix_ref), q_block, k_block)
+    acc_ref[...] += _dot(ds.astype(refs[1].dtype), refs[1][...])
+
+  @pl.when(k_block == pl.num_programs(3) - 1)
+  def _():
+    dq_ref[...] = (acc_ref[...] * cfg.scale).astype(dq_ref.dtype)
+
+
+def _tiled_dkdv_kernel(*refs, cfg: _Config):
+  """Program (b, kv_head, j, g, i): over the group's query heads g and the query blocks i that
+  see key block j, dk [bk, d] and dv [bk, d] are summed in VMEM."""
+  (q_seg_ref, k_seg_ref, prefix_ref), (dk_ref, dv_ref, dk_acc, dv_acc) = (
+      _split_aux(cfg, refs[6:]))
+  q_ref, do_ref = refs[0], refs[3]
+  k_block, group, q_block = pl.program_id(2), pl.program_id(3), pl.program_id(4)
+  lo, hi = _q_block_range(k_block, cfg, pl.cdiv(cfg.seq_len, cfg.block_q))
+  first = (group == 0) & (q_block == 0)
+  last = (group == pl.num_programs(3) - 1) & (q_block == pl.num_programs(4) - 1)
+
+  @pl.when(first)
+  def _():
+    dk_acc[...] = jnp.zeros(dk_acc.shape, jnp.float32)
+    dv_acc[...] = jnp.zeros(dv_acc.shape, jnp.float32)
+
+  @pl.when((q_block >= lo) & (q_block < hi))
+  def _():
+    p, ds = _tile_grads(cfg, (*refs[:6], q_seg_ref, k_seg_ref, prefix_ref), q_block, k_block)
+    dk_acc[...] += _dot(ds.T.astype(q_ref.dtype), q_ref[...])
+    dv_acc[...] += _dot(p.T.astype(do_ref.dtype), do_ref[...])
+
+  @pl.when(last)
+  def _():
+    dk_ref[...] = (dk_acc[...] * cfg.scale).astype(dk_ref.dtype)
+    dv_ref[...] = dv_acc[...].astype(dv_ref.dtype)
+
+
+def _tiled_aux_specs(cfg: _Config, q_map, k_map) -> list[pl.BlockSpec]:
+  """Tile-sized BlockSpecs of (q_seg, k_seg, prefix); q_map / k_map give the grid step's query /
+  key block."""
+  specs = [pl.BlockSpec((None, cfg.block_q, 1), lambda b, *ix: (b, q_map(b, *ix), 0)),
+           pl.BlockSpec((None, 1, cfg.block_k), lambda b, *ix: (b, 0, k_map(b, *ix)))]
+  return (specs if cfg.segments else []) + ([specs[1]] if cfg.prefix else [])
+
+
+def _tiled_call(kernel, cfg: _Config, name: str, grid, in_specs, out_specs, out_shape, scratch,
+                *args):
+  sequential = 2 if name.endswith("dkdv") else 1  # the accumulating grid dimensions
+  params = _compiler_params(cfg, ("parallel",) * (len(grid) - sequential)
+                            + ("arbitrary",) * sequential)
+  return pl.pallas_call(
+      functools.partial(kernel, cfg=cfg), out_shape=out_shape, grid=grid, in_specs=in_specs,
+      out_specs=out_specs, scratch_shapes=[_vmem(shape) for shape in scratch],
+      interpret=cfg.interpret, compiler_params=params, name=name)(*args)
+
+
+def _vmem(shape):
+  from jax.experimental.pallas import tpu as pl_tpu  # pylint: disable=g-import-not-at-top
+  return pl_tpu.VMEM(shape, jnp.float32)
+
+
+def _tiled_query_specs(cfg: _Config, head_dim: int):
+  """Specs for a (b, h, i, j) grid: q-like [bq, d], k/v [bk, d] of head h // groups (the visible
+  block nearest j), row statistics [bq, 1], and the aux specs."""
+  bq, bk, g = cfg.block_q, cfg.block_k, cfg.groups
+  k_at = lambda b, h, i, j: _block_at(j, *_kv_block_range(i, cfg))
+  kv_map = lambda b, h, i, j: (b, h // g, k_at(b, h, i, j), 0)
+  return (pl.BlockSpec((None, None, bq, head_dim), lambda b, h, i, j: (b, h, i, 0)),
+          pl.BlockSpec((None, None, bk, head_dim), kv_map),
+          pl.BlockSpec((None, None, bq, 1), lambda b, h, i, j: (b, h, i, 0)),
+          _tiled_aux_specs(cfg, lambda b, h, i, j: i, k_at))
+
+
+def _tiled_forward(cfg: _Config, q, k, v, aux):
+  """q [b, h, seq_pad, d], k/v [b, kvh, seq_pad, d] -> (out like q, lse [b, h, seq_pad, 1])."""
+  batch, heads, seq_pad, head_dim = q.shape
+  q_spec, kv_spec, row_spec, aux_specs = _tiled_query_specs(cfg, head_dim)
+  return _tiled_call(
+      _tiled_fwd_kernel, cfg, "flash_attention_fwd",
+      (batch, heads, seq_pad // cfg.block_q, seq_pad // cfg.block_k),
+      [q_spec, kv_spec, kv_spec, *aux_specs], (q_spec, row_spec),
+      (jax.ShapeDtypeStruct(q.shape, q.dtype),
+       jax.ShapeDtypeStruct((batch, heads, seq_pad, 1), jnp.float32)),
+      [(cfg.block_q, 1), (cfg.block_q, 1), (cfg.block_q, head_dim)], q, k, v, *aux)
+
+
+def _tiled_backward(cfg: _Config, q, k, v, aux, lse, do, delta):
+  """Gradients (dq, dk, dv) shaped like (q, k, v); delta = rowsum(do * out) [b, h, seq_pad, 1]."""
+  batch, heads, seq_pad, head_dim = q.shape
+  bq, bk, g = cfg.block_q, cfg.block_k, cfg.groups
+  q_spec, kv_spec, row_spec, aux_specs = _tiled_query_specs(cfg, head_dim)
+  dq = _tiled_call(
+      _tiled_dq_kernel, cfg, "flash_attention_dq", (batch, heads, seq_pad // bq, seq_pad // bk),
+      [q_spec, kv_spec, kv_spec, q_spec, row_spec, row_spec, *aux_specs], q_spec,
+      jax.ShapeDtypeStruct(q.shape, q.dtype), [(bq, head_dim)], q, k, v, do, lse, delta, *aux)
+  # Grid (b, kv_head, j, g, i): query head h * groups + g, its query block nearest the visible i.
+  q_at = lambda b, h, j, gi, i: _block_at(i, *_q_block_range(j, cfg, pl.cdiv(cfg.seq_len, bq)))
+  group_map = lambda b, h, j, gi, i: (b, h * g + gi, q_at(b, h, j, gi, i), 0)
+  group_spec = pl.BlockSpec((None, None, bq, head_dim), group_map)
+  group_rows = pl.BlockSpec((None, None, bq, 1), group_map)
+  k_spec = pl.BlockSpec((None, None, bk, head_dim), lambda b, h, j, gi, i: (b, h, j, 0))
+  dk, dv = _tiled_call(
+      _tiled_dkdv_kernel, cfg, "flash_attention_dkdv",
+      (batch, k.shape[1], seq_pad // bk, g, seq_pad // bq),
+      [group_spec, k_spec, k_spec, group_spec, group_rows, group_rows,
+       *_tiled_aux_specs(cfg, q_at, lambda b, h, j, gi, i: j)], (k_spec, k_spec),
+      (jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)),
+      [(bk, head_dim), (bk, head_dim)], q, k, v, do, lse, delta, *aux)
   return dq, dk, dv
 
 
@@ -450,6 +719,13 @@ def _jax_backward(cfg: _Config, q, k, v, aux, lse, do, delta):
 # ----------------------------------------------------------------------------- custom_vjp core
 
 
+def _impl(cfg: _Config, looped, tiled, pure_jax):
+  """Triton (GPU) runs the looped kernels; Mosaic (TPU) and the CPU interpreter the tiled ones."""
+  if cfg.impl != "pallas":
+    return pure_jax
+  return looped if cfg.backend == "gpu" else tiled
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def _attention(cfg: _Config, q, k, v, aux):
   """Heads-major padded attention: q [b, h, seq_pad, d], k/v [b, kvh, seq_pad, d]; aux: int ids."""
@@ -457,7 +733,7 @@ def _attention(cfg: _Config, q, k, v, aux):
 
 
 def _attention_fwd(cfg: _Config, q, k, v, aux):
-  out, lse = (_pallas_forward if cfg.impl == "pallas" else _jax_forward)(cfg, q, k, v, aux)
+  out, lse = _impl(cfg, _pallas_forward, _tiled_forward, _jax_forward)(cfg, q, k, v, aux)
   return out, (q, k, v, aux, out, lse)
 
 
@@ -465,7 +741,7 @@ def _attention_bwd(cfg: _Config, residuals, d_out):
   q, k, v, aux, out, lse = residuals
   # delta_i = sum_d dO_id O_id = sum_j P_ij dP_ij: the softmax-backward row term.
   delta = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1, keepdims=True)
-  backward = _pallas_backward if cfg.impl == "pallas" else _jax_backward
+  backward = _impl(cfg, _pallas_backward, _tiled_backward, _jax_backward)
   return (*backward(cfg, q, k, v, aux, lse, d_out, delta), tuple(None for _ in aux))
 
 
@@ -503,14 +779,18 @@ def _prepare(q, k, v, *, causal, segment_ids, prefix_mask, sliding_window, logit
   seq_len, head_dim = q.shape[1], q.shape[3]
   # The pure-JAX loop prefers big blocks on every backend: it takes the CPU sizes.
   backend = _backend(backend) if impl == "pallas" else "cpu"
-  default_q, default_k = default_block_sizes(backend, seq_len, head_dim)
+  mosaic = backend == "tpu" and not interpret
+  kind = tpu_device_kind() if mosaic else None
+  default_q, default_k = default_block_sizes(backend, seq_len, head_dim, device_kind=kind,
+                                             itemsize=q.dtype.itemsize)
   block_q = default_q if block_q is None else _cap_block(int(block_q), seq_len, backend)
   block_k = default_k if block_k is None else _cap_block(int(block_k), seq_len, backend)
-  if backend == "tpu" and not interpret:
+  if mosaic:
     for name, block in (("block_q", block_q), ("block_k", block_k)):
       if block % 128:
         raise ValueError(f"{name}={block} cannot be tiled by the TPU (Mosaic needs a multiple of "
                          f"128 here); the nearest valid sizes are {_nearest(block, 128)}.")
+    _check_vmem(block_q, block_k, head_dim, q.dtype.itemsize, kind)
   if backend == "gpu" and not interpret and any(x & (x - 1) for x in (block_q, block_k, head_dim)):
     raise ValueError(f"the Triton kernel needs power-of-two block_q, block_k and head_dim; got "
                      f"{block_q}, {block_k}, {head_dim}. Pick powers of two (or interpret=True).")

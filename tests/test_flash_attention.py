@@ -17,13 +17,14 @@ from pallas_kernels.reference import reference_attention
 HEAD_DIM, KV_HEADS = 16, 1
 
 
-def make_inputs(batch=1, seq=64, groups=2, head_dim=HEAD_DIM, dtype=jnp.float32, seed=0):
+def make_inputs(batch=1, seq=64, groups=2, head_dim=HEAD_DIM, dtype=jnp.float32, seed=0,
+                kv_heads=KV_HEADS):
   """q [b, t, kvh * groups, d], k/v [b, t, kvh, d], a cotangent like q, and segment ids."""
   rng = np.random.default_rng(seed)  # numpy, so that new shapes cost no compilation
   normal = lambda *shape: jnp.asarray(rng.standard_normal(shape), jnp.float32)
-  q = normal(batch, seq, KV_HEADS * groups, head_dim).astype(dtype)
-  k = normal(batch, seq, KV_HEADS, head_dim).astype(dtype)
-  v = normal(batch, seq, KV_HEADS, head_dim).astype(dtype)
+  q = normal(batch, seq, kv_heads * groups, head_dim).astype(dtype)
+  k = normal(batch, seq, kv_heads, head_dim).astype(dtype)
+  v = normal(batch, seq, kv_heads, head_dim).astype(dtype)
   # Packed documents: segment boundaries at different places in each batch row.
   cuts = [np.sort(rng.choice(np.arange(1, seq), size=3, replace=False)) for _ in range(batch)]
   segs = jnp.asarray(np.stack([np.searchsorted(c, np.arange(seq), side="right") for c in cuts]))
@@ -107,6 +108,7 @@ CASES = [
     ((("causal", True), ("prefix", True), ("segments", True)), 2, 2, 100, (32, 16)),
     ((("causal", True), ("prefix", True), ("sliding_window", 20), ("logit_softcap", 5.0)), 4, 1,
      64, (16, 32)),
+    ((("causal", True), ("segments", True)), 8, 1, 100, (32, 16)),  # llama_70b's GQA: 8 groups
 ]
 
 
@@ -135,6 +137,19 @@ def test_bf16_matches_fp32_reference(groups, options):
   assert all(g.dtype == jnp.bfloat16 for g in flash[1])
   assert_close(flash, ref, 3e-2)
   assert_close(blockwise, ref, 3e-2)
+
+
+@pytest.mark.parametrize("backend", ["tpu", "gpu"])
+def test_gqa_8_groups_over_2_kv_heads_matches_reference(backend):
+  """Both kernel layouts in the interpreter: the tiled one TPUs (and CPU) run, whose dk/dv grid
+  walks the group's 8 query heads and the query blocks, and the looped one Triton runs."""
+  q, k, v, ct, segs = make_inputs(seq=72, groups=8, kv_heads=2, seed=8)
+  kw = dict(segment_ids=segs, sliding_window=40)
+  flash = functools.partial(fa.flash_attention, block_q=16, block_k=32, interpret=True,
+                            backend=backend)
+  ours, ref = jax.jit(lambda *a: (value_and_grads(flash, *a, **kw),
+                                  value_and_grads(reference, *a, **kw)))(q, k, v, ct)
+  assert_close(ours, ref, 2e-5)
 
 
 @pytest.mark.parametrize("impl", ["pallas", "jax"])
@@ -260,6 +275,11 @@ def test_default_block_sizes_and_can_lower():
   for backend in ("cpu", "gpu", "tpu"):
     block_q, block_k = fa.default_block_sizes(backend, 4096, 64)
     assert block_q & (block_q - 1) == 0 and block_k & (block_k - 1) == 0
+  # TPU blocks fit the chip's VMEM: defaults shrink where they would not, whatever the sequence
+  assert fa.default_block_sizes("tpu", 8192, 1024, device_kind="TPU v5") == (256, 256)
+  assert fa.default_block_sizes("tpu", 8192, 1024, device_kind="TPU v6 lite") == (256, 512)
+  v4 = fa.vmem_limit_bytes("TPU v4")
+  assert fa.vmem_bytes(256, 512, 128) <= v4 < fa.vmem_bytes(1024, 1024, 128)
   assert fa.can_lower("gpu") and fa.can_lower("tpu") and not fa.can_lower("cpu")
   assert fa.can_lower() == (jax.default_backend() != "cpu")
   with pytest.raises(ValueError, match="unknown backend 'metal'"):

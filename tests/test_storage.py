@@ -362,6 +362,7 @@ _LOCAL_ONLY = {
     "pretrainx/data/corpus.py": 3,    # the embedded corpus is Python's own stdlib
     "pretrainx/scaling/results.py": 4,  # legacy SQLite tables, refused for buckets
     "pretrainx/scaling/ray_sweep.py": 4,  # a run's local log file and work directory
+    "pretrainx/cluster.py": 4,        # /proc: the local Ray cluster's processes, machine facts
     "pretrainx/platforms.py": 6,      # TPU devices under /dev and /sys: machine facts
     "pretrainx/multihost.py": 1,      # libtpu's own file: a machine fact
     "pretrainx/harness/score_docs.py": 1,  # the local staging copy that StagedDir uploads

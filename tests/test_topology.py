@@ -129,3 +129,37 @@ def test_block_sizes_the_tpu_cannot_tile_name_the_nearest_valid_ones(impl, bindi
               if impl == "flash" else "--gin_param=RunConfig.seq_len=64")
   assert out.returncode == 2, out.stdout[-2000:] + out.stderr[-2000:]
   assert out.stderr.strip().splitlines()[-1] == f"pretrainx plan: error: {message}"
+
+
+@pytest.mark.slow
+def test_flash_gqa_8_groups_at_seq_8192_compiles_within_vmem(plan_cli):
+  """llama_70b's attention shape (8 query heads per kv head, head_dim 128, bf16) at seq 8192, at
+  tiny width: every flash kernel tiles the group and the sequence, so its VMEM does not grow with
+  them (the dk/dv kernel once held the whole group's rows: 'Used 99.13M of 63.94M vmem')."""
+  out = plan_cli("--gin_file=gin_configs/tiny.gin", "--topology=v5p-8",
+                 "--mesh=data=1,fsdp=4,tensor=1",
+                 "--gin_param=ModelConfig.attention_impl='flash'",
+                 "--gin_param=ModelConfig.num_layers=1", "--gin_param=ModelConfig.scan_unroll=1",
+                 "--gin_param=ModelConfig.num_heads=8", "--gin_param=ModelConfig.num_kv_heads=1",
+                 "--gin_param=ModelConfig.head_dim=128", "--gin_param=ModelConfig.embed_dim=64",
+                 "--gin_param=ModelConfig.dtype='bfloat16'",
+                 "--gin_param=ModelConfig.max_seq_len=8192", "--gin_param=RunConfig.seq_len=8192",
+                 "--gin_param=RunConfig.global_batch_size=4")
+  assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
+  kernels = [l for l in out.stdout.splitlines() if l.startswith("attention (flash): ")]
+  assert len(kernels) == 1 and int(kernels[0].split()[2]) >= 3, out.stdout
+
+
+def test_flash_blocks_that_cannot_fit_vmem_name_the_nearest_that_fit(plan_cli):
+  """One line and exit 2, before the TPU compiler's RESOURCE_EXHAUSTED dump could come."""
+  out = plan_cli("--gin_file=gin_configs/tiny.gin", "--topology=v5p-8",
+                 "--gin_param=ModelConfig.attention_impl='flash'",
+                 "--gin_param=ModelConfig.flash_block_q=4096",
+                 "--gin_param=ModelConfig.flash_block_k=2048",
+                 "--gin_param=ModelConfig.max_seq_len=4096", "--gin_param=RunConfig.seq_len=4096")
+  assert out.returncode == 2, out.stdout[-2000:] + out.stderr[-2000:]
+  assert out.stderr.strip().splitlines()[-1] == (
+      "pretrainx plan: error: flash block_q=4096, block_k=2048 need about 158 MiB of VMEM at "
+      "head_dim 16, more than a kernel gets on TPU v5p (16 MiB); the nearest sizes that fit are "
+      "block_q=1024, block_k=512.")
+  assert "RESOURCE_EXHAUSTED" not in out.stdout + out.stderr

@@ -22,6 +22,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from typing import Any, Callable, Iterator, Sequence
@@ -46,6 +47,7 @@ CONNECT_TIMEOUT_S = 5.0  # TCP connect, then Ray's handshake, each at most this 
 CLUSTER_TAG_ENV = "PRETRAINX_LOCAL_RAY_CLUSTER"
 REAP_GRACE_S = 30.0  # SIGTERM, then SIGKILL for what is left this long after
 RAY_GRACE_S = 3.0  # ...and for Ray's own processes this long after
+WAIT_POLL_S = 0.5  # run_tasks looks at Ctrl-C at least this often while tasks run
 _REAPERS: list = []
 ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 ADDRESS_HELP = ("give HOST:PORT of a Ray head's GCS (e.g. 10.0.0.2:6379, what `ray start --head` "
@@ -366,22 +368,44 @@ def run_tasks(cluster: Cluster, fn: Callable, items: Sequence[Any], *,
   pending: dict[Any, int] = {}
   queue = list(enumerate(items))
   try:
-    while queue or pending:
-      while queue and len(pending) < limit:
-        i, item = queue.pop(0)
-        pending[remote.remote(item)] = i
-      ready, _ = ray.wait(list(pending), num_returns=1)
-      for ref in ready:
-        i = pending.pop(ref)
-        try:
-          yield i, ray.get(ref)
-        except ray.exceptions.RayTaskError as err:
-          yield i, remote_cause(err, f"task {i}")
-        except ray.exceptions.RayError as err:  # the worker or its node died past the retries
-          yield i, RuntimeError(f"task {i} was lost: {str(err).splitlines()[0]}")
+    with _interrupt_as_flag() as interrupted:
+      while queue or pending:
+        while queue and len(pending) < limit:
+          i, item = queue.pop(0)
+          pending[remote.remote(item)] = i
+        ready, _ = ray.wait(list(pending), num_returns=1, timeout=WAIT_POLL_S)
+        if interrupted.is_set():
+          raise KeyboardInterrupt
+        for ref in ready:
+          i = pending.pop(ref)
+          try:
+            yield i, ray.get(ref)
+          except ray.exceptions.RayTaskError as err:
+            yield i, remote_cause(err, f"task {i}")
+          except ray.exceptions.RayError as err:  # the worker or its node died past the retries
+            yield i, RuntimeError(f"task {i} was lost: {str(err).splitlines()[0]}")
+          if interrupted.is_set():
+            raise KeyboardInterrupt
   except BaseException:
     cancel(pending)
     raise
+
+
+@contextlib.contextmanager
+def _interrupt_as_flag() -> Iterator[threading.Event]:
+  """SIGINT sets the event instead of raising KeyboardInterrupt wherever the main thread is: one
+  raised inside a finalizer or a callback of Ray's is swallowed ("Exception ignored in ..."), and
+  Ctrl-C would be lost. The caller checks the event and raises itself. Elsewhere than the main
+  thread, an event that is never set."""
+  flag = threading.Event()
+  if threading.current_thread() is not threading.main_thread():
+    yield flag
+    return
+  previous = signal.signal(signal.SIGINT, lambda *_: flag.set())
+  try:
+    yield flag
+  finally:
+    signal.signal(signal.SIGINT, previous)
 
 
 def remote_cause(err: BaseException, what: str = "a task") -> BaseException:

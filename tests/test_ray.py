@@ -463,7 +463,7 @@ def test_sweep_on_two_workers_survives_ctrl_c_and_a_crashed_run_and_trains_nothi
   nothing."""
   from pretrainx.scaling import sweep as S
 
-  sweep_file = _sweep_file(tmp_path, [1e-3, 2e-3], steps=200)  # time to stop them
+  sweep_file = _sweep_file(tmp_path, [1e-3, 2e-3], steps=500)  # time to stop them, under load too
   runs = S.expand(S.parse_sweep(sweep_file))
   victim = runs[0]
   dry = _cli("sweep", sweep_file, "--ray", "--dry_run")

@@ -10,10 +10,10 @@ start that fails leaves the run directory as it was.
 from __future__ import annotations
 
 from pretrainx import storage
-from pretrainx.checkpoint import COMMIT_MARKER, check_directory
+from pretrainx.checkpoint import check_directory
 from pretrainx.config import (Experiment, RunPaths, config_differences, experiment_to_gin,
                               parse_gin, validate)
-from pretrainx.config.sources import source_kind
+from pretrainx.config.sources import newest_step, source_kind
 from pretrainx.data.pipeline import open_task_stores
 from pretrainx.metrics import DOMAIN_WEIGHTS_PLOT
 
@@ -38,9 +38,10 @@ def saved_step(paths: RunPaths) -> int | None:
   """The newest finalised checkpoint step of the run directory, read from the listing alone."""
   if not storage.isdir(paths.checkpoints):
     return None
-  steps = [int(e) for e in storage.listdir(paths.checkpoints) if e.isdigit() and
-           storage.exists(storage.join(paths.checkpoints, e, COMMIT_MARKER))]
-  return max(steps, default=None)
+  try:
+    return newest_step(paths.checkpoints)
+  except FileNotFoundError:  # no finalised step
+    return None
 
 
 def preflight(exp: Experiment, restart: bool) -> tuple[RunPaths, bool]:

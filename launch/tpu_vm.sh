@@ -10,7 +10,7 @@ usage: launch/tpu_vm.sh SUBCOMMAND --name NAME --zone ZONE [--project PROJECT] [
   create   --accelerator_type TYPE (e.g. v5p-64) --version RUNTIME (e.g. v2-alpha-tpuv5)
            [--queued [--qr_name QR]] [--spot]
   install  (--repo GIT_URL [--ref origin/main] | --source LOCAL_CHECKOUT | --pip PIP_SPEC)
-           [--extra test] [--jax_spec 'jax[tpu]'] [--remote_dir ~/pretrainx]
+           [--extra test] [--jax_spec 'jax[tpu]'] [--python python3.12] [--remote_dir ~/pretrainx]
   train    --gin_file FILE [--gin_file FILE ...] (--bucket BUCKET | --run_dir PATH)
            (the run directory defaults to gs://BUCKET/runs/NAME; $PRETRAINX_BUCKET sets BUCKET)
            [--remote_dir ~/pretrainx] [-- EXTRA_TRAIN_ARGS...]
@@ -56,6 +56,7 @@ parse_args() {
       --pip) pip_spec=$val ;;
       --extra) extra=$val ;;
       --jax_spec) jax_spec=$val ;;
+      --python) python=$val ;;
       --remote_dir) remote_dir=$val ;;
       --gin_file) gin_files+=("$val") ;;
       --run_dir) run_dir=$val ;;
@@ -92,9 +93,14 @@ cmd_create() {
   fi
 }
 
-# The remote commands that make REMOTE_DIR/.venv and pip-install $1 (already quoted) into it.
+# The remote commands that make REMOTE_DIR/.venv with --python (jax >= 0.11 needs Python >= 3.12;
+# a worker without it stops with one line) and pip-install $1 (already quoted) into it.
 venv_and_pip() {
-  local line="python3 -m venv .venv && .venv/bin/pip install --upgrade pip && .venv/bin/pip install"
+  local py
+  py=$(sq "$python")
+  local line="{ $py -c 'import sys; sys.exit(sys.version_info < (3, 12))' || { echo \"pretrainx needs"
+  line+=" Python >= 3.12 on every worker: install it or pass --python=PATH\" >&2; exit 2; }; }"
+  line+=" && $py -m venv .venv && .venv/bin/pip install --upgrade pip && .venv/bin/pip install"
   line+=" $1"
   [ -z "$jax_spec" ] || line+=" $(sq "$jax_spec")"
   echo "$line"
@@ -160,7 +166,8 @@ main() {
     *) die "unknown subcommand '$sub' (create, install, train, logs or delete)." ;;
   esac
   dry=0 queued=0 spot=0 name= zone= project= accel= version= qr_name= repo= ref=origin/HEAD
-  source_dir= pip_spec= extra=test jax_spec='jax[tpu]' remote_dir='~/pretrainx' run_dir= worker=0
+  source_dir= pip_spec= extra=test jax_spec='jax[tpu]' python=python3.12 remote_dir='~/pretrainx'
+  run_dir= worker=0
   bucket=${PRETRAINX_BUCKET:-}
   gin_files=() extra_args=() where=()
   parse_args "$@"

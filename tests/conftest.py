@@ -82,6 +82,16 @@ def run_cli(capsys, monkeypatch):
 # sees the same environment a user would set; the servers start on first use.
 
 
+def abstract_gpu_mesh():
+  """A context in which Pallas lowers for an NVIDIA GPU that this CPU host does not have (jax >=
+  0.12 asks the mesh's device which GPU to target; an H100 here)."""
+  import jax  # pylint: disable=import-outside-toplevel
+  gpu = jax.sharding.AbstractDevice(device_kind="NVIDIA H100 80GB HBM3", num_cores=132,
+                                    platform="gpu")
+  return jax.sharding.use_abstract_mesh(
+      jax.sharding.AbstractMesh((1,), ("x",), abstract_device=gpu))
+
+
 from servers import ServerError, free_port, gcs_env, s3_env, start_gcs, start_s3  # noqa: E402
 
 GCS_PORT, S3_PORT = free_port(), free_port()

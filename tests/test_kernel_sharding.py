@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from pretrainx.model import kernels
+from conftest import abstract_gpu_mesh
 from pretrainx.config import MeshConfig
 from pretrainx.sharding import make_mesh, mesh_scope
 
@@ -113,5 +114,6 @@ def test_kernels_lower_to_triton_for_gpu():
                                                      backend="gpu")}
   triton = export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")
   for name, fn in kernels_.items():
-    exported = export.export(jax.jit(fn), platforms=["cuda"], disabled_checks=[triton])(*args)
+    with abstract_gpu_mesh():
+      exported = export.export(jax.jit(fn), platforms=["cuda"], disabled_checks=[triton])(*args)
     assert "__gpu$xla.gpu.triton" in exported.mlir_module(), name

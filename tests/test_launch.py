@@ -15,6 +15,10 @@ from conftest import REPO
 TPU = ["--name=my-v5p", "--zone=us-east5-a", "--project=my-proj"]
 WHERE = "--zone=us-east5-a --project=my-proj"
 SSH_ALL = f"gcloud compute tpus tpu-vm ssh my-v5p {WHERE} --worker=all --command="
+# What install runs on each worker before its venv: jax >= 0.11 needs Python >= 3.12.
+NEEDS_312 = ("{ python3.12 -c 'import sys; sys.exit(sys.version_info < (3, 12))' || { echo "
+             "\"pretrainx needs Python >= 3.12 on every worker: install it or pass --python=PATH\" "
+             ">&2; exit 2; }; } && ")
 
 
 def _run(script, *args, env=None):
@@ -61,27 +65,33 @@ def test_create_plain_and_queued():
 
 def test_install_from_git_repo():
   lines = _tpu("install", "--repo=https://github.com/org/pretrainx.git", "--ref=v1.2")
-  assert lines == [
-      SSH_ALL + '"{ [ -d ~/pretrainx/.git ] || git clone https://github.com/org/pretrainx.git '
+  assert len(lines) == 1 and lines[0].startswith(SSH_ALL)
+  assert _remote(lines[0]) == (
+      "{ [ -d ~/pretrainx/.git ] || git clone https://github.com/org/pretrainx.git "
       "~/pretrainx; } && cd ~/pretrainx && git fetch --quiet origin && git checkout --force v1.2 "
-      "&& python3 -m venv .venv && .venv/bin/pip install --upgrade pip && "
-      ".venv/bin/pip install -e '.[test]' 'jax[tpu]'\""]
+      "&& " + NEEDS_312 + "python3.12 -m venv .venv && .venv/bin/pip install --upgrade pip && "
+      ".venv/bin/pip install -e '.[test]' 'jax[tpu]'")
   remote = shlex.split(_remote(lines[0]))
   assert remote[-3:] == ["-e", ".[test]", "jax[tpu]"]
 
 
 def test_install_from_local_checkout_and_from_pip():
   tarball = "/tmp/pretrainx-src.tar.gz"
-  assert _tpu("install", "--source=/src/pretrainx", "--extra=", "--jax_spec=") == [
+  lines = _tpu("install", "--source=/src/pretrainx", "--extra=", "--jax_spec=",
+               "--python=/opt/py/bin/python3")
+  assert lines[:2] == [
       f"git -C /src/pretrainx archive --format=tar.gz --output={tarball} HEAD",
-      f"gcloud compute tpus tpu-vm scp {tarball} my-v5p:{tarball} {WHERE} --worker=all",
-      SSH_ALL + f"'mkdir -p ~/pretrainx && tar -xzf {tarball} -C ~/pretrainx && cd ~/pretrainx && "
-      "python3 -m venv .venv && .venv/bin/pip install --upgrade pip && .venv/bin/pip install -e .'"]
+      f"gcloud compute tpus tpu-vm scp {tarball} my-v5p:{tarball} {WHERE} --worker=all"]
+  assert _remote(lines[2]) == (
+      f"mkdir -p ~/pretrainx && tar -xzf {tarball} -C ~/pretrainx && cd ~/pretrainx && "
+      + NEEDS_312.replace("python3.12", "/opt/py/bin/python3") +
+      "/opt/py/bin/python3 -m venv .venv && .venv/bin/pip install --upgrade pip && "
+      ".venv/bin/pip install -e .")
   (line,) = _tpu("install", "--pip=pretrainx[test] @ git+https://github.com/org/pretrainx",
                  "--remote_dir=/opt/px")
   assert shlex.split(_remote(line))[-2:] == [
       "pretrainx[test] @ git+https://github.com/org/pretrainx", "jax[tpu]"]
-  assert _remote(line).startswith("mkdir -p /opt/px && cd /opt/px && python3 -m venv .venv")
+  assert _remote(line).startswith("mkdir -p /opt/px && cd /opt/px && " + NEEDS_312)
 
 
 def test_train_on_all_workers_without_distributed_flags():

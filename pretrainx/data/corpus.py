@@ -1,7 +1,7 @@
 """The embedded default corpus, built offline from text that ships with Python itself.
 
 Two domains: 'prose', the interpreter's documentation topics (`pydoc_data.topics`, ~0.46 MB of
-English), and 'code', the standard library's top-level `.py` modules (~4.7 MB on CPython 3.11).
+English), and 'code', the standard library's top-level `.py` modules (~4.6 MB on CPython 3.12).
 Each document goes wholly to train or validation, by a hash of its name (deterministic everywhere).
 """
 

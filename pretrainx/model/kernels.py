@@ -35,9 +35,10 @@ _graph = contextvars.ContextVar("pretrainx_graph", default=None)  # the innermos
 
 def cpu_tuned_graph() -> bool:
   """Whether the model traces its CPU-tuned graph: project()'s written-out gradient, RoPE's
-  tables computed once, and 'reference' attention's hand-written backward (softmax_vjp). The
-  other graph, plain dot_generals and reference_attention under autodiff, is what TPUs and GPUs
-  run; both compute the same math.
+  tables computed once, 'reference' attention's hand-written backward (softmax_vjp), and the
+  loss's target logits gathered (train.step.target_logits). The other graph, plain dot_generals,
+  reference_attention under autodiff and a one-hot sum, is what TPUs and GPUs run; both compute
+  the same math.
 
   Decided, first to last, by the innermost `graph(kind)` around the tracing, the environment
   variable PRETRAINX_GRAPH ('auto', 'cpu' or 'accelerator'; e.g. PRETRAINX_GRAPH=accelerator

@@ -66,10 +66,14 @@ class PlanReport:
   compile_seconds: float
   hbm_gib: float | None = None
   fits: bool | None = None
-  topology: str | None = None  # the TPU slice compiled for, e.g. 'v5p-256 (v5p:4x4x8)'
+  # the TPU slice compiled for, e.g. 'v5p-256 (v5p:4x4x8 megacore, hosts 2x2x1, wrap xyz)'
+  topology: str | None = None
   eval_temp_bytes: int | None = None  # the eval step's temporaries (TPU plans)
   attention_impl: str | None = None  # the layers' attention implementations, e.g. 'flash'
   mosaic_kernels: int | None = None  # Pallas (Mosaic) calls in the compiled train step (TPU plans)
+  # what libtpu was told of the slice (TPU plans): topology_name, grid, chip_config,
+  # host_bounds (chips per host) and wrap (torus wraparound per dimension)
+  tpu_slice: dict[str, Any] | None = None
 
   @property
   def activation_bytes(self) -> int:
@@ -139,8 +143,9 @@ def plan(exp: Experiment, *, devices: int | None = None, hbm_gib: float | None =
   TPU slice with the TPU compiler, and hbm_gib defaults to its HBM per device.
   """
   if topology is not None:
-    return _plan_compiled(exp, topology.devices, hbm_gib or topology.hbm_gib_per_device,
-                          f"{topology.name} ({topology.topology_name})")
+    report = _plan_compiled(exp, topology.devices, hbm_gib or topology.hbm_gib_per_device,
+                            f"{topology.name} ({topology.describe()})")
+    return dataclasses.replace(report, tpu_slice=_slice(topology))
   available = jax.device_count()
   if devices is not None and devices != available:
     raise ValueError(
@@ -192,6 +197,12 @@ def _plan_compiled(exp: Experiment, devices, hbm_gib: float | None, topology: st
       analytic_flops_per_step=analytic, compile_seconds=seconds, hbm_gib=hbm_gib,
       fits=None if hbm_gib is None else total <= hbm_gib * GIB, topology=topology,
       eval_temp_bytes=eval_temp, attention_impl=_impls(exp), mosaic_kernels=mosaic)
+
+
+def _slice(topo: tpu_topology.Topology) -> dict[str, Any]:
+  return {"name": topo.name, "topology_name": topo.topology_name, "grid": list(topo.grid),
+          "chips": topo.chips, "chip_config": topo.chip_config,
+          "host_bounds": list(topo.host_bounds), "wrap": list(topo.wrap)}
 
 
 def _impls(exp: Experiment) -> str:

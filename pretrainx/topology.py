@@ -3,6 +3,9 @@
 Accelerator names as Cloud TPU spells them (`v5p-256`, `v4-64`, `v5e-16`/`v5litepod-16`,
 `v6e-8`) or a chip grid (`v5p:4x4x8`) become libtpu's topology devices, which the real TPU
 compiler targets from a CPU machine (as MaxText's train_compile.py does), plus each device's HBM.
+The slice is described to libtpu as MaxText describes it: the chip configuration (one 'megacore'
+device per two-core v4/v5p chip), the chips one host holds, and which dimensions wrap around
+(a torus), each derived from the generation and the chip grid.
 """
 
 from __future__ import annotations
@@ -22,6 +25,11 @@ _TYPE_PREFIX = {"v4": "v4", "v5p": "v5p", "v5e": "v5litepod", "v6e": "v6e"}
 _HOST_CHIPS = {"v4": 4, "v5p": 4, "v5e": 8, "v6e": 8}
 ALIASES = {"v5litepod": "v5e", "v5lite": "v5e", "v6": "v6e"}
 MAX_CHIPS = 8192
+HOST_BOUNDS = (2, 2, 1)  # chips per host, as MaxText tells libtpu for every slice of 4+ chips
+# v4/v5p slices are built of 4x4x4-chip cubes joined by optical switches: a slice of whole cubes
+# is a 3-D torus. A v5e/v6e pod is one 16x16 grid: a dimension wraps where it spans the pod.
+CUBE = 4
+POD_EDGE = 16
 INSTALL_HINT = ("the TPU compiler comes with libtpu: pip install 'pretrainx[tpu]' (or "
                 "pip install 'jax[tpu]'); without it, plan with fake CPU devices (--devices=N).")
 
@@ -34,6 +42,24 @@ class Topology:
   generation: str    # 'v4', 'v5p', 'v5e', 'v6e'
   grid: tuple[int, ...]  # chips per dimension, e.g. (4, 4, 8)
   devices: tuple     # libtpu's topology devices (what jax.jit compiles for)
+
+  @property
+  def chip_config(self) -> str:
+    return chip_config(self.generation)
+
+  @property
+  def host_bounds(self) -> tuple[int, int, int]:
+    return host_bounds(self.grid)
+
+  @property
+  def wrap(self) -> tuple[bool, bool, bool]:
+    return wraparound(self.generation, self.grid)
+
+  def describe(self) -> str:
+    """'v5p:4x4x8 megacore, hosts 2x2x1, wrap xyz' (what libtpu was told)."""
+    axes = "".join(a for a, w in zip("xyz", self.wrap) if w) or "none"
+    return (f"{self.topology_name} {self.chip_config}, hosts "
+            f"{'x'.join(map(str, self.host_bounds))}, wrap {axes}")
 
   @property
   def chips(self) -> int:
@@ -63,6 +89,32 @@ def chip_grid(chips: int, dims: int) -> tuple[int, ...]:
     grid[i] *= 2
     left //= 2
   return tuple(grid)
+
+
+def chip_config(gen: str) -> str:
+  """libtpu's chip configuration: 'megacore' (a two-core v4/v5p chip is one device) or
+  'default' (one core per chip: v5e, v6e)."""
+  return "megacore" if GENERATIONS[gen][0] > 1 else "default"
+
+
+def _grid3(grid: tuple[int, ...]) -> tuple[int, int, int]:
+  return tuple(grid) + (1,) * (3 - len(grid))  # type: ignore[return-value]
+
+
+def host_bounds(grid: tuple[int, ...]) -> tuple[int, int, int]:
+  """Chips per host in each dimension: 2x2x1, or the slice itself where it is smaller (a v5e-1
+  is one host of 1x1x1)."""
+  return tuple(min(g, h) for g, h in zip(_grid3(grid), HOST_BOUNDS))  # type: ignore[return-value]
+
+
+def wraparound(gen: str, grid: tuple[int, ...]) -> tuple[bool, bool, bool]:
+  """Which dimensions of the slice are rings. v4/v5p: all three once the slice is made of whole
+  4x4x4 cubes (64 chips and up), none before. v5e/v6e: a dimension that spans the 16-chip pod
+  edge (16x16: x and y; 8x16: y); the third dimension never."""
+  g = _grid3(grid)
+  if GENERATIONS[gen][2] == 3:
+    return (all(d % CUBE == 0 for d in g),) * 3  # type: ignore[return-value]
+  return (g[0] >= POD_EDGE, g[1] >= POD_EDGE, False)
 
 
 def example_names() -> list[str]:
@@ -136,10 +188,9 @@ def load(name: str) -> Topology:
 
   spec = f"{gen}:{'x'.join(map(str, grid))}"
   try:
-    # A slice smaller than libtpu's default host (2x2x1 chips) is one host of its own shape.
-    small = {"chips_per_host_bounds": tuple(grid) + (1,) * (3 - len(grid))} if math.prod(
-        grid) < 4 else {}
-    devices = topologies.get_topology_desc(platform="tpu", topology_name=spec, **small).devices
+    devices = topologies.get_topology_desc(
+        platform="tpu", topology_name=spec, chip_config_name=chip_config(gen),
+        chips_per_host_bounds=host_bounds(grid), wrap=wraparound(gen, grid)).devices
   except Exception as err:  # pylint: disable=broad-except  # libtpu's own words
     raise _bad(name, f"libtpu rejects {spec} ({str(err).splitlines()[0][:200]})") from err
   return Topology(name, gen, grid, tuple(devices))

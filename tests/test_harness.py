@@ -166,12 +166,14 @@ def _loglikelihoods(results, task):
               for r in resp] for d, s in _by_doc(results, task).items()}
 
 
-def _assert_same_loglikelihoods(ours, theirs, tasks, atol=1e-4):
+def _assert_same_loglikelihoods(ours, theirs, tasks, atol=1e-4, rtol=1e-7):
+  """Equal within atol, plus fp32 rounding of a long request's sum (a rolling window of ~1,700
+  nats differed by 1.6e-4 between jax 0.12 and torch 2.14: 9e-8 of it)."""
   for task in tasks:
     a, b = _loglikelihoods(ours, task), _loglikelihoods(theirs, task)
     assert sorted(a) == sorted(b) and a
     for doc in sorted(a):
-      np.testing.assert_allclose(a[doc], b[doc], atol=atol, rtol=0, err_msg=f"{task} {doc}")
+      np.testing.assert_allclose(a[doc], b[doc], atol=atol, rtol=rtol, err_msg=f"{task} {doc}")
     assert min(min(x) for x in a.values()) < -5  # log-likelihoods of substance
 
 

@@ -19,6 +19,27 @@ def test_names_become_chip_grids(name, gen, grid):
   assert topology.parse(name) == (gen, grid)
 
 
+@pytest.mark.parametrize("name, config, hosts, wrap", [
+    ("v5p-8", "megacore", (2, 2, 1), (False, False, False)),
+    ("v5p-64", "megacore", (2, 2, 1), (False, False, False)),
+    ("v5p-128", "megacore", (2, 2, 1), (True, True, True)),
+    ("v5p-256", "megacore", (2, 2, 1), (True, True, True)),
+    ("v5p:4x4x12", "megacore", (2, 2, 1), (True, True, True)),
+    ("v4-8", "megacore", (2, 2, 1), (False, False, False)),
+    ("v4-128", "megacore", (2, 2, 1), (True, True, True)),
+    ("v5e-1", "default", (1, 1, 1), (False, False, False)),
+    ("v5e-16", "default", (2, 2, 1), (False, False, False)),
+    ("v5e-128", "default", (2, 2, 1), (False, True, False)),
+    ("v5e-256", "default", (2, 2, 1), (True, True, False)),
+    ("v6e-256", "default", (2, 2, 1), (True, True, False))])
+def test_slices_are_described_to_libtpu_as_maxtext_does(name, config, hosts, wrap):
+  """Chip configuration, chips per host and torus wraparound, as MaxText's
+  accelerator_to_spec_map gives them for the same accelerator types (no libtpu needed)."""
+  gen, grid = topology.parse(name)
+  assert (topology.chip_config(gen), topology.host_bounds(grid),
+          topology.wraparound(gen, grid)) == (config, hosts, wrap)
+
+
 @pytest.mark.parametrize("name, why", [
     ("v5p-7", "v5p has no slice of 7 cores"), ("v5p-4", "v5p has no slice of 4 cores"),
     ("v7x-8", "no TPU generation 'v7x'"), ("v5e:2x2x2", "v5e slices are 2-D grids"),
@@ -46,7 +67,8 @@ def test_plan_compiles_train_and_eval_steps_for_v5p_with_the_tpu_compiler(plan_c
   assert out.returncode == 0, out.stderr[-3000:]
   lines = out.stdout.splitlines()
   assert lines[0].startswith("AOT plan: 4 devices, mesh data=1 x fsdp=2 x expert=1 x tensor=2, 512 tokens "
-                             "per step (compiled for TPU v5p-8 (v5p:2x2x1), TPU compiler in ")
+                             "per step (compiled for TPU v5p-8 (v5p:2x2x1 megacore, hosts 2x2x1, wrap none), "
+                             "TPU compiler in ")
   kernels = [l for l in lines if l.startswith("attention (flash): ")]
   assert len(kernels) == 1 and kernels[0].endswith(
       " Pallas (Mosaic) kernel calls in the compiled train step"), lines

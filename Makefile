@@ -11,7 +11,7 @@ PYTHON ?= $(shell for p in python3.12 python3.13 \
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.stamp-install
-# The versions `make` installs and tests (pip freeze of a Python 3.12 venv; README.md, "Versions").
+# The versions `make` installs and tests (pip freeze of a Python 3.12 venv; README.md, "Versions tested").
 LOCK := requirements/lock-py312.txt
 PYTEST_ARGS ?=
 # Tests skipped on a complete install (README.md, "Tests and benchmarks"): every dependency a test

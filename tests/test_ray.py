@@ -44,6 +44,9 @@ def ray_address():
   a cluster's hosts have theirs), never in a job's runtime environment. (A credentials file is the
   other way; TensorStore 0.1.86's default AWS chain ignores AWS_SHARED_CREDENTIALS_FILE.)"""
   flags = os.environ.pop("XLA_FLAGS", None)
+  # The raylet logs to every driver's stderr once this machine's disk is 95% full (CI's shared
+  # disk once was), which the one-line error checks below would count: it may fill to 99% here.
+  os.environ.setdefault("RAY_local_fs_capacity_threshold", "0.99")
   try:
     ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
   except Exception as err:  # pylint: disable=broad-except

@@ -374,8 +374,13 @@ def _aux_specs(cfg: _Config, seq_pad: int, blocked: str) -> list[pl.BlockSpec]:
   bk = cfg.block_k if blocked == "k" else seq_pad
   q_map = (lambda b, h, i: (b, i, 0)) if blocked == "q" else (lambda b, h, i: (b, 0, 0))
   k_map = (lambda b, h, i: (b, 0, i)) if blocked == "k" else (lambda b, h, i: (b, 0, 0))
-  specs = [pl.BlockSpec((None, bq, 1), q_map), pl.BlockSpec((None, 1, bk), k_map)]
-  return (specs if cfg.segments else []) + ([specs[1]] if cfg.prefix else [])
+  return _present_aux(cfg, pl.BlockSpec((None, bq, 1), q_map), pl.BlockSpec((None, 1, bk), k_map))
+
+
+def _present_aux(cfg: _Config, q_seg, k_seg) -> list:
+  """Of the specs (q_seg, k_seg, prefix), those of the aux arrays this call passes; the prefix
+  is keyed like the keys, so it takes k_seg's spec."""
+  return ([q_seg, k_seg] if cfg.segments else []) + ([k_seg] if cfg.prefix else [])
 
 
 def _compiler_params(cfg: _Config, semantics=("parallel",) * 3):
@@ -547,14 +552,14 @@ def _tiled_dkdv_kernel(*refs, cfg: _Config):
 def _tiled_aux_specs(cfg: _Config, q_map, k_map) -> list[pl.BlockSpec]:
   """Tile-sized BlockSpecs of (q_seg, k_seg, prefix); q_map / k_map give the grid step's query /
   key block."""
-  specs = [pl.BlockSpec((None, cfg.block_q, 1), lambda b, *ix: (b, q_map(b, *ix), 0)),
-           pl.BlockSpec((None, 1, cfg.block_k), lambda b, *ix: (b, 0, k_map(b, *ix)))]
-  return (specs if cfg.segments else []) + ([specs[1]] if cfg.prefix else [])
+  return _present_aux(
+      cfg, pl.BlockSpec((None, cfg.block_q, 1), lambda b, *ix: (b, q_map(b, *ix), 0)),
+      pl.BlockSpec((None, 1, cfg.block_k), lambda b, *ix: (b, 0, k_map(b, *ix))))
 
 
-def _tiled_call(kernel, cfg: _Config, name: str, grid, in_specs, out_specs, out_shape, scratch,
-                *args):
-  sequential = 2 if name.endswith("dkdv") else 1  # the accumulating grid dimensions
+def _tiled_call(kernel, cfg: _Config, name: str, grid, sequential: int, in_specs, out_specs,
+                out_shape, scratch, *args):
+  """pallas_call over `grid`, whose last `sequential` dimensions accumulate in VMEM scratch."""
   params = _compiler_params(cfg, ("parallel",) * (len(grid) - sequential)
                             + ("arbitrary",) * sequential)
   return pl.pallas_call(
@@ -586,7 +591,7 @@ def _tiled_forward(cfg: _Config, q, k, v, aux):
   q_spec, kv_spec, row_spec, aux_specs = _tiled_query_specs(cfg, head_dim)
   return _tiled_call(
       _tiled_fwd_kernel, cfg, "flash_attention_fwd",
-      (batch, heads, seq_pad // cfg.block_q, seq_pad // cfg.block_k),
+      (batch, heads, seq_pad // cfg.block_q, seq_pad // cfg.block_k), 1,
       [q_spec, kv_spec, kv_spec, *aux_specs], (q_spec, row_spec),
       (jax.ShapeDtypeStruct(q.shape, q.dtype),
        jax.ShapeDtypeStruct((batch, heads, seq_pad, 1), jnp.float32)),
@@ -599,7 +604,7 @@ def _tiled_backward(cfg: _Config, q, k, v, aux, lse, do, delta):
   bq, bk, g = cfg.block_q, cfg.block_k, cfg.groups
   q_spec, kv_spec, row_spec, aux_specs = _tiled_query_specs(cfg, head_dim)
   dq = _tiled_call(
-      _tiled_dq_kernel, cfg, "flash_attention_dq", (batch, heads, seq_pad // bq, seq_pad // bk),
+      _tiled_dq_kernel, cfg, "flash_attention_dq", (batch, heads, seq_pad // bq, seq_pad // bk), 1,
       [q_spec, kv_spec, kv_spec, q_spec, row_spec, row_spec, *aux_specs], q_spec,
       jax.ShapeDtypeStruct(q.shape, q.dtype), [(bq, head_dim)], q, k, v, do, lse, delta, *aux)
   # Grid (b, kv_head, j, g, i): query head h * groups + g, its query block nearest the visible i.
@@ -610,7 +615,7 @@ def _tiled_backward(cfg: _Config, q, k, v, aux, lse, do, delta):
   k_spec = pl.BlockSpec((None, None, bk, head_dim), lambda b, h, j, gi, i: (b, h, j, 0))
   dk, dv = _tiled_call(
       _tiled_dkdv_kernel, cfg, "flash_attention_dkdv",
-      (batch, k.shape[1], seq_pad // bk, g, seq_pad // bq),
+      (batch, k.shape[1], seq_pad // bk, g, seq_pad // bq), 2,  # over the group's heads and i
       [group_spec, k_spec, k_spec, group_spec, group_rows, group_rows,
        *_tiled_aux_specs(cfg, q_at, lambda b, h, j, gi, i: j)], (k_spec, k_spec),
       (jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)),

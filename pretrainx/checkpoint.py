@@ -46,9 +46,12 @@ class CheckpointWriteError(CheckpointError):
 def describe_error(err: BaseException) -> str:
   """'Type: first line of the message' (its start and end if long), readable: some tensorstore
   errors carry the repr of a bound pybind11 method (`<bound method
-  pybind11_detail_function_record_v1_...>`) where their text should be; that is left out."""
+  pybind11_detail_function_record_v1_...>`) where their text should be, and most end with the
+  whole JSON spec of the store (`[tensorstore_spec='{...}']`), which would push the OS error out
+  of the shortened line; both are left out."""
   texts = [a for a in err.args if isinstance(a, str)] or [str(err)]
-  text = " ".join(_BOUND_METHOD.sub("", t).strip() for t in texts).strip()
+  text = " ".join(_TENSORSTORE_SPEC.sub("", _BOUND_METHOD.sub("", t)).strip() for t in texts)
+  text = text.strip()
   first = text.splitlines()[0].strip() if text else "no message"
   if len(first) > 200:  # a storage error's cause ("File too large", "No space left") is its end
     first = f"{first[:80].rstrip()} ... {first[-115:].lstrip()}"
@@ -56,6 +59,7 @@ def describe_error(err: BaseException) -> str:
 
 
 _BOUND_METHOD = re.compile(r"<bound method [^<>]*(<[^<>]*>[^<>]*)*>")
+_TENSORSTORE_SPEC = re.compile(r"\s*\[tensorstore_spec='.*?'\]", re.DOTALL)
 
 
 def _shape_mismatches(saved: Any, abstract: Any) -> list[str]:

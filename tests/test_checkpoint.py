@@ -154,6 +154,15 @@ def test_an_unreadable_checkpoint_is_described_in_words():
                    "<tensorstore.KvStore object at 0x7f>>\nsecond line")
   assert checkpoint.describe_error(err) == 'ValueError: DATA_LOSS: Error reading "x/.zarray"'
   assert checkpoint.describe_error(OSError()) == "OSError: no message"
+  # A failed write keeps its OS error, not the store's JSON spec that tensorstore appends.
+  spec = "{" + ",".join(f'\\"k{i}\\":{{\\"path\\":\\"/run/x\\"}}' for i in range(20)) + "}"
+  err = ValueError('OUT_OF_RANGE: Error opening "zarr" driver: Error writing local file '
+                   '"/run/checkpoints/2.orbax-checkpoint-tmp/state/guard.consecutive_bad/.zarray": '
+                   'Failed to write 206 bytes to file 4: File too large [os_error_code=\'27\'] '
+                   f"[tensorstore_spec='{spec}']")
+  described = checkpoint.describe_error(err)
+  assert described.endswith("File too large [os_error_code='27']"), described
+  assert "tensorstore_spec" not in described and len(described) < 230, described
 
 
 # The bucket's server as the client sees it: a TCP proxy (a process of its own) in front of the

@@ -1,7 +1,9 @@
 """Meshes and logical-axis rules: the only place that maps model axis names to devices.
 
-A mesh has axes ('data', 'fsdp', 'expert', 'tensor'). Parameters and activations carry logical names
-('embed', 'mlp', 'heads', ..., 'activation_batch', ...); MeshConfig.rules maps each to mesh axes.
+A mesh has axes ('data', 'fsdp', 'context', 'expert', 'tensor'). Parameters and activations carry
+logical names ('embed', 'mlp', 'heads', ..., 'activation_batch', ...); MeshConfig.rules maps each to
+mesh axes. Over several slices (TPU slices joined by the data-centre network, GPU hosts, or
+simulated slices on a CPU host), each axis is slice-major: its DCN part outside its ICI part.
 """
 
 from __future__ import annotations
@@ -13,18 +15,93 @@ from typing import Any
 import flax.linen as nn
 import jax
 import numpy as np
+from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 from pretrainx.config import MeshConfig
-from pretrainx.config.mesh import BATCH_AXES, MESH_AXES
+from pretrainx.config.mesh import BATCH_AXES, LENGTH_AXES, MESH_AXES
+
+
+def device_slices(devices: list) -> tuple[list[int], str]:
+  """(slice of each device, what a slice is): TPU devices carry their slice_index; devices of
+  several processes (GPU hosts, loopback processes) are grouped by process; else one slice."""
+  if all(getattr(d, "slice_index", None) is not None for d in devices):
+    return [int(d.slice_index) for d in devices], "slice"
+  processes = sorted({d.process_index for d in devices})
+  if len(processes) > 1:
+    return [processes.index(d.process_index) for d in devices], "process"
+  return [0] * len(devices), "slice"
+
+
+def simulated_slices(devices: list, num_slices: int) -> list[int]:
+  """One process's devices cut into `num_slices` runs of consecutive ids: slice of each device."""
+  order = sorted(range(len(devices)), key=lambda i: devices[i].id)
+  per = len(devices) // num_slices
+  slices = [0] * len(devices)
+  for rank, i in enumerate(order):
+    slices[i] = rank // per
+  return slices
+
+
+def _hybrid(devices: list, slices: list[int], ici: tuple[int, ...], dcn: tuple[int, ...]
+            ) -> np.ndarray:
+  """Devices laid out [dcn_0 * ici_0, dcn_1 * ici_1, ...]: each slice an ICI block, slice-major
+  (what mesh_utils.create_hybrid_device_mesh builds, for devices it cannot group)."""
+  groups = [[d for d, s in sorted(zip(devices, slices), key=lambda p: p[0].id) if s == k]
+            for k in range(math.prod(dcn))]
+  blocks = np.asarray(groups, dtype=object).reshape(*dcn, *ici)  # [*dcn, *ici]
+  n = len(ici)
+  blocks = blocks.transpose([j for i in range(n) for j in (i, n + i)])  # dcn_0, ici_0, dcn_1, ...
+  return blocks.reshape([d * i for d, i in zip(dcn, ici)])
 
 
 def make_mesh(cfg: MeshConfig, devices: list | None = None) -> Mesh:
-  """A ('data', 'fsdp', 'expert', 'tensor') mesh with Auto axis types (what Linen's logical rules need)."""
+  """A mesh over MESH_AXES with Auto axis types (what Linen's logical rules need).
+
+  On one slice: jax.make_mesh's device order (or `devices` reshaped). Over several: the slices
+  of TPU devices (or the processes of GPU hosts) are joined by mesh_utils.create_hybrid_device_mesh
+  along the DCN axes; on a single CPU process the devices are cut into simulated slices of
+  consecutive devices, laid out the same way. ValueErrors say what does not fit.
+  """
   axis_types = (AxisType.Auto,) * len(MESH_AXES)
-  if devices is None:
-    return jax.make_mesh(cfg.resolved_shape(jax.device_count()), MESH_AXES, axis_types=axis_types)
-  shape = cfg.resolved_shape(len(devices))
-  return Mesh(np.asarray(devices).reshape(shape), MESH_AXES, axis_types=axis_types)
+  all_devices = list(jax.devices() if devices is None else devices)
+  slices, granule = device_slices(all_devices)
+  found = len(set(slices))
+  wanted = cfg.num_slices(found)
+  if wanted == 1 and found == 1:
+    shape = cfg.resolved_shape(len(all_devices))
+    if devices is None:
+      return jax.make_mesh(shape, MESH_AXES, axis_types=axis_types)
+    return Mesh(np.asarray(all_devices).reshape(shape), MESH_AXES, axis_types=axis_types)
+  simulated = found == 1 and all_devices[0].platform == "cpu"
+  if found != wanted and not simulated:
+    raise ValueError(
+        f"the devices span {found} {granule}{'s' * (found != 1)} but MeshConfig.dcn_data x "
+        f"dcn_fsdp = {wanted}; set them so that their product is {found}"
+        + (" (a DCN axis needs a multi-slice topology)" if found == 1 else "") + ".")
+  dcn = cfg.dcn_shape(found)
+  if len(all_devices) % wanted:
+    raise ValueError(f"{len(all_devices)} devices cannot form {wanted} slices of equal size; "
+                     "make MeshConfig.dcn_data x dcn_fsdp divide the number of devices.")
+  ici = cfg.ici_shape(len(all_devices) // wanted, wanted)
+  if simulated:
+    grid = _hybrid(all_devices, simulated_slices(all_devices, wanted), ici, dcn)
+  elif granule == "slice" and all_devices[0].platform == "tpu":
+    grid = mesh_utils.create_hybrid_device_mesh(ici, dcn, all_devices,
+                                                allow_split_physical_axes=True)
+  else:
+    grid = mesh_utils.create_hybrid_device_mesh(ici, dcn, all_devices, process_is_granule=True,
+                                                allow_split_physical_axes=True)
+  return Mesh(grid, MESH_AXES, axis_types=axis_types)
+
+
+def mesh_slices(mesh: Mesh, num_slices: int = 1) -> dict[int, int]:
+  """Device id -> its slice, as make_mesh grouped them: the devices' own slices (or processes),
+  or on one CPU process the `num_slices` simulated slices of consecutive ids."""
+  devices = list(mesh.devices.flat)
+  slices, _ = device_slices(devices)
+  if len(set(slices)) == 1 and num_slices > 1:
+    slices = simulated_slices(devices, num_slices)
+  return {d.id: s for d, s in zip(devices, slices)}
 
 
 def data_parallel_size(mesh: Mesh) -> int:
@@ -32,8 +109,8 @@ def data_parallel_size(mesh: Mesh) -> int:
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
-  """[batch, seq] arrays: batch split over data x fsdp, seq replicated."""
-  return NamedSharding(mesh, PartitionSpec(BATCH_AXES, None))
+  """[batch, seq] arrays: batch split over data x fsdp x expert, seq over context."""
+  return NamedSharding(mesh, PartitionSpec(BATCH_AXES, LENGTH_AXES))
 
 
 def check_batch_divisible(global_batch_size: int, mesh: Mesh, microbatches: int = 1) -> None:

@@ -45,7 +45,7 @@ def test_restore_onto_a_different_mesh_reshards(tiny_exp, tmp_path):
   assert step == 3 and meta == {"step": 3}
   _close(restored, saved)
   q = restored.params["layers"]["attention"]["q_proj"]
-  assert q.sharding == NamedSharding(mesh, PartitionSpec(None, "fsdp", "tensor", None))
+  assert q.sharding == NamedSharding(mesh, PartitionSpec(None, ("fsdp", "context"), "tensor", None))
   ckpt.close()
 
 

@@ -197,7 +197,7 @@ def test_sharded_checkpoint_imports_into_mesh_shardings(sharded_llama):
   rules = MeshConfig().rules
   cfg, params = hf.import_hf(directory, mesh=mesh, rules=rules)
   q = params["layers"]["attention"]["q_proj"]  # [layers, embed, heads, head_dim]
-  expected = NamedSharding(mesh, PartitionSpec(None, "fsdp", "tensor", None))
+  expected = NamedSharding(mesh, PartitionSpec(None, ("fsdp", "context"), "tensor", None))
   assert q.sharding.is_equivalent_to(expected, q.ndim)
   assert {s.data.shape for s in q.addressable_shards} == {(2, 32, 2, 16)}
   table = params["embed"]["embedding"]  # [vocab, embed]

@@ -162,7 +162,7 @@ def test_experts_import_sharded_over_the_expert_axis(mixtral_dir):
   rules = MeshConfig().rules
   cfg, params = hf.import_hf(directory, mesh=mesh, rules=rules)
   gate = params["layers"]["moe"]["gate_proj"]  # [layers, experts, embed, mlp]
-  expected = NamedSharding(mesh, PartitionSpec(None, "expert", "fsdp", "tensor"))
+  expected = NamedSharding(mesh, PartitionSpec(None, "expert", ("fsdp", "context"), "tensor"))
   assert gate.sharding.is_equivalent_to(expected, gate.ndim)
   assert {s.data.shape for s in gate.addressable_shards} == {(2, 2, 32, 64)}
   single = hf.import_hf(directory)[1]

@@ -40,9 +40,9 @@ def test_presets_shard_on_a_2x2x2_mesh(name):
   abstract, shardings = state_shardings(Transformer(cfg), optimizer, mesh,
                                         MeshConfig().rules, seq_len=8)
   q = abstract.params["layers"]["attention"]["q_proj"]
-  assert q.sharding.spec == PartitionSpec(None, "fsdp", "tensor", None)  # layers, embed, heads, hd
+  assert q.sharding.spec == PartitionSpec(None, ("fsdp", "context"), "tensor", None)  # layers, embed, heads, hd
   mu = abstract.opt_state[1][0].mu["layers"]["mlp"]["up_proj"]  # Adam moments follow params
-  assert mu.sharding.spec == PartitionSpec(None, "fsdp", "tensor")
+  assert mu.sharding.spec == PartitionSpec(None, ("fsdp", "context"), "tensor")
   # every large parameter is split 4 ways (fsdp x tensor) or more
   for leaf in jax.tree.leaves(abstract.params):
     if np.prod(leaf.shape) > 1e6:

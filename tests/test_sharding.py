@@ -42,17 +42,17 @@ def test_sharded_equals_unsharded(tiny_exp, shape):
   if shape[2] > 1:  # parameters really are split, not replicated
     q = params8["layers"]["attention"]["q_proj"]
     assert isinstance(q.sharding, NamedSharding)
-    assert q.sharding.spec == PartitionSpec(None, "fsdp", "tensor", None)
+    assert q.sharding.spec == PartitionSpec(None, ("fsdp", "context"), "tensor", None)
     assert q.addressable_shards[0].data.shape[2] == q.shape[2] // shape[2]
 
 
 def test_mesh_product_must_match_devices():
-  with pytest.raises(ValueError, match=r"data=2 x fsdp=2 x expert=1 x tensor=3 = 12 devices, but 8"):
+  with pytest.raises(ValueError, match=r"data=2 x fsdp=2 x context=1 x expert=1 x tensor=3 = 12 devices, but 8"):
     make_mesh(MeshConfig(data=2, fsdp=2, tensor=3))
   with pytest.raises(ValueError, match="cannot fill 8 devices"):
     make_mesh(MeshConfig(data=-1, fsdp=3, tensor=1))
   assert dict(make_mesh(MeshConfig(data=-1, fsdp=2, tensor=2)).shape) == {
-      "data": 2, "fsdp": 2, "expert": 1, "tensor": 2}
+      "data": 2, "fsdp": 2, "context": 1, "expert": 1, "tensor": 2}
 
 
 def test_batch_must_divide_data_parallel_size():

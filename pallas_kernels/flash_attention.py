@@ -18,6 +18,14 @@ never on the sequence or the GQA group, and TPU block sizes are chosen to fit th
 parallel) loops over the visible blocks inside each program: forward and dq on (batch, heads,
 q_blocks), dk/dv on (batch, kv_heads, k_blocks) over the group's query heads, so dk/dv are summed
 over the group inside the kernel.
+
+Explicit positions (context parallelism: a zigzag shard of queries against all-gathered keys):
+q [b, q_len, ...] and k/v [b, kv_len, ...] pad separately (q_pad, kv_pad), and token positions
+travel as aux arrays like the segment ids (q_pos [b, q_pad, 1], k_pos [b, 1, kv_pad]); the mask
+compares them instead of the indices. The static block ranges assume natural order, so they
+become the full range; the tiled kernels still skip the compute of a tile that no pair can see,
+judged from the min / max of its positions (`_tile_visible`), though its blocks are fetched. The
+looped kernels and the pure-JAX path visit every block and mask it.
 """
 
 from __future__ import annotations
@@ -51,13 +59,19 @@ class _Config(NamedTuple):
   scale: float
   block_q: int
   block_k: int
-  seq_len: int  # real length; arrays are padded beyond it
+  seq_len: int  # real query length; arrays are padded beyond it
   groups: int  # query heads per kv head
   segments: bool
   prefix: bool
   impl: str  # 'pallas' or 'jax'
   interpret: bool
   backend: str  # 'cpu', 'gpu' or 'tpu': picks the Pallas compiler
+  kv_len: int | None = None  # real key length; None: seq_len (self-attention)
+  positions: bool = False  # the mask compares explicit token positions (aux arrays)
+
+  @property
+  def k_len(self) -> int:
+    return self.seq_len if self.kv_len is None else self.kv_len
 
 
 # ----------------------------------------------------------------------------- block sizes
@@ -186,10 +200,13 @@ def can_lower(backend: str | None = None) -> bool:
 
 
 def _kv_block_range(q_block, cfg: _Config):
-  """Key blocks [lo, hi) that queries of q block `q_block` can see."""
-  num_k = pl.cdiv(cfg.seq_len, cfg.block_k)  # blocks wholly in the padding are never visited
+  """Key blocks [lo, hi) that queries of q block `q_block` can see (all of them with explicit
+  positions, whose order these static bounds cannot know: see `_tile_visible`)."""
+  num_k = pl.cdiv(cfg.k_len, cfg.block_k)  # blocks wholly in the padding are never visited
   first_q = q_block * cfg.block_q
   lo, hi = 0, num_k
+  if cfg.positions:
+    return lo, hi
   if cfg.window is not None:  # key j is visible to query i only if j > i - window
     lo = jnp.maximum(first_q - cfg.window + 1, 0) // cfg.block_k
   if cfg.causal and not cfg.prefix:  # keys after the block's last query are hidden
@@ -198,9 +215,11 @@ def _kv_block_range(q_block, cfg: _Config):
 
 
 def _q_block_range(k_block, cfg: _Config, num_q: int):
-  """Query blocks [lo, hi) that can see some key of k block `k_block`."""
+  """Query blocks [lo, hi) that can see some key of k block `k_block` (all with positions)."""
   first_k = k_block * cfg.block_k
   lo, hi = 0, num_q
+  if cfg.positions:
+    return lo, hi
   if cfg.causal and not cfg.prefix:
     lo = first_k // cfg.block_q
   if cfg.window is not None:  # the last key of the block is seen up to query last_k + window - 1
@@ -208,14 +227,20 @@ def _q_block_range(k_block, cfg: _Config, num_q: int):
   return lo, hi
 
 
-def _mask(cfg: _Config, q_pos, k_pos, q_seg=None, k_seg=None, prefix=None):
-  """Visibility by broadcasting q_pos [..., bq, 1] against k_pos [..., 1, bk]; None if all visible.
+def _mask(cfg: _Config, q_idx, k_idx, q_seg=None, k_seg=None, prefix=None, q_pos=None,
+          k_pos=None):
+  """Visibility by broadcasting q_idx [..., bq, 1] against k_idx [..., 1, bk] (array indices);
+  None if all visible.
 
-  q_seg [..., bq, 1] and k_seg, prefix [..., 1, bk] are int arrays (used when cfg says so).
+  q_seg, q_pos [..., bq, 1] and k_seg, prefix, k_pos [..., 1, bk] are int arrays (used when cfg
+  says so); with cfg.positions the causal mask and the window compare q_pos and k_pos instead of
+  the indices, while padded keys stay masked by index.
   """
   conds = []
-  if cfg.seq_len % cfg.block_k:  # the last visited key block holds padding
-    conds.append(k_pos < cfg.seq_len)
+  if cfg.k_len % cfg.block_k:  # the last visited key block holds padding
+    conds.append(k_idx < cfg.k_len)
+  if not cfg.positions:
+    q_pos, k_pos = q_idx, k_idx
   if cfg.causal:
     conds.append(k_pos <= q_pos if not cfg.prefix else (k_pos <= q_pos) | (prefix != 0))
   if cfg.window is not None:
@@ -223,6 +248,23 @@ def _mask(cfg: _Config, q_pos, k_pos, q_seg=None, k_seg=None, prefix=None):
   if cfg.segments:
     conds.append(q_seg == k_seg)
   return functools.reduce(jnp.logical_and, conds) if conds else None
+
+
+def _tile_visible(cfg: _Config, q_pos, k_pos):
+  """Whether some pair of a tile with positions q_pos [bq, 1] and k_pos [1, bk] can pass the
+  causal and window conditions (segments aside): the block skip for explicit positions, which
+  `_kv_block_range` cannot give. True when cfg.positions is off or nothing can be ruled out.
+  Padded positions only widen it. The min/max are taken in fp32 (exact below 2**24), which
+  Mosaic reduces like any float vector."""
+  visible = True
+  if not cfg.positions:
+    return visible
+  q_pos, k_pos = q_pos.astype(jnp.float32), k_pos.astype(jnp.float32)
+  if cfg.causal and not cfg.prefix:  # some key at or before some query
+    visible = jnp.min(k_pos) <= jnp.max(q_pos)
+  if cfg.window is not None:  # some pair closer than the window
+    visible = visible & (jnp.min(q_pos) - jnp.max(k_pos) < cfg.window)
+  return visible
 
 
 def _softcap(scores, cfg: _Config):
@@ -266,11 +308,28 @@ def _probs_and_dscores(s, dcap, mask, lse, delta, dp):
 
 
 def _split_aux(cfg: _Config, refs):
-  """refs = (*aux, *rest) -> ((q_seg, k_seg, prefix) refs or None, rest)."""
-  n = 2 * cfg.segments + cfg.prefix
-  aux, rest = list(refs[:n]), refs[n:]
-  segs = (aux.pop(0), aux.pop(0)) if cfg.segments else (None, None)
-  return (*segs, aux.pop(0) if cfg.prefix else None), rest
+  """refs = (*aux, *rest) -> (_Aux of refs or None, rest)."""
+  n = 2 * cfg.segments + cfg.prefix + 2 * cfg.positions
+  return _Aux.of(cfg, refs[:n]), refs[n:]
+
+
+class _Aux(NamedTuple):
+  """The int aux arrays (or refs, or slices) of a call; None where cfg has no such array.
+  q_seg, q_pos are keyed like the queries ([..., rows, 1]), the rest like the keys."""
+  q_seg: object = None
+  k_seg: object = None
+  prefix: object = None
+  q_pos: object = None
+  k_pos: object = None
+
+  @staticmethod
+  def of(cfg: _Config, present) -> "_Aux":
+    """From the arrays present, in the order `_present_aux` lists them."""
+    present = list(present)
+    take = lambda flag: present.pop(0) if flag else None
+    q_seg, k_seg = take(cfg.segments), take(cfg.segments)
+    prefix = take(cfg.prefix)
+    return _Aux(q_seg, k_seg, prefix, take(cfg.positions), take(cfg.positions))
 
 
 def _read(ref, *idx):
@@ -286,28 +345,29 @@ def _dot(a, b):
   return jnp.dot(a, b, preferred_element_type=jnp.float32)
 
 
-def _key_block(cfg: _Config, refs, k_block, q_pos, q_seg):
-  """(k [bk, d], v [bk, d], mask [bq, bk]) of key block `k_block` for the program's queries."""
-  k_ref, v_ref, k_seg_ref, prefix_ref = refs
+def _key_block(cfg: _Config, k_ref, v_ref, aux: _Aux, k_block, q_idx, q_seg, q_pos):
+  """(k [bk, d], v [bk, d], mask [bq, bk]) of key block `k_block` for the program's queries;
+  aux holds the whole-sequence key-side refs. (With explicit positions every key block is
+  visited and masked: the looped kernels do not skip by position.)"""
   start = pl.multiple_of(k_block * cfg.block_k, cfg.block_k)
   cols = pl.ds(start, cfg.block_k)
-  k_pos = start + jax.lax.broadcasted_iota(jnp.int32, (1, cfg.block_k), 1)
-  mask = _mask(cfg, q_pos, k_pos, q_seg, _read(k_seg_ref, slice(None), cols),
-               _read(prefix_ref, slice(None), cols))
+  k_idx = start + jax.lax.broadcasted_iota(jnp.int32, (1, cfg.block_k), 1)
+  key = lambda ref: _read(ref, slice(None), cols)
+  mask = _mask(cfg, q_idx, k_idx, q_seg, key(aux.k_seg), key(aux.prefix), q_pos, key(aux.k_pos))
   return k_ref[cols, :], v_ref[cols, :], mask
 
 
 def _fwd_kernel(q_ref, k_ref, v_ref, *refs, cfg: _Config):
-  """Program (b, h, i): q [bq, d], k/v [seq_pad, d]; writes o [bq, d] and lse [bq, 1]."""
-  (q_seg_ref, k_seg_ref, prefix_ref), (o_ref, lse_ref) = _split_aux(cfg, refs)
+  """Program (b, h, i): q [bq, d], k/v [kv_pad, d]; writes o [bq, d] and lse [bq, 1]."""
+  aux, (o_ref, lse_ref) = _split_aux(cfg, refs)
   bq = cfg.block_q
   q_block = pl.program_id(2)
   q = q_ref[...]
-  q_pos = q_block * bq + jax.lax.broadcasted_iota(jnp.int32, (bq, 1), 0)
-  q_seg = _read(q_seg_ref, slice(None), slice(None))
+  q_idx = q_block * bq + jax.lax.broadcasted_iota(jnp.int32, (bq, 1), 0)
+  q_seg, q_pos = (_read(r, slice(None), slice(None)) for r in (aux.q_seg, aux.q_pos))
 
   def body(k_block, carry):
-    k, v, mask = _key_block(cfg, (k_ref, v_ref, k_seg_ref, prefix_ref), k_block, q_pos, q_seg)
+    k, v, mask = _key_block(cfg, k_ref, v_ref, aux, k_block, q_idx, q_seg, q_pos)
     s, _ = _softcap(_dot_t(q, k), cfg)
     return _online_update(carry, s, mask, lambda p: _dot(p.astype(v.dtype), v))
 
@@ -320,15 +380,15 @@ def _fwd_kernel(q_ref, k_ref, v_ref, *refs, cfg: _Config):
 
 def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, cfg: _Config):
   """Program (b, h, i): dq [bq, d] = scale * sum over visible key blocks of ds @ k."""
-  (q_seg_ref, k_seg_ref, prefix_ref), (dq_ref,) = _split_aux(cfg, refs)
+  aux, (dq_ref,) = _split_aux(cfg, refs)
   bq = cfg.block_q
   q_block = pl.program_id(2)
   q, do, lse, delta = q_ref[...], do_ref[...], lse_ref[...], delta_ref[...]
-  q_pos = q_block * bq + jax.lax.broadcasted_iota(jnp.int32, (bq, 1), 0)
-  q_seg = _read(q_seg_ref, slice(None), slice(None))
+  q_idx = q_block * bq + jax.lax.broadcasted_iota(jnp.int32, (bq, 1), 0)
+  q_seg, q_pos = (_read(r, slice(None), slice(None)) for r in (aux.q_seg, aux.q_pos))
 
   def body(k_block, dq):
-    k, v, mask = _key_block(cfg, (k_ref, v_ref, k_seg_ref, prefix_ref), k_block, q_pos, q_seg)
+    k, v, mask = _key_block(cfg, k_ref, v_ref, aux, k_block, q_idx, q_seg, q_pos)
     s, dcap = _softcap(_dot_t(q, k), cfg)
     _, ds = _probs_and_dscores(s, dcap, mask, lse, delta, _dot_t(do, v))
     return dq + _dot(ds.astype(k.dtype), k)
@@ -339,13 +399,14 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, cfg: _Con
 
 
 def _dkdv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, cfg: _Config):
-  """Program (b, kv_head, j): q/do [groups, seq_pad, d], k/v [bk, d]; dk, dv [bk, d]."""
-  (q_seg_ref, k_seg_ref, prefix_ref), (dk_ref, dv_ref) = _split_aux(cfg, refs)
+  """Program (b, kv_head, j): q/do [groups, q_pad, d], k/v [bk, d]; dk, dv [bk, d]."""
+  aux, (dk_ref, dv_ref) = _split_aux(cfg, refs)
   bq, bk = cfg.block_q, cfg.block_k
   k_block = pl.program_id(2)
   k, v = k_ref[...], v_ref[...]
-  k_pos = k_block * bk + jax.lax.broadcasted_iota(jnp.int32, (1, bk), 1)
-  k_seg, prefix = (_read(r, slice(None), slice(None)) for r in (k_seg_ref, prefix_ref))
+  k_idx = k_block * bk + jax.lax.broadcasted_iota(jnp.int32, (1, bk), 1)
+  k_seg, prefix, k_pos = (_read(r, slice(None), slice(None))
+                          for r in (aux.k_seg, aux.prefix, aux.k_pos))
   lo, hi = _q_block_range(k_block, cfg, pl.cdiv(cfg.seq_len, bq))
   carry = (jnp.zeros(k.shape, jnp.float32), jnp.zeros(v.shape, jnp.float32))
   for g in range(cfg.groups):  # static: the query heads sharing this kv head
@@ -355,8 +416,9 @@ def _dkdv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, cfg: _C
       start = pl.multiple_of(q_block * bq, bq)
       rows = pl.ds(start, bq)
       q, do = q_ref[g, rows, :], do_ref[g, rows, :]
-      q_pos = start + jax.lax.broadcasted_iota(jnp.int32, (bq, 1), 0)
-      mask = _mask(cfg, q_pos, k_pos, _read(q_seg_ref, rows, slice(None)), k_seg, prefix)
+      q_idx = start + jax.lax.broadcasted_iota(jnp.int32, (bq, 1), 0)
+      mask = _mask(cfg, q_idx, k_idx, _read(aux.q_seg, rows, slice(None)), k_seg, prefix,
+                   _read(aux.q_pos, rows, slice(None)), k_pos)
       s, dcap = _softcap(_dot_t(q, k), cfg)
       p, ds = _probs_and_dscores(s, dcap, mask, lse_ref[g, rows, :], delta_ref[g, rows, :],
                                  _dot_t(do, v))
@@ -367,20 +429,21 @@ def _dkdv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, cfg: _C
   dv_ref[...] = carry[1].astype(dv_ref.dtype)
 
 
-def _aux_specs(cfg: _Config, seq_pad: int, blocked: str) -> list[pl.BlockSpec]:
-  """BlockSpecs of (q_seg [b, seq_pad, 1], k_seg [b, 1, seq_pad], prefix [b, 1, seq_pad]) for a
-  grid (b, head, block) blocked over queries (blocked='q') or keys ('k')."""
-  bq = cfg.block_q if blocked == "q" else seq_pad
-  bk = cfg.block_k if blocked == "k" else seq_pad
+def _aux_specs(cfg: _Config, q_pad: int, kv_pad: int, blocked: str) -> list[pl.BlockSpec]:
+  """BlockSpecs of the aux arrays (q_seg, q_pos [b, q_pad, 1]; k_seg, prefix, k_pos [b, 1,
+  kv_pad]) for a grid (b, head, block) blocked over queries (blocked='q') or keys ('k')."""
+  bq = cfg.block_q if blocked == "q" else q_pad
+  bk = cfg.block_k if blocked == "k" else kv_pad
   q_map = (lambda b, h, i: (b, i, 0)) if blocked == "q" else (lambda b, h, i: (b, 0, 0))
   k_map = (lambda b, h, i: (b, 0, i)) if blocked == "k" else (lambda b, h, i: (b, 0, 0))
   return _present_aux(cfg, pl.BlockSpec((None, bq, 1), q_map), pl.BlockSpec((None, 1, bk), k_map))
 
 
-def _present_aux(cfg: _Config, q_seg, k_seg) -> list:
-  """Of the specs (q_seg, k_seg, prefix), those of the aux arrays this call passes; the prefix
-  is keyed like the keys, so it takes k_seg's spec."""
-  return ([q_seg, k_seg] if cfg.segments else []) + ([k_seg] if cfg.prefix else [])
+def _present_aux(cfg: _Config, q_like, k_like) -> list:
+  """Of the aux arrays (q_seg, k_seg, prefix, q_pos, k_pos), those this call passes, each as
+  q_like (keyed like the queries) or k_like (like the keys): the order `_Aux.of` reads."""
+  return (([q_like, k_like] if cfg.segments else []) + ([k_like] if cfg.prefix else [])
+          + ([q_like, k_like] if cfg.positions else []))
 
 
 def _compiler_params(cfg: _Config, semantics=("parallel",) * 3):
@@ -394,53 +457,55 @@ def _compiler_params(cfg: _Config, semantics=("parallel",) * 3):
   return pl_tpu.CompilerParams(dimension_semantics=semantics)
 
 
-def _query_grid_specs(cfg: _Config, seq_pad: int, head_dim: int):
+def _query_grid_specs(cfg: _Config, kv_pad: int, head_dim: int):
   """Specs for a (b, head, q_block) grid: a q-like block, whole-sequence k/v of head // groups,
   and a [block_q, 1] row-statistics block."""
   g, bq = cfg.groups, cfg.block_q
   return (pl.BlockSpec((None, None, bq, head_dim), lambda b, h, i: (b, h, i, 0)),
-          pl.BlockSpec((None, None, seq_pad, head_dim), lambda b, h, i: (b, h // g, 0, 0)),
+          pl.BlockSpec((None, None, kv_pad, head_dim), lambda b, h, i: (b, h // g, 0, 0)),
           pl.BlockSpec((None, None, bq, 1), lambda b, h, i: (b, h, i, 0)))
 
 
 def _pallas_forward(cfg: _Config, q, k, v, aux):
-  """q [b, h, seq_pad, d], k/v [b, kvh, seq_pad, d] -> (out like q, lse [b, h, seq_pad, 1])."""
-  batch, heads, seq_pad, head_dim = q.shape
-  q_spec, kv_spec, row_spec = _query_grid_specs(cfg, seq_pad, head_dim)
+  """q [b, h, q_pad, d], k/v [b, kvh, kv_pad, d] -> (out like q, lse [b, h, q_pad, 1])."""
+  batch, heads, q_pad, head_dim = q.shape
+  kv_pad = k.shape[2]
+  q_spec, kv_spec, row_spec = _query_grid_specs(cfg, kv_pad, head_dim)
   return pl.pallas_call(
       functools.partial(_fwd_kernel, cfg=cfg),
       out_shape=(jax.ShapeDtypeStruct(q.shape, q.dtype),
-                 jax.ShapeDtypeStruct((batch, heads, seq_pad, 1), jnp.float32)),
-      grid=(batch, heads, seq_pad // cfg.block_q),
-      in_specs=[q_spec, kv_spec, kv_spec, *_aux_specs(cfg, seq_pad, "q")],
+                 jax.ShapeDtypeStruct((batch, heads, q_pad, 1), jnp.float32)),
+      grid=(batch, heads, q_pad // cfg.block_q),
+      in_specs=[q_spec, kv_spec, kv_spec, *_aux_specs(cfg, q_pad, kv_pad, "q")],
       out_specs=(q_spec, row_spec), interpret=cfg.interpret,
       compiler_params=_compiler_params(cfg), name="flash_attention_fwd",
   )(q, k, v, *aux)
 
 
 def _pallas_backward(cfg: _Config, q, k, v, aux, lse, do, delta):
-  """Gradients (dq, dk, dv) shaped like (q, k, v); delta = rowsum(do * out) [b, h, seq_pad, 1]."""
-  batch, heads, seq_pad, head_dim = q.shape
-  q_spec, kv_spec, row_spec = _query_grid_specs(cfg, seq_pad, head_dim)
+  """Gradients (dq, dk, dv) shaped like (q, k, v); delta = rowsum(do * out) [b, h, q_pad, 1]."""
+  batch, heads, q_pad, head_dim = q.shape
+  kv_pad = k.shape[2]
+  q_spec, kv_spec, row_spec = _query_grid_specs(cfg, kv_pad, head_dim)
   dq = pl.pallas_call(
       functools.partial(_dq_kernel, cfg=cfg),
       out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
-      grid=(batch, heads, seq_pad // cfg.block_q),
+      grid=(batch, heads, q_pad // cfg.block_q),
       in_specs=[q_spec, kv_spec, kv_spec, q_spec, row_spec, row_spec,
-                *_aux_specs(cfg, seq_pad, "q")],
+                *_aux_specs(cfg, q_pad, kv_pad, "q")],
       out_specs=q_spec, interpret=cfg.interpret,
       compiler_params=_compiler_params(cfg), name="flash_attention_dq",
   )(q, k, v, do, lse, delta, *aux)
   # Grid (b, kv_head, k_block): the group's query heads are one block of `groups` heads.
-  group_spec = pl.BlockSpec((None, cfg.groups, seq_pad, head_dim), lambda b, h, j: (b, h, 0, 0))
-  group_rows = pl.BlockSpec((None, cfg.groups, seq_pad, 1), lambda b, h, j: (b, h, 0, 0))
+  group_spec = pl.BlockSpec((None, cfg.groups, q_pad, head_dim), lambda b, h, j: (b, h, 0, 0))
+  group_rows = pl.BlockSpec((None, cfg.groups, q_pad, 1), lambda b, h, j: (b, h, 0, 0))
   k_spec = pl.BlockSpec((None, None, cfg.block_k, head_dim), lambda b, h, j: (b, h, j, 0))
   dk, dv = pl.pallas_call(
       functools.partial(_dkdv_kernel, cfg=cfg),
       out_shape=(jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)),
-      grid=(batch, k.shape[1], seq_pad // cfg.block_k),
+      grid=(batch, k.shape[1], kv_pad // cfg.block_k),
       in_specs=[group_spec, k_spec, k_spec, group_spec, group_rows, group_rows,
-                *_aux_specs(cfg, seq_pad, "k")],
+                *_aux_specs(cfg, q_pad, kv_pad, "k")],
       out_specs=(k_spec, k_spec), interpret=cfg.interpret,
       compiler_params=_compiler_params(cfg), name="flash_attention_dkdv",
   )(q, k, v, do, lse, delta, *aux)
@@ -458,10 +523,8 @@ def _block_at(block, lo, hi):
 
 def _tiled_fwd_kernel(q_ref, k_ref, v_ref, *refs, cfg: _Config):
   """Program (b, h, i, j): q [bq, d], k/v [bk, d]; over j it fills o [bq, d] and lse [bq, 1]."""
-  (q_seg_ref, k_seg_ref, prefix_ref), (o_ref, lse_ref, m_ref, l_ref, acc_ref) = (
-      _split_aux(cfg, refs))
+  aux, (o_ref, lse_ref, m_ref, l_ref, acc_ref) = _split_aux(cfg, refs)
   q_block, k_block = pl.program_id(2), pl.program_id(3)
-  lo, hi = _kv_block_range(q_block, cfg)
 
   @pl.when(k_block == 0)
   def _():
@@ -469,9 +532,9 @@ def _tiled_fwd_kernel(q_ref, k_ref, v_ref, *refs, cfg: _Config):
     l_ref[...] = jnp.zeros(l_ref.shape, jnp.float32)
     acc_ref[...] = jnp.zeros(acc_ref.shape, jnp.float32)
 
-  @pl.when((k_block >= lo) & (k_block < hi))
+  @pl.when(_tile_computes(cfg, k_block, _kv_block_range(q_block, cfg), aux))
   def _():
-    v, mask = v_ref[...], _tile_mask(cfg, q_block, k_block, q_seg_ref, k_seg_ref, prefix_ref)
+    v, mask = v_ref[...], _tile_mask(cfg, q_block, k_block, aux)
     s, _ = _softcap(_dot_t(q_ref[...], k_ref[...]), cfg)
     m, l, acc = _online_update((m_ref[...], l_ref[...], acc_ref[...]), s, mask,
                                lambda p: _dot(p.astype(v.dtype), v))
@@ -484,36 +547,46 @@ def _tiled_fwd_kernel(q_ref, k_ref, v_ref, *refs, cfg: _Config):
     lse_ref[...] = lse
 
 
-def _tile_mask(cfg: _Config, q_block, k_block, q_seg_ref, k_seg_ref, prefix_ref):
+def _tile_computes(cfg: _Config, block, lo_hi, aux: _Aux):
+  """Whether a grid step computes its tile: its sequential `block` is inside the static range
+  lo_hi and, with explicit positions (whose ranges are everything), the tile-sized position refs
+  allow a visible pair. A skipped step computes nothing; without positions it also fetches no
+  new block (the index maps clamp to the range), with positions its blocks are still fetched."""
+  lo, hi = lo_hi
+  in_range = (block >= lo) & (block < hi)
+  if not cfg.positions:
+    return in_range
+  return in_range & _tile_visible(cfg, aux.q_pos[...], aux.k_pos[...])
+
+
+def _tile_mask(cfg: _Config, q_block, k_block, aux: _Aux):
   """The [bq, bk] mask of one (query block, key block) tile whose aux refs are tile-sized."""
-  q_pos = q_block * cfg.block_q + jax.lax.broadcasted_iota(jnp.int32, (cfg.block_q, 1), 0)
-  k_pos = k_block * cfg.block_k + jax.lax.broadcasted_iota(jnp.int32, (1, cfg.block_k), 1)
-  whole = (slice(None), slice(None))
-  return _mask(cfg, q_pos, k_pos, _read(q_seg_ref, *whole), _read(k_seg_ref, *whole),
-               _read(prefix_ref, *whole))
+  q_idx = q_block * cfg.block_q + jax.lax.broadcasted_iota(jnp.int32, (cfg.block_q, 1), 0)
+  k_idx = k_block * cfg.block_k + jax.lax.broadcasted_iota(jnp.int32, (1, cfg.block_k), 1)
+  whole = lambda ref: _read(ref, slice(None), slice(None))
+  return _mask(cfg, q_idx, k_idx, *(whole(ref) for ref in aux))
 
 
-def _tile_grads(cfg: _Config, refs, q_block, k_block):
-  """(p, ds) [bq, bk] of one tile; refs = (q, k, v, do, lse, delta, q_seg, k_seg, prefix)."""
-  q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *aux = refs
+def _tile_grads(cfg: _Config, refs, aux: _Aux, q_block, k_block):
+  """(p, ds) [bq, bk] of one tile; refs = (q, k, v, do, lse, delta)."""
+  q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref = refs
   s, dcap = _softcap(_dot_t(q_ref[...], k_ref[...]), cfg)
-  return _probs_and_dscores(s, dcap, _tile_mask(cfg, q_block, k_block, *aux), lse_ref[...],
+  return _probs_and_dscores(s, dcap, _tile_mask(cfg, q_block, k_block, aux), lse_ref[...],
                             delta_ref[...], _dot_t(do_ref[...], v_ref[...]))
 
 
 def _tiled_dq_kernel(*refs, cfg: _Config):
   """Program (b, h, i, j): over the visible key blocks j, dq [bq, d] = scale * sum ds @ k."""
-  (q_seg_ref, k_seg_ref, prefix_ref), (dq_ref, acc_ref) = _split_aux(cfg, refs[6:])
+  aux, (dq_ref, acc_ref) = _split_aux(cfg, refs[6:])
   q_block, k_block = pl.program_id(2), pl.program_id(3)
-  lo, hi = _kv_block_range(q_block, cfg)
 
   @pl.when(k_block == 0)
   def _():
     acc_ref[...] = jnp.zeros(acc_ref.shape, jnp.float32)
 
-  @pl.when((k_block >= lo) & (k_block < hi))
+  @pl.when(_tile_computes(cfg, k_block, _kv_block_range(q_block, cfg), aux))
   def _():
-    _, ds = _tile_grads(cfg, (*refs[:6], q_seg_ref, k_seg_ref, prefix_ref), q_block, k_block)
+    _, ds = _tile_grads(cfg, refs[:6], aux, q_block, k_block)
     acc_ref[...] += _dot(ds.astype(refs[1].dtype), refs[1][...])
 
   @pl.when(k_block == pl.num_programs(3) - 1)
@@ -524,11 +597,9 @@ def _tiled_dq_kernel(*refs, cfg: _Config):
 def _tiled_dkdv_kernel(*refs, cfg: _Config):
   """Program (b, kv_head, j, g, i): over the group's query heads g and the query blocks i that
   see key block j, dk [bk, d] and dv [bk, d] are summed in VMEM."""
-  (q_seg_ref, k_seg_ref, prefix_ref), (dk_ref, dv_ref, dk_acc, dv_acc) = (
-      _split_aux(cfg, refs[6:]))
+  aux, (dk_ref, dv_ref, dk_acc, dv_acc) = _split_aux(cfg, refs[6:])
   q_ref, do_ref = refs[0], refs[3]
   k_block, group, q_block = pl.program_id(2), pl.program_id(3), pl.program_id(4)
-  lo, hi = _q_block_range(k_block, cfg, pl.cdiv(cfg.seq_len, cfg.block_q))
   first = (group == 0) & (q_block == 0)
   last = (group == pl.num_programs(3) - 1) & (q_block == pl.num_programs(4) - 1)
 
@@ -537,9 +608,10 @@ def _tiled_dkdv_kernel(*refs, cfg: _Config):
     dk_acc[...] = jnp.zeros(dk_acc.shape, jnp.float32)
     dv_acc[...] = jnp.zeros(dv_acc.shape, jnp.float32)
 
-  @pl.when((q_block >= lo) & (q_block < hi))
+  lo_hi = _q_block_range(k_block, cfg, pl.cdiv(cfg.seq_len, cfg.block_q))
+  @pl.when(_tile_computes(cfg, q_block, lo_hi, aux))
   def _():
-    p, ds = _tile_grads(cfg, (*refs[:6], q_seg_ref, k_seg_ref, prefix_ref), q_block, k_block)
+    p, ds = _tile_grads(cfg, refs[:6], aux, q_block, k_block)
     dk_acc[...] += _dot(ds.T.astype(q_ref.dtype), q_ref[...])
     dv_acc[...] += _dot(p.T.astype(do_ref.dtype), do_ref[...])
 
@@ -586,25 +658,26 @@ def _tiled_query_specs(cfg: _Config, head_dim: int):
 
 
 def _tiled_forward(cfg: _Config, q, k, v, aux):
-  """q [b, h, seq_pad, d], k/v [b, kvh, seq_pad, d] -> (out like q, lse [b, h, seq_pad, 1])."""
-  batch, heads, seq_pad, head_dim = q.shape
+  """q [b, h, q_pad, d], k/v [b, kvh, kv_pad, d] -> (out like q, lse [b, h, q_pad, 1])."""
+  batch, heads, q_pad, head_dim = q.shape
   q_spec, kv_spec, row_spec, aux_specs = _tiled_query_specs(cfg, head_dim)
   return _tiled_call(
       _tiled_fwd_kernel, cfg, "flash_attention_fwd",
-      (batch, heads, seq_pad // cfg.block_q, seq_pad // cfg.block_k), 1,
+      (batch, heads, q_pad // cfg.block_q, k.shape[2] // cfg.block_k), 1,
       [q_spec, kv_spec, kv_spec, *aux_specs], (q_spec, row_spec),
       (jax.ShapeDtypeStruct(q.shape, q.dtype),
-       jax.ShapeDtypeStruct((batch, heads, seq_pad, 1), jnp.float32)),
+       jax.ShapeDtypeStruct((batch, heads, q_pad, 1), jnp.float32)),
       [(cfg.block_q, 1), (cfg.block_q, 1), (cfg.block_q, head_dim)], q, k, v, *aux)
 
 
 def _tiled_backward(cfg: _Config, q, k, v, aux, lse, do, delta):
-  """Gradients (dq, dk, dv) shaped like (q, k, v); delta = rowsum(do * out) [b, h, seq_pad, 1]."""
-  batch, heads, seq_pad, head_dim = q.shape
+  """Gradients (dq, dk, dv) shaped like (q, k, v); delta = rowsum(do * out) [b, h, q_pad, 1]."""
+  batch, heads, q_pad, head_dim = q.shape
   bq, bk, g = cfg.block_q, cfg.block_k, cfg.groups
+  num_q, num_k = q_pad // bq, k.shape[2] // bk
   q_spec, kv_spec, row_spec, aux_specs = _tiled_query_specs(cfg, head_dim)
   dq = _tiled_call(
-      _tiled_dq_kernel, cfg, "flash_attention_dq", (batch, heads, seq_pad // bq, seq_pad // bk), 1,
+      _tiled_dq_kernel, cfg, "flash_attention_dq", (batch, heads, num_q, num_k), 1,
       [q_spec, kv_spec, kv_spec, q_spec, row_spec, row_spec, *aux_specs], q_spec,
       jax.ShapeDtypeStruct(q.shape, q.dtype), [(bq, head_dim)], q, k, v, do, lse, delta, *aux)
   # Grid (b, kv_head, j, g, i): query head h * groups + g, its query block nearest the visible i.
@@ -615,7 +688,7 @@ def _tiled_backward(cfg: _Config, q, k, v, aux, lse, do, delta):
   k_spec = pl.BlockSpec((None, None, bk, head_dim), lambda b, h, j, gi, i: (b, h, j, 0))
   dk, dv = _tiled_call(
       _tiled_dkdv_kernel, cfg, "flash_attention_dkdv",
-      (batch, k.shape[1], seq_pad // bk, g, seq_pad // bq), 2,  # over the group's heads and i
+      (batch, k.shape[1], num_k, g, num_q), 2,  # over the group's heads and i
       [group_spec, k_spec, k_spec, group_spec, group_rows, group_rows,
        *_tiled_aux_specs(cfg, q_at, lambda b, h, j, gi, i: j)], (k_spec, k_spec),
       (jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)),
@@ -630,11 +703,20 @@ def _slice(x, start, size, axis):
   return None if x is None else jax.lax.dynamic_slice_in_dim(x, start, size, axis)
 
 
-def _jax_aux(cfg: _Config, aux):
-  """aux arrays -> (q_seg [b,1,1,seq_pad,1], k_seg [b,1,1,1,seq_pad], prefix like k_seg) or None."""
-  aux = [x[:, None, None] for x in aux]
-  segs = (aux.pop(0), aux.pop(0)) if cfg.segments else (None, None)
-  return (*segs, aux.pop(0) if cfg.prefix else None)
+def _jax_aux(cfg: _Config, aux) -> _Aux:
+  """aux arrays -> _Aux of q-like [b,1,1,q_pad,1] and k-like [b,1,1,1,kv_pad] arrays or None."""
+  return _Aux.of(cfg, [x[:, None, None] for x in aux])
+
+
+def _jax_mask(cfg: _Config, aux: _Aux, q_start, k_start):
+  """The mask [b or 1, 1, 1, bq, bk] of the (query block, key block) at these offsets. (With
+  explicit positions every block pair is visited and masked: no position-based skip here.)"""
+  bq, bk = cfg.block_q, cfg.block_k
+  rows = lambda x: _slice(x, q_start, bq, 3)
+  cols = lambda x: _slice(x, k_start, bk, 4)
+  return _mask(cfg, q_start + jnp.arange(bq)[:, None], k_start + jnp.arange(bk)[None, :],
+               rows(aux.q_seg), cols(aux.k_seg), cols(aux.prefix), rows(aux.q_pos),
+               cols(aux.k_pos))
 
 
 def _unblock(x):
@@ -649,21 +731,19 @@ def _einsum(spec, a, b):
 
 def _jax_forward(cfg: _Config, q, k, v, aux):
   """`_pallas_forward` in pure JAX: lax.map over query blocks, fori_loop over visible key blocks."""
-  batch, _, seq_pad, head_dim = q.shape
+  batch, _, q_pad, head_dim = q.shape
   kv_heads, bq, bk = k.shape[1], cfg.block_q, cfg.block_k
-  q5 = q.reshape(batch, kv_heads, cfg.groups, seq_pad, head_dim)  # [b, kvh, g, seq_pad, d]
-  q_seg, k_seg, prefix = _jax_aux(cfg, aux)
+  q5 = q.reshape(batch, kv_heads, cfg.groups, q_pad, head_dim)  # [b, kvh, g, q_pad, d]
+  aux = _jax_aux(cfg, aux)
 
   def q_step(q_block):
     start = q_block * bq
-    qb, qs = _slice(q5, start, bq, 3), _slice(q_seg, start, bq, 3)
-    q_pos = start + jnp.arange(bq)[:, None]
+    qb = _slice(q5, start, bq, 3)
 
     def body(k_block, carry):
       kstart = k_block * bk
       kb, vb = _slice(k, kstart, bk, 2), _slice(v, kstart, bk, 2)  # [b, kvh, bk, d]
-      mask = _mask(cfg, q_pos, kstart + jnp.arange(bk)[None, :], qs,
-                   _slice(k_seg, kstart, bk, 4), _slice(prefix, kstart, bk, 4))
+      mask = _jax_mask(cfg, aux, start, kstart)
       s, _ = _softcap(_einsum("bhgqd,bhkd->bhgqk", qb, kb), cfg)
       return _online_update(carry, s, mask,
                             lambda p: _einsum("bhgqk,bhkd->bhgqd", p.astype(v.dtype), vb))
@@ -674,25 +754,23 @@ def _jax_forward(cfg: _Config, q, k, v, aux):
     out, lse = _finish(*jax.lax.fori_loop(*_kv_block_range(q_block, cfg), body, init))
     return out.astype(q.dtype), lse
 
-  out, lse = jax.lax.map(q_step, jnp.arange(seq_pad // bq))
+  out, lse = jax.lax.map(q_step, jnp.arange(q_pad // bq))
   return _unblock(out), _unblock(lse)
 
 
 def _jax_backward(cfg: _Config, q, k, v, aux, lse, do, delta):
   """`_pallas_backward` in pure JAX: dq by query blocks, dk/dv by key blocks."""
-  batch, _, seq_pad, head_dim = q.shape
+  batch, _, q_pad, head_dim = q.shape
   kv_heads, bq, bk = k.shape[1], cfg.block_q, cfg.block_k
-  q5, do5, lse5, delta5 = (x.reshape(batch, kv_heads, cfg.groups, seq_pad, x.shape[-1])
+  q5, do5, lse5, delta5 = (x.reshape(batch, kv_heads, cfg.groups, q_pad, x.shape[-1])
                            for x in (q, do, lse, delta))
-  q_seg, k_seg, prefix = _jax_aux(cfg, aux)
+  aux = _jax_aux(cfg, aux)
 
   def block_grads(q_start, k_start):
     """(p, ds) [b, kvh, g, bq, bk] of one (query block, key block) pair, and its slices."""
     qb, dob, kb, vb = (_slice(q5, q_start, bq, 3), _slice(do5, q_start, bq, 3),
                        _slice(k, k_start, bk, 2), _slice(v, k_start, bk, 2))
-    mask = _mask(cfg, q_start + jnp.arange(bq)[:, None], k_start + jnp.arange(bk)[None, :],
-                 _slice(q_seg, q_start, bq, 3), _slice(k_seg, k_start, bk, 4),
-                 _slice(prefix, k_start, bk, 4))
+    mask = _jax_mask(cfg, aux, q_start, k_start)
     s, dcap = _softcap(_einsum("bhgqd,bhkd->bhgqk", qb, kb), cfg)
     p, ds = _probs_and_dscores(s, dcap, mask, _slice(lse5, q_start, bq, 3),
                                _slice(delta5, q_start, bq, 3),
@@ -715,8 +793,8 @@ def _jax_backward(cfg: _Config, q, k, v, aux, lse, do, delta):
     lo, hi = _q_block_range(k_block, cfg, pl.cdiv(cfg.seq_len, bq))
     return jax.lax.fori_loop(lo, hi, body, (zeros, zeros))
 
-  dq = _unblock(jax.lax.map(dq_step, jnp.arange(seq_pad // bq))) * cfg.scale
-  dk, dv = jax.lax.map(dkdv_step, jnp.arange(seq_pad // bk))
+  dq = _unblock(jax.lax.map(dq_step, jnp.arange(q_pad // bq))) * cfg.scale
+  dk, dv = jax.lax.map(dkdv_step, jnp.arange(k.shape[2] // bk))
   return (dq.astype(q.dtype), (_unblock(dk) * cfg.scale).astype(k.dtype),
           _unblock(dv).astype(v.dtype))
 
@@ -733,7 +811,8 @@ def _impl(cfg: _Config, looped, tiled, pure_jax):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def _attention(cfg: _Config, q, k, v, aux):
-  """Heads-major padded attention: q [b, h, seq_pad, d], k/v [b, kvh, seq_pad, d]; aux: int ids."""
+  """Heads-major padded attention: q [b, h, q_pad, d], k/v [b, kvh, kv_pad, d]; aux: int ids
+  and positions (`_present_aux`'s order), which get no gradient."""
   return _attention_fwd(cfg, q, k, v, aux)[0]
 
 
@@ -756,16 +835,33 @@ _attention.defvjp(_attention_fwd, _attention_bwd)
 # ----------------------------------------------------------------------------- public API
 
 
-def _check_options(q, k, segment_ids, prefix_mask, sliding_window, logit_softcap, block_q,
-                   block_k) -> None:
+def _check_options(q, k, segment_ids, kv_segment_ids, prefix_mask, q_positions, kv_positions,
+                   sliding_window, logit_softcap, block_q, block_k) -> None:
   """ValueErrors for everything `check_attention_shapes` does not cover."""
-  if q.shape[:2] != k.shape[:2]:
+  if (q_positions is None) != (kv_positions is None):
+    raise ValueError("pass both q_positions and kv_positions, or neither.")
+  if q_positions is None and q.shape[:2] != k.shape[:2]:
     raise ValueError(f"flash attention is self-attention: q and k/v need the same [batch, seq]; "
-                     f"got q {q.shape[:2]} and k {k.shape[:2]}. Use reference_attention for "
-                     "cross-attention or decoding with a cache.")
-  for name, ids in (("segment_ids", segment_ids), ("prefix_mask", prefix_mask)):
-    if ids is not None and tuple(ids.shape) != q.shape[:2]:
-      raise ValueError(f"{name} must be [batch, seq] = {q.shape[:2]}; got shape {ids.shape}.")
+                     f"got q {q.shape[:2]} and k {k.shape[:2]}. Pass q_positions and "
+                     "kv_positions for a shard of queries against longer keys; use "
+                     "reference_attention for cross-attention or decoding with a cache.")
+  if q.shape[0] != k.shape[0]:
+    raise ValueError(f"q and k/v need the same batch; got {q.shape[0]} and {k.shape[0]}.")
+  if kv_segment_ids is not None and segment_ids is None:
+    raise ValueError("kv_segment_ids needs segment_ids (the queries' ids) too.")
+  q_shape, kv_shape = q.shape[:2], k.shape[:2]
+  if segment_ids is not None and kv_segment_ids is None and q_shape != kv_shape:
+    raise ValueError(f"segment_ids alone must fit both q and k/v; with q {q_shape} and k/v "
+                     f"{kv_shape} pass kv_segment_ids for the keys.")
+  seq = "[batch, seq]" if q_positions is None else "[batch, q_len]"
+  kv_seq = "[batch, seq]" if q_positions is None else "[batch, kv_len]"
+  for name, ids, shape, dims in (
+      ("segment_ids", segment_ids, q_shape, seq), ("kv_segment_ids", kv_segment_ids, kv_shape,
+                                                   kv_seq),
+      ("prefix_mask", prefix_mask, kv_shape, kv_seq), ("q_positions", q_positions, q_shape, seq),
+      ("kv_positions", kv_positions, kv_shape, kv_seq)):
+    if ids is not None and tuple(ids.shape) != shape:
+      raise ValueError(f"{name} must be {dims} = {shape}; got shape {ids.shape}.")
   if sliding_window is not None and int(sliding_window) < 1:
     raise ValueError(f"sliding_window must be a positive int or None; got {sliding_window}.")
   if logit_softcap is not None and not float(logit_softcap) > 0:
@@ -776,20 +872,21 @@ def _check_options(q, k, segment_ids, prefix_mask, sliding_window, logit_softcap
 
 
 def _prepare(q, k, v, *, causal, segment_ids, prefix_mask, sliding_window, logit_softcap, scale,
-             block_q, block_k, impl, interpret, backend=None):
+             block_q, block_k, impl, interpret, backend=None, kv_segment_ids=None,
+             q_positions=None, kv_positions=None):
   """Validates; returns the static config and heads-major padded (q, k, v, aux)."""
   num_heads, num_kv_heads = check_attention_shapes(q, k, v)
-  _check_options(q, k, segment_ids, prefix_mask, sliding_window, logit_softcap, block_q,
-                 block_k)
-  seq_len, head_dim = q.shape[1], q.shape[3]
+  _check_options(q, k, segment_ids, kv_segment_ids, prefix_mask, q_positions, kv_positions,
+                 sliding_window, logit_softcap, block_q, block_k)
+  q_len, kv_len, head_dim = q.shape[1], k.shape[1], q.shape[3]
   # The pure-JAX loop prefers big blocks on every backend: it takes the CPU sizes.
   backend = _backend(backend) if impl == "pallas" else "cpu"
   mosaic = backend == "tpu" and not interpret
   kind = tpu_device_kind() if mosaic else None
-  default_q, default_k = default_block_sizes(backend, seq_len, head_dim, device_kind=kind,
-                                             itemsize=q.dtype.itemsize)
-  block_q = default_q if block_q is None else _cap_block(int(block_q), seq_len, backend)
-  block_k = default_k if block_k is None else _cap_block(int(block_k), seq_len, backend)
+  default_q, default_k = default_block_sizes(backend, max(q_len, kv_len), head_dim,
+                                             device_kind=kind, itemsize=q.dtype.itemsize)
+  block_q = _cap_block(default_q if block_q is None else int(block_q), q_len, backend)
+  block_k = _cap_block(default_k if block_k is None else int(block_k), kv_len, backend)
   if mosaic:
     for name, block in (("block_q", block_q), ("block_k", block_k)):
       if block % 128:
@@ -799,31 +896,36 @@ def _prepare(q, k, v, *, causal, segment_ids, prefix_mask, sliding_window, logit
   if backend == "gpu" and not interpret and any(x & (x - 1) for x in (block_q, block_k, head_dim)):
     raise ValueError(f"the Triton kernel needs power-of-two block_q, block_k and head_dim; got "
                      f"{block_q}, {block_k}, {head_dim}. Pick powers of two (or interpret=True).")
-  multiple = math.lcm(block_q, block_k)
-  seq_pad = pl.cdiv(seq_len, multiple) * multiple
+  q_pad, kv_pad = pl.cdiv(q_len, block_q) * block_q, pl.cdiv(kv_len, block_k) * block_k
+  positions = q_positions is not None
   cfg = _Config(causal=bool(causal), window=None if sliding_window is None else int(sliding_window),
                 softcap=None if logit_softcap is None else float(logit_softcap),
                 scale=head_dim**-0.5 if scale is None else float(scale), block_q=block_q,
-                block_k=block_k, seq_len=seq_len, groups=num_heads // num_kv_heads,
+                block_k=block_k, seq_len=q_len, groups=num_heads // num_kv_heads,
                 segments=segment_ids is not None, prefix=prefix_mask is not None, impl=impl,
-                interpret=bool(interpret), backend=backend)
+                interpret=bool(interpret), backend=backend,
+                kv_len=None if kv_len == q_len else kv_len, positions=positions)
 
-  def pad(x):  # [b, seq, ...] -> [b, seq_pad, ...]
-    return jnp.pad(x, [(0, 0), (0, seq_pad - seq_len)] + [(0, 0)] * (x.ndim - 2))
+  def pad(x, length):  # [b, seq, ...] -> [b, length, ...]
+    return jnp.pad(x, [(0, 0), (0, length - x.shape[1])] + [(0, 0)] * (x.ndim - 2))
 
-  aux = []
-  if segment_ids is not None:
-    ids = pad(jnp.asarray(segment_ids, jnp.int32))
-    aux += [ids[:, :, None], ids[:, None, :]]  # q_seg [b, seq_pad, 1], k_seg [b, 1, seq_pad]
-  if prefix_mask is not None:
-    aux.append(pad(jnp.asarray(prefix_mask).astype(jnp.int32))[:, None, :])
-  heads_major = lambda x: jnp.swapaxes(pad(x), 1, 2)  # [b, seq, h, d] -> [b, h, seq_pad, d]
-  return cfg, (heads_major(q), heads_major(k), heads_major(v), tuple(aux))
+  as_q = lambda ids: pad(jnp.asarray(ids).astype(jnp.int32), q_pad)[:, :, None]  # [b, q_pad, 1]
+  as_k = lambda ids: pad(jnp.asarray(ids).astype(jnp.int32), kv_pad)[:, None, :]  # [b, 1, kv_pad]
+  present = _Aux(
+      q_seg=None if segment_ids is None else as_q(segment_ids),
+      k_seg=None if segment_ids is None else as_k(
+          segment_ids if kv_segment_ids is None else kv_segment_ids),
+      prefix=None if prefix_mask is None else as_k(prefix_mask),
+      q_pos=None if not positions else as_q(q_positions),
+      k_pos=None if not positions else as_k(kv_positions))
+  heads_major = lambda x, length: jnp.swapaxes(pad(x, length), 1, 2)  # -> [b, h, length, d]
+  return cfg, (heads_major(q, q_pad), heads_major(k, kv_pad), heads_major(v, kv_pad),
+               tuple(x for x in present if x is not None))  # `_present_aux`'s order
 
 
 def _run(q, k, v, **options) -> jax.Array:
   cfg, args = _prepare(q, k, v, **options)
-  out = _attention(cfg, *args)  # [b, h, seq_pad, d]
+  out = _attention(cfg, *args)  # [b, h, q_pad, d]
   return jnp.swapaxes(out[:, :, :q.shape[1]], 1, 2)
 
 
@@ -831,16 +933,19 @@ def flash_attention(q, k, v, *, causal: bool = True, segment_ids=None, prefix_ma
                     sliding_window: int | None = None, logit_softcap: float | None = None,
                     scale: float | None = None, block_q: int | None = None,
                     block_k: int | None = None, interpret: bool | None = None,
-                    backend: str | None = None) -> jax.Array:
+                    backend: str | None = None, kv_segment_ids=None, q_positions=None,
+                    kv_positions=None) -> jax.Array:
   """Blockwise softmax self-attention as Pallas kernels (forward and backward).
 
   Args:
     q: [batch, seq, num_heads, head_dim]; k, v: [batch, seq, num_kv_heads, head_dim], with
-      num_kv_heads dividing num_heads (GQA). bf16 or fp32; accumulation is fp32.
+      num_kv_heads dividing num_heads (GQA). bf16 or fp32; accumulation is fp32. With positions
+      (below), q is [batch, q_len, ...] and k, v [batch, kv_len, ...] of any lengths.
     causal: query i sees keys j <= i (plus the prefix, see below).
-    segment_ids: [batch, seq] int or None; tokens attend only within their segment.
-    prefix_mask: [batch, seq] bool/int or None; keys with 1 are visible to every query of
-      their segment (prefix-LM). Disables the causal block skip.
+    segment_ids: [batch, seq] int or None; tokens attend only within their segment. With
+      unequal lengths these are the queries' ids ([batch, q_len]) and kv_segment_ids the keys'.
+    prefix_mask: [batch, seq] (per key: [batch, kv_len]) bool/int or None; keys with 1 are
+      visible to every query of their segment (prefix-LM). Disables the causal block skip.
     sliding_window: query i sees keys j with i - j < sliding_window.
     logit_softcap: scores become c * tanh(s / c) before masking.
     scale: score scale; default head_dim ** -0.5.
@@ -849,8 +954,16 @@ def flash_attention(q, k, v, *, causal: bool = True, segment_ids=None, prefix_ma
     interpret: Pallas interpret mode; None means True on the CPU backend.
     backend: the platform compiled for ('cpu', 'gpu', 'tpu'; None: jax's default backend), e.g.
       'tpu' when compiling ahead of time for TPU devices from a CPU host.
+    kv_segment_ids: [batch, kv_len] int or None: the keys' segment ids (None: segment_ids).
+    q_positions, kv_positions: [batch, q_len] / [batch, kv_len] int, both or neither: each
+      token's index in the full sequence (context parallelism: a zigzag shard of queries against
+      the all-gathered keys). The causal mask and the window then compare positions
+      (kv_pos <= q_pos, q_pos - kv_pos < window), not array indices. The static block skip
+      cannot know their order: the tiled kernels (TPU, CPU interpreter) still skip the compute
+      of tiles no pair of which can be visible, judged from the tile's positions; the Triton
+      kernels and `blockwise_attention_jax` visit every block and mask it.
   Returns:
-    [batch, seq, num_heads, head_dim] in q's dtype.
+    [batch, seq (q_len), num_heads, head_dim] in q's dtype.
   """
   backend = _backend(backend)
   if interpret is None:
@@ -858,18 +971,22 @@ def flash_attention(q, k, v, *, causal: bool = True, segment_ids=None, prefix_ma
   return _run(q, k, v, causal=causal, segment_ids=segment_ids, prefix_mask=prefix_mask,
               sliding_window=sliding_window, logit_softcap=logit_softcap, scale=scale,
               block_q=block_q, block_k=block_k, impl="pallas", interpret=interpret,
-              backend=backend)
+              backend=backend, kv_segment_ids=kv_segment_ids, q_positions=q_positions,
+              kv_positions=kv_positions)
 
 
 def blockwise_attention_jax(q, k, v, *, causal: bool = True, segment_ids=None, prefix_mask=None,
                             sliding_window: int | None = None, logit_softcap: float | None = None,
                             scale: float | None = None, block_q: int | None = None,
-                            block_k: int | None = None) -> jax.Array:
-  """`flash_attention` in pure JAX (same arguments, same custom_vjp and block skipping).
+                            block_k: int | None = None, kv_segment_ids=None, q_positions=None,
+                            kv_positions=None) -> jax.Array:
+  """`flash_attention` in pure JAX (same arguments, same custom_vjp and block skipping; with
+  explicit positions it visits every block pair and masks it).
 
   Memory is linear in seq (no [seq, seq] array, forward or backward); it runs natively on any
   backend, so it is the CPU fallback and what the CPU benchmark measures.
   """
   return _run(q, k, v, causal=causal, segment_ids=segment_ids, prefix_mask=prefix_mask,
               sliding_window=sliding_window, logit_softcap=logit_softcap, scale=scale,
-              block_q=block_q, block_k=block_k, impl="jax", interpret=False)
+              block_q=block_q, block_k=block_k, impl="jax", interpret=False,
+              kv_segment_ids=kv_segment_ids, q_positions=q_positions, kv_positions=kv_positions)

@@ -44,27 +44,41 @@ def attention_mask(
     kv_segment_ids: jax.Array | None,
     sliding_window: int | None = None,
     prefix_mask: jax.Array | None = None,
+    q_positions: jax.Array | None = None,
+    kv_positions: jax.Array | None = None,
 ) -> jax.Array:
   """Boolean mask [batch or 1, q_len, kv_len]: True where query i may attend to key j.
 
   mask(i, j) = same_segment(i, j) & (causal_ok(i, j) | prefix[j]) & window_ok(i, j): a key in the
   bidirectional prefix (`prefix_mask` [batch, kv_len], True on prefix tokens) is visible to every
-  query of its segment, earlier or later. Queries are aligned to the end of the keys (query i sits
-  at key position kv_len - q_len + i), which is the usual convention for decoding with a cache.
+  query of its segment, earlier or later. Without positions, queries are aligned to the end of the
+  keys (query i sits at key position kv_len - q_len + i), which is the usual convention for
+  decoding with a cache. With `q_positions` [batch, q_len] and `kv_positions` [batch, kv_len]
+  (each token's index in the full sequence, e.g. a context-parallel shard in zigzag order),
+  causal_ok is kv_pos <= q_pos and window_ok is q_pos - kv_pos < sliding_window.
   """
-  q_idx = jnp.arange(q_len)[:, None] + (kv_len - q_len)
-  kv_idx = jnp.arange(kv_len)[None, :]
-  mask = jnp.ones((q_len, kv_len), dtype=bool)
+  if (q_positions is None) != (kv_positions is None):
+    raise ValueError("pass both q_positions and kv_positions, or neither.")
+  if q_positions is None:
+    q_idx = (jnp.arange(q_len)[:, None] + (kv_len - q_len))[None]  # [1, q_len, 1]
+    kv_idx = jnp.arange(kv_len)[None, None, :]  # [1, 1, kv_len]
+  else:
+    for name, pos, length in (("q_positions", q_positions, q_len),
+                              ("kv_positions", kv_positions, kv_len)):
+      if pos.ndim != 2 or pos.shape[1] != length:
+        raise ValueError(f"{name} must be [batch, {length}]; got shape {pos.shape}.")
+    q_idx, kv_idx = q_positions[:, :, None], kv_positions[:, None, :]
+  batch = max(q_idx.shape[0], kv_idx.shape[0])
+  mask = jnp.ones((batch, q_len, kv_len), dtype=bool)
   if causal:
-    mask = kv_idx <= q_idx
-  mask = mask[None]  # [1, q_len, kv_len]
+    mask = jnp.broadcast_to(kv_idx <= q_idx, mask.shape)
   if prefix_mask is not None:
     if prefix_mask.ndim != 2 or prefix_mask.shape[1] != kv_len:
       raise ValueError(f"prefix_mask must be [batch, kv_len={kv_len}]; got shape "
                        f"{prefix_mask.shape}.")
     mask = mask | prefix_mask.astype(bool)[:, None, :]
   if sliding_window is not None:
-    mask &= (q_idx - kv_idx < sliding_window)[None]
+    mask &= q_idx - kv_idx < sliding_window
   if q_segment_ids is not None or kv_segment_ids is not None:
     if q_segment_ids is None or kv_segment_ids is None:
       raise ValueError("pass both q_segment_ids and kv_segment_ids, or neither.")
@@ -84,6 +98,8 @@ def reference_attention(
     logit_softcap: float | None = None,
     scale: float | None = None,
     prefix_mask: jax.Array | None = None,
+    q_positions: jax.Array | None = None,
+    kv_positions: jax.Array | None = None,
 ) -> jax.Array:
   """Softmax attention, materialising the scores.
 
@@ -97,6 +113,10 @@ def reference_attention(
     scale: score scale; default head_dim ** -0.5.
     prefix_mask: [batch, kv_len] bool, True on the bidirectional prefix: those keys are visible to
       all queries of their segment (prefix-LM); see `attention_mask`.
+    q_positions, kv_positions: [batch, q_len] / [batch, kv_len] int token indices in the full
+      sequence (both or neither); when given, the causal mask and the window compare these
+      instead of end-aligned array indices (context parallelism: a shard of queries against
+      all-gathered keys, in any order).
   Returns:
     [batch, q_len, num_heads, head_dim] in q's dtype.
   """
@@ -113,7 +133,8 @@ def reference_attention(
     scores = logit_softcap * jnp.tanh(scores / logit_softcap)
   mask = attention_mask(q_len, kv_len, causal=causal, q_segment_ids=q_segment_ids,
                         kv_segment_ids=kv_segment_ids, sliding_window=sliding_window,
-                        prefix_mask=prefix_mask)
+                        prefix_mask=prefix_mask, q_positions=q_positions,
+                        kv_positions=kv_positions)
   scores = jnp.where(mask[:, None, None], scores, MASK_VALUE)  # [batch, kv_heads, groups, q, k]
   probs = jax.nn.softmax(scores, axis=-1)
   # Rows with no visible key (possible only with padding) get zero output, not a uniform average.

@@ -24,9 +24,10 @@ import numpy as np
 from pretrainx.config import Experiment, parse_gin
 from pretrainx.data.pipeline import BATCH_KEYS
 from pretrainx.flops import flops_per_token
+from pretrainx import hlo_collectives
 from pretrainx import topology as tpu_topology
 from pretrainx.config.mesh import MESH_AXES
-from pretrainx.sharding import batch_sharding, make_mesh
+from pretrainx.sharding import batch_sharding, make_mesh, mesh_slices
 from pretrainx.train.runtime import build_runtime
 
 GIB = 2**30
@@ -74,6 +75,11 @@ class PlanReport:
   # what libtpu was told of the slice (TPU plans): topology_name, grid, chip_config,
   # host_bounds (chips per host) and wrap (torus wraparound per dimension)
   tpu_slice: dict[str, Any] | None = None
+  num_slices: int = 1  # slices joined over the data-centre network (DCN)
+  # collectives of the compiled train step per step, per device (pretrainx.hlo_collectives):
+  # {'dcn': {kind: {'count': executions, 'bytes': bytes}}, 'ici': {...}}; 'dcn' holds those
+  # whose groups span two slices
+  collectives: dict[str, dict[str, dict[str, int]]] | None = None
 
   @property
   def activation_bytes(self) -> int:
@@ -134,17 +140,38 @@ def _xla_counts_every_flop(exp: Experiment) -> bool:
           and set(model.layer_impls) == {"reference"})
 
 
+def with_slices(exp: Experiment, num_slices: int) -> Experiment:
+  """`exp` planned over `num_slices` slices: with neither MeshConfig.dcn_data nor dcn_fsdp set,
+  the slices go to dcn_data (as MaxText's default dcn_data_parallelism=-1 does); a DCN product
+  that is not `num_slices` is a ValueError."""
+  if num_slices < 1:
+    raise ValueError(f"--num_slices={num_slices}: a slice count is a positive integer.")
+  mesh = exp.mesh
+  if num_slices > 1 and mesh.dcn_data == 1 and mesh.dcn_fsdp == 1:
+    exp = dataclasses.replace(exp, mesh=dataclasses.replace(mesh, dcn_data=num_slices))
+  product = exp.mesh.num_slices(num_slices)
+  if product != num_slices:
+    raise ValueError(
+        f"MeshConfig.dcn_data x dcn_fsdp = {mesh.dcn_data} x {mesh.dcn_fsdp} = {product} slices, "
+        f"but the plan is for {num_slices} (--num_slices); make their product {num_slices}, or "
+        "leave both at 1 to put the slices on dcn_data.")
+  return exp
+
+
 def plan(exp: Experiment, *, devices: int | None = None, hbm_gib: float | None = None,
-         topology: tpu_topology.Topology | None = None) -> PlanReport:
+         topology: tpu_topology.Topology | None = None, num_slices: int = 1) -> PlanReport:
   """Compiles `exp`'s train step ahead of time on this process's devices and reports per device.
 
   `devices` (default: all) must equal jax.device_count(); plan_main re-executes with that many
   fake CPU devices when it does not. With `topology`, the train and eval steps compile for that
-  TPU slice with the TPU compiler, and hbm_gib defaults to its HBM per device.
+  TPU slice (or slices) with the TPU compiler, and hbm_gib defaults to its HBM per device.
+  Without it, `num_slices` > 1 cuts this process's devices into simulated slices. Either way the
+  mesh's DCN axes must span the slices (with_slices).
   """
   if topology is not None:
-    report = _plan_compiled(exp, topology.devices, hbm_gib or topology.hbm_gib_per_device,
-                            f"{topology.name} ({topology.describe()})")
+    report = _plan_compiled(with_slices(exp, topology.num_slices), topology.devices,
+                            hbm_gib or topology.hbm_gib_per_device,
+                            f"{topology.name} ({topology.describe()})", topology.num_slices)
     return dataclasses.replace(report, tpu_slice=_slice(topology))
   available = jax.device_count()
   if devices is not None and devices != available:
@@ -153,11 +180,11 @@ def plan(exp: Experiment, *, devices: int | None = None, hbm_gib: float | None =
         f"{available}; call plan_main(['--devices={devices}', ...]) (it re-executes with "
         f"XLA_FLAGS=--xla_force_host_platform_device_count={devices}) or set that flag before "
         "jax is imported.")
-  return _plan_compiled(exp, None, hbm_gib, None)
+  return _plan_compiled(with_slices(exp, num_slices), None, hbm_gib, None, num_slices)
 
 
-def _plan_compiled(exp: Experiment, devices, hbm_gib: float | None, topology: str | None
-                   ) -> PlanReport:
+def _plan_compiled(exp: Experiment, devices, hbm_gib: float | None, topology: str | None,
+                   num_slices: int = 1) -> PlanReport:
   start = time.perf_counter()
   if devices is None:
     rt = build_runtime(exp, devices)
@@ -175,6 +202,9 @@ def _plan_compiled(exp: Experiment, devices, hbm_gib: float | None, topology: st
       eval_temp = eval_compiled.memory_analysis().temp_size_in_bytes
       mosaic = mosaic_kernel_count(compiled)
   seconds = time.perf_counter() - start
+  # logical device i of the SPMD program is the i-th device of its assignment: the mesh's order
+  traffic = hlo_collectives.traffic(compiled.as_text(), list(rt.mesh.devices.flat),
+                                    mesh_slices(rt.mesh, num_slices))
   available = rt.mesh.devices.size
   backend = rt.mesh.devices.flat[0].platform
   mem = compiled.memory_analysis()
@@ -196,7 +226,8 @@ def _plan_compiled(exp: Experiment, devices, hbm_gib: float | None, topology: st
       flops_source="xla" if use_xla else "analytic", xla_flops_per_device=xla,
       analytic_flops_per_step=analytic, compile_seconds=seconds, hbm_gib=hbm_gib,
       fits=None if hbm_gib is None else total <= hbm_gib * GIB, topology=topology,
-      eval_temp_bytes=eval_temp, attention_impl=_impls(exp), mosaic_kernels=mosaic)
+      eval_temp_bytes=eval_temp, attention_impl=_impls(exp), mosaic_kernels=mosaic,
+      num_slices=num_slices, collectives=traffic)
 
 
 def _slice(topo: tpu_topology.Topology) -> dict[str, Any]:
@@ -215,6 +246,19 @@ def _size(n: float) -> str:
     if n >= scale:
       return f"{n / scale:.2f} {unit}"
   return f"{int(n)} B"
+
+
+def dcn_text(report: PlanReport) -> str:
+  """'DCN per step, per device: 1.20 GiB crosses between 4 slices: all-reduce 1.20 GiB (3
+  runs), ...', or that no collective crosses DCN."""
+  dcn = (report.collectives or {}).get("dcn") or {}
+  slices = f"{report.num_slices} slice{'s' * (report.num_slices != 1)}"
+  if not dcn:
+    return f"DCN: no collective crosses DCN ({slices})"
+  kinds = sorted(dcn.items(), key=lambda kv: -kv[1]["bytes"])
+  total = sum(v["bytes"] for _, v in kinds)
+  return (f"DCN per step, per device: {_size(total)} crosses between {slices}: "
+          + ", ".join(f"{k} {_size(v['bytes'])} ({v['count']} runs)" for k, v in kinds))
 
 
 def plan_text(report: PlanReport) -> str:
@@ -247,6 +291,8 @@ def plan_text(report: PlanReport) -> str:
                  + (" (plain XLA)" if r.mosaic_kernels == 0 else ""))
   if r.eval_temp_bytes is not None:
     lines.append(f"eval step: compiles, {_size(r.eval_temp_bytes)} temporaries per device")
+  if r.collectives is not None:
+    lines.append(dcn_text(r))
   if r.hbm_gib is not None:
     used = r.total_bytes / (r.hbm_gib * GIB)
     verdict = ("fits" if r.fits else
@@ -286,6 +332,13 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--topology", default=None,
                  help="compile for a TPU slice with the TPU compiler (needs libtpu; no TPU): "
                       "v4-N, v5p-N, v5e-N, v6e-N or GEN:AxBxC, e.g. v5p-256")
+  p.add_argument("--num_slices", type=int, default=None,
+                 help="slices joined over DCN (with --topology: that many of its slices, as "
+                      "MaxText's compile_topology_num_slices; default 1); the slices go to "
+                      "MeshConfig.dcn_data unless dcn_data or dcn_fsdp is set")
+  p.add_argument("--context", type=int, default=None,
+                 help="context-parallel mesh axis size (shorthand for "
+                      "--gin_param=MeshConfig.context=N)")
   p.add_argument("--json", action="store_true", help="print the report as JSON")
   return p
 
@@ -310,13 +363,18 @@ def plan_main(argv: list[str] | None = None) -> int:
   argv = list(sys.argv[1:] if argv is None else argv)
   args = build_parser().parse_args(argv)
   try:
-    exp = parse_gin(args.gin_file, args.gin_param)
+    if args.context is not None and args.context < 1:
+      raise ValueError(f"--context={args.context}: the context axis is a positive integer.")
+    context = [] if args.context is None else [f"MeshConfig.context = {args.context}"]
+    exp = parse_gin(args.gin_file, args.gin_param + context)
     if args.mesh is not None:
       exp = exp.replace(mesh=parse_mesh(args.mesh))
     if args.topology is not None:
-      topo = tpu_topology.load(args.topology)
+      slices = 1 if args.num_slices is None else args.num_slices
+      topo = tpu_topology.load(args.topology, slices)
+      exp = with_slices(exp, slices)
       try:
-        exp.mesh.resolved_shape(len(topo.devices))
+        exp.mesh.resolved_shape(len(topo.devices), slices)
       except ValueError as err:
         hint = "" if args.mesh is not None else (
             " (pass --mesh, e.g. --mesh=data=1,fsdp=-1,tensor=1)")
@@ -327,13 +385,15 @@ def plan_main(argv: list[str] | None = None) -> int:
     devices = args.devices or jax.device_count()
     if devices < 1:
       raise ValueError(f"--devices={args.devices} must be a positive integer.")
-    exp.mesh.resolved_shape(devices)  # a mesh that cannot fill the devices fails here, early
+    slices = exp.mesh.num_slices() if args.num_slices is None else args.num_slices
+    exp = with_slices(exp, slices)
+    exp.mesh.resolved_shape(devices, slices)  # a mesh that cannot fill the devices fails here
     if devices != jax.device_count():
       if os.environ.get(_CHILD_ENV):
         raise ValueError(f"this planner process has {jax.device_count()} devices, not "
                          f"{devices}: is JAX_PLATFORMS=cpu honoured?")
       return _reexecute(argv, devices)
-    report = plan(exp, devices=devices, hbm_gib=args.hbm_gib)
+    report = plan(exp, devices=devices, hbm_gib=args.hbm_gib, num_slices=slices)
   except (ValueError, FileNotFoundError) as err:
     sys.stderr.write(f"pretrainx plan: error: {err}\n")
     return 2

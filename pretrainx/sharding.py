@@ -26,6 +26,8 @@ def device_slices(devices: list) -> tuple[list[int], str]:
   several processes (GPU hosts, loopback processes) are grouped by process; else one slice."""
   if all(getattr(d, "slice_index", None) is not None for d in devices):
     return [int(d.slice_index) for d in devices], "slice"
+  if devices and devices[0].platform == "tpu":  # one slice's hosts (libtpu's topology devices
+    return [0] * len(devices), "slice"          # of a single slice carry no slice_index)
   processes = sorted({d.process_index for d in devices})
   if len(processes) > 1:
     return [processes.index(d.process_index) for d in devices], "process"

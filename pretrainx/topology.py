@@ -25,6 +25,12 @@ _TYPE_PREFIX = {"v4": "v4", "v5p": "v5p", "v5e": "v5litepod", "v6e": "v6e"}
 _HOST_CHIPS = {"v4": 4, "v5p": 4, "v5e": 8, "v6e": 8}
 ALIASES = {"v5litepod": "v5e", "v5lite": "v5e", "v6": "v6e"}
 MAX_CHIPS = 8192
+# Slices joined over DCN that a plan may ask for. libtpu itself accepts any count (it listed
+# 8000 devices for 1000 v5e-8 slices), so the bound is pretrainx's: the largest published
+# multislice job used 199 slices (50,944 v5e chips), and a CPU-host compile over more than 64Ki
+# devices (each collective's groups list them all) is not a plan anyone can wait for.
+MAX_SLICES = 256
+MAX_TOTAL_CHIPS = 65536
 HOST_BOUNDS = (2, 2, 1)  # chips per host, as MaxText tells libtpu for every slice of 4+ chips
 # v4/v5p slices are built of 4x4x4-chip cubes joined by optical switches: a slice of whole cubes
 # is a 3-D torus. A v5e/v6e pod is one 16x16 grid: a dimension wraps where it spans the pod.
@@ -41,7 +47,8 @@ class Topology:
   name: str          # as given, e.g. 'v5p-256'
   generation: str    # 'v4', 'v5p', 'v5e', 'v6e'
   grid: tuple[int, ...]  # chips per dimension, e.g. (4, 4, 8)
-  devices: tuple     # libtpu's topology devices (what jax.jit compiles for)
+  devices: tuple     # libtpu's topology devices (what jax.jit compiles for), all slices'
+  num_slices: int = 1  # slices of this shape joined over the data-centre network (DCN)
 
   @property
   def chip_config(self) -> str:
@@ -58,17 +65,19 @@ class Topology:
   def describe(self) -> str:
     """'v5p:4x4x8 megacore, hosts 2x2x1, wrap xyz' (what libtpu was told)."""
     axes = "".join(a for a, w in zip("xyz", self.wrap) if w) or "none"
+    slices = f", {self.num_slices} slices over DCN" if self.num_slices > 1 else ""
     return (f"{self.topology_name} {self.chip_config}, hosts "
-            f"{'x'.join(map(str, self.host_bounds))}, wrap {axes}")
+            f"{'x'.join(map(str, self.host_bounds))}, wrap {axes}{slices}")
 
   @property
   def chips(self) -> int:
+    """Chips of one slice."""
     return math.prod(self.grid)
 
   @property
   def hbm_gib_per_device(self) -> float:
     """HBM of one JAX device (a chip, or one core where libtpu lists cores)."""
-    return GENERATIONS[self.generation][1] * self.chips / len(self.devices)
+    return GENERATIONS[self.generation][1] * self.chips * self.num_slices / len(self.devices)
 
   @property
   def topology_name(self) -> str:
@@ -174,10 +183,22 @@ def _describe_this_host_to_libtpu(gen: str, grid: tuple[int, ...]) -> None:
   os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
 
 
-def load(name: str) -> Topology:
-  """The Topology for `name`, its devices from libtpu (no TPU needed); ValueError if libtpu is
-  missing or the name is not a slice."""
+def check_num_slices(name: str, chips: int, num_slices: int) -> None:
+  """ValueError unless `num_slices` slices of `chips` chips are a multislice pretrainx plans."""
+  most = max(1, min(MAX_SLICES, MAX_TOTAL_CHIPS // chips))
+  if isinstance(num_slices, bool) or not isinstance(num_slices, int) or not (
+      1 <= num_slices <= most):
+    raise ValueError(f"--num_slices={num_slices} for {name}: a slice count is an integer from 1 "
+                     f"to {most} (at most {MAX_SLICES} slices and {MAX_TOTAL_CHIPS} chips in "
+                     "all).")
+
+
+def load(name: str, num_slices: int = 1) -> Topology:
+  """The Topology for `name` (`num_slices` such slices joined over DCN), its devices from libtpu
+  (no TPU needed; each carries its slice_index when there are several); ValueError if libtpu is
+  missing, the name is not a slice or the slice count is out of range."""
   gen, grid = parse(name)
+  check_num_slices(name, math.prod(grid), num_slices)
   if not libtpu_available():
     raise ValueError(f"--topology={name}: {INSTALL_HINT}")
   # Compiling needs no TPU, so several planners (or a planner beside a training run) may load
@@ -187,10 +208,13 @@ def load(name: str) -> Topology:
   from jax.experimental import topologies  # pylint: disable=import-outside-toplevel
 
   spec = f"{gen}:{'x'.join(map(str, grid))}"
+  slices = {"num_slices": num_slices} if num_slices > 1 else {}  # as MaxText's train_compile
   try:
     devices = topologies.get_topology_desc(
         platform="tpu", topology_name=spec, chip_config_name=chip_config(gen),
-        chips_per_host_bounds=host_bounds(grid), wrap=wraparound(gen, grid)).devices
+        chips_per_host_bounds=host_bounds(grid), wrap=wraparound(gen, grid), **slices).devices
   except Exception as err:  # pylint: disable=broad-except  # libtpu's own words
-    raise _bad(name, f"libtpu rejects {spec} ({str(err).splitlines()[0][:200]})") from err
-  return Topology(name, gen, grid, tuple(devices))
+    what = f"{spec} x {num_slices} slices" if slices else spec
+    raise _bad(name, f"libtpu rejects {what} ({(str(err).splitlines() or [repr(err)])[0][:200]})"
+               ) from err
+  return Topology(name, gen, grid, tuple(devices), num_slices)

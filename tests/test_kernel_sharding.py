@@ -87,14 +87,25 @@ def test_dimensions_that_do_not_split_stay_whole():
   assert seen == [((1, 16, 4, 8), (1, 16, 2, 8))]
 
 
-def test_a_sharded_sequence_is_refused():
-  mesh = make_mesh(MeshConfig(data=2, fsdp=2, tensor=2))
-  rules = MeshConfig().rules + (("activation_length", "tensor"),)
-  q = jnp.ones((4, 16, 4, 8))
-  with mesh_scope(mesh, rules):
-    with pytest.raises(ValueError, match="need whole sequences per device, but the rules shard "
-                                         "activation_length over tensor"):
-      jax.jit(lambda q: kernels.shard_attention(lambda *a: a[0], q, q, q))(q)
+def test_a_split_sequence_gathers_the_keys_and_gives_each_query_its_index():
+  """Context parallelism: each device's kernel sees its queries, the whole sequence's keys and
+  the natural-order index of every token (here the zigzag layout of 16 tokens over 4 devices)."""
+  from pretrainx.model import context_parallel
+
+  mesh = make_mesh(MeshConfig(data=2, context=4))
+  layout = context_parallel.layout(16, 4, load_balance=True)
+  q = jnp.zeros((2, 16, 2, 1))
+  k = jnp.broadcast_to(jnp.arange(16.0)[None, :, None, None], (2, 16, 2, 1))
+
+  def kernel(q, k, v, seg, prefix, hp, kvp, split):
+    assert k.shape[1] == 16 and q.shape[1] == 4  # gathered keys, this device's queries
+    keys_seen = k.sum(axis=1, keepdims=True) + (split.kv_positions[0] == layout).all()
+    return q + 100.0 * split.q_positions[:, :, None, None] + keys_seen
+
+  with mesh_scope(mesh, MeshConfig().rules):
+    out = jax.jit(lambda q, k: kernels.shard_attention(kernel, q, k, k, layout=layout))(q, k)
+  expected = 100.0 * layout + 120.0 + 1.0  # the sum of all 16 keys; the keys' indices in order
+  np.testing.assert_array_equal(np.asarray(out)[0, :, 0, 0], expected)
 
 
 def test_kernels_lower_to_triton_for_gpu():

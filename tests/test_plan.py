@@ -44,7 +44,8 @@ def test_param_and_optimizer_bytes_match_hand_count(plans):
   for report in (fsdp, data):
     scalars = report.optimizer_bytes - 2 * report.param_bytes  # AdamW mu, nu + int32 counts
     assert 0 < scalars <= 64 and scalars % 4 == 0
-  assert fsdp.mesh == {"data": 1, "fsdp": 8, "expert": 1, "tensor": 1} and fsdp.devices == 8
+  assert fsdp.mesh == {"data": 1, "fsdp": 8, "context": 1, "expert": 1, "tensor": 1}
+  assert fsdp.devices == 8
 
 
 def test_memory_totals_and_hbm_verdict(plans):
@@ -89,7 +90,8 @@ def test_more_devices_than_the_process_has_runs_in_a_subprocess(capsys):
   out = capsys.readouterr()
   assert rc == 0, out.err
   report = json.loads(out.out)
-  assert report["devices"] == 16 and report["mesh"] == {"data": 1, "fsdp": 8, "expert": 1, "tensor": 2}
+  assert report["devices"] == 16
+  assert report["mesh"] == {"data": 1, "fsdp": 8, "context": 1, "expert": 1, "tensor": 2}
   assert report["fits"] is True
   exp = tiny_experiment("unused")
   total = hand_param_count(exp.model) * 4

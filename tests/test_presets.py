@@ -54,5 +54,5 @@ def test_presets_shard_on_a_2x2x2_mesh(name):
 def test_pod_experiment_files_parse_and_fill_256_chips(name, tensor):
   exp = parse_gin([os.path.join(REPO, f"gin_configs/{name}.gin")])
   assert exp.model == _model_cfg(name)
-  assert exp.mesh.resolved_shape(256) == (1, 256 // tensor, 1, tensor)
+  assert exp.mesh.resolved_shape(256) == (1, 256 // tensor, 1, 1, tensor)
   assert exp.run.global_batch_size * exp.run.seq_len == 256 * 4096

@@ -66,7 +66,7 @@ def test_plan_compiles_train_and_eval_steps_for_v5p_with_the_tpu_compiler(plan_c
                  "--mesh=data=1,fsdp=2,tensor=2", "--gin_param=ModelConfig.attention_impl='flash'")
   assert out.returncode == 0, out.stderr[-3000:]
   lines = out.stdout.splitlines()
-  assert lines[0].startswith("AOT plan: 4 devices, mesh data=1 x fsdp=2 x expert=1 x tensor=2, 512 tokens "
+  assert lines[0].startswith("AOT plan: 4 devices, mesh data=1 x fsdp=2 x context=1 x expert=1 x tensor=2, 512 tokens "
                              "per step (compiled for TPU v5p-8 (v5p:2x2x1 megacore, hosts 2x2x1, wrap none), "
                              "TPU compiler in ")
   kernels = [l for l in lines if l.startswith("attention (flash): ")]
@@ -91,7 +91,7 @@ def test_plan_refuses_a_mesh_of_another_size(plan_cli):
   assert out.returncode == 2
   error = out.stderr.strip().splitlines()[-1]
   assert error.startswith(
-      "pretrainx plan: error: topology v5p-8 has 4 devices: mesh axes data=2 x fsdp=1 x expert=1 x tensor=1")
+      "pretrainx plan: error: topology v5p-8 has 4 devices: mesh axes data=2 x fsdp=1 x context=1 x expert=1 x tensor=1")
   assert "pass --mesh" not in error  # it was passed
   out = plan_cli("--gin_file=gin_configs/tiny.gin", "--topology=v5p-8",
                  "--gin_param=MeshConfig.data=8", "--gin_param=MeshConfig.fsdp=1")

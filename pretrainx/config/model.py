@@ -135,6 +135,9 @@ class ModelConfig:
     kernel_interpret: run Pallas kernels in interpret mode (CPU tests); otherwise a backend that
       cannot lower Pallas uses the pure-JAX path of the same computation, with one warning.
     flash_block_q / flash_block_k: block sizes of the 'flash' kernel (None: the kernel's defaults).
+    context_load_balance: when MeshConfig.context splits the sequence, reorder it so that every
+      device holds an early and a late chunk (zigzag) and does the same causal-attention work;
+      the sequence length must then be a multiple of 2 x context (else of context).
     norm_scale: 'channel' (a gain per channel) or 'scalar' (single-scale RMSNorm: one learned
       scalar per norm, which removes the per-channel gains that grow activation outliers).
     embed_projection: a learned [embed, embed] projection after the token embedding (identity at
@@ -181,6 +184,7 @@ class ModelConfig:
   kernel_interpret: bool = False
   flash_block_q: int | None = None
   flash_block_k: int | None = None
+  context_load_balance: bool = True
   vocab_multiple: int = 128
   norm_scale: str = "channel"
   embed_projection: bool = False

@@ -28,6 +28,7 @@ from typing import Callable, NamedTuple
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 from absl import logging
 
 from pallas_kernels import flash_attention as fa
@@ -35,7 +36,7 @@ from pallas_kernels import linear_attention as la
 from pallas_kernels.hybrid_attention import hybrid_attention
 from pallas_kernels.reference import MASK_VALUE, reference_attention
 from pallas_kernels.softmax_vjp import softmax_attention
-from pretrainx.model import kernels
+from pretrainx.model import context_parallel, kernels
 from pretrainx.config import ModelConfig
 from pretrainx.model.layers import apply_rope, dense_init, param_with_axes, project
 
@@ -71,6 +72,15 @@ def _warn_fallback(impl: str, used: str, reason: str | None = None) -> None:
 def _reference(q, k, v, segment_ids, prefix_mask, cfg, learned):
   del learned
   window = cfg.sliding_window
+  if context_parallel.context_size() > 1:  # each device's queries against the gathered keys
+    def kernel(q, k, v, seg, prefix, _, __, split):
+      return reference_attention(q, k, v, causal=True, q_segment_ids=seg,
+                                 kv_segment_ids=split.kv_segment_ids, prefix_mask=prefix,
+                                 sliding_window=window, q_positions=split.q_positions,
+                                 kv_positions=split.kv_positions)
+
+    return kernels.shard_attention(kernel, q, k, v, segment_ids, prefix_mask,
+                                   layout=_layout(q, cfg))
   if kernels.cpu_tuned_graph():  # the same math with a hand-written backward (fewer [q, k]
     return softmax_attention(q, k, v, segment_ids=segment_ids, prefix_mask=prefix_mask,  # passes)
                              sliding_window=window)
@@ -80,21 +90,34 @@ def _reference(q, k, v, segment_ids, prefix_mask, cfg, learned):
                              sliding_window=window)
 
 
+def _layout(q, cfg) -> np.ndarray:
+  """The natural-order index of each position of q's (split) sequence."""
+  return context_parallel.layout(q.shape[1], context_parallel.context_size(),
+                                 cfg.context_load_balance)
+
+
 def _flash(q, k, v, segment_ids, prefix_mask, cfg, learned):
   blocks = dict(block_q=cfg.flash_block_q, block_k=cfg.flash_block_k,
                 sliding_window=cfg.sliding_window)
   backend = kernels.platform()
-  if cfg.kernel_interpret or fa.can_lower(backend):
-    interpret = True if cfg.kernel_interpret else None
+  pallas = cfg.kernel_interpret or fa.can_lower(backend)
+  if not pallas:
+    _warn_fallback("flash", "blockwise_attention_jax (pure JAX)")
+  interpret = True if cfg.kernel_interpret else None
+  attend = (functools.partial(fa.flash_attention, interpret=interpret, backend=backend)
+            if pallas else fa.blockwise_attention_jax)
 
-    def kernel(q, k, v, seg, prefix, *_):  # one device's shard
-      return fa.flash_attention(q, k, v, causal=True, segment_ids=seg, prefix_mask=prefix,
-                                interpret=interpret, backend=backend, **blocks)
+  def kernel(q, k, v, seg, prefix, _, __, split):  # one device's shard
+    if split is None:
+      return attend(q, k, v, causal=True, segment_ids=seg, prefix_mask=prefix, **blocks)
+    return attend(q, k, v, causal=True, segment_ids=seg, kv_segment_ids=split.kv_segment_ids,
+                  prefix_mask=prefix, q_positions=split.q_positions,
+                  kv_positions=split.kv_positions, **blocks)
 
-    return kernels.shard_attention(kernel, q, k, v, segment_ids, prefix_mask)
-  _warn_fallback("flash", "blockwise_attention_jax (pure JAX)")
-  return fa.blockwise_attention_jax(q, k, v, causal=True, segment_ids=segment_ids,
-                                    prefix_mask=prefix_mask, **blocks)
+  if not pallas and context_parallel.context_size() == 1:  # pure JAX: GSPMD partitions it
+    return kernel(q, k, v, segment_ids, prefix_mask, None, None, None)
+  return kernels.shard_attention(kernel, q, k, v, segment_ids, prefix_mask,
+                                 layout=_layout(q, cfg))
 
 
 def _linear(q, k, v, segment_ids, prefix_mask, cfg, learned):
@@ -106,7 +129,7 @@ def _linear(q, k, v, segment_ids, prefix_mask, cfg, learned):
     fp = learned.feature_params  # hedgehog (W_q [heads, ...], W_k [kv_heads, ...]) or one W
     w_q, w_k = fp if isinstance(fp, (tuple, list)) else (None, fp)
 
-    def kernel(q, k, v, seg, _, head_params, kv_head_params):  # one device's shard
+    def kernel(q, k, v, seg, _, head_params, kv_head_params, __):  # one device's shard
       (w_q, decay), w_k = head_params, kv_head_params
       return la.linear_attention(q, k, v, segment_ids=seg, interpret=interpret, decay=decay,
                                  backend=backend,
@@ -153,6 +176,8 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array,
     raise ValueError(f"prefix_mask (a bidirectional prefix, prefix-LM/UL2) is not supported by "
                      f"attention_impl={impl!r}, which is causal by construction; use 'reference' "
                      "or 'flash'.")
+  context_parallel.check_split(q.shape[1], context_parallel.context_size(),
+                               cfg.context_load_balance, (impl,))
   with jax.named_scope("attention_core"):  # names the core's ops in profiles (bench/profile_step)
     return ATTENTION_IMPLS[impl](q, k, v, segment_ids, prefix_mask, cfg,
                                  LearnedAttention() if learned is None else learned)

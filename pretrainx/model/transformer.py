@@ -13,6 +13,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from pretrainx.model import context_parallel
 from pretrainx.model.attention import Attention
 from pretrainx.config import ModelConfig
 from pretrainx.model.layers import (Embedding, RMSNorm, SwiGLU, dense_init, excess_kurtosis,
@@ -102,6 +103,17 @@ class Transformer(nn.Module):
       positions = jnp.broadcast_to(jnp.arange(seq, dtype=jnp.int32), (batch, seq))
     if prefix_mask is not None:
       prefix_mask = prefix_mask.astype(bool)
+    # Context parallelism: each device's part of the sequence is an early and a late chunk, so
+    # that causal attention costs every device the same; the natural order is back for the logits.
+    context = 1 if decode else context_parallel.context_size()
+    balanced = context > 1 and cfg.context_load_balance
+    if context > 1:
+      impls = cfg.layer_attention_impls or (cfg.attention_impl,)
+      context_parallel.check_split(seq, context, cfg.context_load_balance, tuple(impls))
+    if balanced:
+      tokens, positions = (context_parallel.balance(x, context) for x in (tokens, positions))
+      segment_ids, prefix_mask = (None if x is None else context_parallel.balance(x, context)
+                                  for x in (segment_ids, prefix_mask))
 
     embed = Embedding(cfg, name="embed")
     x = embed(tokens)
@@ -117,6 +129,8 @@ class Transformer(nn.Module):
     else:
       for block in blocks:
         x, _ = block(x, positions, segment_ids, prefix_mask)
+    if balanced:
+      x = nn.with_logical_constraint(context_parallel.restore(x, context), _RESIDUAL_AXES)
     x = RMSNorm(cfg, name="final_norm")(x)
 
     if cfg.tie_embeddings:

@@ -1,0 +1,152 @@
+"""Multislice and long-context plans (issue "Pod-scale parallelism"): `pretrainx plan --json` with
+the TPU compiler (libtpu, no TPU needed) for
+
+  (a) Llama-2-70B (gin_configs/llama_70b.gin: fsdp x 4-way tensor within each slice) on v5p-256
+      slices, 1, 2 and 4 of them joined over DCN on dcn_data, 256 sequences of 4096 per slice:
+      per-device memory, DCN bytes per step by collective kind, compile seconds;
+  (b) Llama-3-8B (gin_configs/llama_8b_128k.gin) on one v5p-256 slice at sequence lengths 4k to
+      128k x context 1, 2, 4, 8 (fsdp takes the rest of the 128 chips), 2^20 tokens per step (or
+      one sequence per data-parallel rank where that is more): per-device memory, compile seconds.
+
+Each plan runs in a subprocess, one at a time (a 70B compile takes minutes on a small host).
+Run: python bench/multislice_plan.py [--only=70b|8b] [--slices=1,2,4] [--seqs=4096,8192]
+       [--contexts=1] [--write]
+--write replaces the section under HEADING in bench/RESULTS.md (or appends it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+HEADING = "## Multislice and long-context plans (`bench/multislice_plan.py`)"
+GIB = 2**30
+CHIPS = 128  # v5p-256
+
+
+def run_plan(gin_file: str, topology: str, flags: list[str], gin: list[str],
+             timeout: float) -> dict:
+  """`pretrainx plan --json` in a subprocess: its report plus the wall seconds, or an error."""
+  cmd = [sys.executable, "-m", "pretrainx", "plan", f"--gin_file={gin_file}",
+         f"--topology={topology}", "--json", *flags, *(f"--gin_param={g}" for g in gin)]
+  env = dict(os.environ, ALLOW_MULTIPLE_LIBTPU_LOAD="1", JAX_PLATFORMS="cpu",
+             PYTHONPATH=os.pathsep.join(filter(None, [REPO, os.environ.get("PYTHONPATH")])))
+  start = time.perf_counter()
+  try:
+    out = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True,
+                         timeout=timeout, check=False)
+  except subprocess.TimeoutExpired:
+    return {"error": f"timed out after {timeout:.0f} s"}
+  if out.returncode not in (0, 1) or "{" not in out.stdout:  # 1: planned, does not fit
+    lines = out.stderr.strip().splitlines() or ["no output"]
+    return {"error": lines[-1][:300]}
+  report = json.loads(out.stdout[out.stdout.index("{"):])
+  report["wall_seconds"] = time.perf_counter() - start
+  return report
+
+
+def _gib(n: float) -> str:
+  return f"{n / GIB:.2f}"
+
+
+def _dcn(report: dict) -> str:
+  dcn = (report.get("collectives") or {}).get("dcn") or {}
+  if not dcn:
+    return "none"
+  return ", ".join(f"{k} {_gib(v['bytes'])} GiB ({v['count']})"
+                   for k, v in sorted(dcn.items(), key=lambda kv: -kv[1]["bytes"]))
+
+
+def table_70b(rows: list[tuple[int, dict]]) -> str:
+  out = ["| slices | chips | mesh | tokens/step | params/dev GiB | temp/dev GiB | total/dev GiB "
+         "| DCN per step per device (runs) | compile s |", "|---:|---:|---|---:|---:|---:|---:|---|---:|"]
+  for n, r in rows:
+    if "error" in r:
+      out.append(f"| {n} | {CHIPS * n} | error: {r['error']} | | | | | | |")
+      continue
+    mesh = " x ".join(f"{k}={v}" for k, v in r["mesh"].items() if v > 1)
+    out.append(f"| {n} | {r['devices']} | {mesh} | {r['tokens_per_step']} | "
+               f"{_gib(r['param_bytes'])} | {_gib(r['temp_bytes'])} | **{_gib(r['total_bytes'])}** "
+               f"| {_dcn(r)} | {r['compile_seconds']:.0f} |")
+  return "\n".join(out)
+
+
+def table_8b(rows: list[tuple[int, int, dict]]) -> str:
+  out = ["| seq | context | mesh | tokens/step | temp/dev GiB | total/dev GiB | fits 95 GiB | "
+         "compile s |", "|---:|---:|---|---:|---:|---:|---|---:|"]
+  for seq, context, r in rows:
+    if "error" in r:
+      out.append(f"| {seq} | {context} | error: {r['error']} | | | | | |")
+      continue
+    mesh = " x ".join(f"{k}={v}" for k, v in r["mesh"].items() if v > 1)
+    out.append(f"| {seq} | {context} | {mesh} | {r['tokens_per_step']} | {_gib(r['temp_bytes'])} "
+               f"| **{_gib(r['total_bytes'])}** | {'yes' if r['fits'] else 'no'} | "
+               f"{r['compile_seconds']:.0f} |")
+  return "\n".join(out)
+
+
+def write_section(text: str, path: str) -> None:
+  """Replaces the section under HEADING in `path` (up to the next '## ' heading), or appends it."""
+  with open(path, encoding="utf-8") as f:
+    old = f.read()
+  pattern = re.compile(re.escape(HEADING) + r"\n.*?(?=^## |\Z)", re.S | re.M)
+  new = pattern.sub(lambda _: text + "\n", old, count=1) if pattern.search(old) else (
+      old.rstrip("\n") + "\n\n" + text)
+  with open(path, "w", encoding="utf-8") as f:
+    f.write(new.rstrip("\n") + "\n")
+
+
+def main(argv: list[str] | None = None) -> int:
+  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+  p.add_argument("--only", choices=("70b", "8b"), default=None, help="run one part only")
+  p.add_argument("--slices", default="1,2,4", help="(a): slice counts")
+  p.add_argument("--batch_per_slice", type=int, default=256, help="(a): sequences per slice")
+  p.add_argument("--seqs", default="4096,8192,16384,32768,65536,131072", help="(b)")
+  p.add_argument("--contexts", default="1,2,4,8", help="(b)")
+  p.add_argument("--tokens", type=int, default=2**20, help="(b): tokens per step")
+  p.add_argument("--timeout", type=float, default=1800, help="seconds per plan")
+  p.add_argument("--write", action="store_true", help="put the tables in bench/RESULTS.md")
+  args = p.parse_args(argv)
+  parts = []
+  if args.only in (None, "70b"):
+    rows = []
+    for n in map(int, args.slices.split(",")):
+      rows.append((n, run_plan("gin_configs/llama_70b.gin", "v5p-256", [f"--num_slices={n}"],
+                               [f"RunConfig.global_batch_size={args.batch_per_slice * n}"],
+                               args.timeout)))
+      print(table_70b(rows[-1:]).splitlines()[-1], flush=True)
+    parts += ["Llama-2-70B on v5p-256 slices (128 chips each; fsdp x tensor=4 within a slice, "
+              "the slices on dcn_data), 4096-token sequences, reference attention:", "",
+              table_70b(rows), ""]
+  if args.only in (None, "8b"):
+    rows8 = []
+    for seq in map(int, args.seqs.split(",")):
+      for context in map(int, args.contexts.split(",")):
+        batch = max(args.tokens // seq, CHIPS // context)  # one sequence per data rank at least
+        rows8.append((seq, context, run_plan(
+            "gin_configs/llama_8b_128k.gin", "v5p-256", [f"--context={context}"],
+            [f"RunConfig.seq_len={seq}", f"ModelConfig.max_seq_len={seq}",
+             f"RunConfig.global_batch_size={batch}", "MeshConfig.fsdp=-1"], args.timeout)))
+        print(table_8b(rows8[-1:]).splitlines()[-1], flush=True)
+    parts += ["Llama-3-8B on one v5p-256 slice (128 chips; fsdp takes what context leaves), "
+              f"flash attention, {args.tokens} tokens per step or one sequence per data rank:",
+              "", table_8b(rows8), ""]
+  text = "\n".join([HEADING, "", f"{datetime.date.today().isoformat()}, this CPU host (no TPU), "
+                    "`pretrainx plan --json` with libtpu; per device; compile seconds cover the "
+                    "train and eval steps. DCN bytes: the collectives libtpu sends over DCN "
+                    "(pretrainx/hlo_collectives.py), per device per step.", "", *parts])
+  print(text)
+  if args.write:
+    write_section(text, os.path.join(REPO, "bench", "RESULTS.md"))
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -2,11 +2,12 @@
 the TPU compiler (libtpu, no TPU needed) for
 
   (a) Llama-2-70B (gin_configs/llama_70b.gin: fsdp x 4-way tensor within each slice) on v5p-256
-      slices, 1, 2 and 4 of them joined over DCN on dcn_data, 256 sequences of 4096 per slice:
+      slices, 1, 2 and 4 of them joined over DCN on dcn_data, fsdp over each slice, flash
+      attention, 256 sequences of 4096 per slice:
       per-device memory, DCN bytes per step by collective kind, compile seconds;
   (b) Llama-3-8B (gin_configs/llama_8b_128k.gin) on one v5p-256 slice at sequence lengths 4k to
-      128k x context 1, 2, 4, 8 (fsdp takes the rest of the 128 chips), 2^20 tokens per step (or
-      one sequence per data-parallel rank where that is more): per-device memory, compile seconds.
+      128k x context 1, 2, 4, 8 (fsdp takes the rest of the 128 chips), one sequence per
+      data-parallel rank (seq / context tokens per device): per-device memory, compile seconds.
 
 Each plan runs in a subprocess, one at a time (a 70B compile takes minutes on a small host).
 Run: python bench/multislice_plan.py [--only=70b|8b] [--slices=1,2,4] [--seqs=4096,8192]
@@ -110,7 +111,6 @@ def main(argv: list[str] | None = None) -> int:
   p.add_argument("--batch_per_slice", type=int, default=256, help="(a): sequences per slice")
   p.add_argument("--seqs", default="4096,8192,16384,32768,65536,131072", help="(b)")
   p.add_argument("--contexts", default="1,2,4,8", help="(b)")
-  p.add_argument("--tokens", type=int, default=2**20, help="(b): tokens per step")
   p.add_argument("--timeout", type=float, default=1800, help="seconds per plan")
   p.add_argument("--write", action="store_true", help="put the tables in bench/RESULTS.md")
   args = p.parse_args(argv)
@@ -118,25 +118,27 @@ def main(argv: list[str] | None = None) -> int:
   if args.only in (None, "70b"):
     rows = []
     for n in map(int, args.slices.split(",")):
-      rows.append((n, run_plan("gin_configs/llama_70b.gin", "v5p-256", [f"--num_slices={n}"],
-                               [f"RunConfig.global_batch_size={args.batch_per_slice * n}"],
-                               args.timeout)))
+      rows.append((n, run_plan("gin_configs/llama_70b.gin", "v5p-256",
+                               [f"--num_slices={n}", "--mesh=data=1,fsdp=-1,tensor=1"],
+                               [f"RunConfig.global_batch_size={args.batch_per_slice * n}",
+                                "ModelConfig.attention_impl='flash'"], args.timeout)))
       print(table_70b(rows[-1:]).splitlines()[-1], flush=True)
-    parts += ["Llama-2-70B on v5p-256 slices (128 chips each; fsdp x tensor=4 within a slice, "
-              "the slices on dcn_data), 4096-token sequences, reference attention:", "",
+    parts += ["Llama-2-70B on v5p-256 slices (128 chips each; fsdp over the 128 chips of a "
+              "slice, the slices on dcn_data), 4096-token sequences, flash attention:", "",
               table_70b(rows), ""]
   if args.only in (None, "8b"):
     rows8 = []
     for seq in map(int, args.seqs.split(",")):
       for context in map(int, args.contexts.split(",")):
-        batch = max(args.tokens // seq, CHIPS // context)  # one sequence per data rank at least
+        batch = CHIPS // context  # one sequence per data rank: seq / context tokens per device
         rows8.append((seq, context, run_plan(
             "gin_configs/llama_8b_128k.gin", "v5p-256", [f"--context={context}"],
             [f"RunConfig.seq_len={seq}", f"ModelConfig.max_seq_len={seq}",
              f"RunConfig.global_batch_size={batch}", "MeshConfig.fsdp=-1"], args.timeout)))
         print(table_8b(rows8[-1:]).splitlines()[-1], flush=True)
     parts += ["Llama-3-8B on one v5p-256 slice (128 chips; fsdp takes what context leaves), "
-              f"flash attention, {args.tokens} tokens per step or one sequence per data rank:",
+              "flash attention, one sequence per data rank (128 / context sequences per step, so "
+              "seq / context tokens per device):",
               "", table_8b(rows8), ""]
   text = "\n".join([HEADING, "", f"{datetime.date.today().isoformat()}, this CPU host (no TPU), "
                     "`pretrainx plan --json` with libtpu; per device; compile seconds cover the "

@@ -103,3 +103,41 @@ def test_sequence_the_split_does_not_divide_is_refused(tiny_exp):
       ValueError, match=r"attention_impl 'linear' cannot split a sequence over "
                         r"MeshConfig.context=4"):
     jax.eval_shape(lambda t: linear.init(jax.random.key(0), t), np.zeros((2, 32), np.int32))
+
+
+@pytest.mark.parametrize("params, message", [
+    (["RunConfig.seq_len=36", "MeshConfig.context=4", "MeshConfig.data=2"],
+     "sequence length 36 cannot be split into 2 x context = 8 chunks (causal load balancing); "
+     "use a sequence length that is a multiple of 8"),
+    (["MeshConfig.context=2", "MeshConfig.data=4", "ModelConfig.attention_impl='linear'"],
+     "attention_impl 'linear' cannot split a sequence over MeshConfig.context=2"),
+    (["MeshConfig.dcn_data=3"], "8 devices cannot form 3 slices of equal size"),
+])
+def test_train_refuses_what_cannot_split_with_one_line(run_cli, tmp_path, params, message):
+  out = run_cli("train", "--gin_file=gin_configs/tiny.gin", f"--run_dir={tmp_path / 'run'}",
+                *(f"--gin_param={p}" for p in params))
+  assert out.returncode == 2, out.stderr[-2000:]
+  last = out.stderr.strip().splitlines()[-1]
+  assert message in last and len(out.stderr.strip().splitlines()) <= 3, out.stderr[-2000:]
+
+
+def test_harness_scorer_on_a_split_sequence_equals_one_device(tiny_exp):
+  """The lm-eval scorer's per-token log-probabilities and greedy flags, rows split over
+  context=4 (zigzag), equal those of the unsharded model; its rows round up to the 8 chunks."""
+  from pretrainx.harness.scoring import TokenScorer
+
+  exp = tiny_exp()
+  model = Transformer(exp.model)
+  mesh_cfg = MeshConfig(data=2, context=4)
+  mesh = make_mesh(mesh_cfg)
+  state, _ = create_train_state(model, optax.sgd(0.1), mesh, mesh_cfg.rules, seed=0, seq_len=SEQ)
+  rng = np.random.default_rng(1)
+  requests = [(rng.integers(3, 259, size=n).tolist(), rng.integers(3, 259, size=m).tolist())
+              for n, m in [(5, 3), (20, 7), (1, 12), (33, 2), (9, 9)]]
+  split = TokenScorer(model, state.params, SEQ, 4, sharding=batch_sharding(mesh),
+                      scope=lambda: mesh_scope(mesh, mesh_cfg.rules))
+  whole = TokenScorer(model, jax.device_get(state.params), SEQ, 4)
+  assert split.row_multiple == 8 and whole.row_multiple == 1
+  for a, b in zip(split.score(requests), whole.score(requests)):
+    np.testing.assert_allclose(a.logprobs, b.logprobs, rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(a.greedy, b.greedy)

@@ -18,6 +18,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from pretrainx.model import context_parallel
+from pretrainx.sharding import axes_size
+
 
 @dataclasses.dataclass(frozen=True)
 class Scored:
@@ -82,6 +85,12 @@ class TokenScorer:
                        "(--harness_max_length, HarnessConfig.max_length).")
     self.model, self.params, self.seq_len, self.batch_rows = model, params, seq_len, batch_rows
     self.sharding, self.scope = sharding, scope or contextlib.nullcontext
+    # Rows split over a context axis must be a multiple of its chunks (context_parallel).
+    self.row_multiple = 1
+    if isinstance(sharding, jax.sharding.NamedSharding) and len(sharding.spec) > 1:
+      context = axes_size(sharding.mesh, sharding.spec[1])
+      self.row_multiple = context_parallel.seq_multiple(
+          context, getattr(model.cfg, "context_load_balance", True))
     self._fn = jax.jit(self._score_rows)
 
   def _score_rows(self, params, tokens, targets, positions, segments):
@@ -119,6 +128,7 @@ class TokenScorer:
     # Rows as short as the longest request allows (a power of two, so few shapes compile):
     # short requests then pay for no attention over empty positions.
     row_len = min(self.seq_len, max(16, 1 << (max(lengths, default=1) - 1).bit_length()))
+    row_len = min(self.seq_len, -(-row_len // self.row_multiple) * self.row_multiple)
     rows = _pack(lengths, row_len)
     index = [i for i, s in enumerate(seqs) if s[2]]  # packable -> request
     rows = [[index[j] for j in row] for row in rows]

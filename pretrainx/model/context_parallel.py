@@ -27,6 +27,12 @@ def context_size() -> int:
   return axes_size(mesh, activation_axes("activation_length"))
 
 
+def mesh_context_size(mesh, rules) -> int:
+  """How many devices `rules` split the sequence over on `mesh` (before tracing anything)."""
+  axes = dict(rules).get("activation_length")
+  return axes_size(mesh, axes)
+
+
 def seq_multiple(context: int, load_balance: bool) -> int:
   """What the sequence length must be a multiple of: 2C chunks when balanced, else C."""
   return context * (2 if load_balance and context > 1 else 1)

@@ -18,6 +18,7 @@ from pretrainx.config.sources import RUNTIME_MODEL_FIELDS, saved_experiment
 from pretrainx.data.pipeline import eval_batches, unigram_entropy
 from pretrainx.ema import ema_as_params
 from pretrainx.generate import generate
+from pretrainx.model import context_parallel
 from pretrainx.model.transformer import Transformer
 from pretrainx.optim import make_optimizer
 from pretrainx.sharding import batch_sharding, check_batch_divisible, make_mesh, mesh_scope
@@ -71,6 +72,9 @@ def build_runtime(exp: Experiment, devices: list | tuple | None = None) -> Runti
   run = exp.run
   mesh = make_mesh(exp.mesh, None if devices is None else list(devices))
   check_batch_divisible(run.global_batch_size, mesh, exp.accumulation.microbatches)
+  context = context_parallel.mesh_context_size(mesh, exp.mesh.rules)
+  impls = tuple(exp.model.layer_attention_impls or (exp.model.attention_impl,))
+  context_parallel.check_split(run.seq_len, context, exp.model.context_load_balance, impls)
   model = Transformer(exp.model)
   optimizer, schedule = make_optimizer(exp.optimizer, run.steps, exp.schedule)
   mask = trainable(abstract_params(model, run.seq_len, exp.tune), exp.tune, exp.model,

@@ -193,6 +193,13 @@ def initialize(coordinator_address: str | None, num_processes: int, process_id: 
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(coordinator_address=coordinator_address,
                                num_processes=num_processes, process_id=process_id)
+    if jax.default_backend() == "cpu" and jax.config.jax_enable_compilation_cache:
+      # jax 0.12 on CPU: a step loaded from the persistent compilation cache (a second run of
+      # the same config with JAX_COMPILATION_CACHE_DIR set) waits forever in its first
+      # cross-process collective, so CPU processes compile afresh.
+      jax.config.update("jax_enable_compilation_cache", False)
+      logging.info("multi-process CPU run: the persistent compilation cache is off (its "
+                   "executables deadlock in gloo collectives).")
     return f"joined {coordinator_address} as process {process_id} of {num_processes}"
   if not detect:
     return "single process"

@@ -111,3 +111,21 @@ def test_two_slices_one_per_process_train_and_resume_bit_exactly(tmp_path):
                        if "train/loss" in r}
   after = {s: loss for s, loss in by_step(full).items() if s > 4}
   assert len(after) == 4 and by_step(resumed) == after  # resumed at 5; exact float equality
+
+
+def test_a_context_axis_across_processes_equals_one_process(tmp_path):
+  """context=4 over 2 processes x 2 devices: both processes load the same rows and give their
+  devices their half of each sequence; the losses are those of one process with 4 devices."""
+  args = [a for a in ARGS if "RunConfig.steps" not in a and "MeshConfig" not in a] + [
+      "--gin_param=RunConfig.steps=3", "--gin_param=MeshConfig.data=1",
+      "--gin_param=MeshConfig.context=4"]
+  two, one = tmp_path / "two", tmp_path / "one"
+  out = subprocess.run(["bash", "launch/local_multiprocess.sh", "2", "--devices_per_process", "2",
+                        "train", *args, f"--run_dir={two}"], cwd=REPO, env=_env(),
+                       capture_output=True, text=True, timeout=600)
+  assert out.returncode == 0, out.stdout[-3000:]
+  out1 = subprocess.run([sys.executable, "-m", "pretrainx", "--cpu_devices=4", "train", *args,
+                         f"--run_dir={one}"], cwd=REPO, env=_env(), capture_output=True,
+                        text=True, timeout=600)
+  assert out1.returncode == 0, out1.stderr[-3000:]
+  assert len(_losses(two)) == 3 and _losses(two) == pytest.approx(_losses(one), rel=1e-5)

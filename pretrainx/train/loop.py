@@ -404,10 +404,9 @@ def train(exp: Experiment, restart: bool = False) -> TrainResult:
   paths, resumes = preflight(exp, restart)  # host-side checks: no JAX backend yet
   run, is_main = exp.run, jax.process_index() == 0
   rt = build_runtime(exp)
-  data = TrainBatches(exp.data, run.seq_len, run.global_batch_size, jax.process_index(),
-                      jax.process_count())
+  data = TrainBatches(exp.data, run.seq_len, run.global_batch_size, *rt.data_shard())
   host_eval = eval_batches(exp.data, run.seq_len, run.global_batch_size, run.eval_batches,
-                           jax.process_index(), jax.process_count())
+                           *rt.data_shard())
   baseline = global_unigram_entropy(exp)
   peak = run.peak_tflops * 1e12 if run.peak_tflops else machine_peak_flops(measure_peak_flops())
   meter = _Throughput(run.global_batch_size * run.seq_len, flops_per_token(exp.model, run.seq_len),

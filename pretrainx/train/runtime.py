@@ -6,6 +6,7 @@ Also the read-only uses of a trained run (eval, sampling), which need the same p
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any
 
 import jax
@@ -45,12 +46,29 @@ class Runtime:
     """Context in which the model's logical constraints resolve against this mesh."""
     return mesh_scope(self.mesh, self.exp.mesh.rules)
 
+  def data_shard(self, batch_size: int | None = None) -> tuple[int, int]:
+    """(index, count): this process loads part `index` of `count` equal parts of each global
+    batch's rows (pipeline.host_slice), the rows its devices hold. Processes whose devices hold
+    the same rows and different parts of the sequence (a context axis across hosts) load the
+    same part; otherwise this is (process_index, process_count)."""
+    batch_size = batch_size or self.exp.run.global_batch_size
+    rows, _ = _local_region(self.mesh, batch_size, self.exp.run.seq_len)
+    return rows.start // (rows.stop - rows.start), batch_size // (rows.stop - rows.start)
+
   def put_batch(self, local_batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
-    """Host-local rows -> global arrays sharded over the data-parallel axes."""
+    """This process's rows (data_shard) -> global arrays: [batch, seq] split over the
+    data-parallel axes and the context axis, [batch] arrays over the data-parallel axes."""
     rows = batch_sharding(self.mesh)  # [batch, seq]
     per_row = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec(rows.spec[0]))
-    return {k: jax.make_array_from_process_local_data(rows if v.ndim == 2 else per_row, v)
-            for k, v in local_batch.items()}
+    out = {}
+    for k, v in local_batch.items():
+      n = v.shape[0] * self.data_shard()[1]  # rows of the global batch
+      if v.ndim == 2:
+        _, seq = _local_region(self.mesh, n, v.shape[1])  # this process's part of the sequence
+        out[k] = jax.make_array_from_process_local_data(rows, v[:, seq], (n, v.shape[1]))
+      else:
+        out[k] = jax.make_array_from_process_local_data(per_row, v, (n,) + v.shape[1:])
+    return out
 
   def inference_params(self, state: TrainState) -> Any:
     """The model params to evaluate, sample from and export: the EMA when one is kept, with
@@ -61,6 +79,16 @@ class Runtime:
   def put_domain_batches(self, host: dict[str, list[dict[str, np.ndarray]]]
                          ) -> dict[str, list[dict[str, jax.Array]]]:
     return {d: [self.put_batch(b) for b in batches] for d, batches in host.items()}
+
+
+@functools.lru_cache(maxsize=16)
+def _local_region(mesh: jax.sharding.Mesh, batch: int, seq: int) -> tuple[slice, slice]:
+  """(rows, positions) of a [batch, seq] batch that this process's devices hold."""
+  index = batch_sharding(mesh).addressable_devices_indices_map((batch, seq)).values()
+  bounds = lambda i: (min(ix[i].start or 0 for ix in index),
+                      max(ix[i].stop if ix[i].stop is not None else (batch, seq)[i]
+                          for ix in index))
+  return slice(*bounds(0)), slice(*bounds(1))
 
 
 def build_runtime(exp: Experiment, devices: list | tuple | None = None) -> Runtime:
@@ -137,7 +165,7 @@ def evaluate_checkpoint(rt: Runtime, state: TrainState, num_batches: int | None
   """Validation loss (overall and per domain) and the unigram baseline of the same batches."""
   exp = rt.exp
   host = eval_batches(exp.data, exp.run.seq_len, exp.run.global_batch_size, num_batches,
-                      jax.process_index(), jax.process_count())
+                      *rt.data_shard())
   with rt.scope():
     result = evaluate_domains(rt.eval_step, rt.inference_params(state),
                               rt.put_domain_batches(host))

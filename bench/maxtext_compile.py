@@ -6,7 +6,10 @@ It runs MaxText's `train_compile.main` unchanged (MaxText picks the TPU topology
 optimizer and shardings) and records what that main compiles: per-device bytes of the parameters
 and the optimizer state (from the shaped state's shardings), XLA's memory_analysis of the compiled
 train step, MaxText's own FLOPs-per-step estimate, and the seconds from the start of main to the
-end of the compile. The last line of stdout is `MAXTEXT_JSON {...}`.
+end of the compile. The last line of stdout is `MAXTEXT_JSON {...}`. With `--hlo_out=PATH` as the
+first argument it also writes the compiled train step's HLO text to PATH and adds the slice of
+each mesh device (in the mesh's order, the program's logical ids) to the JSON as
+`device_slices`, for pretrainx/hlo_collectives.py to read in pretrainx's environment.
 
 Run (in the MaxText venv; see bench/maxtext_memory.py for how to make one):
   /tmp/mt312/bin/python bench/maxtext_compile.py compile_topology=v5p-256 \
@@ -59,6 +62,9 @@ def per_device_bytes(tree) -> tuple[dict[str, int], dict[str, int]]:
 
 
 def main(overrides: list[str]) -> int:
+  hlo_out = None
+  if overrides and overrides[0].startswith("--hlo_out="):
+    hlo_out, overrides = overrides[0].split("=", 1)[1], overrides[1:]
   from maxtext.configs import pyconfig  # pylint: disable=import-outside-toplevel
   from maxtext.trainers.pre_train import train_compile as tc  # pylint: disable=import-outside-toplevel
   from maxtext.utils import maxtext_utils  # pylint: disable=import-outside-toplevel
@@ -98,6 +104,8 @@ def main(overrides: list[str]) -> int:
       "attention": config.attention, "remat_policy": config.remat_policy,
       "dtype": str(config.dtype), "weight_dtype": str(config.weight_dtype),
       "opt_type": str(config.opt_type),
+      "context_parallel": {k: getattr(config, k, None) for k in (
+          "context_parallel_strategy", "context_parallel_load_balance")},
       "tokens_per_step": int(config.global_batch_size_to_train_on * config.max_target_length),
       "param_count": count.get("model", 0), "param_bytes": per_dev.get("model", 0),
       "optimizer_bytes": per_dev.get("optimizer", 0),
@@ -106,6 +114,11 @@ def main(overrides: list[str]) -> int:
       "flops_per_step": tflops_per_device * 1e12 * devices,
       "compile_seconds": seen["compiled_at"] - start,
   }
+  if hlo_out:
+    with open(hlo_out, "w", encoding="utf-8") as f:
+      f.write(compiled.as_text())
+    report["hlo_path"] = hlo_out
+    report["device_slices"] = [int(getattr(d, "slice_index", 0) or 0) for d in mesh.devices.flat]
   sys.stdout.write(MARKER + json.dumps(report) + "\n")
   return 0
 

@@ -47,7 +47,7 @@ def run_plan(gin_file: str, topology: str, flags: list[str], gin: list[str],
     return {"error": f"timed out after {timeout:.0f} s"}
   if out.returncode not in (0, 1) or "{" not in out.stdout:  # 1: planned, does not fit
     lines = out.stderr.strip().splitlines() or ["no output"]
-    return {"error": lines[-1][:300]}
+    return {"error": next((l for l in lines if l.startswith("pretrainx plan:")), lines[-1])[:300]}
   report = json.loads(out.stdout[out.stdout.index("{"):])
   report["wall_seconds"] = time.perf_counter() - start
   return report

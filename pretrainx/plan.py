@@ -37,6 +37,10 @@ CPU_NOTE = ("note: compiled for fake CPU devices; XLA's memory_analysis describe
             "total figures as estimates; parameter and optimizer bytes are exact.")
 
 
+class CompilerOutOfMemory(Exception):
+  """The compiler refused the step: its temporaries alone exceed the device's memory."""
+
+
 @dataclasses.dataclass(frozen=True)
 class PlanReport:
   """What one ahead-of-time compile of the train step says. Byte counts are per device.
@@ -196,7 +200,16 @@ def _plan_compiled(exp: Experiment, devices, hbm_gib: float | None, topology: st
   eval_temp = mosaic = None
   with rt.scope():
     batch = abstract_batch(exp, rt.mesh)
-    compiled = rt.train_step.lower(rt.abstract_state, batch).compile()
+    try:
+      compiled = rt.train_step.lower(rt.abstract_state, batch).compile()
+    except jax.errors.JaxRuntimeError as err:  # the TPU compiler refuses what exceeds HBM
+      if "RESOURCE_EXHAUSTED" not in str(err):
+        raise
+      line = next((l for l in str(err).splitlines() if "RESOURCE_EXHAUSTED" in l), str(err))
+      where = topology or "these devices"
+      raise CompilerOutOfMemory(
+          f"{line.split('RESOURCE_EXHAUSTED: ')[-1].strip()} (compiling for {where}); shard more "
+          "(fsdp, context, tensor), lower the batch, or rematerialise more.") from None
     if topology is not None:  # the eval step must compile for the slice too
       eval_compiled = rt.eval_step.lower(rt.abstract_state.params, batch).compile()
       eval_temp = eval_compiled.memory_analysis().temp_size_in_bytes
@@ -394,6 +407,9 @@ def plan_main(argv: list[str] | None = None) -> int:
                          f"{devices}: is JAX_PLATFORMS=cpu honoured?")
       return _reexecute(argv, devices)
     report = plan(exp, devices=devices, hbm_gib=args.hbm_gib, num_slices=slices)
+  except CompilerOutOfMemory as err:
+    sys.stderr.write(f"pretrainx plan: does not fit: {err}\n")
+    return 1
   except (ValueError, FileNotFoundError) as err:
     sys.stderr.write(f"pretrainx plan: error: {err}\n")
     return 2

@@ -153,3 +153,16 @@ def test_two_v5p_slices_compile_and_only_gradient_reductions_cross_dcn(plan_cli)
   assert set(dcn) <= {"all-reduce", "reduce-scatter"} and dcn
   assert all(v["bytes"] > 0 for v in dcn.values())
   assert report["collectives"]["ici"]["all-gather"]["count"] > 0  # FSDP gathers, within slices
+
+
+@pytest.mark.skipif(not topology.libtpu_available(), reason="needs libtpu (the tpu extra)")
+def test_a_step_the_tpu_compiler_cannot_fit_is_one_line_and_exit_1(plan_cli):
+  """64k-token sequences with materialised attention scores need ~400 GiB per v5p device: the
+  compiler refuses them, and plan says so in one line (exit 1, 'does not fit'), no traceback."""
+  out = plan_cli("--gin_file=gin_configs/tiny.gin", "--topology=v5p-8",
+                 "--gin_param=RunConfig.seq_len=65536", "--gin_param=ModelConfig.max_seq_len=65536",
+                 "--gin_param=RunConfig.global_batch_size=8")
+  assert out.returncode == 1, out.stderr[-2000:]
+  lines = out.stderr.strip().splitlines()
+  assert len(lines) == 1 and lines[0].startswith("pretrainx plan: does not fit: "), lines
+  assert "exceeds available HBM" in lines[0] and "v5p-8" in lines[0], lines

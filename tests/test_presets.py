@@ -56,3 +56,17 @@ def test_pod_experiment_files_parse_and_fill_256_chips(name, tensor):
   assert exp.model == _model_cfg(name)
   assert exp.mesh.resolved_shape(256) == (1, 256 // tensor, 1, 1, tensor)
   assert exp.run.global_batch_size * exp.run.seq_len == 256 * 4096
+
+
+@pytest.mark.parametrize("name,devices,slices,shape", [
+    ("llama_70b_32k", 512, 4, (4, 16, 8, 1, 1)),  # 4 v5p-256 slices on dcn_data
+    ("llama_8b_128k", 128, 1, (1, 8, 16, 1, 1)),
+])
+def test_long_context_presets_split_their_sequences(name, devices, slices, shape):
+  exp = parse_gin([os.path.join(REPO, f"gin_configs/{name}.gin")])
+  assert exp.mesh.resolved_shape(devices, slices) == shape
+  assert exp.mesh.num_slices(slices) == slices
+  assert exp.model.attention_impl == "flash" and exp.run.seq_len == exp.model.max_seq_len
+  assert exp.run.seq_len % (2 * exp.mesh.context) == 0  # zigzag chunks
+  data_ranks = shape[0] * shape[1]
+  assert exp.run.global_batch_size == data_ranks  # one sequence per data-parallel rank

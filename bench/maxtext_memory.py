@@ -173,11 +173,12 @@ def section(rows: list[dict], args: argparse.Namespace) -> str:
       ""])
 
 
-def write_section(text: str, path: str) -> None:
-  """Replaces the section under HEADING in `path` (up to the next '## ' heading), or appends it."""
+def write_section(text: str, path: str, heading: str = HEADING) -> None:
+  """Replaces the section under `heading` in `path` (up to the next '## ' heading), or appends
+  it. The bench scripts that write RESULTS.md sections share it."""
   with open(path, encoding="utf-8") as f:
     old = f.read()
-  pattern = re.compile(re.escape(HEADING) + r"\n.*?(?=^## |\Z)", re.S | re.M)
+  pattern = re.compile(re.escape(heading) + r"\n.*?(?=^## |\Z)", re.S | re.M)
   new = pattern.sub(lambda _: text + "\n", old, count=1) if pattern.search(old) else (
       old.rstrip("\n") + "\n\n" + text)
   with open(path, "w", encoding="utf-8") as f:

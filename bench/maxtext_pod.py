@@ -35,7 +35,6 @@ import datetime
 import json
 import logging
 import os
-import re
 import subprocess
 import sys
 import textwrap
@@ -201,17 +200,6 @@ def section(rows: list[dict]) -> str:
            "MaxText's saved results and re-plans only pretrainx)."), ""])
 
 
-def write_section(text: str, path: str) -> None:
-  """Replaces the section under HEADING in `path` (up to the next '## ' heading), or appends it."""
-  with open(path, encoding="utf-8") as f:
-    old = f.read()
-  pattern = re.compile(re.escape(HEADING) + r"\n.*?(?=^## |\Z)", re.S | re.M)
-  new = pattern.sub(lambda _: text + "\n", old, count=1) if pattern.search(old) else (
-      old.rstrip("\n") + "\n\n" + text)
-  with open(path, "w", encoding="utf-8") as f:
-    f.write(new.rstrip("\n") + "\n")
-
-
 def main(argv: list[str] | None = None) -> int:
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
   p.add_argument("--maxtext_python", default=mm.DEFAULT_MAXTEXT_PYTHON,
@@ -253,7 +241,7 @@ def main(argv: list[str] | None = None) -> int:
       rows.append(report)
   print(table(rows))
   if args.write:
-    write_section(section(rows), os.path.join(REPO, "bench", "RESULTS.md"))
+    mm.write_section(section(rows), os.path.join(REPO, "bench", "RESULTS.md"), HEADING)
     log.info("wrote the section %r of bench/RESULTS.md", HEADING)
   return 0 if rows else 1
 

@@ -21,12 +21,13 @@ import argparse
 import datetime
 import json
 import os
-import re
 import subprocess
 import sys
 import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(REPO, "bench"))
+import maxtext_memory  # pylint: disable=wrong-import-position  # its RESULTS.md section writer
 HEADING = "## Multislice and long-context plans (`bench/multislice_plan.py`)"
 GIB = 2**30
 CHIPS = 128  # v5p-256
@@ -93,17 +94,6 @@ def table_8b(rows: list[tuple[int, int, dict]]) -> str:
   return "\n".join(out)
 
 
-def write_section(text: str, path: str) -> None:
-  """Replaces the section under HEADING in `path` (up to the next '## ' heading), or appends it."""
-  with open(path, encoding="utf-8") as f:
-    old = f.read()
-  pattern = re.compile(re.escape(HEADING) + r"\n.*?(?=^## |\Z)", re.S | re.M)
-  new = pattern.sub(lambda _: text + "\n", old, count=1) if pattern.search(old) else (
-      old.rstrip("\n") + "\n\n" + text)
-  with open(path, "w", encoding="utf-8") as f:
-    f.write(new.rstrip("\n") + "\n")
-
-
 def main(argv: list[str] | None = None) -> int:
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
   p.add_argument("--only", choices=("70b", "8b"), default=None, help="run one part only")
@@ -146,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
                     "(pretrainx/hlo_collectives.py), per device per step.", "", *parts])
   print(text)
   if args.write:
-    write_section(text, os.path.join(REPO, "bench", "RESULTS.md"))
+    maxtext_memory.write_section(text, os.path.join(REPO, "bench", "RESULTS.md"), HEADING)
   return 0
 
 

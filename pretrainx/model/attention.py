@@ -10,6 +10,9 @@ ATTENTION_IMPLS[cfg.attention_impl]:
   'linear'     causal linear attention with a learned hedgehog (or fixed) feature map and optional
                per-head decay; packed documents reset the state at segment starts;
   'hybrid'     LoLCATs: sliding-window softmax plus linear attention for older keys.
+Under context parallelism (MeshConfig.context > 1) both softmax impls run under shard_map with
+each device's queries against the gathered keys, masked by natural-order token indices
+(model.context_parallel); 'linear' and 'hybrid' are refused there.
 Both softmax impls take `ModelConfig.sliding_window` (query i sees keys i - window < j <= i, as
 Mistral; the flash kernels skip the key blocks wholly outside it), the KV-cache decoder too.
 A Pallas kernel runs when the backend can lower it or `ModelConfig.kernel_interpret` is set;

@@ -79,7 +79,7 @@ class MeshConfig:
   def dcn_shape(self, num_slices: int | None = None) -> tuple[int, ...]:
     """Slices along each of MESH_AXES (1 for those that stay within a slice). With -1 in a DCN
     axis, `num_slices` (the slices the devices span) resolves it."""
-    dcn = {"data": self.dcn_data, "fsdp": self.dcn_fsdp}
+    dcn = {axis: getattr(self, f"dcn_{axis}") for axis in DCN_AXES}
     for axis, n in dcn.items():
       if n == 0 or n < -1:
         raise ValueError(f"MeshConfig.dcn_{axis}={n}: a slice count is a positive integer, "
@@ -117,8 +117,8 @@ class MeshConfig:
       raise ValueError(
           f"mesh axes {_sizes(shape)} = {math.prod(shape)} "
           f"devices, but {devices_per_slice} devices are available"
-          f"{f' in each of {num_slices} slices' if num_slices > 1 else ''}; make the product equal {devices_per_slice} (or set one axis to -1 to fill the "
-          "rest).")
+          f"{f' in each of {num_slices} slices' if num_slices > 1 else ''}; make the product "
+          f"equal {devices_per_slice} (or set one axis to -1 to fill the rest).")
     return tuple(shape)  # type: ignore[return-value]
 
   def resolved_shape(self, num_devices: int, num_slices: int | None = None) -> tuple[int, ...]:

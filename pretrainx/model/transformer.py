@@ -108,8 +108,7 @@ class Transformer(nn.Module):
     context = 1 if decode else context_parallel.context_size()
     balanced = context > 1 and cfg.context_load_balance
     if context > 1:
-      impls = cfg.layer_attention_impls or (cfg.attention_impl,)
-      context_parallel.check_split(seq, context, cfg.context_load_balance, tuple(impls))
+      context_parallel.check_split(seq, context, cfg.context_load_balance, cfg.layer_impls)
     if balanced:
       tokens, positions = (context_parallel.balance(x, context) for x in (tokens, positions))
       segment_ids, prefix_mask = (None if x is None else context_parallel.balance(x, context)

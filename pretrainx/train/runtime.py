@@ -46,12 +46,12 @@ class Runtime:
     """Context in which the model's logical constraints resolve against this mesh."""
     return mesh_scope(self.mesh, self.exp.mesh.rules)
 
-  def data_shard(self, batch_size: int | None = None) -> tuple[int, int]:
+  def data_shard(self) -> tuple[int, int]:
     """(index, count): this process loads part `index` of `count` equal parts of each global
     batch's rows (pipeline.host_slice), the rows its devices hold. Processes whose devices hold
     the same rows and different parts of the sequence (a context axis across hosts) load the
     same part; otherwise this is (process_index, process_count)."""
-    batch_size = batch_size or self.exp.run.global_batch_size
+    batch_size = self.exp.run.global_batch_size
     rows, _ = _local_region(self.mesh, batch_size, self.exp.run.seq_len)
     return rows.start // (rows.stop - rows.start), batch_size // (rows.stop - rows.start)
 
@@ -60,9 +60,10 @@ class Runtime:
     data-parallel axes and the context axis, [batch] arrays over the data-parallel axes."""
     rows = batch_sharding(self.mesh)  # [batch, seq]
     per_row = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec(rows.spec[0]))
+    parts = self.data_shard()[1]
     out = {}
     for k, v in local_batch.items():
-      n = v.shape[0] * self.data_shard()[1]  # rows of the global batch
+      n = v.shape[0] * parts  # rows of the global batch
       if v.ndim == 2:
         _, seq = _local_region(self.mesh, n, v.shape[1])  # this process's part of the sequence
         out[k] = jax.make_array_from_process_local_data(rows, v[:, seq], (n, v.shape[1]))
@@ -101,8 +102,8 @@ def build_runtime(exp: Experiment, devices: list | tuple | None = None) -> Runti
   mesh = make_mesh(exp.mesh, None if devices is None else list(devices))
   check_batch_divisible(run.global_batch_size, mesh, exp.accumulation.microbatches)
   context = context_parallel.mesh_context_size(mesh, exp.mesh.rules)
-  impls = tuple(exp.model.layer_attention_impls or (exp.model.attention_impl,))
-  context_parallel.check_split(run.seq_len, context, exp.model.context_load_balance, impls)
+  context_parallel.check_split(run.seq_len, context, exp.model.context_load_balance,
+                               exp.model.layer_impls)
   model = Transformer(exp.model)
   optimizer, schedule = make_optimizer(exp.optimizer, run.steps, exp.schedule)
   mask = trainable(abstract_params(model, run.seq_len, exp.tune), exp.tune, exp.model,

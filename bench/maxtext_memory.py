@@ -185,6 +185,32 @@ def write_section(text: str, path: str, heading: str = HEADING) -> None:
     f.write(new.rstrip("\n") + "\n")
 
 
+def reused_systems(reuse: str, systems: str) -> set[str]:
+  """--reuse ('all' or comma-separated systems) as the set of systems to read back."""
+  return set(systems.split(",")) if reuse == "all" else set(filter(None, reuse.split(",")))
+
+
+def saved_or_run(saved: str | None, reuse: bool, run, label: str, logger=None) -> dict | None:
+  """The result saved at `saved` when `reuse` and it exists; else run() (a compile), saved there
+  when `saved` is given. None (logged) when the compile fails. The MaxText bench scripts share
+  it."""
+  logger = logger or log
+  if reuse and saved and os.path.exists(saved):
+    with open(saved, encoding="utf-8") as f:
+      report = json.load(f)
+    logger.info("read %s", saved)
+    return report
+  try:
+    report = run()
+  except (RuntimeError, FileNotFoundError, subprocess.TimeoutExpired) as err:
+    logger.error("%s: %s", label, err)
+    return None
+  if saved:
+    with open(saved, "w", encoding="utf-8") as f:
+      json.dump(report, f, indent=1)
+  return report
+
+
 def main(argv: list[str] | None = None) -> int:
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
   p.add_argument("--maxtext_python", default=DEFAULT_MAXTEXT_PYTHON,
@@ -203,8 +229,7 @@ def main(argv: list[str] | None = None) -> int:
   p.add_argument("--write", action="store_true", help="put the table in bench/RESULTS.md")
   args = p.parse_args(argv)
   logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-  reuse = set(args.systems.split(",")) if args.reuse == "all" else set(
-      filter(None, args.reuse.split(",")))
+  reuse = reused_systems(args.reuse, args.systems)
   if args.json_dir:
     os.makedirs(args.json_dir, exist_ok=True)
   rows = []
@@ -213,21 +238,13 @@ def main(argv: list[str] | None = None) -> int:
       for system in args.systems.split(","):
         saved = args.json_dir and os.path.join(
             args.json_dir, f"{system}_{model}_{attention}_{args.topology}.json")
-        if system in reuse and saved and os.path.exists(saved):
-          with open(saved, encoding="utf-8") as f:
-            report = json.load(f)
-          log.info("read %s", saved)
-        else:
-          call = (lambda *a: run_pretrainx(*a, args.timeout)) if system == "pretrainx" else (
-              lambda *a: run_maxtext(*a, args.maxtext_python, args.timeout))
-          try:
-            report = call(model, attention, args.topology, args.per_device_batch, args.seq_len)
-          except (RuntimeError, FileNotFoundError, subprocess.TimeoutExpired) as err:
-            log.error("%s %s %s: %s", system, model, attention, err)
-            continue
-          if saved:
-            with open(saved, "w", encoding="utf-8") as f:
-              json.dump(report, f, indent=1)
+        call = (lambda *a: run_pretrainx(*a, args.timeout)) if system == "pretrainx" else (
+            lambda *a: run_maxtext(*a, args.maxtext_python, args.timeout))
+        report = saved_or_run(saved, system in reuse, lambda: call(
+            model, attention, args.topology, args.per_device_batch, args.seq_len),
+                              f"{system} {model} {attention}")
+        if report is None:
+          continue
         report.update(model_label=MODELS[model][1], attention_label=attention)
         rows.append(report)
   print(table(rows))

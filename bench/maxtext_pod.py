@@ -35,7 +35,6 @@ import datetime
 import json
 import logging
 import os
-import subprocess
 import sys
 import textwrap
 import time
@@ -215,8 +214,7 @@ def main(argv: list[str] | None = None) -> int:
   p.add_argument("--write", action="store_true", help="put the table in bench/RESULTS.md")
   args = p.parse_args(argv)
   logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-  reuse = set(args.systems.split(",")) if args.reuse == "all" else set(
-      filter(None, args.reuse.split(",")))
+  reuse = mm.reused_systems(args.reuse, args.systems)
   os.makedirs(args.json_dir, exist_ok=True)
   rows = []
   for case in args.cases.split(","):
@@ -224,19 +222,13 @@ def main(argv: list[str] | None = None) -> int:
       p.error(f"--cases: {case!r} is not one of {', '.join(CASES)}")
     for system in args.systems.split(","):
       saved = os.path.join(args.json_dir, f"{system}_{case}.json")
-      if system in reuse and os.path.exists(saved):
-        with open(saved, encoding="utf-8") as f:
-          report = json.load(f)
-        log.info("read %s", saved)
-      else:
-        try:
-          report = (run_pretrainx(case, args.timeout) if system == "pretrainx" else
-                    run_maxtext(case, args.maxtext_python, args.json_dir, args.timeout))
-        except (RuntimeError, FileNotFoundError, subprocess.TimeoutExpired) as err:
-          log.error("%s %s: %s", system, case, err)
-          continue
-        with open(saved, "w", encoding="utf-8") as f:
-          json.dump(report, f, indent=1)
+      report = mm.saved_or_run(
+          saved, system in reuse,
+          lambda: (run_pretrainx(case, args.timeout) if system == "pretrainx" else
+                   run_maxtext(case, args.maxtext_python, args.json_dir, args.timeout)),
+          f"{system} {case}", log)
+      if report is None:
+        continue
       report["case"] = case
       rows.append(report)
   print(table(rows))

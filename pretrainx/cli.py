@@ -434,8 +434,9 @@ def cmd_export(args) -> None:
 
   exp = _experiment(args, for_training=False)
   rt, state, step = runtime.load_trained(exp, args.checkpoint_dir, args.step)
+  # rt.exp: the model of the checkpoint's stage (a stage may have changed the rope settings)
   path = checkpoint.save_params(args.out, rt.inference_params(state),
-                                {"step": step, "config_gin": experiment_to_gin(exp)})
+                                {"step": step, "config_gin": experiment_to_gin(rt.exp)})
   _out(f"exported the params of step {step} to {path}")
 
 

@@ -1,6 +1,7 @@
 """Real processes: SIGTERM saves and exits 0; SIGKILL + resume equals an uninterrupted run bit for
 bit, with the run directory on local disk and in a bucket (the GCS emulator), against one
-uninterrupted reference run."""
+uninterrupted reference run. The run changes its sequence length and RoPE base at step 30, just
+before the kill."""
 
 import json
 import os
@@ -24,7 +25,13 @@ ARGS = ["--gin_file=gin_configs/tiny.gin", f"--gin_param=RunConfig.steps={STEPS}
         "--gin_param=RunConfig.global_batch_size=32", "--gin_param=RunConfig.log_every=1",
         "--gin_param=RunConfig.progress_bar=False", "--gin_param=RunConfig.sample_tokens=0",
         "--gin_param=RunConfig.eval_batches=2", "--gin_param=CheckpointConfig.every_steps=10",
-        "--peak_tflops=0.1"]
+        "--peak_tflops=0.1",
+        # From step 30 the sequence doubles (same tokens per step) with a new RoPE base: the
+        # kill lands right after that change, and the resumed run starts in the new stage.
+        "--gin_param=DataConfig.stages=[@short/Stage(), @long/Stage()]",
+        "--gin_param=long/Stage.start_step=30", "--gin_param=long/Stage.seq_len=128",
+        "--gin_param=long/Stage.tokens_per_step=2048",
+        "--gin_param=long/Stage.rope={'rope_theta': 40000.0}"]
 
 
 def _cmd(run_dir):
@@ -102,10 +109,10 @@ def _start_and_signal(run_dir, sig, at_step):
 @pytest.mark.parametrize("where", ["local", "gs"])
 def test_sigkill_then_resume_is_bit_identical(reference, where, tmp_path, request):
   run_dir = str(tmp_path / "run") if where == "local" else request.getfixturevalue("gcs_dir")
-  code, _, err = _start_and_signal(run_dir, signal.SIGKILL, at_step=30)
+  code, _, err = _start_and_signal(run_dir, signal.SIGKILL, at_step=32)
   assert code == -signal.SIGKILL, err[-3000:]
   reached = max(_losses(run_dir))  # in a bucket too, the metrics arrived at every log point
-  assert 30 <= reached < STEPS, "the run finished before it could be killed"
+  assert 32 <= reached < STEPS, "the run finished before it could be killed"
   _train(run_dir)
   _, ref_losses, ref_params = reference
   assert _losses(run_dir) == ref_losses

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from pretrainx.checkpoint import Checkpointer
-from pretrainx.config import parse_gin
+from pretrainx.config import Stage, parse_gin
 from pretrainx.data.pipeline import TrainBatches
 from pretrainx.metrics import read_metrics
 from pretrainx.train import loop
@@ -52,11 +52,20 @@ def test_tiny_model_learns_in_100_steps(tiny_exp):
 
 @pytest.mark.slow
 def test_resume_from_checkpoint_reproduces_the_uninterrupted_run(tiny_exp):
-  exp = tiny_exp(run={"log_every": 1, "sample_tokens": 0, "eval_batches": 1, "steps": 12},
-                 checkpoint={"every_steps": 6})
+  """Across a stage that doubles the sequence length (keeping the tokens per step) and changes
+  the RoPE base: the resumed run compiles the new shape and matches the uninterrupted one."""
+  stages = (Stage(), Stage(start_step=8, seq_len=128, tokens_per_step=16 * 64,
+                           rope={"rope_theta": 40_000.0}))
+  exp = tiny_exp(run={"log_every": 1, "sample_tokens": 0, "eval_batches": 1, "steps": 12,
+                      "global_batch_size": 16},
+                 checkpoint={"every_steps": 6}, data={"stages": stages})
   full = loop.train(exp)
   expected = _losses(full.paths.metrics)
   assert sorted(expected) == list(range(1, 13))
+  shapes = {r["step"]: (r["data/seq_len"], r["data/global_batch_size"])
+            for r in read_metrics(full.paths.metrics) if "data/seq_len" in r}
+  assert shapes[8] == (64, 16) and shapes[9] == shapes[12] == (128, 8)
+  assert np.isfinite(full.tokens_per_second) and 0 < full.mfu <= 1
   # Forget everything after step 6, as if the run had died there.
   shutil.rmtree(os.path.join(full.paths.checkpoints, "12"))
   kept = [line for line in open(full.paths.metrics) if json.loads(line)["step"] <= 6]
@@ -165,7 +174,7 @@ def test_a_window_faster_than_the_measured_peak_raises_the_peak(caplog):
   """A peak timed while the host was busy elsewhere can be below what the run then reaches: the
   measured peak is raised to it (MFU never above 100%), a given --peak_tflops only warned about."""
   for measured, expected in ((True, 1.0), (False, None)):
-    meter = loop._Throughput(tokens_per_step=1000, flops_token=1e6, peak=1e3,
+    meter = loop._Throughput(lambda a, b: ((b - a) * 1000, (b - a) * 1000 * 1e6), peak=1e3,
                              peak_measured=measured)
     meter.restart_clock(None, 0)
     values = meter.read(None, 4)

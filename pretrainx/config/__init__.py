@@ -10,7 +10,8 @@ from pretrainx.config.cpt import InitConfig, LinearizeConfig, LoraConfig, TuneCo
 from pretrainx.config.data import (CorpusTask, DataConfig, Denoiser, FileTask, MixtureSpec,
                                    ObjectiveConfig, ReweightConfig, Selection, Stage)
 from pretrainx.config.experiment import (IDENTITY_SECTIONS, RENAMED, Experiment,
-                                         config_differences, validate)
+                                         config_differences, phase_experiment, phases, validate)
+from pretrainx.config.phases import Phase, phase_index
 from pretrainx.config.gin_io import (CONFIGURABLES, experiment_to_gin, read_gin_file,
                                      register_gin_readers, rename_legacy_bindings)
 from pretrainx.config.hf_config import load_hf_config
@@ -50,6 +51,7 @@ __all__ = [
     "MuonConfig",
     "ObjectiveConfig",
     "OptimizerConfig",
+    "Phase",
     "PrecisionConfig",
     "RENAMED",
     "RunConfig",
@@ -66,6 +68,9 @@ __all__ = [
     "load_hf_config",
     "load_run_experiment",
     "parse_gin",
+    "phase_experiment",
+    "phase_index",
+    "phases",
     "parse_gin_text",
     "parse_gin_with",
     "read_gin_file",

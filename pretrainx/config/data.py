@@ -101,7 +101,9 @@ class Selection:
 
   Attributes:
     score: the score set in each domain's token store: 'source' (FileTask.score_field at prepare
-      time) or a name written by `pretrainx score --name=...`.
+      time), a name written by `pretrainx score --name=...`, or 'length' (each document's token
+      count, eos included, read from the store's offsets without reading tokens): min_score=L
+      then keeps documents of at least L tokens, order='ascending' is a length curriculum.
     version: that score's version (None: the newest complete one).
     domains: the domains it applies to (empty: every domain).
     min_score / max_score: keep documents whose score lies in [min_score, max_score] (None: no
@@ -116,6 +118,9 @@ class Selection:
     repeat: each epoch goes over the chosen subset this many times (repeating a chosen subset).
     loss_weight: weight each kept document's tokens by its score (self-normalised to mean 1 over
       the batch's tokens; NaN scores weigh 1).
+    upsample / upsample_min_score: kept documents whose score is >= upsample_min_score appear
+      `upsample` times in every pass (each copy at its own place in a shuffle); with
+      score='length' this upsamples long documents within a domain, as ProLong does.
   """
 
   score: str = "source"
@@ -130,6 +135,8 @@ class Selection:
   order: str = "shuffle"
   repeat: int = 1
   loss_weight: bool = False
+  upsample: int = 1
+  upsample_min_score: float | None = None
 
   def __post_init__(self):
     domains = (self.domains,) if isinstance(self.domains, str) else tuple(self.domains)
@@ -147,6 +154,10 @@ class Selection:
                        "that keeps no documents.")
     if self.repeat < 1:
       raise ValueError(f"Selection.repeat={self.repeat}; it must be >= 1.")
+    if self.upsample < 1 or (self.upsample > 1) != (self.upsample_min_score is not None):
+      raise ValueError(f"Selection.upsample={self.upsample}, upsample_min_score="
+                       f"{self.upsample_min_score}: give both (upsample >= 2 copies of the "
+                       "documents scored >= upsample_min_score) or neither.")
 
   @property
   def filters(self) -> bool:
@@ -167,6 +178,16 @@ class Stage:
     control_tokens: prepend a control token chosen from the document's score.
     selections: Selection(...)s that filter, order, repeat or loss-weight documents of some
       domains by a stored score; at most one per domain.
+    seq_len: positions per row from this stage on (None: the previous stage's, the first
+      stage's being RunConfig.seq_len). A change repacks every domain at the new length (the
+      rows count afresh from the stage's start, in a new shuffle) and compiles the step once
+      for the new shape; the step count, LR schedule and optimizer state go on.
+    global_batch_size: rows per step from this stage on (None: the previous stage's).
+    tokens_per_step: instead of global_batch_size, the rows per step are tokens_per_step /
+      seq_len (it must divide), so a longer context keeps the tokens of each update.
+    rope: {ModelConfig rope_* field: value} from this stage on, on top of the earlier stages'
+      (e.g. {'rope_theta': 500000.0} for an ABF base change with the context extension, or
+      {'rope_scaling': 'yarn', 'rope_scaling_factor': 4.0}); the weights stay the same.
   """
 
   start_step: int = 0
@@ -175,11 +196,27 @@ class Stage:
   metadata_prefix: bool = False
   control_tokens: bool = False
   selections: tuple[Selection, ...] = ()
+  seq_len: int | None = None
+  global_batch_size: int | None = None
+  tokens_per_step: int | None = None
+  rope: Mapping[str, Any] = dataclasses.field(default_factory=dict)
 
   def __post_init__(self):
     value = self.selections
     object.__setattr__(self, "selections",
                        (value,) if isinstance(value, Selection) else tuple(value))
+    object.__setattr__(self, "rope", dict(self.rope))
+    for name in ("seq_len", "global_batch_size", "tokens_per_step"):
+      if getattr(self, name) is not None and getattr(self, name) < 1:
+        raise ValueError(f"Stage(start_step={self.start_step}).{name}={getattr(self, name)}; "
+                         "use a positive number or None (the previous stage's).")
+    if self.global_batch_size is not None and self.tokens_per_step is not None:
+      raise ValueError(f"Stage(start_step={self.start_step}) sets both global_batch_size and "
+                       "tokens_per_step; set one (tokens_per_step / seq_len gives the rows).")
+    bad = sorted(k for k in self.rope if not str(k).startswith("rope_"))
+    if bad:
+      raise ValueError(f"Stage(start_step={self.start_step}).rope names {bad}; a stage may "
+                       "change only ModelConfig's rope_* fields (rope_theta, rope_scaling, ...).")
 
   def selection_for(self, domain: str) -> Selection | None:
     """The selection that applies to `domain` in this stage, if any."""

@@ -14,6 +14,7 @@ from absl import logging
 from pretrainx.config.cpt import InitConfig, TuneConfig
 from pretrainx.config.data import DataConfig, ReweightConfig, check_stages
 from pretrainx.config.mesh import MeshConfig
+from pretrainx.config.phases import Phase, phase_index, run_phases
 from pretrainx.config.model import ModelConfig, MoeConfig
 from pretrainx.config.optim import (AdafactorConfig, MuonConfig, OptimizerConfig, ScheduleConfig,
                                     SophiaConfig)
@@ -147,6 +148,7 @@ def validate(exp: Experiment) -> None:
     raise ValueError(
         f"RunConfig.seq_len={run.seq_len} exceeds ModelConfig.max_seq_len={model.max_seq_len}; "
         "lower seq_len or raise max_seq_len.")
+  run_phases(run, exp.data.schedule_stages, model)  # each stage's length, batch and rope
   vocab_size = exp.data.vocabulary.vocab_size
   if vocab_size > model.vocab_size:
     raise ValueError(
@@ -209,6 +211,26 @@ def _check_experts(exp: Experiment) -> None:
         f"TuneConfig.frozen_experts={frozen} needs an MoE model with more experts than that "
         f"(MoeConfig.num_experts={moe.num_experts}); it freezes the first experts of each layer "
         "(Lifelong-MoE: the source's experts) while the added ones train.")
+
+
+def phases(exp: Experiment) -> tuple[Phase, ...]:
+  """The run's phases (config.phases): each stage's seq_len, batch size and rope settings."""
+  return run_phases(exp.run, exp.data.schedule_stages)
+
+
+def phase_experiment(exp: Experiment, step: int) -> Experiment:
+  """`exp` as the batch of `step` sees it: RunConfig.seq_len / global_batch_size and the model's
+  rope_* fields of that step's stage. A view for evaluating, sampling and exporting at `step`;
+  the run itself is always configured (and saved) by `exp`."""
+  all_phases = phases(exp)
+  phase = all_phases[phase_index(all_phases, step)]
+  if (phase.seq_len, phase.global_batch_size, phase.rope) == (
+      exp.run.seq_len, exp.run.global_batch_size, ()):
+    return exp
+  return dataclasses.replace(
+      exp, model=phase.model(exp.model),
+      run=dataclasses.replace(exp.run, seq_len=phase.seq_len,
+                              global_batch_size=phase.global_batch_size))
 
 
 def config_differences(old: Experiment, new: Experiment,

@@ -51,11 +51,18 @@ class MixtureSchedule:
 
   def __init__(self, stages: Sequence[Stage], domains: Sequence[str], batch_size: int, seed: int,
                natural_weights: Mapping[str, float] | None = None,
-               history: Sequence[tuple[int, Sequence[float]]] = ()):
+               history: Sequence[tuple[int, Sequence[float]]] = (),
+               stage_batch_sizes: Sequence[int] | None = None):
+    """batch_size: rows per step; stage_batch_sizes: one per stage instead (a stage that
+    changes the batch, pretrainx.config.phases)."""
     check_stages(stages, domains)
     self.stages, self.domains = tuple(stages), tuple(domains)
     self.batch_size, self.seed = int(batch_size), int(seed)
     self.starts = np.asarray([s.start_step for s in stages], np.int64)
+    sizes = [batch_size] * len(self.stages) if stage_batch_sizes is None else stage_batch_sizes
+    if len(sizes) != len(self.stages):
+      raise ValueError(f"{len(sizes)} stage batch sizes for {len(self.stages)} stages.")
+    self.batch_sizes = np.asarray(sizes, np.int64)  # [stages]
     natural = dict(natural_weights or {d: 1.0 for d in domains})
     table = []
     for s in stages:
@@ -103,6 +110,11 @@ class MixtureSchedule:
   def stage(self, step: int) -> Stage:
     return self.stages[self.stage_index(step)]
 
+  def batch_size_at(self, steps: np.ndarray | int) -> np.ndarray:
+    """Rows in the global batch of each of `steps` -> int64 (the shape of `steps`)."""
+    index = np.searchsorted(self.starts, np.asarray(steps, np.int64), side="right") - 1
+    return self.batch_sizes[index]
+
   def stage_weights(self, step: int) -> np.ndarray:
     """The stage's own normalised weights at `step` -> float64 [domains]."""
     return self.weights[self.stage_index(step)]
@@ -121,10 +133,11 @@ class MixtureSchedule:
     plan = plan or self._plan
     steps = np.asarray(steps, np.int64)
     w = plan.table[np.searchsorted(plan.steps, steps, side="right") - 1]  # [n, domains]
-    exact = w * self.batch_size
+    batch = self.batch_size_at(steps)  # [n]
+    exact = w * batch[:, None]
     base = np.floor(exact).astype(np.int64)
     frac_cum = np.cumsum(exact - base, axis=1)
-    remainder = self.batch_size - base.sum(axis=1)
+    remainder = batch - base.sum(axis=1)
     frac_cum[:, -1] = remainder  # exact, whatever the float rounding of the cumsum
     u = hash_uniform(self.seed, 1, steps)[:, None]
     upper = np.ceil(frac_cum - u)
@@ -144,14 +157,16 @@ class MixtureSchedule:
     return cum[anchor] + self.counts(np.arange(anchor, int(step)), plan).sum(axis=0)
 
   def assignment(self, step: int) -> tuple[np.ndarray, np.ndarray]:
-    """(domain [B], row index within that domain [B]) for the rows of the batch of `step`."""
+    """(domain [B], row index within that domain [B]) for the rows of the batch of `step` (B:
+    the rows of that step's stage)."""
     plan = self._plan  # one plan throughout, whatever another thread sets meanwhile
     counts = self.counts(np.asarray([step]), plan)[0]
+    batch = int(self.batch_size_at(step))
     domain = np.repeat(np.arange(len(self.domains)), counts)
-    slots = int(step) * self.batch_size + np.arange(self.batch_size, dtype=np.int64)
+    slots = int(step) * batch + np.arange(batch, dtype=np.int64)
     order = np.argsort(hash_uniform(self.seed, 2, slots), kind="stable")
     domain = domain[order]
-    rank = np.empty(self.batch_size, np.int64)
+    rank = np.empty(batch, np.int64)
     for d in range(len(self.domains)):
       where = np.flatnonzero(domain == d)
       rank[where] = np.arange(len(where))

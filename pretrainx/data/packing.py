@@ -127,18 +127,23 @@ class DomainRows:
       epoch; rows are still shuffled).
     cross_document_attention: every row is one segment, its positions counting 0..n-1.
     name: the domain's name, for messages and Stage.selection_for.
+    packing_key: extra integers in every shuffle's seed: a stage that repacks at another
+      seq_len (config.phases) gives its start step, so it does not replay the first packing's
+      document order.
   """
 
   def __init__(self, store: Any, *, seq_len: int, seed: int = 0, domain_index: int = 0,
                mode: str = "pack", shuffle: bool = True, vocab: Any = None,
                objective_cfg: obj.ObjectiveConfig | None = None, packing_order: str = "shuffle",
-               cross_document_attention: bool = False, name: str = ""):
+               cross_document_attention: bool = False, name: str = "",
+               packing_key: tuple[int, ...] = ()):
     if mode not in PACKING_MODES:
       raise ValueError(f"packing mode {mode!r}; choose one of {PACKING_MODES}.")
     if packing_order not in PACKING_ORDERS:
       raise ValueError(f"packing order {packing_order!r}; choose one of {PACKING_ORDERS}.")
     self.store, self.seq_len, self.mode, self.shuffle = store, int(seq_len), mode, shuffle
     self.seed, self.domain_index, self.name = int(seed), int(domain_index), name
+    self.packing_key = tuple(int(k) for k in packing_key)
     self.vocab, self.cfg = vocab, objective_cfg or obj.ObjectiveConfig()
     self.packing_order, self.cross = packing_order, bool(cross_document_attention)
     self.lengths = np.asarray(store.doc_lengths, np.int64)
@@ -162,13 +167,15 @@ class DomainRows:
       return np.arange(n)
     if self.packing_order == "neighbours":
       return self._neighbour_order(epoch)
-    return np.random.default_rng([self.seed, self.domain_index, epoch]).permutation(n)
+    return np.random.default_rng([self.seed, self.domain_index, epoch, *self.packing_key]
+                                 ).permutation(n)
 
   def _neighbour_order(self, epoch: int) -> np.ndarray:
     """The neighbour chain, started at a place drawn from (seed, domain, epoch)."""
     if self._chain is None:
       self._chain = neighbours.store_chain(self.store, self.seed)
-    shift = np.random.default_rng([self.seed, self.domain_index, epoch, 3]).integers(
+    shift = np.random.default_rng([self.seed, self.domain_index, epoch, 3, *self.packing_key]
+                                  ).integers(
         len(self._chain))
     return np.roll(self._chain, -int(shift))
 
@@ -178,6 +185,8 @@ class DomainRows:
     if key not in self._scores:
       if hasattr(self.store, "score"):
         values = self.store.score(sel.score, sel.version)
+      elif sel.score == "length":
+        values = self.lengths
       elif sel.score == "source":  # a store without score sets
         values = self.store.scores
       else:
@@ -247,7 +256,8 @@ class DomainRows:
       if len(self._row_orders) >= 4:
         self._row_orders.pop(next(iter(self._row_orders)))
       stream = [1] if view.selection is None else [1, view.stage_index + 1]
-      rng = np.random.default_rng([self.seed, self.domain_index, epoch, *stream])
+      rng = np.random.default_rng([self.seed, self.domain_index, epoch, *stream,
+                                   *self.packing_key])
       self._row_orders[key] = rng.permutation(num_rows)
     return self._row_orders[key]
 
@@ -310,7 +320,7 @@ class DomainRows:
       assert len(prefix) == lay.prefix_len[k], "conditioning prefix length changed"
     if stage.objective == "causal":
       return obj.causal_example(piece, prefix)
-    rng = np.random.default_rng([self.seed, self.domain_index, epoch, k, 7])
+    rng = np.random.default_rng([self.seed, self.domain_index, epoch, k, 7, *self.packing_key])
     return obj.make_example(piece, objective=stage.objective, prefix=prefix,
                             budget=len(prefix) + length + 1, rng=rng, vocab=self.vocab,
                             cfg=self.cfg)

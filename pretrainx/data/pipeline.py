@@ -24,7 +24,8 @@ from pretrainx.data import tasks as tasks_lib
 from pretrainx.config.data import DOMAINS
 from pretrainx.data.mixture import MixtureSchedule
 from pretrainx.data.packing import DomainRows, stage_view
-from pretrainx.config import DataConfig
+from pretrainx.config import DataConfig, RunConfig
+from pretrainx.config.phases import run_phases, shape_changes
 
 BATCH_KEYS = ("inputs", "targets", "segment_ids", "positions", "loss_mask")
 
@@ -71,56 +72,90 @@ def _stack(rows: list[dict[str, np.ndarray]], keys: Sequence[str]) -> dict[str, 
 
 
 class TrainBatches:
-  """This host's part of the global batch of every step, from the stage-scheduled mixture."""
+  """This host's part of the global batch of every step, from the stage-scheduled mixture.
+
+  `seq_len` and `global_batch_size` are the first stage's unless it sets its own; a stage that
+  changes seq_len (config.phases) starts a new packing of every domain at that length, whose rows
+  count from the stage's start, in shuffles of their own."""
 
   def __init__(self, cfg: DataConfig, seq_len: int, global_batch_size: int,
                process_index: int = 0, process_count: int = 1):
-    self.cfg, self.seq_len, self.global_batch_size = cfg, seq_len, global_batch_size
+    self.cfg = cfg
     self.domains = tuple(cfg.domains)
     if cfg.cross_document_attention and cfg.uses_prefix_lm:
       raise ValueError("DataConfig.cross_document_attention=True works with the causal "
                        "objective only; drop it or the 'ul2' stages.")
-    stores = [open_domain_store(cfg, d, "train") for d in self.domains]
-    self.rows = [DomainRows(s, seq_len=seq_len, seed=cfg.seed, domain_index=i, mode=cfg.packing,
-                            vocab=cfg.vocabulary, objective_cfg=cfg.objective,
-                            packing_order=cfg.packing_order,
-                            cross_document_attention=cfg.cross_document_attention, name=d)
-                 for i, (d, s) in enumerate(zip(self.domains, stores))]
-    natural = {d: float(s.num_tokens) for d, s in zip(self.domains, stores)}
-    self.schedule = MixtureSchedule(cfg.schedule_stages, self.domains, global_batch_size,
-                                    cfg.seed, natural)
-    self.local = host_slice(global_batch_size, process_index, process_count)
+    self.phases = run_phases(RunConfig(seq_len=seq_len, global_batch_size=global_batch_size),
+                             cfg.schedule_stages)
+    self.seq_len, self.global_batch_size = self.phases[0].seq_len, self.phases[0].global_batch_size
+    self.process = (process_index, process_count)
+    for phase in self.phases:
+      host_slice(phase.global_batch_size, process_index, process_count)  # divisible everywhere
+    self.stores = [open_domain_store(cfg, d, "train") for d in self.domains]
+    self.packings = shape_changes(self.phases)  # the phases that start a packing
+    self._rows: dict[int, list[DomainRows]] = {}
+    self.rows = self.packing_rows(0)
+    natural = {d: float(s.num_tokens) for d, s in zip(self.domains, self.stores)}
+    self.schedule = MixtureSchedule(cfg.schedule_stages, self.domains, self.global_batch_size,
+                                    cfg.seed, natural,
+                                    stage_batch_sizes=[p.global_batch_size for p in self.phases])
     self.keys = (BATCH_KEYS + (("prefix_mask",) if cfg.uses_prefix_lm else ()) +
                  (("loss_weight",) if cfg.uses_loss_weights else ()))
     self._check_selections()
+
+  def packing_of(self, stage_index: int) -> int:
+    """The phase (stage) index whose packing the stage's rows come from."""
+    return max(p for p in self.packings if p <= stage_index)
+
+  def packing_rows(self, packing: int) -> list[DomainRows]:
+    """Each domain's rows at the seq_len of phase `packing` (built on first use)."""
+    if packing not in self._rows:
+      cfg, phase = self.cfg, self.phases[packing]
+      key = () if packing == 0 else (7919, phase.start_step)
+      self._rows[packing] = [
+          DomainRows(s, seq_len=phase.seq_len, seed=cfg.seed, domain_index=i, mode=cfg.packing,
+                     vocab=cfg.vocabulary, objective_cfg=cfg.objective,
+                     packing_order=cfg.packing_order,
+                     cross_document_attention=cfg.cross_document_attention, name=d,
+                     packing_key=key)
+          for i, (d, s) in enumerate(zip(self.domains, self.stores))]
+    return self._rows[packing]
+
+  def stage_rows(self, stage_index: int) -> list[DomainRows]:
+    return self.packing_rows(self.packing_of(stage_index))
 
   def _check_selections(self) -> None:
     """Every stage's selections read their scores and keep documents in epoch 0: a missing score
     or an empty filter fails here, before training, not at the stage's first step."""
     for si, stage in enumerate(self.schedule.stages):
-      for rows in self.rows:
+      if not stage.selections:
+        continue
+      for rows in self.stage_rows(si):
         view = stage_view(stage, si, rows.name)
         if view.selection is not None:
           rows.rows_in_epoch(0, view)
 
   def _row_index(self, stage_index: int, domain: int, index: int) -> int:
-    """A domain's row index counted from its stage's start when the stage selects its rows."""
+    """A domain's row index counted from where its rows start: the stage's start when the stage
+    selects its rows, else the start of the stage's packing (the last seq_len change)."""
     stage = self.schedule.stages[stage_index]
-    if stage.selection_for(self.domains[domain]) is None:
+    origin = (stage.start_step if stage.selection_for(self.domains[domain]) is not None
+              else self.phases[self.packing_of(stage_index)].start_step)
+    if origin == 0:
       return index
     # Not cached: online reweighting may replace the weight history (MixtureSchedule caches its
     # own counts and drops them when the history changes).
-    return index - int(self.schedule.offsets(stage.start_step)[domain])
+    return index - int(self.schedule.offsets(origin)[domain])
 
   def batch_at(self, step: int) -> dict[str, np.ndarray]:
     """This host's rows of the global batch of `step`, with each row's `domain` index."""
     si = self.schedule.stage_index(step)
-    stage = self.schedule.stages[si]
+    stage, rows = self.schedule.stages[si], self.stage_rows(si)
     domain, index = self.schedule.assignment(step)
-    domain, index = domain[self.local], index[self.local]
-    rows = [self.rows[d].row(self._row_index(si, d, i), stage, si)
-            for d, i in zip(domain.tolist(), index.tolist())]
-    batch = _stack(rows, self.keys)
+    local = host_slice(self.phases[si].global_batch_size, *self.process)
+    domain, index = domain[local], index[local]
+    batch = _stack([rows[d].row(self._row_index(si, d, i), stage, si)
+                    for d, i in zip(domain.tolist(), index.tolist())], self.keys)
     batch["domain"] = domain.astype(np.int32)
     return batch
 
@@ -131,12 +166,12 @@ class TrainBatches:
     return iter(steps.to_iter_dataset(options))
 
   def epochs(self, step: int) -> dict[str, float]:
-    """How many passes over each domain the batches before `step` made (fractional); a domain
-    its stage selects counts the passes over its selection since the stage's start."""
+    """How many passes over each domain the batches before `step` made (fractional), counted
+    from where the rows of the stage of `step - 1` start (a selection's stage, a repacking)."""
     out = {}
     si = self.schedule.stage_index(max(step - 1, 0))
     stage = self.schedule.stages[si]
-    for d, (name, rows, used) in enumerate(zip(self.domains, self.rows,
+    for d, (name, rows, used) in enumerate(zip(self.domains, self.stage_rows(si),
                                                self.schedule.offsets(step))):
       view = stage_view(stage, si, name)
       epoch, r = rows.locate(max(self._row_index(si, d, int(used)), 0), view)

@@ -19,6 +19,7 @@ import tensorstore as ts
 from pretrainx import storage
 
 SOURCE = "source"  # the store's own `scores` array (FileTask.score_field)
+LENGTH = "length"  # each document's token count, from the store's offsets (no score set)
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 # Values per zarr chunk: a writer's commit rewrites only the chunks it touches (256 KiB each),
 # not one object holding every document's value.
@@ -30,9 +31,9 @@ class ScoreSetError(ValueError):
 
 
 def check_name(name: str) -> str:
-  if name == SOURCE or not _NAME.match(name or ""):
+  if name in (SOURCE, LENGTH) or not _NAME.match(name or ""):
     raise ScoreSetError(f"score name {name!r}: use letters, digits, '_', '.', '-' (not "
-                        f"{SOURCE!r}, the prepared store's own scores).")
+                        f"{SOURCE!r} or {LENGTH!r}, which the store itself gives).")
   return name
 
 

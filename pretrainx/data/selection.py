@@ -23,7 +23,8 @@ def describe(sel: Selection) -> str:
   default = Selection()
   fields = [f"{k}={getattr(sel, k)!r}" for k in ("score", "version", "min_score", "max_score",
                                                 "sample", "top_fraction", "lowest",
-                                                "temperature", "order", "repeat")
+                                                "temperature", "order", "repeat", "upsample",
+                                                "upsample_min_score")
             if k == "score" or getattr(sel, k) != getattr(default, k)]
   return f"Selection({', '.join(fields)})"
 
@@ -80,6 +81,9 @@ def _one_pass(sel: Selection, scores: np.ndarray, kept: np.ndarray, rng: np.rand
               rank: np.ndarray | None) -> np.ndarray:
   """The kept documents in one pass's order: shuffled (or in `rank` order), or by score with
   ties shuffled; documents without a score come last in a score order."""
+  if sel.upsample > 1:  # extra copies of the documents scored >= upsample_min_score
+    high = kept[np.nan_to_num(scores[kept], nan=-np.inf) >= sel.upsample_min_score]
+    kept = np.concatenate([kept] + [high] * (sel.upsample - 1))
   if sel.order == "shuffle":
     if rank is not None:
       return kept[np.argsort(rank[kept], kind="stable")]

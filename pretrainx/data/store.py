@@ -247,10 +247,13 @@ class TokenStore:
     return [self.metadata(i) for i in range(self.num_docs)]
 
   def score(self, name: str = score_sets.SOURCE, version: int | None = None) -> np.ndarray:
-    """float32 [num_docs]: the prepared `scores` ('source') or a score set written later by
+    """float32 [num_docs]: the prepared `scores` ('source'), the documents' token counts
+    ('length', from the offsets: no token is read) or a score set written later by
     `pretrainx score` (the newest version when None); NaN where a document has none."""
     if name == score_sets.SOURCE:
       return self.scores
+    if name == score_sets.LENGTH:
+      return self.doc_lengths.astype(np.float32)
     key = (name, version)
     if key not in self._score_cache:
       self._score_cache[key] = score_sets.read_scores(self.path, name, version,
@@ -259,7 +262,7 @@ class TokenStore:
 
   def score_names(self) -> dict[str, list[int]]:
     """{name: [complete versions]} of the score sets this store holds, 'source' included."""
-    return {score_sets.SOURCE: [0], **score_sets.list_scores(self.path)}
+    return {score_sets.SOURCE: [0], score_sets.LENGTH: [0], **score_sets.list_scores(self.path)}
 
 
 def open_store(path: str, vocabulary=None, fingerprint: dict | None = None,

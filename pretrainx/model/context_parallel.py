@@ -56,6 +56,26 @@ def check_split(seq_len: int, context: int, load_balance: bool, impls: tuple[str
         "'flash' or 'reference' for context parallelism, or MeshConfig.context=1.")
 
 
+def check_sequence(seq_len: int, context: int, cfg, where: str = "RunConfig.seq_len") -> None:
+  """check_split for a ModelConfig `cfg`, and its explicit flash blocks (flash_block_q/k) must
+  divide each device's part of the sequence (else every block row pads): one-line ValueErrors
+  that name `where` the length comes from."""
+  try:
+    check_split(seq_len, context, cfg.context_load_balance, cfg.layer_impls)
+  except ValueError as err:
+    raise ValueError(f"{where}: {err}") from None
+  if "flash" not in cfg.layer_impls:
+    return
+  local = seq_len // max(context, 1)
+  for name in ("flash_block_q", "flash_block_k"):
+    block = getattr(cfg, name)
+    if block is not None and local % block:
+      per = f" ({seq_len} / context {context})" if context > 1 else ""
+      raise ValueError(f"{where}: sequence length {local}{per} is not a multiple of "
+                       f"ModelConfig.{name}={block}; use a length that is, or a block that "
+                       "divides it (None: the kernel's default).")
+
+
 def layout(seq_len: int, context: int, load_balance: bool) -> np.ndarray:
   """[seq_len] int32: the natural-order index of each position of the split sequence; device r
   holds positions [r * seq_len / context, (r + 1) * seq_len / context)."""

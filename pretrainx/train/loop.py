@@ -13,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -23,11 +23,11 @@ from tqdm.auto import tqdm
 
 from pretrainx import storage
 from pretrainx.checkpoint import Checkpointer, describe_error
-from pretrainx.config import Experiment, RunPaths, experiment_to_gin
+from pretrainx.config import Experiment, RunPaths, experiment_to_gin, phases
 from pretrainx.data.pipeline import TrainBatches, eval_batches
 from pretrainx.data.reweighting import Reweighter, floats_from_json, floats_to_json
 from pretrainx.harness import runner as harness
-from pretrainx.flops import flops_per_token, machine_peak_flops, measure_peak_flops, mfu
+from pretrainx.flops import flops_per_token, machine_peak_flops, measure_peak_flops
 from pretrainx.metrics import DOMAIN_WEIGHTS_PLOT, MetricWriter, plot_domain_weights, plot_losses
 from pretrainx.train.eval import evaluate_domains
 from pretrainx.train.init import initial_state
@@ -58,16 +58,18 @@ class TrainResult:
 
 class _Throughput:
   """Tokens/s and MFU over whole windows of steps, each window opened and closed with the device
-  idle (every dispatched step finished), with eval/checkpoint pauses left out. Until a window
-  closes (a one-step run: its only step compiles) there is nothing to time, and both are NaN."""
+  idle (every dispatched step finished), with eval/checkpoint pauses and compiles left out.
+  `work(a, b)` gives the (tokens, FLOPs) of steps a..b-1, which differ by stage when a stage
+  changes the sequence length or batch. Until a window closes (a one-step run: its only step
+  compiles) there is nothing to time, and both are NaN."""
 
-  def __init__(self, tokens_per_step: int, flops_token: float, peak: float,
+  def __init__(self, work: Callable[[int, int], tuple[float, float]] | None, peak: float,
                peak_measured: bool = False):
-    self.tokens_per_step, self.flops_token, self.peak = tokens_per_step, flops_token, peak
+    self.work, self.peak = work, peak
     self.peak_measured, self.peak_warned = peak_measured, False
     self.last_time, self.last_step = None, None
-    self.tokens_per_second = float("nan")
-    self.timed_steps, self.timed_seconds = 0, 0.0  # inside closed windows, over the whole run
+    self.tokens_per_second = self.flops_per_second = float("nan")
+    self.timed_tokens, self.timed_flops, self.timed_seconds = 0.0, 0.0, 0.0  # closed windows
 
   def restart_clock(self, state: Any, step: int) -> None:
     """Opens a window at `step`, once `state` (that of step `step`) is computed."""
@@ -79,9 +81,12 @@ class _Throughput:
     jax.block_until_ready(state)
     now = time.perf_counter()
     if self.last_time is not None and step > self.last_step:
-      self.tokens_per_second = (step - self.last_step) * self.tokens_per_step / (now - self.last_time)
-      self.timed_steps += step - self.last_step
-      self.timed_seconds += now - self.last_time
+      tokens, flops = self.work(self.last_step, step)
+      seconds = now - self.last_time
+      self.tokens_per_second, self.flops_per_second = tokens / seconds, flops / seconds
+      self.timed_tokens += tokens
+      self.timed_flops += flops
+      self.timed_seconds += seconds
       self._check_peak()
     self.last_time, self.last_step = now, step
     return {"perf/tokens_per_second": self.tokens_per_second,
@@ -91,7 +96,7 @@ class _Throughput:
     """A window faster than the peak proves the peak low. A measured one (timed while the host
     was busy with something else, say) is raised to what the run reached, so MFU stays <= 100%;
     a peak given by --peak_tflops is the user's, and is only warned about."""
-    achieved = self.tokens_per_second * self.flops_token
+    achieved = self.flops_per_second
     if achieved <= self.peak:
       return
     if not self.peak_warned:
@@ -106,18 +111,39 @@ class _Throughput:
 
   @property
   def mfu(self) -> float:
-    return mfu(self.tokens_per_second, self.flops_token, self.peak)
+    return self.flops_per_second / self.peak if self.peak > 0 else float("nan")
 
   @property
   def run_tokens_per_second(self) -> float:
     """Over every timed window of the run (NaN if none closed)."""
-    if not self.timed_steps:
+    if not self.timed_seconds:
       return float("nan")
-    return self.timed_steps * self.tokens_per_step / self.timed_seconds
+    return self.timed_tokens / self.timed_seconds
 
   @property
   def run_mfu(self) -> float:
-    return mfu(self.run_tokens_per_second, self.flops_token, self.peak)
+    if not self.timed_seconds or self.peak <= 0:
+      return float("nan")
+    return self.timed_flops / self.timed_seconds / self.peak
+
+
+def phase_work(exp: Experiment, offset: Callable[[], int]) -> Callable[[int, int], tuple[float, float]]:
+  """work(a, b) for _Throughput: the tokens and model FLOPs of the run's steps a..b-1, whose
+  batches are a + offset() .. (config.phases: each stage's seq_len and batch size)."""
+  all_phases = phases(exp)
+  starts = np.asarray([p.start_step for p in all_phases])
+  per_step = [(p.tokens_per_step, p.tokens_per_step * flops_per_token(p.model(exp.model),
+                                                                        p.seq_len))
+              for p in all_phases]
+
+  def work(a: int, b: int) -> tuple[float, float]:
+    batches = np.arange(a, b) + offset()
+    index = np.maximum(np.searchsorted(starts, batches, side="right") - 1, 0)
+    counts = np.bincount(index, minlength=len(per_step))
+    return (float(sum(c * t for c, (t, _) in zip(counts, per_step))),
+            float(sum(c * f for c, (_, f) in zip(counts, per_step))))
+
+  return work
 
 
 _PER_DOMAIN = ("domain_loss", "domain_tokens")
@@ -133,9 +159,9 @@ class _Driver:
   """One training run's mutable state: the train state, data position, pending metrics."""
 
   def __init__(self, rt: Runtime, paths: RunPaths, data: TrainBatches, meter: _Throughput,
-               eval_device: dict[str, list]):
+               eval_device: dict[tuple[int, int], dict[str, list]]):
     self.rt, self.paths, self.data, self.meter = rt, paths, data, meter
-    self.eval_device = eval_device
+    self.eval_device = eval_device  # (seq_len, batch) of a stage -> its validation batches
     exp = rt.exp
     self.ckpt: Checkpointer | None = None  # set by attach, once the run directory is written
     self.writer: MetricWriter | None = None
@@ -223,20 +249,28 @@ class _Driver:
 
   def _steps(self, bar, watcher: PreemptionWatcher) -> bool:
     run = self.rt.exp.run
-    batches, first, reweight = None, True, self.reweighter.cfg.enabled
+    batches, view, reweight = None, None, self.reweighter.cfg.enabled
     while self.step < run.steps:
       if self.restart_batches:
         batches = self._restart_batches(batches)
+      step_view = self.rt.at(self.step + self.data_offset)  # the stage's shape and model
+      if view is not None and step_view is not view:
+        self.meter.read(self.state, self.step)  # a new shape compiles: close the window first
       t0 = time.perf_counter()
-      self.state, metrics = self.rt.train_step(self.state, self.rt.put_batch(next(batches)))
+      self.state, metrics = step_view.train_step(self.state, step_view.put_batch(next(batches)))
       self.tokens_acc = self.tokens_acc + metrics["domain_tokens"]
       if reweight:
         self.sums_acc = _add_domain_sums(self.sums_acc, metrics["domain_loss"],
                                          metrics["domain_tokens"])
       self.step += 1
-      if first:  # the first call compiles: time it and start the throughput clock after
+      if step_view is not view:  # the first step of a shape compiles: time it, restart the clock
         jax.block_until_ready(metrics)
-        self.compile_seconds, first = time.perf_counter() - t0, False
+        seconds = time.perf_counter() - t0
+        self.compile_seconds += seconds
+        if view is not None:
+          logging.info("step %d: seq_len %d, %d rows per step (compiled in %.1fs)", self.step,
+                       step_view.exp.run.seq_len, step_view.exp.run.global_batch_size, seconds)
+        view = step_view
         self.meter.restart_clock(self.state, self.step)
       rolled_back = self._read_pending(bar)
       if not rolled_back and (self.step % run.log_every == 0 or self.step == run.steps):
@@ -330,6 +364,9 @@ class _Driver:
     weights = self.data.schedule.weights_at(step - 1 + self.data_offset)  # step's own batch
     for name, w in zip(domains, weights):
       values[f"data/{name}/weight"] = float(w)
+    shape = self.rt.at(step - 1 + self.data_offset).exp.run
+    values["data/seq_len"] = float(shape.seq_len)
+    values["data/global_batch_size"] = float(shape.global_batch_size)
     return values
 
   def _zero_tokens(self) -> jax.Array:
@@ -341,16 +378,32 @@ class _Driver:
     return {d: self.domain_tokens[d] + float(t)
             for d, t in zip(self.data.domains, jax.device_get(unread))}
 
+  def view(self) -> Runtime:
+    """The runtime of the stage the last trained batch came from (its seq_len and model)."""
+    return self.rt.at(max(self.step - 1, 0) + self.data_offset)
+
+  def _eval_batches(self, view: Runtime) -> dict[str, list]:
+    """The fixed validation batches at the shape of `view`'s stage (made on first use)."""
+    run = view.exp.run
+    key = (run.seq_len, run.global_batch_size)
+    if key not in self.eval_device:
+      host = eval_batches(view.exp.data, *key, run.eval_batches, *self.rt.data_shard())
+      self.eval_device[key] = view.put_domain_batches(host)
+    return self.eval_device[key]
+
   def evaluate(self) -> dict[str, float]:
-    """{'eval/loss', 'eval/<domain>/loss'} on the fixed validation batches."""
-    result = evaluate_domains(self.rt.eval_step, self.rt.inference_params(self.state),
-                              self.eval_device)
+    """{'eval/loss', 'eval/<domain>/loss'} on the fixed validation batches of the current
+    stage's sequence length."""
+    view = self.view()
+    result = evaluate_domains(view.eval_step, view.inference_params(self.state),
+                              self._eval_batches(view))
     return {f"eval/{k}": v for k, v in result.items() if k != "tokens"}
 
   def evaluate_harness(self) -> dict[str, float]:
     """lm-eval tasks (HarnessConfig) on the current params: metrics and RUN_DIR/harness/."""
-    values, _ = harness.run_and_record(self.rt, self.rt.inference_params(self.state),
-                                      self.rt.exp.harness, self.step, self.paths.root,
+    view = self.view()
+    values, _ = harness.run_and_record(view, view.inference_params(self.state),
+                                      view.exp.harness, self.step, self.paths.root,
                                       self.writer)
     self.last.update(values)
     return values
@@ -409,9 +462,10 @@ def train(exp: Experiment, restart: bool = False) -> TrainResult:
                            *rt.data_shard())
   baseline = global_unigram_entropy(exp)
   peak = run.peak_tflops * 1e12 if run.peak_tflops else machine_peak_flops(measure_peak_flops())
-  meter = _Throughput(run.global_batch_size * run.seq_len, flops_per_token(exp.model, run.seq_len),
-                      peak, peak_measured=not run.peak_tflops)
-  driver = _Driver(rt, paths, data, meter, rt.put_domain_batches(host_eval))
+  meter = _Throughput(None, peak, peak_measured=not run.peak_tflops)
+  driver = _Driver(rt, paths, data, meter,
+                   {(run.seq_len, run.global_batch_size): rt.put_domain_batches(host_eval)})
+  meter.work = phase_work(exp, lambda: driver.data_offset)  # batch k + data_offset at step k
   ckpt = Checkpointer(paths.checkpoints, exp.checkpoint) if resumes else None
   writer, failing = None, True
   try:
@@ -441,7 +495,7 @@ def train(exp: Experiment, restart: bool = False) -> TrainResult:
       if exp.harness.every_steps:
         driver.evaluate_harness()
       path = driver.save(block=True)
-      sample = sample_text(rt, rt.inference_params(driver.state), exp.sample.prompt,
+      sample = sample_text(driver.view(), rt.inference_params(driver.state), exp.sample.prompt,
                            exp.sample.tokens, seed=run.seed, temperature=exp.sample.temperature,
                            top_k=exp.sample.top_k) if exp.sample.tokens else ""
     failing = False

@@ -13,7 +13,8 @@ import jax
 import numpy as np
 
 from pretrainx.checkpoint import Checkpointer
-from pretrainx.config import Experiment, RunPaths, validate
+from pretrainx.config import (Experiment, Phase, RunPaths, phase_experiment, phase_index, phases,
+                              validate)
 from pretrainx.config.cpt import SOFTMAX_IMPLS
 from pretrainx.config.sources import RUNTIME_MODEL_FIELDS, saved_experiment
 from pretrainx.data.pipeline import eval_batches, unigram_entropy
@@ -41,6 +42,29 @@ class Runtime:
   shardings: TrainState
   train_step: Any
   eval_step: Any
+  phases: tuple[Phase, ...] = ()
+  # Runtimes of later phases with other rope settings, by those settings (see `at`).
+  _views: dict = dataclasses.field(default_factory=dict, repr=False)
+  _compile: Any = dataclasses.field(default=None, repr=False)  # model -> (train, eval) steps
+
+  def at(self, step: int) -> "Runtime":
+    """This runtime as the batch of `step` trains: exp.run's seq_len and batch size and the
+    model (rope settings) of that step's stage (config.phases), with the steps compiled for
+    that model. The base runtime when the stage changes nothing; jit compiles once per shape."""
+    if len(self.phases) <= 1:
+      return self
+    phase = self.phases[phase_index(self.phases, step)]
+    key = (phase.shape, phase.rope)
+    if key not in self._views:
+      exp = phase_experiment(self.exp, step)
+      if exp.model == self.exp.model:
+        model, train_step, eval_step = self.model, self.train_step, self.eval_step
+      else:
+        model = Transformer(exp.model)
+        train_step, eval_step = self._compile(model)
+      self._views[key] = dataclasses.replace(self, exp=exp, model=model, train_step=train_step,
+                                             eval_step=eval_step, phases=(), _views={})
+    return self._views[key]
 
   def scope(self):
     """Context in which the model's logical constraints resolve against this mesh."""
@@ -98,23 +122,38 @@ def build_runtime(exp: Experiment, devices: list | tuple | None = None) -> Runti
   `devices` (default: this process's) may be another platform's, e.g. a TPU topology's devices
   for an ahead-of-time compile on a CPU host."""
   validate(exp)
-  run = exp.run
+  run, all_phases = exp.run, phases(exp)
   mesh = make_mesh(exp.mesh, None if devices is None else list(devices))
-  check_batch_divisible(run.global_batch_size, mesh, exp.accumulation.microbatches)
   context = context_parallel.mesh_context_size(mesh, exp.mesh.rules)
-  context_parallel.check_split(run.seq_len, context, exp.model.context_load_balance,
-                               exp.model.layer_impls)
+  for phase in all_phases:  # every stage's shape splits over the mesh
+    where = f"the stage at step {phase.start_step}" if phase.start_step else "RunConfig.seq_len"
+    try:
+      check_batch_divisible(phase.global_batch_size, mesh, exp.accumulation.microbatches)
+    except ValueError as err:
+      raise (ValueError(f"the stage at step {phase.start_step}: {err}") if phase.start_step
+             else err) from None
+    context_parallel.check_sequence(phase.seq_len, context, phase.model(exp.model), where)
   model = Transformer(exp.model)
   optimizer, schedule = make_optimizer(exp.optimizer, run.steps, exp.schedule)
-  mask = trainable(abstract_params(model, run.seq_len, exp.tune), exp.tune, exp.model,
+  first_len = all_phases[0].seq_len
+  mask = trainable(abstract_params(model, first_len, exp.tune), exp.tune, exp.model,
                    exp.init.expand_every)
   optimizer = tuned_optimizer(optimizer, mask)
-  abstract, shardings = state_shardings(model, optimizer, mesh, exp.mesh.rules, run.seq_len,
+  abstract, shardings = state_shardings(model, optimizer, mesh, exp.mesh.rules, first_len,
                                         ema=exp.ema.enabled, tune=exp.tune)
+  compile_steps = functools.partial(_compile_steps, exp, optimizer, schedule, shardings)
+  train_step, eval_step = compile_steps(model)
+  return Runtime(exp, mesh, model, optimizer, abstract, shardings, train_step, eval_step,
+                 phases=all_phases, _compile=compile_steps)
+
+
+def _compile_steps(exp: Experiment, optimizer, schedule, shardings: TrainState,
+                   model: Transformer) -> tuple[Any, Any]:
+  """The jitted (donating) train step and the eval step of `model`."""
   viewed = ViewedModel(model, params_view(exp.tune))  # LoRA: the model sees merged params
   step_fn = make_train_step(viewed, optimizer, schedule, z_loss=exp.loss.z_loss,
                             microbatches=exp.accumulation.microbatches, guard=exp.guard,
-                            hessian_estimate=exp.optimizer.name == "sophia", seed=run.seed,
+                            hessian_estimate=exp.optimizer.name == "sophia", seed=exp.run.seed,
                             stochastic_rounding=exp.optimizer.stochastic_rounding,
                             num_domains=len(exp.data.domains), ema=exp.ema,
                             example_temperature=(exp.loss.example_temperature
@@ -125,12 +164,14 @@ def build_runtime(exp: Experiment, devices: list | tuple | None = None) -> Runti
   train_step = jax.jit(step_fn, in_shardings=(shardings, None), out_shardings=(shardings, None),
                        donate_argnums=0)
   eval_step = jax.jit(make_eval_step(model), in_shardings=(None, None))
-  return Runtime(exp, mesh, model, optimizer, abstract, shardings, train_step, eval_step)
+  return train_step, eval_step
 
 
 def load_trained(exp: Experiment, checkpoint_dir: str | None = None, step: int | None = None
                  ) -> tuple[Runtime, TrainState, int]:
-  """Runtime and restored state of a trained run (newest readable checkpoint by default)."""
+  """Runtime and restored state of a trained run (newest readable checkpoint by default). The
+  runtime is that of the stage the checkpoint's last batch came from (Runtime.at): its seq_len,
+  batch size and rope settings, the ones to evaluate, sample and export with."""
   rt = build_runtime(exp)
   directory = checkpoint_dir or RunPaths.under(exp.run.run_dir).checkpoints
   ckpt = Checkpointer(directory, exp.checkpoint, create=False)
@@ -140,7 +181,8 @@ def load_trained(exp: Experiment, checkpoint_dir: str | None = None, step: int |
   finally:
     ckpt.close()
   check_saved_model(meta, exp, ckpt.step_path(step))
-  return rt, state, step
+  last_batch = max(step - 1, 0) + int(meta.get("data", {}).get("offset", 0))
+  return rt.at(last_batch), state, step
 
 
 def check_saved_model(meta: dict[str, Any], exp: Experiment, where: str) -> None:

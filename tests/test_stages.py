@@ -1,0 +1,128 @@
+"""Stages that change the sequence length, batch and RoPE settings (config.phases), and long-data
+selection by document length. Resume across a length change is checked bit for bit in
+test_train.py (in process) and test_fault_tolerance.py (kill -9)."""
+
+import numpy as np
+import pytest
+
+from pretrainx.config import (DataConfig, Experiment, ModelConfig, RunConfig, Selection, Stage,
+                              phase_experiment, phases, validate)
+from pretrainx.config.phases import run_phases
+from pretrainx.data.packing import DomainRows
+from pretrainx.data.pipeline import TrainBatches
+
+LONG = "gin_configs/data/prolong.gin"
+
+
+def _staged(**later):
+  return (Stage(), Stage(start_step=3, **later))
+
+
+def test_phases_inherit_and_keep_tokens_per_step():
+  stages = (Stage(), Stage(start_step=3, seq_len=128, tokens_per_step=1024),
+            Stage(start_step=6, seq_len=256, rope={"rope_theta": 8e4}),
+            Stage(start_step=9, weights={"code": 1.0}),
+            Stage(start_step=12, global_batch_size=2))
+  got = run_phases(RunConfig(seq_len=64, global_batch_size=16), stages, ModelConfig(max_seq_len=512))
+  assert [(p.seq_len, p.global_batch_size) for p in got] == [
+      (64, 16), (128, 8), (256, 4), (256, 4), (256, 2)]  # tokens kept until a batch is given
+  assert [dict(p.rope) for p in got] == [{}, {}, {"rope_theta": 8e4}] + [{"rope_theta": 8e4}] * 2
+  exp = Experiment().replace(data={"stages": stages}, model={"max_seq_len": 512},
+                             run={"seq_len": 64})
+  assert phase_experiment(exp, 2) is exp
+  late = phase_experiment(exp, 7)
+  assert (late.run.seq_len, late.run.global_batch_size, late.model.rope_theta) == (256, 4, 8e4)
+  assert late.data == exp.data and len(phases(exp)) == 5
+
+
+@pytest.mark.parametrize("stages, model, message", [
+    ((Stage(seq_len=32),), {}, "the first stage trains with RunConfig.seq_len"),
+    (_staged(seq_len=512), {}, "the stage at step 3 trains at seq_len=512, above "
+                               "ModelConfig.max_seq_len=256"),
+    (_staged(seq_len=96, tokens_per_step=1000), {}, "tokens_per_step=1000, not a multiple of its "
+                                                    "seq_len=96"),
+    (_staged(rope={"rope_thetaa": 1.0}), {}, "sets rope field(s) ['rope_thetaa']"),
+    (_staged(rope={"rope_scaling": "bogus"}), {}, "the stage at step 3: ModelConfig.rope_scaling"),
+])
+def test_bad_stages_get_one_line(stages, model, message):
+  exp = Experiment().replace(data={"stages": stages}, model=model)
+  with pytest.raises(ValueError, match=None) as err:
+    validate(exp)
+  assert message in str(err.value) and "\n" not in str(err.value)
+
+
+def test_stage_fields_are_checked_as_they_are_made():
+  with pytest.raises(ValueError, match="sets both global_batch_size and tokens_per_step"):
+    Stage(start_step=2, global_batch_size=4, tokens_per_step=256)
+  with pytest.raises(ValueError, match=r"may change only ModelConfig's rope_\* fields"):
+    Stage(start_step=2, rope={"max_seq_len": 512})
+
+
+def test_a_length_change_repacks_from_the_stage_start_in_a_new_shuffle(tmp_path):
+  cfg = DataConfig(store_dir=str(tmp_path / "stores"),
+                   stages=_staged(seq_len=128, tokens_per_step=1024))
+  data = TrainBatches(cfg, 64, 16)
+  first, later = data.batch_at(2), data.batch_at(3)
+  assert first["inputs"].shape == (16, 64) and later["inputs"].shape == (8, 128)
+  assert data.packing_of(1) == 1 and data.stage_rows(1)[0].seq_len == 128
+  # The batch of a step is a function of the step: a fresh pipeline gives the same one.
+  again = TrainBatches(cfg, 64, 16).batch_at(3)
+  for k in later:
+    np.testing.assert_array_equal(later[k], again[k])
+  # The new packing counts its rows from the stage start, in its own document order: its first
+  # rows are not the documents the run began with.
+  prose = data.stage_rows(1)[0]
+  assert data._row_index(1, 0, int(data.schedule.offsets(3)[0])) == 0
+  start = DomainRows(prose.store, seq_len=128, seed=cfg.seed, domain_index=0, name="prose")
+  assert not np.array_equal(prose._order(0), start._order(0))
+  epochs = data.epochs(4)
+  assert all(0 < e < 1 for e in epochs.values()), epochs
+
+
+class _NoTokens:
+  """A store whose tokens cannot be read: selecting by length must not need them."""
+
+  def __init__(self, lengths):
+    self.doc_lengths = np.asarray(lengths)
+    self.doc_offsets = np.concatenate([[0], np.cumsum(lengths)])
+    self.scores = np.full(len(lengths), np.nan, np.float32)
+
+  def tokens(self, start, stop):
+    raise AssertionError("length selection read tokens")
+
+
+def test_length_selection_keeps_and_upsamples_long_documents_without_reading_tokens():
+  lengths = [10, 300, 40, 500, 20, 260]
+  rows = DomainRows(_NoTokens(lengths), seq_len=64, name="books")
+  keep_long = Stage(selections=(Selection(score="length", min_score=256),))
+  view_long = rows.layout(0, _view(keep_long))
+  assert sorted(set(view_long.doc.tolist())) == [1, 3, 5]
+  upsample = Stage(selections=(Selection(score="length", upsample=3, upsample_min_score=256),))
+  lay = rows.layout(0, _view(upsample))
+  per_doc = np.bincount(lay.doc[lay.start == 0], minlength=len(lengths))
+  assert per_doc.tolist() == [1, 3, 1, 3, 1, 3]
+  with pytest.raises(ValueError, match="give both"):
+    Selection(score="length", upsample=2)
+
+
+def _view(stage):
+  from pretrainx.data.packing import stage_view
+  return stage_view(stage, 0, "books")
+
+
+@pytest.mark.parametrize("params, message", [
+    (["MeshConfig.context=4", "MeshConfig.data=2", "long/Stage.seq_len=68"],
+     "the stage at step 10: sequence length 68 cannot be split into 2 x context = 8 chunks"),
+    (["ModelConfig.attention_impl='flash'", "ModelConfig.flash_block_q=64",
+      "long/Stage.seq_len=96"],
+     "the stage at step 10: sequence length 96 is not a multiple of ModelConfig.flash_block_q=64"),
+])
+def test_a_stage_length_that_the_mesh_or_the_flash_block_cannot_split_exits_2(
+    run_cli, tmp_path, params, message):
+  out = run_cli("train", "--gin_file=gin_configs/tiny.gin", f"--run_dir={tmp_path / 'run'}",
+                "--gin_param=DataConfig.stages=[@first/Stage(), @long/Stage()]",
+                "--gin_param=long/Stage.start_step=10",
+                *(f"--gin_param={p}" for p in params))
+  assert out.returncode == 2, out.stderr[-2000:]
+  last = out.stderr.strip().splitlines()[-1]
+  assert message in last and len(out.stderr.strip().splitlines()) <= 3, out.stderr[-2000:]

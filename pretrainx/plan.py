@@ -21,7 +21,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from pretrainx.config import Experiment, parse_gin
+from pretrainx.config import Experiment, parse_gin, phase_experiment, phases
 from pretrainx.data.pipeline import BATCH_KEYS
 from pretrainx.flops import flops_per_token
 from pretrainx import hlo_collectives
@@ -352,8 +352,39 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--context", type=int, default=None,
                  help="context-parallel mesh axis size (shorthand for "
                       "--gin_param=MeshConfig.context=N)")
+  p.add_argument("--stages", action="store_true",
+                 help="plan every stage that changes the sequence length, batch or rope "
+                      "settings (Stage.seq_len, ...), each compiled at its own shape")
   p.add_argument("--json", action="store_true", help="print the report as JSON")
   return p
+
+
+def stage_experiments(exp: Experiment) -> list[tuple[int, Experiment]]:
+  """(start step, the run as that stage trains it) for each stage whose shape or rope settings
+  differ from the stage before (config.phases)."""
+  out, seen = [], None
+  for phase in phases(exp):
+    if (phase.shape, phase.rope) != seen:
+      out.append((phase.start_step, phase_experiment(exp, phase.start_step)))
+      seen = (phase.shape, phase.rope)
+  return out
+
+
+def _plan_stages(exp: Experiment, as_json: bool, **kw) -> int:
+  """Plans and prints each stage of `exp`; 1 when any does not fit its HBM."""
+  reports = []
+  for start, stage_exp in stage_experiments(exp):
+    report = plan(stage_exp, **kw)
+    reports.append((start, stage_exp.run, report))
+    if not as_json:
+      sys.stdout.write(f"== stage from step {start}: seq_len {stage_exp.run.seq_len}, "
+                       f"{stage_exp.run.global_batch_size} rows per step ==\n"
+                       f"{plan_text(report)}\n")
+  if as_json:
+    sys.stdout.write(json.dumps([{"start_step": s, "seq_len": r.seq_len,
+                                  "global_batch_size": r.global_batch_size, **rep.to_dict()}
+                                 for s, r, rep in reports], indent=1) + "\n")
+  return 1 if any(rep.fits is False for _, _, rep in reports) else 0
 
 
 def _reexecute(argv: list[str], devices: int) -> int:
@@ -393,6 +424,8 @@ def plan_main(argv: list[str] | None = None) -> int:
             " (pass --mesh, e.g. --mesh=data=1,fsdp=-1,tensor=1)")
         raise ValueError(f"topology {args.topology} has {len(topo.devices)} devices: {err}"
                          f"{hint}") from err
+      if args.stages:
+        return _plan_stages(exp, args.json, hbm_gib=args.hbm_gib, topology=topo)
       report = plan(exp, hbm_gib=args.hbm_gib, topology=topo)
       return _print(report, args.json)
     devices = args.devices or jax.device_count()
@@ -406,6 +439,9 @@ def plan_main(argv: list[str] | None = None) -> int:
         raise ValueError(f"this planner process has {jax.device_count()} devices, not "
                          f"{devices}: is JAX_PLATFORMS=cpu honoured?")
       return _reexecute(argv, devices)
+    if args.stages:
+      return _plan_stages(exp, args.json, devices=devices, hbm_gib=args.hbm_gib,
+                          num_slices=slices)
     report = plan(exp, devices=devices, hbm_gib=args.hbm_gib, num_slices=slices)
   except CompilerOutOfMemory as err:
     sys.stderr.write(f"pretrainx plan: does not fit: {err}\n")

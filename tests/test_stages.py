@@ -126,3 +126,64 @@ def test_a_stage_length_that_the_mesh_or_the_flash_block_cannot_split_exits_2(
   assert out.returncode == 2, out.stderr[-2000:]
   last = out.stderr.strip().splitlines()[-1]
   assert message in last and len(out.stderr.strip().splitlines()) <= 3, out.stderr[-2000:]
+
+
+def test_the_prolong_mixture_keeps_long_documents_masks_them_apart_and_repacks(tmp_path):
+  """gin_configs/data/prolong.gin on three small jsonl tasks: the long domains train on their
+  documents of >= LONG_MIN_TOKENS only (selected by length), packed documents get their own
+  segments (no cross-document attention), and the long stage repacks at its length."""
+  import json
+
+  from pretrainx.config import parse_gin
+  from pretrainx.data import prepare
+
+  rng = np.random.default_rng(0)
+  for name, sizes in (("books", [40, 900, 60, 700, 1200]), ("repos", [30, 800, 20, 650]),
+                      ("short", [50, 80, 120, 40, 90] * 4)):
+    (tmp_path / name).mkdir()
+    with open(tmp_path / name / "a.jsonl", "w") as f:
+      for n in sizes:
+        text = "".join(rng.choice(list("abcdefgh ")) for _ in range(n))
+        f.write(json.dumps({"text": text}) + "\n")
+  params = [f"BOOKS = ['{tmp_path}/books/*.jsonl']", f"CODE_REPOS = ['{tmp_path}/repos/*.jsonl']",
+            f"SHORT = ['{tmp_path}/short/*.jsonl']", "LONG_MIN_TOKENS = 500", "LONG_STEP = 2",
+            "LONG_SEQ_LEN = 256", "LONG_TOKENS_PER_STEP = 1024",
+            f"DataConfig.store_dir = '{tmp_path}/stores'", "RunConfig.global_batch_size = 8",
+            "RunConfig.seq_len = 128", "books/FileTask.validation_fraction = 0.0",
+            "code_repos/FileTask.validation_fraction = 0.0",
+            "short/FileTask.validation_fraction = 0.0"]
+  exp = parse_gin(["gin_configs/tiny.gin", LONG], params)
+  for task in exp.data.tasks:
+    prepare.prepare(task, exp.data.store_root, exp.data.vocabulary, splits=("train",))
+  data = TrainBatches(exp.data, exp.run.seq_len, exp.run.global_batch_size)
+  lengths = {d: np.diff(s.doc_offsets) for d, s in zip(data.domains, data.stores)}
+  for step, shape in ((1, (8, 128)), (2, (4, 256))):
+    batch = data.batch_at(step)
+    assert batch["inputs"].shape == shape
+    for row in range(shape[0]):
+      domain = data.domains[batch["domain"][row]]
+      segments = batch["segment_ids"][row]
+      starts = np.flatnonzero((batch["positions"][row] == 0) & (segments > 0))
+      assert len(starts) == segments.max()  # each packed document is its own segment
+      if domain != "short":  # only long documents: every piece's document has >= 500 tokens
+        rows = data.stage_rows(data.schedule.stage_index(step))[batch["domain"][row]]
+        assert (lengths[domain][rows.layout(0, _view_of(exp, step, domain)).doc] >= 500).all()
+
+
+def _view_of(exp, step, domain):
+  from pretrainx.data.packing import stage_view
+  index = 0 if step < 2 else 1
+  return stage_view(exp.data.stages[index], index, domain)
+
+
+def test_plan_reports_every_stage_at_its_own_shape(run_cli):
+  import json
+  out = run_cli("plan", "--gin_file=gin_configs/tiny.gin", "--stages", "--json",
+                "--gin_param=DataConfig.stages=[@a/Stage(), @b/Stage()]",
+                "--gin_param=b/Stage.start_step=10", "--gin_param=b/Stage.seq_len=256",
+                "--gin_param=b/Stage.tokens_per_step=2048")
+  assert out.returncode == 0, out.stderr[-2000:]
+  reports = json.loads(out.stdout)
+  assert [(r["start_step"], r["seq_len"], r["global_batch_size"], r["tokens_per_step"])
+          for r in reports] == [(0, 64, 8, 512), (10, 256, 8, 2048)]
+  assert reports[1]["temp_bytes"] > reports[0]["temp_bytes"]  # 4x the tokens per device

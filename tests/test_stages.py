@@ -187,3 +187,23 @@ def test_plan_reports_every_stage_at_its_own_shape(run_cli):
   assert [(r["start_step"], r["seq_len"], r["global_batch_size"], r["tokens_per_step"])
           for r in reports] == [(0, 64, 8, 512), (10, 256, 8, 2048)]
   assert reports[1]["temp_bytes"] > reports[0]["temp_bytes"]  # 4x the tokens per device
+
+
+def test_each_stage_shape_gets_one_runtime_view_and_its_work_is_counted(tiny_exp):
+  from pretrainx.flops import flops_per_token
+  from pretrainx.train.loop import phase_work
+  from pretrainx.train.runtime import build_runtime
+
+  stages = (Stage(), Stage(start_step=4, seq_len=128, tokens_per_step=1024),
+            Stage(start_step=6, weights={"code": 1.0}),
+            Stage(start_step=8, rope={"rope_theta": 4e4}))
+  exp = tiny_exp(run={"global_batch_size": 16}, data={"stages": stages})
+  rt = build_runtime(exp)
+  assert rt.at(0) is rt and rt.at(4) is rt.at(7)  # a weights-only stage shares the shape's view
+  assert rt.at(4).train_step is rt.train_step  # same model: jit compiles the new shape once
+  assert rt.at(8).train_step is not rt.train_step and rt.at(8).model.cfg.rope_theta == 4e4
+  assert (rt.at(5).exp.run.seq_len, rt.at(5).exp.run.global_batch_size) == (128, 8)
+  tokens, flops = phase_work(exp, lambda: 0)(2, 9)  # steps 2, 3 at 64 x 16; 4..8 at 128 x 8
+  assert tokens == 7 * 1024
+  assert flops == 2 * 1024 * flops_per_token(exp.model, 64) + \
+      5 * 1024 * flops_per_token(exp.model, 128)

@@ -57,6 +57,8 @@ class Runtime:
     key = (phase.shape, phase.rope)
     if key not in self._views:
       exp = phase_experiment(self.exp, step)
+      if exp is self.exp:  # the run's own shape and model
+        return self
       if exp.model == self.exp.model:
         model, train_step, eval_step = self.model, self.train_step, self.eval_step
       else:

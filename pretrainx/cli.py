@@ -89,6 +89,20 @@ def build_parser() -> argparse.ArgumentParser:
                       "its numbers")
   p.add_argument("--harness_report", default=None,
                  help="where the JSON report goes (default: RUN_DIR/harness/step_N.json)")
+  p.add_argument("--needle", default=None, metavar="KINDS",
+                 help="long-context retrieval instead of the validation loss: 'passkey', "
+                      "'needle' or both, comma-separated, hidden in the run's own validation "
+                      "text (LongContextEvalConfig; gin bindings apply, these flags win); "
+                      "writes RUN_DIR/long_context/KIND_grid.json and .png")
+  p.add_argument("--needle_lengths", default=None,
+                 help="prompt lengths in the model's tokens, e.g. 256,512,1024")
+  p.add_argument("--needle_depths", default=None,
+                 help="needle depths as fractions of the haystack, e.g. 0,0.5,1")
+  p.add_argument("--needle_samples", type=int, default=None, help="prompts per length x depth")
+  p.add_argument("--needle_domain", default=None,
+                 help="the domain whose validation split is the haystack (default: the first)")
+  p.add_argument("--needle_dir", default=None,
+                 help="where the grids go (default: RUN_DIR/long_context)")
 
   p = sub.add_parser(
       "score", help="a score per document into its token store (TASK --by=...), or per-token "
@@ -253,17 +267,62 @@ def cmd_eval(args) -> None:
   from pretrainx.train import runtime  # pylint: disable=import-outside-toplevel
 
   exp = _experiment(args, for_training=False)
+  if args.needle and args.harness_tasks:
+    raise ValueError("--needle and --harness_tasks are separate evaluations; pass one of them.")
+  needle = _long_context_setup(args, exp) if args.needle else None  # bad input before loading
   rt, state, step = runtime.load_trained(exp, args.checkpoint_dir, args.step)
   if args.harness_tasks:
     _eval_harness(args, rt, state, step)
+    return
+  if needle is not None:
+    _eval_long_context(args, rt, state, step, *needle)
     return
   r = runtime.evaluate_checkpoint(rt, state, args.eval_batches)
   which = ("the whole validation split" if args.eval_batches is None else
            f"{args.eval_batches} batches per domain")
   domains = {k[:-len("/loss")]: v for k, v in r.items() if k.endswith("/loss")}
+  positions = {k.split("/")[-1]: v for k, v in r.items() if k.startswith("loss_by_position/")}
   _out(f"step {step}: validation loss {r['loss']:.4f} nats/token over {r['tokens']:.0f} tokens "
        f"of {which} (unigram-entropy baseline {r['unigram_entropy']:.4f})\n"
-       "per-domain validation loss: " + ", ".join(f"{d} {v:.4f}" for d, v in domains.items()))
+       "per-domain validation loss: " + ", ".join(f"{d} {v:.4f}" for d, v in domains.items()) +
+       "\nloss by position in the document: " +
+       ", ".join(f"{p} {v:.4f}" for p, v in positions.items()))
+
+
+def _long_context_setup(args, exp):
+  """(LongContextEvalConfig from gin and the --needle flags, the haystack text), checked
+  against the model and the validation split before any checkpoint is read."""
+  import dataclasses  # pylint: disable=import-outside-toplevel
+
+  from pretrainx import config  # pylint: disable=import-outside-toplevel
+  from pretrainx.harness import long_context  # pylint: disable=import-outside-toplevel
+
+  files = args.gin_file or [config.RunPaths.under(args.run_dir).config]
+  cfg = config.parse_gin_with(files, args.gin_param, (config.LongContextEvalConfig,)
+                              )[1]["LongContextEvalConfig"]
+  flags = {"kinds": args.needle, "lengths": args.needle_lengths, "depths": args.needle_depths,
+           "samples": args.needle_samples, "domain": args.needle_domain}
+  cfg = dataclasses.replace(cfg, **{k: v for k, v in flags.items() if v is not None})
+  long_context.check_lengths(cfg, exp.model.max_seq_len)
+  return cfg, long_context.validation_text(exp.data, cfg.domain, cfg.lengths[-1])
+
+
+def _eval_long_context(args, rt, state, step: int, cfg, text: str) -> None:
+  from pretrainx.harness import long_context  # pylint: disable=import-outside-toplevel
+  from pretrainx.metrics import MetricWriter  # pylint: disable=import-outside-toplevel
+
+  run_dir = rt.exp.run.run_dir
+  out_dir = args.needle_dir or storage.join(run_dir, "long_context")
+  grids = long_context.evaluate_grid(rt, rt.inference_params(state), cfg, text=text,
+                                     out_dir=out_dir, step=step)
+  writer = MetricWriter(run_dir, enabled=_is_main())
+  try:
+    writer.write(step, long_context.metrics(grids))
+  finally:
+    writer.close()
+  _out(f"step {step}: long-context retrieval accuracy (exact match, {cfg.samples} prompts per "
+       "cell)\n" + "\n\n".join(long_context.table(g) for g in grids.values()) +
+       f"\ngrids: {storage.join(out_dir, '<kind>_grid.json')} (and .png)")
 
 
 def _eval_harness(args, rt, state, step: int) -> None:

@@ -23,8 +23,8 @@ from pretrainx.config.optim import (AdafactorConfig, MuonConfig, OptimizerConfig
 from pretrainx.config.paths import RunPaths, load_run_experiment
 from pretrainx.config.sources import source_experiment, source_kind, with_source_architecture
 from pretrainx.config.run import (AccumulationConfig, CheckpointConfig, EmaConfig, GuardConfig,
-                                  HarnessConfig, LossConfig, PrecisionConfig, RunConfig,
-                                  SampleConfig)
+                                  HarnessConfig, LongContextEvalConfig, LossConfig,
+                                  PrecisionConfig, RunConfig, SampleConfig)
 
 __all__ = [
     "AccumulationConfig",
@@ -42,6 +42,7 @@ __all__ = [
     "IDENTITY_SECTIONS",
     "InitConfig",
     "LinearizeConfig",
+    "LongContextEvalConfig",
     "LoraConfig",
     "LossConfig",
     "MeshConfig",

@@ -21,6 +21,7 @@ from pretrainx.config.cpt import LinearizeConfig, LoraConfig
 from pretrainx.config.data import (CorpusTask, Denoiser, FileTask, MixtureSpec, ObjectiveConfig,
                                    Selection, Stage)
 from pretrainx.config.experiment import GROUPS, RENAMED, SECTION_CLASSES, Experiment
+from pretrainx.config.run import LongContextEvalConfig
 from pretrainx.vocab import ByteVocabulary, HFTokenizerVocabulary
 
 # Gin files include others by repo-relative path ('gin_configs/models/tiny.gin').
@@ -28,7 +29,7 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__fi
 _GROUP_CLASSES = tuple(cls for groups in GROUPS.values() for _, cls in groups)
 CONFIGURABLES = (tuple(SECTION_CLASSES.values()) + _GROUP_CLASSES + (
     LoraConfig, ByteVocabulary, HFTokenizerVocabulary, Stage, Selection, ObjectiveConfig, Denoiser,
-    FileTask, CorpusTask, MixtureSpec, LinearizeConfig))
+    FileTask, CorpusTask, MixtureSpec, LinearizeConfig, LongContextEvalConfig))
 
 _GIN_CLASSES: dict[str, Any] = {}  # name -> gin-wrapped class (calling it applies the bindings)
 _GIN_READERS: list[bool] = []

@@ -17,6 +17,9 @@ class RunConfig:
     log_every: steps between metric reads (the only host syncs of the hot loop).
     eval_every: steps between validation passes (0: only at the end); eval_batches per pass
       (None: the whole validation split).
+    eval_position_bucket: width in tokens of the buckets of position within the document that
+      the validation loss is also reported by ('eval/loss_by_position/<lo>-<hi>'); 0: 1024, or
+      a quarter of the row length when that is <= 1024.
     peak_tflops: the MFU denominator for the whole job; None measures this machine's matmul peak.
     progress_bar: show a tqdm bar on stderr.
   """
@@ -29,6 +32,7 @@ class RunConfig:
   log_every: int = 10
   eval_every: int = 0
   eval_batches: int | None = 16
+  eval_position_bucket: int = 0
   peak_tflops: float | None = None
   progress_bar: bool = True
 
@@ -240,3 +244,68 @@ class HarnessConfig:
     if self.every_steps and not self.tasks:
       raise ValueError("HarnessConfig.every_steps is set but HarnessConfig.tasks is empty; name "
                        "the lm-eval tasks to run.")
+
+
+LONG_CONTEXT_KINDS = ("passkey", "needle")
+
+
+def _split_commas(values, cast):
+  """('a,b', 'c') or 'a,b' or (1, 2) -> a flat tuple of `cast` values (gin and flags alike)."""
+  values = (values,) if isinstance(values, (str, int, float)) else tuple(values)
+  return tuple(cast(v) for value in values
+               for v in (value.split(",") if isinstance(value, str) else (value,))
+               if not isinstance(v, str) or v.strip())
+
+
+@dataclasses.dataclass(frozen=True)
+class LongContextEvalConfig:
+  """Offline long-context retrieval (`pretrainx eval --needle`): a needle hidden in the run's own
+  validation text at each depth of each context length, asked for back, answered greedily.
+
+  Attributes:
+    kinds: 'passkey' ("The pass key is 71432. Remember it." in filler; "What is the pass key?")
+      and/or 'needle' ("The special magic number for <city> is <n>." in a haystack).
+    lengths: prompt lengths in the model's tokens; each plus max_gen_toks must fit
+      ModelConfig.max_seq_len.
+    depths: where the needle sits, as a fraction of the haystack before it (0: start, 1: end).
+    samples: prompts per (length, depth) cell, each with its own filler window and answer.
+    seed: makes the prompts (filler windows, answers, cities); the same seed, the same tasks.
+    domain: the DataConfig domain whose validation split is the haystack ('': the first).
+    max_gen_toks: greedy generation budget per prompt (the answer is its first run of digits).
+    batch_rows: prompts per generation batch (0: HarnessConfig.batch_rows, else
+      RunConfig.global_batch_size).
+    tasks_dir: where the lm-eval task YAML and JSON-lines files go (None:
+      RUN_DIR/long_context/tasks, or a temporary directory when the run is in a bucket).
+  """
+
+  kinds: tuple[str, ...] = ("passkey",)
+  lengths: tuple[int, ...] = (256, 512, 1024)
+  depths: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0)
+  samples: int = 4
+  seed: int = 0
+  domain: str = ""
+  max_gen_toks: int = 16
+  batch_rows: int = 0
+  tasks_dir: str | None = None
+
+  def __post_init__(self):
+    kinds = tuple(dict.fromkeys(_split_commas(self.kinds, str.strip)))
+    lengths = tuple(sorted(set(_split_commas(self.lengths, int))))
+    depths = tuple(sorted(set(_split_commas(self.depths, float))))
+    for name, value in (("kinds", kinds), ("lengths", lengths), ("depths", depths)):
+      object.__setattr__(self, name, value)
+      if not value:
+        raise ValueError(f"LongContextEvalConfig.{name} is empty; name at least one.")
+    bad = [k for k in kinds if k not in LONG_CONTEXT_KINDS]
+    if bad:
+      raise ValueError(f"LongContextEvalConfig.kinds: unknown {bad}; choose from "
+                       f"{LONG_CONTEXT_KINDS}.")
+    if lengths[0] < 1:
+      raise ValueError(f"LongContextEvalConfig.lengths={lengths}: lengths are positive token "
+                       "counts.")
+    if depths[0] < 0.0 or depths[-1] > 1.0:
+      raise ValueError(f"LongContextEvalConfig.depths={depths}: depths are fractions in [0, 1] "
+                       "(0: the start of the haystack, 1: its end).")
+    if self.samples < 1 or self.max_gen_toks < 1 or self.batch_rows < 0:
+      raise ValueError(f"LongContextEvalConfig: samples={self.samples} and max_gen_toks="
+                       f"{self.max_gen_toks} must be >= 1, batch_rows={self.batch_rows} >= 0.")

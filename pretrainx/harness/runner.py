@@ -23,7 +23,7 @@ from pretrainx.config import HarnessConfig
 OFFLINE_ENV = {"HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
 
 
-def _task_manager(cfg: HarnessConfig):
+def _task_manager(cfg: HarnessConfig, include_defaults: bool = True):
   from lm_eval.tasks import TaskManager  # pylint: disable=import-outside-toplevel
 
   include = cfg.include_path
@@ -35,15 +35,16 @@ def _task_manager(cfg: HarnessConfig):
     if not storage.isdir(include):
       raise FileNotFoundError(f"HarnessConfig.include_path={include} is not a directory of "
                               "lm-eval task YAML files.")
-  return TaskManager(include_path=include)
+  return TaskManager(include_path=include, include_defaults=include_defaults)
 
 
-def load_tasks(cfg: HarnessConfig):
+def load_tasks(cfg: HarnessConfig, include_defaults: bool = True):
   """lm-eval's TaskManager, with each of cfg.tasks loaded once offline to check it: a clear error
-  names a task that is unknown or whose data is not here."""
+  names a task that is unknown or whose data is not here. Without `include_defaults` it indexes
+  only cfg.include_path (lm-eval's own registry takes seconds to index)."""
   for key, value in OFFLINE_ENV.items():
     os.environ.setdefault(key, value)
-  manager = _task_manager(cfg)
+  manager = _task_manager(cfg, include_defaults)
   known = set(manager.all_tasks)
   for name in cfg.tasks:
     if name not in known:
@@ -64,11 +65,12 @@ def load_tasks(cfg: HarnessConfig):
   return manager
 
 
-def evaluate(lm, cfg: HarnessConfig) -> dict[str, Any]:
-  """Runs cfg.tasks on `lm` (a PretrainxLM or any lm-eval LM); returns lm-eval's results."""
+def evaluate(lm, cfg: HarnessConfig, include_defaults: bool = True) -> dict[str, Any]:
+  """Runs cfg.tasks on `lm` (a PretrainxLM or any lm-eval LM); returns lm-eval's results.
+  Without `include_defaults`, the tasks come from cfg.include_path alone (load_tasks)."""
   import lm_eval  # pylint: disable=import-outside-toplevel
 
-  manager = load_tasks(cfg)
+  manager = load_tasks(cfg, include_defaults)
   results = lm_eval.simple_evaluate(
       model=lm, tasks=list(cfg.tasks), task_manager=manager, num_fewshot=cfg.num_fewshot,
       limit=cfg.limit,

@@ -505,7 +505,8 @@ def train(exp: Experiment, restart: bool = False) -> TrainResult:
     plot_losses(paths.metrics, paths.loss_plot, baseline)
     if exp.data.reweight.enabled or len(exp.data.schedule_stages) > 1:
       plot_domain_weights(paths.metrics, storage.join(paths.root, DOMAIN_WEIGHTS_PLOT))
-  per_domain = {k.split("/")[1]: v for k, v in final_eval.items() if k.count("/") == 2}
+  per_domain = {k.split("/")[1]: v for k, v in final_eval.items()
+                if k.count("/") == 2 and k.endswith("/loss")}
   return _result(driver, eval_loss, baseline, sample, checkpoint=path,
                  eval_domain_losses=per_domain)
 

@@ -165,7 +165,8 @@ def _compile_steps(exp: Experiment, optimizer, schedule, shardings: TrainState,
   # per-row [batch] arrays alike).
   train_step = jax.jit(step_fn, in_shardings=(shardings, None), out_shardings=(shardings, None),
                        donate_argnums=0)
-  eval_step = jax.jit(make_eval_step(model), in_shardings=(None, None))
+  eval_step = jax.jit(make_eval_step(model, exp.run.eval_position_bucket),
+                      in_shardings=(None, None))
   return train_step, eval_step
 
 

@@ -66,15 +66,38 @@ def target_logits(logits: jax.Array, targets: jax.Array) -> jax.Array:
   return jnp.sum(jnp.where(vocab == targets[..., None], logits, 0.0), axis=-1)
 
 
+def position_bucket_width(seq_len: int, width: int = 0) -> int:
+  """The width in positions of the loss-by-position buckets of rows of `seq_len`: `width`, or
+  (0, auto) 1024, or a quarter of seq_len when seq_len <= 1024 (a few buckets either way)."""
+  if width < 0:
+    raise ValueError(f"RunConfig.eval_position_bucket={width} is negative; use 0 (auto) or a "
+                     "bucket width in tokens.")
+  return width or (1024 if seq_len > 1024 else max(1, seq_len // 4))
+
+
+def position_sums(ce: jax.Array, mask: jax.Array, positions: jax.Array, width: int
+                  ) -> tuple[jax.Array, jax.Array]:
+  """Masked loss sums and token counts per bucket of `width` positions within the document:
+  ([buckets], [buckets]) with buckets = ceil(seq / width); ce, mask, positions [b, s]."""
+  count = -(-positions.shape[1] // width)
+  bucket = jnp.minimum(positions // width, count - 1).ravel()  # [b * s]
+  return (jax.ops.segment_sum(ce.ravel(), bucket, num_segments=count),
+          jax.ops.segment_sum(mask.ravel().astype(ce.dtype), bucket, num_segments=count))
+
+
 def cross_entropy_sums(logits: jax.Array, targets: jax.Array, loss_mask: jax.Array,
                        z_loss: float = 0.0, domain: jax.Array | None = None,
                        num_domains: int = 0, token_weight: jax.Array | None = None,
-                       example_temperature: float | None = None) -> dict[str, jax.Array]:
+                       example_temperature: float | None = None,
+                       positions: jax.Array | None = None, position_width: int = 0
+                       ) -> dict[str, jax.Array]:
   """Sums over masked tokens: {'ce', 'z', 'tokens'}; logits [b, s, vocab] fp32, targets [b, s].
 
   With `num_domains` and each row's `domain` [b], also 'domain_ce' and 'domain_tokens' [domains].
   With `token_weight` [b, s] (and `example_temperature`, see example_weights), also
   'weighted_ce' and the weights' 'weight', 'weight_sq', 'weight_min', 'weight_max'.
+  With `position_width` and `positions` [b, s] (within each document), also 'position_ce' and
+  'position_tokens' [ceil(s / position_width)] (position_sums).
   """
   log_z = jax.nn.logsumexp(logits, axis=-1)  # [b, s]
   target_logit = target_logits(logits, targets)
@@ -91,6 +114,9 @@ def cross_entropy_sums(logits: jax.Array, targets: jax.Array, loss_mask: jax.Arr
     sums.update(weighted_ce=jnp.sum(ce * w), weight=jnp.sum(w), weight_sq=jnp.sum(w * w),
                 weight_min=jnp.min(jnp.where(on, w, jnp.inf)),
                 weight_max=jnp.max(jnp.where(on, w, -jnp.inf)))
+  if position_width:
+    sums["position_ce"], sums["position_tokens"] = position_sums(ce, mask, positions,
+                                                                 position_width)
   return sums
 
 
@@ -103,11 +129,12 @@ def model_logits(model: nn.Module, params: Any, batch: Batch, **kwargs):
 
 def batch_loss_sums(model: nn.Module, params: Any, batch: Batch, z_loss: float,
                     kurtosis: bool = False, num_domains: int = 0, router: bool = False,
-                    weighted: bool = False, example_temperature: float | None = None
-                    ) -> dict[str, jax.Array]:
+                    weighted: bool = False, example_temperature: float | None = None,
+                    position_width: int = 0) -> dict[str, jax.Array]:
   """Loss sums of one batch; with `kurtosis`, also the blocks' activation kurtosis [layers].
 
   With `weighted`, the batch's (scaled) `loss_weight` weighs the tokens (cross_entropy_sums).
+  With `position_width`, also the sums per bucket of the batch's `positions` (position_sums).
 
   With `router` (an MoE model), also 'moe_aux' (the router losses of all MoE layers) and each
   router statistic as 'moe/<name>' ([moe_layers], 'moe/load' [moe_layers, experts]), all
@@ -115,10 +142,11 @@ def batch_loss_sums(model: nn.Module, params: Any, batch: Batch, z_loss: float,
   """
   labels = (batch["targets"], batch["loss_mask"], z_loss, batch.get("domain"), num_domains,
             batch["loss_weight"] if weighted else None, example_temperature)
+  by_position = {"positions": batch["positions"], "position_width": position_width}
   if not (kurtosis or router):
-    return cross_entropy_sums(model_logits(model, params, batch), *labels)
+    return cross_entropy_sums(model_logits(model, params, batch), *labels, **by_position)
   logits, variables = model_logits(model, params, batch, mutable=["intermediates"])
-  sums = cross_entropy_sums(logits, *labels)
+  sums = cross_entropy_sums(logits, *labels, **by_position)
   if kurtosis:
     sums["kurtosis"] = sown_kurtosis(variables["intermediates"], model.cfg.num_layers)
   if router:

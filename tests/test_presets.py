@@ -70,3 +70,16 @@ def test_long_context_presets_split_their_sequences(name, devices, slices, shape
   assert exp.run.seq_len % (2 * exp.mesh.context) == 0  # zigzag chunks
   data_ranks = shape[0] * shape[1]
   assert exp.run.global_batch_size == data_ranks  # one sequence per data-parallel rank
+
+
+def test_progressive_extension_preset_keeps_its_tokens_and_splits_every_stage():
+  from pretrainx.config import phases
+  exp = parse_gin([os.path.join(REPO, "gin_configs/llama_8b_8k_to_128k.gin")])
+  stages = phases(exp)
+  assert [p.seq_len for p in stages] == [8192, 32768, 131072]
+  assert {p.tokens_per_step for p in stages} == {1 << 20}
+  data_ranks = exp.mesh.resolved_shape(128, 1)[1]  # fsdp: what 16-way context leaves of 128
+  for p in stages:
+    assert p.seq_len % (2 * exp.mesh.context) == 0 and p.global_batch_size % data_ranks == 0
+  assert dict(stages[-1].rope)["rope_theta"] > dict(stages[1].rope)["rope_theta"] > \
+      exp.model.rope_theta

@@ -245,8 +245,8 @@ def test_bad_checkpoints_fail_with_clear_messages(sharded_llama, tmp_path):
     ({"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "use_sliding_window": True,
       "sliding_window": 16, "max_window_layers": 1},
      r"sliding window of 16 tokens in layers \[1\] only.*max_seq_len <= 16"),
-    ({"rope_parameters": {"rope_type": "yarn", "factor": 4.0}},
-     r"'yarn' .* 'default' and 'llama3'"),
+    ({"rope_parameters": {"rope_type": "longrope", "factor": 4.0}},
+     r"'longrope' .* not supported; pretrainx implements 'default', 'linear'"),
     ({"rope_scaling": {"type": "linear", "factor": 4.0}}, r"rope_scaling of type 'linear' and "
      r"rope_parameters of type 'default'"),
     ({"hidden_act": "gelu"}, r"hidden_act='gelu'"),

@@ -102,8 +102,8 @@ def test_rope_scores_depend_only_on_relative_position():
   k = jax.random.normal(jax.random.key(1), (1, 1, 1, 16))
 
   def score(pq, pk):
-    rq = apply_rope(q, jnp.array([[pq]]), 10_000.0)
-    rk = apply_rope(k, jnp.array([[pk]]), 10_000.0)
+    rq = apply_rope(q, jnp.array([[pq]]), ModelConfig())
+    rk = apply_rope(k, jnp.array([[pk]]), ModelConfig())
     return float(jnp.sum(rq * rk))
 
   assert score(5, 2) == pytest.approx(score(103, 100), rel=1e-4, abs=1e-5)

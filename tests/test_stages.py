@@ -207,3 +207,12 @@ def test_each_stage_shape_gets_one_runtime_view_and_its_work_is_counted(tiny_exp
   assert tokens == 7 * 1024
   assert flops == 2 * 1024 * flops_per_token(exp.model, 64) + \
       5 * 1024 * flops_per_token(exp.model, 128)
+
+
+def test_a_stage_may_not_train_with_dynamic_rope():
+  from pretrainx.config import check_trainable
+  exp = Experiment().replace(data={"stages": _staged(rope={"rope_scaling": "dynamic"})})
+  validate(exp)  # a valid model (eval and generate may use it) ...
+  with pytest.raises(ValueError, match=r"the stage at step 3: rope_scaling='dynamic' is for "
+                                       r"inference only"):
+    check_trainable(exp)  # ... that a run does not train

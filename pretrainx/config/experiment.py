@@ -167,6 +167,19 @@ def validate(exp: Experiment) -> None:
         f"{', '.join(map(repr, causal_only))} cannot give; use 'reference' or 'flash'.")
 
 
+def check_trainable(exp: Experiment) -> None:
+  """Checks only a run that trains must pass (on top of validate, which eval and generate use
+  too): 'dynamic' RoPE scaling, whose frequencies change with each batch's length, is for
+  inference only."""
+  for phase in phases(exp):
+    if phase.model(exp.model).rope_scaling == "dynamic":
+      where = (f"the stage at step {phase.start_step}: " if dict(phase.rope).get(
+          "rope_scaling") == "dynamic" else "ModelConfig.")
+      raise ValueError(f"{where}rope_scaling='dynamic' is for inference only (its frequencies "
+                       "change with each batch's length); train with 'yarn', 'ntk' or "
+                       "'linear'.")
+
+
 def _check_reweighting(exp: Experiment) -> None:
   rw, log_every, domains = exp.data.reweight, exp.run.log_every, exp.data.domains
   unknown = sorted(set(rw.reference_losses) - set(domains))

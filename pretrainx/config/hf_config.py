@@ -45,9 +45,23 @@ def architecture(hf: dict[str, Any]) -> str:
   return archs[0]
 
 
+# rope types transformers knows (modeling_rope_utils.ROPE_INIT_FUNCTIONS and 'default', 'axial')
+HF_ROPE_TYPES = ("default", "linear", "dynamic", "yarn", "longrope", "llama3", "proportional",
+                 "axial")
+# the ones pretrainx computes, and its ModelConfig.rope_scaling for each
+_ROPE_IMPORTS = {"default": None, "linear": "linear", "dynamic": "dynamic", "yarn": "yarn",
+                 "llama3": "llama3"}
+
+
+def _float_or_none(value: Any) -> float | None:
+  return None if value is None else float(value)
+
+
 def _rope_fields(hf: dict[str, Any]) -> dict[str, Any]:
-  """rope_theta and the llama3 scaling from `rope_parameters` (transformers 5) or the older
-  top-level `rope_theta` + `rope_scaling`."""
+  """The ModelConfig rope_* fields of `rope_parameters` (transformers 5) or the older top-level
+  `rope_theta` + `rope_scaling` (its kind under `rope_type` or `type`), read as transformers
+  reads them (a missing original_max_position_embeddings is max_position_embeddings; 'dynamic'
+  takes max_position_embeddings as the original context)."""
   old, new = hf.get("rope_scaling") or {}, hf.get("rope_parameters") or {}
   kind_of = lambda p: p.get("rope_type", p.get("type", "default"))
   if old and new and kind_of(old) != kind_of(new):
@@ -55,16 +69,70 @@ def _rope_fields(hf: dict[str, Any]) -> dict[str, Any]:
                      f"of type {kind_of(new)!r}; keep the one the model was trained with.")
   params = {**old, **new}
   kind = kind_of(params)
-  out = {"rope_theta": float(params.get("rope_theta", hf.get("rope_theta", 10_000.0)))}
+  if kind not in HF_ROPE_TYPES:
+    raise ValueError(f"config.json's rope type {kind!r} (rope_scaling/rope_parameters) is not a "
+                     f"type transformers knows ({', '.join(HF_ROPE_TYPES)}); fix config.json.")
+  if kind not in _ROPE_IMPORTS:
+    raise ValueError(f"rope type {kind!r} (config.json rope_scaling/rope_parameters) is not "
+                     f"supported; pretrainx implements {', '.join(map(repr, _ROPE_IMPORTS))}.")
+  if params.get("partial_rotary_factor", hf.get("partial_rotary_factor")) not in (None, 1, 1.0):
+    raise ValueError("config.json sets partial_rotary_factor (RoPE on part of each head); "
+                     "pretrainx rotates whole heads: convert a model without it.")
+  out = {"rope_theta": float(params.get("rope_theta", hf.get("rope_theta", 10_000.0))),
+         "rope_scaling": _ROPE_IMPORTS[kind]}
+  if kind == "default":
+    return out
+  context = hf["max_position_embeddings"]
+  original = hf.get("original_max_position_embeddings") or params.get(
+      "original_max_position_embeddings") or context  # transformers' order
+  factor = params.get("factor")
+  if factor is None and kind == "yarn":
+    factor = context / original  # as transformers: the ratio of the two contexts
+  if factor is None:
+    raise ValueError(f"config.json's rope type {kind!r} has no factor; add rope_scaling.factor.")
+  out["rope_scaling_factor"] = float(factor)
+  if kind == "dynamic":
+    out["rope_original_max_len"] = int(context)
+  elif kind in ("yarn", "llama3"):
+    out["rope_original_max_len"] = int(original)
   if kind == "llama3":
-    out.update(rope_scaling="llama3", rope_scaling_factor=float(params["factor"]),
-               rope_low_freq_factor=float(params["low_freq_factor"]),
-               rope_high_freq_factor=float(params["high_freq_factor"]),
-               rope_original_max_len=int(params["original_max_position_embeddings"]))
-  elif kind != "default":
-    raise ValueError(f"rope scaling type {kind!r} (config.json rope_scaling/rope_parameters) is "
-                     "not supported; pretrainx implements 'default' and 'llama3'.")
+    missing = [k for k in ("low_freq_factor", "high_freq_factor") if params.get(k) is None]
+    if missing:
+      raise ValueError(f"config.json's rope type 'llama3' has no {' or '.join(missing)}; add "
+                       "them to rope_scaling.")
+    out.update(rope_low_freq_factor=float(params["low_freq_factor"]),
+               rope_high_freq_factor=float(params["high_freq_factor"]))
+  if kind == "yarn":
+    out.update(rope_yarn_beta_fast=float(params.get("beta_fast") or 32.0),
+               rope_yarn_beta_slow=float(params.get("beta_slow") or 1.0),
+               rope_yarn_mscale=_float_or_none(params.get("mscale")),
+               rope_yarn_mscale_all_dim=_float_or_none(params.get("mscale_all_dim")),
+               rope_yarn_truncate=bool(params.get("truncate", True)),
+               rope_attention_factor=_float_or_none(params.get("attention_factor")))
   return out
+
+
+def _hf_rope(cfg: ModelConfig) -> tuple[float, dict[str, Any] | None]:
+  """(rope_theta, rope_scaling) of config.json for cfg's rope_* fields ('ntk' as its base)."""
+  kind, factor = cfg.rope_scaling, cfg.rope_scaling_factor
+  if kind is None:
+    return cfg.rope_theta, None
+  if kind == "ntk":
+    return cfg.rope_ntk_theta, None
+  scaling: dict[str, Any] = {"rope_type": kind, "factor": factor}
+  if kind in ("yarn", "llama3"):
+    scaling["original_max_position_embeddings"] = cfg.rope_original_max_len
+  if kind == "llama3":
+    scaling.update(low_freq_factor=cfg.rope_low_freq_factor,
+                   high_freq_factor=cfg.rope_high_freq_factor)
+  if kind == "yarn":
+    scaling.update(beta_fast=cfg.rope_yarn_beta_fast, beta_slow=cfg.rope_yarn_beta_slow)
+    optional = {"attention_factor": cfg.rope_attention_factor, "mscale": cfg.rope_yarn_mscale,
+                "mscale_all_dim": cfg.rope_yarn_mscale_all_dim}
+    scaling.update({k: v for k, v in optional.items() if v is not None})
+    if not cfg.rope_yarn_truncate:
+      scaling["truncate"] = False
+  return cfg.rope_theta, scaling
 
 
 def _check_features(hf: dict[str, Any], arch: str) -> None:
@@ -252,21 +320,21 @@ def check_hf_compatible(cfg: ModelConfig, architecture: str | None = None) -> No
 
 def hf_config_dict(cfg: ModelConfig, architecture: str, dtype: str) -> dict[str, Any]:
   """config.json for `cfg` (rope as top-level rope_theta/rope_scaling, which transformers 4 and 5
-  both read; max_position_embeddings the imported source's, if longer than max_seq_len)."""
-  rope_scaling = None
-  if cfg.rope_scaling == "llama3":
-    rope_scaling = {"rope_type": "llama3", "factor": cfg.rope_scaling_factor,
-                    "low_freq_factor": cfg.rope_low_freq_factor,
-                    "high_freq_factor": cfg.rope_high_freq_factor,
-                    "original_max_position_embeddings": cfg.rope_original_max_len}
+  both read; 'ntk' as the rope_theta it amounts to; max_position_embeddings the imported source's,
+  if longer than max_seq_len, and for 'dynamic' rope_original_max_len, which transformers takes
+  from it)."""
+  rope_theta, rope_scaling = _hf_rope(cfg)
+  context = max(cfg.source_max_position_embeddings or 0, cfg.max_seq_len)
+  if cfg.rope_scaling == "dynamic":
+    context = cfg.rope_original_max_len
   out = {
       "architectures": [architecture], "model_type": ARCHITECTURES[architecture],
       "hidden_size": cfg.embed_dim, "intermediate_size": cfg.mlp_dim,
       "num_hidden_layers": cfg.num_layers, "num_attention_heads": cfg.num_heads,
       "num_key_value_heads": cfg.num_kv_heads, "head_dim": cfg.resolved_head_dim,
-      "hidden_act": "silu", "rms_norm_eps": cfg.norm_eps, "rope_theta": cfg.rope_theta,
+      "hidden_act": "silu", "rms_norm_eps": cfg.norm_eps, "rope_theta": rope_theta,
       "rope_scaling": rope_scaling,
-      "max_position_embeddings": max(cfg.source_max_position_embeddings or 0, cfg.max_seq_len),
+      "max_position_embeddings": context,
       "vocab_size": cfg.vocab_size, "tie_word_embeddings": cfg.tie_embeddings,
       "torch_dtype": dtype, "use_cache": True, "initializer_range": cfg.init_std,
   }

@@ -21,7 +21,7 @@ REMAT_POLICIES = ("none", "full", "dots", "dots_with_no_batch_dims")
 ATTENTION_IMPLS = ("reference", "flash", "linear", "hybrid")
 
 
-ROPE_SCALINGS = (None, "llama3")
+ROPE_SCALINGS = (None, "linear", "ntk", "yarn", "llama3", "dynamic")
 
 
 MOE_IMPLS = ("auto", "ragged", "einsum")
@@ -108,7 +108,6 @@ class ModelConfig:
     head_dim: per-head width; None means embed_dim // num_heads.
     mlp_dim: hidden width of the SwiGLU MLP.
     max_seq_len: longest sequence the model accepts.
-    rope_theta: RoPE base frequency.
     tie_embeddings: output projection shares the input embedding.
     dtype / param_dtype: compute and storage dtypes ('float32', 'bfloat16').
     remat_policy: 'none', 'full', 'dots' or 'dots_with_no_batch_dims' (jax.checkpoint policies).
@@ -144,13 +143,47 @@ class ModelConfig:
       init), as outlier-safe pretraining uses.
     sow_kurtosis: record the excess kurtosis of each block's output ('intermediates' collection).
     qkv_bias: learned biases on the query/key/value projections (Qwen2); no bias on o_proj.
-    rope_scaling: None (plain RoPE) or 'llama3' (Llama 3.1 long-context frequency scaling: RoPE
-      wavelengths longer than rope_original_max_len / rope_low_freq_factor are divided by
-      rope_scaling_factor, those shorter than rope_original_max_len / rope_high_freq_factor are
-      kept, and the ones between are interpolated smoothly).
-    rope_scaling_factor / rope_low_freq_factor / rope_high_freq_factor / rope_original_max_len:
-      the 'llama3' parameters (Hugging Face `rope_scaling` factor, low_freq_factor,
-      high_freq_factor, original_max_position_embeddings); ignored when rope_scaling is None.
+    rope_theta: RoPE base frequency. Adjusted base frequency (ABF, as Llama 3 and Code Llama
+      extend their context) is no scaling type: it is simply a bigger rope_theta.
+    rope_scaling: how the RoPE frequencies are scaled for contexts beyond rope_original_max_len
+      (the frequency math is pretrainx.model.layers.rope_frequencies, Hugging Face's exactly):
+      None        plain RoPE;
+      'linear'    position interpolation: positions / rope_scaling_factor (HF 'linear');
+      'ntk'       NTK-aware base change, rope_theta * factor ** (head_dim / (head_dim - 2)), for
+                  every length; transformers has no such type, so exports write it as that
+                  rope_theta with no rope_scaling (the same frequencies);
+      'yarn'      YaRN (HF 'yarn'): frequencies that turn fewer than rope_yarn_beta_slow times
+                  within rope_original_max_len are divided by the factor, those turning more
+                  than rope_yarn_beta_fast times kept, a linear ramp over the dims between; q and
+                  k are both scaled by the attention factor (a softmax temperature);
+      'llama3'    Llama 3.1 (HF 'llama3'): wavelengths longer than rope_original_max_len /
+                  rope_low_freq_factor are divided by the factor, those shorter than
+                  rope_original_max_len / rope_high_freq_factor kept, the band between
+                  interpolated smoothly;
+      'dynamic'   dynamic NTK (HF 'dynamic'), for inference only (training refuses it): the base
+                  grows with the length L = max(positions) + 1 of each forward pass (each decode
+                  step), rope_theta * (factor * L / original - (factor - 1)) ** (d / (d - 2)) once
+                  L > rope_original_max_len, plain RoPE up to it.
+    rope_scaling_factor: the scaling factor (HF `factor`); > 0.
+    rope_original_max_len: the context the model was pretrained with (HF
+      original_max_position_embeddings), used by 'yarn', 'llama3' and 'dynamic' (for 'dynamic'
+      HF reads max_position_embeddings instead: imports take that, exports write it there).
+    rope_low_freq_factor / rope_high_freq_factor: 'llama3' only (HF low_freq_factor,
+      high_freq_factor).
+    rope_yarn_beta_fast / rope_yarn_beta_slow: 'yarn' only: the rotation counts (within
+      rope_original_max_len) that bound the ramp between kept and interpolated frequencies (HF
+      beta_fast=32, beta_slow=1).
+    rope_yarn_mscale / rope_yarn_mscale_all_dim: 'yarn' only (HF mscale, mscale_all_dim): with
+      both set (non-zero) and no rope_attention_factor, the attention factor is
+      mscale(factor, rope_yarn_mscale) / mscale(factor, rope_yarn_mscale_all_dim), where
+      mscale(s, m) = 0.1 * m * ln(s) + 1 (1 for s <= 1).
+    rope_yarn_truncate: 'yarn' only (HF truncate): round the ramp's ends to whole dims.
+    rope_attention_factor: 'yarn' only: the factor cos and sin are multiplied by (so the
+      attention logits by its square); None: HF's default, 0.1 * ln(factor) + 1 (or the mscale
+      ratio above).
+    A run from a source (InitConfig.source) takes the source's rope_* fields unless it binds
+    them, and may bind them differently (context extension; pretrainx.config.sources). Fields a
+    scaling type does not use are ignored.
     moe: mixture-of-experts MLPs (MoeConfig; bound in gin as MoeConfig.num_experts = 8, ...).
     source_max_position_embeddings: the max_position_embeddings of the Hugging Face config.json
       this model was imported from (None: not imported); exports write it back, not max_seq_len.
@@ -195,6 +228,12 @@ class ModelConfig:
   rope_low_freq_factor: float = 1.0
   rope_high_freq_factor: float = 4.0
   rope_original_max_len: int = 8192
+  rope_yarn_beta_fast: float = 32.0
+  rope_yarn_beta_slow: float = 1.0
+  rope_yarn_mscale: float | None = None
+  rope_yarn_mscale_all_dim: float | None = None
+  rope_yarn_truncate: bool = True
+  rope_attention_factor: float | None = None
   moe: MoeConfig = MoeConfig()
   source_max_position_embeddings: int | None = None
 
@@ -229,17 +268,42 @@ class ModelConfig:
                        "ModelConfig.scan_layers=False or MoeConfig.every=1.")
 
   def _check_rope(self):
-    if self.rope_scaling not in ROPE_SCALINGS:
-      raise ValueError(f"ModelConfig.rope_scaling={self.rope_scaling!r}; choose one of "
-                       f"{ROPE_SCALINGS}.")
-    if self.rope_scaling == "llama3" and not (
-        self.rope_scaling_factor > 0 and self.rope_original_max_len > 0
-        and 0 < self.rope_low_freq_factor < self.rope_high_freq_factor):
+    """One-line errors for rope_* fields no RoPE can be computed with."""
+    kind = self.rope_scaling
+    if kind not in ROPE_SCALINGS:
+      raise ValueError(f"ModelConfig.rope_scaling={kind!r}; choose one of {ROPE_SCALINGS}.")
+    if not self.rope_theta > 0:
+      raise ValueError(f"ModelConfig.rope_theta={self.rope_theta}; use a positive base "
+                       "frequency such as 10000.0.")
+    if kind is None:
+      return
+    if not self.rope_scaling_factor > 0:
+      raise ValueError(f"rope_scaling={kind!r} needs ModelConfig.rope_scaling_factor > 0 (e.g. 4.0 "
+                       f"for a 4x longer context); got {self.rope_scaling_factor}.")
+    if kind in ("yarn", "llama3", "dynamic") and self.rope_original_max_len < 1:
+      raise ValueError(f"rope_scaling={kind!r} needs ModelConfig.rope_original_max_len >= 1 (the "
+                       f"pretraining context); got {self.rope_original_max_len}.")
+    if kind in ("ntk", "dynamic") and self.resolved_head_dim <= 2:
+      raise ValueError(f"rope_scaling={kind!r} changes the base by a power d / (d - 2) of "
+                       f"head_dim d, which needs head_dim > 2; got {self.resolved_head_dim}.")
+    if kind == "llama3" and not 0 < self.rope_low_freq_factor < self.rope_high_freq_factor:
       raise ValueError(
-          "rope_scaling='llama3' needs rope_scaling_factor > 0, rope_original_max_len > 0 and "
-          f"0 < rope_low_freq_factor < rope_high_freq_factor; got factor="
-          f"{self.rope_scaling_factor}, low={self.rope_low_freq_factor}, high="
-          f"{self.rope_high_freq_factor}, original_max_len={self.rope_original_max_len}.")
+          "rope_scaling='llama3' needs 0 < rope_low_freq_factor < rope_high_freq_factor; got "
+          f"low={self.rope_low_freq_factor}, high={self.rope_high_freq_factor}.")
+    if kind == "yarn":
+      self._check_yarn()
+
+  def _check_yarn(self):
+    if not 0 < self.rope_yarn_beta_slow <= self.rope_yarn_beta_fast:
+      raise ValueError(
+          "rope_scaling='yarn' needs 0 < rope_yarn_beta_slow <= rope_yarn_beta_fast (HF: 1 and "
+          f"32); got beta_slow={self.rope_yarn_beta_slow}, beta_fast={self.rope_yarn_beta_fast}.")
+    if self.rope_attention_factor is not None and not self.rope_attention_factor > 0:
+      raise ValueError(f"ModelConfig.rope_attention_factor={self.rope_attention_factor}; use a "
+                       "positive factor or None (YaRN's default from the scaling factor).")
+    for name in ("rope_yarn_mscale", "rope_yarn_mscale_all_dim"):
+      if getattr(self, name) is not None and getattr(self, name) < 0:
+        raise ValueError(f"ModelConfig.{name}={getattr(self, name)}; use a value >= 0 or None.")
 
   def _check_attention(self):
     """Validates the attention_impl fields (the ones a typo in a gin file would silently skip)."""
@@ -330,6 +394,13 @@ class ModelConfig:
       return None
     return (self.rope_scaling_factor, self.rope_low_freq_factor, self.rope_high_freq_factor,
             self.rope_original_max_len)
+
+  @property
+  def rope_ntk_theta(self) -> float:
+    """The base rope_scaling='ntk' amounts to, rope_theta * factor ** (d / (d - 2)) (d: head_dim):
+    what a Hugging Face export of it writes as rope_theta."""
+    d = self.resolved_head_dim
+    return self.rope_theta * self.rope_scaling_factor ** (d / (d - 2))
 
   @property
   def padded_vocab_size(self) -> int:

@@ -27,6 +27,10 @@ RUNTIME_MODEL_FIELDS = ("dtype", "param_dtype", "remat_policy", "scan_layers", "
 # Attention fields a linearized run sets for itself (its source is a softmax model).
 _ATTENTION_FIELDS = ("attention_impl", "layer_attention_impls", "linear_feature",
                      "linear_feature_dim", "linear_decay", "linear_chunk", "attention_window")
+# RoPE fields: taken from the source where the run leaves them unbound, but the run may bind
+# other values (context extension: rope_scaling added to a Llama, a bigger rope_theta).
+ROPE_MODEL_FIELDS = tuple(f.name for f in dataclasses.fields(ModelConfig)
+                          if f.name.startswith("rope_"))
 # What a source decides: every other field but init_std (used only by a random init),
 # max_seq_len (a run may use a shorter context than its source) and moe (a run may upcycle a dense
 # source into experts, or add experts to an MoE source: a dense run takes the source's experts).
@@ -129,9 +133,12 @@ def with_source_architecture(exp: Experiment, bound: set[str] | None = None) -> 
 
   bound: the ModelConfig fields set explicitly (by gin bindings); None counts those that differ
   from ModelConfig's defaults. A bound field that disagrees with the source is refused, with
-  every difference listed. The source is read only when some field it decides is unbound; one
-  that is not there (yet, or any more: a resumed run no longer needs it) leaves `exp` as it is,
-  and starting from it fails later with its own clear error.
+  every difference listed, except the ROPE_MODEL_FIELDS, which a run may set to extend its
+  context: a bound rope scaling on a source without one gets the source's context as
+  rope_original_max_len (unless bound), and then max_seq_len may exceed the source's. The source
+  is read only when some field it decides is unbound; one that is not there (yet, or any more: a
+  resumed run no longer needs it) leaves `exp` as it is, and starting from it fails later with
+  its own clear error.
   """
   if not exp.init.source:
     return exp
@@ -150,10 +157,22 @@ def with_source_architecture(exp: Experiment, bound: set[str] | None = None) -> 
   wanted["num_layers"] = _grown_layers(src.num_layers, exp.init)
   clashes = [f"ModelConfig.{f}: bound {getattr(model, f)!r}, the source has {v!r}"
              for f, v in wanted.items() if f in bound and getattr(model, f) != v
+             and f not in ROPE_MODEL_FIELDS
              and not (f == "head_dim" and model.resolved_head_dim == src.resolved_head_dim)]
-  if "max_seq_len" in bound and model.max_seq_len > src.max_seq_len:
-    clashes.append(f"ModelConfig.max_seq_len: bound {model.max_seq_len}, longer than the "
-                   f"source's {src.max_seq_len}")
+  rope = {f: getattr(model, f) if f in bound else v for f, v in wanted.items()
+          if f in ROPE_MODEL_FIELDS}
+  extends = rope["rope_scaling"] is not None and src.rope_scaling is None
+  if extends and "rope_original_max_len" not in bound:
+    rope["rope_original_max_len"] = src.source_max_position_embeddings or src.max_seq_len
+    logging.info("rope_scaling=%r on a source without scaling: rope_original_max_len=%d, the "
+                 "source's context.", rope["rope_scaling"], rope["rope_original_max_len"])
+  rope_changed = (any(rope[f] != getattr(src, f) for f in ROPE_MODEL_FIELDS) or
+                  any(stage.rope for stage in exp.data.schedule_stages))
+  if "max_seq_len" in bound and model.max_seq_len > src.max_seq_len and not rope_changed:
+    logging.warning("ModelConfig.max_seq_len=%d is longer than the source's %d with its RoPE "
+                    "unchanged: positions past %d were never trained (bind rope_scaling or "
+                    "rope_theta, or a Stage.rope, to extend the context).", model.max_seq_len,
+                    src.max_seq_len, src.max_seq_len)
   if clashes:
     raise ValueError(f"InitConfig.source={exp.init.source} fixes the architecture, and this "
                      "config disagrees with it:\n  " + "\n  ".join(clashes) +
@@ -161,6 +180,7 @@ def with_source_architecture(exp: Experiment, bound: set[str] | None = None) -> 
                      "source.")
   fields = {f: v for f, v in wanted.items() if f not in bound and not (
       f == "head_dim" and model.resolved_head_dim == src.resolved_head_dim)}
+  fields.update({f: v for f, v in rope.items() if f not in bound})
   if "max_seq_len" not in bound:
     fields["max_seq_len"] = src.max_seq_len
   if src.moe.enabled and not model.moe.enabled:

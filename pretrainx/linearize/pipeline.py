@@ -26,7 +26,7 @@ from absl import logging
 from pretrainx import storage
 from pretrainx.checkpoint import check_directory, save_params
 from pretrainx.config import (EmaConfig, Experiment, InitConfig, LinearizeConfig, TuneConfig,
-                              experiment_to_gin)
+                              check_trainable, experiment_to_gin)
 from pretrainx.data.pipeline import TrainBatches, eval_batches
 from pretrainx.generate import RECURRENT_IMPLS, generate
 from pretrainx.cpt.linearize import (convert_params, layers_to_convert, linearized_config, new_param_paths, teacher_config)
@@ -152,6 +152,7 @@ def linearize(source: str, exp: Experiment, lin: LinearizeConfig, out_dir: str, 
   base = dataclasses.replace(exp, model=src_cfg, init=InitConfig(), tune=TuneConfig(),
                              ema=EmaConfig())
   student = dataclasses.replace(base, model=dst_cfg)
+  check_trainable(student)
   _check_out_dir(out_dir, {"source": storage.resolve(source), "linearize": repr(lin),
                            "experiment": experiment_to_gin(student)}, restart)
   rt_t, src_params = _source_params(base, source, src_step)

@@ -262,8 +262,8 @@ class Attention(nn.Module):
     v = project(x, w_v.astype(dt))
     if cfg.qkv_bias:
       q, k, v = _add_qkv_bias(self, cfg, q, k, v)
-    q = apply_rope(q, positions, cfg.rope_theta, cfg.rope_llama3)
-    k = apply_rope(k, positions, cfg.rope_theta, cfg.rope_llama3)
+    q = apply_rope(q, positions, cfg)  # cfg's rope_* fields, the decode path's too
+    k = apply_rope(k, positions, cfg)
     axes_q = ("activation_batch", "activation_length", "activation_heads", None)
     axes_kv = ("activation_batch", "activation_length", "activation_kv_heads", None)
     q = nn.with_logical_constraint(q, axes_q)

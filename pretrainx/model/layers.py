@@ -11,6 +11,7 @@ import math
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.ad_checkpoint import checkpoint_name
 
 from pretrainx.config import ModelConfig
@@ -111,22 +112,92 @@ class RMSNorm(nn.Module):
     return (y * scale.astype(jnp.float32)).astype(self.cfg.compute_dtype)
 
 
-def rope_inv_freq(head_dim: int, theta: float,
-                  llama3: tuple[float, float, float, int] | None = None) -> jax.Array:
-  """RoPE inverse frequencies [head_dim/2] (fp32), optionally with Llama 3.1 scaling.
+def _yarn_mscale(scale: float, mscale: float = 1.0) -> float:
+  """YaRN's attention scale 0.1 * mscale * ln(scale) + 1 (1 for scale <= 1), as HF's."""
+  return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
 
-  llama3: (factor, low_freq_factor, high_freq_factor, original_max_len), as ModelConfig.rope_llama3
-  gives: long wavelengths are slowed by `factor`, short ones kept, the band between interpolated.
+
+def rope_attention_factor(cfg: ModelConfig) -> float:
+  """The factor cos and sin are multiplied by: 1, or YaRN's (cfg.rope_attention_factor, else
+  HF's default from the scaling factor and rope_yarn_mscale / rope_yarn_mscale_all_dim)."""
+  if cfg.rope_scaling != "yarn":
+    return 1.0
+  if cfg.rope_attention_factor is not None:
+    return float(cfg.rope_attention_factor)
+  factor, mscale, all_dim = (cfg.rope_scaling_factor, cfg.rope_yarn_mscale,
+                             cfg.rope_yarn_mscale_all_dim)
+  if mscale and all_dim:  # both set and non-zero, as HF reads them
+    return _yarn_mscale(factor, mscale) / _yarn_mscale(factor, all_dim)
+  return _yarn_mscale(factor)
+
+
+def _yarn_inv_freq(cfg: ModelConfig, head_dim: int, plain: np.ndarray) -> np.ndarray:
+  """HF _compute_yarn_parameters' inverse frequencies (float64): interpolated below the ramp,
+  kept above it, a linear ramp over dims between the two correction dims."""
+  base, orig = cfg.rope_theta, cfg.rope_original_max_len
+  # the dim whose wavelength fits `rotations` times into the original context
+  dim_of = lambda rotations: head_dim * math.log(orig / (rotations * 2 * math.pi)) / (
+      2 * math.log(base))
+  low, high = dim_of(cfg.rope_yarn_beta_fast), dim_of(cfg.rope_yarn_beta_slow)
+  if cfg.rope_yarn_truncate:
+    low, high = math.floor(low), math.ceil(high)
+  low, high = max(low, 0), min(high, head_dim - 1)
+  if low == high:
+    high += 0.001  # HF's guard against a zero-width ramp
+  ramp = np.clip((np.arange(head_dim // 2, dtype=np.float32) - low) / (high - low), 0, 1)
+  keep = 1 - ramp  # [head_dim/2]: 1 where the frequency is kept (extrapolated)
+  return plain / cfg.rope_scaling_factor * (1 - keep) + plain * keep
+
+
+def rope_frequencies(cfg: ModelConfig, head_dim: int) -> tuple[np.ndarray, float]:
+  """(inverse frequencies [head_dim/2] fp32, attention factor) of cfg's rope_* fields.
+
+  The one place RoPE's frequency math lives (Hugging Face modeling_rope_utils' formulas, in
+  float64 and then rounded to fp32). 'dynamic' gives the frequencies up to
+  rope_original_max_len (plain RoPE); rope_tables grows its base with the sequence.
   """
-  freqs = theta ** (-jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim)
-  if llama3 is None:
-    return freqs
-  factor, low, high, original = llama3
-  wavelen = 2 * jnp.pi / freqs
-  smooth = (original / wavelen - low) / (high - low)  # 0 at the low-frequency edge, 1 at high
-  medium = (1.0 - smooth) * freqs / factor + smooth * freqs
-  scaled = jnp.where(wavelen > original / low, freqs / factor, freqs)
-  return jnp.where((wavelen <= original / low) & (wavelen >= original / high), medium, scaled)
+  kind, d = cfg.rope_scaling, head_dim
+  # 'ntk' is plain RoPE at the base ModelConfig.rope_ntk_theta gives (exports write that base)
+  theta = cfg.rope_theta * cfg.rope_scaling_factor ** (d / (d - 2)) if kind == "ntk" else (
+      cfg.rope_theta)
+  plain = 1.0 / theta ** (np.arange(0, d, 2, dtype=np.float64) / d)  # [head_dim/2]
+  freqs = plain
+  if kind == "linear":
+    freqs = plain / cfg.rope_scaling_factor
+  elif kind == "yarn":
+    freqs = _yarn_inv_freq(cfg, head_dim, plain)
+  elif kind == "llama3":
+    factor, original = cfg.rope_scaling_factor, cfg.rope_original_max_len
+    low, high = cfg.rope_low_freq_factor, cfg.rope_high_freq_factor
+    wavelen = 2 * math.pi / plain
+    scaled = np.where(wavelen > original / low, plain / factor, plain)
+    smooth = (original / wavelen - low) / (high - low)  # 0 at the low-frequency edge, 1 at high
+    medium = (1 - smooth) * scaled / factor + smooth * scaled
+    freqs = np.where((wavelen <= original / low) & (wavelen >= original / high), medium, scaled)
+  return freqs.astype(np.float32), rope_attention_factor(cfg)
+
+
+def _dynamic_inv_freq(cfg: ModelConfig, head_dim: int, positions: jax.Array) -> jax.Array:
+  """'dynamic' NTK frequencies [head_dim/2] for a pass whose length is max(positions) + 1 (a
+  traced value), as HF's _compute_dynamic_ntk_parameters in fp32."""
+  original, factor, d = cfg.rope_original_max_len, cfg.rope_scaling_factor, head_dim
+  length = jnp.maximum(jnp.max(positions) + 1, original).astype(jnp.float32)
+  base = cfg.rope_theta * (factor * length / original - (factor - 1)) ** (d / (d - 2))
+  return 1.0 / base ** (jnp.arange(0, d, 2, dtype=jnp.float32) / d)
+
+
+def rope_tables(cfg: ModelConfig, positions: jax.Array, head_dim: int
+                ) -> tuple[jax.Array, jax.Array]:
+  """(sin, cos) [batch, seq, 1, head_dim/2] (fp32) of cfg's RoPE at integer `positions`
+  [batch, seq], both multiplied by the attention factor (YaRN's temperature; 1 otherwise)."""
+  freqs, attention_factor = rope_frequencies(cfg, head_dim)  # [head_dim/2]
+  freqs = _dynamic_inv_freq(cfg, head_dim, positions) if cfg.rope_scaling == "dynamic" else (
+      jnp.asarray(freqs))
+  angles = positions.astype(jnp.float32)[:, :, None, None] * freqs  # [batch, seq, 1, head_dim/2]
+  sin, cos = jnp.sin(angles), jnp.cos(angles)
+  if attention_factor != 1.0:
+    sin, cos = sin * attention_factor, cos * attention_factor
+  return sin, cos
 
 
 def _computed_once(table: jax.Array) -> jax.Array:
@@ -141,19 +212,15 @@ def _computed_once(table: jax.Array) -> jax.Array:
   return jnp.take(table, jnp.arange(table.shape[1]), axis=1)
 
 
-def apply_rope(x: jax.Array, positions: jax.Array, theta: float,
-               llama3: tuple[float, float, float, int] | None = None) -> jax.Array:
+def apply_rope(x: jax.Array, positions: jax.Array, cfg: ModelConfig) -> jax.Array:
   """Rotary position embedding in the rotate-half layout (as Hugging Face Llama stores q/k).
 
   Args:
     x: [batch, seq, heads, head_dim]
     positions: [batch, seq] integer positions.
-    llama3: optional Llama 3.1 frequency scaling, see rope_inv_freq.
+    cfg: the model config; its rope_* fields choose the frequencies (rope_tables).
   """
-  head_dim = x.shape[-1]
-  freqs = rope_inv_freq(head_dim, theta, llama3)  # [head_dim/2]
-  angles = positions.astype(jnp.float32)[:, :, None, None] * freqs  # [batch, seq, 1, head_dim/2]
-  sin, cos = jnp.sin(angles), jnp.cos(angles)
+  sin, cos = rope_tables(cfg, positions, x.shape[-1])  # [batch, seq, 1, head_dim/2]
   if kernels.cpu_tuned_graph():
     sin, cos = _computed_once(sin), _computed_once(cos)
   x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)

@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pretrainx.config import DataConfig, Experiment
+from pretrainx.config import DataConfig, Experiment, check_trainable
 from pretrainx.data.pipeline import TrainBatches
 from pretrainx.train.eval import evaluate
 from pretrainx.train.runtime import build_runtime
@@ -31,6 +31,7 @@ def train_and_evaluate(exp: Experiment, data_cfgs: Sequence[DataConfig],
   one compiled step -> for each config, {name: mean loss on the host batches eval_sets[name]}.
 
   The configs must give batches of one shape (the first one builds the runtime)."""
+  check_trainable(exp)
   rt = build_runtime(dataclasses.replace(exp, data=data_cfgs[0]))
   out = []
   with rt.scope():

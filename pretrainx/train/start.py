@@ -11,8 +11,8 @@ from __future__ import annotations
 
 from pretrainx import storage
 from pretrainx.checkpoint import check_directory
-from pretrainx.config import (Experiment, RunPaths, config_differences, experiment_to_gin,
-                              parse_gin, validate)
+from pretrainx.config import (Experiment, RunPaths, check_trainable, config_differences,
+                              experiment_to_gin, parse_gin, validate)
 from pretrainx.config.sources import newest_step, source_kind
 from pretrainx.data.pipeline import open_task_stores
 from pretrainx.metrics import DOMAIN_WEIGHTS_PLOT
@@ -56,6 +56,7 @@ def preflight(exp: Experiment, restart: bool) -> tuple[RunPaths, bool]:
     # defaults it leaves would be reported instead (a vocabulary mismatch, say).
     source_kind(exp.init.source)
   validate(exp)
+  check_trainable(exp)
   storage.check_bucket(exp.data.store_root, "read the token stores in")
   open_task_stores(exp.data)
   return paths, resumes

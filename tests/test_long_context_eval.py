@@ -187,3 +187,18 @@ def test_cli_eval_needle_writes_grids_and_metrics(tmp_path, run_cli, monkeypatch
   with open(tmp_path / "run" / "metrics.jsonl", encoding="utf-8") as f:
     rows = [json.loads(line) for line in f]
   assert rows[-1]["step"] == 3 and "long_context/passkey/L200" in rows[-1]
+
+
+def test_prompts_fit_over_multibyte_text_with_a_byte_vocabulary():
+  """A cut inside a multi-byte character would decode to replacement characters that re-encode
+  longer, and the prompt would never reach its length: cuts go between characters."""
+  from pretrainx.vocab import ByteVocabulary
+  vocab = ByteVocabulary()
+  ids = np.asarray(vocab.encode("naïve café — déjà vu — " * 60))
+  intro, needle, question = lc.TEMPLATES["passkey"]
+  for start in range(0, 40, 3):
+    for depth in (0.0, 0.3, 0.5, 0.77, 1.0):
+      fitted = lc.fit_prompt(vocab, ids, start, 300, depth,
+                             (intro, needle.format(answer="12345"), question))
+      assert abs(fitted["tokens"] - 300) <= lc.LENGTH_TOLERANCE
+      assert "\ufffd" not in fitted["prompt"]

@@ -103,8 +103,12 @@ def fit_prompt(vocab, ids: np.ndarray, start: int, length: int, depth: float,
   best = None
   for _ in range(8):  # re-encoding at the seams may differ by a few tokens: correct and retry
     hay = ids[start:start + max(budget, 0)]
-    cut = int(round(depth * len(hay)))
-    before, after = _word_boundary(vocab.decode(hay[:cut]), vocab.decode(hay[cut:]))
+    # Cut the decoded text, not the ids: a cut inside a multi-byte character (byte vocabularies)
+    # would decode to replacement characters that re-encode longer. The window's own edges may
+    # split one too; those halves are dropped.
+    text = vocab.decode(hay).strip("\ufffd")
+    cut = int(round(depth * len(text)))
+    before, after = _word_boundary(text[:cut], text[cut:])
     prompt = intro + before + needle + after + question
     n = encode(prompt)
     if best is None or abs(n - length) < abs(best[1] - length):

@@ -69,7 +69,7 @@ EVAL = LongContextEvalConfig(kinds=("passkey",), lengths=(SHORT, 2 * SHORT, LONG
 
 
 def passkey_documents(path: str, count: int, vocab, seed: int = 0) -> str:
-  """`count` passkey prompts with their answers, of 64-256 tokens, over the training split of
+  """`count` passkey prompts with their answers, of 176-248 tokens, over the training split of
   `prose`, as JSON lines at `path`."""
   text = "\n\n".join(d.text for d in corpus.load_documents("train", ("prose",)))
   ids = np.asarray(vocab.encode(text))
@@ -150,7 +150,7 @@ def section(results: dict, plan: list[dict] | None, args, seconds: float) -> str
            "CPU host). A byte-level model (2 layers, width "
            f"{args.width}, head_dim {args.width // 4}) pretrained for {args.base_steps} steps at "
            f"{SHORT} tokens ({BATCH} x {SHORT} tokens per step) on prose, code and passkey prompts "
-           f"of 64-{SHORT} tokens, then continued for {args.extend_steps} steps at {LONG} tokens "
+           f"of 176-{SHORT - 8} tokens, then continued for {args.extend_steps} steps at {LONG} tokens "
            f"(4 x {LONG}) from that checkpoint, one run per way to extend. Passkey accuracy: "
            f"{len(EVAL.depths)} depths x {EVAL.samples} prompts per length from the prose "
            "validation split, greedy, exact match. Losses: prose + code validation, nats/token.",

@@ -86,9 +86,10 @@ def passkey_documents(path: str, count: int, vocab, seed: int = 0) -> str:
   return path
 
 
-def experiment(out: str, name: str, steps: int, width: int, **sections):
+def experiment(out: str, name: str, steps: int, width: int, layers: int, **sections):
   exp = parse_gin([os.path.join(REPO, "gin_configs/tiny.gin")], [
       f"ModelConfig.embed_dim = {width}", f"ModelConfig.mlp_dim = {3 * width}",
+      f"ModelConfig.num_layers = {layers}", f"ModelConfig.scan_unroll = {layers}",
       f"ModelConfig.max_seq_len = {LONG + 64}", "LEARNING_RATE = 3e-3"])
   task = FileTask(name="passkey", train_patterns=(os.path.join(out, "passkey.jsonl"),),
                   validation_fraction=0.02)
@@ -146,11 +147,12 @@ def section(results: dict, plan: list[dict] | None, args, seconds: float) -> str
   buckets = list(next(iter(results.values()))["by_position"])
   lines = [HEADING, "",
            f"`bench/long_context.py --base_steps {args.base_steps} --extend_steps "
-           f"{args.extend_steps} --width {args.width}` ({seconds / 60:.0f} min on this 2-core "
-           "CPU host). A byte-level model (2 layers, width "
+           f"{args.extend_steps} --width {args.width} --layers {args.layers}` ({seconds / 60:.0f} "
+           f"min on this 2-core CPU host). A byte-level model ({args.layers} layers, width "
            f"{args.width}, head_dim {args.width // 4}) pretrained for {args.base_steps} steps at "
            f"{SHORT} tokens ({BATCH} x {SHORT} tokens per step) on prose, code and passkey prompts "
-           f"of 176-{SHORT - 8} tokens, then continued for {args.extend_steps} steps at {LONG} tokens "
+           f"of 176-{SHORT - 8} tokens, then continued for {args.extend_steps} steps at {LONG} "
+           "tokens "
            f"(4 x {LONG}) from that checkpoint, one run per way to extend. Passkey accuracy: "
            f"{len(EVAL.depths)} depths x {EVAL.samples} prompts per length from the prose "
            "validation split, greedy, exact match. Losses: prose + code validation, nats/token.",
@@ -175,7 +177,7 @@ def section(results: dict, plan: list[dict] | None, args, seconds: float) -> str
               "--topology=v5p-256 --stages`; 1M tokens per step, 16-way context x 8-way FSDP, "
               "flash attention, TPU compiler on this CPU host), per device:", "",
               "| stage from step | seq_len | rows | params GiB | optimizer GiB | temporaries GiB "
-              "| total GiB | of 95 GiB | compile s |", "|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+              "| total GiB | of 95 GiB | compile s |", "|" + "---:|" * 9]
     for r in plan:
       lines.append(f"| {r['start_step']} | {r['seq_len']} | {r['global_batch_size']} | "
                    f"{gib(r['param_bytes'])} | {gib(r['optimizer_bytes'])} | "
@@ -190,6 +192,7 @@ def main() -> None:
   p.add_argument("--base_steps", type=int, default=1500)
   p.add_argument("--extend_steps", type=int, default=200)
   p.add_argument("--width", type=int, default=128)
+  p.add_argument("--layers", type=int, default=4)
   p.add_argument("--plan", action="store_true", help="also plan the 8B 8k -> 128k stages")
   p.add_argument("--plan_json", default=None, help="where the plan's JSON is kept")
   p.add_argument("--reuse", action="store_true", help="read back runs and plan already made")
@@ -198,7 +201,7 @@ def main() -> None:
   logging.basicConfig(level=logging.INFO, format="%(message)s")
   start = time.perf_counter()
   os.makedirs(args.out, exist_ok=True)
-  base = experiment(args.out, "base", args.base_steps, args.width)
+  base = experiment(args.out, "base", args.base_steps, args.width, args.layers)
   jsonl = os.path.join(args.out, "passkey.jsonl")
   if not (args.reuse and os.path.exists(jsonl)):
     passkey_documents(jsonl, 4000, base.data.vocabulary)
@@ -210,7 +213,7 @@ def main() -> None:
   log.info("base: %s", results["base"])
   for name, rope in VARIANTS.items():
     slug = name.split()[0].lower()
-    exp = experiment(args.out, f"extend_{slug}", args.extend_steps, args.width,
+    exp = experiment(args.out, f"extend_{slug}", args.extend_steps, args.width, args.layers,
                      run={"seq_len": LONG, "global_batch_size": BATCH * SHORT // LONG},
                      model=rope, init={"source": base.run.run_dir},
                      schedule={"warmup_steps": 10})

@@ -23,7 +23,8 @@ def test_phases_inherit_and_keep_tokens_per_step():
             Stage(start_step=6, seq_len=256, rope={"rope_theta": 8e4}),
             Stage(start_step=9, weights={"code": 1.0}),
             Stage(start_step=12, global_batch_size=2))
-  got = run_phases(RunConfig(seq_len=64, global_batch_size=16), stages, ModelConfig(max_seq_len=512))
+  got = run_phases(RunConfig(seq_len=64, global_batch_size=16), stages,
+                   ModelConfig(max_seq_len=512))
   assert [(p.seq_len, p.global_batch_size) for p in got] == [
       (64, 16), (128, 8), (256, 4), (256, 4), (256, 2)]  # tokens kept until a batch is given
   assert [dict(p.rope) for p in got] == [{}, {}, {"rope_theta": 8e4}] + [{"rope_theta": 8e4}] * 2

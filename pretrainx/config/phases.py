@@ -76,8 +76,9 @@ def _check(phase: Phase, model: ModelConfig) -> None:
   where = f"the stage at step {phase.start_step}"
   unknown = sorted(k for k, _ in phase.rope if not hasattr(model, k))
   if unknown:
+    known = sorted(f.name for f in dataclasses.fields(model) if f.name.startswith("rope_"))
     raise ValueError(f"{where} sets rope field(s) {unknown} that ModelConfig does not have; "
-                     f"choose from {sorted(f.name for f in dataclasses.fields(model) if f.name.startswith('rope_'))}.")
+                     f"choose from {known}.")
   if phase.seq_len > model.max_seq_len:
     raise ValueError(f"{where} trains at seq_len={phase.seq_len}, above ModelConfig.max_seq_len="
                      f"{model.max_seq_len}; raise max_seq_len to the longest stage's length.")

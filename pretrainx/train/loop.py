@@ -127,7 +127,8 @@ class _Throughput:
     return self.timed_flops / self.timed_seconds / self.peak
 
 
-def phase_work(exp: Experiment, offset: Callable[[], int]) -> Callable[[int, int], tuple[float, float]]:
+def phase_work(exp: Experiment, offset: Callable[[], int]
+               ) -> Callable[[int, int], tuple[float, float]]:
   """work(a, b) for _Throughput: the tokens and model FLOPs of the run's steps a..b-1, whose
   batches are a + offset() .. (config.phases: each stage's seq_len and batch size)."""
   all_phases = phases(exp)

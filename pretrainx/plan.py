@@ -21,7 +21,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from pretrainx.config import Experiment, parse_gin, phase_experiment, phases
+from pretrainx.config import Experiment, experiment_of, parse_gin, phases
 from pretrainx.data.pipeline import BATCH_KEYS
 from pretrainx.flops import flops_per_token
 from pretrainx import hlo_collectives
@@ -365,7 +365,7 @@ def stage_experiments(exp: Experiment) -> list[tuple[int, Experiment]]:
   out, seen = [], None
   for phase in phases(exp):
     if (phase.shape, phase.rope) != seen:
-      out.append((phase.start_step, phase_experiment(exp, phase.start_step)))
+      out.append((phase.start_step, experiment_of(exp, phase)))
       seen = (phase.shape, phase.rope)
   return out
 

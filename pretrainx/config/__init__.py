@@ -10,8 +10,8 @@ from pretrainx.config.cpt import InitConfig, LinearizeConfig, LoraConfig, TuneCo
 from pretrainx.config.data import (CorpusTask, DataConfig, Denoiser, FileTask, MixtureSpec,
                                    ObjectiveConfig, ReweightConfig, Selection, Stage)
 from pretrainx.config.experiment import (IDENTITY_SECTIONS, RENAMED, Experiment,
-                                         check_trainable, config_differences, phase_experiment,
-                                         phases, validate)
+                                         check_trainable, config_differences, experiment_of,
+                                         phase_experiment, phases, validate)
 from pretrainx.config.phases import Phase, phase_index
 from pretrainx.config.gin_io import (CONFIGURABLES, experiment_to_gin, read_gin_file,
                                      register_gin_readers, rename_legacy_bindings)
@@ -67,6 +67,7 @@ __all__ = [
     "TuneConfig",
     "check_trainable",
     "config_differences",
+    "experiment_of",
     "experiment_to_gin",
     "load_hf_config",
     "load_run_experiment",

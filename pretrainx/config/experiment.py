@@ -236,7 +236,12 @@ def phase_experiment(exp: Experiment, step: int) -> Experiment:
   rope_* fields of that step's stage. A view for evaluating, sampling and exporting at `step`;
   the run itself is always configured (and saved) by `exp`."""
   all_phases = phases(exp)
-  phase = all_phases[phase_index(all_phases, step)]
+  return experiment_of(exp, all_phases[phase_index(all_phases, step)])
+
+
+def experiment_of(exp: Experiment, phase: Phase) -> Experiment:
+  """`exp` with `phase`'s seq_len, batch size and rope settings (one of phases(exp)); `exp`
+  itself when the phase changes none of them."""
   if (phase.seq_len, phase.global_batch_size, phase.rope) == (
       exp.run.seq_len, exp.run.global_batch_size, ()):
     return exp

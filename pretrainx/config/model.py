@@ -96,6 +96,11 @@ class MoeConfig:
     return self.num_experts > 0
 
 
+def ntk_theta(theta: float, factor: float, head_dim: int) -> float:
+  """The base of NTK-aware scaling: theta * factor ** (d / (d - 2)), d = head_dim."""
+  return theta * factor ** (head_dim / (head_dim - 2))
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
   """A Llama-style decoder-only transformer.
@@ -399,8 +404,7 @@ class ModelConfig:
   def rope_ntk_theta(self) -> float:
     """The base rope_scaling='ntk' amounts to, rope_theta * factor ** (d / (d - 2)) (d: head_dim):
     what a Hugging Face export of it writes as rope_theta."""
-    d = self.resolved_head_dim
-    return self.rope_theta * self.rope_scaling_factor ** (d / (d - 2))
+    return ntk_theta(self.rope_theta, self.rope_scaling_factor, self.resolved_head_dim)
 
   @property
   def padded_vocab_size(self) -> int:

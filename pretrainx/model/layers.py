@@ -15,6 +15,7 @@ import numpy as np
 from jax.ad_checkpoint import checkpoint_name
 
 from pretrainx.config import ModelConfig
+from pretrainx.config.model import ntk_theta
 from pretrainx.model import kernels
 
 
@@ -158,7 +159,7 @@ def rope_frequencies(cfg: ModelConfig, head_dim: int) -> tuple[np.ndarray, float
   """
   kind, d = cfg.rope_scaling, head_dim
   # 'ntk' is plain RoPE at the base ModelConfig.rope_ntk_theta gives (exports write that base)
-  theta = cfg.rope_theta * cfg.rope_scaling_factor ** (d / (d - 2)) if kind == "ntk" else (
+  theta = ntk_theta(cfg.rope_theta, cfg.rope_scaling_factor, d) if kind == "ntk" else (
       cfg.rope_theta)
   plain = 1.0 / theta ** (np.arange(0, d, 2, dtype=np.float64) / d)  # [head_dim/2]
   freqs = plain

@@ -13,7 +13,7 @@ import jax
 import numpy as np
 
 from pretrainx.checkpoint import Checkpointer
-from pretrainx.config import (Experiment, Phase, RunPaths, phase_experiment, phase_index, phases,
+from pretrainx.config import (Experiment, Phase, RunPaths, experiment_of, phase_index, phases,
                               validate)
 from pretrainx.config.cpt import SOFTMAX_IMPLS
 from pretrainx.config.sources import RUNTIME_MODEL_FIELDS, saved_experiment
@@ -43,7 +43,7 @@ class Runtime:
   train_step: Any
   eval_step: Any
   phases: tuple[Phase, ...] = ()
-  # Runtimes of later phases with other rope settings, by those settings (see `at`).
+  # The runtime of each stage shape and rope setting met so far, by (shape, rope) (see `at`).
   _views: dict = dataclasses.field(default_factory=dict, repr=False)
   _compile: Any = dataclasses.field(default=None, repr=False)  # model -> (train, eval) steps
 
@@ -55,17 +55,18 @@ class Runtime:
       return self
     phase = self.phases[phase_index(self.phases, step)]
     key = (phase.shape, phase.rope)
-    if key not in self._views:
-      exp = phase_experiment(self.exp, step)
+    if key not in self._views:  # once per shape and rope setting: `at` runs every step
+      exp = experiment_of(self.exp, phase)
       if exp is self.exp:  # the run's own shape and model
-        return self
-      if exp.model == self.exp.model:
-        model, train_step, eval_step = self.model, self.train_step, self.eval_step
+        self._views[key] = self
       else:
-        model = Transformer(exp.model)
-        train_step, eval_step = self._compile(model)
-      self._views[key] = dataclasses.replace(self, exp=exp, model=model, train_step=train_step,
-                                             eval_step=eval_step, phases=(), _views={})
+        if exp.model == self.exp.model:
+          model, train_step, eval_step = self.model, self.train_step, self.eval_step
+        else:
+          model = Transformer(exp.model)
+          train_step, eval_step = self._compile(model)
+        self._views[key] = dataclasses.replace(self, exp=exp, model=model, train_step=train_step,
+                                               eval_step=eval_step, phases=(), _views={})
     return self._views[key]
 
   def scope(self):

@@ -73,7 +73,7 @@ def test_a_length_change_repacks_from_the_stage_start_in_a_new_shuffle(tmp_path)
   # The new packing counts its rows from the stage start, in its own document order: its first
   # rows are not the documents the run began with.
   prose = data.stage_rows(1)[0]
-  assert data._row_index(1, 0, int(data.schedule.offsets(3)[0])) == 0
+  assert data._row_starts(1)[0] == int(data.schedule.offsets(3)[0])  # row 0 of the new packing
   start = DomainRows(prose.store, seq_len=128, seed=cfg.seed, domain_index=0, name="prose")
   assert not np.array_equal(prose._order(0), start._order(0))
   epochs = data.epochs(4)

@@ -135,17 +135,19 @@ class TrainBatches:
         if view.selection is not None:
           rows.rows_in_epoch(0, view)
 
-  def _row_index(self, stage_index: int, domain: int, index: int) -> int:
-    """A domain's row index counted from where its rows start: the stage's start when the stage
-    selects its rows, else the start of the stage's packing (the last seq_len change)."""
+  def _row_starts(self, stage_index: int) -> np.ndarray:
+    """Rows each domain had given where its rows under this stage start counting -> int64
+    [domains]: the stage's start when the stage selects the domain's rows, else the start of
+    the stage's packing (the last seq_len change). A domain's row index minus this is its row.
+
+    Not cached: online reweighting may replace the weight history (MixtureSchedule caches its
+    own counts and drops them when the history changes); computed once per batch, not per row."""
     stage = self.schedule.stages[stage_index]
-    origin = (stage.start_step if stage.selection_for(self.domains[domain]) is not None
-              else self.phases[self.packing_of(stage_index)].start_step)
-    if origin == 0:
-      return index
-    # Not cached: online reweighting may replace the weight history (MixtureSchedule caches its
-    # own counts and drops them when the history changes).
-    return index - int(self.schedule.offsets(origin)[domain])
+    packing_start = self.phases[self.packing_of(stage_index)].start_step
+    origins = [stage.start_step if stage.selection_for(d) is not None else packing_start
+               for d in self.domains]
+    return np.asarray([int(self.schedule.offsets(o)[i]) if o else 0
+                       for i, o in enumerate(origins)], np.int64)
 
   def batch_at(self, step: int) -> dict[str, np.ndarray]:
     """This host's rows of the global batch of `step`, with each row's `domain` index."""
@@ -154,8 +156,9 @@ class TrainBatches:
     domain, index = self.schedule.assignment(step)
     local = host_slice(self.phases[si].global_batch_size, *self.process)
     domain, index = domain[local], index[local]
-    batch = _stack([rows[d].row(self._row_index(si, d, i), stage, si)
-                    for d, i in zip(domain.tolist(), index.tolist())], self.keys)
+    index = index - self._row_starts(si)[domain]
+    batch = _stack([rows[d].row(i, stage, si) for d, i in zip(domain.tolist(), index.tolist())],
+                   self.keys)
     batch["domain"] = domain.astype(np.int32)
     return batch
 
@@ -171,10 +174,10 @@ class TrainBatches:
     out = {}
     si = self.schedule.stage_index(max(step - 1, 0))
     stage = self.schedule.stages[si]
-    for d, (name, rows, used) in enumerate(zip(self.domains, self.stage_rows(si),
-                                               self.schedule.offsets(step))):
+    used = self.schedule.offsets(step) - self._row_starts(si)
+    for name, rows, n in zip(self.domains, self.stage_rows(si), used.tolist()):
       view = stage_view(stage, si, name)
-      epoch, r = rows.locate(max(self._row_index(si, d, int(used)), 0), view)
+      epoch, r = rows.locate(max(n, 0), view)
       out[name] = epoch + r / max(rows.rows_in_epoch(epoch, view), 1)
     return out
 

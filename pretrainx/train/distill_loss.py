@@ -9,7 +9,7 @@ step calls these under jit.
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -147,3 +147,33 @@ def distill_loss(ce: jax.Array, kd: jax.Array, alpha: jax.Array, temperature: fl
   the KD gradients' size independent of T (softened logits shrink them by 1/T^2; Hinton et al.
   2015), so one alpha means the same balance at any temperature."""
   return (1.0 - alpha) * ce + alpha * (temperature * temperature) * kd
+
+
+class OnlineTeacher(NamedTuple):
+  """A frozen teacher run inside the train step. apply(teacher_params, batch) -> its logits
+  [b, s, vocab]; its params are the step's extra argument, never part of the TrainState."""
+
+  apply: Callable[[Any, dict[str, jax.Array]], jax.Array]
+  cfg: DistillConfig
+  total_steps: int
+
+
+def teacher_sums(student_logits: jax.Array, teacher_logits: jax.Array,
+                 batch: dict[str, jax.Array], cfg: DistillConfig) -> dict[str, jax.Array]:
+  """kd_sums of an online teacher's logits [b, s, vocab], plus 'teacher_ce': the teacher's own
+  next-token loss (T = 1) summed over the same loss tokens."""
+  teacher_logits = jax.lax.stop_gradient(teacher_logits).astype(jnp.float32)
+  targets = teacher_targets(teacher_logits, cfg.temperature, cfg.top_k, cfg.top_p)
+  sums = kd_sums(student_logits, targets, batch["loss_mask"], cfg)
+  picked = jnp.take_along_axis(teacher_logits, batch["targets"][..., None], axis=-1)[..., 0]
+  ce = jax.nn.logsumexp(teacher_logits, axis=-1) - picked  # [b, s]
+  sums["teacher_ce"] = jnp.sum(ce * batch["loss_mask"].astype(jnp.float32))
+  return sums
+
+
+def distill_metrics(sums: dict[str, jax.Array], denom: jax.Array, alpha: jax.Array
+                    ) -> dict[str, jax.Array]:
+  """The step's 'distill/*' metrics from its summed KD terms (means over the loss tokens)."""
+  return {"distill/kd": sums["kd"] / denom, "distill/ce": sums["ce"] / denom,
+          "distill/teacher_ce": sums["teacher_ce"] / denom,
+          "distill/top1_agreement": sums["top1_agree"] / denom, "distill/alpha": alpha}

@@ -73,3 +73,43 @@ def test_train_step_reports_distill_metrics_and_alpha_zero_is_plain(tiny_exp):
   b, mb = plain(_state(params, opt), batch)
   assert "distill/kd" not in ma and float(ma["loss"]) == float(mb["loss"])
   chex.assert_trees_all_equal(a.params, b.params)
+
+
+def _export(exp, path):
+  """A params export of a freshly initialised model of `exp` (a stand-in teacher)."""
+  from pretrainx import checkpoint
+  from pretrainx.config import experiment_to_gin
+  import flax.linen as nn
+
+  model = Transformer(exp.model)
+  params = nn.unbox(model.init(jax.random.key(7), jnp.zeros((1, exp.run.seq_len), jnp.int32)))
+  return checkpoint.save_params(str(path), params["params"], {"step": 0,
+                                                    "config_gin": experiment_to_gin(exp)})
+
+
+def test_teacher_loads_frozen_in_its_dtype_and_refuses_another_vocabulary(tiny_exp, tmp_path):
+  from pretrainx.train.runtime import build_runtime
+  from pretrainx.train.teacher import load_teacher
+
+  exp = tiny_exp()
+  source = _export(exp, tmp_path / "teacher")
+  rt = build_runtime(exp)
+  with rt.scope():
+    teacher, params = load_teacher(rt, DistillConfig(teacher=source, teacher_dtype="bfloat16"))
+  assert {x.dtype for x in jax.tree.leaves(params)} == {jnp.dtype("bfloat16")}
+  assert teacher.total_steps == exp.run.steps
+  batch = TrainBatches(exp.data, exp.run.seq_len, 2).batch_at(0)
+  assert teacher.apply(params, batch).shape == (2, exp.run.seq_len,
+                                                exp.model.padded_vocab_size)
+  opt, schedule = make_optimizer(OptimizerConfig(), 10, ScheduleConfig(warmup_steps=0))
+  step = jax.jit(make_train_step(rt.model, opt, schedule, teacher=teacher))
+  student_params = jax.tree.map(lambda x: 0.9 * x.astype(jnp.float32), params)  # on rt's mesh
+  _, metrics = step(_state(student_params, opt), batch, params)
+  assert float(metrics["distill/kd"]) > 0 and jnp.isfinite(metrics["loss"])
+
+  other = _export(exp.replace(model={"vocab_size": exp.model.vocab_size + 64}),
+                  tmp_path / "other")
+  with pytest.raises(ValueError, match=rf"vocab_size={exp.model.vocab_size + 64} but the student "
+                                       rf"has {exp.model.vocab_size};"):
+    with rt.scope():
+      load_teacher(rt, DistillConfig(teacher=other))

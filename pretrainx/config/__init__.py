@@ -3,12 +3,13 @@ that bundles them, gin text in and out, the run directory layout, and the archit
 
 It imports nothing of pretrainx but storage and vocab; everything that builds from a config
 (models, optimizers, data pipelines, runtimes) imports it. The sections live in submodules by
-topic: model, optim, data, mesh, run, cpt.
+topic: model, optim, data, mesh, run, cpt, distill.
 """
 
 from pretrainx.config.cpt import InitConfig, LinearizeConfig, LoraConfig, TuneConfig
 from pretrainx.config.data import (CorpusTask, DataConfig, Denoiser, FileTask, MixtureSpec,
                                    ObjectiveConfig, ReweightConfig, Selection, Stage)
+from pretrainx.config.distill import DistillConfig
 from pretrainx.config.experiment import (IDENTITY_SECTIONS, RENAMED, Experiment,
                                          check_trainable, config_differences, experiment_of,
                                          phase_experiment, phases, validate)
@@ -35,6 +36,7 @@ __all__ = [
     "CorpusTask",
     "DataConfig",
     "Denoiser",
+    "DistillConfig",
     "EmaConfig",
     "Experiment",
     "FileTask",

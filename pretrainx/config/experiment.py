@@ -13,6 +13,7 @@ from absl import logging
 
 from pretrainx.config.cpt import InitConfig, TuneConfig
 from pretrainx.config.data import DataConfig, ReweightConfig, check_stages
+from pretrainx.config.distill import DistillConfig
 from pretrainx.config.mesh import MeshConfig
 from pretrainx.config.phases import Phase, phase_index, run_phases
 from pretrainx.config.model import ModelConfig, MoeConfig
@@ -43,6 +44,7 @@ class Experiment:
   ema: EmaConfig = EmaConfig()
   tune: TuneConfig = TuneConfig()
   harness: HarnessConfig = HarnessConfig()
+  distill: DistillConfig = DistillConfig()
 
   def __post_init__(self):
     dtypes = self.precision.dtypes
@@ -160,6 +162,7 @@ def validate(exp: Experiment) -> None:
   check_stages(exp.data.schedule_stages, exp.data.domains)
   _check_reweighting(exp)
   _check_experts(exp)
+  _check_distill(exp)
   causal_only = sorted({i for i in model.layer_impls if i in ("linear", "hybrid")})
   if exp.data.uses_prefix_lm and causal_only:
     raise ValueError(
@@ -224,6 +227,13 @@ def _check_experts(exp: Experiment) -> None:
         f"TuneConfig.frozen_experts={frozen} needs an MoE model with more experts than that "
         f"(MoeConfig.num_experts={moe.num_experts}); it freezes the first experts of each layer "
         "(Lifelong-MoE: the source's experts) while the added ones train.")
+
+
+def _check_distill(exp: Experiment) -> None:
+  distill, steps = exp.distill, exp.run.steps
+  if distill.alpha_schedule != "constant" and distill.alpha_end_step > steps:
+    raise ValueError(f"DistillConfig.alpha_end_step={distill.alpha_end_step} is past the run's "
+                     f"last step (RunConfig.steps={steps}); use a step <= {steps} (0: the end).")
 
 
 def phases(exp: Experiment) -> tuple[Phase, ...]:

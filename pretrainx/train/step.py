@@ -4,7 +4,9 @@ Loss is token-weighted cross-entropy over `loss_mask` plus an optional z-loss (a
 mixture-of-experts model, its router's balance and z losses), optionally with per-token loss
 weights (a batch's `loss_weight`, 'loss' example weighting); gradients may be accumulated over
 microbatches with lax.scan (sums, then one division, so the result equals the full batch); the
-update is the optax chain from pretrainx.optim.
+update is the optax chain from pretrainx.optim. With an online teacher (knowledge distillation,
+train/distill_loss.py) the loss is (1 - alpha) * CE + alpha * T^2 * KD, the teacher's frozen params
+coming in as the step's third argument.
 """
 
 from __future__ import annotations
@@ -22,6 +24,8 @@ from pretrainx.model import kernels
 from pretrainx.model.moe import sown_moe
 from pretrainx.model.transformer import sown_kurtosis
 from pretrainx.optim import apply_updates_stochastic
+from pretrainx.train.distill_loss import (OnlineTeacher, alpha_at, distill_metrics,
+                                          teacher_sums)
 from pretrainx.train.guard import guard_update
 from pretrainx.train.state import TrainState
 
@@ -130,8 +134,11 @@ def model_logits(model: nn.Module, params: Any, batch: Batch, **kwargs):
 def batch_loss_sums(model: nn.Module, params: Any, batch: Batch, z_loss: float,
                     kurtosis: bool = False, num_domains: int = 0, router: bool = False,
                     weighted: bool = False, example_temperature: float | None = None,
-                    position_width: int = 0) -> dict[str, jax.Array]:
+                    position_width: int = 0,
+                    extra_sums: Callable[[jax.Array, Batch], dict[str, jax.Array]] | None = None
+                    ) -> dict[str, jax.Array]:
   """Loss sums of one batch; with `kurtosis`, also the blocks' activation kurtosis [layers].
+  With `extra_sums`, also extra_sums(logits, batch) (a teacher's KD terms).
 
   With `weighted`, the batch's (scaled) `loss_weight` weighs the tokens (cross_entropy_sums).
   With `position_width`, also the sums per bucket of the batch's `positions` (position_sums).
@@ -144,9 +151,13 @@ def batch_loss_sums(model: nn.Module, params: Any, batch: Batch, z_loss: float,
             batch["loss_weight"] if weighted else None, example_temperature)
   by_position = {"positions": batch["positions"], "position_width": position_width}
   if not (kurtosis or router):
-    return cross_entropy_sums(model_logits(model, params, batch), *labels, **by_position)
+    logits = model_logits(model, params, batch)
+    sums = cross_entropy_sums(logits, *labels, **by_position)
+    return sums if extra_sums is None else {**sums, **extra_sums(logits, batch)}
   logits, variables = model_logits(model, params, batch, mutable=["intermediates"])
   sums = cross_entropy_sums(logits, *labels, **by_position)
+  if extra_sums is not None:
+    sums.update(extra_sums(logits, batch))
   if kurtosis:
     sums["kurtosis"] = sown_kurtosis(variables["intermediates"], model.cfg.num_layers)
   if router:
@@ -183,9 +194,14 @@ def _accumulate(acc: dict[str, jax.Array], sums: dict[str, jax.Array]) -> dict[s
 
 def loss_and_grads(model: nn.Module, params: Any, batch: Batch, *, z_loss: float = 0.0,
                    microbatches: int = 1, num_domains: int = 0,
-                   example_temperature: float | None = None
-                   ) -> tuple[dict[str, jax.Array], Any]:
+                   example_temperature: float | None = None,
+                   teacher: OnlineTeacher | None = None, teacher_params: Any = None,
+                   alpha: jax.Array | float = 0.0) -> tuple[dict[str, jax.Array], Any]:
   """(sums, grads of the mean loss) for the whole batch, accumulated over microbatches.
+
+  With a `teacher`, its forward runs on each microbatch without gradient, and the loss mixes
+  (1 - alpha) * CE (weighted, if so) with alpha * T^2 * KD (distill_loss.distill_loss); the sums
+  gain 'kd', 'teacher_ce' and 'top1_agree'.
 
   The loss is weighted when the batch has `loss_weight` (scaled over the whole batch first, so
   accumulation equals one batch) or with `example_temperature` ('loss' example weighting, whose
@@ -198,10 +214,18 @@ def loss_and_grads(model: nn.Module, params: Any, batch: Batch, *, z_loss: float
   if weighted:
     batch = dict(batch, loss_weight=scaled_loss_weight(batch))
 
+  def kd_terms(logits, mb):
+    teacher_logits = jax.lax.stop_gradient(teacher.apply(teacher_params, mb))  # [b, s, vocab]
+    return teacher_sums(logits, teacher_logits, mb, teacher.cfg)
+
   def objective(p, mb):
     sums = batch_loss_sums(model, p, mb, z_loss, kurtosis, num_domains, router, weighted,
-                           example_temperature)
+                           example_temperature,
+                           extra_sums=kd_terms if teacher is not None else None)
     ce = sums["weighted_ce"] if weighted else sums["ce"]
+    if teacher is not None:  # sums over the same tokens: the mix of the sums is that of the means
+      temp = teacher.cfg.temperature
+      ce = (1.0 - alpha) * ce + alpha * (temp * temp) * sums["kd"]
     return ce + sums["z"] + sums.get("moe_aux", 0.0), sums
 
   grad_fn = jax.grad(objective, has_aux=True)
@@ -273,8 +297,9 @@ def make_train_step(model: nn.Module, optimizer: optax.GradientTransformation,
                     schedule: optax.Schedule, *, z_loss: float = 0.0, microbatches: int = 1,
                     guard: GuardConfig = GuardConfig(), hessian_estimate: bool = False,
                     seed: int = 0, stochastic_rounding: bool = False, num_domains: int = 0,
-                    ema: EmaConfig = EmaConfig(), example_temperature: float | None = None
-                    ) -> Callable[[TrainState, Batch], tuple[TrainState, dict[str, jax.Array]]]:
+                    ema: EmaConfig = EmaConfig(), example_temperature: float | None = None,
+                    teacher: OnlineTeacher | None = None
+                    ) -> Callable[..., tuple[TrainState, dict[str, jax.Array]]]:
   """Returns the pure step function; the loop jits it with shardings and donates the state.
 
   A bad step (non-finite loss or gradient, or a loss spike) leaves params and optimizer state
@@ -287,12 +312,24 @@ def make_train_step(model: nn.Module, optimizer: optax.GradientTransformation,
   `example_temperature` for 'loss' example weighting) the gradient is the weighted loss's;
   'loss' stays the unweighted mean cross-entropy (so runs compare) and 'weighted_loss' and
   'example_weight/{mean,std,min,max}' (over loss tokens) join.
-  """
 
-  def train_step(state: TrainState, batch: Batch):
+  With a `teacher` (knowledge distillation), the step is train_step(state, batch, teacher_params)
+  and the metrics gain 'distill/{kd,ce,teacher_ce,top1_agreement,alpha}'; alpha follows its
+  schedule by step. A teacher whose DistillConfig.alpha is 0 is not run at all (plain training,
+  bit for bit).
+  """
+  if teacher is not None and teacher.cfg.alpha == 0.0:
+    teacher = None
+
+  def train_step(state: TrainState, batch: Batch, teacher_params: Any = None):
+    if teacher is not None and teacher_params is None:
+      raise ValueError("this step distils from a teacher; pass its params as the third argument.")
+    alpha = (alpha_at(teacher.cfg, state.step, teacher.total_steps) if teacher is not None
+             else 0.0)
     sums, grads = loss_and_grads(model, state.params, batch, z_loss=z_loss,
                                  microbatches=microbatches, num_domains=num_domains,
-                                 example_temperature=example_temperature)
+                                 example_temperature=example_temperature, teacher=teacher,
+                                 teacher_params=teacher_params, alpha=alpha)
     denom = jnp.maximum(sums["tokens"], 1.0)
     loss, grad_norm = sums["ce"] / denom, optax.tree.norm(grads)
     ok, zscore, guard_state = guard_update(state.guard, loss, grad_norm, guard)
@@ -345,6 +382,8 @@ def make_train_step(model: nn.Module, optimizer: optax.GradientTransformation,
       metrics.update({f"kurtosis/layer_{i}": k for i, k in enumerate(sums["kurtosis"])})
     if "moe_aux" in sums:
       metrics.update(router_metrics(model.cfg, sums, denom))
+    if teacher is not None:
+      metrics.update(distill_metrics(sums, denom, alpha))
     return TrainState(step=state.step + 1, params=params, opt_state=opt_state,
                       guard=guard_state, ema=new_ema), metrics
 

@@ -18,6 +18,7 @@ import sys
 import time
 from typing import Any
 
+import flax.linen as nn
 import jax
 import numpy as np
 
@@ -29,6 +30,7 @@ from pretrainx import topology as tpu_topology
 from pretrainx.config.mesh import MESH_AXES
 from pretrainx.sharding import batch_sharding, make_mesh, mesh_slices
 from pretrainx.train.runtime import build_runtime
+from pretrainx.train.teacher import teacher_for, teacher_model_config
 
 GIB = 2**30
 _CHILD_ENV = "PRETRAINX_PLAN_CHILD"  # set in a re-executed planner, so it never re-executes again
@@ -84,6 +86,11 @@ class PlanReport:
   # {'dcn': {kind: {'count': executions, 'bytes': bytes}}, 'ici': {...}}; 'dcn' holds those
   # whose groups span two slices
   collectives: dict[str, dict[str, dict[str, int]]] | None = None
+  # knowledge distillation: the frozen teacher's params on each device (an online teacher; its
+  # forward's temporaries are in temp_bytes and its FLOPs in flops_per_step), and a cached
+  # teacher's top-k arrays in each batch
+  teacher_bytes: int = 0
+  teacher_flops_per_step: float = 0.0
 
   @property
   def activation_bytes(self) -> int:
@@ -104,13 +111,21 @@ def per_device_bytes(tree: Any) -> int:
 
 
 def abstract_batch(exp: Experiment, mesh: jax.sharding.Mesh) -> dict[str, jax.ShapeDtypeStruct]:
-  """The global batch the loop feeds the step, as sharded ShapeDtypeStructs (as put_batch makes)."""
+  """The global batch the loop feeds the step, as sharded ShapeDtypeStructs (as put_batch makes).
+  With a teacher cache, its top-k arrays too, at DistillConfig.top_k (32 when 0: the cache's k
+  is not read here)."""
   rows = batch_sharding(mesh)  # [batch, seq]
   per_row = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(rows.spec[0]))  # [batch]
   shape = (exp.run.global_batch_size, exp.run.seq_len)
   keys = BATCH_KEYS + (("prefix_mask",) if exp.data.uses_prefix_lm else ())
   batch = {k: jax.ShapeDtypeStruct(shape, np.int32, sharding=rows) for k in keys}
   batch["domain"] = jax.ShapeDtypeStruct(shape[:1], np.int32, sharding=per_row)
+  if exp.distill.enabled and exp.distill.cache:
+    top = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(*rows.spec, None))
+    k = exp.distill.top_k or 32
+    batch["teacher_ids"] = jax.ShapeDtypeStruct(shape + (k,), np.int32, sharding=top)
+    batch["teacher_logprobs"] = jax.ShapeDtypeStruct(shape + (k,), np.float32, sharding=top)
+    batch["teacher_target_logprob"] = jax.ShapeDtypeStruct(shape, np.float32, sharding=rows)
   return batch
 
 
@@ -190,18 +205,26 @@ def plan(exp: Experiment, *, devices: int | None = None, hbm_gib: float | None =
 def _plan_compiled(exp: Experiment, devices, hbm_gib: float | None, topology: str | None,
                    num_slices: int = 1) -> PlanReport:
   start = time.perf_counter()
+  teacher = teacher_for(exp)
   if devices is None:
-    rt = build_runtime(exp, devices)
+    rt = build_runtime(exp, devices, teacher=teacher)
   else:  # the shape-only setup (parameter shapes) traces for the target's platform too, so that
     # a kernel the target lowers is not announced as falling back to pure JAX on this host
     with jax.sharding.use_abstract_mesh(make_mesh(exp.mesh, list(devices)).abstract_mesh):
-      rt = build_runtime(exp, devices)
+      rt = build_runtime(exp, devices, teacher=teacher)
   exp = rt.exp
   eval_temp = mosaic = None
+  teacher_args, teacher_flops = (), 0.0
+  if teacher is not None and teacher.online:  # the frozen params, in their dtype and shardings
+    teacher_args = (jax.tree.map(
+        lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh),
+        nn.unbox(teacher.abstract), rt.teacher_shardings),)
+    teacher_flops = (flops_per_token(teacher_model_config(exp), exp.run.seq_len) / 3.0 *
+                     exp.run.global_batch_size * exp.run.seq_len)  # a forward: 1/3 of training
   with rt.scope():
     batch = abstract_batch(exp, rt.mesh)
     try:
-      compiled = rt.train_step.lower(rt.abstract_state, batch).compile()
+      compiled = rt.train_step.lower(rt.abstract_state, batch, *teacher_args).compile()
     except jax.errors.JaxRuntimeError as err:  # the TPU compiler refuses what exceeds HBM
       if "RESOURCE_EXHAUSTED" not in str(err):
         raise
@@ -228,7 +251,7 @@ def _plan_compiled(exp: Experiment, devices, hbm_gib: float | None, topology: st
   alias, temp = mem.alias_size_in_bytes, mem.temp_size_in_bytes
   total = args + outs - alias + temp
   tokens = exp.run.global_batch_size * exp.run.seq_len
-  analytic = flops_per_token(exp.model, exp.run.seq_len) * tokens
+  analytic = flops_per_token(exp.model, exp.run.seq_len) * tokens + teacher_flops
   xla = _xla_flops(compiled)
   use_xla = xla is not None and _xla_counts_every_flop(exp)
   return PlanReport(
@@ -240,7 +263,8 @@ def _plan_compiled(exp: Experiment, devices, hbm_gib: float | None, topology: st
       analytic_flops_per_step=analytic, compile_seconds=seconds, hbm_gib=hbm_gib,
       fits=None if hbm_gib is None else total <= hbm_gib * GIB, topology=topology,
       eval_temp_bytes=eval_temp, attention_impl=_impls(exp), mosaic_kernels=mosaic,
-      num_slices=num_slices, collectives=traffic)
+      num_slices=num_slices, collectives=traffic,
+      teacher_bytes=per_device_bytes(teacher_args), teacher_flops_per_step=teacher_flops)
 
 
 def _slice(topo: tpu_topology.Topology) -> dict[str, Any]:
@@ -286,6 +310,8 @@ def plan_text(report: PlanReport) -> str:
       f"  parameters           {_size(r.param_bytes):>12}",
       f"  optimizer state      {_size(r.optimizer_bytes):>12}",
       f"  other state          {_size(r.other_state_bytes):>12}  (step, guard, EMA)",
+  ] + ([f"  teacher (frozen)     {_size(r.teacher_bytes):>12}  (online distillation; its "
+        "forward is in the temp)"] if r.teacher_bytes else []) + [
       f"  activations/temp     {_size(r.temp_bytes):>12}  (XLA temp size)",
       f"  arguments            {_size(r.argument_bytes):>12}",
       f"  outputs              {_size(r.output_bytes):>12}",
@@ -294,6 +320,8 @@ def plan_text(report: PlanReport) -> str:
       f"FLOPs per step: {r.flops_per_step:.3e} ({r.flops_source}); per device "
       f"{r.flops_per_step / r.devices:.3e}",
   ]
+  if r.teacher_flops_per_step:
+    lines.append(f"  of which the teacher's forward {r.teacher_flops_per_step:.3e} (analytic)")
   if r.flops_source == "xla":
     lines.append(f"  analytic estimate {r.analytic_flops_per_step:.3e}")
   elif r.xla_flops_per_device is not None:

@@ -41,6 +41,12 @@ class DistillConfig:
     truncation: what happens to the dropped mass: 'renormalize' (teacher and student both
       renormalised over the kept tokens) or 'other' (one extra bucket holds the rest of each).
     teacher_dtype: the teacher's compute and storage dtype ('float32' or 'bfloat16').
+    cache: '' (the teacher runs online, in the train step), or the name of a teacher cache that
+      `pretrainx distill cache` wrote beside every train domain's token store: the batches then
+      carry the teacher's top-k ids and log-probs and the teacher is never loaded. Its top-k is
+      at temperature 1, so 'renormalize' works at any temperature and top_k <= the cache's k;
+      'other' and top_p need temperature 1.
+    cache_version: the cache's version (None: its newest complete one).
   """
 
   teacher: str = ""
@@ -55,6 +61,8 @@ class DistillConfig:
   top_p: float = 1.0
   truncation: str = "renormalize"
   teacher_dtype: str = "bfloat16"
+  cache: str = ""
+  cache_version: int | None = None
 
   def __post_init__(self):
     if not 0.0 <= self.alpha <= 1.0:
@@ -83,9 +91,28 @@ class DistillConfig:
       raise ValueError(f"DistillConfig.top_p={self.top_p} is outside (0, 1]; use 1.0 to keep "
                        "every token.")
 
+    if self.cache and self.temperature != 1.0 and (self.truncation == "other" or
+                                                   self.top_p < 1.0):
+      raise ValueError("a teacher cache holds log-probs at temperature 1, so truncation='other' "
+                       "and top_p need DistillConfig.temperature=1.0; use "
+                       "truncation='renormalize' and top_k, or an online teacher.")
+
   @property
   def enabled(self) -> bool:
-    return bool(self.teacher)
+    """Distillation is on: a teacher (online) or a cache of one, and alpha above 0."""
+    return bool(self.teacher or self.cache) and self.alpha > 0.0
+
+  @property
+  def online(self) -> bool:
+    """The teacher runs in the train step (no cache)."""
+    return self.enabled and not self.cache
+
+  def active(self, step: int, total_steps: int) -> bool:
+    """Whether the update of `step` (0-based) mixes in KD at all: alpha > 0 there. Past
+    'until''s or 'linear''s end step the teacher is not run (nor its cache read)."""
+    if not self.enabled:
+      return False
+    return self.alpha_schedule == "constant" or step < self.end_step(total_steps)
 
   @property
   def truncated(self) -> bool:

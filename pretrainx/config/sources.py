@@ -40,12 +40,13 @@ _META = ("meta", "metadata")  # where checkpoint.py's JSON meta item lands in an
 _COMMIT = "commit_success.txt"
 
 
-def source_kind(path: str) -> str:
-  """'hf', 'run', 'checkpoints' or 'export' for what `path` holds."""
-  storage.check_bucket(path, "read InitConfig.source")
+def source_kind(path: str, field: str = "InitConfig.source") -> str:
+  """'hf', 'run', 'checkpoints' or 'export' for what `path` holds (`field` names the setting
+  that gave it, for the errors)."""
+  storage.check_bucket(path, f"read {field}")
   entries = set(storage.listdir(path))
   if not entries and not storage.exists(path):
-    raise FileNotFoundError(f"InitConfig.source {path} does not exist.")
+    raise FileNotFoundError(f"{field} {path} does not exist.")
   if "config.json" in entries and any(e.endswith(".safetensors") or
                                       e.endswith(".safetensors.index.json") for e in entries):
     return "hf"
@@ -55,7 +56,7 @@ def source_kind(path: str) -> str:
     return "checkpoints"
   if "params" in entries and "meta" in entries:
     return "export"
-  raise ValueError(f"InitConfig.source {path} is neither a Hugging Face model directory, a "
+  raise ValueError(f"{field} {path} is neither a Hugging Face model directory, a "
                    "pretrainx run directory, a checkpoints directory nor a params export.")
 
 

@@ -27,6 +27,9 @@ from pretrainx.config import Stage
 from pretrainx.config.data import PACKING_MODES, PACKING_ORDERS, Selection
 
 ROW_KEYS = ("inputs", "targets", "segment_ids", "positions", "loss_mask", "prefix_mask")
+# A cached teacher's top-k in a row: ids int32 [seq, k], log-probs float32 [seq, k] (temperature
+# 1, most likely first), the log-prob of each target float32 [seq] (train/distill_loss).
+TEACHER_KEYS = ("teacher_ids", "teacher_logprobs", "teacher_target_logprob")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -130,13 +133,18 @@ class DomainRows:
     packing_key: extra integers in every shuffle's seed: a stage that repacks at another
       seq_len (config.phases) gives its start step, so it does not replay the first packing's
       document order.
+    teacher_cache: a teacher cache of the store (data/teacher_cache.py: read(start, stop) ->
+      ids [n, k], log-probs [n, k], target log-probs [n]): rows then carry TEACHER_KEYS, the
+      first `teacher_k` of its top-k at every input (a one-hot filler on padding).
+    teacher_k: how many of the cache's tokens rows carry (0: all).
   """
 
   def __init__(self, store: Any, *, seq_len: int, seed: int = 0, domain_index: int = 0,
                mode: str = "pack", shuffle: bool = True, vocab: Any = None,
                objective_cfg: obj.ObjectiveConfig | None = None, packing_order: str = "shuffle",
                cross_document_attention: bool = False, name: str = "",
-               packing_key: tuple[int, ...] = ()):
+               packing_key: tuple[int, ...] = (), teacher_cache: Any = None,
+               teacher_k: int = 0):
     if mode not in PACKING_MODES:
       raise ValueError(f"packing mode {mode!r}; choose one of {PACKING_MODES}.")
     if packing_order not in PACKING_ORDERS:
@@ -158,6 +166,10 @@ class DomainRows:
     self._row_orders: dict[tuple, np.ndarray] = {}
     self._scores: dict[tuple, np.ndarray] = {}
     self._chain: np.ndarray | None = None
+    self.teacher_cache = teacher_cache
+    if teacher_cache is not None:
+      teacher_k = min(teacher_k or teacher_cache.k, teacher_cache.k)
+    self.teacher_k = teacher_k
 
   # -- document orders --------------------------------------------------------------------------
 
@@ -293,11 +305,19 @@ class DomainRows:
     out = {k: np.zeros(self.seq_len, np.int32) for k in ROW_KEYS}
     out["loss_weight"] = np.zeros(self.seq_len, np.float32)
     weights = self._weights(view.selection)
+    if self.teacher_cache is not None:
+      out.update(self._teacher_filler())
     fill = 0
     for seg, k in enumerate(range(lay.first[r], lay.first[r + 1]), start=1):
       example = self._example(lay, k, epoch, stage)
       m = len(example.tokens) - 1
       span = slice(fill, fill + m)
+      if self.teacher_cache is not None:  # the cache's entries of the piece's inputs
+        base = int(self.offsets[int(lay.doc[k])]) + int(lay.start[k])
+        ids, logprobs, target = self.teacher_cache.read(base, base + m)
+        out["teacher_ids"][span] = ids[:, :self.teacher_k]
+        out["teacher_logprobs"][span] = logprobs[:, :self.teacher_k]
+        out["teacher_target_logprob"][span] = target
       out["inputs"][span], out["targets"][span] = example.tokens[:-1], example.tokens[1:]
       out["loss_mask"][span], out["prefix_mask"][span] = example.loss_mask, example.prefix_mask
       out["segment_ids"][span], out["positions"][span] = seg, np.arange(m)
@@ -306,6 +326,15 @@ class DomainRows:
     if self.cross:  # one segment: every piece attends to the pieces before it in the row
       out["segment_ids"][:fill], out["positions"][:fill] = 1, np.arange(fill)
     return out
+
+  def _teacher_filler(self) -> dict[str, np.ndarray]:
+    """TEACHER_KEYS of a row's padding: token 0 with probability 1, a distribution (no NaN)
+    that the loss mask leaves out."""
+    logprobs = np.full((self.seq_len, self.teacher_k), -np.inf, np.float32)
+    logprobs[:, 0] = 0.0
+    return {"teacher_ids": np.zeros((self.seq_len, self.teacher_k), np.int32),
+            "teacher_logprobs": logprobs,
+            "teacher_target_logprob": np.zeros(self.seq_len, np.float32)}
 
   def _example(self, lay: EpochLayout, k: int, epoch: int, stage: Stage) -> obj.Example:
     doc, start, length = int(lay.doc[k]), int(lay.start[k]), int(lay.length[k])

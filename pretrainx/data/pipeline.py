@@ -23,8 +23,9 @@ from pretrainx.data import store as token_store
 from pretrainx.data import tasks as tasks_lib
 from pretrainx.config.data import DOMAINS
 from pretrainx.data.mixture import MixtureSchedule
-from pretrainx.data.packing import DomainRows, stage_view
-from pretrainx.config import DataConfig, RunConfig
+from pretrainx.data.packing import TEACHER_KEYS, DomainRows, stage_view
+from pretrainx.data.teacher_cache import open_teacher_cache
+from pretrainx.config import DataConfig, DistillConfig, RunConfig
 from pretrainx.config.phases import run_phases, shape_changes
 
 BATCH_KEYS = ("inputs", "targets", "segment_ids", "positions", "loss_mask")
@@ -76,10 +77,15 @@ class TrainBatches:
 
   `seq_len` and `global_batch_size` are the first stage's unless it sets its own; a stage that
   changes seq_len (config.phases) starts a new packing of every domain at that length, whose rows
-  count from the stage's start, in shuffles of their own."""
+  count from the stage's start, in shuffles of their own.
+
+  With a `distill` whose `cache` names a teacher cache, every row also carries the cached
+  teacher's top-k (packing.TEACHER_KEYS), read beside its tokens: the batch of step k stays a
+  pure function of (seed, stages, k)."""
 
   def __init__(self, cfg: DataConfig, seq_len: int, global_batch_size: int,
-               process_index: int = 0, process_count: int = 1):
+               process_index: int = 0, process_count: int = 1,
+               distill: DistillConfig | None = None):
     self.cfg = cfg
     self.domains = tuple(cfg.domains)
     if cfg.cross_document_attention and cfg.uses_prefix_lm:
@@ -92,6 +98,8 @@ class TrainBatches:
     for phase in self.phases:
       host_slice(phase.global_batch_size, process_index, process_count)  # divisible everywhere
     self.stores = [open_domain_store(cfg, d, "train") for d in self.domains]
+    self.teacher_caches = _teacher_caches(cfg, self.domains, self.stores, distill, self.phases)
+    self.teacher_k = distill.top_k if self.teacher_caches else 0
     self.packings = shape_changes(self.phases)  # the phases that start a packing
     self._rows: dict[int, list[DomainRows]] = {}
     self.rows = self.packing_rows(0)
@@ -100,7 +108,8 @@ class TrainBatches:
                                     cfg.seed, natural,
                                     stage_batch_sizes=[p.global_batch_size for p in self.phases])
     self.keys = (BATCH_KEYS + (("prefix_mask",) if cfg.uses_prefix_lm else ()) +
-                 (("loss_weight",) if cfg.uses_loss_weights else ()))
+                 (("loss_weight",) if cfg.uses_loss_weights else ()) +
+                 (TEACHER_KEYS if self.teacher_caches else ()))
     self._check_selections()
 
   def packing_of(self, stage_index: int) -> int:
@@ -117,8 +126,9 @@ class TrainBatches:
                      vocab=cfg.vocabulary, objective_cfg=cfg.objective,
                      packing_order=cfg.packing_order,
                      cross_document_attention=cfg.cross_document_attention, name=d,
-                     packing_key=key)
-          for i, (d, s) in enumerate(zip(self.domains, self.stores))]
+                     packing_key=key, teacher_cache=cache, teacher_k=self.teacher_k)
+          for i, (d, s, cache) in enumerate(zip(self.domains, self.stores,
+                                                self.teacher_caches or [None] * len(self.stores)))]
     return self._rows[packing]
 
   def stage_rows(self, stage_index: int) -> list[DomainRows]:
@@ -180,6 +190,37 @@ class TrainBatches:
       epoch, r = rows.locate(max(n, 0), view)
       out[name] = epoch + r / max(rows.rows_in_epoch(epoch, view), 1)
     return out
+
+
+def _teacher_caches(cfg: DataConfig, domains: Sequence[str], stores: list, distill, phases
+                    ) -> list | None:
+  """Each train store's teacher cache (DistillConfig.cache), or None without one. A cache holds
+  the teacher's predictions on the store's own documents, so rows must be them unchanged: causal
+  pieces packed without prefixes, each piece its own context."""
+  if distill is None or not (distill.enabled and distill.cache):
+    return None
+  changed = [s.start_step for s in cfg.schedule_stages
+             if s.objective != "causal" or s.metadata_prefix or s.control_tokens]
+  if cfg.packing != "pack" or cfg.cross_document_attention or changed:
+    what = (f"DataConfig.packing={cfg.packing!r}" if cfg.packing != "pack" else
+            "cross_document_attention" if cfg.cross_document_attention else
+            f"the stage at step {changed[0]} (a UL2 objective or a conditioning prefix)")
+    raise ValueError(f"a teacher cache (DistillConfig.cache={distill.cache!r}) holds the "
+                     f"teacher's predictions on each document alone, which {what} changes; use "
+                     "packing='pack' with causal stages, or an online teacher (cache='').")
+  caches = [open_teacher_cache(s, distill.cache, distill.cache_version) for s in stores]
+  for domain, cache in zip(domains, caches):
+    if distill.top_k > cache.k:
+      raise ValueError(f"DistillConfig.top_k={distill.top_k} but the teacher cache of domain "
+                       f"{domain!r} holds the top {cache.k}; use top_k <= {cache.k} (0: all of "
+                       "them) or write a cache with a larger --k.")
+    other = sorted({p.seq_len for p in phases} - {cache.seq_len})
+    if other:
+      logging.warning("the teacher cache of domain %r was written with %d-token contexts; at "
+                      "seq_len %s the student's pieces of long documents start elsewhere, so "
+                      "the teacher saw other contexts than an online one would", domain,
+                      cache.seq_len, other)
+  return caches
 
 
 def eval_batches(cfg: DataConfig, seq_len: int, batch_size: int, num_batches: int | None,

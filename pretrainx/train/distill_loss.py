@@ -115,10 +115,11 @@ def divergence(student_logp: jax.Array, teacher_logp: jax.Array, kind: str,
 
 
 def kd_sums(student_logits: jax.Array, teacher: TeacherTargets, loss_mask: jax.Array,
-            cfg: DistillConfig) -> dict[str, jax.Array]:
+            cfg: DistillConfig, weights: jax.Array | None = None) -> dict[str, jax.Array]:
   """Sums over the loss tokens: {'kd': the divergence at cfg.temperature, 'top1_agree': tokens
   whose student argmax is the teacher's most likely token}; student_logits [b, s, vocab],
-  loss_mask [b, s]. The teacher enters without gradient."""
+  loss_mask [b, s]. With per-token `weights` [b, s] (a batch's scaled loss_weight), also
+  'weighted_kd'. The teacher enters without gradient."""
   teacher = jax.tree.map(jax.lax.stop_gradient, teacher)
   s_logp, t_logp = shared_support(student_logits, teacher, cfg.temperature, cfg.truncation)
   mask = loss_mask.astype(jnp.float32)
@@ -126,7 +127,10 @@ def kd_sums(student_logits: jax.Array, teacher: TeacherTargets, loss_mask: jax.A
   t_top1 = (jnp.argmax(teacher.logprobs, axis=-1) if teacher.ids is None
             else teacher.ids[..., 0])
   agree = (jnp.argmax(student_logits, axis=-1) == t_top1).astype(jnp.float32) * mask
-  return {"kd": jnp.sum(kd), "top1_agree": jnp.sum(agree)}
+  out = {"kd": jnp.sum(kd), "top1_agree": jnp.sum(agree)}
+  if weights is not None:
+    out["weighted_kd"] = jnp.sum(kd * weights)
+  return out
 
 
 def alpha_at(cfg: DistillConfig, step: jax.Array, total_steps: int) -> jax.Array:
@@ -150,12 +154,24 @@ def distill_loss(ce: jax.Array, kd: jax.Array, alpha: jax.Array, temperature: fl
 
 
 class OnlineTeacher(NamedTuple):
-  """A frozen teacher run inside the train step. apply(teacher_params, batch) -> its logits
-  [b, s, vocab]; its params are the step's extra argument, never part of the TrainState."""
+  """The teacher of a train step. apply(teacher_params, batch) -> its logits [b, s, vocab], its
+  params being the step's extra argument, never part of the TrainState; `abstract`: its params'
+  shapes with their logical axes (to shard them). apply None: a cached teacher, whose top-k
+  targets come in the batch (CACHE_KEYS), the step taking no extra argument."""
 
-  apply: Callable[[Any, dict[str, jax.Array]], jax.Array]
+  apply: Callable[[Any, dict[str, jax.Array]], jax.Array] | None
   cfg: DistillConfig
   total_steps: int
+  abstract: Any = None
+
+  @property
+  def online(self) -> bool:
+    return self.apply is not None
+
+
+# A cached teacher's arrays in a batch: ids int32 [b, s, k], log-probs fp32 [b, s, k] at T = 1
+# (most likely first), and the log-prob of each position's target fp32 [b, s].
+CACHE_KEYS = ("teacher_ids", "teacher_logprobs", "teacher_target_logprob")
 
 
 def teacher_sums(student_logits: jax.Array, teacher_logits: jax.Array,
@@ -164,10 +180,36 @@ def teacher_sums(student_logits: jax.Array, teacher_logits: jax.Array,
   next-token loss (T = 1) summed over the same loss tokens."""
   teacher_logits = jax.lax.stop_gradient(teacher_logits).astype(jnp.float32)
   targets = teacher_targets(teacher_logits, cfg.temperature, cfg.top_k, cfg.top_p)
-  sums = kd_sums(student_logits, targets, batch["loss_mask"], cfg)
+  sums = kd_sums(student_logits, targets, batch["loss_mask"], cfg, batch.get("loss_weight"))
   picked = jnp.take_along_axis(teacher_logits, batch["targets"][..., None], axis=-1)[..., 0]
   ce = jax.nn.logsumexp(teacher_logits, axis=-1) - picked  # [b, s]
   sums["teacher_ce"] = jnp.sum(ce * batch["loss_mask"].astype(jnp.float32))
+  return sums
+
+
+def cached_targets(ids: jax.Array, logprobs: jax.Array, cfg: DistillConfig) -> TeacherTargets:
+  """TeacherTargets of a cache's top-k ids and T = 1 log-probs [b, s, k]: its first top_k
+  (0: all), at temperature T (exact over the kept set once renormalised; config.distill allows
+  'other' and top_p only at T = 1, where the log-probs are the full distribution's)."""
+  if 0 < cfg.top_k < ids.shape[-1]:
+    ids, logprobs = ids[..., :cfg.top_k], logprobs[..., :cfg.top_k]
+  logprobs = logprobs.astype(jnp.float32)
+  if cfg.temperature != 1.0:
+    logprobs = logprobs / cfg.temperature
+  if cfg.top_p < 1.0:
+    probs = jnp.exp(logprobs)
+    before = jnp.cumsum(probs, axis=-1) - probs
+    logprobs = jnp.where(before < cfg.top_p, logprobs, -jnp.inf)
+  return TeacherTargets(ids, logprobs, None)
+
+
+def cache_sums(student_logits: jax.Array, batch: dict[str, jax.Array], cfg: DistillConfig
+               ) -> dict[str, jax.Array]:
+  """teacher_sums of a cached teacher: its targets and target log-probs come in the batch."""
+  targets = cached_targets(batch["teacher_ids"], batch["teacher_logprobs"], cfg)
+  sums = kd_sums(student_logits, targets, batch["loss_mask"], cfg, batch.get("loss_weight"))
+  mask = batch["loss_mask"].astype(jnp.float32)
+  sums["teacher_ce"] = -jnp.sum(batch["teacher_target_logprob"].astype(jnp.float32) * mask)
   return sums
 
 

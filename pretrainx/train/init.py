@@ -35,12 +35,12 @@ from pretrainx.train.tuning import params_view, with_adapters
 from pretrainx.tree import shape_differences
 
 
-def _load_pretrainx(rt: Runtime, init: InitConfig, kind: str) -> tuple[Any, Any, Any, int]:
+def load_source(rt: Runtime, init: InitConfig, kind: str) -> tuple[Any, Any, Any, int]:
   """(model config, params, opt_state or None, step) of a pretrainx source, on rt's mesh."""
   path = storage.resolve(init.source)
   if kind == "export":
     meta_exp = saved_experiment(read_meta(path), path)
-    src = build_runtime(meta_exp.replace(mesh=dataclasses.asdict(rt.exp.mesh)))
+    src = build_runtime(meta_exp.replace(mesh=dataclasses.asdict(rt.exp.mesh)), rt.devices)
     params, meta = load_params(path, src.abstract_state.params)
     return meta_exp.model, params, None, int(meta.get("step", 0))
   directory = storage.join(path, "checkpoints") if kind == "run" else path
@@ -55,7 +55,7 @@ def _load_pretrainx(rt: Runtime, init: InitConfig, kind: str) -> tuple[Any, Any,
     # The source's own state layout (model, optimizer, EMA, adapters) restores it; keeping its
     # optimizer state needs that layout to be this run's.
     src = rt if init.keep_optimizer else build_runtime(src_exp.replace(
-        mesh=dataclasses.asdict(rt.exp.mesh), run={"steps": rt.exp.run.steps}))
+        mesh=dataclasses.asdict(rt.exp.mesh), run={"steps": rt.exp.run.steps}), rt.devices)
     with src.scope():
       state, _, step = ckpt.restore(src.abstract_state, init.step)
   finally:
@@ -148,7 +148,7 @@ def initial_state(rt: Runtime, init: InitConfig) -> tuple[TrainState, int]:
       raise ValueError("a Hugging Face source has no optimizer state or step; unset "
                        "InitConfig.keep_optimizer / keep_step.")
   else:
-    cfg, params, opt_state, step = _load_pretrainx(rt, init, kind)
+    cfg, params, opt_state, step = load_source(rt, init, kind)
   params, cfg = _grow(params, cfg, init)
   params, cfg = _upcycle(rt, params, cfg, jax.random.key(rt.exp.run.seed + 2))
   params = _linearize(params, cfg, rt.exp.model, jax.random.key(rt.exp.run.seed + 1))

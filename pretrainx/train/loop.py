@@ -35,6 +35,7 @@ from pretrainx.train.preemption import PreemptionWatcher
 from pretrainx.train.runtime import Runtime, build_runtime, global_unigram_entropy, sample_text
 from pretrainx.train.start import preflight, prepare_run_dir
 from pretrainx.train.state import TrainState, create_train_state
+from pretrainx.train.teacher import load_teacher_params, teacher_for
 
 
 @dataclasses.dataclass
@@ -176,6 +177,7 @@ class _Driver:
     self.reweighter = Reweighter(exp.data.reweight, self.data.domains)
     self.sums_acc = jnp.zeros((2, len(self.data.domains)), jnp.float32)  # reweighting's window
     self.restart_batches = True  # (re)start the batch iterator before the next step
+    self.teacher_params: Any = None  # an online teacher's frozen params (load_teacher)
     self.last: dict[str, float] = {}
     self.skipped_seen, self.compile_seconds = 0, 0.0
 
@@ -203,6 +205,14 @@ class _Driver:
                                          ema=exp.ema.enabled, tune=exp.tune)
       self.step = 0
     self.skipped_seen = int(jax.device_get(self.state.guard.skipped))
+
+  def load_teacher(self) -> None:
+    """An online teacher's frozen params, from its source (never from the run's checkpoints:
+    they hold only the student), on the run's mesh."""
+    teacher, run = self.rt.teacher, self.rt.exp.run
+    # alpha's schedules only end KD: a run resumed past that point needs no teacher
+    if teacher is not None and teacher.online and teacher.cfg.active(self.step, run.steps):
+      self.teacher_params = load_teacher_params(self.rt)
 
   def attach(self, ckpt: Checkpointer, writer: MetricWriter) -> None:
     self.ckpt, self.writer = ckpt, writer
@@ -249,16 +259,19 @@ class _Driver:
       bar.close()
 
   def _steps(self, bar, watcher: PreemptionWatcher) -> bool:
-    run = self.rt.exp.run
+    run, distill = self.rt.exp.run, self.rt.exp.distill
     batches, view, reweight = None, None, self.reweighter.cfg.enabled
     while self.step < run.steps:
       if self.restart_batches:
         batches = self._restart_batches(batches)
-      step_view = self.rt.at(self.step + self.data_offset)  # the stage's shape and model
+      # The stage's shape and model; past the step where KD stops, a step without the teacher.
+      step_view = self.rt.at(self.step + self.data_offset,
+                             teacher=distill.active(self.step, run.steps))
       if view is not None and step_view is not view:
         self.meter.read(self.state, self.step)  # a new shape compiles: close the window first
       t0 = time.perf_counter()
-      self.state, metrics = step_view.train_step(self.state, step_view.put_batch(next(batches)))
+      self.state, metrics = step_view.train_step(self.state, step_view.put_batch(next(batches)),
+                                                 *step_view.step_args(self.teacher_params))
       self.tokens_acc = self.tokens_acc + metrics["domain_tokens"]
       if reweight:
         self.sums_acc = _add_domain_sums(self.sums_acc, metrics["domain_loss"],
@@ -457,8 +470,9 @@ def train(exp: Experiment, restart: bool = False) -> TrainResult:
   it as it was and the corrected command needs no --restart."""
   paths, resumes = preflight(exp, restart)  # host-side checks: no JAX backend yet
   run, is_main = exp.run, jax.process_index() == 0
-  rt = build_runtime(exp)
-  data = TrainBatches(exp.data, run.seq_len, run.global_batch_size, *rt.data_shard())
+  rt = build_runtime(exp, teacher=teacher_for(exp))
+  data = TrainBatches(exp.data, run.seq_len, run.global_batch_size, *rt.data_shard(),
+                      distill=exp.distill)
   host_eval = eval_batches(exp.data, run.seq_len, run.global_batch_size, run.eval_batches,
                            *rt.data_shard())
   baseline = global_unigram_entropy(exp)
@@ -475,6 +489,7 @@ def train(exp: Experiment, restart: bool = False) -> TrainResult:
         driver.restore(ckpt)
       else:
         driver.start()
+      driver.load_teacher()
     prepare_run_dir(exp, paths, restart, is_main)
     ckpt = ckpt or Checkpointer(paths.checkpoints, exp.checkpoint)
     writer = MetricWriter(paths.root, enabled=is_main,

@@ -23,7 +23,9 @@ from pretrainx.generate import generate
 from pretrainx.model import context_parallel
 from pretrainx.model.transformer import Transformer
 from pretrainx.optim import make_optimizer
-from pretrainx.sharding import batch_sharding, check_batch_divisible, make_mesh, mesh_scope
+from pretrainx.sharding import (batch_sharding, check_batch_divisible, logical_to_shardings,
+                                make_mesh, mesh_scope)
+from pretrainx.train.distill_loss import OnlineTeacher
 from pretrainx.train.eval import evaluate_domains, make_eval_step
 from pretrainx.train.state import TrainState, abstract_params, state_shardings
 from pretrainx.train.tuning import ViewedModel, params_view, trainable, tuned_optimizer
@@ -43,31 +45,52 @@ class Runtime:
   train_step: Any
   eval_step: Any
   phases: tuple[Phase, ...] = ()
-  # The runtime of each stage shape and rope setting met so far, by (shape, rope) (see `at`).
+  # Knowledge distillation: the train step's teacher (train/teacher.teacher_for) and, for an
+  # online one, where its params live; train_step then takes them as its third argument.
+  teacher: OnlineTeacher | None = None
+  teacher_shardings: Any = None
+  # The runtime of each stage shape, rope setting and teacher use met so far (see `at`).
   _views: dict = dataclasses.field(default_factory=dict, repr=False)
-  _compile: Any = dataclasses.field(default=None, repr=False)  # model -> (train, eval) steps
+  # (model, teacher) -> the (train, eval) steps
+  _compile: Any = dataclasses.field(default=None, repr=False)
 
-  def at(self, step: int) -> "Runtime":
+  def at(self, step: int, teacher: bool = True) -> "Runtime":
     """This runtime as the batch of `step` trains: exp.run's seq_len and batch size and the
     model (rope settings) of that step's stage (config.phases), with the steps compiled for
-    that model. The base runtime when the stage changes nothing; jit compiles once per shape."""
-    if len(self.phases) <= 1:
+    that model; with teacher=False (past the step where KD stops, DistillConfig.active) a train
+    step without the teacher. The base runtime when nothing changes; jit compiles once per
+    shape."""
+    teacher = teacher and self.teacher is not None
+    if len(self.phases) <= 1 and teacher == (self.teacher is not None):
       return self
-    phase = self.phases[phase_index(self.phases, step)]
-    key = (phase.shape, phase.rope)
-    if key not in self._views:  # once per shape and rope setting: `at` runs every step
-      exp = experiment_of(self.exp, phase)
-      if exp is self.exp:  # the run's own shape and model
+    phase = self.phases[phase_index(self.phases, step)] if self.phases else None
+    key = (phase.shape, phase.rope, teacher) if phase else ((), (), teacher)
+    if key not in self._views:  # once per shape, rope setting and teacher use: `at` runs often
+      exp = experiment_of(self.exp, phase) if phase else self.exp
+      own_teacher = teacher == (self.teacher is not None)
+      if exp is self.exp and own_teacher:  # the run's own
         self._views[key] = self
       else:
-        if exp.model == self.exp.model:
-          model, train_step, eval_step = self.model, self.train_step, self.eval_step
+        same_model = exp.model == self.exp.model
+        model = self.model if same_model else Transformer(exp.model)
+        if same_model and own_teacher:
+          train_step, eval_step = self.train_step, self.eval_step
         else:
-          model = Transformer(exp.model)
-          train_step, eval_step = self._compile(model)
-        self._views[key] = dataclasses.replace(self, exp=exp, model=model, train_step=train_step,
-                                               eval_step=eval_step, phases=(), _views={})
+          train_step, eval_step = self._compile(model, self.teacher if teacher else None)
+          eval_step = self.eval_step if same_model else eval_step
+        self._views[key] = dataclasses.replace(
+            self, exp=exp, model=model, train_step=train_step, eval_step=eval_step, phases=(),
+            _views={}, teacher=self.teacher if teacher else None)
     return self._views[key]
+
+  def step_args(self, teacher_params: Any) -> tuple[Any, ...]:
+    """The train step's arguments after (state, batch): an online teacher's params, if any."""
+    return (teacher_params,) if self.teacher is not None and self.teacher.online else ()
+
+  @property
+  def devices(self) -> list:
+    """The mesh's devices (a runtime of another model on the same devices builds from them)."""
+    return list(self.mesh.devices.flat)
 
   def scope(self):
     """Context in which the model's logical constraints resolve against this mesh."""
@@ -83,17 +106,21 @@ class Runtime:
     return rows.start // (rows.stop - rows.start), batch_size // (rows.stop - rows.start)
 
   def put_batch(self, local_batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
-    """This process's rows (data_shard) -> global arrays: [batch, seq] split over the
-    data-parallel axes and the context axis, [batch] arrays over the data-parallel axes."""
+    """This process's rows (data_shard) -> global arrays: [batch, seq] (and [batch, seq, k], a
+    cached teacher's top-k) split over the data-parallel axes and the context axis, [batch]
+    arrays over the data-parallel axes."""
     rows = batch_sharding(self.mesh)  # [batch, seq]
     per_row = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec(rows.spec[0]))
+    per_entry = jax.sharding.NamedSharding(self.mesh,
+                                           jax.sharding.PartitionSpec(*rows.spec, None))
     parts = self.data_shard()[1]
     out = {}
     for k, v in local_batch.items():
       n = v.shape[0] * parts  # rows of the global batch
-      if v.ndim == 2:
+      if v.ndim >= 2:
         _, seq = _local_region(self.mesh, n, v.shape[1])  # this process's part of the sequence
-        out[k] = jax.make_array_from_process_local_data(rows, v[:, seq], (n, v.shape[1]))
+        out[k] = jax.make_array_from_process_local_data(rows if v.ndim == 2 else per_entry,
+                                                        v[:, seq], (n,) + v.shape[1:])
       else:
         out[k] = jax.make_array_from_process_local_data(per_row, v, (n,) + v.shape[1:])
     return out
@@ -119,11 +146,15 @@ def _local_region(mesh: jax.sharding.Mesh, batch: int, seq: int) -> tuple[slice,
   return slice(*bounds(0)), slice(*bounds(1))
 
 
-def build_runtime(exp: Experiment, devices: list | tuple | None = None) -> Runtime:
+def build_runtime(exp: Experiment, devices: list | tuple | None = None,
+                  teacher: OnlineTeacher | None = None) -> Runtime:
   """Validates `exp` and builds the mesh, model, optimizer and jitted (donating) train step.
 
   `devices` (default: this process's) may be another platform's, e.g. a TPU topology's devices
-  for an ahead-of-time compile on a CPU host."""
+  for an ahead-of-time compile on a CPU host. With a `teacher` (train/teacher.teacher_for, for
+  the runs that train: other uses of a distilled run never read its teacher), the train step
+  distils from it, an online one's params being its third argument, sharded by their logical
+  axes on the same mesh."""
   validate(exp)
   run, all_phases = exp.run, phases(exp)
   mesh = make_mesh(exp.mesh, None if devices is None else list(devices))
@@ -144,15 +175,22 @@ def build_runtime(exp: Experiment, devices: list | tuple | None = None) -> Runti
   optimizer = tuned_optimizer(optimizer, mask)
   abstract, shardings = state_shardings(model, optimizer, mesh, exp.mesh.rules, first_len,
                                         ema=exp.ema.enabled, tune=exp.tune)
-  compile_steps = functools.partial(_compile_steps, exp, optimizer, schedule, shardings)
-  train_step, eval_step = compile_steps(model)
+  teacher_at = None
+  if teacher is not None and teacher.online:
+    teacher_at = logical_to_shardings(teacher.abstract, mesh, exp.mesh.rules)
+  compile_steps = functools.partial(_compile_steps, exp, optimizer, schedule, shardings,
+                                    teacher_at)
+  train_step, eval_step = compile_steps(model, teacher)
   return Runtime(exp, mesh, model, optimizer, abstract, shardings, train_step, eval_step,
-                 phases=all_phases, _compile=compile_steps)
+                 phases=all_phases, teacher=teacher, teacher_shardings=teacher_at,
+                 _compile=compile_steps)
 
 
 def _compile_steps(exp: Experiment, optimizer, schedule, shardings: TrainState,
-                   model: Transformer) -> tuple[Any, Any]:
-  """The jitted (donating) train step and the eval step of `model`."""
+                   teacher_shardings: Any, model: Transformer, teacher: OnlineTeacher | None
+                   ) -> tuple[Any, Any]:
+  """The jitted (donating) train step, distilling from `teacher` if given, and the eval step of
+  `model`."""
   viewed = ViewedModel(model, params_view(exp.tune))  # LoRA: the model sees merged params
   step_fn = make_train_step(viewed, optimizer, schedule, z_loss=exp.loss.z_loss,
                             microbatches=exp.accumulation.microbatches, guard=exp.guard,
@@ -161,10 +199,12 @@ def _compile_steps(exp: Experiment, optimizer, schedule, shardings: TrainState,
                             num_domains=len(exp.data.domains), ema=exp.ema,
                             example_temperature=(exp.loss.example_temperature
                                                  if exp.loss.example_weighting == "loss"
-                                                 else None))
+                                                 else None), teacher=teacher)
   # Batches arrive sharded by put_batch ([batch, seq] arrays, `loss_weight` included, and
   # per-row [batch] arrays alike).
-  train_step = jax.jit(step_fn, in_shardings=(shardings, None), out_shardings=(shardings, None),
+  ins = (shardings, None) + ((teacher_shardings,) if teacher is not None and teacher.online
+                             else ())
+  train_step = jax.jit(step_fn, in_shardings=ins, out_shardings=(shardings, None),
                        donate_argnums=0)
   eval_step = jax.jit(make_eval_step(model, exp.run.eval_position_bucket),
                       in_shardings=(None, None))

@@ -55,6 +55,8 @@ def preflight(exp: Experiment, restart: bool) -> tuple[RunPaths, bool]:
     # Before the config checks: an unreadable source leaves the architecture unset, and the
     # defaults it leaves would be reported instead (a vocabulary mismatch, say).
     source_kind(exp.init.source)
+  if exp.distill.online:  # the teacher is read at every start, resumes included
+    source_kind(exp.distill.teacher, field="DistillConfig.teacher")
   validate(exp)
   check_trainable(exp)
   storage.check_bucket(exp.data.store_root, "read the token stores in")

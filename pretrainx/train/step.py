@@ -24,8 +24,8 @@ from pretrainx.model import kernels
 from pretrainx.model.moe import sown_moe
 from pretrainx.model.transformer import sown_kurtosis
 from pretrainx.optim import apply_updates_stochastic
-from pretrainx.train.distill_loss import (OnlineTeacher, alpha_at, distill_metrics,
-                                          teacher_sums)
+from pretrainx.train.distill_loss import (OnlineTeacher, alpha_at, cache_sums,
+                                          distill_metrics, teacher_sums)
 from pretrainx.train.guard import guard_update
 from pretrainx.train.state import TrainState
 
@@ -199,9 +199,11 @@ def loss_and_grads(model: nn.Module, params: Any, batch: Batch, *, z_loss: float
                    alpha: jax.Array | float = 0.0) -> tuple[dict[str, jax.Array], Any]:
   """(sums, grads of the mean loss) for the whole batch, accumulated over microbatches.
 
-  With a `teacher`, its forward runs on each microbatch without gradient, and the loss mixes
-  (1 - alpha) * CE (weighted, if so) with alpha * T^2 * KD (distill_loss.distill_loss); the sums
-  gain 'kd', 'teacher_ce' and 'top1_agree'.
+  With a `teacher`, its forward runs on each microbatch without gradient (a cached teacher's
+  top-k comes in the batch instead), and the loss mixes (1 - alpha) * CE with alpha * T^2 * KD
+  (distill_loss.distill_loss); the sums gain 'kd', 'teacher_ce' and 'top1_agree'. A batch's
+  `loss_weight` weighs both terms; 'loss' example weighting (from each example's CE) weighs CE
+  only.
 
   The loss is weighted when the batch has `loss_weight` (scaled over the whole batch first, so
   accumulation equals one batch) or with `example_temperature` ('loss' example weighting, whose
@@ -215,6 +217,8 @@ def loss_and_grads(model: nn.Module, params: Any, batch: Batch, *, z_loss: float
     batch = dict(batch, loss_weight=scaled_loss_weight(batch))
 
   def kd_terms(logits, mb):
+    if not teacher.online:  # a cache's top-k came with the batch
+      return cache_sums(logits, mb, teacher.cfg)
     teacher_logits = jax.lax.stop_gradient(teacher.apply(teacher_params, mb))  # [b, s, vocab]
     return teacher_sums(logits, teacher_logits, mb, teacher.cfg)
 
@@ -225,7 +229,8 @@ def loss_and_grads(model: nn.Module, params: Any, batch: Batch, *, z_loss: float
     ce = sums["weighted_ce"] if weighted else sums["ce"]
     if teacher is not None:  # sums over the same tokens: the mix of the sums is that of the means
       temp = teacher.cfg.temperature
-      ce = (1.0 - alpha) * ce + alpha * (temp * temp) * sums["kd"]
+      kd = sums.get("weighted_kd", sums["kd"])  # the data's loss_weight weighs KD as it does CE
+      ce = (1.0 - alpha) * ce + alpha * (temp * temp) * kd
     return ce + sums["z"] + sums.get("moe_aux", 0.0), sums
 
   grad_fn = jax.grad(objective, has_aux=True)
@@ -322,7 +327,7 @@ def make_train_step(model: nn.Module, optimizer: optax.GradientTransformation,
     teacher = None
 
   def train_step(state: TrainState, batch: Batch, teacher_params: Any = None):
-    if teacher is not None and teacher_params is None:
+    if teacher is not None and teacher.online and teacher_params is None:
       raise ValueError("this step distils from a teacher; pass its params as the third argument.")
     alpha = (alpha_at(teacher.cfg, state.step, teacher.total_steps) if teacher is not None
              else 0.0)

@@ -1,5 +1,5 @@
-"""Command line: `python -m pretrainx {train,eval,generate,export,score,data,convert,schedule,
-sweep,linearize,fit,plan,peak} ...`.
+"""Command line: `python -m pretrainx {train,eval,generate,export,score,data,distill,convert,
+schedule,sweep,linearize,fit,plan,peak} ...`.
 
 Every subcommand takes gin files and `--gin_param` overrides (eval and generate default to the
 config.gin a run wrote). Bad input ends with one clear message on stderr and exit status 2.
@@ -169,6 +169,32 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--overwrite", action="store_true", help="rebuild stores that already exist")
   p.add_argument("--num_docs", type=int, default=3, help="documents shown by inspect")
   _add_ray_flags(p, "tokenize each input file as a Ray task")
+
+  p = sub.add_parser("distill", help="knowledge distillation's offline work (distill cache: a "
+                     "teacher's top-k log-probs over a token store)")
+  p.add_argument("action", choices=("cache",))
+  p.add_argument("--teacher", default=None,
+                 help="the teacher's source (overrides DistillConfig.teacher): a pretrainx run, "
+                      "checkpoints directory or params export, or a Hugging Face model directory")
+  p.add_argument("--teacher_step", type=int, default=None,
+                 help="the teacher's checkpoint step (default: DistillConfig.teacher_step, or "
+                      "its newest)")
+  p.add_argument("--task", required=True,
+                 help="the DataConfig domain (a task or 'prose'/'code') whose store is cached")
+  p.add_argument("--split", default="train")
+  p.add_argument("--name", default="teacher", help="the cache's name in the store")
+  p.add_argument("--k", type=int, default=32, help="teacher tokens kept per position")
+  p.add_argument("--seq_len", type=int, default=None,
+                 help="the pieces' length the teacher sees (default: RunConfig.seq_len)")
+  p.add_argument("--batch_rows", type=int, default=None,
+                 help="rows per teacher forward (default: RunConfig.global_batch_size)")
+  p.add_argument("--parts", type=int, default=1,
+                 help="ranges of documents computed apart (one Ray task each with --ray)")
+  p.add_argument("--gin_file", action="append", default=[],
+                 help="gin config of the experiment (its model, data, DistillConfig); repeat to "
+                      "layer files")
+  p.add_argument("--gin_param", action="append", default=[], help="one gin binding")
+  _add_ray_flags(p, "compute each part as a Ray task that loads the teacher itself")
 
   p = sub.add_parser("convert", help="Hugging Face <-> pretrainx checkpoints (Llama, Mistral, "
                      "Qwen2, Mixtral, Qwen2-MoE)")
@@ -527,6 +553,29 @@ def cmd_data(args) -> None:
         _out(f"== {name}/{split}\n" + store.inspect_text(opened, args.num_docs, data.vocabulary))
 
 
+def cmd_distill(args) -> None:
+  import time  # pylint: disable=import-outside-toplevel
+
+  from pretrainx import config  # pylint: disable=import-outside-toplevel
+  from pretrainx.train import distill_cache  # pylint: disable=import-outside-toplevel
+
+  started = time.time()
+  params = list(args.gin_param)
+  if args.teacher is not None:
+    params.append(f"DistillConfig.teacher = {args.teacher!r}")
+  if args.teacher_step is not None:
+    params.append(f"DistillConfig.teacher_step = {args.teacher_step}")
+  exp = config.parse_gin(args.gin_file, params)
+  path, version = distill_cache.cache_teacher(
+      exp, args.task, args.split, name=args.name, k=args.k, seq_len=args.seq_len,
+      batch_rows=args.batch_rows, parts=args.parts, cluster=_cluster(args))
+  info = storage.read_json(storage.join(path, "info.json"))
+  size = distill_cache.disk_bytes(path)
+  _out(f"teacher cache {path} (v{version}): {info['num_tokens']:,} tokens, k={info['k']}, "
+       f"seq_len={info['seq_len']}, {size / 2**20:,.1f} MiB on disk, "
+       f"{time.time() - started:,.1f} s")
+
+
 def cmd_convert(args) -> None:
   from pretrainx import hf  # pylint: disable=import-outside-toplevel
 
@@ -624,8 +673,9 @@ def cmd_peak(args) -> None:
 
 
 COMMANDS = {"train": cmd_train, "eval": cmd_eval, "generate": cmd_generate,
-            "export": cmd_export, "data": cmd_data, "score": cmd_score, "convert": cmd_convert,
-            "schedule": cmd_schedule, "sweep": cmd_sweep, "linearize": cmd_linearize, "fit": cmd_fit, "plan": cmd_plan, "peak": cmd_peak}
+            "export": cmd_export, "data": cmd_data, "score": cmd_score, "distill": cmd_distill,
+            "convert": cmd_convert, "schedule": cmd_schedule, "sweep": cmd_sweep,
+            "linearize": cmd_linearize, "fit": cmd_fit, "plan": cmd_plan, "peak": cmd_peak}
 
 
 def configure_cpu_devices(setting: str) -> None:

@@ -171,10 +171,13 @@ def test_the_cli_writes_a_cache_and_says_where(run, capsys):
   whole = tc.open_teacher_cache(run["store"]).read(0, run["store"].num_tokens)
   for got, want in zip(cache.read(0, run["store"].num_tokens), whole):
     np.testing.assert_allclose(got, want, atol=2e-5)
+  cut = cache.info["parts"][1]["tokens"][0]  # a read across the parts' boundary
+  for got, want in zip(cache.read(cut - 5, cut + 5), whole):
+    np.testing.assert_allclose(got, want[cut - 5:cut + 5], atol=2e-5)
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--teacher=/nonexistent/teacher_run"], "/nonexistent/teacher_run"),
+    (["--teacher=/nonexistent/teacher_run"], "the teacher /nonexistent/teacher_run does not exist"),
     (["--teacher={tmp}/other_vocab"], "vocab_size=323 but the student has 259"),
     (["--k=0", "--teacher={run_dir}"], "--k=0"),
     ([], "no teacher"),
@@ -196,10 +199,38 @@ def test_a_cache_for_another_store_is_refused(run):
     tc.open_teacher_cache(run["store"], "nope")
 
 
-def test_reads_span_parts():
-  store = type("S", (), {"doc_offsets": np.asarray([0, 3, 5, 9, 10])})
-  parts = tc.split_parts(store.doc_offsets, 3)
-  assert [p["tokens"] for p in parts] == [[0, 3], [3, 5], [5, 10]] or len(parts) == 3
-  assert parts[0]["tokens"][0] == 0 and parts[-1]["tokens"][1] == 10
-  assert all(a["tokens"][1] == b["tokens"][0] for a, b in zip(parts, parts[1:]))
-  assert len(tc.split_parts(store.doc_offsets, 99)) <= 4
+def test_parts_are_contiguous_document_ranges_of_about_equal_tokens():
+  offsets = np.asarray([0, 3, 5, 9, 10])
+  assert [p["docs"] for p in tc.split_parts(offsets, 3)] == [[0, 2], [2, 3], [3, 4]]
+  assert [p["tokens"] for p in tc.split_parts(offsets, 3)] == [[0, 5], [5, 9], [9, 10]]
+  assert [p["docs"] for p in tc.split_parts(offsets, 99)] == [[0, 1], [1, 2], [2, 3], [3, 4]]
+  assert tc.split_parts(offsets, 1) == [{"docs": [0, 4], "tokens": [0, 10]}]
+
+
+@pytest.fixture(scope="module")
+def ray_address():
+  """A local 2-CPU Ray cluster whose workers see one CPU device (not the suite's 8)."""
+  ray = pytest.importorskip("ray")
+  flags = os.environ.pop("XLA_FLAGS", None)
+  os.environ.setdefault("RAY_local_fs_capacity_threshold", "0.99")
+  try:
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
+  finally:
+    if flags is not None:
+      os.environ["XLA_FLAGS"] = flags
+  yield ray.get_runtime_context().gcs_address
+  ray.shutdown()
+
+
+@pytest.mark.slow
+def test_two_parts_on_ray_equal_the_cache_made_here(run, ray_address, capsys):
+  assert _cache_cli(run, f"--teacher={run['run_dir']}", "--parts=2", "--name=on_ray",
+                    f"--ray={ray_address}") == 0
+  assert "teacher_caches/on_ray/v1 (v1)" in capsys.readouterr().out
+  cache = tc.open_teacher_cache(run["store"], "on_ray")
+  assert len(cache.info["parts"]) == 2 and all(p["complete"] for p in cache.info["parts"])
+  here = tc.open_teacher_cache(run["store"]).read(0, run["store"].num_tokens)
+  got = cache.read(0, run["store"].num_tokens)
+  np.testing.assert_array_equal(got[0], here[0])
+  np.testing.assert_allclose(got[1], here[1], atol=2e-5)
+  np.testing.assert_allclose(got[2], here[2], atol=2e-5)

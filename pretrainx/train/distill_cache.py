@@ -185,6 +185,10 @@ def cache_teacher(exp: Experiment, domain: str, split: str = "train", *, name: s
   if not exp.distill.enabled:
     raise ValueError("no teacher: pass --teacher (or set DistillConfig.teacher) to its source.")
   k = min(int(k), exp.model.vocab_size)
+  if not storage.exists(exp.distill.teacher):
+    raise ValueError(f"the teacher {exp.distill.teacher} does not exist; pass --teacher a "
+                     "pretrainx run, checkpoints directory, params export or Hugging Face model "
+                     "directory.")
   exp = exp.replace(run={"seq_len": seq_len, "global_batch_size": batch_rows})
   cfg, _, step = source_model_config(exp.distill.teacher, like=exp.model,
                                      step=exp.distill.teacher_step)

@@ -22,7 +22,7 @@ from pretrainx.train.runtime import build_runtime
 from pretrainx.train.state import create_train_state
 from pretrainx.train.teacher import load_teacher_params, teacher_for
 
-from conftest import tiny_experiment
+from conftest import REPO, tiny_experiment
 
 pytestmark = pytest.mark.xdist_group("distill_train")  # one teacher export per module
 
@@ -43,12 +43,15 @@ def _losses(path):
 
 
 def test_resumed_distillation_is_bit_exact_across_the_switch_to_ce(tiny_exp, teacher):
-  """SALT (KD until step 5) over a stage that selects the longest documents at step 4: the
-  checkpoints hold only the student; resuming at step 4 reloads the teacher, crosses the
-  switch, and every loss matches the uninterrupted run bit for bit."""
-  stages = (Stage(), Stage(start_step=4, selections=(Selection(domains=("prose",), score="length",
-                                                              top_fraction=0.5),)))
-  exp = tiny_exp(run={"steps": 8, "log_every": 1, "sample_tokens": 0, "eval_batches": 1},
+  """SALT (KD until step 5) over a stage that doubles the sequence (same tokens per step) and
+  selects the longest prose documents at step 4: the checkpoints hold only the student;
+  resuming at step 4 reloads the teacher, crosses both changes, and every loss matches the
+  uninterrupted run bit for bit."""
+  stages = (Stage(), Stage(start_step=4, seq_len=128, tokens_per_step=16 * 64,
+                           selections=(Selection(domains=("prose",), score="length",
+                                                 top_fraction=0.5),)))
+  exp = tiny_exp(run={"steps": 8, "log_every": 1, "sample_tokens": 0, "eval_batches": 1,
+                      "global_batch_size": 16},
                  checkpoint={"every_steps": 4}, data={"stages": stages},
                  distill={"teacher": teacher, "alpha": 0.7, "alpha_schedule": "until",
                           "alpha_end_step": 5, "temperature": 2.0, "top_k": 16})
@@ -135,3 +138,16 @@ def test_bad_distillation_input_is_one_line(run_cli, tmp_path, teacher, binding,
   last = run.stderr.strip().splitlines()[-1]
   assert "Traceback" not in run.stderr and __import__("re").search(message, last), last
   assert not os.path.exists(tmp_path / "run" / "checkpoints")
+
+
+@pytest.mark.parametrize("name", ["kd", "salt", "cached"])
+def test_the_distillation_presets_parse_and_validate(name):
+  from pretrainx.config import parse_gin, validate
+
+  exp = parse_gin([os.path.join(REPO, "gin_configs/quickstart.gin"),
+                   os.path.join(REPO, f"gin_configs/distill/{name}.gin")])
+  validate(exp)
+  assert exp.distill.teacher == "runs/quickstart" and exp.distill.enabled
+  assert exp.distill.online == (name != "cached")
+  assert exp.distill.active(47, exp.run.steps) and (
+      exp.distill.active(48, exp.run.steps) == (name != "salt"))

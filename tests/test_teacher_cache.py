@@ -20,7 +20,9 @@ from pretrainx.data.store import open_store
 from pretrainx.model import Transformer
 from pretrainx.train import distill_cache
 from pretrainx.train.runtime import build_runtime
-from pretrainx.train.teacher import load_teacher
+from pretrainx.data.pipeline import TrainBatches
+from pretrainx.train.state import create_train_state
+from pretrainx.train.teacher import load_teacher, load_teacher_params, teacher_for
 
 pytestmark = pytest.mark.xdist_group("teacher_cache")  # its module fixtures are built once
 
@@ -234,3 +236,33 @@ def test_two_parts_on_ray_equal_the_cache_made_here(run, ray_address, capsys):
   np.testing.assert_array_equal(got[0], here[0])
   np.testing.assert_allclose(got[1], here[1], atol=2e-5)
   np.testing.assert_allclose(got[2], here[2], atol=2e-5)
+
+
+def test_a_full_cache_trains_as_the_online_teacher(run):
+  """A cache of the whole vocabulary (k = vocab_size) gives the online teacher's losses, KD and
+  teacher CE for 3 steps: the rows carry its entries for exactly the pieces the student sees."""
+  exp = run["exp"].replace(run={"seq_len": L, "global_batch_size": 8, "steps": 3},
+                           data={"domains": ("web",)}, distill={"alpha": 0.5})
+  distill_cache.cache_teacher(exp, "web", name="full", k=exp.model.vocab_size, seq_len=L)
+  out = {}
+  for name, e in (("online", exp), ("cached", exp.replace(distill={"cache": "full"}))):
+    rt = build_runtime(e, teacher=teacher_for(e))
+    assert rt.teacher.online == (name == "online")
+    data = TrainBatches(e.data, L, 8, distill=e.distill)
+    with rt.scope():
+      state, _ = create_train_state(rt.model, rt.optimizer, rt.mesh, e.mesh.rules, 0, L)
+      params = load_teacher_params(rt) if rt.teacher.online else None
+      out[name] = []
+      for step in range(3):
+        state, metrics = rt.train_step(state, rt.put_batch(data.batch_at(step)),
+                                       *rt.step_args(params))
+        out[name].append([float(metrics[k]) for k in ("loss", "distill/kd",
+                                                      "distill/teacher_ce",
+                                                      "distill/top1_agreement")])
+  np.testing.assert_allclose(out["cached"], out["online"], rtol=2e-5, atol=1e-6)
+
+
+def test_training_on_a_store_without_the_cache_is_one_line(run):
+  exp = run["exp"].replace(data={"domains": ("web", "other")}, distill={"cache": "teacher"})
+  with pytest.raises(tc.TeacherCacheError, match=r"pretrainx distill cache"):
+    TrainBatches(exp.data, L, 4, distill=exp.distill)

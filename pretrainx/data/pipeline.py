@@ -210,6 +210,12 @@ def _teacher_caches(cfg: DataConfig, domains: Sequence[str], stores: list, disti
                      "packing='pack' with causal stages, or an online teacher (cache='').")
   caches = [open_teacher_cache(s, distill.cache, distill.cache_version) for s in stores]
   for domain, cache in zip(domains, caches):
+    written_by = cache.info.get("teacher")
+    if distill.teacher and written_by and written_by != storage.resolve(distill.teacher):
+      raise ValueError(f"the teacher cache {distill.cache!r} of domain {domain!r} was written "
+                       f"by the teacher {written_by}, not DistillConfig.teacher="
+                       f"{distill.teacher!r}; set the teacher to it (or '') or write the cache "
+                       "for this teacher.")
     if distill.top_k > cache.k:
       raise ValueError(f"DistillConfig.top_k={distill.top_k} but the teacher cache of domain "
                        f"{domain!r} holds the top {cache.k}; use top_k <= {cache.k} (0: all of "

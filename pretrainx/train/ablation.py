@@ -20,6 +20,7 @@ from pretrainx.data.pipeline import TrainBatches
 from pretrainx.train.eval import evaluate
 from pretrainx.train.runtime import build_runtime
 from pretrainx.train.state import create_train_state
+from pretrainx.train.teacher import load_teacher_params, teacher_for
 
 _ROW_KEYS = ("inputs", "targets", "segment_ids", "positions", "loss_mask")
 
@@ -28,21 +29,26 @@ def train_and_evaluate(exp: Experiment, data_cfgs: Sequence[DataConfig],
                        eval_sets: Mapping[str, list[dict[str, np.ndarray]]]
                        ) -> list[dict[str, float]]:
   """Trains exp's model for exp.run.steps steps on each DataConfig, from one initial state and
-  one compiled step -> for each config, {name: mean loss on the host batches eval_sets[name]}.
+  one compiled step (distilling as exp.distill says) -> for each config, {name: mean loss on the
+  host batches eval_sets[name]}.
 
   The configs must give batches of one shape (the first one builds the runtime)."""
   check_trainable(exp)
-  rt = build_runtime(dataclasses.replace(exp, data=data_cfgs[0]))
+  rt = build_runtime(dataclasses.replace(exp, data=data_cfgs[0]), teacher=teacher_for(exp))
   out = []
   with rt.scope():
     device_sets = {name: [rt.put_batch(b) for b in batches] for name, batches in eval_sets.items()}
     init, _ = create_train_state(rt.model, rt.optimizer, rt.mesh, exp.mesh.rules, exp.run.seed,
                                  exp.run.seq_len, ema=False, tune=exp.tune)
+    teacher_params = load_teacher_params(rt) if exp.distill.online else None
     for cfg in data_cfgs:
-      batches = TrainBatches(cfg, exp.run.seq_len, exp.run.global_batch_size)
+      batches = TrainBatches(cfg, exp.run.seq_len, exp.run.global_batch_size,
+                             distill=exp.distill)
       state = jax.tree.map(jnp.copy, init)
       for k in range(exp.run.steps):
-        state, metrics = rt.train_step(state, rt.put_batch(batches.batch_at(k)))
+        view = rt.at(k, teacher=exp.distill.active(k, exp.run.steps))  # KD's end (SALT)
+        state, metrics = view.train_step(state, view.put_batch(batches.batch_at(k)),
+                                         *view.step_args(teacher_params))
         # One program in flight at a time: XLA's CPU collectives can deadlock with several on a
         # loaded machine.
         jax.block_until_ready(metrics)

@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from pretrainx import storage
 from pretrainx.checkpoint import Checkpointer, describe_error
-from pretrainx.config import Experiment, RunPaths, experiment_to_gin, phases
+from pretrainx.config import Experiment, ModelConfig, RunPaths, experiment_to_gin, phases
 from pretrainx.data.pipeline import TrainBatches, eval_batches
 from pretrainx.data.reweighting import Reweighter, floats_from_json, floats_to_json
 from pretrainx.harness import runner as harness
@@ -35,7 +35,7 @@ from pretrainx.train.preemption import PreemptionWatcher
 from pretrainx.train.runtime import Runtime, build_runtime, global_unigram_entropy, sample_text
 from pretrainx.train.start import preflight, prepare_run_dir
 from pretrainx.train.state import TrainState, create_train_state
-from pretrainx.train.teacher import load_teacher_params, teacher_for
+from pretrainx.train.teacher import load_teacher_params, teacher_for, teacher_model_config
 
 
 @dataclasses.dataclass
@@ -128,22 +128,30 @@ class _Throughput:
     return self.timed_flops / self.timed_seconds / self.peak
 
 
-def phase_work(exp: Experiment, offset: Callable[[], int]
+def phase_work(exp: Experiment, offset: Callable[[], int], teacher: ModelConfig | None = None
                ) -> Callable[[int, int], tuple[float, float]]:
   """work(a, b) for _Throughput: the tokens and model FLOPs of the run's steps a..b-1, whose
-  batches are a + offset() .. (config.phases: each stage's seq_len and batch size)."""
+  batches are a + offset() .. (config.phases: each stage's seq_len and batch size). With an
+  online `teacher`, its forward's FLOPs (a third of training's) count too on the steps that run
+  it (DistillConfig.active)."""
   all_phases = phases(exp)
   starts = np.asarray([p.start_step for p in all_phases])
   per_step = [(p.tokens_per_step, p.tokens_per_step * flops_per_token(p.model(exp.model),
                                                                         p.seq_len))
               for p in all_phases]
+  teacher_step = [p.tokens_per_step * flops_per_token(teacher, p.seq_len) / 3.0
+                  if teacher is not None else 0.0 for p in all_phases]
+  distill, total = exp.distill, exp.run.steps
+  teacher_end = total if distill.alpha_schedule == "constant" else distill.end_step(total)
 
   def work(a: int, b: int) -> tuple[float, float]:
-    batches = np.arange(a, b) + offset()
-    index = np.maximum(np.searchsorted(starts, batches, side="right") - 1, 0)
+    steps = np.arange(a, b)
+    index = np.maximum(np.searchsorted(starts, steps + offset(), side="right") - 1, 0)
     counts = np.bincount(index, minlength=len(per_step))
+    taught = np.bincount(index[steps < teacher_end], minlength=len(per_step))
     return (float(sum(c * t for c, (t, _) in zip(counts, per_step))),
-            float(sum(c * f for c, (_, f) in zip(counts, per_step))))
+            float(sum(c * f for c, (_, f) in zip(counts, per_step)) +
+                  sum(c * f for c, f in zip(taught, teacher_step))))
 
   return work
 
@@ -269,6 +277,12 @@ class _Driver:
                              teacher=distill.active(self.step, run.steps))
       if view is not None and step_view is not view:
         self.meter.read(self.state, self.step)  # a new shape compiles: close the window first
+        if view.teacher is not None and step_view.teacher is None:  # SALT's switch to CE
+          logging.info("step %d: distillation ends (alpha is 0 from here); the teacher's "
+                       "memory is freed", self.step)
+          self.teacher_params = None
+      if step_view.step_args(None) and self.teacher_params is None:  # rolled back before it
+        self.load_teacher()
       t0 = time.perf_counter()
       self.state, metrics = step_view.train_step(self.state, step_view.put_batch(next(batches)),
                                                  *step_view.step_args(self.teacher_params))
@@ -480,7 +494,8 @@ def train(exp: Experiment, restart: bool = False) -> TrainResult:
   meter = _Throughput(None, peak, peak_measured=not run.peak_tflops)
   driver = _Driver(rt, paths, data, meter,
                    {(run.seq_len, run.global_batch_size): rt.put_domain_batches(host_eval)})
-  meter.work = phase_work(exp, lambda: driver.data_offset)  # batch k + data_offset at step k
+  meter.work = phase_work(exp, lambda: driver.data_offset,  # batch k + data_offset at step k
+                          teacher_model_config(exp) if exp.distill.online else None)
   ckpt = Checkpointer(paths.checkpoints, exp.checkpoint) if resumes else None
   writer, failing = None, True
   try:

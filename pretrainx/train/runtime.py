@@ -88,9 +88,11 @@ class Runtime:
     return (teacher_params,) if self.teacher is not None and self.teacher.online else ()
 
   @property
-  def devices(self) -> list:
-    """The mesh's devices (a runtime of another model on the same devices builds from them)."""
-    return list(self.mesh.devices.flat)
+  def devices(self) -> list | None:
+    """What build_runtime takes to build another model's runtime on this one's devices: None
+    when the mesh holds every device (the default), else the mesh's own (a test's subset)."""
+    own = list(self.mesh.devices.flat)
+    return None if set(own) == set(jax.devices()) else own
 
   def scope(self):
     """Context in which the model's logical constraints resolve against this mesh."""

@@ -363,3 +363,15 @@ def load_params(directory: str, abstract_params: Any) -> tuple[Any, dict[str, An
   restored = ckptr.restore(path, args=ocp.args.Composite(
       params=ocp.args.StandardRestore(abstract_params), meta=ocp.args.JsonRestore()))
   return restored["params"], dict(restored["meta"])
+
+
+def restore_subtree(directory: str, item: str, abstract: Any) -> Any:
+  """Only the leaves of `abstract` (a nested dict of ShapeDtypeStructs with shardings, a subset of
+  what the Orbax item `item` of `directory` holds: 'params' of an export, 'state' of a checkpoint
+  step), each read straight into its sharding; the rest is never read."""
+  path = check_directory(directory, "read")
+  args = jax.tree.map(lambda a: ocp.ArrayRestoreArgs(sharding=a.sharding, dtype=a.dtype), abstract)
+  ckptr = ocp.Checkpointer(ocp.CompositeCheckpointHandler())
+  restored = ckptr.restore(path, args=ocp.args.Composite(**{item: ocp.args.PyTreeRestore(
+      abstract, restore_args=args, partial_restore=True)}))
+  return restored[item]

@@ -1,5 +1,5 @@
 """Command line: `python -m pretrainx {train,eval,generate,export,score,data,distill,convert,
-schedule,sweep,linearize,fit,plan,peak} ...`.
+merge,schedule,sweep,linearize,fit,plan,peak} ...`.
 
 Every subcommand takes gin files and `--gin_param` overrides (eval and generate default to the
 config.gin a run wrote). Bad input ends with one clear message on stderr and exit status 2.
@@ -207,6 +207,38 @@ def build_parser() -> argparse.ArgumentParser:
                       "Qwen2ForCausalLM, MixtralForCausalLM, Qwen2MoeForCausalLM); default: "
                       "the one imported from")
   p.add_argument("--dtype", default=None, help="dtype of the written weights (default: as stored)")
+
+  p = sub.add_parser("merge", help="merge models (linear, task arithmetic, TIES, DARE, SLERP) or "
+                     "average a run's last checkpoints (LAWA) into an export or HF directory")
+  p.add_argument("sources", nargs="+",
+                 help="the models: pretrainx runs (their newest checkpoint), checkpoints "
+                      "directories, params exports or Hugging Face directories of one "
+                      "architecture; with --average_last, ONE run")
+  p.add_argument("--method", default="linear",
+                 choices=("linear", "task_arithmetic", "ties", "dare", "dare_ties", "slerp"))
+  p.add_argument("--base", default=None,
+                 help="the base model whose task vectors (model - base) task_arithmetic, ties and "
+                      "dare merge")
+  p.add_argument("--weights", default=None,
+                 help="comma-separated, one per source (signed; default all 1)")
+  p.add_argument("--density", type=float, default=1.0,
+                 help="ties: the fraction of each task vector kept; dare: the survival probability")
+  p.add_argument("--t", type=float, default=0.5, help="slerp: 0 is the first model, 1 the second")
+  p.add_argument("--seed", type=int, default=0, help="dare's drop masks")
+  p.add_argument("--normalize", action=argparse.BooleanOptionalAction, default=None,
+                 help="divide by the weights' sum (default: linear, ties and dare_ties do)")
+  p.add_argument("--params_file", default=None,
+                 help="JSON list of [regex, {weights|density|t|normalize: value}] per-parameter "
+                      "overrides; the first regex found in a param's name (e.g. "
+                      "'layers/attention/q_proj') wins")
+  p.add_argument("--average_last", type=int, default=None,
+                 help="LAWA: average the run's last K finalised checkpoints")
+  p.add_argument("--every", type=int, default=None,
+                 help="with --average_last: checkpoints every N steps back from the newest")
+  p.add_argument("--group_mib", type=int, default=1024,
+                 help="params merged at a time, per model (MiB of each model read at once)")
+  p.add_argument("--out", required=True, help="directory to write (a params export)")
+  p.add_argument("--hf", action="store_true", help="write a Hugging Face directory instead")
 
   p = sub.add_parser("schedule", help="preview a run's learning-rate schedule as a PNG and table")
   p.add_argument("--gin_file", action="append", default=[])
@@ -586,6 +618,31 @@ def cmd_convert(args) -> None:
   _out(f"{direction}: wrote {out}")
 
 
+def cmd_merge(args) -> None:
+  import json  # pylint: disable=import-outside-toplevel
+
+  from pretrainx.cpt.merge import MergeSettings  # pylint: disable=import-outside-toplevel
+  from pretrainx.train import merge_sources  # pylint: disable=import-outside-toplevel
+
+  try:
+    weights = tuple(float(w) for w in args.weights.split(",")) if args.weights else ()
+  except ValueError:
+    raise ValueError(f"--weights={args.weights!r}: pass comma-separated numbers, e.g. 1,-0.5.") \
+        from None
+  rules = ()
+  if args.params_file:
+    try:
+      rules = tuple((r[0], r[1]) for r in json.loads(storage.read_text(args.params_file)))
+    except (ValueError, TypeError, IndexError, KeyError):
+      raise ValueError(f"--params_file {args.params_file}: write a JSON list of "
+                       "[regex, {weights|density|t|normalize: value}] pairs.") from None
+  settings = MergeSettings(args.method, weights, args.density, args.t, args.normalize,
+                           args.seed, rules)
+  _out(merge_sources.run_merge(args.sources, args.out, settings, base=args.base,
+                               average_last=args.average_last, every=args.every, as_hf=args.hf,
+                               group_bytes=args.group_mib << 20))
+
+
 def cmd_schedule(args) -> None:
   from pretrainx import config, schedule_plot  # pylint: disable=import-outside-toplevel
 
@@ -674,7 +731,8 @@ def cmd_peak(args) -> None:
 
 COMMANDS = {"train": cmd_train, "eval": cmd_eval, "generate": cmd_generate,
             "export": cmd_export, "data": cmd_data, "score": cmd_score, "distill": cmd_distill,
-            "convert": cmd_convert, "schedule": cmd_schedule, "sweep": cmd_sweep,
+            "convert": cmd_convert, "merge": cmd_merge, "schedule": cmd_schedule,
+            "sweep": cmd_sweep,
             "linearize": cmd_linearize, "fit": cmd_fit, "plan": cmd_plan, "peak": cmd_peak}
 
 
@@ -697,7 +755,7 @@ def configure_cpu_devices(setting: str) -> None:
 # Commands that run one JAX program over every host of a slice join it by themselves there. A
 # sweep joins only where it trains a grid point (not as the Ray driver or a dry run); data
 # preparation, plans and fits run on one host.
-JOINS_SLICE = ("train", "eval", "generate", "export", "linearize", "sweep", "score")
+JOINS_SLICE = ("train", "eval", "generate", "export", "linearize", "sweep", "score", "merge")
 
 
 def initialize_distributed(args) -> None:

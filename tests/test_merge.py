@@ -132,7 +132,7 @@ def test_dare_matches_numpy_and_is_seeded():
   _close(merge.dare(base, [x, y], w, density, seed=3), got, 0)
   assert not np.allclose(merge.dare(base, [x, y], w, density, seed=4)["b"], got["b"])
   # dare_ties: the dropped-and-rescaled vectors, then TIES' sign election and disjoint mean
-  ties_got = merge.dare(base, [x, y], w, density, seed=3, ties=True)
+  ties_got = merge.dare(base, [x, y], w, density, seed=3, sign_election=True)
   key = jax.random.fold_in(jax.random.key(3), zlib.crc32(b"b") & 0x7FFFFFFF)
   dropped = [base["b"] + np.where(jax.random.bernoulli(jax.random.fold_in(key, i), density, (5,)),
                                   (v["b"] - base["b"]) / density, 0) for i, v in enumerate([x, y])]
@@ -194,8 +194,12 @@ def _export(exp, path, seed):
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
   """Three exports of the tiny model, one with another vocabulary, one with another width, and a
-  tiny run checkpointed every step."""
-  from pretrainx.train.loop import train
+  run's checkpoints of steps 1-3 (written by its Checkpointer with the meta the loop writes, from
+  three inits: training them would compile the train step, most of this file's time)."""
+  from pretrainx.checkpoint import Checkpointer
+  from pretrainx.config import experiment_to_gin
+  from pretrainx.train.runtime import build_runtime
+  from pretrainx.train.state import new_state
 
   root = tmp_path_factory.mktemp("merge")
   exp = tiny_experiment(root / "run", run={"steps": 3, "eval_every": 0},
@@ -203,7 +207,17 @@ def world(tmp_path_factory):
   exports = [_export(exp, root / f"m{i}", i) for i in range(3)]
   vocab = _export(exp.replace(model={"vocab_size": 300}), root / "vocab", 5)[0]
   wide = _export(exp.replace(model={"embed_dim": 32, "head_dim": 8}), root / "wide", 6)[0]
-  train(exp, restart=True)
+  rt = build_runtime(exp)
+  storage_dir = root / "run"
+  storage_dir.mkdir()
+  (storage_dir / "config.gin").write_text(experiment_to_gin(exp))
+  ckpt = Checkpointer(str(storage_dir / "checkpoints"), exp.checkpoint)
+  make = jax.jit(lambda p: new_state(p, rt.optimizer), out_shardings=rt.shardings)
+  for step, (_, params) in enumerate(exports, 1):
+    with rt.scope():
+      state = make(params)
+    ckpt.save(step, state, {"step": step, "config_gin": experiment_to_gin(exp)}, block=True)
+  ckpt.close()
   return dataclasses.make_dataclass("World", ["root", "exp", "exports", "vocab", "wide"])(
       root, exp, exports, vocab, wide)
 
@@ -216,8 +230,8 @@ def _read_export(path, like):
 
 
 def test_streamed_sharded_merge_equals_in_memory(world):
-  """Orbax group by group (one param per group) on 8 devices (fsdp) equals the whole trees
-  merged on one device."""
+  """Orbax group by group (about 200 kB per group: 4 groups) on 8 devices (fsdp) equals the
+  whole trees merged on one device."""
   from pretrainx.config import MeshConfig
   from pretrainx.sharding import make_mesh
   from pretrainx.train import merge_sources as ms
@@ -225,7 +239,9 @@ def test_streamed_sharded_merge_equals_in_memory(world):
   (p0, t0), (p1, t1), (p2, t2) = world.exports
   s = merge.MergeSettings("ties", (1.0, 0.5), density=0.4)
   srcs = [ms.open_source(p) for p in (p1, p2)]
-  streamed = ms.merge_models(srcs, s, ms.open_source(p0), group_bytes=1)
+  assert len(ms.param_groups(ms.abstract_params(world.exp.model, ms.merge_mesh(world.exp.model),
+                                                MeshConfig().rules), 200_000)) > 1
+  streamed = ms.merge_models(srcs, s, ms.open_source(p0), group_bytes=200_000)
   layer = streamed["layers"]["mlp"]["up_proj"]
   assert len(layer.sharding.device_set) == 8 and not layer.sharding.is_fully_replicated
   one = make_mesh(MeshConfig(), jax.devices()[:1])

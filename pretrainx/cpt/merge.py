@@ -231,12 +231,13 @@ def ties(base: Any, trees: Sequence[Any], weights: Sequence[float] = (), density
 
 
 def dare(base: Any, trees: Sequence[Any], weights: Sequence[float] = (), density: float = 1.0,
-         seed: int = 0, ties: bool = False, normalize: bool | None = None,  # pylint: disable=redefined-outer-name
+         seed: int = 0, sign_election: bool = False, normalize: bool | None = None,
          rules: Sequence = ()) -> Any:
   """DARE (Yu et al. 2023): drop each task-vector entry with probability 1 - density, rescale
-  the survivors by 1/density (seeded per parameter name), then add them up, or with ties=True
+  the survivors by 1/density (seeded per parameter name), then add them up, or with
+  sign_election=True
   elect signs and take the disjoint mean as TIES does ('dare_ties')."""
-  return merge(MergeSettings("dare_ties" if ties else "dare", tuple(weights), density,
+  return merge(MergeSettings("dare_ties" if sign_election else "dare", tuple(weights), density,
                              normalize=normalize, seed=seed, rules=tuple(rules)), trees, base)
 
 

@@ -303,3 +303,27 @@ def test_bad_input_is_one_line(world, run_cli, tmp_path):
     assert res.returncode == 2, (args, res.stderr)
     line = res.stderr.strip()
     assert "\n" not in line and all(w in line for w in wanted), line
+
+
+def test_hf_models_merge_into_an_hf_directory_transformers_loads(run_cli, tmp_path):
+  """Two Hugging Face Llamas of one architecture, linearly merged with `--hf`: transformers
+  loads the output, and its weights are the numpy weighted mean of the inputs'."""
+  import torch
+  import transformers
+
+  cfg = dict(vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+  dirs = []
+  for seed in (0, 1):
+    torch.manual_seed(seed)
+    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**cfg)).eval()
+    model.save_pretrained(tmp_path / f"hf{seed}", safe_serialization=True)
+    dirs.append(str(tmp_path / f"hf{seed}"))
+  run = run_cli("merge", *dirs, "--method=linear", "--weights=3,1", "--hf",
+                f"--out={tmp_path / 'merged'}")
+  assert run.returncode == 0, run.stderr
+  merged = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "merged")
+  inputs = [transformers.LlamaForCausalLM.from_pretrained(d).state_dict() for d in dirs]
+  for name, value in merged.state_dict().items():
+    want = 0.75 * inputs[0][name].numpy() + 0.25 * inputs[1][name].numpy()
+    np.testing.assert_allclose(value.numpy(), want, rtol=1e-5, atol=1e-6, err_msg=name)

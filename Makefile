@@ -41,7 +41,7 @@ lint: install
 
 # The whole suite on 8 fake CPU devices; `make test-fast` skips tests marked slow.
 test: lint
-	$(PY) -m pytest -n 2 --dist loadgroup --expected-skips=$(EXPECTED_SKIPS) $(PYTEST_ARGS)
+	$(PY) -m pytest -n 2 --dist loadgroup --durations=40 --expected-skips=$(EXPECTED_SKIPS) $(PYTEST_ARGS)
 
 test-fast: lint
 	$(PY) -m pytest -n 2 --dist loadgroup -m "not slow" --expected-skips=$(EXPECTED_SKIPS) $(PYTEST_ARGS)

@@ -19,6 +19,12 @@ class InitConfig:
     expand_every: Llama-Pro block expansion: after every this many source blocks insert a copy
       whose output projections are zero, so the grown model computes the same function (0: off).
     stack_factor: G_stack depth growth: repeat the source's whole layer stack this many times.
+    grow_width: function-preserving width growth to this run's ModelConfig embed_dim, num_heads,
+      num_kv_heads and mlp_dim (head_dim stays the source's): '' off, 'hypercloning' (integer
+      multiples) or 'bert2bert' (embed an integer multiple, heads and mlp any larger size);
+      applied before depth growth (pretrainx.cpt.width).
+    grow_width_noise: std of the symmetry-breaking noise on the copied weights, as a fraction of
+      each tensor's std; it sums to zero over the copies, so the function stays exact (0: none).
   """
 
   source: str = ""
@@ -27,14 +33,20 @@ class InitConfig:
   keep_step: bool = False
   expand_every: int = 0
   stack_factor: int = 1
+  grow_width: str = ""
+  grow_width_noise: float = 0.0
 
   def __post_init__(self):
     if self.stack_factor < 1 or self.expand_every < 0:
       raise ValueError("InitConfig.stack_factor must be >= 1 and expand_every >= 0.")
-    growth = self.stack_factor > 1 or self.expand_every > 0
+    growth = self.stack_factor > 1 or self.expand_every > 0 or bool(self.grow_width)
     if growth and self.keep_optimizer:
-      raise ValueError("InitConfig.keep_optimizer cannot be combined with growth "
-                       "(expand_every / stack_factor): the optimizer state has the old shapes.")
+      raise ValueError("InitConfig.keep_optimizer cannot be combined with growth (expand_every "
+                       "/ stack_factor / grow_width): the optimizer state has the old shapes.")
+    if self.grow_width not in ("", "hypercloning", "bert2bert") or self.grow_width_noise < 0:
+      raise ValueError(f"InitConfig.grow_width={self.grow_width!r} / grow_width_noise="
+                       f"{self.grow_width_noise}; use '', 'hypercloning' or 'bert2bert' and a "
+                       "noise std >= 0.")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,6 +99,9 @@ class TuneConfig:
       (empty: all).
     freeze: regexes of params that do not train.
     new_blocks_only: with InitConfig.expand_every, train only the inserted blocks (Llama-Pro).
+    new_width_only: with InitConfig.grow_width, train only the copies width growth made: per
+      tensor the entries at a copied embed channel, head or neuron; the source's own entries (and
+      the tensors nothing grew) stay as loaded.
     frozen_experts: Lifelong-MoE: the first this many routed experts of every MoE layer and their
       router columns do not train (the experts a source had before more were added; 0: off).
   """
@@ -96,6 +111,7 @@ class TuneConfig:
   freeze: tuple[str, ...] = ()
   new_blocks_only: bool = False
   frozen_experts: int = 0
+  new_width_only: bool = False
 
   def __post_init__(self):
     if self.frozen_experts < 0:
@@ -105,9 +121,12 @@ class TuneConfig:
       value = getattr(self, name)
       object.__setattr__(self, name, (value,) if isinstance(value, str) else tuple(value))
     if self.lora is not None and (self.train or self.freeze or self.new_blocks_only
-                                  or self.frozen_experts):
+                                  or self.frozen_experts or self.new_width_only):
       raise ValueError("TuneConfig.lora trains the adapters only; leave train, freeze, "
-                       "new_blocks_only and frozen_experts unset with it.")
+                       "new_blocks_only, frozen_experts and new_width_only unset with it.")
+    if self.new_width_only and self.new_blocks_only:
+      raise ValueError("TuneConfig.new_width_only and new_blocks_only each train only what one "
+                       "growth made; set one of them.")
 
 
 SOFTMAX_IMPLS = ("reference", "flash")

@@ -31,6 +31,8 @@ _ATTENTION_FIELDS = ("attention_impl", "layer_attention_impls", "linear_feature"
 # other values (context extension: rope_scaling added to a Llama, a bigger rope_theta).
 ROPE_MODEL_FIELDS = tuple(f.name for f in dataclasses.fields(ModelConfig)
                           if f.name.startswith("rope_"))
+# Widths a run may bind larger than its source's with InitConfig.grow_width (cpt.width).
+_WIDTH_FIELDS = ("embed_dim", "num_heads", "num_kv_heads", "mlp_dim")
 # What a source decides: every other field but init_std (used only by a random init),
 # max_seq_len (a run may use a shorter context than its source) and moe (a run may upcycle a dense
 # source into experts, or add experts to an MoE source: a dense run takes the source's experts).
@@ -156,9 +158,16 @@ def with_source_architecture(exp: Experiment, bound: set[str] | None = None) -> 
     return exp
   wanted = {f: getattr(src, f) for f in SOURCE_FIELDS}
   wanted["num_layers"] = _grown_layers(src.num_layers, exp.init)
+  # a run that grows the source's width binds its own widths (cpt.width checks them)
+  widths = _WIDTH_FIELDS + ("head_dim",) if exp.init.grow_width else ()
+  smaller = [f"ModelConfig.{f}={getattr(model, f)} < the source's {getattr(src, f)}"
+             for f in widths[:4] if f in bound and getattr(model, f) < getattr(src, f)]
+  if smaller:
+    raise ValueError(f"InitConfig.grow_width only grows: {'; '.join(smaller)}; bind widths at "
+                     "least the source's.")
   clashes = [f"ModelConfig.{f}: bound {getattr(model, f)!r}, the source has {v!r}"
              for f, v in wanted.items() if f in bound and getattr(model, f) != v
-             and f not in ROPE_MODEL_FIELDS
+             and f not in ROPE_MODEL_FIELDS and f not in widths
              and not (f == "head_dim" and model.resolved_head_dim == src.resolved_head_dim)]
   rope = {f: getattr(model, f) if f in bound else v for f, v in wanted.items()
           if f in ROPE_MODEL_FIELDS}
@@ -181,6 +190,8 @@ def with_source_architecture(exp: Experiment, bound: set[str] | None = None) -> 
                      "source.")
   fields = {f: v for f, v in wanted.items() if f not in bound and not (
       f == "head_dim" and model.resolved_head_dim == src.resolved_head_dim)}
+  if widths and "head_dim" not in bound:  # width growth keeps the source's head_dim
+    fields["head_dim"] = src.resolved_head_dim
   fields.update({f: v for f, v in rope.items() if f not in bound})
   if "max_seq_len" not in bound:
     fields["max_seq_len"] = src.max_seq_len

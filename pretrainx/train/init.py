@@ -2,8 +2,8 @@
 
 `InitConfig.source` names a Hugging Face model directory, a pretrainx run directory, checkpoint
 directory or step, or a params export (pretrainx.config.sources reads what each holds). Its
-params are placed into the run's shardings, optionally grown (Llama-Pro block expansion, G_stack
-layer stacking), upcycled into experts (a dense source into an MoE run, or an MoE source into
+params are placed into the run's shardings, optionally grown (function-preserving width growth
+to the run's widths, Llama-Pro block expansion, G_stack layer stacking), upcycled into experts (a dense source into an MoE run, or an MoE source into
 one with more experts), or linearized (a softmax source into a run whose ModelConfig uses
 'hybrid'/'linear' attention: the new feature maps start at their init); the optimizer state and
 step counter are reset unless asked to be kept. Used only when the run directory has no
@@ -26,6 +26,7 @@ from pretrainx.config.cpt import SOFTMAX_IMPLS
 from pretrainx.config.sources import read_meta, saved_experiment, source_kind
 from pretrainx.cpt.growth import expand_blocks, stack_layers
 from pretrainx.cpt.linearize import convert_params
+from pretrainx.cpt.width import grow_width, grown_config
 from pretrainx.cpt.upcycle import needs_upcycling, upcycle_sharded
 from pretrainx.model import Transformer
 from pretrainx.sharding import logical_to_shardings
@@ -77,12 +78,16 @@ _HF_SHAPE_FIELDS = ("vocab_size", "embed_dim", "num_layers", "num_heads", "num_k
                     "resolved_head_dim", "mlp_dim", "tie_embeddings", "qkv_bias")
 
 
-def _hf_import_config(source: str, run_cfg: ModelConfig) -> ModelConfig:
+def _hf_import_config(source: str, run_cfg: ModelConfig, source_width: bool = False
+                      ) -> ModelConfig:
   """The config to import a Hugging Face source into: the run's own, with softmax attention
-  (a linearized run converts after loading) and the source's experts (an upcycled run converts
-  after loading), after checking its shapes against config.json."""
+  (a linearized run converts after loading), the source's experts (an upcycled run converts
+  after loading) and, with `source_width`, the source's widths (a run that grows them), after
+  checking its shapes against config.json."""
   hf_cfg = load_hf_config(source)
   target = dataclasses.replace(_softmax_twin(run_cfg), moe=hf_cfg.moe)
+  if source_width:
+    target = grown_config(target, hf_cfg)
   diffs = [f"{f}: config.json {getattr(hf_cfg, f)}, this run {getattr(target, f)}"
            for f in _HF_SHAPE_FIELDS if getattr(hf_cfg, f) != getattr(target, f)]
   if diffs:
@@ -98,6 +103,19 @@ def _linearize(params: Any, src_cfg: ModelConfig, cfg: ModelConfig, rng: jax.Arr
     return params
   logging.info("linearizing the source: attention %s -> %s", src_cfg.layer_impls, cfg.layer_impls)
   return convert_params(params, src_cfg, cfg, rng)
+
+
+def _grow_width(params: Any, cfg: ModelConfig, run_cfg: ModelConfig, init: InitConfig,
+                seed: int) -> tuple[Any, ModelConfig]:
+  """The source grown to the run's embed_dim, heads and mlp_dim, computing the same function."""
+  if not init.grow_width:
+    return params, cfg
+  logging.info("growing the source's width (%s): embed %d -> %d, heads %d/%d -> %d/%d, mlp %d "
+               "-> %d", init.grow_width, cfg.embed_dim, run_cfg.embed_dim, cfg.num_heads,
+               cfg.num_kv_heads, run_cfg.num_heads, run_cfg.num_kv_heads, cfg.mlp_dim,
+               run_cfg.mlp_dim)
+  return grow_width(params, cfg, run_cfg, method=init.grow_width, noise=init.grow_width_noise,
+                    seed=seed)
 
 
 def _grow(params: Any, cfg: ModelConfig, init: InitConfig) -> tuple[Any, ModelConfig]:
@@ -133,7 +151,7 @@ def check_param_shapes(params: Any, abstract: Any, source: str) -> None:
   if diffs:
     raise ValueError(f"the params of {source} do not fit this run's ModelConfig:\n  " +
                      "\n  ".join(diffs[:12]) + "\nSet ModelConfig to the source's shapes (or the "
-                     "grown shapes with InitConfig.expand_every / stack_factor).")
+                     "grown shapes with InitConfig.expand_every / stack_factor / grow_width).")
 
 
 def initial_state(rt: Runtime, init: InitConfig) -> tuple[TrainState, int]:
@@ -142,13 +160,15 @@ def initial_state(rt: Runtime, init: InitConfig) -> tuple[TrainState, int]:
   if kind == "hf":
     cfg, params = hf.import_hf(init.source, mesh=rt.mesh, rules=rt.exp.mesh.rules,
                                cfg=None if init.stack_factor > 1 or init.expand_every else
-                               _hf_import_config(init.source, rt.exp.model))
+                               _hf_import_config(init.source, rt.exp.model,
+                                                 bool(init.grow_width)))
     opt_state, step = None, 0
     if init.keep_optimizer or init.keep_step:
       raise ValueError("a Hugging Face source has no optimizer state or step; unset "
                        "InitConfig.keep_optimizer / keep_step.")
   else:
     cfg, params, opt_state, step = load_source(rt, init, kind)
+  params, cfg = _grow_width(params, cfg, rt.exp.model, init, rt.exp.run.seed + 3)
   params, cfg = _grow(params, cfg, init)
   params, cfg = _upcycle(rt, params, cfg, jax.random.key(rt.exp.run.seed + 2))
   params = _linearize(params, cfg, rt.exp.model, jax.random.key(rt.exp.run.seed + 1))

@@ -16,7 +16,7 @@ from pretrainx.checkpoint import Checkpointer
 from pretrainx.config import (Experiment, Phase, RunPaths, experiment_of, phase_index, phases,
                               validate)
 from pretrainx.config.cpt import SOFTMAX_IMPLS
-from pretrainx.config.sources import RUNTIME_MODEL_FIELDS, saved_experiment
+from pretrainx.config.sources import RUNTIME_MODEL_FIELDS, saved_experiment, source_model
 from pretrainx.data.pipeline import eval_batches, unigram_entropy
 from pretrainx.ema import ema_as_params
 from pretrainx.generate import generate
@@ -172,8 +172,11 @@ def build_runtime(exp: Experiment, devices: list | tuple | None = None,
   model = Transformer(exp.model)
   optimizer, schedule = make_optimizer(exp.optimizer, run.steps, exp.schedule)
   first_len = all_phases[0].seq_len
+  grown_from = None
+  if exp.tune.new_width_only and exp.init.grow_width:  # the copies: where the source's widths end
+    grown_from = source_model(exp.init.source, exp.init.step), exp.init.grow_width
   mask = trainable(abstract_params(model, first_len, exp.tune), exp.tune, exp.model,
-                   exp.init.expand_every)
+                   exp.init.expand_every, grown_from)
   optimizer = tuned_optimizer(optimizer, mask)
   abstract, shardings = state_shardings(model, optimizer, mesh, exp.mesh.rules, first_len,
                                         ema=exp.ema.enabled, tune=exp.tune)

@@ -3,7 +3,8 @@ all but the old experts (Lifelong-MoE).
 
 With LoRA the state's params are {'base': model params, 'lora': adapters}; the model sees
 `lora_merge(base, lora)` (the base under stop_gradient), and the optimizer holds state for the
-adapters only. Freezing and "train only the blocks block expansion added" mask the optimizer.
+adapters only. Freezing, "train only the blocks block expansion added" and "train only the
+copies width growth made" mask the optimizer.
 Evaluation, sampling and export see the merged params, so an exported model needs no adapters.
 """
 
@@ -16,7 +17,7 @@ import optax
 
 import numpy as np
 
-from pretrainx.cpt import growth, peft
+from pretrainx.cpt import growth, peft, width
 from pretrainx.cpt.upcycle import frozen_expert_mask
 from pretrainx.tree import path_name
 from pretrainx.config import TuneConfig
@@ -56,8 +57,10 @@ def _new_block_indices(num_layers: int, every: int) -> list[int]:
   return [(i + 1) * (every + 1) - 1 for i in range(source // every)]
 
 
-def trainable(params: Any, tune: TuneConfig, model_cfg, expand_every: int = 0) -> Any | None:
-  """A mask of what the optimizer updates (None: everything)."""
+def trainable(params: Any, tune: TuneConfig, model_cfg, expand_every: int = 0,
+              grown_from: tuple[Any, str] | None = None) -> Any | None:
+  """A mask of what the optimizer updates (None: everything). grown_from: (the source's
+  ModelConfig, InitConfig.grow_width) for TuneConfig.new_width_only."""
   if tune.lora is not None:
     return jax.tree_util.tree_map_with_path(
         lambda path, _: path_name(path).startswith("lora/"), params)
@@ -67,6 +70,11 @@ def trainable(params: Any, tune: TuneConfig, model_cfg, expand_every: int = 0) -
                        "to train are the ones expansion inserts).")
     return growth.new_block_mask(params, _new_block_indices(model_cfg.num_layers, expand_every),
                                model_cfg)
+  if tune.new_width_only:
+    if grown_from is None or not grown_from[1]:
+      raise ValueError("TuneConfig.new_width_only needs InitConfig.grow_width (the entries to "
+                       "train are the copies width growth makes).")
+    return width.new_width_mask(params, grown_from[0], model_cfg, grown_from[1])
   mask = None
   if tune.train or tune.freeze:
     mask = peft.trainable_mask(params, train=tune.train, freeze=tune.freeze)

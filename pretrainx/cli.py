@@ -1,5 +1,5 @@
 """Command line: `python -m pretrainx {train,eval,generate,export,score,data,distill,convert,
-merge,schedule,sweep,linearize,fit,plan,peak} ...`.
+merge,vocab,schedule,sweep,linearize,fit,plan,peak} ...`.
 
 Every subcommand takes gin files and `--gin_param` overrides (eval and generate default to the
 config.gin a run wrote). Bad input ends with one clear message on stderr and exit status 2.
@@ -239,6 +239,19 @@ def build_parser() -> argparse.ArgumentParser:
                  help="params merged at a time, per model (MiB of each model read at once)")
   p.add_argument("--out", required=True, help="directory to write (a params export)")
   p.add_argument("--hf", action="store_true", help="write a Hugging Face directory instead")
+
+  p = sub.add_parser("vocab", help="extend a Hugging Face BPE tokenizer for a new language "
+                     "(vocab extend: new merges appended, old ids kept, fertility before/after)")
+  p.add_argument("action", choices=("extend",))
+  p.add_argument("--tokenizer", required=True,
+                 help="the source's tokenizer.json, or the directory holding it")
+  p.add_argument("--data", required=True,
+                 help="glob of the new language's text (.txt, .jsonl with 'text', .parquet)")
+  p.add_argument("--add", type=int, required=True, help="how many new tokens to learn")
+  p.add_argument("--out", required=True, help="directory to write the extended tokenizer into")
+  p.add_argument("--heldout", default=None,
+                 help="glob of held-out text for the fertility (default: every 10th document "
+                      "of --data, or the last tenth of one document's lines, not learned from)")
 
   p = sub.add_parser("schedule", help="preview a run's learning-rate schedule as a PNG and table")
   p.add_argument("--gin_file", action="append", default=[])
@@ -643,6 +656,14 @@ def cmd_merge(args) -> None:
                                group_bytes=args.group_mib << 20))
 
 
+def cmd_vocab(args) -> None:
+  from pretrainx import vocab_extend  # pylint: disable=import-outside-toplevel
+
+  report = vocab_extend.extend_tokenizer(args.tokenizer, args.data, args.add, args.out,
+                                         heldout=args.heldout)
+  _out(report.summary())
+
+
 def cmd_schedule(args) -> None:
   from pretrainx import config, schedule_plot  # pylint: disable=import-outside-toplevel
 
@@ -731,9 +752,9 @@ def cmd_peak(args) -> None:
 
 COMMANDS = {"train": cmd_train, "eval": cmd_eval, "generate": cmd_generate,
             "export": cmd_export, "data": cmd_data, "score": cmd_score, "distill": cmd_distill,
-            "convert": cmd_convert, "merge": cmd_merge, "schedule": cmd_schedule,
-            "sweep": cmd_sweep,
-            "linearize": cmd_linearize, "fit": cmd_fit, "plan": cmd_plan, "peak": cmd_peak}
+            "convert": cmd_convert, "merge": cmd_merge, "vocab": cmd_vocab,
+            "schedule": cmd_schedule, "sweep": cmd_sweep, "linearize": cmd_linearize,
+            "fit": cmd_fit, "plan": cmd_plan, "peak": cmd_peak}
 
 
 def configure_cpu_devices(setting: str) -> None:

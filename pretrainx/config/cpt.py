@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import dataclasses
 
+NEW_EMBEDDINGS = ("mean", "focus", "random")  # pretrainx/cpt/vocab.py METHODS
+
+
 @dataclasses.dataclass(frozen=True)
 class InitConfig:
   """How a run starts when its run directory holds no checkpoint yet.
@@ -25,6 +28,15 @@ class InitConfig:
       applied before depth growth (pretrainx.cpt.width).
     grow_width_noise: std of the symmetry-breaking noise on the copied weights, as a fraction of
       each tensor's std; it sums to zero over the copies, so the function stays exact (0: none).
+    extend_vocab_from: vocabulary extension: the tokenizer (tokenizer.json or its directory) the
+      source was trained with, or 'source' for the source's own; DataConfig.vocabulary is its
+      extension (`pretrainx vocab extend`: old ids unchanged) and ModelConfig.vocab_size is that
+      of the run. The embedding and an untied output head get rows for the new ids ('': off).
+    new_embeddings: how new rows start: 'mean' of the old-token pieces of each new token
+      (FVT/OFA), 'focus' (a sparsemax-weighted mean over overlapping old tokens, FOCUS-style),
+      or 'random' (the model's init); formulas in pretrainx/cpt/vocab.py.
+    new_rows_only_steps: for this run's first this many steps only the new rows train (the
+      other params get zero updates; their optimizer moments still warm up). 0: off.
   """
 
   source: str = ""
@@ -35,8 +47,12 @@ class InitConfig:
   stack_factor: int = 1
   grow_width: str = ""
   grow_width_noise: float = 0.0
+  extend_vocab_from: str = ""
+  new_embeddings: str = "mean"
+  new_rows_only_steps: int = 0
 
   def __post_init__(self):
+    self._check_vocab_extension()
     if self.stack_factor < 1 or self.expand_every < 0:
       raise ValueError("InitConfig.stack_factor must be >= 1 and expand_every >= 0.")
     growth = self.stack_factor > 1 or self.expand_every > 0 or bool(self.grow_width)
@@ -47,6 +63,23 @@ class InitConfig:
       raise ValueError(f"InitConfig.grow_width={self.grow_width!r} / grow_width_noise="
                        f"{self.grow_width_noise}; use '', 'hypercloning' or 'bert2bert' and a "
                        "noise std >= 0.")
+
+  def _check_vocab_extension(self):
+    if self.new_embeddings not in NEW_EMBEDDINGS:
+      raise ValueError(f"InitConfig.new_embeddings={self.new_embeddings!r}; choose one of "
+                       f"{NEW_EMBEDDINGS}.")
+    if self.new_rows_only_steps < 0:
+      raise ValueError(f"InitConfig.new_rows_only_steps={self.new_rows_only_steps}; use 0 (off) "
+                       "or a number of steps.")
+    if self.extend_vocab_from and not self.source:
+      raise ValueError("InitConfig.extend_vocab_from extends a source's vocabulary; set "
+                       "InitConfig.source too.")
+    if self.extend_vocab_from and self.keep_optimizer:
+      raise ValueError("InitConfig.keep_optimizer cannot be combined with extend_vocab_from: the "
+                       "optimizer state has the old vocabulary's shapes; unset keep_optimizer.")
+    if self.new_rows_only_steps and not self.extend_vocab_from:
+      raise ValueError("InitConfig.new_rows_only_steps trains the rows vocabulary extension adds; "
+                       "set InitConfig.extend_vocab_from too.")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -165,6 +165,8 @@ def with_source_architecture(exp: Experiment, bound: set[str] | None = None) -> 
   if smaller:
     raise ValueError(f"InitConfig.grow_width only grows: {'; '.join(smaller)}; bind widths at "
                      "least the source's.")
+  if exp.init.extend_vocab_from:  # the run's own: its extended tokenizer's size, unless bound
+    del wanted["vocab_size"]
   clashes = [f"ModelConfig.{f}: bound {getattr(model, f)!r}, the source has {v!r}"
              for f, v in wanted.items() if f in bound and getattr(model, f) != v
              and f not in ROPE_MODEL_FIELDS and f not in widths
@@ -195,6 +197,8 @@ def with_source_architecture(exp: Experiment, bound: set[str] | None = None) -> 
   fields.update({f: v for f, v in rope.items() if f not in bound})
   if "max_seq_len" not in bound:
     fields["max_seq_len"] = src.max_seq_len
+  if exp.init.extend_vocab_from and "vocab_size" not in bound:
+    fields["vocab_size"] = exp.data.vocabulary.vocab_size
   if src.moe.enabled and not model.moe.enabled:
     fields["moe"] = src.moe
   if exp.model.layer_attention_impls and "num_layers" in fields:

@@ -5,8 +5,9 @@ directory or step, or a params export (pretrainx.config.sources reads what each 
 params are placed into the run's shardings, optionally grown (function-preserving width growth
 to the run's widths, Llama-Pro block expansion, G_stack layer stacking), upcycled into experts (a dense source into an MoE run, or an MoE source into
 one with more experts), or linearized (a softmax source into a run whose ModelConfig uses
-'hybrid'/'linear' attention: the new feature maps start at their init); the optimizer state and
-step counter are reset unless asked to be kept. Used only when the run directory has no
+'hybrid'/'linear' attention: the new feature maps start at their init), or given embedding rows
+for the ids an extended tokenizer adds (cpt/vocab.py); the optimizer state and step counter are
+reset unless asked to be kept. Used only when the run directory has no
 checkpoint of its own.
 """
 
@@ -28,12 +29,14 @@ from pretrainx.cpt.growth import expand_blocks, stack_layers
 from pretrainx.cpt.linearize import convert_params
 from pretrainx.cpt.width import grow_width, grown_config
 from pretrainx.cpt.upcycle import needs_upcycling, upcycle_sharded
+from pretrainx.cpt.vocab import NewTokens, extend_vocabulary
 from pretrainx.model import Transformer
 from pretrainx.sharding import logical_to_shardings
 from pretrainx.train.runtime import Runtime, build_runtime
 from pretrainx.train.state import TrainState, new_state
 from pretrainx.train.tuning import params_view, with_adapters
 from pretrainx.tree import shape_differences
+from pretrainx.vocab_extend import check_extension, new_token_pieces, overlapping_tokens
 
 
 def load_source(rt: Runtime, init: InitConfig, kind: str) -> tuple[Any, Any, Any, int]:
@@ -78,16 +81,19 @@ _HF_SHAPE_FIELDS = ("vocab_size", "embed_dim", "num_layers", "num_heads", "num_k
                     "resolved_head_dim", "mlp_dim", "tie_embeddings", "qkv_bias")
 
 
-def _hf_import_config(source: str, run_cfg: ModelConfig, source_width: bool = False
-                      ) -> ModelConfig:
+def _hf_import_config(source: str, run_cfg: ModelConfig, source_width: bool = False,
+                      extend_vocab: bool = False) -> ModelConfig:
   """The config to import a Hugging Face source into: the run's own, with softmax attention
   (a linearized run converts after loading), the source's experts (an upcycled run converts
-  after loading) and, with `source_width`, the source's widths (a run that grows them), after
-  checking its shapes against config.json."""
+  after loading), with `source_width` the source's widths (a run that grows them) and with
+  `extend_vocab` the source's vocabulary (extended after loading), after checking its shapes
+  against config.json."""
   hf_cfg = load_hf_config(source)
   target = dataclasses.replace(_softmax_twin(run_cfg), moe=hf_cfg.moe)
   if source_width:
     target = grown_config(target, hf_cfg)
+  if extend_vocab:
+    target = dataclasses.replace(target, vocab_size=hf_cfg.vocab_size)
   diffs = [f"{f}: config.json {getattr(hf_cfg, f)}, this run {getattr(target, f)}"
            for f in _HF_SHAPE_FIELDS if getattr(hf_cfg, f) != getattr(target, f)]
   if diffs:
@@ -146,6 +152,29 @@ def _upcycle(rt: Runtime, params: Any, cfg: ModelConfig, rng: jax.Array
   return upcycle_sharded(params, cfg, target, rng, _param_shardings(rt, target)), target
 
 
+def _extend_vocab(rt: Runtime, init: InitConfig, params: Any, cfg: ModelConfig
+                  ) -> tuple[Any, ModelConfig]:
+  """The source's embedding (and untied head) with rows for the ids the run's tokenizer adds
+  (InitConfig.extend_vocab_from; cpt/vocab.py makes the rows)."""
+  if not init.extend_vocab_from:
+    return params, cfg
+  old, new = check_extension(rt.exp)
+  start, stop = old.vocab_size, new.vocab_size
+  if start > cfg.vocab_size:
+    raise ValueError(f"the source's tokenizer has {start} ids but the source model only "
+                     f"{cfg.vocab_size}; InitConfig.extend_vocab_from names another tokenizer.")
+  as_tuples = lambda lists: tuple(tuple(x) for x in lists)
+  tokens = NewTokens(start, stop, as_tuples(new_token_pieces(old.tokenizer, new.tokenizer, start,
+                                                             stop)),
+                     as_tuples(overlapping_tokens(old.tokenizer, new.tokenizer, start, stop)))
+  target = dataclasses.replace(cfg, vocab_size=rt.exp.model.vocab_size,
+                               vocab_multiple=rt.exp.model.vocab_multiple)
+  logging.info("extending the vocabulary: ids %d..%d are new (%s init); vocab_size %d -> %d",
+               start, stop - 1, init.new_embeddings, cfg.vocab_size, target.vocab_size)
+  key = jax.random.key(rt.exp.run.seed + 3)
+  return extend_vocabulary(params, cfg, target, tokens, init.new_embeddings, key), target
+
+
 def check_param_shapes(params: Any, abstract: Any, source: str) -> None:
   diffs = shape_differences(params, abstract)
   if diffs:
@@ -161,7 +190,8 @@ def initial_state(rt: Runtime, init: InitConfig) -> tuple[TrainState, int]:
     cfg, params = hf.import_hf(init.source, mesh=rt.mesh, rules=rt.exp.mesh.rules,
                                cfg=None if init.stack_factor > 1 or init.expand_every else
                                _hf_import_config(init.source, rt.exp.model,
-                                                 bool(init.grow_width)))
+                                                 bool(init.grow_width),
+                                                 bool(init.extend_vocab_from)))
     opt_state, step = None, 0
     if init.keep_optimizer or init.keep_step:
       raise ValueError("a Hugging Face source has no optimizer state or step; unset "
@@ -172,6 +202,7 @@ def initial_state(rt: Runtime, init: InitConfig) -> tuple[TrainState, int]:
   params, cfg = _grow(params, cfg, init)
   params, cfg = _upcycle(rt, params, cfg, jax.random.key(rt.exp.run.seed + 2))
   params = _linearize(params, cfg, rt.exp.model, jax.random.key(rt.exp.run.seed + 1))
+  params, cfg = _extend_vocab(rt, init, params, cfg)
   params = with_adapters(params, rt.exp.tune, jax.random.key(rt.exp.run.seed))
   check_param_shapes(params, rt.abstract_state.params, init.source)
   step = step if init.keep_step else 0

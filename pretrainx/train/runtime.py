@@ -28,7 +28,8 @@ from pretrainx.sharding import (batch_sharding, check_batch_divisible, logical_t
 from pretrainx.train.distill_loss import OnlineTeacher
 from pretrainx.train.eval import evaluate_domains, make_eval_step
 from pretrainx.train.state import TrainState, abstract_params, state_shardings
-from pretrainx.train.tuning import ViewedModel, params_view, trainable, tuned_optimizer
+from pretrainx.train.tuning import (ViewedModel, new_rows_first, params_view, trainable,
+                                    tuned_optimizer)
 from pretrainx.train.step import make_train_step
 
 
@@ -175,9 +176,10 @@ def build_runtime(exp: Experiment, devices: list | tuple | None = None,
   grown_from = None
   if exp.tune.new_width_only and exp.init.grow_width:  # the copies: where the source's widths end
     grown_from = source_model(exp.init.source, exp.init.step), exp.init.grow_width
-  mask = trainable(abstract_params(model, first_len, exp.tune), exp.tune, exp.model,
-                   exp.init.expand_every, grown_from)
+  shapes = abstract_params(model, first_len, exp.tune)
+  mask = trainable(shapes, exp.tune, exp.model, exp.init.expand_every, grown_from)
   optimizer = tuned_optimizer(optimizer, mask)
+  optimizer = new_rows_first(optimizer, shapes, exp.init, exp.tune, exp.data.vocabulary)
   abstract, shardings = state_shardings(model, optimizer, mesh, exp.mesh.rules, first_len,
                                         ema=exp.ema.enabled, tune=exp.tune)
   teacher_at = None

@@ -16,6 +16,7 @@ from pretrainx.config import (Experiment, RunPaths, check_trainable, config_diff
 from pretrainx.config.sources import newest_step, source_kind
 from pretrainx.data.pipeline import open_task_stores
 from pretrainx.metrics import DOMAIN_WEIGHTS_PLOT
+from pretrainx.vocab_extend import check_extension
 
 
 def check_run_dir(exp: Experiment, paths: RunPaths, restart: bool) -> None:
@@ -59,6 +60,8 @@ def preflight(exp: Experiment, restart: bool) -> tuple[RunPaths, bool]:
     source_kind(exp.distill.teacher, field="DistillConfig.teacher")
   validate(exp)
   check_trainable(exp)
+  if exp.init.extend_vocab_from and not resumes:  # the tokenizers, before any weight is read
+    check_extension(exp)
   storage.check_bucket(exp.data.store_root, "read the token stores in")
   open_task_stores(exp.data)
   return paths, resumes

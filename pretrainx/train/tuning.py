@@ -1,5 +1,5 @@
-"""Which parameters a run trains: all of them, a regex selection, LoRA adapters, new blocks, or
-all but the old experts (Lifelong-MoE).
+"""Which parameters a run trains: all of them, a regex selection, LoRA adapters, new blocks, all
+but the old experts (Lifelong-MoE), or for a run's first steps only an extended vocabulary's rows.
 
 With LoRA the state's params are {'base': model params, 'lora': adapters}; the model sees
 `lora_merge(base, lora)` (the base under stop_gradient), and the optimizer holds state for the
@@ -10,17 +10,20 @@ Evaluation, sampling and export see the merged params, so an exported model need
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import jax
+import jax.numpy as jnp
 import optax
 
 import numpy as np
 
 from pretrainx.cpt import growth, peft, width
+from pretrainx.cpt.vocab import new_row_mask
 from pretrainx.cpt.upcycle import frozen_expert_mask
 from pretrainx.tree import path_name
-from pretrainx.config import TuneConfig
+from pretrainx.config import InitConfig, TuneConfig
+from pretrainx.vocab_extend import source_tokenizer
 
 
 class ViewedModel:
@@ -87,3 +90,35 @@ def trainable(params: Any, tune: TuneConfig, model_cfg, expand_every: int = 0,
 def tuned_optimizer(optimizer: optax.GradientTransformation, mask: Any | None
                     ) -> optax.GradientTransformation:
   return optimizer if mask is None else peft.masked_optimizer(optimizer, mask)
+
+
+class NewRowsState(NamedTuple):
+  count: jax.Array  # [] int32: updates made so far
+
+
+def _only_rows_at_first(mask: Any, steps: int) -> optax.GradientTransformation:
+  """Stateless but for a count: zeroes the updates the mask does not mark while count < steps."""
+
+  def update(updates, state, params=None):
+    del params
+    opened = state.count >= steps
+    keep = lambda u, m: (u if np.ndim(m) == 0 and m else
+                         jnp.where(jnp.logical_or(opened, m), u, jnp.zeros_like(u)))
+    return jax.tree.map(keep, updates, mask), NewRowsState(optax.safe_int32_increment(state.count))
+
+  return optax.GradientTransformation(lambda _: NewRowsState(jnp.zeros([], jnp.int32)), update)
+
+
+def new_rows_first(optimizer: optax.GradientTransformation, params: Any, init: InitConfig,
+                   tune: TuneConfig, vocab) -> optax.GradientTransformation:
+  """`optimizer` whose first InitConfig.new_rows_only_steps updates move only the rows of the ids
+  the run's tokenizer `vocab` adds to the source's (the embedding's and an untied head's). The
+  other params still feed the optimizer their gradients (moments warm up, clipping sees them);
+  only their updates, weight decay included, are zeroed. Reads the source's tokenizer."""
+  if not init.new_rows_only_steps:
+    return optimizer
+  if tune.lora is not None:
+    raise ValueError("InitConfig.new_rows_only_steps cannot be combined with TuneConfig.lora "
+                     "(LoRA trains adapters only); unset one of them.")
+  mask = new_row_mask(params, source_tokenizer(init).vocab_size, vocab.vocab_size)
+  return optax.chain(optimizer, _only_rows_at_first(mask, init.new_rows_only_steps))

@@ -219,10 +219,10 @@ def test_new_rows_only_steps_moves_only_new_rows(tok, extended):
   first, second = steps
   # Embedding rows move where their new token is an input; every new head column moves.
   seen = np.unique(ids[:, :-1][ids[:, :-1] >= OLD])
-  for moved, should in (((first["embed"]["embedding"] != before["embed"]["embedding"]).any(1),
-                         seen),
-                        ((first["lm_head"] != before["lm_head"]).any(0), np.arange(OLD, OLD + ADD))):
-    assert np.array_equal(np.flatnonzero(moved), should)
+  embed_moved = (first["embed"]["embedding"] != before["embed"]["embedding"]).any(1)  # [vocab]
+  head_moved = (first["lm_head"] != before["lm_head"]).any(0)  # [vocab]
+  assert np.array_equal(np.flatnonzero(embed_moved), seen)
+  assert np.array_equal(np.flatnonzero(head_moved), np.arange(OLD, OLD + ADD))
   same = jax.tree.map(np.array_equal, before["layers"], first["layers"])
   assert all(jax.tree.leaves(same))
   assert not all(jax.tree.leaves(jax.tree.map(np.array_equal, first["layers"],
@@ -260,3 +260,16 @@ def test_bad_input_is_one_line_and_exit_2(run_cli, tok, extended, tmp_path):
     assert r.returncode == 2, (r.stdout, r.stderr)
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and words in lines[0], r.stderr
+
+
+def test_convert_writes_the_extended_tokenizer(tok, extended, tmp_path):
+  from pretrainx import hf  # pylint: disable=import-outside-toplevel
+
+  rt, state, _, _ = extended
+  export = checkpoint.save_params(str(tmp_path / "export"), jax.device_get(state.params),
+                                  {"step": 0, "config_gin": experiment_to_gin(rt.exp)})
+  out = hf.convert_main(export, str(tmp_path / "hf"), "pretrainx-to-hf")
+  written = HFTokenizerVocabulary(out).tokenizer
+  assert written.get_vocab_size() == OLD + ADD
+  assert written.to_str() == HFTokenizerVocabulary(tok.ext).tokenizer.to_str()
+  assert json.loads(open(f"{out}/config.json", encoding="utf-8").read())["vocab_size"] == OLD + ADD

@@ -123,6 +123,12 @@ def extend_vocabulary(params: Params, src: ModelConfig, cfg: ModelConfig, new: N
   if new.start > src.vocab_size or new.stop > cfg.vocab_size:
     raise ValueError(f"the new ids {new.start}..{new.stop - 1} do not fit the source's vocab_size "
                      f"{src.vocab_size} and the run's {cfg.vocab_size}; check the tokenizers.")
+  # One program (not an op at a time: each would compile on its own for the params' shardings).
+  return jax.jit(_extend, static_argnums=(1, 2, 3))(params, cfg, new, method, rng)
+
+
+def _extend(params: Params, cfg: ModelConfig, new: NewTokens, method: str, rng: jax.Array
+            ) -> Params:
   k_embed, k_head = jax.random.split(rng)
   table = params["embed"]["embedding"]  # [src padded vocab, embed]
   dtype, size = table.dtype, (cfg.padded_vocab_size, cfg.embed_dim)

@@ -41,7 +41,7 @@ from pretrainx.config.sources import read_meta, saved_experiment
 from pretrainx.hf_tokenizer import write_tokenizer
 from pretrainx.model.transformer import Transformer
 from pretrainx.sharding import logical_to_shardings, make_mesh
-from pretrainx.tree import unbox_tree
+from pretrainx.tree import consecutive_groups, unbox_tree
 
 DIRECTIONS = ("hf-to-pretrainx", "pretrainx-to-hf")
 SINGLE_FILE, INDEX_FILE = "model.safetensors", "model.safetensors.index.json"
@@ -410,18 +410,6 @@ def _export_plan(cfg: ModelConfig, flat: dict, architecture: str
   return sorted(plan, key=order)
 
 
-def _group_shards(sizes: list[int], shard_size: int) -> list[list[int]]:
-  """Consecutive tensor indices grouped into files of at most shard_size bytes (or one tensor)."""
-  groups, total = [[]], 0
-  for i, size in enumerate(sizes):
-    if groups[-1] and total + size > shard_size:
-      groups.append([])
-      total = 0
-    groups[-1].append(i)
-    total += size
-  return groups
-
-
 def export_hf(params: Any, cfg: ModelConfig, out_dir: str, *,
               architecture: str | None = None, shard_size: int = DEFAULT_SHARD_SIZE,
               dtype: str | None = None) -> str:
@@ -449,7 +437,7 @@ def export_hf(params: Any, cfg: ModelConfig, out_dir: str, *,
   flat = traverse_util.flatten_dict(unbox_tree(params))
   plan = _export_plan(cfg, flat, architecture)
   sizes = [count * np_dtype.itemsize for *_, count in plan]
-  groups = _group_shards(sizes, shard_size)
+  groups = consecutive_groups(sizes, shard_size)
   out_dir = storage.resolve(out_dir)
   storage.check_bucket(out_dir, "export to")
   storage.makedirs(out_dir)

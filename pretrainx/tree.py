@@ -4,7 +4,7 @@ report of where two trees' shapes differ."""
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import flax.linen as nn
 import jax
@@ -68,3 +68,16 @@ def shape_differences(got: Any, want: Any, got_name: str = "source", want_name: 
       out.append(f"{key}: {got_name} {a.get(key, 'missing')} -> {want_name} "
                  f"{b.get(key, 'missing')}")
   return out
+
+
+def consecutive_groups(sizes: Sequence[int], limit: int) -> list[list[int]]:
+  """Indices of `sizes` in order, cut into consecutive groups of total size at most `limit` (an
+  item bigger than the limit alone): the files of a sharded save, the params merged at a time."""
+  groups, total = [[]], 0
+  for i, size in enumerate(sizes):
+    if groups[-1] and total + size > limit:
+      groups.append([])
+      total = 0
+    groups[-1].append(i)
+    total += size
+  return groups

@@ -26,7 +26,7 @@ from pretrainx.cpt.merge import NEEDS_BASE, MergeSettings, merge_leaf, param_key
 from pretrainx.hf_tokenizer import write_tokenizer
 from pretrainx.model import Transformer
 from pretrainx.sharding import logical_to_shardings, make_mesh
-from pretrainx.tree import unbox_tree
+from pretrainx.tree import consecutive_groups, unbox_tree
 
 DEFAULT_GROUP_BYTES = 1 << 30
 # What the weights of two models must share to be merged entry by entry.
@@ -119,15 +119,9 @@ def abstract_params(cfg: ModelConfig, mesh: jax.sharding.Mesh, rules: Any) -> di
 
 def param_groups(abstract: dict[tuple, Any], group_bytes: int) -> list[list[tuple]]:
   """Consecutive params in groups of at most `group_bytes` (a bigger param alone)."""
-  groups, size = [[]], 0
-  for name, a in abstract.items():
-    nbytes = a.size * jnp.dtype(a.dtype).itemsize
-    if groups[-1] and size + nbytes > group_bytes:
-      groups.append([])
-      size = 0
-    groups[-1].append(name)
-    size += nbytes
-  return groups
+  names = list(abstract)
+  sizes = [a.size * jnp.dtype(a.dtype).itemsize for a in abstract.values()]
+  return [[names[i] for i in group] for group in consecutive_groups(sizes, group_bytes)]
 
 
 def _check_shapes(src: Source, abstract: dict[tuple, Any], mesh, rules) -> None:

@@ -86,7 +86,7 @@ def test_bad_tuning_configs_are_clear_errors():
     TuneConfig(lora=LoraConfig(), freeze=("embed",))
 
 
-@pytest.mark.parametrize("name", ["rewarm_replay", "lora", "expand", "grow_stack"])
+@pytest.mark.parametrize("name", ["rewarm_replay", "lora", "expand", "grow_stack", "grow_width"])
 def test_cpt_gin_files_parse_and_round_trip(name, tmp_path):
   import os
 

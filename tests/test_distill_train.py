@@ -151,3 +151,25 @@ def test_the_distillation_presets_parse_and_validate(name):
   assert exp.distill.online == (name != "cached")
   assert exp.distill.active(47, exp.run.steps) and (
       exp.distill.active(48, exp.run.steps) == (name != "salt"))
+
+
+def test_plan_counts_the_frozen_teacher(tiny_exp, teacher):
+  """`plan` compiles the distilling step: the teacher's params (bf16, sharded like the student's
+  on the same mesh) are in the per-device memory and its forward in the FLOPs."""
+  from pretrainx import plan
+  from pretrainx.train.teacher import teacher_model_config
+
+  from pretrainx.flops import flops_per_token
+
+  exp = tiny_exp(distill={"teacher": teacher}, mesh={"data": 2, "fsdp": 4})
+  report = plan.plan(exp)
+  cfg = teacher_model_config(exp)
+  params = nn.unbox(Transformer(cfg).init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32)))
+  total = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(params))
+  assert {x.dtype for x in jax.tree.leaves(params)} == {jnp.dtype("bfloat16")}
+  assert total / 8 <= report.teacher_bytes < total / 2  # sharded over the 4-way fsdp axis
+  tokens = exp.run.global_batch_size * exp.run.seq_len
+  assert report.teacher_flops_per_step == pytest.approx(
+      flops_per_token(cfg, exp.run.seq_len) / 3 * tokens)  # a forward: a third of training's
+  assert report.analytic_flops_per_step == pytest.approx(
+      flops_per_token(exp.model, exp.run.seq_len) * tokens + report.teacher_flops_per_step)

@@ -111,6 +111,15 @@ def section(teacher: dict, results: dict[str, dict], cache: dict, args, sizes: d
     delta = r["eval_loss"] - ce["eval_loss"]
     lines.append(f"| {name} | {r['eval_loss']:.4f} | {delta:+.4f} | {r['seconds'] / 60:.1f} | "
                  f"{r['tokens_per_second']:,.0f} |")
+  timing = args.timing
+  if timing:
+    share = 1.0 - timing["online"] / timing["ce"]
+    lines += ["", f"Step time alone, the host otherwise idle ({args.timing_steps} steps each, "
+              "after the runs above, which shared the host with other work):", "",
+              "| run | tokens/s | vs CE |", "|---|---:|---:|"]
+    lines += [f"| {name} | {timing[key]:,.0f} | {timing[key] / timing['ce']:.2f} |"
+              for key, name in (("ce", "CE only"), ("online", "KD, online teacher"),
+                                ("cached", f"KD, cached top-{CACHE_K}"))]
   lines += [
       "",
       f"- The online teacher's share of the step time: **{share:.0%}** (1 - the KD run's "
@@ -131,10 +140,13 @@ def main() -> None:
   p.add_argument("--out", default=os.path.join(REPO, "runs", "bench_distill"))
   p.add_argument("--teacher_steps", type=int, default=400)
   p.add_argument("--student_steps", type=int, default=300)
+  p.add_argument("--timing_steps", type=int, default=40,
+                 help="also time CE, online and cached KD alone for this many steps (0: not)")
   p.add_argument("--reuse", action="store_true", help="read back runs and the cache already made")
   p.add_argument("--write", default=RESULTS, help="the RESULTS.md to write ('' not to)")
   args = p.parse_args()
   logging.basicConfig(level=logging.INFO, format="%(message)s")
+  log.setLevel(logging.INFO)  # importing pretrainx may have configured the root logger already
   start = time.perf_counter()
   os.makedirs(args.out, exist_ok=True)
   teacher_exp = experiment(args.out, "teacher", args.teacher_steps, TEACHER,
@@ -163,6 +175,15 @@ def main() -> None:
     exp = experiment(args.out, f"student_{i}", args.student_steps, distill=distill)
     results[name] = run_one(exp, args.reuse)
     log.info("%s: %s", name, results[name])
+  args.timing = None
+  if args.timing_steps:  # tokens/s of CE, online and cached KD alone on the host
+    args.timing = {}
+    for key, name in (("ce", "CE only"), ("online", "KD, alpha 0.5 (online)"),
+                      ("cached", f"KD from a cached top-{CACHE_K} teacher")):
+      exp = experiment(args.out, f"timing_{key}", args.timing_steps, distill=runs[name],
+                       run={"log_every": args.timing_steps})
+      args.timing[key] = run_one(exp, args.reuse)["tokens_per_second"]
+    log.info("timing: %s", args.timing)
   sizes = {"teacher": count_params(teacher_exp.model)["total"],
            "student": count_params(base.model)["total"]}
   text = section(teacher, results, cache, args, sizes, time.perf_counter() - start)

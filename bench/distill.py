@@ -96,7 +96,8 @@ def section(teacher: dict, results: dict[str, dict], cache: dict, args, sizes: d
       HEADING, "",
       f"`.venv/bin/python bench/distill.py --teacher_steps {args.teacher_steps} --student_steps "
       f"{args.student_steps}` on this 2-core CPU host (no accelerator), {seconds / 60:.0f} min "
-      "in all. Data: the embedded corpus's `prose` domain (byte vocabulary), "
+      "of runs in all (saved runs' times included). Data: the embedded corpus's `prose` domain "
+      "(byte vocabulary), "
       f"{SEQ}-token rows, {BATCH} rows per step.", "",
       f"- Teacher: {sizes['teacher'] / 1e6:.1f}M parameters (8 layers, width 512), "
       f"{args.teacher_steps} steps ({args.teacher_steps * BATCH * SEQ / 1e6:.2f}M tokens) in "
@@ -121,6 +122,10 @@ def section(teacher: dict, results: dict[str, dict], cache: dict, args, sizes: d
               for key, name in (("ce", "CE only"), ("online", "KD, online teacher"),
                                 ("cached", f"KD, cached top-{CACHE_K}"))]
   lines += [
+      "",
+      "The runs of the first table shared the host with other work (tests, another benchmark), "
+      "so their wall times and tokens/s are upper and lower bounds; the second table is the "
+      "cost to read.",
       "",
       f"- The online teacher's share of the step time: **{share:.0%}** (1 - the KD run's "
       "tokens/s over the CE run's, compile and eval pauses excluded).",
@@ -186,7 +191,9 @@ def main() -> None:
     log.info("timing: %s", args.timing)
   sizes = {"teacher": count_params(teacher_exp.model)["total"],
            "student": count_params(base.model)["total"]}
-  text = section(teacher, results, cache, args, sizes, time.perf_counter() - start)
+  spent = (time.perf_counter() - start if not args.reuse else
+           teacher["seconds"] + cache["seconds"] + sum(r["seconds"] for r in results.values()))
+  text = section(teacher, results, cache, args, sizes, spent)
   sys.stdout.write(text)
   if args.write:
     write_section(text, args.write, HEADING)

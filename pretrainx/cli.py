@@ -226,7 +226,7 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--t", type=float, default=0.5, help="slerp: 0 is the first model, 1 the second")
   p.add_argument("--seed", type=int, default=0, help="dare's drop masks")
   p.add_argument("--normalize", action=argparse.BooleanOptionalAction, default=None,
-                 help="divide by the weights' sum (default: linear, ties and dare_ties do)")
+                 help="divide by the weights' sum (default: linear and ties do, as mergekit)")
   p.add_argument("--params_file", default=None,
                  help="JSON list of [regex, {weights|density|t|normalize: value}] per-parameter "
                       "overrides; the first regex found in a param's name (e.g. "

@@ -1,8 +1,8 @@
 """Model merging (cpt/merge.py) against numpy references written from the papers, and
 `pretrainx merge` (train/merge_sources.py): sharded streaming, LAWA, exports, bad input.
 
-mergekit is not a test dependency: it pulls torch, transformers and more; the references below
-are written from the papers (and mergekit's documented conventions) instead.
+The references below are written from the papers (and mergekit's documented conventions);
+tests/test_merge_mergekit.py compares `pretrainx merge --hf` with mergekit itself.
 """
 
 import dataclasses
@@ -132,7 +132,7 @@ def test_dare_matches_numpy_and_is_seeded():
   _close(merge.dare(base, [x, y], w, density, seed=3), got, 0)
   assert not np.allclose(merge.dare(base, [x, y], w, density, seed=4)["b"], got["b"])
   # dare_ties: the dropped-and-rescaled vectors, then TIES' sign election and disjoint mean
-  ties_got = merge.dare(base, [x, y], w, density, seed=3, sign_election=True)
+  ties_got = merge.dare(base, [x, y], w, density, seed=3, sign_election=True, normalize=True)
   key = jax.random.fold_in(jax.random.key(3), zlib.crc32(b"b") & 0x7FFFFFFF)
   dropped = [base["b"] + np.where(jax.random.bernoulli(jax.random.fold_in(key, i), density, (5,)),
                                   (v["b"] - base["b"]) / density, 0) for i, v in enumerate([x, y])]
@@ -145,6 +145,29 @@ def test_slerp_matches_numpy(t):
   _close(merge.slerp(a, b, t), jax.tree.map(lambda x, y: np_slerp(x, y, t), a, b))
   near = jax.tree.map(lambda x: x * 2.0 + 1e-4, a)  # colinear: plain interpolation
   _close(merge.slerp(a, near, t), jax.tree.map(lambda x, y: (1 - t) * x + t * y, a, near))
+
+
+def test_layers_and_vocabulary_padding_merge_per_hf_tensor():
+  """With the ModelConfig, TIES' trim and SLERP's angle work per layer of a scanned stack and on
+  the vocabulary's rows only (padding: the base's), as mergekit merges each HF tensor."""
+  import types
+
+  cfg = types.SimpleNamespace(vocab_size=5)
+  base, x, y = [{"layers": {"w": RNG.normal(size=(3, 4, 6)).astype(np.float32)},
+                 "embed": {"embedding": RNG.normal(size=(8, 4)).astype(np.float32)}}
+                for _ in range(3)]
+  assert merge.tensor_layout(cfg, "layers/moe/up_proj") == {"stacked": 2, "vocab": None}
+  got = merge.merge(merge.MergeSettings("ties", (1.0, 0.5), 0.3), [x, y], base, cfg)
+  for i in range(3):
+    w = lambda t, i=i: t["layers"]["w"][i]
+    _close(got["layers"]["w"][i], np_ties(w(base), (w(x), w(y)), [1.0, 0.5], 0.3))
+  e = lambda t: t["embed"]["embedding"]
+  _close(e(got)[:5], np_ties(e(base)[:5], (e(x)[:5], e(y)[:5]), [1.0, 0.5], 0.3))
+  _close(e(got)[5:], e(base)[5:])
+  got = merge.merge(merge.MergeSettings("slerp", t=0.3), [x, y], None, cfg)
+  for i in range(3):
+    _close(got["layers"]["w"][i], np_slerp(x["layers"]["w"][i], y["layers"]["w"][i], 0.3))
+  _close(e(got)[:5], np_slerp(e(x)[:5], e(y)[:5], 0.3))
 
 
 def test_math_refusals():
@@ -247,7 +270,8 @@ def test_streamed_sharded_merge_equals_in_memory(world):
   one = make_mesh(MeshConfig(), jax.devices()[:1])
   whole = ms.merge_models(srcs, s, ms.open_source(p0), mesh=one)
   _close(_np(streamed), _np(whole))
-  _close(_np(whole), _np(merge.ties(t0, [t1, t2], [1.0, 0.5], 0.4)))
+  # per layer of the scanned stack, the vocabulary's padding left out (merge.tensor_layout)
+  _close(_np(whole), _np(merge.merge(s, [t1, t2], t0, cfg=world.exp.model)))
 
 
 def test_lawa_equals_mean_of_checkpoints(world, run_cli, tmp_path):

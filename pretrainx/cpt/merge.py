@@ -3,6 +3,12 @@
 Pure jnp functions (whole trees, or one tensor with `merge_leaf`) that run under jit on sharded
 arrays; settings may differ per parameter by (regex, overrides) rules, first match wins, as
 mergekit's per-tensor parameters. Loading, streaming and saving: pretrainx/train/merge_sources.py.
+
+mergekit's numbers (tests/test_merge_mergekit.py): its defaults (linear and ties normalize,
+task_arithmetic, dare_linear = our `dare` and dare_ties do not), its per-tensor steps per Hugging
+Face tensor (TIES' top-k and SLERP's angle per layer of a scanned stack and per expert, never over
+the vocabulary's padding: `tensor_layout`). DARE rescales the kept entries by 1/density as the
+paper does, where mergekit 0.1.5 rescales each tensor to its L1 norm before the drop.
 """
 
 from __future__ import annotations
@@ -15,11 +21,13 @@ from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 METHODS = ("linear", "task_arithmetic", "ties", "dare", "dare_ties", "slerp")
 NEEDS_BASE = ("task_arithmetic", "ties", "dare", "dare_ties")
-# mergekit's defaults: a soup and the sign-elected merges divide by the weights' sum.
-_NORMALIZED = ("linear", "ties", "dare_ties")
+# mergekit's defaults: a soup and TIES divide by the weights' sum (dare_ties does not).
+_NORMALIZED = ("linear", "ties")
+_EXPERT_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
 _OVERRIDES = ("weights", "density", "t", "normalize")
 SLERP_COLINEAR = 0.9995  # |cos| above which SLERP is a plain interpolation (mergekit's threshold)
 _EPS = 1e-8
@@ -34,6 +42,8 @@ class LeafSettings:
   density: float = 1.0  # TIES: the fraction of each task vector kept; DARE: the survival prob.
   t: float = 0.5  # SLERP: 0 gives the first model, 1 the second
   normalize: bool | None = None  # divide by the weights' sum; None: the method's default
+  stacked: int = 0  # leading axes of stacked tensors (scanned layers, experts): each slice alone
+  vocab: tuple[int, int] | None = None  # (axis, size): entries at index >= size are padding
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,14 +82,29 @@ class MergeSettings:
       if not 0.0 < value <= 1.0:
         raise ValueError(f"density={value} must be in (0, 1]: the fraction of entries kept.")
 
-  def for_param(self, name: str) -> LeafSettings:
-    """The settings of the parameter `name` ('/'-joined path): the first matching rule's."""
+  def for_param(self, name: str, cfg: Any = None) -> LeafSettings:
+    """The settings of the parameter `name` ('/'-joined path): the first matching rule's; with
+    the model's ModelConfig `cfg`, its `tensor_layout` too."""
     fields = {f: getattr(self, f) for f in _OVERRIDES}
     for pattern, overrides in self.rules:
       if re.search(pattern, name):
         fields.update(dict(overrides))
         break
-    return LeafSettings(method=self.method, **fields)
+    layout = tensor_layout(cfg, name) if cfg is not None else {}
+    return LeafSettings(method=self.method, **fields, **layout)
+
+
+def tensor_layout(cfg: Any, name: str) -> dict[str, Any]:
+  """How the param `name` of a model of ModelConfig `cfg` splits into Hugging Face tensors, for
+  the steps that look at a whole tensor (TIES' trim, SLERP's angle), as mergekit merges each HF
+  tensor: stacked, its leading axes of one tensor each (scan_layers' 'layers/...', routed experts'
+  'moe/{gate,up,down}_proj'); vocab, (axis, vocab_size) of the embedding and lm_head, whose rows
+  past the vocabulary are padding that no HF tensor holds."""
+  parts = name.split("/")
+  stacked = int(parts[0] == "layers") + int(
+      len(parts) >= 2 and parts[-2] == "moe" and parts[-1] in _EXPERT_PROJECTIONS)
+  vocab = {"embed/embedding": (0, cfg.vocab_size), "lm_head": (1, cfg.vocab_size)}.get(name)
+  return {"stacked": stacked, "vocab": vocab}
 
 
 def param_key(seed: int, name: str) -> jax.Array:
@@ -104,15 +129,36 @@ def _bcast(w: jax.Array, x: jax.Array) -> jax.Array:
   return w.reshape(w.shape + (1,) * (x.ndim - 1))  # [n] -> [n, 1, ...]
 
 
-def _trim(delta: jax.Array, density: float) -> jax.Array:
-  """TIES' trim: the k = int(density * size) entries of largest magnitude kept, the rest 0."""
-  k = int(density * delta.size)
-  if k >= delta.size:
+def _valid(s: LeafSettings, shape: tuple[int, ...]) -> np.ndarray | None:
+  """The entries of one model's tensor that are not vocabulary padding (None: all are); a
+  constant of the trace."""
+  if s.vocab is None or s.vocab[1] >= shape[s.vocab[0]]:
+    return None
+  axis, size = s.vocab
+  rows = np.arange(shape[axis]) < size
+  return np.broadcast_to(rows.reshape((-1,) + (1,) * (len(shape) - axis - 1)), shape)
+
+
+def _slices(x: jax.Array, stacked: int) -> jax.Array:
+  return x.reshape(x.shape[:stacked] + (-1,))  # [*stack, entries of one HF tensor]
+
+
+def _trim(delta: jax.Array, density: float, stacked: int = 0,
+          valid: np.ndarray | None = None) -> jax.Array:
+  """TIES' trim, per slice of the `stacked` leading axes: the k = max(1, int(density * size))
+  entries of largest magnitude kept (mergekit keeps at least one), the rest 0; size counts the
+  `valid` entries only, and the others are 0 (ties at the k-th magnitude are all kept)."""
+  if density >= 1.0:
     return delta
-  if k == 0:
-    return jnp.zeros_like(delta)
-  threshold = jnp.sort(jnp.abs(delta).ravel())[delta.size - k]  # the k-th largest magnitude
-  return jnp.where(jnp.abs(delta) >= threshold, delta, 0.0)
+  flat = _slices(delta, stacked)
+  mag = jnp.abs(flat)
+  size = flat.shape[-1]
+  if valid is not None:
+    mag = jnp.where(valid.reshape(flat.shape), mag, -1.0)
+    size = int(valid.sum()) * flat.shape[-1] // valid.size
+  k = max(1, int(density * size))
+  threshold = jnp.sort(mag, axis=-1)[..., flat.shape[-1] - k, None]  # the k-th largest
+  return jnp.where(mag >= threshold, flat, 0.0).reshape(delta.shape)
 
 
 def _drop(delta: jax.Array, density: float, key: jax.Array) -> jax.Array:
@@ -135,15 +181,25 @@ def _sign_mixed(weighted: jax.Array, w: jax.Array, normalize: bool) -> jax.Array
   return mixed / jnp.where(divisor == 0, 1.0, divisor)
 
 
-def _slerp(a: jax.Array, b: jax.Array, t: float) -> jax.Array:
-  """Spherical interpolation of the flattened tensors, linear when nearly colinear."""
-  norm = lambda x: x / jnp.where(jnp.linalg.norm(x) > _EPS, jnp.linalg.norm(x), 1.0)
-  dot = jnp.sum(norm(a) * norm(b))
+def _slerp(a: jax.Array, b: jax.Array, t: float, stacked: int = 0,
+           valid: np.ndarray | None = None) -> jax.Array:
+  """Spherical interpolation of the flattened tensors (each slice of the `stacked` leading axes
+  alone), linear when nearly colinear; the angle is the `valid` entries' only."""
+  shape = a.shape
+  a, b = _slices(a, stacked), _slices(b, stacked)
+  mask = None if valid is None else valid.reshape(a.shape)
+  masked = lambda x: x if mask is None else jnp.where(mask, x, 0.0)
+
+  def norm(x):
+    n = jnp.linalg.norm(masked(x), axis=-1, keepdims=True)
+    return masked(x) / jnp.where(n > _EPS, n, 1.0)
+
+  dot = jnp.sum(norm(a) * norm(b), axis=-1, keepdims=True)
   colinear = jnp.abs(dot) > SLERP_COLINEAR
   theta = jnp.arccos(jnp.clip(dot, -1.0, 1.0))
   sin = jnp.where(colinear, 1.0, jnp.sin(theta))
   s0, s1 = jnp.sin((1 - t) * theta) / sin, jnp.sin(t * theta) / sin
-  return jnp.where(colinear, (1 - t) * a + t * b, s0 * a + s1 * b)
+  return jnp.where(colinear, (1 - t) * a + t * b, s0 * a + s1 * b).reshape(shape)
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -157,7 +213,7 @@ def merge_leaf(s: LeafSettings, xs: Sequence[jax.Array], base: jax.Array | None 
   if s.method == "slerp":
     if len(xs) != 2:
       raise ValueError(f"SLERP merges exactly two models, not {len(xs)}.")
-    return _slerp(x[0], x[1], s.t).astype(dtype)
+    return _slerp(x[0], x[1], s.t, s.stacked, _valid(s, x.shape[1:])).astype(dtype)
   if s.method == "linear":
     total = (_bcast(w, x) * x).sum(0)
     return (total / jnp.where(jnp.abs(w.sum()) < _EPS, 1.0, w.sum()) if _normalized(s)
@@ -167,7 +223,8 @@ def merge_leaf(s: LeafSettings, xs: Sequence[jax.Array], base: jax.Array | None 
   b = base.astype(jnp.float32)
   delta = x - b  # [n, ...] task vectors
   if s.method == "ties":
-    delta = jnp.stack([_trim(d, s.density) for d in delta])
+    valid = _valid(s, b.shape)
+    delta = jnp.stack([_trim(d, s.density, s.stacked, valid) for d in delta])
   elif s.method in ("dare", "dare_ties"):
     delta = jnp.stack([_drop(d, s.density, jax.random.fold_in(key, i))
                        for i, d in enumerate(delta)])
@@ -189,9 +246,11 @@ def param_name(path: tuple) -> str:
   return "/".join(str(p) for p in parts)
 
 
-def merge(settings: MergeSettings, trees: Sequence[Any], base: Any = None) -> Any:
+def merge(settings: MergeSettings, trees: Sequence[Any], base: Any = None, cfg: Any = None) -> Any:
   """The merge of `trees` (same structure; and `base` for the task-vector methods), leaf by
-  leaf with each parameter's settings; jit it to merge on a mesh."""
+  leaf with each parameter's settings; jit it to merge on a mesh. cfg: the models' ModelConfig,
+  for pretrainx params (stacked layers and experts, vocabulary padding: `tensor_layout`); None
+  merges each leaf as one tensor."""
   if settings.method in NEEDS_BASE and base is None:
     raise ValueError(f"the {settings.method} merge needs a base model; pass --base.")
   if settings.method == "slerp" and len(trees) != 2:
@@ -200,7 +259,7 @@ def merge(settings: MergeSettings, trees: Sequence[Any], base: Any = None) -> An
   def one(path, *leaves):
     name = param_name(path)
     xs, b = (leaves[1:], leaves[0]) if base is not None else (leaves, None)
-    s = settings.for_param(name)
+    s = settings.for_param(name, cfg)
     key = param_key(settings.seed, name) if s.method.startswith("dare") else None
     return merge_leaf(s, tuple(xs), b, key)
 

@@ -163,7 +163,7 @@ def merge_models(models: Sequence[Source], settings: MergeSettings, base: Source
     base_in = base.read(names, abstract) if base is not None else None
     for name in names:
       path = "/".join(name)
-      leaf = settings.for_param(path)
+      leaf = settings.for_param(path, cfg)
       key = param_key(settings.seed, path) if leaf.method.startswith("dare") else None
       out = merge_leaf(leaf, tuple(x[name] for x in inputs),
                        None if base_in is None else base_in[name], key)

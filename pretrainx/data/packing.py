@@ -23,6 +23,7 @@ import numpy as np
 from pretrainx.data import neighbours
 from pretrainx.data import objectives as obj
 from pretrainx.data import selection as select
+from pretrainx.data.teacher_cache import filler as teacher_filler
 from pretrainx.config import Stage
 from pretrainx.config.data import PACKING_MODES, PACKING_ORDERS, Selection
 
@@ -305,8 +306,8 @@ class DomainRows:
     out = {k: np.zeros(self.seq_len, np.int32) for k in ROW_KEYS}
     out["loss_weight"] = np.zeros(self.seq_len, np.float32)
     weights = self._weights(view.selection)
-    if self.teacher_cache is not None:
-      out.update(self._teacher_filler())
+    if self.teacher_cache is not None:  # padding: a one-hot that the loss mask leaves out
+      out.update(zip(TEACHER_KEYS, teacher_filler(self.seq_len, self.teacher_k)))
     fill = 0
     for seg, k in enumerate(range(lay.first[r], lay.first[r + 1]), start=1):
       example = self._example(lay, k, epoch, stage)
@@ -326,15 +327,6 @@ class DomainRows:
     if self.cross:  # one segment: every piece attends to the pieces before it in the row
       out["segment_ids"][:fill], out["positions"][:fill] = 1, np.arange(fill)
     return out
-
-  def _teacher_filler(self) -> dict[str, np.ndarray]:
-    """TEACHER_KEYS of a row's padding: token 0 with probability 1, a distribution (no NaN)
-    that the loss mask leaves out."""
-    logprobs = np.full((self.seq_len, self.teacher_k), -np.inf, np.float32)
-    logprobs[:, 0] = 0.0
-    return {"teacher_ids": np.zeros((self.seq_len, self.teacher_k), np.int32),
-            "teacher_logprobs": logprobs,
-            "teacher_target_logprob": np.zeros(self.seq_len, np.float32)}
 
   def _example(self, lay: EpochLayout, k: int, epoch: int, stage: Stage) -> obj.Example:
     doc, start, length = int(lay.doc[k]), int(lay.start[k]), int(lay.length[k])

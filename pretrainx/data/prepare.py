@@ -19,7 +19,7 @@ import tqdm
 
 from pretrainx import cluster as cluster_lib
 from pretrainx import storage
-from pretrainx.data import corpus
+from pretrainx.data import corpus, side_arrays
 from pretrainx.data import store as token_store
 from pretrainx.config import CorpusTask, FileTask, MixtureSpec
 from pretrainx.data.tasks import Shard, has_validation, iter_shard, shards
@@ -177,7 +177,7 @@ def prepare_file_split(path: str, task: FileTask, split: str, vocabulary, *,
   storage.check_bucket(path, "write the token store")
   label = f"{task.name}/{split}"
   with storage.exclusive(token_store.lock_path(path), f"writing the token store {path}"):
-    identity = token_store.json_identity({
+    identity = side_arrays.as_json({
         "vocabulary": token_store.vocabulary_identity(vocabulary),
         "fingerprint": {"source": repr(task)}})
     if overwrite:

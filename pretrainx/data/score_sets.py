@@ -10,17 +10,17 @@ own version; other params start a new version. 'source' names the score the task
 
 from __future__ import annotations
 
-import re
 from typing import Any
 
 import numpy as np
 import tensorstore as ts
 
 from pretrainx import storage
+from pretrainx.data import side_arrays
 
 SOURCE = "source"  # the store's own `scores` array (FileTask.score_field)
 LENGTH = "length"  # each document's token count, from the store's offsets (no score set)
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+KIND = "score_sets"  # the folder beside the store's arrays
 # Values per zarr chunk: a writer's commit rewrites only the chunks it touches (256 KiB each),
 # not one object holding every document's value.
 _CHUNK = 1 << 16
@@ -31,18 +31,18 @@ class ScoreSetError(ValueError):
 
 
 def check_name(name: str) -> str:
-  if name in (SOURCE, LENGTH) or not _NAME.match(name or ""):
+  if name in (SOURCE, LENGTH) or not side_arrays.NAME.match(name or ""):
     raise ScoreSetError(f"score name {name!r}: use letters, digits, '_', '.', '-' (not "
                         f"{SOURCE!r} or {LENGTH!r}, which the store itself gives).")
   return name
 
 
 def _root(store_path: str) -> str:
-  return storage.join(store_path, "score_sets")
+  return storage.join(store_path, KIND)
 
 
 def version_path(store_path: str, name: str, version: int) -> str:
-  return storage.join(_root(store_path), name, f"v{int(version)}")
+  return side_arrays.version_path(store_path, KIND, name, version)
 
 
 def _info(store_path: str, name: str, version: int) -> dict | None:
@@ -51,12 +51,7 @@ def _info(store_path: str, name: str, version: int) -> dict | None:
 
 
 def _versions(store_path: str, name: str) -> list[int]:
-  where = storage.join(_root(store_path), name)
-  if not storage.isdir(where):
-    return []
-  found = [int(v[1:]) for v in (s.rstrip("/") for s in storage.listdir(where))
-           if re.fullmatch(r"v\d+", v)]
-  return sorted(found)
+  return side_arrays.versions(store_path, KIND, name)
 
 
 def list_scores(store_path: str) -> dict[str, list[int]]:
@@ -111,7 +106,8 @@ class ScoreWriter:
     last = versions[-1] if versions else 0
     info = _info(store_path, name, last) if versions else None
     if (info is not None and not info.get("complete") and info.get("kind") == kind and
-        info.get("params") == _json(params) and info.get("num_docs") == self.num_docs):
+        info.get("params") == side_arrays.as_json(params) and
+        info.get("num_docs") == self.num_docs):
       self.version, self.done = last, int(info["done"])
       self._arr = ts.open({"driver": "zarr", "kvstore": storage.kvstore(
           storage.join(self.path, "values"))}, open=True).result()
@@ -131,7 +127,7 @@ class ScoreWriter:
   def _write_info(self, complete: bool) -> None:
     storage.write_json(storage.join(self.path, "info.json"), {
         "name": self.name, "version": self.version, "kind": self.kind,
-        "params": _json(self.params), "num_docs": self.num_docs, "done": self.done,
+        "params": side_arrays.as_json(self.params), "num_docs": self.num_docs, "done": self.done,
         "complete": complete})
 
   def write(self, start: int, values: np.ndarray) -> None:
@@ -150,8 +146,3 @@ class ScoreWriter:
     self._write_info(True)
     return self.version
 
-
-def _json(value: dict) -> dict:
-  import json  # pylint: disable=import-outside-toplevel
-
-  return json.loads(json.dumps(value, sort_keys=True))

@@ -18,7 +18,7 @@ import numpy as np
 import tensorstore as ts
 
 from pretrainx import storage
-from pretrainx.data import corpus, score_sets
+from pretrainx.data import corpus, score_sets, side_arrays
 from pretrainx.data.tasks import SourceDocument
 
 FORMAT_VERSION = 1
@@ -53,11 +53,6 @@ def open_array(path: str, name: str, create: bool = False):
 def read_range(arr, start: int = 0, stop: int | None = None) -> np.ndarray:
   stop = arr.shape[0] if stop is None else stop
   return np.asarray(arr[start:stop].read().result())
-
-
-def json_identity(value: dict) -> dict:
-  """`value` as read back from JSON (tuples become lists), to compare with a manifest."""
-  return json.loads(json.dumps(value, sort_keys=True))
 
 
 class Appender:
@@ -161,8 +156,8 @@ def _write_store_locked(path: str, documents: Iterable[SourceDocument], vocabula
                         split: str, fingerprint: dict | None, flush_every_docs: int,
                         overwrite: bool) -> dict:
   """write_store's work, by the holder of the store's lock."""
-  identity = json_identity({"vocabulary": vocabulary_identity(vocabulary),
-                             "fingerprint": fingerprint or {}})
+  identity = side_arrays.as_json({"vocabulary": vocabulary_identity(vocabulary),
+                                  "fingerprint": fingerprint or {}})
   manifest_path = storage.join(path, "manifest.json")
   progress_path = storage.join(path, "progress.json")
   if overwrite:
@@ -290,7 +285,7 @@ def open_store(path: str, vocabulary=None, fingerprint: dict | None = None,
     raise StoreError(f"token store {path} was made with vocabulary {manifest['vocabulary']} but "
                      f"the run uses {vocabulary_identity(vocabulary)}; prepare it again with "
                      "--overwrite (or point DataConfig.store_dir elsewhere).")
-  if fingerprint is not None and manifest.get("fingerprint") != json_identity(fingerprint):
+  if fingerprint is not None and manifest.get("fingerprint") != side_arrays.as_json(fingerprint):
     raise StoreError(f"token store {path} was made from {manifest.get('fingerprint')}, not "
                      f"{fingerprint}; prepare it again with --overwrite.")
   store = TokenStore(path, manifest)
@@ -328,8 +323,8 @@ def _build_corpus_store(path: str, domain: str, split: str, vocabulary,
                         validation_fraction: float, fingerprint: dict) -> None:
   """Under the lock: an interrupted build of this store is continued; a store of another
   vocabulary or split, or a complete one that does not open (broken), is replaced."""
-  identity = json_identity({"vocabulary": vocabulary_identity(vocabulary),
-                             "fingerprint": fingerprint})
+  identity = side_arrays.as_json({"vocabulary": vocabulary_identity(vocabulary),
+                                  "fingerprint": fingerprint})
   started = storage.join(path, "identity.json")
   interrupted = (not storage.exists(storage.join(path, "manifest.json")) and
                  storage.exists(started) and storage.read_json(started) == identity)

@@ -18,16 +18,15 @@ written for. No JAX here: the writer of the entries is pretrainx/train/distill_c
 
 from __future__ import annotations
 
-import json
-import re
 from typing import Any
 
 import numpy as np
 import tensorstore as ts
 
 from pretrainx import storage
+from pretrainx.data import side_arrays
 
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+KIND = "teacher_caches"  # the folder beside the store's arrays
 CHUNK_TOKENS = 1 << 14  # tokens per zarr chunk (2 MiB of ids at k = 32)
 IN_MEMORY_BYTES = 256 << 20  # parts at most this big are read whole, once
 CACHE_BYTES = 64 << 20  # TensorStore chunk cache per opened array of a bigger part
@@ -40,7 +39,7 @@ class TeacherCacheError(ValueError):
 
 
 def check_name(name: str) -> str:
-  if not _NAME.match(name or ""):
+  if not side_arrays.NAME.match(name or ""):
     raise TeacherCacheError(f"teacher cache name {name!r}: use letters, digits, '_', '.', '-'.")
   return name
 
@@ -49,9 +48,10 @@ def store_identity(store) -> dict[str, Any]:
   """What changes when the store is prepared again from other text or another vocabulary."""
   m = store.manifest
   sums = m.get("checksums") or {}
-  return _json({"vocabulary": m.get("vocabulary"), "num_docs": int(store.num_docs),
-                "num_tokens": int(store.num_tokens),
-                "checksums": {k: sums.get(k) for k in ("tokens", "doc_offsets")}})
+  return side_arrays.as_json({"vocabulary": m.get("vocabulary"),
+                              "num_docs": int(store.num_docs),
+                              "num_tokens": int(store.num_tokens),
+                              "checksums": {k: sums.get(k) for k in ("tokens", "doc_offsets")}})
 
 
 def filler(n: int, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -73,12 +73,8 @@ def split_parts(doc_offsets: np.ndarray, parts: int) -> list[dict[str, list[int]
           for lo, hi in zip(cuts[:-1], cuts[1:]) if hi > lo]
 
 
-def _root(store_path: str) -> str:
-  return storage.join(store_path, "teacher_caches")
-
-
 def version_path(store_path: str, name: str, version: int) -> str:
-  return storage.join(_root(store_path), name, f"v{int(version)}")
+  return side_arrays.version_path(store_path, KIND, name, version)
 
 
 def part_path(path: str, index: int) -> str:
@@ -86,11 +82,7 @@ def part_path(path: str, index: int) -> str:
 
 
 def _versions(store_path: str, name: str) -> list[int]:
-  where = storage.join(_root(store_path), name)
-  if not storage.isdir(where):
-    return []
-  return sorted(int(v[1:]) for v in (s.rstrip("/") for s in storage.listdir(where))
-                if re.fullmatch(r"v\d+", v))
+  return side_arrays.versions(store_path, KIND, name)
 
 
 def _info(path: str) -> dict | None:
@@ -160,7 +152,7 @@ class CacheWriter:
   def __init__(self, store, name: str, params: dict[str, Any], *, k: int, seq_len: int,
                parts: int, rows_of: Any):
     self.store_path, self.name = store.path, check_name(name)
-    self.params, identity = _json(params), store_identity(store)
+    self.params, identity = side_arrays.as_json(params), store_identity(store)
     versions = _versions(store.path, name)
     last = versions[-1] if versions else 0
     info = _info(version_path(store.path, name, last)) if versions else None
@@ -286,7 +278,3 @@ def open_teacher_cache(store, name: str = "teacher", version: int | None = None)
                             "another store (the store was prepared again since); write it again "
                             f"with {HOW.replace('NAME', name)}.")
   return TeacherCache(version_path(store.path, name, version), info)
-
-
-def _json(value: Any) -> Any:
-  return json.loads(json.dumps(value, sort_keys=True))

@@ -24,7 +24,6 @@ import re
 from typing import Any, Callable
 
 import jax
-import jax.numpy as jnp
 import ml_dtypes  # noqa: F401  (registers bfloat16 with numpy, so safetensors reads bf16 weights)
 import numpy as np
 from absl import logging
@@ -39,7 +38,7 @@ from pretrainx.config.hf_config import (ARCHITECTURES, QKV_BIAS_ARCHITECTURES, c
 from pretrainx.config.hf_config import architecture as architecture_of
 from pretrainx.config.sources import read_meta, saved_experiment
 from pretrainx.hf_tokenizer import write_tokenizer
-from pretrainx.model.transformer import Transformer
+from pretrainx.model.transformer import param_shapes
 from pretrainx.sharding import logical_to_shardings, make_mesh
 from pretrainx.tree import consecutive_groups, unbox_tree
 
@@ -246,13 +245,6 @@ def _entry(path: tuple[str, ...], cfg: ModelConfig, fmt: _Format) -> _Entry:
                    f"{fmt.architecture} counterpart.")
 
 
-def _abstract_params(cfg: ModelConfig) -> Any:
-  """Boxed (nn.Partitioned) abstract params of Transformer(cfg); nothing is allocated."""
-  model = Transformer(cfg)
-  return jax.eval_shape(lambda k: model.init(k, jnp.zeros((1, 1), jnp.int32)),
-                        jax.random.key(0))["params"]
-
-
 # ----------------------------------------------------------------------------- reading
 
 
@@ -354,7 +346,7 @@ def import_hf(path: str, *, mesh: jax.sharding.Mesh | None = None, rules=None,
     cfg = dataclasses.replace(cfg, param_dtype=dtype)
   arch = architecture_of(read_config_json(path))
   check_hf_compatible(cfg, arch)
-  boxed = _abstract_params(cfg)
+  boxed = param_shapes(cfg)
   abstract = traverse_util.flatten_dict(unbox_tree(boxed))
   if mesh is None:
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
@@ -386,7 +378,7 @@ def _export_plan(cfg: ModelConfig, flat: dict, architecture: str
   """(HF name, our path, index into our array (layer, expert: each if present), layout, HF
   element count), in HF order."""
   expected = {p: tuple(a.shape) for p, a in
-              traverse_util.flatten_dict(unbox_tree(_abstract_params(cfg))).items()}
+              traverse_util.flatten_dict(unbox_tree(param_shapes(cfg))).items()}
   if set(flat) != set(expected):
     raise ValueError(f"params do not fit the ModelConfig: extra {sorted(set(flat) - set(expected))}"
                      f", missing {sorted(set(expected) - set(flat))}.")
@@ -499,7 +491,7 @@ def _pretrainx_to_hf(src: str, out: str, architecture: str | None, dtype: str | 
                      shard_size: int) -> str:
   meta, cfg = _read_export(src)
   architecture = architecture or meta.get("architecture") or default_architecture(cfg)
-  boxed = _abstract_params(cfg)
+  boxed = param_shapes(cfg)
   shardings = logical_to_shardings(boxed, _spread_mesh(cfg), MeshConfig().rules)
   abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                           unbox_tree(boxed), shardings)

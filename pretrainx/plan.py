@@ -18,7 +18,6 @@ import sys
 import time
 from typing import Any
 
-import flax.linen as nn
 import jax
 import numpy as np
 
@@ -28,7 +27,7 @@ from pretrainx.flops import flops_per_token
 from pretrainx import hlo_collectives
 from pretrainx import topology as tpu_topology
 from pretrainx.config.mesh import MESH_AXES
-from pretrainx.sharding import batch_sharding, make_mesh, mesh_slices
+from pretrainx.sharding import batch_sharding, make_mesh, mesh_slices, sharded_shapes
 from pretrainx.train.runtime import build_runtime
 from pretrainx.train.teacher import teacher_for, teacher_model_config
 
@@ -216,9 +215,7 @@ def _plan_compiled(exp: Experiment, devices, hbm_gib: float | None, topology: st
   eval_temp = mosaic = None
   teacher_args, teacher_flops = (), 0.0
   if teacher is not None and teacher.online:  # the frozen params, in their dtype and shardings
-    teacher_args = (jax.tree.map(
-        lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh),
-        nn.unbox(teacher.abstract), rt.teacher_shardings),)
+    teacher_args = (sharded_shapes(teacher.abstract, rt.mesh, exp.mesh.rules),)
     teacher_flops = (flops_per_token(teacher_model_config(exp), exp.run.seq_len) / 3.0 *
                      exp.run.global_batch_size * exp.run.seq_len)  # a forward: 1/3 of training
   with rt.scope():

@@ -136,6 +136,16 @@ def logical_to_shardings(abstract_tree: Any, mesh: Mesh, rules) -> Any:
   return nn.logical_to_mesh_sharding(specs, mesh, list(rules))
 
 
+def sharded_shapes(boxed: Any, mesh: Mesh, rules) -> Any:
+  """A tree of boxed abstract values (logical axes) as plain ShapeDtypeStructs, each carrying
+  its NamedSharding on `mesh` (what `.lower` and a partial restore take)."""
+  shardings = logical_to_shardings(boxed, mesh, rules)
+  values = jax.tree.map(lambda x: x.value if isinstance(x, nn.Partitioned) else x, boxed,
+                        is_leaf=lambda x: isinstance(x, nn.Partitioned))
+  return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), values,
+                      shardings)
+
+
 @contextlib.contextmanager
 def mesh_scope(mesh: Mesh, rules):
   """Inside it, jit uses `mesh` and Linen's logical constraints resolve through `rules`."""

@@ -147,6 +147,13 @@ class Transformer(nn.Module):
         logits, ("activation_batch", "activation_length", "activation_vocab"))
 
 
+def param_shapes(cfg: ModelConfig):
+  """Transformer(cfg)'s params as boxed (nn.Partitioned, logical axes) ShapeDtypeStructs, from
+  shapes alone: nothing is allocated. Their shapes do not depend on the sequence length."""
+  return jax.eval_shape(lambda key: Transformer(cfg).init(key, jnp.zeros((1, 1), jnp.int32)),
+                        jax.random.key(0))["params"]
+
+
 def sown_kurtosis(intermediates: dict, num_layers: int) -> jax.Array:
   """The per-layer excess kurtosis the blocks sowed -> [num_layers], scanned or unrolled."""
   if "layers" in intermediates:

@@ -3,12 +3,12 @@
 `InitConfig.source` names a Hugging Face model directory, a pretrainx run directory, checkpoint
 directory or step, or a params export (pretrainx.config.sources reads what each holds). Its
 params are placed into the run's shardings, optionally grown (function-preserving width growth
-to the run's widths, Llama-Pro block expansion, G_stack layer stacking), upcycled into experts (a dense source into an MoE run, or an MoE source into
-one with more experts), or linearized (a softmax source into a run whose ModelConfig uses
-'hybrid'/'linear' attention: the new feature maps start at their init), or given embedding rows
-for the ids an extended tokenizer adds (cpt/vocab.py); the optimizer state and step counter are
-reset unless asked to be kept. Used only when the run directory has no
-checkpoint of its own.
+to the run's widths, Llama-Pro block expansion, G_stack layer stacking), upcycled into experts
+(a dense source into an MoE run, or an MoE source into one with more experts), or linearized (a
+softmax source into a run whose ModelConfig uses 'hybrid'/'linear' attention: the new feature
+maps start at their init), or given embedding rows for the ids an extended tokenizer adds
+(cpt/vocab.py); the optimizer state and step counter are reset unless asked to be kept. Used
+only when the run directory has no checkpoint of its own.
 """
 
 from __future__ import annotations
@@ -17,7 +17,6 @@ import dataclasses
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 from absl import logging
 
 from pretrainx import hf, storage
@@ -30,7 +29,7 @@ from pretrainx.cpt.linearize import convert_params
 from pretrainx.cpt.width import grow_width, grown_config
 from pretrainx.cpt.upcycle import needs_upcycling, upcycle_sharded
 from pretrainx.cpt.vocab import NewTokens, extend_vocabulary
-from pretrainx.model import Transformer
+from pretrainx.model import param_shapes
 from pretrainx.sharding import logical_to_shardings
 from pretrainx.train.runtime import Runtime, build_runtime
 from pretrainx.train.state import TrainState, new_state
@@ -134,9 +133,7 @@ def _grow(params: Any, cfg: ModelConfig, init: InitConfig) -> tuple[Any, ModelCo
 
 def _param_shardings(rt: Runtime, cfg: ModelConfig) -> Any:
   """NamedShardings of Transformer(cfg)'s params on the run's mesh, from shapes alone."""
-  tokens = jnp.zeros((1, rt.exp.run.seq_len), jnp.int32)
-  boxed = jax.eval_shape(lambda r: Transformer(cfg).init(r, tokens)["params"], jax.random.key(0))
-  return logical_to_shardings(boxed, rt.mesh, rt.exp.mesh.rules)
+  return logical_to_shardings(param_shapes(cfg), rt.mesh, rt.exp.mesh.rules)
 
 
 def _upcycle(rt: Runtime, params: Any, cfg: ModelConfig, rng: jax.Array

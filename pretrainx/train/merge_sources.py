@@ -24,8 +24,8 @@ from pretrainx.config import (Experiment, MeshConfig, ModelConfig, RunConfig, ex
 from pretrainx.config.sources import read_meta, saved_experiment, source_experiment, source_kind
 from pretrainx.cpt.merge import NEEDS_BASE, MergeSettings, merge_leaf, param_key
 from pretrainx.hf_tokenizer import write_tokenizer
-from pretrainx.model import Transformer
-from pretrainx.sharding import logical_to_shardings, make_mesh
+from pretrainx.model import param_shapes
+from pretrainx.sharding import make_mesh, sharded_shapes
 from pretrainx.tree import consecutive_groups, unbox_tree
 
 DEFAULT_GROUP_BYTES = 1 << 30
@@ -109,12 +109,7 @@ def merge_mesh(cfg: ModelConfig) -> jax.sharding.Mesh:
 
 def abstract_params(cfg: ModelConfig, mesh: jax.sharding.Mesh, rules: Any) -> dict[tuple, Any]:
   """{path: ShapeDtypeStruct with its NamedSharding} of Transformer(cfg)'s params."""
-  boxed = jax.eval_shape(lambda k: Transformer(cfg).init(k, jnp.zeros((1, 1), jnp.int32)),
-                         jax.random.key(0))["params"]
-  shardings = logical_to_shardings(boxed, mesh, rules)
-  tree = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                      unbox_tree(boxed), shardings)
-  return traverse_util.flatten_dict(tree)
+  return traverse_util.flatten_dict(sharded_shapes(param_shapes(cfg), mesh, rules))
 
 
 def param_groups(abstract: dict[tuple, Any], group_bytes: int) -> list[list[tuple]]:

@@ -17,7 +17,7 @@ from absl import logging
 from pretrainx import hf
 from pretrainx.config import DistillConfig, Experiment, InitConfig, ModelConfig, phases
 from pretrainx.config.sources import source_kind, source_model_config
-from pretrainx.model import Transformer
+from pretrainx.model import Transformer, param_shapes
 from pretrainx.sharding import logical_to_shardings
 from pretrainx.train.distill_loss import OnlineTeacher
 from pretrainx.train.init import load_source
@@ -74,9 +74,7 @@ def teacher_for(exp: Experiment) -> OnlineTeacher | None:
     pad = width - logits.shape[-1]
     return jnp.pad(logits, ((0, 0), (0, 0), (0, pad)), constant_values=-jnp.inf) if pad else logits
 
-  tokens = jnp.zeros((1, min(cfg.max_seq_len, exp.run.seq_len)), jnp.int32)
-  abstract = jax.eval_shape(lambda r: model.init(r, tokens)["params"], jax.random.key(0))
-  return OnlineTeacher(apply, distill, exp.run.steps, abstract)
+  return OnlineTeacher(apply, distill, exp.run.steps, param_shapes(cfg))
 
 
 def load_teacher_params(rt: Runtime) -> Any:

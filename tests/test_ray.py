@@ -35,31 +35,6 @@ VOCAB = ByteVocabulary()
 TINY = os.path.join(REPO, "gin_configs/tiny.gin")
 
 
-@pytest.fixture(scope="module")
-def ray_address():
-  """A local 2-CPU Ray cluster; its address for other processes, and this process joined.
-
-  Its workers (and the runs they start) see this machine as a user's would: without the suite's
-  8 fake devices, and with credentials in their own environment (inherited from this process, as
-  a cluster's hosts have theirs), never in a job's runtime environment. (A credentials file is the
-  other way; TensorStore 0.1.86's default AWS chain ignores AWS_SHARED_CREDENTIALS_FILE.)"""
-  flags = os.environ.pop("XLA_FLAGS", None)
-  # The raylet logs to every driver's stderr once this machine's disk is 95% full (CI's shared
-  # disk once was), which the one-line error checks below would count: it may fill to 99% here.
-  os.environ.setdefault("RAY_local_fs_capacity_threshold", "0.99")
-  try:
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
-  except Exception as err:  # pylint: disable=broad-except
-    pytest.fail(f"cannot start a local Ray cluster ({type(err).__name__}: "
-                f"{str(err).splitlines()[0] if str(err) else ''}): run `make install` for "
-                "ray[default], and stop stale clusters with `ray stop --force`.", pytrace=False)
-  finally:
-    if flags is not None:
-      os.environ["XLA_FLAGS"] = flags
-  yield ray.get_runtime_context().gcs_address
-  ray.shutdown()
-
-
 def _write_files(folder, files=4, docs=120):
   os.makedirs(folder, exist_ok=True)
   contents = {}

@@ -209,21 +209,6 @@ def test_parts_are_contiguous_document_ranges_of_about_equal_tokens():
   assert tc.split_parts(offsets, 1) == [{"docs": [0, 4], "tokens": [0, 10]}]
 
 
-@pytest.fixture(scope="module")
-def ray_address():
-  """A local 2-CPU Ray cluster whose workers see one CPU device (not the suite's 8)."""
-  ray = pytest.importorskip("ray")
-  flags = os.environ.pop("XLA_FLAGS", None)
-  os.environ.setdefault("RAY_local_fs_capacity_threshold", "0.99")
-  try:
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
-  finally:
-    if flags is not None:
-      os.environ["XLA_FLAGS"] = flags
-  yield ray.get_runtime_context().gcs_address
-  ray.shutdown()
-
-
 @pytest.mark.slow
 def test_two_parts_on_ray_equal_the_cache_made_here(run, ray_address, capsys):
   assert _cache_cli(run, f"--teacher={run['run_dir']}", "--parts=2", "--name=on_ray",

@@ -127,7 +127,7 @@ def test_impossible_growth_is_one_line(change, match):
   assert "\n" not in str(err.value)
 
 
-# ----------------------------------------------------------------------------- through initial_state
+# -- through initial_state ----------------------------------------------------------------------
 
 WIDE = dict(embed_dim=128, num_heads=8, num_kv_heads=4, mlp_dim=384, head_dim=16)
 
@@ -156,8 +156,8 @@ def _started(exp):
 def test_export_source_grown_with_g_stack_keeps_the_function_and_trains_only_copies(tiny_exp,
                                                                                     tmp_path):
   """A pretrainx export widened (all widths x2) and G_stacked (x2) through initial_state computes
-  the G_stacked source's logits; one step with TuneConfig.new_width_only lowers the loss and leaves the
-  source's own entries as they were."""
+  the G_stacked source's logits; one step with TuneConfig.new_width_only lowers the loss and
+  leaves the source's own entries as they were."""
   from pretrainx.config import InitConfig, TuneConfig
   from pretrainx.data.pipeline import TrainBatches
 
@@ -198,8 +198,9 @@ def test_hugging_face_source_grown_keeps_its_logits(tiny_exp, tmp_path, kind, ti
   """An HF Llama (untied) or Qwen2 (q/k/v biases, tied) source, grown through initial_state at
   the run's bound widths (with_source_architecture takes the rest from config.json), computes
   transformers' logits."""
-  torch = pytest.importorskip("torch")
-  transformers = pytest.importorskip("transformers")
+  import torch
+  import transformers
+
   from pretrainx.config import InitConfig, with_source_architecture
 
   torch.manual_seed(0)

@@ -13,7 +13,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import tiny_experiment
-from flax import traverse_util
 
 from pretrainx.cpt import merge
 

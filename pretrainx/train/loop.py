@@ -142,13 +142,13 @@ def phase_work(exp: Experiment, offset: Callable[[], int], teacher: ModelConfig 
   teacher_step = [p.tokens_per_step * flops_per_token(teacher, p.seq_len) / 3.0
                   if teacher is not None else 0.0 for p in all_phases]
   distill, total = exp.distill, exp.run.steps
-  teacher_end = total if distill.alpha_schedule == "constant" else distill.end_step(total)
 
   def work(a: int, b: int) -> tuple[float, float]:
     steps = np.arange(a, b)
     index = np.maximum(np.searchsorted(starts, steps + offset(), side="right") - 1, 0)
     counts = np.bincount(index, minlength=len(per_step))
-    taught = np.bincount(index[steps < teacher_end], minlength=len(per_step))
+    runs_teacher = np.asarray([distill.active(s, total) for s in steps.tolist()], bool)
+    taught = np.bincount(index[runs_teacher], minlength=len(per_step))
     return (float(sum(c * t for c, (t, _) in zip(counts, per_step))),
             float(sum(c * f for c, (_, f) in zip(counts, per_step)) +
                   sum(c * f for c, f in zip(taught, teacher_step))))
@@ -281,7 +281,8 @@ class _Driver:
           logging.info("step %d: distillation ends (alpha is 0 from here); the teacher's "
                        "memory is freed", self.step)
           self.teacher_params = None
-      if step_view.step_args(None) and self.teacher_params is None:  # rolled back before it
+      online = step_view.teacher is not None and step_view.teacher.online
+      if online and self.teacher_params is None:  # a rollback went back before KD's end
         self.load_teacher()
       t0 = time.perf_counter()
       self.state, metrics = step_view.train_step(self.state, step_view.put_batch(next(batches)),

@@ -1,5 +1,5 @@
 """Command line: `python -m pretrainx {train,eval,generate,export,score,data,distill,convert,
-merge,vocab,schedule,sweep,linearize,fit,plan,peak} ...`.
+merge,vocab,schedule,sweep,linearize,fit,plan,peak,goodput} ...`.
 
 Every subcommand takes gin files and `--gin_param` overrides (eval and generate default to the
 config.gin a run wrote). Bad input ends with one clear message on stderr and exit status 2.
@@ -300,6 +300,11 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--size", type=int, default=None,
                  help="matrix size (default: 512 on CPU, 4096 on accelerators)")
   p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+
+  p = sub.add_parser("goodput", help="a run's goodput: productive step time / total wall time "
+                     "over every attempt, with the badput broken down (RUN_DIR/goodput.jsonl)")
+  p.add_argument("--run_dir", required=True, help="the run directory (local or in a bucket)")
+  p.add_argument("--json", action="store_true", help="print the summary as JSON")
   return parser
 
 
@@ -750,11 +755,20 @@ def cmd_peak(args) -> None:
        f"--peak_tflops={flops * jax.device_count() / 1e12:.4g} to train for the whole job.")
 
 
+def cmd_goodput(args) -> None:
+  import json  # pylint: disable=import-outside-toplevel
+
+  from pretrainx.train import goodput  # pylint: disable=import-outside-toplevel
+
+  summary = goodput.summarize(args.run_dir)
+  _out(json.dumps(summary, indent=1) if args.json else goodput.format_summary(summary))
+
+
 COMMANDS = {"train": cmd_train, "eval": cmd_eval, "generate": cmd_generate,
             "export": cmd_export, "data": cmd_data, "score": cmd_score, "distill": cmd_distill,
             "convert": cmd_convert, "merge": cmd_merge, "vocab": cmd_vocab,
             "schedule": cmd_schedule, "sweep": cmd_sweep, "linearize": cmd_linearize,
-            "fit": cmd_fit, "plan": cmd_plan, "peak": cmd_peak}
+            "fit": cmd_fit, "plan": cmd_plan, "peak": cmd_peak, "goodput": cmd_goodput}
 
 
 def configure_cpu_devices(setting: str) -> None:

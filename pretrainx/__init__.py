@@ -3,7 +3,11 @@
 config -> data -> model -> step -> loop -> checkpoint/metrics; see README.md for the layout.
 """
 
-from pretrainx import platforms as _platforms
+import time as _time
+
+STARTED_AT = _time.time()  # the process's start, as goodput accounting counts it
+
+from pretrainx import platforms as _platforms  # pylint: disable=wrong-import-position
 
 __version__ = "0.1.0"
 

@@ -62,7 +62,7 @@ _BOUND_METHOD = re.compile(r"<bound method [^<>]*(<[^<>]*>[^<>]*)*>")
 _TENSORSTORE_SPEC = re.compile(r"\s*\[tensorstore_spec='.*?'\]", re.DOTALL)
 
 
-def _shape_mismatches(saved: Any, abstract: Any) -> list[str]:
+def shape_mismatches(saved: Any, abstract: Any) -> list[str]:
   """'path: saved shape -> expected shape' for every leaf that differs or exists on one side only."""
   return shape_differences(saved, abstract, "checkpoint", "model",
                            order=lambda k: (not k.startswith("params"), k))
@@ -232,7 +232,7 @@ class Checkpointer:
     saved_state = saved["state"] if saved is not None else None
     if saved_state is None:
       raise OSError(f"step {step} has no readable state metadata")
-    mismatches = _shape_mismatches(saved_state, abstract_state)
+    mismatches = shape_mismatches(saved_state, abstract_state)
     if mismatches:
       listing = "\n  ".join(mismatches[:20]) + ("\n  ..." if len(mismatches) > 20 else "")
       raise CheckpointError(
@@ -241,7 +241,7 @@ class Checkpointer:
           "config.gin), or start a new run with --restart or another --run_dir.")
     restored = self._mngr.restore(step, args=ocp.args.Composite(
         state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
-    _check_finite_arrays(restored["state"], step)
+    check_finite_arrays(restored["state"], step)
     return restored["state"], dict(restored["meta"])
 
   def _move_aside_unfinalised(self) -> None:
@@ -334,7 +334,7 @@ def _all_finite(leaves: list) -> jax.Array:
   return jax.numpy.all(jax.numpy.stack([jax.numpy.isfinite(x).all() for x in leaves]))
 
 
-def _check_finite_arrays(state: Any, step: int) -> None:
+def check_finite_arrays(state: Any, step: int) -> None:
   """Garbled bytes can decode to NaN/inf rather than fail; a saved state is always finite.
 
   One jitted program for the whole state: a single host sync, and no interleaving of many small

@@ -137,6 +137,13 @@ class CheckpointConfig:
     keep_last: newest checkpoints kept; older ones are deleted only after a newer one finalised.
     keep_every: steps that are multiples of this are kept forever (None: none).
     async_save: write in a background thread; training continues while the files are written.
+    local_dir: the fast local tier's directory on each host (local disk, or host RAM as
+      /dev/shm/...; never a bucket). Each process writes its own shards under
+      local_dir/<run>/process_<i>/ and keeps a copy of a peer's ('' : no local tier).
+    local_every_steps: save to the local tier every this many steps (0: no local tier).
+    local_keep: local checkpoints kept per process (and replicas kept per peer).
+    local_replicas: peers (on other slices where there are) that each process's local
+      checkpoint is copied to, so losing a host loses no local state (0 or 1).
   """
 
   every_steps: int = 0
@@ -144,10 +151,33 @@ class CheckpointConfig:
   keep_last: int = 3
   keep_every: int | None = None
   async_save: bool = True
+  local_dir: str = ""
+  local_every_steps: int = 0
+  local_keep: int = 2
+  local_replicas: int = 1
 
   def __post_init__(self):
     if self.keep_last < 1:
       raise ValueError(f"CheckpointConfig.keep_last={self.keep_last} must be at least 1.")
+    if self.local_every_steps < 0 or self.local_keep < 1 or self.local_replicas not in (0, 1):
+      raise ValueError(
+          f"CheckpointConfig.local_every_steps={self.local_every_steps}, local_keep="
+          f"{self.local_keep}, local_replicas={self.local_replicas}: use a step count >= 0, "
+          "keep >= 1, and 0 or 1 replicas.")
+    if self.local_every_steps and not self.local_dir:
+      raise ValueError(
+          f"CheckpointConfig.local_every_steps={self.local_every_steps} needs "
+          "CheckpointConfig.local_dir: a directory on each host's local disk or in RAM "
+          "(/dev/shm/pretrainx, say).")
+    if "://" in self.local_dir:
+      raise ValueError(
+          f"CheckpointConfig.local_dir={self.local_dir!r} is remote; the local tier lives on "
+          "each host (local disk or /dev/shm). Buckets are for the persistent tier "
+          "(the run directory).")
+
+  @property
+  def local_tier(self) -> bool:
+    return bool(self.local_every_steps and self.local_dir)
 
 
 GUARD_POLICIES = ("skip", "rollback", "raise")

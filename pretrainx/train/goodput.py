@@ -186,7 +186,7 @@ class _Tally:
     self.badput = {k: 0.0 for k in LABELS}
     self.restore_by_tier: dict[str, float] = {}
     self.live: list[list[float]] = []  # kept step windows: [first, last, seconds]
-    self.reached = 0  # the highest step of the kept timeline (windows and compiled steps)
+    self.reached = 0  # the highest step of the kept timeline (windows, compiles, pauses, end)
     self.recomputed_steps = 0
 
   def rewind(self, step: int) -> None:
@@ -246,6 +246,9 @@ def _replay(events: list[dict[str, Any]], tally: _Tally) -> None:
       tally.reached = max(tally.reached, e["last"])
     elif kind == "blocked":
       tally.badput[e["kind"]] = tally.badput.get(e["kind"], 0.0) + e["seconds"]
+      tally.reached = max(tally.reached, e["step"])
+    elif kind == "ended":  # steps run after the last window read (a failure) count as reached
+      tally.reached = max(tally.reached, e["step"])
 
 
 def summarize_events(events: list[dict[str, Any]], now: float | None = None) -> dict[str, Any]:

@@ -21,8 +21,10 @@ import numpy as np
 from absl import logging
 from tqdm.auto import tqdm
 
-from pretrainx import storage
-from pretrainx.checkpoint import Checkpointer, describe_error
+import pretrainx
+from pretrainx import faults, storage
+from pretrainx.checkpoint import describe_error
+from pretrainx.checkpoint_tiers import TieredCheckpointer, make_checkpointer
 from pretrainx.config import Experiment, ModelConfig, RunPaths, experiment_to_gin, phases
 from pretrainx.data.pipeline import TrainBatches, eval_batches
 from pretrainx.data.reweighting import Reweighter, floats_from_json, floats_to_json
@@ -30,6 +32,7 @@ from pretrainx.harness import runner as harness
 from pretrainx.flops import flops_per_token, machine_peak_flops, measure_peak_flops
 from pretrainx.metrics import DOMAIN_WEIGHTS_PLOT, MetricWriter, plot_domain_weights, plot_losses
 from pretrainx.train.eval import evaluate_domains
+from pretrainx.train.goodput import GoodputRecorder
 from pretrainx.train.init import initial_state
 from pretrainx.train.preemption import PreemptionWatcher
 from pretrainx.train.runtime import Runtime, build_runtime, global_unigram_entropy, sample_text
@@ -67,6 +70,7 @@ class _Throughput:
   def __init__(self, work: Callable[[int, int], tuple[float, float]] | None, peak: float,
                peak_measured: bool = False):
     self.work, self.peak = work, peak
+    self.on_window: Callable[[int, int, float], None] | None = None  # (first, last, seconds)
     self.peak_measured, self.peak_warned = peak_measured, False
     self.last_time, self.last_step = None, None
     self.tokens_per_second = self.flops_per_second = float("nan")
@@ -89,6 +93,8 @@ class _Throughput:
       self.timed_flops += flops
       self.timed_seconds += seconds
       self._check_peak()
+      if self.on_window is not None:
+        self.on_window(self.last_step, step, seconds)
     self.last_time, self.last_step = now, step
     return {"perf/tokens_per_second": self.tokens_per_second,
             "perf/mfu": self.mfu}
@@ -157,6 +163,7 @@ def phase_work(exp: Experiment, offset: Callable[[], int], teacher: ModelConfig 
 
 
 _PER_DOMAIN = ("domain_loss", "domain_tokens")
+GOODPUT_LOG_EVERY_S = 60.0  # goodput/* metrics join the log point at most this often
 
 
 @jax.jit
@@ -173,8 +180,10 @@ class _Driver:
     self.rt, self.paths, self.data, self.meter = rt, paths, data, meter
     self.eval_device = eval_device  # (seq_len, batch) of a stage -> its validation batches
     exp = rt.exp
-    self.ckpt: Checkpointer | None = None  # set by attach, once the run directory is written
+    self.ckpt: TieredCheckpointer | None = None  # set by attach, once the run dir is written
     self.writer: MetricWriter | None = None
+    self.goodput: GoodputRecorder | None = None  # set by attach
+    self.goodput_logged = 0.0
     self.state: TrainState | None = None
     self.step, self.data_offset = 0, 0  # the batch of step k is batch k + data_offset
     self.pending: tuple[int, Any, Any, Any] | None = None  # (step, metrics, tokens, sums)
@@ -191,15 +200,21 @@ class _Driver:
 
   # -- state ------------------------------------------------------------------------------------
 
-  def restore(self, ckpt: Checkpointer) -> None:
-    """The state, data position and reweighting of the run's newest readable checkpoint."""
+  def restore(self, ckpt: TieredCheckpointer) -> bool:
+    """The state, data position and reweighting of the run's newest complete checkpoint in
+    either tier; False if neither holds one (a run killed before its first save)."""
     self.ckpt = ckpt
-    self.state, meta, self.step = ckpt.restore(self.rt.abstract_state)
+    restored = ckpt.restore(self.rt.abstract_state)
+    if restored is None:
+      logging.info("no checkpoint in either tier: starting from the beginning")
+      return False
+    self.state, meta, self.step = restored
     self.data_offset = int(meta.get("data", {}).get("offset", 0))
     self.domain_tokens.update(meta.get("data", {}).get("domain_tokens", {}))
     self._restore_reweighting(meta.get("data", {}).get("reweight"))
     self.skipped_seen = int(jax.device_get(self.state.guard.skipped))
-    logging.info("resumed from %s", ckpt.step_path(self.step))
+    logging.info("resumed from %s (%s tier)", ckpt.step_path(self.step), ckpt.restored_tier)
+    return True
 
   def start(self) -> None:
     """A fresh run's state: from InitConfig.source (continued pretraining), or a random init."""
@@ -222,8 +237,10 @@ class _Driver:
     if teacher is not None and teacher.online and teacher.cfg.active(self.step, run.steps):
       self.teacher_params = load_teacher_params(self.rt)
 
-  def attach(self, ckpt: Checkpointer, writer: MetricWriter) -> None:
-    self.ckpt, self.writer = ckpt, writer
+  def attach(self, ckpt: TieredCheckpointer, writer: MetricWriter,
+             goodput: GoodputRecorder) -> None:
+    self.ckpt, self.writer, self.goodput = ckpt, writer, goodput
+    self.meter.on_window = lambda first, last, seconds: goodput.steps(first, last, seconds)
 
   def meta(self) -> dict[str, Any]:
     finite = {k: v for k, v in self.last.items() if isinstance(v, float) and math.isfinite(v)}
@@ -251,8 +268,18 @@ class _Driver:
 
   def save(self, block: bool = False) -> str:
     path = self.ckpt.save(self.step, self.state, self.meta(), block=block)
+    for tier, seconds in self.ckpt.last_blocking.items():
+      self.goodput.blocked(f"checkpoint_{tier}", seconds, self.step)
     logging.info("checkpoint %s %s", path, "written" if block else "being written")
     return path
+
+  def timed(self, kind: str, fn: Callable[[], Any]) -> Any:
+    """fn(), its wall time recorded as goodput badput of `kind` (eval, harness)."""
+    started = time.perf_counter()
+    try:
+      return fn()
+    finally:
+      self.goodput.blocked(kind, time.perf_counter() - started, self.step)
 
   # -- the loop ---------------------------------------------------------------------------------
 
@@ -296,6 +323,7 @@ class _Driver:
         jax.block_until_ready(metrics)
         seconds = time.perf_counter() - t0
         self.compile_seconds += seconds
+        self.goodput.compiled(seconds, self.step)
         if view is not None:
           logging.info("step %d: seq_len %d, %d rows per step (compiled in %.1fs)", self.step,
                        step_view.exp.run.seq_len, step_view.exp.run.global_batch_size, seconds)
@@ -315,6 +343,9 @@ class _Driver:
         self._read_pending(bar)
         return True
       self._pause_for_eval_and_checkpoint(bar)
+      if faults.due("after_step", self.step):
+        self.ckpt.wait()  # the failure lands with the checkpoints in flight finished
+        faults.maybe_kill("after_step", self.step)
     self._read_pending(bar)
     return False
 
@@ -338,9 +369,9 @@ class _Driver:
       return
     self._read_pending(bar)  # before pausing, so the pause is not counted as training
     if eval_due:
-      self.writer.write(self.step, self.evaluate())
+      self.writer.write(self.step, self.timed("eval", self.evaluate))
     if harness_due:
-      self.evaluate_harness()
+      self.timed("harness", self.evaluate_harness)
     if save_due:
       self.save()
     self.meter.restart_clock(self.state, self.step)
@@ -354,6 +385,9 @@ class _Driver:
     metrics, tokens, sums = jax.device_get((metrics, tokens, sums))
     values = self._named_metrics(step, metrics, tokens)
     values.update(self.meter.read(self.state, self.step))
+    if time.time() - self.goodput_logged >= GOODPUT_LOG_EVERY_S or self.step >= self.rt.exp.run.steps:
+      values.update(self.goodput.metrics())  # a summary over the run's events: not every step
+      self.goodput_logged = time.time()
     self.writer.write(step, values)
     self.last = values
     bar.set_postfix(loss=f"{values['train/loss']:.3f}",
@@ -467,7 +501,10 @@ class _Driver:
                       step, what)
       return False
     consumed = self.step + self.data_offset  # batches read so far, the bad ones included
+    started = time.perf_counter()
     self.state, _, self.step = self.ckpt.restore(self.rt.abstract_state, latest)
+    self.goodput.restored(self.step, self.ckpt.restored_tier, time.perf_counter() - started)
+    self.goodput.started(self.step, self.ckpt.restored_tier)
     self.data_offset = consumed - self.step
     self.skipped_seen = int(jax.device_get(self.state.guard.skipped))
     logging.warning("bad step by step %d (%s): rolled back to step %d; training goes on with "
@@ -497,20 +534,29 @@ def train(exp: Experiment, restart: bool = False) -> TrainResult:
                    {(run.seq_len, run.global_batch_size): rt.put_domain_batches(host_eval)})
   meter.work = phase_work(exp, lambda: driver.data_offset,  # batch k + data_offset at step k
                           teacher_model_config(exp) if exp.distill.online else None)
-  ckpt = Checkpointer(paths.checkpoints, exp.checkpoint) if resumes else None
-  writer, failing = None, True
+  ckpt = _checkpointer(exp, paths, rt) if resumes else None
+  writer, recorder, failing, restore_s = None, None, True, None
   try:
     with rt.scope():
-      if resumes:
-        driver.restore(ckpt)
+      started = time.perf_counter()
+      if resumes and driver.restore(ckpt):
+        restore_s = time.perf_counter() - started
       else:
         driver.start()
       driver.load_teacher()
     prepare_run_dir(exp, paths, restart, is_main)
-    ckpt = ckpt or Checkpointer(paths.checkpoints, exp.checkpoint)
+    if ckpt is None:
+      ckpt = _checkpointer(exp, paths, rt)
+    if restore_s is None:  # a fresh start: a local tier left by an earlier run is not this run's
+      ckpt.clear_local()
     writer = MetricWriter(paths.root, enabled=is_main,
                           resumed_at=driver.step if resumes else None)
-    driver.attach(ckpt, writer)
+    recorder = GoodputRecorder(paths.root, enabled=is_main, job_start=pretrainx.STARTED_AT)
+    tier = ckpt.restored_tier if restore_s is not None else None
+    if tier is not None:
+      recorder.restored(driver.step, tier, restore_s)
+    recorder.started(driver.step, tier)
+    driver.attach(ckpt, writer, recorder)
     with rt.scope(), PreemptionWatcher(sync_every=run.log_every) as watcher:
       preempted = driver.run(watcher)
       if preempted:
@@ -518,21 +564,28 @@ def train(exp: Experiment, restart: bool = False) -> TrainResult:
         logging.warning("preempted (%s) at step %d; checkpoint %s is complete; rerun the same "
                         "command to resume", watcher.signal_name or "signal to another process",
                         driver.step, path)
+        recorder.ended(driver.step, "preempted")
         failing = False
         return _result(driver, float("nan"), baseline, "", preempted=True, checkpoint=path)
-      final_eval = driver.evaluate()
+      final_eval = driver.timed("eval", driver.evaluate)
       eval_loss = final_eval["eval/loss"]
       writer.write(driver.step, {**final_eval, "eval/unigram_entropy": baseline})
       driver.last.update(final_eval)
       if exp.harness.every_steps:
-        driver.evaluate_harness()
+        driver.timed("harness", driver.evaluate_harness)
       path = driver.save(block=True)
       sample = sample_text(driver.view(), rt.inference_params(driver.state), exp.sample.prompt,
                            exp.sample.tokens, seed=run.seed, temperature=exp.sample.temperature,
                            top_k=exp.sample.top_k) if exp.sample.tokens else ""
+      recorder.ended(driver.step, "finished")
+      writer.write(driver.step, recorder.metrics())
     failing = False
   finally:
+    if failing and recorder is not None:
+      recorder.ended(driver.step, "failed")
     _close(ckpt, writer, quiet=failing)
+    if recorder is not None:
+      recorder.close()
   if is_main:
     plot_losses(paths.metrics, paths.loss_plot, baseline)
     if exp.data.reweight.enabled or len(exp.data.schedule_stages) > 1:
@@ -543,7 +596,12 @@ def train(exp: Experiment, restart: bool = False) -> TrainResult:
                  eval_domain_losses=per_domain)
 
 
-def _close(ckpt: Checkpointer | None, writer: MetricWriter | None, quiet: bool) -> None:
+def _checkpointer(exp: Experiment, paths: RunPaths, rt: Runtime) -> TieredCheckpointer:
+  """The run's checkpoint tiers (made by every process together when the local tier is on)."""
+  return make_checkpointer(paths.checkpoints, exp.checkpoint, exp.run.run_dir, rt.mesh)
+
+
+def _close(ckpt: TieredCheckpointer | None, writer: MetricWriter | None, quiet: bool) -> None:
   """Closes both; with `quiet` (an error is on its way out) a failure to close is logged, not
   raised, so the run's first error is the one reported (say, a bucket gone mid-save)."""
   try:
@@ -554,7 +612,7 @@ def _close(ckpt: Checkpointer | None, writer: MetricWriter | None, quiet: bool) 
       _close_one(writer, quiet)
 
 
-def _close_one(closer: Checkpointer | MetricWriter, quiet: bool) -> None:
+def _close_one(closer: TieredCheckpointer | MetricWriter, quiet: bool) -> None:
   try:
     closer.close()
   except Exception as err:  # pylint: disable=broad-except

@@ -9,13 +9,14 @@ start that fails leaves the run directory as it was.
 
 from __future__ import annotations
 
-from pretrainx import storage
+from pretrainx import faults, storage
 from pretrainx.checkpoint import check_directory
 from pretrainx.config import (Experiment, RunPaths, check_trainable, config_differences,
                               experiment_to_gin, parse_gin, validate)
 from pretrainx.config.sources import newest_step, source_kind
 from pretrainx.data.pipeline import open_task_stores
 from pretrainx.metrics import DOMAIN_WEIGHTS_PLOT
+from pretrainx.train.goodput import GOODPUT_FILE
 from pretrainx.vocab_extend import check_extension
 
 
@@ -49,9 +50,14 @@ def preflight(exp: Experiment, restart: bool) -> tuple[RunPaths, bool]:
   """(the run's paths, whether it resumes from its own checkpoint) once every host-side check of
   the experiment has passed; the first failure raises with what to do. Starts no JAX backend."""
   paths = RunPaths.under(exp.run.run_dir)
+  faults.planned()  # a malformed PRETRAINX_FAULT fails here, not at the step it names
   check_directory(paths.checkpoints, "write the run directory")
   check_run_dir(exp, paths, restart)
-  resumes = not restart and saved_step(paths) is not None
+  # With a local tier, a run that wrote its config may hold local checkpoints only (killed before
+  # its first persistent save); the restore then looks in both tiers, and starts fresh if neither
+  # holds a step.
+  resumes = not restart and (saved_step(paths) is not None or (
+      exp.checkpoint.local_tier and storage.exists(paths.config)))
   if exp.init.source and not resumes:
     # Before the config checks: an unreadable source leaves the architecture unset, and the
     # defaults it leaves would be reported instead (a vocabulary mismatch, say).
@@ -74,7 +80,8 @@ def prepare_run_dir(exp: Experiment, paths: RunPaths, restart: bool, is_main: bo
   if restart:
     for p in (paths.checkpoints, paths.tensorboard):
       storage.rmtree(p)
-    for p in (paths.metrics, paths.loss_plot, storage.join(paths.root, DOMAIN_WEIGHTS_PLOT)):
+    for p in (paths.metrics, paths.loss_plot, storage.join(paths.root, DOMAIN_WEIGHTS_PLOT),
+              storage.join(paths.root, GOODPUT_FILE)):
       storage.remove(p)
   storage.makedirs(paths.root)
   storage.write_text(paths.config, experiment_to_gin(exp))

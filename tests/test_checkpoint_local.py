@@ -108,6 +108,7 @@ def test_sigkill_during_a_local_save_resumes_from_the_local_step_before(tmp_path
   resumed = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
   assert resumed.returncode == 0, resumed.stderr[-3000:]
   assert not [n for n in os.listdir(own) if "tmp" in n]
+  assert "steps recomputed after restores" in resumed.stdout  # the goodput line of the summary
   last = summarize(run_dir)["attempts"][-1]
   assert (last["started_step"], last["resumed_from"]) == (4, "local")
   after = losses()

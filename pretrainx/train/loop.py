@@ -58,6 +58,7 @@ class TrainResult:
   checkpoint: str = ""
   eval_domain_losses: dict[str, float] = dataclasses.field(default_factory=dict)
   eval_batches: int | None = None  # per domain, of the final validation loss (None: all)
+  goodput: dict[str, float] = dataclasses.field(default_factory=dict)  # goodput/* of the run
 
 
 class _Throughput:
@@ -629,7 +630,8 @@ def _result(driver: _Driver, eval_loss: float, baseline: float, sample: str, **e
       baseline, driver.meter.run_tokens_per_second, driver.meter.run_mfu, driver.compile_seconds,
       sample,
       driver.paths, skipped_steps=driver.skipped_seen,
-      eval_batches=driver.rt.exp.run.eval_batches, **extra)
+      eval_batches=driver.rt.exp.run.eval_batches,
+      goodput=driver.goodput.metrics() if driver.goodput is not None else {}, **extra)
 
 
 def _throughput(result: TrainResult) -> str:
@@ -637,6 +639,20 @@ def _throughput(result: TrainResult) -> str:
     return "throughput: nothing to time (the only step trained also compiled), "
   return (f"throughput {result.tokens_per_second:,.0f} tokens/s, MFU {100 * result.mfu:.1f}% "
           "(steps after the first, eval and checkpoint pauses excluded), ")
+
+
+def _goodput_line(result: TrainResult) -> list[str]:
+  """'goodput 87.3% of 412 s wall time (...)', from every attempt of the run so far."""
+  g = result.goodput
+  if not g:
+    return []
+  parts = [f"{k.rsplit('/', 1)[1][:-2]} {v:.1f}s" for k, v in g.items()
+           if k.startswith("goodput/badput/") and v >= 0.05 * g["goodput/total_s"]]
+  recomputed = int(g.get("goodput/recomputed_steps", 0))
+  return [f"goodput {g['goodput/percent']:.1f}% of {g['goodput/total_s']:.0f}s wall time"
+          + (f", {recomputed} steps recomputed after restores" if recomputed else "")
+          + (f" (largest badput: {', '.join(parts)})" if parts else "")
+          + f"; `pretrainx goodput --run_dir={result.run_dir}` breaks it down"]
 
 
 def result_summary(result: TrainResult) -> str:
@@ -657,6 +673,7 @@ def result_summary(result: TrainResult) -> str:
           f"{d} {v:.4f}" for d, v in result.eval_domain_losses.items()),
       _throughput(result) + f"compile {result.compile_seconds:.1f}s" +
       (f", {result.skipped_steps} bad steps skipped" if result.skipped_steps else ""),
+      *_goodput_line(result),
       f"metrics:     {p.metrics}", f"tensorboard: {p.tensorboard}", f"loss plot:   {p.loss_plot}",
       f"config:      {p.config}", f"checkpoint:  {result.checkpoint}",
   ]

@@ -208,6 +208,7 @@ class LocalTier:
     self._thread: threading.Thread | None = None
     self._error: BaseException | None = None
     self._saves = 0  # saves made by this attempt, the same count on every process
+    self._old_keys: list[list[str]] = []  # key-value store keys of earlier saves, to delete
     self.blocked_replication_s = 0.0
 
   # -- saving -----------------------------------------------------------------------------------
@@ -250,6 +251,13 @@ class LocalTier:
       return
     key = f"pretrainx/local/{seq}/{step}"
     client.key_value_set(f"{key}/saved/{self.process}", "1")
+    # The keys this process set two saves ago: every process has passed its next save since (the
+    # train steps between are collectives), which first joined the thread that read them.
+    if len(self._old_keys) >= 2:
+      for old in self._old_keys.pop(0):
+        client.key_value_delete(old)
+    self._old_keys.append([f"{key}/saved/{self.process}"] +
+                          ([f"{key}/copied/{self.ward}"] if self.ward is not None else []))
     if self.ward is not None:
       try:
         client.blocking_key_value_get(f"{key}/saved/{self.ward}", PEER_TIMEOUT_S * 1000)

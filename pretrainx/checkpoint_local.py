@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging as py_logging
 import os
 import re
 import shutil
@@ -192,15 +193,21 @@ class LocalTier:
     options = p2p_options.CheckpointManagerOptions(local=p2p_options.LocalCheckpointOptions(
         save_interval_steps=cfg.local_every_steps, max_to_keep=cfg.local_keep))
     self._mngr = p2p_local.LocalCheckpointManager(self.own_dir, mesh, options=options)
-    self._own_node = p2p_service.P2PNode(self.own_dir)
-    self._own_node.start()
-    self._replica_node = None
+    # Orbax's P2P file servers (TCP, on every interface, no authentication: for a pod's private
+    # network): one for this process's steps (its keeper copies them; it fetches them back) and
+    # one for its ward's copies. Only where there are peers.
+    self._own_node = self._replica_node = None
+    if self.keeper is not None:
+      self._own_node = p2p_service.P2PNode(self.own_dir)
+      self._own_node.start()
     if self.replica_dir:
       self._replica_node = p2p_service.P2PNode(self.replica_dir)
       self._replica_node.start()
     self.addresses = {int(a["process"]): a for a in exchange({
-        "process": self.process, "ip": self._own_node.ip, "own_port": self._own_node.port,
+        "process": self.process, "ip": self._own_node.ip if self._own_node else None,
+        "own_port": self._own_node.port if self._own_node else None,
         "replica_port": self._replica_node.port if self._replica_node else None})}
+    _quiet_orbax_local_warnings()
     if self.count > 1 and self.keeper is None:
       logging.warning("the local checkpoint tier keeps no peer replica "
                       "(CheckpointConfig.local_replicas=0): a lost host falls back to the "
@@ -220,7 +227,7 @@ class LocalTier:
     """Starts the local save of `step` (all processes); returns once the arrays are copied to the
     host. The files, checksums and the peer's copy are finished in the background."""
     self.wait()
-    if step in self._mngr.all_steps():
+    if os.path.isdir(self.step_path(step)):  # saved already (a preemption save right after)
       return self.step_path(step)
     self._mngr.save(step, args=p2p_args.Composite(state=ocp.args.PyTreeSave(state)),
                     custom_metadata={**meta, "topology": self.topology}, force=True)
@@ -328,27 +335,26 @@ class LocalTier:
   # -- restoring --------------------------------------------------------------------------------
 
   def inventory(self) -> dict[str, Any]:
-    """The steps this process can vouch for: its own and its ward's copies that pass their
-    checksums and were saved by this topology. The rest are moved aside with a warning."""
-    own = [s for s in _steps_in(self.own_dir) if self._usable(self.step_path(s), "local "
-                                                                "checkpoint", own=True)]
+    """The steps this process holds complete (finalised, with CHECKSUMS; own ones saved by this
+    topology): its own and its ward's copies. Their bytes are checked only when a restore is
+    about to use them (`restore_step`), so listing costs no read of the arrays."""
+    own = [s for s in _steps_in(self.own_dir) if self._listed(self.step_path(s), own=True)]
     replicas = {}
     if self.replica_dir:
-      replicas[str(self.ward)] = [
-          s for s in _steps_in(self.replica_dir)
-          if self._usable(os.path.join(self.replica_dir, str(s)),
-                          f"replica of process {self.ward}'s local checkpoint")]
+      replicas[str(self.ward)] = [s for s in _steps_in(self.replica_dir)
+                                  if self._listed(os.path.join(self.replica_dir, str(s)))]
     return {"process": self.process, "own": own, "replicas": replicas}
 
-  def _usable(self, step_dir: str, what: str, own: bool = False) -> bool:
-    problem = step_problem(step_dir)
-    if problem is None and own:
-      saved = self._topology(step_dir)
-      if saved != self.topology:
-        logging.info("%s %s was saved by another topology (%s); not used", what, step_dir, saved)
-        return False
-    if problem:
-      _move_aside(step_dir, problem, what)
+  def _listed(self, step_dir: str, own: bool = False) -> bool:
+    if not (os.path.isfile(os.path.join(step_dir, COMMIT_MARKER)) and
+            os.path.isfile(os.path.join(step_dir, CHECKSUMS))):
+      logging.info("local step %s is unfinished (a save or copy was cut short); removing it",
+                   step_dir)
+      shutil.rmtree(step_dir, ignore_errors=True)
+      return False
+    if own and self._topology(step_dir) != self.topology:
+      logging.info("local step %s was saved by another topology (%s); not used", step_dir,
+                   self._topology(step_dir))
       return False
     return True
 
@@ -369,44 +375,66 @@ class LocalTier:
   def restore_step(self, step: int, holders: dict[int, list], abstract_state: Any
                    ) -> tuple[Any, dict[str, Any], bool] | None:
     """(state, meta, whether a peer's copy was used) of `step`, or None if any process failed
-    (all processes agree); a collective."""
-    fetched, result, problem = False, None, None
+    (all processes agree); a collective. First every copy the restore will use is checked
+    against its CHECKSUMS by the process that holds it (a bad one is moved aside with a warning
+    naming it, and None is returned: the caller lists again); then the processes without their
+    own copy fetch theirs from its holder, and all read."""
+    sources = {p: next(((h, kind) for h, kind in held if kind == "own"), held[0])
+               for p, held in holders.items()}
+    problem = None
     try:
-      mine = holders[self.process]
-      if (self.process, "own") not in mine:
-        fetched = True
-        self._fetch_own(step, [h for h, kind in mine if kind == "replica"])
+      for owner, (holder, kind) in sources.items():
+        if holder != self.process:
+          continue
+        step_dir = (self.step_path(step) if kind == "own" else
+                    os.path.join(self.replica_dir, str(step)))
+        bad = step_problem(step_dir)
+        if bad:
+          what = ("local checkpoint" if kind == "own" else
+                  f"replica of process {owner}'s local checkpoint")
+          _move_aside(step_dir, bad, what)
+          problem = f"{what} {step_dir}: {bad}"
+    except Exception as err:  # pylint: disable=broad-except
+      problem = f"{type(err).__name__}: {err}"
+    if self._failed(step, problem, "checked"):
+      return None
+    fetched, result = sources[self.process][1] == "replica", None
+    try:
+      if fetched:
+        self._fetch_own(step, sources[self.process][0])
       result = self._read(step, abstract_state)
     except Exception as err:  # pylint: disable=broad-except
       problem = f"{type(err).__name__}: {err}"
-    verdicts = exchange({"process": self.process, "problem": problem,
-                                                "fetched": fetched})
-    failed = [v for v in verdicts if v["problem"]]
-    if failed:
-      for v in failed:
-        logging.warning("local checkpoint %d could not be restored on process %d (%s)", step,
-                        v["process"], v["problem"])
+    verdicts = exchange({"process": self.process, "fetched": fetched})
+    if self._failed(step, problem, "restored"):
       return None
     return (*result, any(v["fetched"] for v in verdicts))
 
-  def _fetch_own(self, step: int, holders: list[int]) -> None:
-    """This process's shards of `step`, copied back from a peer that kept them."""
-    for holder in holders:
-      peer = self.addresses[holder]
-      if self._own_node.fetch_shard_from_peer(peer["ip"], peer["replica_port"], step,
-                                              self.process):
-        fetched = os.path.join(self.own_dir, p2p_constants.P2P_RESTORE_DIR_NAME, str(step))
-        problem = step_problem(fetched)
-        if problem is None:
-          shutil.rmtree(self.step_path(step), ignore_errors=True)
-          os.replace(fetched, self.step_path(step))
-          logging.info("local checkpoint %d of this process copied back from process %d", step,
-                       holder)
-          return
-        logging.warning("the copy of local checkpoint %d from process %d is unusable (%s)", step,
-                        holder, problem)
-        shutil.rmtree(fetched, ignore_errors=True)
-    raise OSError(f"no peer could return this process's local checkpoint {step}")
+  def _failed(self, step: int, problem: str | None, what: str) -> bool:
+    """Whether any process reported a problem (each is logged once, by process 0 too)."""
+    failed = [v for v in exchange({"process": self.process, "problem": problem})
+              if v["problem"]]
+    for v in failed:
+      logging.warning("local checkpoint %d could not be %s on process %d (%s)", step, what,
+                      v["process"], v["problem"])
+    return bool(failed)
+
+  def _fetch_own(self, step: int, holder: int) -> None:
+    """This process's shards of `step`, copied back from the peer that kept them and checked."""
+    peer = self.addresses[holder]
+    if not self._own_node.fetch_shard_from_peer(peer["ip"], peer["replica_port"], step,
+                                                self.process):
+      raise OSError(f"could not fetch local checkpoint {step} from process {holder} "
+                    f"({peer['ip']}:{peer['replica_port']})")
+    fetched = os.path.join(self.own_dir, p2p_constants.P2P_RESTORE_DIR_NAME, str(step))
+    problem = step_problem(fetched)
+    if problem:
+      shutil.rmtree(fetched, ignore_errors=True)
+      raise OSError(f"the copy of local checkpoint {step} from process {holder} arrived "
+                    f"unusable ({problem})")
+    shutil.rmtree(self.step_path(step), ignore_errors=True)
+    os.replace(fetched, self.step_path(step))
+    logging.info("local checkpoint %d of this process copied back from process %d", step, holder)
 
   def _read(self, step: int, abstract_state: Any) -> tuple[Any, dict[str, Any]]:
     self._mngr.reload()
@@ -451,6 +479,25 @@ def _remove_unfinished(directory: str) -> None:
         name.startswith("stage_")):
       logging.info("removing unfinished local checkpoint %s", os.path.join(directory, name))
       shutil.rmtree(os.path.join(directory, name), ignore_errors=True)
+
+
+class _OrbaxLocalNoise(py_logging.Filter):
+  """Drops two warnings Orbax logs at every local save, which say nothing wrong: "Global object
+  size logging disabled for `primary_host=None`" and "Local scan: No steps found" (a first save)."""
+
+  def filter(self, record: py_logging.LogRecord) -> bool:
+    text = record.getMessage()
+    return not ("Global object size logging disabled" in text or
+                text.startswith("Local scan: No steps found"))
+
+
+_NOISE = _OrbaxLocalNoise()
+
+
+def _quiet_orbax_local_warnings() -> None:
+  logger = py_logging.getLogger("absl")
+  if _NOISE not in logger.filters:
+    logger.addFilter(_NOISE)
 
 
 def exchange(local: dict[str, Any]) -> list[dict[str, Any]]:

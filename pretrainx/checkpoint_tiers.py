@@ -90,11 +90,17 @@ class TieredCheckpointer:
     on and neither tier holds any step (a run killed before its first save)."""
     newest_persistent = self.persistent.latest_step() if step is None else None
     if self.local is not None:
-      candidates, holders = self.local.candidates()
-      for s in candidates:
-        if (step is not None and s != step) or (
-            newest_persistent is not None and s < newest_persistent):
-          continue
+      tries: dict[int, int] = {}
+      while True:
+        # Listed anew after each failure: a copy found corrupt is gone from the lists, and its
+        # step may still be complete through another copy.
+        candidates, holders = self.local.candidates()
+        usable = [s for s in candidates if (step is None or s == step) and tries.get(s, 0) < 2
+                  and (newest_persistent is None or s >= newest_persistent)]
+        if not usable:
+          break
+        s = usable[0]
+        tries[s] = tries.get(s, 0) + 1
         started = time.perf_counter()
         restored = self.local.restore_step(s, holders[s], abstract_state)
         if restored is None:

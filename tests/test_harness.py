@@ -236,6 +236,15 @@ def test_a_task_without_offline_data_is_one_clear_error(tmp_path, exported):
     runner.load_tasks(cfg)
   with pytest.raises(ValueError, match="unknown harness task 'px_nope'"):
     runner.load_tasks(runner.HarnessConfig(tasks=("px_nope",), include_path=str(tmp_path)))
+  # A process keeps the task index it made (lm-eval's own takes seconds): a task file added to
+  # the include directory since is found all the same.
+  nope = runner.HarnessConfig(tasks=("px_nope",), include_path=str(tmp_path))
+  with pytest.raises(ValueError, match="unknown harness task 'px_nope'"):
+    runner.load_tasks(nope, include_defaults=False)
+  (tmp_path / "nope.yaml").write_text(
+      (tmp_path / "remote.yaml").read_text().replace("px_remote", "px_nope"))
+  with pytest.raises(ValueError, match="harness task 'px_nope': its data is not available"):
+    runner.load_tasks(nope, include_defaults=False)
 
 
 def _metric_steps(run_dir, name):

@@ -35,7 +35,31 @@ def _task_manager(cfg: HarnessConfig, include_defaults: bool = True):
     if not storage.isdir(include):
       raise FileNotFoundError(f"HarnessConfig.include_path={include} is not a directory of "
                               "lm-eval task YAML files.")
-  return TaskManager(include_path=include, include_defaults=include_defaults)
+  key = (include, include_defaults, _yaml_files(include))
+  if key not in _MANAGERS:
+    if len(_MANAGERS) >= 4:
+      _MANAGERS.pop(next(iter(_MANAGERS)))
+    _MANAGERS[key] = TaskManager(include_path=include, include_defaults=include_defaults)
+  return _MANAGERS[key]
+
+
+# lm-eval's TaskManager indexes every YAML file of its registry when made (about 13 s on a CPU
+# host), which an in-loop harness paid at every evaluation: a process keeps the few it made. A
+# manager holds only the index (names -> YAML paths); `load` reads each task's YAML anew, and a
+# change to the include directory's list of files (or their times) makes a new one.
+_MANAGERS: dict[tuple, Any] = {}
+
+
+def _yaml_files(include: str | None) -> tuple:
+  if include is None:
+    return ()
+  out = []
+  for folder, _, names in os.walk(include):
+    for name in names:
+      if name.endswith((".yaml", ".yml")):
+        st = os.stat(os.path.join(folder, name))
+        out.append((os.path.join(folder, name), st.st_mtime_ns, st.st_size))
+  return tuple(sorted(out))
 
 
 def load_tasks(cfg: HarnessConfig, include_defaults: bool = True):

@@ -426,6 +426,17 @@ def _wait_for_checkpoint(run_dir, config_hash, proc, after=0, timeout=240.0):
   raise AssertionError(f"no checkpoint past step {after} in {run_dir} within {timeout} s")
 
 
+def _pending(pid, sig):
+  """Whether `sig` waits to be delivered to process `pid` (as it does while the process is
+  stopped)."""
+  try:
+    with open(f"/proc/{pid}/status", encoding="ascii") as f:
+      masks = [int(line.split()[1], 16) for line in f if line.startswith(("SigPnd:", "ShdPnd:"))]
+  except OSError:  # gone
+    return False
+  return any(m & (1 << (sig - 1)) for m in masks)
+
+
 def _logs(tmp_path, run):
   folder = tmp_path / "runs" / "logs"
   names = os.listdir(folder) if folder.is_dir() else []
@@ -441,7 +452,10 @@ def test_sweep_on_two_workers_survives_ctrl_c_and_a_crashed_run_and_trains_nothi
   nothing."""
   from pretrainx.scaling import sweep as S
 
-  sweep_file = _sweep_file(tmp_path, [1e-3, 2e-3], steps=500)  # time to stop them, under load too
+  # The victim is held (SIGSTOP) from its first checkpoint until Ctrl-C's SIGTERM reaches it, so
+  # that it cannot finish before the signal however loaded the machine is; then it has 90 steps
+  # to go, ample for the kill in the second call.
+  sweep_file = _sweep_file(tmp_path, [1e-3, 2e-3], steps=100)
   runs = S.expand(S.parse_sweep(sweep_file))
   victim = runs[0]
   dry = _cli("sweep", sweep_file, "--ray", "--dry_run")
@@ -453,8 +467,14 @@ def test_sweep_on_two_workers_survives_ctrl_c_and_a_crashed_run_and_trains_nothi
 
   # Ctrl-C once a run has its first checkpoint: the driver and every run stop.
   proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-  _wait_for_checkpoint(victim.experiment.run.run_dir, victim.config_hash, proc)
+  held = _wait_for_checkpoint(victim.experiment.run.run_dir, victim.config_hash, proc)
+  os.kill(held, signal.SIGSTOP)
   proc.send_signal(signal.SIGINT)
+  deadline = time.monotonic() + 120
+  while not _pending(held, signal.SIGTERM) and proc.poll() is None:  # the cancel reaches it
+    assert time.monotonic() < deadline, "Ctrl-C sent the victim's run no SIGTERM"
+    time.sleep(0.05)
+  os.kill(held, signal.SIGCONT)
   _, err = proc.communicate(timeout=120)
   assert proc.returncode == 130, err
   assert "cancelled; the runs that were training stopped at a checkpoint" in err

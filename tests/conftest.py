@@ -203,6 +203,18 @@ def pytest_unconfigure(config):
 # -- Ray: a local cluster per module ----------------------------------------------------------
 
 
+def subprocess_env() -> dict[str, str]:
+  """This process's environment for a `pretrainx` subprocess that should see this machine as a
+  user's would (its own --cpu_devices, not the suite's 8 fake devices), but keeps the suite's
+  LLVM optimisation level 0 (above): it compiles in about half the time, and every process of a
+  test compiles the same way, so their results still compare bit for bit."""
+  flags = [f for f in os.environ.get("XLA_FLAGS", "").split() if "device_count" not in f]
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  if flags:
+    env["XLA_FLAGS"] = " ".join(flags)
+  return env
+
+
 @pytest.fixture(scope="module")
 def ray_address():
   """A local 2-CPU Ray cluster, one per module that asks (test_ray.py, the teacher cache's Ray
@@ -214,12 +226,10 @@ def ray_address():
   other way; TensorStore 0.1.86's default AWS chain ignores AWS_SHARED_CREDENTIALS_FILE.)"""
   import ray
 
+  level0 = subprocess_env().get("XLA_FLAGS")  # ...but with the suite's optimisation level 0
   flags = os.environ.pop("XLA_FLAGS", None)
-  # ...but with the suite's LLVM optimisation level 0 (above): the runs compile in about half
-  # the time.
-  level0 = [f for f in (flags or "").split() if "device_count" not in f]
   if level0:
-    os.environ["XLA_FLAGS"] = " ".join(level0)
+    os.environ["XLA_FLAGS"] = level0
   # The raylet logs to every driver's stderr once this machine's disk is 95% full (CI's shared
   # disk once was), which the tests' one-line error checks would count: it may fill to 99% here.
   os.environ.setdefault("RAY_local_fs_capacity_threshold", "0.99")

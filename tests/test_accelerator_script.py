@@ -1,13 +1,12 @@
 """bench/accelerator.sh --dry: the GPU check's own code at tiny shapes on CPU, so the script that
 runs on an H200 stays working without one."""
 
-import os
 import subprocess
 import sys
 
 import pytest
 
-from conftest import REPO
+from conftest import REPO, subprocess_env
 
 
 @pytest.mark.slow
@@ -15,9 +14,7 @@ def test_accelerator_script_dry_run_reports_every_section():
   # Not the suite's 8 fake devices (the script reports on the one device it finds), but its LLVM
   # optimisation level 0 (conftest.py): the same HLO, compiled in a third of the time (78 s -> 27 s;
   # the interpret-mode kernels are large graphs).
-  flags = [f for f in os.environ.get("XLA_FLAGS", "").split() if "device_count" not in f]
-  env = {**{k: v for k, v in os.environ.items() if k != "XLA_FLAGS"},
-         **({"XLA_FLAGS": " ".join(flags)} if flags else {})}
+  env = subprocess_env()
   out = subprocess.run(["bash", "bench/accelerator.sh", "--dry"], cwd=REPO, capture_output=True,
                        text=True, timeout=600, env={**env, "PYTHON": sys.executable})
   assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]

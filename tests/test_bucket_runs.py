@@ -17,7 +17,7 @@ import pytest
 from pretrainx import storage
 from pretrainx.metrics import read_metrics
 
-from conftest import REPO
+from conftest import REPO, subprocess_env
 
 pytestmark = pytest.mark.xdist_group("bucket_runs")  # the module's runs are built once
 
@@ -38,11 +38,8 @@ CheckpointConfig.every_steps = 5
 
 
 def _env():
-  """Without the suite's 8 fake devices (--cpu_devices=2 says how many), but with its XLA
-  optimisation level 0 (conftest.py), at which the runs compile in about half the time."""
-  flags = [f for f in os.environ.get("XLA_FLAGS", "").split() if "device_count" not in f]
-  return {**{k: v for k, v in os.environ.items() if k != "XLA_FLAGS"},
-          **({"XLA_FLAGS": " ".join(flags)} if flags else {})}
+  """Without the suite's 8 fake devices (--cpu_devices=2 says how many)."""
+  return subprocess_env()
 
 
 def _cli(*args, timeout=600, check=True):

@@ -17,7 +17,7 @@ from pretrainx.config import CheckpointConfig
 from pretrainx.metrics import read_metrics
 from pretrainx.train.goodput import summarize
 
-from conftest import REPO
+from conftest import REPO, subprocess_env
 
 
 def test_each_process_is_kept_by_the_same_place_in_the_next_slice():
@@ -96,7 +96,7 @@ def test_sigkill_during_a_local_save_resumes_from_the_local_step_before(tmp_path
          "--gin_param=CheckpointConfig.local_every_steps=2",
          f"--gin_param=CheckpointConfig.local_dir='{local_dir}'", "--peak_tflops=0.1",
          f"--run_dir={run_dir}"]
-  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  env = subprocess_env()
   killed = subprocess.run(cmd, cwd=REPO, env={**env, faults.ENV: "local_save:6"},
                           capture_output=True, text=True, timeout=600)
   assert killed.returncode == -9, killed.stderr[-3000:]

@@ -16,7 +16,7 @@ import pytest
 from pretrainx import storage
 from pretrainx.metrics import read_metrics_text
 
-from conftest import REPO
+from conftest import REPO, subprocess_env
 
 pytestmark = pytest.mark.xdist_group("fault_tolerance")  # one reference run per suite
 
@@ -40,7 +40,7 @@ def _cmd(run_dir):
 
 
 def _env():
-  return {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  return subprocess_env()
 
 
 def _train(run_dir):

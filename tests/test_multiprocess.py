@@ -13,7 +13,7 @@ import pytest
 from pretrainx import storage
 from pretrainx.metrics import read_metrics
 
-from conftest import REPO
+from conftest import REPO, subprocess_env
 
 ARGS = ["--gin_file=gin_configs/tiny.gin", "--gin_param=RunConfig.steps=12",
         "--gin_param=RunConfig.log_every=1", "--gin_param=RunConfig.progress_bar=False",
@@ -22,7 +22,7 @@ ARGS = ["--gin_file=gin_configs/tiny.gin", "--gin_param=RunConfig.steps=12",
 
 
 def _env():
-  return {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  return subprocess_env()
 
 
 def _losses(run_dir):

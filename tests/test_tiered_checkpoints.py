@@ -21,7 +21,7 @@ import pytest
 from pretrainx.checkpoint_local import run_key
 from pretrainx.train.goodput import summarize
 
-from conftest import REPO
+from conftest import REPO, subprocess_env
 
 pytestmark = pytest.mark.xdist_group("tiered_checkpoints")  # one reference run per suite
 
@@ -47,7 +47,7 @@ def _start(run_dir, local_dir, fault=""):
   port, procs = _port(), []
   logs = os.path.join(os.path.dirname(run_dir), "logs")
   os.makedirs(logs, exist_ok=True)
-  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  env = subprocess_env()
   env["PRETRAINX_FAULT"] = fault
   for i in range(PROCESSES):
     cmd = [sys.executable, "-m", "pretrainx", "--cpu_devices=1",

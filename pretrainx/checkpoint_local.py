@@ -187,8 +187,6 @@ class LocalTier:
     for d in (self.own_dir, self.replica_dir):
       if d:
         os.makedirs(d, exist_ok=True)
-    for d in (self.own_dir, self.replica_dir):
-      if d:
         _remove_unfinished(d)
     options = p2p_options.CheckpointManagerOptions(local=p2p_options.LocalCheckpointOptions(
         save_interval_steps=cfg.local_every_steps, max_to_keep=cfg.local_keep))
@@ -216,7 +214,6 @@ class LocalTier:
     self._error: BaseException | None = None
     self._saves = 0  # saves made by this attempt, the same count on every process
     self._old_keys: list[list[str]] = []  # key-value store keys of earlier saves, to delete
-    self.blocked_replication_s = 0.0
 
   # -- saving -----------------------------------------------------------------------------------
 
@@ -227,7 +224,7 @@ class LocalTier:
     """Starts the local save of `step` (all processes); returns once the arrays are copied to the
     host. The files, checksums and the peer's copy are finished in the background."""
     self.wait()
-    if os.path.isdir(self.step_path(step)):  # saved already (a preemption save right after)
+    if os.path.isdir(self.step_path(step)):  # on disk already: the state was restored from it
       return self.step_path(step)
     self._mngr.save(step, args=p2p_args.Composite(state=ocp.args.PyTreeSave(state)),
                     custom_metadata={**meta, "topology": self.topology}, force=True)
@@ -302,9 +299,7 @@ class LocalTier:
   def wait(self) -> None:
     """Blocks until the last save is finished and copied to the keeper; raises its failure."""
     if self._thread is not None:
-      started = time.perf_counter()
       self._thread.join()
-      self.blocked_replication_s += time.perf_counter() - started
       self._thread = None
     if self._error is not None:
       err, self._error = self._error, None
@@ -396,7 +391,7 @@ class LocalTier:
           problem = f"{what} {step_dir}: {bad}"
     except Exception as err:  # pylint: disable=broad-except
       problem = f"{type(err).__name__}: {err}"
-    if self._failed(step, problem, "checked"):
+    if self._verdicts(step, problem, "checked") is None:
       return None
     fetched, result = sources[self.process][1] == "replica", None
     try:
@@ -405,19 +400,21 @@ class LocalTier:
       result = self._read(step, abstract_state)
     except Exception as err:  # pylint: disable=broad-except
       problem = f"{type(err).__name__}: {err}"
-    verdicts = exchange({"process": self.process, "fetched": fetched})
-    if self._failed(step, problem, "restored"):
+    verdicts = self._verdicts(step, problem, "restored", fetched=fetched)
+    if verdicts is None:
       return None
     return (*result, any(v["fetched"] for v in verdicts))
 
-  def _failed(self, step: int, problem: str | None, what: str) -> bool:
-    """Whether any process reported a problem (each is logged once, by process 0 too)."""
-    failed = [v for v in exchange({"process": self.process, "problem": problem})
-              if v["problem"]]
+  def _verdicts(self, step: int, problem: str | None, what: str, **fields: Any
+                ) -> list[dict[str, Any]] | None:
+    """Every process's verdict (its `problem` and `fields`); None if any had a problem, each
+    logged on every process."""
+    verdicts = exchange({"process": self.process, "problem": problem, **fields})
+    failed = [v for v in verdicts if v["problem"]]
     for v in failed:
       logging.warning("local checkpoint %d could not be %s on process %d (%s)", step, what,
                       v["process"], v["problem"])
-    return bool(failed)
+    return None if failed else verdicts
 
   def _fetch_own(self, step: int, holder: int) -> None:
     """This process's shards of `step`, copied back from the peer that kept them and checked."""

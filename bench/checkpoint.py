@@ -34,8 +34,8 @@ import numpy as np
 
 from pretrainx.config import CheckpointConfig
 from pretrainx.checkpoint import Checkpointer
-from pretrainx.checkpoint_local import LocalTier, step_problem, write_checksums
-from pretrainx.checkpoint_tiers import TieredCheckpointer
+from pretrainx.checkpoint.local import LocalTier, step_problem, write_checksums
+from pretrainx.checkpoint.tiers import TieredCheckpointer
 
 REFT_OVERHEAD_GOAL = 0.05  # REFT's goal: in-memory checkpointing at < 5% training overhead
 

@@ -11,7 +11,7 @@ import sys
 import pytest
 
 from pretrainx import faults
-from pretrainx.checkpoint_local import (CHECKSUMS, COMMIT_MARKER, complete_steps, keepers, run_key,
+from pretrainx.checkpoint.local import (CHECKSUMS, COMMIT_MARKER, complete_steps, keepers, run_key,
                                         step_problem, write_checksums)
 from pretrainx.config import CheckpointConfig
 from pretrainx.metrics import read_metrics

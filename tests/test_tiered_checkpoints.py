@@ -18,7 +18,7 @@ import time
 import numpy as np
 import pytest
 
-from pretrainx.checkpoint_local import run_key
+from pretrainx.checkpoint.local import run_key
 from pretrainx.train.goodput import summarize
 
 from conftest import REPO, subprocess_env

@@ -38,7 +38,7 @@ _WIDTH_FIELDS = ("embed_dim", "num_heads", "num_kv_heads", "mlp_dim")
 # source into experts, or add experts to an MoE source: a dense run takes the source's experts).
 SOURCE_FIELDS = tuple(f.name for f in dataclasses.fields(ModelConfig) if f.name not in (
     *RUNTIME_MODEL_FIELDS, *_ATTENTION_FIELDS, "init_std", "max_seq_len", "moe"))
-_META = ("meta", "metadata")  # where checkpoint.py's JSON meta item lands in an Orbax directory
+_META = ("meta", "metadata")  # where the checkpoint package's JSON meta item lands in an Orbax directory
 _COMMIT = "commit_success.txt"
 
 

@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 import pretrainx
 from pretrainx import faults, storage
 from pretrainx.checkpoint import describe_error
-from pretrainx.checkpoint_tiers import TieredCheckpointer, make_checkpointer
+from pretrainx.checkpoint.tiers import TieredCheckpointer, make_checkpointer
 from pretrainx.config import Experiment, ModelConfig, RunPaths, experiment_to_gin, phases
 from pretrainx.data.pipeline import TrainBatches, eval_batches
 from pretrainx.data.reweighting import Reweighter, floats_from_json, floats_to_json

@@ -37,7 +37,7 @@ from orbax.checkpoint.experimental.emergency.p2p import options as p2p_options
 from orbax.checkpoint.experimental.emergency.p2p import service as p2p_service
 
 from pretrainx import faults
-from pretrainx.checkpoint import check_finite_arrays, shape_mismatches
+from pretrainx.checkpoint.persistent import check_finite_arrays, shape_mismatches
 from pretrainx.config import CheckpointConfig
 from pretrainx.sharding import device_slices
 

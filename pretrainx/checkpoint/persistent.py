@@ -1,4 +1,5 @@
-"""Orbax checkpoints of a run: async saves by a step/time policy, retention, validated restore.
+"""The persistent tier: Orbax checkpoints of a run, async saves by a step/time policy, retention,
+validated restore.
 
 Layout: RUN_DIR/checkpoints/<step>/{state, meta}; `meta` is JSON (config, data position, metrics).
 A restore takes the newest finalised checkpoint that reads back; a newer one that is unfinalised

@@ -12,8 +12,8 @@ from typing import Any
 import jax
 from absl import logging
 
-from pretrainx.checkpoint import Checkpointer
-from pretrainx.checkpoint_local import LocalTier
+from pretrainx.checkpoint.persistent import Checkpointer
+from pretrainx.checkpoint.local import LocalTier
 from pretrainx.config import CheckpointConfig
 
 TIERS = ("local", "persistent")

@@ -96,7 +96,7 @@ def persistent_sync_async(args, state, loop, nbytes, step_s):
     t0 = time.perf_counter()
     ckpt.save(1, state, {"step": 1})
     blocked = time.perf_counter() - t0
-    steps_during = loop.run_while(ckpt._mngr.is_saving_in_progress)  # pylint: disable=protected-access
+    steps_during = loop.run_while(ckpt.saving)
     ckpt.wait()
     total = time.perf_counter() - t0
     t1 = time.perf_counter()
@@ -144,10 +144,7 @@ class Tier:
     self.impl.save(step, state, {"step": step})
 
   def busy(self) -> bool:
-    if self.local_dir:
-      thread = self.impl._thread  # pylint: disable=protected-access
-      return thread is not None and thread.is_alive()
-    return self.impl._mngr.is_saving_in_progress()  # pylint: disable=protected-access
+    return self.impl.saving()
 
   def wait(self):
     self.impl.wait()

@@ -305,8 +305,12 @@ class LocalTier:
       err, self._error = self._error, None
       raise OSError(f"the local checkpoint tier failed: {err}") from err
 
+  def saving(self) -> bool:
+    """Whether the last save's files, checksums or peer copy are still being written."""
+    return self._thread is not None and self._thread.is_alive()
+
   def check(self) -> None:
-    if self._thread is not None and not self._thread.is_alive():
+    if self._thread is not None and not self.saving():
       self.wait()
 
   def close(self) -> None:

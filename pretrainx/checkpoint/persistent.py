@@ -142,6 +142,10 @@ class Checkpointer:
     if self._in_flight is not None:
       self._complete, self._in_flight = self._in_flight, None
 
+  def saving(self) -> bool:
+    """Whether a save is still being written in the background."""
+    return self._mngr.is_saving_in_progress()
+
   def check(self) -> None:
     """Without blocking: CheckpointWriteError if the save in flight has already failed."""
     if self._failed is not None or (self._in_flight is not None and

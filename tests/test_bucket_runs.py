@@ -112,7 +112,10 @@ def cli(run_cli):
 @pytest.mark.slow
 def test_a_run_directory_in_the_bucket_holds_everything(reference_run):
   names = storage.listdir(reference_run)
-  assert names == ["checkpoints", "config.gin", "loss.png", "metrics.jsonl.parts", "tensorboard"]
+  assert names == ["checkpoints", "config.gin", "goodput.jsonl.parts", "loss.png",
+                   "metrics.jsonl.parts", "tensorboard"]
+  from pretrainx.train.goodput import summarize  # pylint: disable=import-outside-toplevel
+  assert summarize(reference_run)["status"] == "finished"  # read back from its parts
   assert storage.listdir(f"{reference_run}/checkpoints") == ["10", "15", "20"]  # keep_last 3
   assert storage.exists(f"{reference_run}/checkpoints/20/commit_success.txt")
   assert sorted(_losses(f"{reference_run}/metrics.jsonl")) == list(range(1, 21))

@@ -366,6 +366,10 @@ _LOCAL_ONLY = {
     "pretrainx/platforms.py": 6,      # TPU devices under /dev and /sys: machine facts
     "pretrainx/multihost.py": 1,      # libtpu's own file: a machine fact
     "pretrainx/harness/score_docs.py": 1,  # the local staging copy that StagedDir uploads
+    "pretrainx/train/goodput.py": 3,  # the local staging copy that StagedDir uploads
+    # The local checkpoint tier: each host's own disk or RAM by design (a bucket is refused),
+    # shared with Orbax's P2P file server, which reads and writes it with os and shutil.
+    "pretrainx/checkpoint/local.py": 30,
 }
 
 

@@ -6,7 +6,6 @@ persistent step 10 (goodput counts the recomputed steps); with the peer's copy o
 corrupt, it skips it with a warning naming it and resumes from step 10's local copies. Each
 resumed run ends with params bit-identical to an uninterrupted run's."""
 
-import dataclasses
 import os
 import shutil
 import signal
@@ -91,13 +90,17 @@ def _killed_after_13(run_dir, local_dir):
 
 
 def _params(run_dir, step=STEPS):
+  """The params of a run's persistent checkpoint, read as numpy arrays (no mesh needed)."""
   import jax
-  from pretrainx.config import load_run_experiment
-  from pretrainx.train.runtime import load_trained
-  exp = load_run_experiment(run_dir)  # here: 8 devices, 2 in each of the 4 simulated slices
-  exp = dataclasses.replace(exp, mesh=dataclasses.replace(exp.mesh, data=2))
-  _, state, _ = load_trained(exp, step=step)
-  return jax.tree.leaves(jax.tree.map(np.asarray, state.params))
+  import orbax.checkpoint as ocp
+  path = os.path.join(run_dir, "checkpoints", str(step), "state")
+  ckptr = ocp.PyTreeCheckpointer()
+  tree = ckptr.metadata(path).item_metadata.tree
+  args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
+  restored = ckptr.restore(path, args=ocp.args.PyTreeRestore(restore_args=args))
+  leaves = jax.tree.leaves(restored["params"])
+  assert leaves and all(isinstance(x, np.ndarray) for x in leaves)
+  return leaves
 
 
 def _resumed(run_dir):

@@ -1,6 +1,6 @@
-"""A run's two checkpoint tiers behind one interface: the fast local tier (checkpoint_local: each
+"""A run's two checkpoint tiers behind one interface: the fast local tier (local.LocalTier: each
 host's disk or RAM, copied to a peer, every CheckpointConfig.local_every_steps) and the persistent
-tier (checkpoint.Checkpointer: the run directory, local or gs://, every every_steps/minutes).
+tier (persistent.Checkpointer: the run directory, local or gs://, every every_steps/minutes).
 Restore takes the newest state complete across both: every process's local shards (own or a
 peer's copy), else the persistent tier's newest readable step."""
 
@@ -15,9 +15,6 @@ from absl import logging
 from pretrainx.checkpoint.persistent import Checkpointer
 from pretrainx.checkpoint.local import LocalTier
 from pretrainx.config import CheckpointConfig
-
-TIERS = ("local", "persistent")
-
 
 class TieredCheckpointer:
   """The loop's checkpointer: saves by both tiers' policies and restores the newest complete
